@@ -1,0 +1,3 @@
+from kvmsim.cli import main
+
+main()

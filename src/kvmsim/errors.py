@@ -88,3 +88,6 @@ class ExploreError(KvmsimError):
 def errno_name(err: int) -> str:
     """``errno.errorcode`` with a fallback, e.g. ``errno_name(14) == "EFAULT"``."""
     return _errno.errorcode.get(err, str(err))
+
+
+EHWPOISON = getattr(_errno, "EHWPOISON", 133)   # Linux's errno 133; Python's errno module lacks it

@@ -1,0 +1,158 @@
+"""GUP as KVM uses it, and ``follow_pfnmap_start/end`` (mm/gup.c, mm/memory.c).
+
+Return codes follow spec §1.1: the slow path returns 1 (and the page) on success, 0 when I/O is
+needed with FOLL_NOWAIT, -EINTR on a signal, -EAGAIN when the killable mmap lock fails, -EHWPOISON,
+and -EFAULT for no VMA, a protection error or a VM_IO/VM_PFNMAP VMA (``check_vma_flags``).
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from enum import IntFlag
+
+from kvmsim.errors import EHWPOISON
+from kvmsim.mm.fault import access_permitted, handle_mm_fault
+from kvmsim.mm.page import PfnClass
+from kvmsim.mm.vma import VM, Pte
+
+_P, _W, _Y, _D, _S, _SW, _PN = (int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY),
+                                int(Pte.SPECIAL), int(Pte.SWAP), int(Pte.PROTNONE))
+
+
+class FOLL(IntFlag):
+    """``FOLL_*`` (include/linux/mm_types.h)."""
+
+    WRITE = 0x01
+    GET = 0x02
+    DUMP = 0x08
+    FORCE = 0x10
+    NOWAIT = 0x20
+    HWPOISON = 0x100
+    TOUCH = 0x400
+    PIN = 0x40000
+    INTERRUPTIBLE = 0x800000
+    HONOR_NUMA_FAULT = 0x1000000
+
+
+def _normal_page(phys, pfn: int, bits: int) -> bool:
+    return pfn >= 0 and not bits & _S and phys.pfn_valid(pfn) and not phys.is_poisoned(pfn)
+
+
+def get_user_page_fast_only(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool = True) -> int | None:
+    """``get_user_page_fast_only()`` / ``pin_user_pages_fast()`` without fallback: lockless, never faults.
+
+    Succeeds only for a present PTE (writable if FOLL_WRITE) mapping a normal page; takes FOLL_GET
+    or FOLL_PIN; touches neither young nor dirty.  Returns the pfn or None.
+    """
+    vma, pfn, bits, _ = mm.pte_of(hva)
+    mm.journal.count("gup_fast")
+    if vma is None or not bits & _P or bits & _PN:
+        return None
+    if flags & FOLL.WRITE and not bits & _W:
+        return None
+    if not _normal_page(mm.phys, pfn, bits):
+        return None
+    mm.phys.try_grab_folio(pfn, bool(flags & FOLL.PIN), caller, kvm=kvm)
+    return pfn
+
+
+def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool = True) -> tuple[int, int | None]:
+    """``get_user_pages_unlocked()`` / ``pin_user_pages_unlocked()`` for one page: (rc, pfn).
+
+    Implies FOLL_TOUCH: marks the folio accessed and, for FOLL_WRITE, dirty if neither the PTE nor
+    the folio was.
+    """
+    mm.journal.count("gup_slow")
+    if mm.mmap_lock_contended:
+        return -errno.EAGAIN, None
+    vma = mm.vma_lookup(hva)
+    if vma is None:
+        return -errno.EFAULT, None
+    if vma.flags & (VM.IO | VM.PFNMAP):                         # check_vma_flags
+        return -errno.EFAULT, None
+    if not access_permitted(vma, bool(flags & FOLL.WRITE)):
+        return -errno.EFAULT, None
+    i = vma.idx(hva)
+    for _ in range(3):
+        bits = int(vma.pte[i])
+        pfn = int(vma.pte_pfn[i])
+        need = _P | (_W if flags & FOLL.WRITE else 0)
+        if (bits & need) == need and not bits & _PN:
+            break
+        if flags & FOLL.INTERRUPTIBLE and mm.signal_pending:
+            return -errno.EINTR, None
+        if flags & FOLL.NOWAIT and _needs_io(vma, i):
+            return 0, None
+        rc = handle_mm_fault(mm, vma, hva, bool(flags & FOLL.WRITE))
+        if rc == EHWPOISON:
+            return -EHWPOISON, None
+        if rc:
+            return -errno.EFAULT, None
+    else:
+        return -errno.EFAULT, None
+    if bits & _S and pfn != mm.phys.zero_pfn:                   # special PTE in a MIXEDMAP: vm_normal_page() NULL
+        return -errno.EFAULT, None
+    phys = mm.phys
+    phys.try_grab_folio(pfn, bool(flags & FOLL.PIN), caller, kvm=kvm)
+    if pfn != phys.zero_pfn:                                     # FOLL_TOUCH
+        if flags & FOLL.WRITE and not bits & _D and not phys.folio_test_dirty(pfn):
+            phys.SetPageDirty(pfn, "follow_page_pte:FOLL_TOUCH")
+        phys.mark_page_accessed(pfn, "follow_page_pte:FOLL_TOUCH")
+    vma.pte[i] |= _Y | (_D if flags & FOLL.WRITE else 0)
+    return 1, pfn
+
+
+def _needs_io(vma, i: int) -> bool:
+    if vma.pte[i] & _SW:
+        return True
+    if vma.anon is not None and (vma.id, vma.pgoff + i) in vma.anon.swap:
+        return True
+    if vma.mapping is not None:
+        index = vma.pgoff + i
+        return index in vma.mapping.needs_io or (vma.mapping.pages[index] < 0 and index in vma.mapping.disk)
+    return False
+
+
+@dataclass
+class FollowPfnmapArgs:
+    """``struct follow_pfnmap_args`` (include/linux/mm.h, v6.12+)."""
+
+    vma: object
+    address: int
+    pfn: int = -1
+    writable: bool = False
+    special: bool = False
+    level: int = 1
+
+
+def follow_pfnmap_start(mm, args: FollowPfnmapArgs) -> int:
+    """Read pfn, writable and special from the host PTE of a VM_IO/VM_PFNMAP VMA; 0 or -EINVAL."""
+    vma = args.vma
+    i = vma.idx(args.address)
+    bits = int(vma.pte[i])
+    if not bits & _P:
+        return -errno.EINVAL
+    args.pfn = int(vma.pte_pfn[i])
+    args.writable = bool(bits & _W)
+    args.special = bool(bits & _S)
+    args.level = int(vma.pte_level[i])
+    mm.journal.count("follow_pfnmap")
+    return 0
+
+
+def follow_pfnmap_end(args: FollowPfnmapArgs) -> None:
+    """Drop the page-table lock taken by :func:`follow_pfnmap_start` (nothing to model)."""
+
+
+def fixup_user_fault(mm, hva: int, write: bool) -> int:
+    """``fixup_user_fault()``: fault the address in; 0 or -EFAULT (or -EAGAIN if the lock was dropped)."""
+    vma = mm.vma_lookup(hva)
+    if vma is None:
+        return -errno.EFAULT
+    rc = handle_mm_fault(mm, vma, hva, write)
+    return -errno.EFAULT if rc else 0
+
+
+def pfn_class_name(phys, pfn: int) -> str:
+    return PfnClass(phys.pfn_class(pfn)).name

@@ -1,0 +1,263 @@
+"""Writeback, truncation, reclaim, migration and THP split/collapse (mm/page-writeback.c, mm/rmap.c,
+mm/truncate.c, mm/vmscan.c, mm/migrate.c, mm/huge_memory.c, mm/khugepaged.c).
+
+Each fires the mmu_notifier the way the kernel does, so KVM zaps its stage-2 mappings; writeback
+is a kernel path with a yield between ``folio_mkclean()`` and clearing PG_dirty, the window of the
+legacy lost-dirty races.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from kvmsim.errors import ModelError
+from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
+from kvmsim.mm.page import PG
+from kvmsim.mm.vma import AddressSpace, Pte, Vma
+from kvmsim.sched import Steps, kpath
+from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PG_LEVEL_2M
+
+_P, _W, _Y, _D, _S, _SW = (int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY),
+                           int(Pte.SPECIAL), int(Pte.SWAP))
+
+
+def rmap_walk(mm, pfn: int) -> list[tuple[Vma, int]]:
+    """Every (vma, page index) whose PTE maps ``pfn`` (``rmap_walk`` through i_mmap / anon_vma)."""
+    phys = mm.phys
+    owner = phys.owners.get(int(phys.owner[pfn]))
+    out = []
+    for vma in getattr(owner, "vmas", []):
+        if vma not in mm.vmas:
+            continue
+        i = int(phys.index[pfn]) - vma.pgoff
+        if 0 <= i < vma.npages and int(vma.pte_pfn[i]) == pfn:
+            out.append((vma, i))
+    return out
+
+
+def _notify(mm, vma: Vma, i: int, n: int, event: MmuNotifyEvent, reason: str) -> MmuNotifierRange:
+    start = vma.start + (i << PAGE_SHIFT)
+    return MmuNotifierRange(start, start + (n << PAGE_SHIFT), event, reason=reason)
+
+
+@kpath
+def writeback_folio(mm, pfn: int) -> Steps:
+    """``folio_clear_dirty_for_io()`` + write: mkclean every mapping, then clear PG_dirty and write."""
+    phys = mm.phys
+    head = phys.folio(pfn)
+    n = phys.folio_nr_pages(head)
+    asp = phys.owners.get(int(phys.owner[head]))
+    was_pte_dirty = False
+    for p in range(head, head + n):
+        for vma, i in rmap_walk(mm, p):                       # folio_mkclean → page_vma_mkclean_one
+            rng = _notify(mm, vma, i, 1, MmuNotifyEvent.PROTECTION_PAGE, "folio_mkclean")
+            yield from mm.invalidate_range_start.steps(rng)
+            was_pte_dirty |= bool(vma.pte[i] & _D)
+            vma.pte[i] &= ~np.uint8(_W | _D)
+            yield from mm.invalidate_range_end.steps(rng)
+    yield "writeback: folio_mkclean done"
+    if was_pte_dirty:
+        phys.flags[head] |= int(PG.dirty)
+    if not phys.flags[head] & PG.dirty:
+        return False
+    phys.folio_clear_dirty(head)
+    if isinstance(asp, AddressSpace):
+        for p in range(head, head + n):
+            asp.disk[int(phys.index[p])] = int(phys.data[p])
+    mm.journal.count("writeback_folio")
+    mm.journal.fact("writeback", pfn=head, caller="folio_clear_dirty_for_io")
+    return True
+
+
+def writeback(mm, asp: AddressSpace) -> int:
+    """Write back every dirty folio of a file (``filemap_write_and_wait``); returns folios written."""
+    n = 0
+    seen = set()
+    for pfn in asp.pages[asp.pages >= 0]:
+        head = mm.phys.folio(int(pfn))
+        if head in seen:
+            continue
+        seen.add(head)
+        n += bool(writeback_folio(mm, head))
+    return n
+
+
+def remove_from_cache(mm, asp: AddressSpace, lo: int, hi: int, *, notify: bool = True) -> None:
+    """``truncate_inode_pages_range`` / hole punch: unmap, then drop the page cache's references."""
+    phys = mm.phys
+    if notify:
+        for vma in list(asp.vmas):
+            a, b = max(lo, vma.pgoff), min(hi, vma.pgoff + vma.npages)
+            if a < b and vma in mm.vmas:
+                rng = _notify(mm, vma, a - vma.pgoff, b - a, MmuNotifyEvent.UNMAP, "unmap_mapping_range")
+                mm.invalidate_range_start(rng)
+                vma.pte_pfn[a - vma.pgoff:b - vma.pgoff] = -1
+                vma.pte[a - vma.pgoff:b - vma.pgoff] = 0
+                mm.invalidate_range_end(rng)
+    heads = []
+    for index in range(lo, min(hi, asp.npages)):
+        pfn = int(asp.pages[index])
+        if pfn >= 0:
+            head = phys.folio(pfn)
+            if head not in heads:
+                heads.append(head)
+        asp.pages[index] = -1
+        asp.removed.add(index)
+        asp.disk.pop(index, None)
+    for head in heads:
+        if phys.flags[head] & PG.dirty and asp.can_writeback:
+            mm.journal.fact("dirty_at_truncate", pfn=head, caller="filemap_unaccount_folio",
+                            detail="WARN: dirty folio removed from the page cache (loss of unwritten data)")
+        phys.folio_clear_dirty(head)
+        phys.put_page(head, "truncate_inode_folio")
+
+
+def truncate(mm, asp: AddressSpace, new_npages: int) -> None:
+    remove_from_cache(mm, asp, new_npages, asp.npages)
+
+
+def punch_hole(mm, asp: AddressSpace, index: int, npages: int) -> None:
+    remove_from_cache(mm, asp, index, index + npages)
+
+
+def folio_referenced(mm, pfn: int) -> bool:
+    """``folio_referenced()``: clear+test the young bits of every host PTE and, through
+    ``mmu_notifier_clear_flush_young``, every secondary MMU; plus PG_referenced."""
+    young = False
+    for vma, i in rmap_walk(mm, pfn):
+        if vma.pte[i] & _Y:
+            young = True
+            vma.pte[i] &= ~np.uint8(_Y)
+        hva = vma.start + (i << PAGE_SHIFT)
+        young |= mm.clear_flush_young(hva, hva + 4096)
+    young |= mm.phys.folio_test_clear_referenced(pfn)
+    return young
+
+
+def reclaim(mm, start: int, length: int) -> dict[str, int]:
+    """Shrink the pages mapped in ``[start, start+length)``: young ones are kept (rotated), the rest
+    are written back if dirty, unmapped and freed (anon pages go to swap).  Returns counts."""
+    phys = mm.phys
+    out = {"young": 0, "reclaimed": 0, "busy": 0}
+    for vma, lo, hi in list(mm._clip(start, length)):
+        for i in range(lo, hi):
+            pfn = int(vma.pte_pfn[i])
+            if pfn < 0 or not vma.pte[i] & _P or vma.pte[i] & _S:
+                continue
+            if folio_referenced(mm, pfn):
+                out["young"] += 1
+                continue
+            owners = 1
+            if phys.page_count(pfn) > owners:
+                out["busy"] += 1                                 # extra references: not freeable
+                continue
+            if vma.mapping is not None and vma.mapping.can_writeback:
+                writeback_folio(mm, pfn)
+            rng = _notify(mm, vma, i, 1, MmuNotifyEvent.CLEAR, "reclaim")
+            mm.invalidate_range_start(rng)
+            if vma.anon is not None and vma.mapping is None:
+                vma.anon.swap[(vma.id, vma.pgoff + i)] = int(phys.data[pfn])
+                vma.pte[i] = _SW
+                vma.pte_pfn[i] = -1
+                phys.put_page(pfn, "shrink_folio_list")
+            else:
+                asp = vma.mapping
+                index = vma.pgoff + i
+                if asp.can_writeback and int(phys.data[pfn]) != asp.disk.get(index, 0) and not phys.folio_test_dirty(pfn):
+                    mm.journal.fact("data_lost", pfn=pfn, caller="shrink_folio_list",
+                                    detail="clean folio evicted although its content was never written back")
+                    mm.journal.count("data_lost")
+                for v in list(asp.vmas):
+                    j = index - v.pgoff
+                    if 0 <= j < v.npages and v in mm.vmas:
+                        v.pte[j] = 0
+                        v.pte_pfn[j] = -1
+                if not asp.can_writeback:
+                    asp.disk[index] = int(phys.data[pfn])          # shmem: to swap
+                asp.pages[index] = -1
+                asp.needs_io.add(index)
+                phys.put_page(pfn, "shrink_folio_list")
+            mm.invalidate_range_end(rng)
+            out["reclaimed"] += 1
+    mm.journal.count("reclaimed", out["reclaimed"])
+    return out
+
+
+def migrate_page(mm, hva: int) -> int:
+    """``migrate_pages()`` of the page at ``hva``: new pfn, same data; -EAGAIN if someone holds an
+    extra reference (a GUP pin or KVM's FOLL_GET).  Returns the new pfn."""
+    phys = mm.phys
+    vma, pfn, bits, level = mm.pte_of(hva)
+    if vma is None or pfn < 0 or bits & _S or level > 1:
+        raise ModelError(errno.EINVAL, f"migrate at {hva:#x}: not a present small normal page")
+    if phys.page_count(pfn) > 1:
+        mm.journal.count("migrate_busy")
+        raise ModelError(errno.EAGAIN, f"migrate pfn {pfn:#x}: refcount {phys.page_count(pfn)} > expected 1")
+    maps = rmap_walk(mm, pfn)
+    new = phys.alloc(owner=int(phys.owner[pfn]), index=int(phys.index[pfn]))
+    phys.data[new] = phys.data[pfn]
+    phys.flags[new] |= phys.flags[pfn] & int(PG.dirty)
+    for v, i in maps:
+        rng = _notify(mm, v, i, 1, MmuNotifyEvent.MIGRATE, "migrate")
+        mm.invalidate_range_start(rng)
+        v.pte_pfn[i] = new
+        mm.invalidate_range_end(rng)
+    if vma.mapping is not None:
+        vma.mapping.pages[vma.pgoff + vma.idx(hva)] = new
+    phys.put_page(pfn, "migrate_folio")
+    mm.journal.count("migrated")
+    return new
+
+
+def thp_split(mm, hva: int) -> None:
+    """``split_huge_pmd`` + ``split_folio``: the PMD becomes 512 PTEs and the folio 512 small folios."""
+    phys = mm.phys
+    vma, pfn, bits, level = mm.pte_of(hva)
+    if vma is None or level != PG_LEVEL_2M or vma.mapping is not None:
+        raise ModelError(errno.EINVAL, f"thp split at {hva:#x}: not an anonymous PMD mapping")
+    i = vma.idx(hva) // PAGES_PER_PMD * PAGES_PER_PMD
+    rng = _notify(mm, vma, i, PAGES_PER_PMD, MmuNotifyEvent.CLEAR, "split_huge_pmd")
+    mm.invalidate_range_start(rng)
+    head = phys.folio(pfn)
+    extra = phys.page_count(head) - 1
+    vma.pte_level[i:i + PAGES_PER_PMD] = 1
+    sl = slice(head, head + PAGES_PER_PMD)
+    phys.head[sl] = np.arange(head, head + PAGES_PER_PMD)
+    phys.order[head] = 0
+    phys.flags[sl] &= ~np.uint16(int(PG.head) | int(PG.tail))
+    phys.flags[sl] |= phys.flags[head] & int(PG.dirty)
+    phys.refcount[sl] = 1
+    phys.refcount[head] += extra
+    mm.invalidate_range_end(rng)
+    mm.journal.count("thp_split")
+
+
+def thp_collapse(mm, hva: int) -> int:
+    """``MADV_COLLAPSE`` / khugepaged: copy 512 small pages into a new THP; returns the new head."""
+    phys = mm.phys
+    vma = mm.vma_lookup(hva)
+    if vma is None or vma.mapping is not None:
+        raise ModelError(errno.EINVAL, f"collapse at {hva:#x}: not anonymous memory")
+    i = vma.idx(hva) // PAGES_PER_PMD * PAGES_PER_PMD
+    if i + PAGES_PER_PMD > vma.npages:
+        raise ModelError(errno.EINVAL, "collapse: range is not a whole PMD inside the VMA")
+    old = vma.pte_pfn[i:i + PAGES_PER_PMD].copy()
+    present = (vma.pte[i:i + PAGES_PER_PMD] & _P) != 0
+    for pfn in old[present]:
+        if int(pfn) != phys.zero_pfn and phys.page_count(int(pfn)) > 1:
+            raise ModelError(errno.EAGAIN, f"collapse: pfn {int(pfn):#x} has extra references")
+    rng = _notify(mm, vma, i, PAGES_PER_PMD, MmuNotifyEvent.CLEAR, "collapse_huge_page")
+    mm.invalidate_range_start(rng)
+    head = phys.alloc(9, owner=vma.anon.owner_id, index=vma.pgoff + i)
+    for k in range(PAGES_PER_PMD):
+        if present[k] and old[k] != phys.zero_pfn:
+            phys.data[head + k] = phys.data[int(old[k])]
+            phys.put_page(int(old[k]), "collapse_huge_page")
+    vma.pte_pfn[i:i + PAGES_PER_PMD] = np.arange(head, head + PAGES_PER_PMD)
+    vma.pte[i:i + PAGES_PER_PMD] = _P | _W | _D | _Y
+    vma.pte_level[i:i + PAGES_PER_PMD] = PG_LEVEL_2M
+    mm.invalidate_range_end(rng)
+    mm.journal.count("thp_collapse")
+    return head

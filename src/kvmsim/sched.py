@@ -1,0 +1,141 @@
+"""Kernel paths as steppable generators: one implementation, run straight through or interleaved.
+
+A kernel path that can race (the page fault, an mmu_notifier invalidation, a dirty-log harvest,
+aging, a pfncache refresh, ...) is written as a generator function decorated with :func:`kpath`.
+It yields a label (a ``str`` in kernel vocabulary, e.g. ``"kvm_faultin_pfn: mmu_seq snapshot"``)
+at every point where the kernel can be preempted or race, and :class:`Wait` where it would block
+(a lock that is held).  Calling the decorated function runs it straight through and returns its
+result; ``fn.steps(...)`` returns the generator, for :mod:`kvmsim.explore` and for scripted
+interleavings in tests.  Inside a kernel path, call another one with ``yield from other.steps(...)``.
+
+``current_thread()`` names the thread the scheduler is running (``"main"`` outside any
+scheduler); locks record their holders by that name so ``lockdep_assert_held`` works under
+interleaving.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from kvmsim.errors import KvmBug
+
+Steps = Generator[Any, None, Any]
+
+_current = ["main"]
+
+
+def current_thread() -> str:
+    """The name of the thread whose kernel path is executing now."""
+    return _current[0]
+
+
+def set_current_thread(name: str) -> str:
+    """Switch the current thread (used by schedulers); returns the previous name."""
+    prev = _current[0]
+    _current[0] = name
+    return prev
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Yielded by a path that cannot go on until ``ready()`` is true (a held lock)."""
+
+    label: str
+    ready: Callable[[], bool]
+
+
+def drive(gen: Steps) -> Any:
+    """Run a kernel path straight through and return its result.
+
+    Blocking with nobody to wake us is a deadlock in a single-threaded run: raise instead of spin.
+    """
+    try:
+        item = next(gen)
+        while True:
+            if isinstance(item, Wait) and not item.ready():
+                gen.close()
+                raise KvmBug(f"deadlock: {current_thread()} blocks at {item.label!r} with no other thread")
+            item = gen.send(None)
+    except StopIteration as stop:
+        return stop.value
+
+
+class KPath:
+    """A kernel path: callable straight through, or as steps via :meth:`steps`."""
+
+    def __init__(self, fn: Callable[..., Steps]):
+        self._fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return drive(self._fn(*args, **kwargs))
+
+    def steps(self, *args: Any, **kwargs: Any) -> Steps:
+        return self._fn(*args, **kwargs)
+
+    def __get__(self, obj: Any, objtype: Any = None) -> Any:
+        if obj is None:
+            return self
+        return _BoundKPath(self, obj)
+
+
+class _BoundKPath:
+    def __init__(self, kpath: KPath, obj: Any):
+        self._kpath = kpath
+        self._obj = obj
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._kpath(self._obj, *args, **kwargs)
+
+    def steps(self, *args: Any, **kwargs: Any) -> Steps:
+        return self._kpath.steps(self._obj, *args, **kwargs)
+
+
+def kpath(fn: Callable[..., Steps]) -> KPath:
+    """Decorator: mark a generator function as a steppable kernel path."""
+    return KPath(fn)
+
+
+def run_interleaved(threads: dict[str, Steps], order: Iterable[str]) -> dict[str, Any]:
+    """Run several kernel paths in a scripted order, then each remaining one to completion.
+
+    ``order`` names the thread to advance by one step at a time (a step runs up to and including
+    the next yield).  A thread that is blocked (``Wait`` not ready) when named raises ``KvmBug``
+    (the script is impossible).  Returns each thread's result.
+    """
+    results: dict[str, Any] = {}
+    pending: dict[str, Any] = {}
+    live = dict(threads)
+
+    def advance(name: str) -> None:
+        gen = live[name]
+        prev = set_current_thread(name)
+        try:
+            waiting = pending.get(name)
+            if isinstance(waiting, Wait) and not waiting.ready():
+                raise KvmBug(f"schedule steps {name} while it blocks at {waiting.label!r}")
+            pending[name] = gen.send(None) if name in pending else next(gen)
+        except StopIteration as stop:
+            results[name] = stop.value
+            del live[name]
+        finally:
+            set_current_thread(prev)
+
+    for name in order:
+        if name not in live:
+            raise KvmBug(f"schedule names {name!r}, which has finished or does not exist")
+        advance(name)
+    while live:
+        progressed = False
+        for name in list(live):
+            waiting = pending.get(name)
+            if isinstance(waiting, Wait) and not waiting.ready():
+                continue
+            advance(name)
+            progressed = True
+        if not progressed:
+            raise KvmBug(f"deadlock: {sorted(live)} all blocked")
+    return results

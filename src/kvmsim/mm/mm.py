@@ -149,13 +149,13 @@ class Mm:
     def invalidate_range_start(self, rng: MmuNotifierRange) -> Steps:
         self.journal.count("mmu_notifier_invalidate")
         for sub in list(self.notifiers):
-            yield from sub.invalidate_range_start(rng)
+            yield from sub.invalidate_range_start.steps(rng)
         yield f"mmu_notifier_invalidate_range_start done [{rng.start:#x}, {rng.end:#x}) {rng.event.value}"
 
     @kpath
     def invalidate_range_end(self, rng: MmuNotifierRange) -> Steps:
         for sub in list(self.notifiers):
-            yield from sub.invalidate_range_end(rng)
+            yield from sub.invalidate_range_end.steps(rng)
 
     def clear_flush_young(self, start: int, end: int) -> bool:
         return any([sub.clear_flush_young(start, end) for sub in list(self.notifiers)])

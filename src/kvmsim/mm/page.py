@@ -180,6 +180,11 @@ class PhysMem:
         if self.flags[head] & PG.dirty and self.owner_can_writeback(head):
             self.journal.fact("freed_dirty", pfn=head, caller=caller,
                               detail="dirty folio freed: unwritten data lost")
+        obj = self.owners.get(int(self.owner[head]))
+        if getattr(obj, "torn_down", True) is False:
+            self.journal.count("premature_free")
+            self.journal.fact("premature_free", pfn=head, caller=caller, kvm=caller.startswith("kvm"),
+                              detail=f"page freed while its owner {getattr(obj, 'name', '?')} still uses it")
         self.flags[sl] = int(PG.poisoned)
         self.refcount[sl] = 0
         self.pincount[sl] = 0

@@ -1,0 +1,57 @@
+"""The seam between generic KVM and an architecture's stage-2 MMU (the ``kvm_arch_*`` MMU hooks).
+
+Generic code (memslots, the mmu_notifier, dirty logging, vCPU accesses) calls only these methods;
+:mod:`kvmsim.kvm.stage2` is a minimal 4 KiB implementation, :mod:`kvmsim.x86` the full x86 MMU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol
+
+from kvmsim.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One present leaf stage-2 mapping, as the checker sees it."""
+
+    gfn: int
+    pfn: int
+    level: int
+    writable: bool
+    host_writable: bool
+    mmu_writable: bool
+    accessed: bool
+    dirty: bool
+    slot_id: int
+    held_at_creation: bool      # the fault that created it had a refcounted page
+
+
+class ArchMmu(Protocol):
+    def page_fault(self, vcpu, gpa: int, write: bool, exec: bool = False): ...   # a kpath
+    def guest_access(self, vcpu, gpa: int, write: bool, value: int | None): ...
+    def unmap_gfn_range(self, slot, start: int, end: int, reason: str = "") -> bool: ...
+    def age_gfn(self, slot, start: int, end: int) -> bool: ...
+    def test_age_gfn(self, slot, start: int, end: int) -> bool: ...
+    def flush_on_age(self) -> bool: ...
+    def flush_shadow_memslot(self, slot) -> None: ...
+    def flush_shadow_all(self) -> None: ...
+    def slot_apply_flags(self, old, new, change) -> None: ...
+    def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None: ...
+    def leaves(self) -> Iterator[Leaf]: ...
+
+
+def make_arch(kvm, name: str, **opts) -> ArchMmu:
+    if name == "x86":
+        try:
+            from kvmsim.x86 import make_x86_mmu
+        except ImportError:
+            make_x86_mmu = None
+        if make_x86_mmu is not None:
+            return make_x86_mmu(kvm, **opts)
+        name = "generic"
+    if name == "generic":
+        from kvmsim.kvm.stage2 import GenericStage2
+        return GenericStage2(kvm, **opts)
+    raise UsageError(f"unknown architecture {name!r} (x86, generic)")

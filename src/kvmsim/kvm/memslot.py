@@ -1,0 +1,198 @@
+"""Memslots and ``KVM_SET_USER_MEMORY_REGION(2)`` (virt/kvm/kvm_main.c ``__kvm_set_memory_region``, v6.13).
+
+Validation returns the kernel's errno in the kernel's order, so a model result compares directly
+with the real ioctl.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+from dataclasses import dataclass, field
+from enum import Enum, IntFlag
+
+import numpy as np
+
+from kvmsim.errors import ModelError
+from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
+
+
+class KVM_MEM(IntFlag):
+    """``KVM_MEM_*`` memslot flags (include/uapi/linux/kvm.h) and the internal INVALID flag."""
+
+    LOG_DIRTY_PAGES = 1 << 0
+    READONLY = 1 << 1
+    GUEST_MEMFD = 1 << 2
+    INVALID = 1 << 16          # KVM_MEMSLOT_INVALID (internal)
+
+
+KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM.LOG_DIRTY_PAGES | KVM_MEM.READONLY
+KVM_USER_MEM_SLOTS = 32764              # x86: KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (3)
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
+HOST_TASK_SIZE = 1 << 47                # access_ok() limit for the userspace address
+
+
+class KvmMrChange(str, Enum):
+    """``enum kvm_mr_change``."""
+
+    CREATE = "create"
+    DELETE = "delete"
+    MOVE = "move"
+    FLAGS_ONLY = "flags_only"
+
+
+@dataclass
+class KvmUserspaceMemoryRegion2:
+    """``struct kvm_userspace_memory_region2`` (v1 is the same without the gmem fields)."""
+
+    slot: int
+    flags: int
+    guest_phys_addr: int
+    memory_size: int
+    userspace_addr: int
+    guest_memfd_offset: int = 0
+    guest_memfd: int = -1
+
+
+@dataclass
+class KvmMemorySlot:
+    """Model of ``struct kvm_memory_slot``."""
+
+    id: int
+    as_id: int
+    base_gfn: int
+    npages: int
+    userspace_addr: int
+    flags: KVM_MEM
+    dirty_bitmap: np.ndarray | None = None          # one bool per page (the kernel's first bitmap)
+    gmem_file: object | None = None
+    gmem_pgoff: int = 0
+    arch: dict = field(default_factory=dict)
+
+    @property
+    def readonly(self) -> bool:
+        return bool(self.flags & KVM_MEM.READONLY)
+
+    @property
+    def invalid(self) -> bool:
+        return bool(self.flags & KVM_MEM.INVALID)
+
+    @property
+    def logging(self) -> bool:
+        """``kvm_slot_dirty_track_enabled()`` for the LOG_DIRTY_PAGES part."""
+        return bool(self.flags & KVM_MEM.LOG_DIRTY_PAGES)
+
+    def contains(self, gfn: int) -> bool:
+        return self.base_gfn <= gfn < self.base_gfn + self.npages
+
+    def gfn_to_hva(self, gfn: int) -> int:
+        return self.userspace_addr + ((gfn - self.base_gfn) << PAGE_SHIFT)
+
+    def hva_to_gfn(self, hva: int) -> int:
+        return self.base_gfn + ((hva - self.userspace_addr) >> PAGE_SHIFT)
+
+    @property
+    def hva_end(self) -> int:
+        return self.userspace_addr + (self.npages << PAGE_SHIFT)
+
+
+class KvmMemslots:
+    """``struct kvm_memslots`` for one address space: by id, and sorted by gfn for lookups."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[int, KvmMemorySlot] = {}
+        self._sorted: list[KvmMemorySlot] = []
+        self._bases: list[int] = []
+        self.generation = 0
+
+    def _reindex(self) -> None:
+        self._sorted = sorted(self.by_id.values(), key=lambda s: s.base_gfn)
+        self._bases = [s.base_gfn for s in self._sorted]
+        self.generation += 2
+
+    def install(self, slot: KvmMemorySlot) -> None:
+        self.by_id[slot.id] = slot
+        self._reindex()
+
+    def remove(self, slot_id: int) -> None:
+        self.by_id.pop(slot_id, None)
+        self._reindex()
+
+    def gfn_to_memslot(self, gfn: int) -> KvmMemorySlot | None:
+        i = bisect.bisect(self._bases, gfn) - 1
+        if i >= 0 and self._sorted[i].contains(gfn):
+            return self._sorted[i]
+        return None
+
+    def overlapping(self, start: int, end: int, skip_id: int | None = None) -> list[KvmMemorySlot]:
+        return [s for s in self._sorted if s.id != skip_id and s.base_gfn < end and s.base_gfn + s.npages > start]
+
+    def by_hva(self, start: int, end: int) -> list[KvmMemorySlot]:
+        """Slots whose userspace range overlaps ``[start, end)`` (the hva interval tree)."""
+        return [s for s in self._sorted if s.userspace_addr < end and s.hva_end > start]
+
+    def __iter__(self):
+        return iter(self._sorted)
+
+    def __len__(self) -> int:
+        return len(self.by_id)
+
+
+def check_memory_region_flags(kvm, mem: KvmUserspaceMemoryRegion2, v1: bool) -> None:
+    """``check_memory_region_flags()`` plus the v1 ioctl's flag mask (kvm_vm_ioctl)."""
+    if v1 and mem.flags & ~int(KVM_SET_USER_MEMORY_REGION_V1_FLAGS):
+        raise ModelError(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION: flags {mem.flags:#x} not valid for v1")
+    valid = int(KVM_MEM.LOG_DIRTY_PAGES)
+    if kvm.has_private_mem:
+        valid |= int(KVM_MEM.GUEST_MEMFD)
+    if mem.flags & KVM_MEM.GUEST_MEMFD:
+        valid &= ~int(KVM_MEM.LOG_DIRTY_PAGES)              # dirty logging private memory unsupported
+    else:
+        valid |= int(KVM_MEM.READONLY)                      # GUEST_MEMFD is incompatible with READONLY
+    if mem.flags & ~valid:
+        raise ModelError(errno.EINVAL, f"memslot flags {mem.flags:#x} not valid (allowed {valid:#x})")
+
+
+def validate_region(kvm, mem: KvmUserspaceMemoryRegion2, v1: bool) -> tuple[KvmMrChange | None, KvmMemorySlot | None]:
+    """The checks of ``__kvm_set_memory_region()`` in order; returns (change, old slot)."""
+    check_memory_region_flags(kvm, mem, v1)
+    as_id, sid = mem.slot >> 16, mem.slot & 0xFFFF
+    if mem.memory_size & (PAGE_SIZE - 1) or mem.memory_size >= 1 << 64:
+        raise ModelError(errno.EINVAL, f"memory_size {mem.memory_size:#x} is not page aligned")
+    if mem.guest_phys_addr & (PAGE_SIZE - 1):
+        raise ModelError(errno.EINVAL, f"guest_phys_addr {mem.guest_phys_addr:#x} is not page aligned")
+    if (mem.userspace_addr & (PAGE_SIZE - 1)) or mem.userspace_addr + mem.memory_size > HOST_TASK_SIZE:
+        raise ModelError(errno.EINVAL, f"userspace_addr {mem.userspace_addr:#x} unaligned or not access_ok")
+    if mem.flags & KVM_MEM.GUEST_MEMFD and (mem.guest_memfd_offset & (PAGE_SIZE - 1)):
+        raise ModelError(errno.EINVAL, f"guest_memfd_offset {mem.guest_memfd_offset:#x} is not page aligned")
+    if as_id >= kvm.nr_memslot_as_ids or sid >= KVM_USER_MEM_SLOTS:
+        raise ModelError(errno.EINVAL, f"slot {mem.slot:#x}: id {sid} / address space {as_id} out of range")
+    if mem.guest_phys_addr + mem.memory_size >= 1 << 64:
+        raise ModelError(errno.EINVAL, "guest physical range wraps")
+    if (mem.memory_size >> PAGE_SHIFT) > KVM_MEM_MAX_NR_PAGES:
+        raise ModelError(errno.EINVAL, "memslot too large")
+    slots = kvm.memslots[as_id]
+    old = slots.by_id.get(sid)
+    if not mem.memory_size:
+        if old is None or not old.npages:
+            raise ModelError(errno.EINVAL, f"deleting slot {sid}, which does not exist")
+        return KvmMrChange.DELETE, old
+    base_gfn = mem.guest_phys_addr >> PAGE_SHIFT
+    npages = mem.memory_size >> PAGE_SHIFT
+    if old is None or not old.npages:
+        change = KvmMrChange.CREATE
+    else:
+        if mem.flags & KVM_MEM.GUEST_MEMFD:
+            raise ModelError(errno.EINVAL, f"slot {sid}: guest_memfd memslots are immutable (delete only)")
+        if mem.userspace_addr != old.userspace_addr or npages != old.npages or \
+                (mem.flags ^ int(old.flags)) & KVM_MEM.READONLY:
+            raise ModelError(errno.EINVAL, f"slot {sid}: only the gpa (move) or LOG_DIRTY_PAGES may change")
+        if base_gfn != old.base_gfn:
+            change = KvmMrChange.MOVE
+        elif mem.flags != int(old.flags):
+            change = KvmMrChange.FLAGS_ONLY
+        else:
+            return None, old
+    if change in (KvmMrChange.CREATE, KvmMrChange.MOVE) and slots.overlapping(base_gfn, base_gfn + npages, sid):
+        raise ModelError(errno.EEXIST, f"slot {sid}: gfn range [{base_gfn:#x}, {base_gfn + npages:#x}) overlaps another slot")
+    return change, old

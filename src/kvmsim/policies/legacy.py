@@ -1,0 +1,95 @@
+"""Linux v6.12: KVM guesses from a bare pfn whether a page is refcounted.
+
+Every hook names the series patch that removed the behaviour it models.
+"""
+
+from __future__ import annotations
+
+from kvmsim.kvm.pfn import (KVM_PFN_ERR_FAULT, KVM_PFN_ERR_SIGPENDING, Hold, kvm_pfn_to_refcounted_page,
+                            kvm_release_pfn, kvm_set_pfn_accessed, kvm_set_pfn_dirty)
+from kvmsim.kvm.pfn import kvm_dropped
+from kvmsim.trace import Src
+
+
+class LegacyPolicy:
+    name = "legacy"
+    title = "v6.12: kvm_pfn_to_refcounted_page guesses, A/D pushed from SPTEs"
+    release_under_mmu_lock = False         # kvm_release_pfn_clean() after unlocking
+
+    def reported_page(self, kfp):
+        """No page output before patch 27 "KVM: Add kvm_follow_pfn.refcounted_page output"."""
+        return None
+
+    def gup_error_pfn(self, rc):
+        """Before patch 14 only -EINTR became SIGPENDING; -EAGAIN fell through to the VMA lookup."""
+        if rc == -4:
+            return KVM_PFN_ERR_SIGPENDING
+        return None
+
+    def needs_io_pfn(self, kfp):
+        """Before patch 16: FAULT with ``*async = true``."""
+        kfp.async_ = True
+        return KVM_PFN_ERR_FAULT
+
+    def refuses_unpinned_direct_map(self, kvm):
+        """No pin concept before patches 31/35: remapped memory is mapped as is."""
+        return False
+
+    def remapped_get_ref(self, kvm, pfn, caller):
+        """``kvm_try_get_pfn()``: guess the page, then ``get_page_unless_zero()`` (CVE-2021-22543 fix
+        f8be156be163); removed by patch 85."""
+        page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
+        if page is None:
+            return True, Hold.NONE
+        if not kvm.phys.get_page_unless_zero(page, caller, kvm=True, source=Src.REMAPPED):
+            return False, Hold.NONE
+        return True, Hold.GET
+
+    def _release_by_guess(self, kvm, pfn, kfp, *, dirty, caller, unused, gfn=None):
+        page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
+        if page is None and kfp is not None and kfp.held is not None:
+            kvm.journal.fact("guess_mismatch", pfn=pfn, caller=caller, kvm=True,
+                             detail="kvm_pfn_to_refcounted_page() says not refcounted, but KVM holds a reference: leak")
+        kvm_release_pfn(kvm, pfn, dirty, caller, unused=unused, gfn=gfn)
+
+    def release_faultin(self, kvm, pfn, kfp, *, unused, dirty, caller, gfn=None):
+        """``kvm_release_pfn_clean(pfn)`` after unlock for every outcome, RETRY included (patch 48
+        "KVM: Don't mark unused pages as accessed" changed that); never dirty (x86 captured D from
+        SPTEs at zap time until patch 8)."""
+        self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused, gfn=gfn)
+
+    def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
+        """pfncache before patch 29: ``kvm_release_pfn_clean(pfn)`` on retry and on success."""
+        self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused)
+
+    def release_prefetched(self, kvm, pfn, caller):
+        """Direct prefetch before patch 38: ``put_page()`` only, no A/D."""
+        kvm_dropped(kvm, pfn, Hold.GET, caller)
+        kvm.phys.put_page(pfn, caller, kvm=True, source=Src.HELD)
+
+    def gfn_to_page_write(self, write):
+        """Before patch 76 gfn_to_page() always resolved for write."""
+        return True
+
+    def gfn_to_page_result(self, kvm, pfn, kfp):
+        """``kvm_pfn_to_refcounted_page(pfn)``, including VM_MIXEDMAP/VM_IO pages ref'd by
+        ``kvm_try_get_pfn`` (patch 75 made remapped pfns NULL)."""
+        return kvm_pfn_to_refcounted_page(kvm.phys, pfn)
+
+    def vcpu_map_pins(self):
+        """FOLL_GET before patch 31."""
+        return False
+
+    def vcpu_map_dirty_at_map(self):
+        """The caller decided ``dirty`` at unmap time before patch 33."""
+        return False
+
+    def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
+        """x86 pushed A/D from SPTE bits to the pfn when zapping/modifying/aging (removed by patch 8
+        "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and patch 82
+        "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs")."""
+        for _ in range(n):
+            if dirty:
+                kvm_set_pfn_dirty(kvm, pfn, caller, source=Src.SPTE, gfn=gfn)
+            if accessed:
+                kvm_set_pfn_accessed(kvm, pfn, caller, source=Src.SPTE, gfn=gfn)

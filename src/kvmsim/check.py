@@ -1,0 +1,252 @@
+"""Invariant validators INV-1 .. INV-12 (reference/kvm-semantics.md §3), with stable ids.
+
+Two kinds of evidence:
+
+* **facts** the model records as it runs (``host.journal.facts``: every struct-page operation with
+  its caller, where the page came from and whether ``mmu_lock`` was held; frees, uses after free,
+  ``gfn_to_page`` results, lockdep complaints, ...).  Event invariants (INV-1, 2, 3, 7, 8, 9, 12)
+  are judged from them;
+* **state**: the stage-2 leaves, host PTEs, live ``kvm_host_map``s and KVM's ghost reference
+  ledger.  State invariants (INV-1 leaks, 4, 5, 6, 10, 11) are judged from a snapshot.
+
+What protects what (in Documentation/virt/kvm/locking.rst form):
+
+==========  =======================================================  ===========================
+invariant   statement                                                protected by
+==========  =======================================================  ===========================
+INV-1       every KVM reference comes from GUP/pin/gmem and is        ``refcounted_page`` (series)
+            released once by the matching primitive; no refcount
+            on follow_pfnmap pfns
+INV-2       no struct-page access derived from a stage-2 PTE's pfn   deleting kvm_set_pfn_* (84)
+INV-3       A/D marks of a held page under mmu_lock, after the       kvm_release_faultin_page
+            invalidation re-check
+INV-4       Host-writable SPTE on a held file folio ⇒ folio dirty    dirty at SPTE creation (8)
+INV-5       no SPTE for a gfn being invalidated; none stale after    mmu_invalidate_seq re-check
+INV-6       direct kernel access (kvm_host_map) holds a pin          FOLL_PIN + allow_unsafe (35)
+INV-7       unused (RETRY) pages are put without marking accessed    release_unused (48)
+INV-8       gfn_to_page returns only pages KVM holds a ref on        refcounted_page (75)
+INV-9       PG_reserved pages are never dirtied or aged              kvm_is_ad_tracked_page
+INV-10      read-only slots never get a Host-writable SPTE           gfn_to_hva RO check
+INV-11      SPTE W ⇒ MMU-writable ⇒ Host-writable                    make_spte / mmu_spte_update
+INV-12      A pushed to the folio only at map time                   no accessed-on-zap (82)
+==========  =======================================================  ===========================
+
+The legacy "Dirty bit is lost" race (INV-4) drawn as in locking.rst::
+
+    CPU0 (zap, non-atomic)                    | CPU1 (fast page fault / hardware)
+    old = *sptep  (read-only, accessed)       |
+                                              | cmpxchg: set W; guest writes, hardware sets D
+    *sptep = 0   (D dropped, never captured)  |
+    legacy: folio never marked dirty → guest data lost at writeback
+
+``Checker`` runs after every step and reports each violation once, with the step that caused it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmsim.trace import Fact, Src
+
+INVARIANTS = {
+    "INV-1": "acquire/release pairing",
+    "INV-2": "no struct page access from a stage-2 PTE's pfn",
+    "INV-3": "A/D marking under mmu_lock after the re-check",
+    "INV-4": "writable-capable SPTE implies folio already dirty",
+    "INV-5": "invalidation exclusion",
+    "INV-6": "direct kernel access requires a pin",
+    "INV-7": "unused pages are not aged",
+    "INV-8": "gfn_to_page returns only held pages",
+    "INV-9": "PG_reserved pages never dirtied or aged",
+    "INV-10": "read-only slots",
+    "INV-11": "SPTE well-formedness",
+    "INV-12": "accessed information only at map time",
+}
+
+#: Callers that release the page a stage-2 fault resolved (the INV-3 / INV-7 sites).
+FAULT_RELEASE_CALLERS = frozenset({"kvm_release_pfn_clean", "kvm_release_faultin_page", "kvm_faultin_pfn",
+                                   "kvm_mmu_finish_page_fault", "direct_page_fault", "kvm_tdp_mmu_page_fault"})
+
+
+@dataclass
+class Violation:
+    invariant: str
+    detail: str
+    step: int | None = None
+    pfn: int | None = None
+    gfn: int | None = None
+    objects: dict = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.invariant, self.pfn, self.gfn, self.detail)
+
+    def as_dict(self) -> dict:
+        return {"invariant": self.invariant, "step": self.step, "pfn": self.pfn, "gfn": self.gfn,
+                "detail": self.detail}
+
+    def __str__(self) -> str:
+        where = " ".join(x for x in (f"step {self.step}" if self.step is not None else "",
+                                     f"pfn {self.pfn:#x}" if self.pfn is not None else "",
+                                     f"gfn {self.gfn:#x}" if self.gfn is not None else "") if x)
+        return f"{self.invariant} ({INVARIANTS[self.invariant]}): {self.detail}" + (f" [{where}]" if where else "")
+
+
+# ---- event invariants -------------------------------------------------------------------------------
+
+def _v(inv: str, f: Fact, detail: str) -> Violation:
+    return Violation(inv, detail, f.step, f.pfn, f.gfn, {"caller": f.caller, "source": f.source.value})
+
+
+def check_fact(f: Fact) -> list[Violation]:
+    """The violations one recorded fact proves."""
+    out: list[Violation] = []
+    k = f.kind
+    mark = k in ("set_dirty", "mark_accessed")
+    if k in ("get", "pin") and f.kvm and f.source == Src.REMAPPED:
+        out.append(_v("INV-1", f, f"{f.caller} takes a reference on a VM_PFNMAP/VM_IO pfn KVM does not own"))
+    elif k == "release_without_acquire":
+        out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))
+    elif k == "guess_mismatch":
+        out.append(_v("INV-1", f, f"{f.caller}: kvm_pfn_to_refcounted_page() disagrees with what KVM acquired"))
+    elif k == "underflow" and f.kvm:
+        out.append(_v("INV-1", f, f"{f.caller}: put on a page with refcount 0"))
+    elif k == "premature_free":
+        out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))
+    elif k == "freed_while_referenced":
+        out.append(_v("INV-1", f, f"{f.detail} (a co-owner's reference now dangles)"))
+    elif k == "uaf" and f.kvm:
+        if f.detail.startswith(("get", "put", "pin", "unpin")):
+            out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))
+        elif f.detail.startswith(("SetPageDirty", "mark_page_accessed")):
+            out.append(_v("INV-3", f, f"{f.caller}: {f.detail}"))
+        else:
+            out.append(_v("INV-5", f, f"{f.caller}: guest access through a stale mapping: {f.detail}"))
+    elif k == "map_uaf":
+        out.append(_v("INV-6", f, f.detail))
+    elif k == "gpc_uaf":
+        out.append(_v("INV-5", f, f.detail))
+    elif k in ("dirty_after_truncate", "dirty_at_truncate"):
+        out.append(_v("INV-3", f, f.detail))
+    elif k == "data_lost":
+        out.append(_v("INV-4", f, f.detail))
+    elif k == "lockdep":
+        out.append(_v("INV-3", f, f"{f.caller}: {f.detail}"))
+    elif k == "inv11":
+        out.append(_v("INV-11", f, f.detail or "malformed SPTE written"))
+    elif k == "gfn_to_page" and f.pfn is not None:
+        if f.extra.get("remapped") or f.extra.get("held") != f.pfn:
+            out.append(_v("INV-8", f, "gfn_to_page returned a page KVM holds no reference on"
+                          + (" (VM_PFNMAP/VM_IO pfn)" if f.extra.get("remapped") else "")))
+    if mark and f.kvm:
+        what = "SetPageDirty" if k == "set_dirty" else "mark_page_accessed"
+        if f.source == Src.SPTE:
+            out.append(_v("INV-2", f, f"{f.caller}: {what} on a pfn read back from a stage-2 PTE"))
+            if k == "mark_accessed":
+                out.append(_v("INV-12", f, f"{f.caller}: accessed pushed to the folio from a stage-2 PTE"))
+        elif f.caller in FAULT_RELEASE_CALLERS and not f.locked and not f.extra.get("unused"):
+            out.append(_v("INV-3", f, f"{f.caller}: {what} after dropping mmu_lock"))
+        if f.extra.get("reserved"):
+            out.append(_v("INV-9", f, f"{f.caller}: {what} on a PG_reserved page"))
+        if k == "mark_accessed" and f.extra.get("unused"):
+            out.append(_v("INV-7", f, f"{f.caller}: page released unused (RETRY) is marked accessed"))
+    return out
+
+
+# ---- state invariants -------------------------------------------------------------------------------
+
+def check_state(kvm, *, quiescent: bool = True) -> list[Violation]:
+    """Judge the current state of a VM (its stage-2 leaves, host maps, references)."""
+    out: list[Violation] = []
+    phys = kvm.phys
+    mm = kvm.mm
+    step = kvm.journal.step
+    if not kvm.destroyed:
+        for leaf in kvm.arch.leaves():
+            slot = kvm.memslots[0].by_id.get(leaf.slot_id)
+            objs = {"slot": leaf.slot_id, "level": leaf.level}
+            if leaf.writable and not leaf.mmu_writable or leaf.mmu_writable and not leaf.host_writable:
+                out.append(Violation("INV-11", "SPTE writable bits not nested (W ⇒ MMU-W ⇒ Host-W)", step,
+                                     leaf.pfn, leaf.gfn, objs))
+            if slot is not None and slot.readonly and (leaf.host_writable or leaf.writable):
+                out.append(Violation("INV-10", "Host-writable SPTE in a read-only memslot", step, leaf.pfn,
+                                     leaf.gfn, objs))
+            if phys.is_poisoned(leaf.pfn):
+                out.append(Violation("INV-5", "SPTE maps a freed page", step, leaf.pfn, leaf.gfn, objs))
+                continue
+            if slot is None or slot.gmem_file is not None:
+                continue
+            lo, hi = kvm.mmu_invalidate_range_start, kvm.mmu_invalidate_range_end
+            if kvm.mmu_invalidate_in_progress and lo <= leaf.gfn < hi:
+                out.append(Violation("INV-5", "SPTE present for a gfn inside an in-progress invalidation",
+                                     step, leaf.pfn, leaf.gfn, objs))
+            elif kvm.mmu_invalidate_in_progress == 0:
+                _, hpfn, hbits, _ = mm.pte_of(slot.gfn_to_hva(leaf.gfn))
+                if not hbits & 1 or hpfn != leaf.pfn:
+                    out.append(Violation("INV-5", f"stale SPTE: host maps {'nothing' if hpfn < 0 else hex(hpfn)}"
+                                         f" at this gfn's hva", step, leaf.pfn, leaf.gfn, objs))
+            if leaf.host_writable and leaf.held_at_creation and phys.owner_can_writeback(leaf.pfn) \
+                    and not phys.folio_test_dirty(leaf.pfn):
+                out.append(Violation("INV-4", "Host-writable SPTE maps a clean file folio: a guest write "
+                                     "would land where writeback cannot see it", step, leaf.pfn, leaf.gfn, objs))
+    for m in kvm.host_maps:
+        if m.pinned_page is not None:
+            continue
+        _, hpfn, hbits, _ = mm.pte_of(m.hva)
+        if phys.is_poisoned(m.pfn) or not hbits & 1 or hpfn != m.pfn:
+            out.append(Violation("INV-6", "kvm_host_map without a pin outlived its mapping "
+                                 + ("(pfn freed)" if phys.is_poisoned(m.pfn) else "(host no longer maps it)"),
+                                 step, m.pfn, m.gfn, {"remapped": m.remapped}))
+    if quiescent:
+        accounted: dict = {}
+        for m in kvm.host_maps:
+            if m.hold.value != "none":
+                accounted[(m.pfn, m.hold)] = accounted.get((m.pfn, m.hold), 0) + 1
+        for page, n in kvm.page_refs_out.items():
+            from kvmsim.kvm.pfn import Hold
+            accounted[(page, Hold.GET)] = accounted.get((page, Hold.GET), 0) + n
+        for (pfn, hold), n in kvm.host_refs.items():
+            extra = n - accounted.get((pfn, hold), 0)
+            if extra > 0:
+                out.append(Violation("INV-1", f"leak: KVM still holds {extra} {hold.value} reference(s) "
+                                     "no live structure accounts for", step, pfn, None))
+    return out
+
+
+def check_all(kvm, *, facts_since: int = 0, quiescent: bool = True) -> list[Violation]:
+    """Every violation visible now: facts from ``facts_since`` on, plus the state."""
+    out: list[Violation] = []
+    for f in kvm.journal.facts[facts_since:]:
+        out.extend(check_fact(f))
+    out.extend(check_state(kvm, quiescent=quiescent))
+    return out
+
+
+class Checker:
+    """Incremental checking after every step; each violation is reported once."""
+
+    def __init__(self, kvm):
+        self.kvm = kvm
+        self.cursor = 0
+        self.seen: set[tuple] = set()
+        self.violations: list[Violation] = []
+
+    def run(self, *, quiescent: bool = True) -> list[Violation]:
+        new: list[Violation] = []
+        facts = self.kvm.journal.facts
+        for f in facts[self.cursor:]:
+            new.extend(check_fact(f))
+        self.cursor = len(facts)
+        new.extend(check_state(self.kvm, quiescent=quiescent))
+        fresh = []
+        for v in new:
+            if v.key() not in self.seen:
+                self.seen.add(v.key())
+                fresh.append(v)
+        self.violations.extend(fresh)
+        return fresh
+
+    def by_invariant(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for v in self.violations:
+            out[v.invariant] = out.get(v.invariant, 0) + 1
+        return out

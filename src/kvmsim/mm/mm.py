@@ -149,13 +149,13 @@ class Mm:
     def invalidate_range_start(self, rng: MmuNotifierRange) -> Steps:
         self.journal.count("mmu_notifier_invalidate")
         for sub in list(self.notifiers):
-            yield from sub.invalidate_range_start.steps(rng)
+            yield from _steps(sub.invalidate_range_start, rng)
         yield f"mmu_notifier_invalidate_range_start done [{rng.start:#x}, {rng.end:#x}) {rng.event.value}"
 
     @kpath
     def invalidate_range_end(self, rng: MmuNotifierRange) -> Steps:
         for sub in list(self.notifiers):
-            yield from sub.invalidate_range_end.steps(rng)
+            yield from _steps(sub.invalidate_range_end, rng)
 
     def clear_flush_young(self, start: int, end: int) -> bool:
         return any([sub.clear_flush_young(start, end) for sub in list(self.notifiers)])
@@ -371,6 +371,11 @@ class Mm:
         if vma is None or not bits & _P or pfn < 0:
             return 1
         return level
+
+
+def _steps(fn, *args):
+    """A subscriber's callback as steps, whether it is a ``@kpath`` or a plain generator function."""
+    return fn.steps(*args) if hasattr(fn, "steps") else fn(*args)
 
 
 def folio_pages(phys: PhysMem, pfn: int) -> range:

@@ -230,6 +230,8 @@ class Kvm:
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn()``: requires mmu_lock."""
         self.lockdep_assert_held_mmu_lock("mmu_invalidate_retry_gfn")
+        if getattr(getattr(self, "mutations", None), "skip_retry", False):   # kvmsim.explore mutation
+            return False
         if self.mmu_invalidate_in_progress and self.mmu_invalidate_range_start <= gfn < self.mmu_invalidate_range_end:
             return True
         return self.mmu_invalidate_seq != mmu_seq

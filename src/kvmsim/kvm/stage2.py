@@ -128,6 +128,11 @@ class GenericStage2:
         kvm.mmu_lock.write_unlock()
         yield "page fault: mmu_lock released"
         if not kvm.policy.release_under_mmu_lock:
+            if getattr(getattr(kvm, "mutations", None), "mark_dirty_after_unlock", False) \
+                    and r != RET_PF.RETRY and kfp.map_writable:          # kvmsim.explore: arm64 v6.12 order
+                from kvmsim.kvm.pfn import kvm_set_pfn_dirty
+                from kvmsim.trace import Src
+                kvm_set_pfn_dirty(kvm, pfn, "user_mem_abort", source=Src.HELD, gfn=gfn)
             kvm_release_faultin(kvm, pfn, kfp, unused=r == RET_PF.RETRY, dirty=kfp.map_writable,
                                 caller="kvm_release_pfn_clean", gfn=gfn)
         return r
@@ -196,6 +201,23 @@ class GenericStage2:
         bits[lo:hi] = 0
         self.kvm.journal.count("spte_zap", len(present))
         return len(present) > 0
+
+    @kpath
+    def zap_leaf(self, slot, gfn: int) -> Steps:
+        """Zap one leaf under mmu_lock: atomic xchg, or (``kvm.mutations.nonatomic_spte``) read, then clear."""
+        pfns, bits = self._tables(slot)
+        i = gfn - slot.base_gfn
+        old_pfn, old = int(pfns[i]), int(bits[i])
+        if getattr(getattr(self.kvm, "mutations", None), "nonatomic_spte", False):
+            yield "mmu_spte_clear_no_track: old_spte read, no volatile bits assumed"
+        else:
+            old = int(bits[i])                                   # xchg: reads what it clears
+        pfns[i], bits[i] = -1, 0
+        if old & _P:
+            self.kvm.policy.spte_ad_lost(self.kvm, old_pfn, dirty=bool(old & _D), accessed=bool(old & _A),
+                                         caller="kvm_zap_gfn_range", gfn=gfn)
+        yield "kvm_zap_gfn_range: SPTE cleared"
+        return bool(old & _P)
 
     def unmap_gfn_range(self, slot, start: int, end: int, reason: str = "") -> bool:
         return self._zap(slot, max(start, slot.base_gfn) - slot.base_gfn,

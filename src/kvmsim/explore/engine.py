@@ -1,0 +1,225 @@
+"""Run a scenario under a schedule, and the schedulers: exhaustive (preemption-bounded DFS), random,
+replay; plus shrinking of a violating schedule.
+
+A *schedule* is the list of thread names to advance, one step (up to the next yield) each.  When it
+runs out, or names a thread that is blocked or done (that entry is skipped), the run continues
+without preemption: the current thread while it can run, else the first runnable one.  Generators
+cannot be cloned, so every schedule re-executes from a fresh setup.  Printed as one argument,
+run-length encoded: ``vcpu0*2,host*3,vcpu0``.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from kvmsim.check import Checker, Violation
+from kvmsim.errors import KvmBug, ModelError, UsageError
+from kvmsim.sched import Wait, set_current_thread
+
+
+def format_schedule(names: list[str]) -> str:
+    out: list[str] = []
+    i = 0
+    while i < len(names):
+        j = i
+        while j < len(names) and names[j] == names[i]:
+            j += 1
+        out.append(names[i] if j - i == 1 else f"{names[i]}*{j - i}")
+        i = j
+    return ",".join(out)
+
+
+def parse_schedule(text: str) -> list[str]:
+    out: list[str] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, n = part.partition("*")
+        if not name or (n and not n.isdigit()):
+            raise UsageError(f"bad schedule element {part!r}: expected THREAD or THREAD*COUNT")
+        out.extend([name] * (int(n) if n else 1))
+    return out
+
+
+@dataclass
+class Step:
+    thread: str
+    label: str
+    runnable: tuple[str, ...]
+
+
+@dataclass
+class Run:
+    """One execution: the steps taken and the first watched violation, if any."""
+
+    steps: list[Step] = field(default_factory=list)
+    violation: Violation | None = None
+
+    @property
+    def schedule(self) -> list[str]:
+        return [s.thread for s in self.steps]
+
+    def preemptions(self) -> int:
+        return count_preemptions(self.steps)
+
+
+def count_preemptions(steps: list[Step]) -> int:
+    n = 0
+    for a, b in zip(steps, steps[1:]):
+        if b.thread != a.thread and a.thread in b.runnable:
+            n += 1
+    return n
+
+
+def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bool = False,
+            chooser: Callable[[list[str], str | None], str] | None = None) -> Run:
+    """Fresh setup, then the schedule, then the non-preemptive (or ``chooser``) continuation."""
+    world = scenario.build(policy, mutations)
+    checker = Checker(world.kvm)
+    checker.run(quiescent=False)                       # the setup's own state is not the race
+    threads = dict(world.threads)
+    order = list(threads)
+    pending: dict[str, object] = {}
+    run = Run()
+    current: str | None = None
+
+    def runnable() -> list[str]:
+        return [t for t in order if t in threads
+                and not (isinstance(pending.get(t), Wait) and not pending[t].ready())]
+
+    def check(quiescent: bool) -> bool:
+        for v in checker.run(quiescent=quiescent):
+            if scenario.watch(v):
+                run.violation = v
+                return True
+        return False
+
+    i = 0
+    while threads:
+        ready = runnable()
+        if not ready:
+            raise KvmBug(f"deadlock: {sorted(threads)} all blocked")
+        name = None
+        while i < len(schedule) and name is None:
+            want = schedule[i]
+            i += 1
+            if want in ready:
+                name = want
+            elif strict:
+                raise UsageError(f"schedule step {i} names {want!r}, which is "
+                                 + ("blocked or finished" if want in order else "not a thread of this scenario")
+                                 + f"; runnable: {', '.join(ready)}")
+        if name is None:
+            name = chooser(ready, current) if chooser else (current if current in ready else ready[0])
+        prev = set_current_thread(name)
+        try:
+            item = threads[name].send(None) if name in pending else next(threads[name])
+            pending[name] = item
+            label = item.label + " (blocked)" if isinstance(item, Wait) else str(item)
+        except StopIteration as stop:
+            label = f"returns {stop.value!r}"
+            del threads[name]
+        except ModelError as e:                        # the path failed cleanly (e.g. -EFAULT)
+            label = f"fails: {e}"
+            del threads[name]
+        finally:
+            set_current_thread(prev)
+        run.steps.append(Step(name, label, tuple(ready)))
+        current = name
+        world.kvm.journal.step = len(run.steps)
+        if check(quiescent=False):
+            return run
+    scenario.final(world)
+    check(quiescent=True)
+    return run
+
+
+# ---- schedulers ------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    explored: int = 0
+    elapsed: float = 0.0
+    violating: Run | None = None
+    shortest: list[str] | None = None
+    complete: bool = True
+
+    @property
+    def rate(self) -> float:
+        return self.explored / self.elapsed if self.elapsed > 0 else 0.0
+
+
+def dfs(scenario, policy, mutations, bound: int, limit: int = 100_000) -> Iterator[Run]:
+    """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes)."""
+    stack: list[list[str]] = [[]]
+    n = 0
+    while stack and n < limit:
+        prefix = stack.pop()
+        run = execute(scenario, policy, mutations, prefix)
+        n += 1
+        yield run
+        steps = run.steps
+        for j in range(len(steps) - 1, len(prefix) - 1, -1):
+            for alt in steps[j].runnable:
+                if alt == steps[j].thread:
+                    continue
+                cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
+                if count_preemptions(cand) <= bound:
+                    stack.append([s.thread for s in cand])
+
+
+def random_runs(scenario, policy, mutations, n: int, seed: int) -> Iterator[Run]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield execute(scenario, policy, mutations, [], chooser=lambda ready, cur: rng.choice(ready))
+
+
+def shrink(scenario, policy, mutations, schedule: list[str], invariant: str) -> list[str]:
+    """Shortest explicit schedule (default continuation after it) that still violates ``invariant``."""
+    def bad(s: list[str]) -> bool:
+        v = execute(scenario, policy, mutations, s).violation
+        return v is not None and v.invariant == invariant
+
+    best = list(schedule)
+    for cut in range(len(best) + 1):                   # shortest prefix first
+        if bad(best[:cut]):
+            best = best[:cut]
+            break
+    changed = True
+    while changed:
+        changed = False
+        for k in range(len(best)):
+            cand = best[:k] + best[k + 1:]
+            if bad(cand):
+                best, changed = cand, True
+                break
+    return best
+
+
+def explore(scenario, policy, mutations, *, bound: int | None = None, random_n: int | None = None,
+            seed: int = 0, replay: list[str] | None = None,
+            progress: Callable[[int], None] | None = None) -> Result:
+    res = Result()
+    t0 = time.perf_counter()
+    if replay is not None:
+        runs: Iterator[Run] = iter([execute(scenario, policy, mutations, replay, strict=True)])
+    elif random_n is not None:
+        runs = random_runs(scenario, policy, mutations, random_n, seed)
+    else:
+        runs = dfs(scenario, policy, mutations, 2 if bound is None else bound)
+    for run in runs:
+        res.explored += 1
+        if progress:
+            progress(res.explored)
+        if run.violation is not None:
+            res.violating = run
+            break
+    res.elapsed = time.perf_counter() - t0
+    if res.violating is not None:
+        res.shortest = (replay if replay is not None else
+                        shrink(scenario, policy, mutations, res.violating.schedule,
+                               res.violating.violation.invariant))
+        if replay is None:
+            res.violating = execute(scenario, policy, mutations, res.shortest)
+    return res

@@ -1,0 +1,210 @@
+"""Built-in races to explore: a deterministic setup, named kernel-path threads and a final check.
+
+Every scenario runs on ``Kvm(host, arch="generic")`` (:class:`kvmsim.kvm.stage2.GenericStage2`)
+with one 4 KiB memslot at gpa 0 and one vCPU.  Threads are kernel paths (``@kpath`` generators):
+the vCPU's ``page_fault``, the host's ``munmap``/``mprotect``/``writeback_folio``, a truncate,
+a pfncache refresh, or a guest write through the SPTE (:func:`guest_write`).  ``watch`` picks the
+violations the scenario is about: legacy breaks some invariants on *every* schedule (e.g. INV-3,
+accessed marked after unlock), which would otherwise drown the race being explored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kvmsim.kvm.kvm import Kvm
+from kvmsim.kvm.memslot import KVM_MEM
+from kvmsim.mm.host import Host
+from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
+from kvmsim.mm.reclaim import reclaim, remove_from_cache, writeback_folio
+from kvmsim.mm.vma import VmaKind
+from kvmsim.sched import Steps, kpath
+from kvmsim.types import PAGE_SIZE
+
+GPA = 0
+
+
+@dataclass
+class World:
+    host: Host
+    kvm: Kvm
+    vcpu: Any
+    vma: Any
+    threads: dict[str, Steps] = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    doc: str
+    build: Callable[[str, Any], World]
+    watch: Callable[[Any], bool]
+    final: Callable[[World], None] = lambda w: None
+
+
+def _world(policy: str, mutations, kind: VmaKind, flags=KVM_MEM(0)) -> World:
+    host = Host()
+    kvm = Kvm(host, policy=policy, arch="generic")
+    kvm.mutations = mutations
+    vma = host.mm.mmap(PAGE_SIZE, kind)
+    kvm.set_user_memory_region(0, GPA, PAGE_SIZE, vma.start, flags)
+    return World(host, kvm, kvm.create_vcpu(), vma)
+
+
+def _invs(*ids: str) -> Callable[[Any], bool]:
+    return lambda v: v.invariant in ids
+
+
+@kpath
+def guest_write(kvm, vcpu, gpa: int, value: int) -> Steps:
+    """A guest store: through a present SPTE (hardware sets D; a Host-writable read-only SPTE is
+    made writable by the lockless fast page fault first), else an EPT violation → ``page_fault``."""
+    arch = kvm.arch
+    gfn = gpa >> 12
+    for _ in range(4):
+        slot = kvm.gfn_to_memslot(gfn)
+        pfns, bits = arch._tables(slot)
+        i = gfn - slot.base_gfn
+        b = int(bits[i])
+        if b & 1 and b & (2 | 4):                       # present and W or Host-writable
+            arch.guest_access(vcpu, gpa, True, value)   # fast path: W|D set, then the store lands
+            yield "guest: store through the SPTE (fast page fault sets W, hardware sets D)"
+            return True
+        yield "guest: EPT violation"
+        yield from arch.page_fault.steps(vcpu, gpa, write=True)
+    return False
+
+
+@kpath
+def kvm_zap_gfn_range(kvm, gfn: int) -> Steps:
+    """``kvm_zap_gfn_range()`` for one gfn: a zap under ``mmu_lock`` outside the mmu_notifier."""
+    yield from kvm.mmu_lock.write_lock.steps()
+    slot = kvm.gfn_to_memslot(gfn)
+    yield from kvm.arch.zap_leaf.steps(slot, gfn)
+    kvm.mmu_lock.write_unlock()
+    yield "kvm_zap_gfn_range: mmu_lock released"
+
+
+@kpath
+def truncate_page(mm, vma, index: int) -> Steps:
+    """``truncate_inode_pages_range()`` of one page: ``unmap_mapping_range`` under the notifier, then
+    drop the page cache's reference."""
+    start = vma.start + ((index - vma.pgoff) << 12)
+    rng = MmuNotifierRange(start, start + PAGE_SIZE, MmuNotifyEvent.UNMAP, reason="unmap_mapping_range")
+    yield from mm.invalidate_range_start.steps(rng)
+    vma.pte_pfn[index - vma.pgoff] = -1
+    vma.pte[index - vma.pgoff] = 0
+    yield "unmap_mapping_range: PTE zapped"
+    yield from mm.invalidate_range_end.steps(rng)
+    remove_from_cache(mm, vma.mapping, index, index + 1, notify=False)
+    yield "truncate_inode_folio: folio removed from the page cache"
+
+
+# ---- the scenarios -----------------------------------------------------------------------------------
+
+def _fault_vs_munmap(policy, mutations) -> World:
+    w = _world(policy, mutations, VmaKind.ANON)
+    w.host.mm.host_access(w.vma.start, True, 1)
+    w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
+                 "host": w.host.mm.munmap.steps(w.vma.start, PAGE_SIZE)}
+    return w
+
+
+def _fault_vs_mprotect(policy, mutations) -> World:
+    w = _world(policy, mutations, VmaKind.ANON)
+    w.host.mm.host_access(w.vma.start, True, 1)
+    w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
+                 "host": w.host.mm.mprotect.steps(w.vma.start, PAGE_SIZE, "none")}
+    return w
+
+
+def _file_page(w: World, value: int) -> int:
+    w.host.mm.host_access(w.vma.start, True, value)
+    return w.host.mm.pte_of(w.vma.start)[1]
+
+
+def _fault_vs_writeback(policy, mutations) -> World:
+    w = _world(policy, mutations, VmaKind.FILE)
+    pfn = _file_page(w, 1)
+    w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
+                 "host": writeback_folio.steps(w.host.mm, pfn)}
+    return w
+
+
+def _fault_vs_truncate(policy, mutations) -> World:
+    w = _world(policy, mutations, VmaKind.FILE)
+    writeback_folio(w.host.mm, _file_page(w, 1))          # start from a clean, written-back folio
+    w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
+                 "host": truncate_page.steps(w.host.mm, w.vma, w.vma.pgoff)}
+    return w
+
+
+def _pfncache_vs_munmap(policy, mutations) -> World:
+    from kvmsim.kvm.pfncache import GfnToPfnCache
+    w = _world(policy, mutations, VmaKind.ANON)
+    w.host.mm.host_access(w.vma.start, True, 1)
+    gpc = GfnToPfnCache(w.kvm)
+    gpc.active, gpc.gpa = True, GPA
+    w.extra["gpc"] = gpc
+    w.threads = {"vcpu0": gpc.refresh_steps.steps(), "host": w.host.mm.munmap.steps(w.vma.start, PAGE_SIZE)}
+    return w
+
+
+def _pfncache_final(w: World) -> None:
+    gpc = w.extra["gpc"]
+    if gpc.valid:                                 # kvmclock update through a cache still marked valid
+        gpc.kvm.phys.write(gpc.pfn, 2, "gpc write", kvm=True)
+        if gpc.kvm.phys.is_poisoned(gpc.pfn):
+            gpc.kvm.journal.fact("gpc_uaf", pfn=gpc.pfn, kvm=True, caller="gpc write",
+                                 detail="pfncache writes a freed page")
+
+
+def _lost_dirty_bit(policy, mutations) -> World:
+    """A clean file folio mapped by a present, read-only, Host-writable SPTE with D clear.
+
+    The file system has no dirty accounting (``vma_wants_writenotify()`` false), so a host read
+    fault maps the page writable-but-clean; the guest's read fault under dirty logging installs a
+    Host-writable SPTE without W.  Then a zap races the guest's store.
+    """
+    w = _world(policy, mutations, VmaKind.FILE, KVM_MEM.LOG_DIRTY_PAGES)
+    w.vma.writenotify = False
+    w.host.mm.host_access(w.vma.start, False)
+    w.kvm.arch.page_fault(w.vcpu, GPA, write=False)
+    w.extra["pfn"] = w.host.mm.pte_of(w.vma.start)[1]
+    w.threads = {"vcpu0": guest_write.steps(w.kvm, w.vcpu, GPA, 0xD1),
+                 "zap": kvm_zap_gfn_range.steps(w.kvm, GPA >> 12)}
+    return w
+
+
+def _writeback_and_reclaim(w: World) -> None:
+    """The end of the story: write the file back, then reclaim the page (until it goes)."""
+    mm = w.host.mm
+    pfn = mm.pte_of(w.vma.start)[1]
+    if pfn >= 0:
+        writeback_folio(mm, pfn)
+    for _ in range(3):
+        if reclaim(mm, w.vma.start, PAGE_SIZE)["reclaimed"]:
+            break
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("fault-vs-munmap", "vCPU write fault on anon memory races munmap of that memory",
+             _fault_vs_munmap, _invs("INV-5", "INV-6")),
+    Scenario("fault-vs-mprotect", "vCPU write fault races mprotect(PROT_NONE)",
+             _fault_vs_mprotect, _invs("INV-5", "INV-6")),
+    Scenario("fault-vs-writeback", "vCPU write fault on a file folio races writeback (folio_mkclean)",
+             _fault_vs_writeback, _invs("INV-4", "INV-5")),
+    Scenario("fault-vs-truncate", "vCPU write fault on a file folio races truncate of that page",
+             _fault_vs_truncate,
+             lambda v: v.invariant == "INV-5" or v.invariant == "INV-3" and (
+                 "after its mapping was truncated" in v.detail or "SetPageDirty" in v.detail
+                 and "after dropping" not in v.detail)),
+    Scenario("pfncache-refresh-vs-munmap", "pfncache refresh races munmap; then KVM writes through the cache",
+             _pfncache_vs_munmap, _invs("INV-5", "INV-6"), _pfncache_final),
+    Scenario("lost-dirty-bit", "zap of a Host-writable SPTE races a guest store; then writeback + reclaim",
+             _lost_dirty_bit,
+             lambda v: v.invariant == "INV-4" and v.objects.get("caller") == "shrink_folio_list",
+             _writeback_and_reclaim),
+)}

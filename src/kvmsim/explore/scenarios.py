@@ -89,17 +89,17 @@ def kvm_zap_gfn_range(kvm, gfn: int) -> Steps:
 
 @kpath
 def truncate_page(mm, vma, index: int) -> Steps:
-    """``truncate_inode_pages_range()`` of one page: ``unmap_mapping_range`` under the notifier, then
-    drop the page cache's reference."""
+    """``truncate_inode_pages_range()`` of one page: inside one notifier window, zap the PTE and drop
+    the folio from the page cache (``truncate_inode_folio`` → ``unmap_mapping_folio``)."""
     start = vma.start + ((index - vma.pgoff) << 12)
     rng = MmuNotifierRange(start, start + PAGE_SIZE, MmuNotifyEvent.UNMAP, reason="unmap_mapping_range")
     yield from mm.invalidate_range_start.steps(rng)
     vma.pte_pfn[index - vma.pgoff] = -1
     vma.pte[index - vma.pgoff] = 0
     yield "unmap_mapping_range: PTE zapped"
-    yield from mm.invalidate_range_end.steps(rng)
     remove_from_cache(mm, vma.mapping, index, index + 1, notify=False)
     yield "truncate_inode_folio: folio removed from the page cache"
+    yield from mm.invalidate_range_end.steps(rng)
 
 
 # ---- the scenarios -----------------------------------------------------------------------------------

@@ -93,3 +93,17 @@ class LegacyPolicy:
                 kvm_set_pfn_dirty(kvm, pfn, caller, source=Src.SPTE, gfn=gfn)
             if accessed:
                 kvm_set_pfn_accessed(kvm, pfn, caller, source=Src.SPTE, gfn=gfn)
+
+    def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller):
+        """Vectorised :meth:`spte_ad_lost`: one ``kvm_set_pfn_dirty/accessed`` per SPTE whose bit is lost
+        (patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and
+        patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" removed them)."""
+        from kvmsim.x86.folio_ops import mark_page_accessed_bulk, set_page_dirty_bulk
+        set_page_dirty_bulk(kvm, pfns[dirty_mask], caller, Src.SPTE)
+        mark_page_accessed_bulk(kvm, pfns[accessed_mask], caller, Src.SPTE)
+
+    def release_faultin_bulk(self, kvm, pfns, writable_mask, caller):
+        """Vectorised :meth:`release_faultin` for faults that used a page: ``kvm_release_pfn_clean()``
+        by guess, i.e. mark accessed only (the GUP reference is modelled as taken and dropped)."""
+        from kvmsim.x86.folio_ops import mark_page_accessed_bulk
+        mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS)

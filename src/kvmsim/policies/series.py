@@ -86,3 +86,16 @@ class SeriesPolicy:
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """Patches 8 and 82: no struct page is touched from a stage-2 PTE's pfn."""
         return None
+
+    def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller):
+        """Patches 8 and 82 ("Mark folio dirty when creating SPTE, not when zapping/modifying", "Don't
+        mark "struct page" accessed when zapping SPTEs"): nothing, for any number of SPTEs."""
+        return None
+
+    def release_faultin_bulk(self, kvm, pfns, writable_mask, caller):
+        """Vectorised ``kvm_release_faultin_page()`` for used pages (patches 40/41/47/49): dirty iff
+        map_writable, then accessed (the GUP reference is modelled as taken and dropped)."""
+        from kvmsim.trace import Src
+        from kvmsim.x86.folio_ops import mark_page_accessed_bulk, set_page_dirty_bulk
+        set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD)
+        mark_page_accessed_bulk(kvm, pfns, caller, Src.HELD)

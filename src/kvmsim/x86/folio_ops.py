@@ -1,0 +1,72 @@
+"""Vectorised struct-page flag operations for the x86 MMU's bulk paths (mm/page.py semantics).
+
+``SetPageDirty`` / ``mark_page_accessed`` on many pfns at once, with the same counters
+(``set_dirty:<caller>``, ``mark_accessed:<caller>``), the same facts when the journal records, the
+same ``kvm_is_ad_tracked_page()`` filter and the same use-after-free detection as the scalar
+helpers in :mod:`kvmsim.kvm.pfn`, so a bulk path and its scalar twin leave identical state.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmsim.mm.page import PG
+from kvmsim.trace import Src
+
+
+def _tracked(kvm, pfns: np.ndarray) -> np.ndarray:
+    """``kvm_is_ad_tracked_page()`` plus ``!is_error_noslot_pfn()``, vectorised; uaf pfns go scalar."""
+    phys = kvm.phys
+    pfns = np.asarray(pfns, dtype=np.int64)
+    ok = (pfns > 0) & (pfns < phys.nr)
+    pfns = pfns[ok]
+    pfns = pfns[(phys.flags[pfns] & int(PG.reserved)) == 0]
+    return pfns
+
+
+def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
+    """``kvm_set_pfn_dirty()`` on each pfn (one ``SetPageDirty`` per entry, duplicates included)."""
+    phys = kvm.phys
+    pfns = _tracked(kvm, pfns)
+    if not len(pfns):
+        return
+    poisoned = (phys.flags[pfns] & int(PG.poisoned)) != 0
+    for pfn in pfns[poisoned]:
+        phys.SetPageDirty(int(pfn), caller, kvm=True, source=source, locked=kvm.mmu_lock.held())
+    pfns = pfns[~poisoned]
+    if not len(pfns):
+        return
+    kvm.journal.count(f"set_dirty:{caller}", len(pfns))
+    heads = phys.head[pfns]
+    if kvm.journal.recording:
+        locked = kvm.mmu_lock.held()
+        first = np.zeros(len(pfns), dtype=bool)
+        first[np.unique(heads, return_index=True)[1]] = True
+        was = ((phys.flags[heads] & int(PG.dirty)) != 0) | ~first
+        for k, pfn in enumerate(pfns.tolist()):
+            kvm.journal.fact("set_dirty", pfn=pfn, caller=caller, kvm=True, source=source, locked=locked,
+                             extra={"reserved": False, "was_dirty": bool(was[k])})
+    for h in np.unique(heads).tolist():
+        phys._dirty_after_clean_check(h, caller, True)
+        phys.flags[h] |= int(PG.dirty)
+
+
+def mark_page_accessed_bulk(kvm, pfns, caller: str, source: Src) -> None:
+    """``kvm_set_pfn_accessed()`` / ``mark_page_accessed()`` on each pfn."""
+    phys = kvm.phys
+    pfns = _tracked(kvm, pfns)
+    if not len(pfns):
+        return
+    poisoned = (phys.flags[pfns] & int(PG.poisoned)) != 0
+    for pfn in pfns[poisoned]:
+        phys.mark_page_accessed(int(pfn), caller, kvm=True, source=source, locked=kvm.mmu_lock.held())
+    pfns = pfns[~poisoned]
+    if not len(pfns):
+        return
+    kvm.journal.count(f"mark_accessed:{caller}", len(pfns))
+    if kvm.journal.recording:
+        locked = kvm.mmu_lock.held()
+        for pfn in pfns.tolist():
+            kvm.journal.fact("mark_accessed", pfn=pfn, caller=caller, kvm=True, source=source, locked=locked,
+                             extra={"reserved": False, "unused": False})
+    phys.flags[np.unique(phys.head[pfns])] |= int(PG.referenced)

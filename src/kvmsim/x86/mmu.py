@@ -1,0 +1,295 @@
+"""The x86 MMU's page fault and guest accesses (arch/x86/kvm/mmu/mmu.c ``kvm_mmu_page_fault()``,
+``fast_page_fault()``, ``kvm_mmu_faultin_pfn()``, ``is_page_fault_stale()``; tdp_mmu.c
+``kvm_tdp_mmu_map()``; v6.13), and :class:`X86Mmu`, the ``ArchMmu`` for arch="x86".
+
+Locking (Documentation/virt/kvm/locking.rst): the TDP MMU maps under ``mmu_lock`` for read (SPTE
+updates are atomic), the shadow MMU under ``mmu_lock`` for write; ``fast_page_fault()`` fixes a
+write-protected or access-tracked SPTE without ``mmu_lock``.  The race the stale check closes::
+
+    CPU0 (vCPU fault)                          | CPU1 (mmu_notifier)
+    mmu_seq = kvm->mmu_invalidate_seq          |
+    pfn = __kvm_faultin_pfn()                  |
+                                               | invalidate_range_start: zap, seq++ at end
+    read_lock(mmu_lock)                        |
+    is_page_fault_stale() → RET_PF_RETRY       |
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Iterator
+
+import numpy as np
+
+from kvmsim.kvm.arch import Leaf
+from kvmsim.kvm.dirty import mark_page_dirty_in_slot
+from kvmsim.kvm.pfn import KVM_PFN_ERR_NEEDS_IO, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin
+from kvmsim.kvm.stage2 import RET_PF, fault_error_to_errno, ret_to_access
+from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.mm.gup import FOLL
+from kvmsim.sched import Steps, kpath
+from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
+from kvmsim.x86 import tdp_mmu
+from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_accessed_spte, is_dirty_spte,
+                             make_spte_bits, spte_write, tables)
+
+
+class X86Mmu:
+    """Model of the x86 ``struct kvm_mmu`` machinery for one VM (TDP MMU; see :class:`ShadowMmu`)."""
+
+    name = "x86-tdp"
+    max_level = 3                     # KVM_MAX_HUGEPAGE_LEVEL with 1 GiB support
+    map_caller = "kvm_tdp_mmu_map"
+    zap_caller = "tdp_mmu_zap_leafs"
+
+    def __init__(self, kvm, *, mmu: str = "tdp", pml: bool = True, ad_enabled: bool = True,
+                 eager_split: bool = True, **opts):
+        self.kvm = kvm
+        self.pml = pml
+        self.ad_enabled = ad_enabled
+        self.eager_split = eager_split
+        self.mmio_sptes: dict[int, int] = {}          # gfn → memslot generation of a cached MMIO SPTE
+
+    # ---- locking ---------------------------------------------------------------------------------
+    def _lock(self):
+        return self.kvm.mmu_lock.read_lock.steps()
+
+    def _unlock(self) -> None:
+        self.kvm.mmu_lock.read_unlock()
+
+    # ---- the fault path ----------------------------------------------------------------------------
+    @kpath
+    def page_fault(self, vcpu, gpa: int, write: bool, exec: bool = False) -> Steps:
+        """Mirrors ``kvm_mmu_page_fault()`` → ``kvm_tdp_page_fault()``: RET_PF or -errno."""
+        kvm = self.kvm
+        gfn = gpa >> PAGE_SHIFT
+        kvm.journal.count("page_fault")
+        gen = kvm.memslots[0].generation
+        if self.mmio_sptes.get(gfn) == gen:                # handle_mmio_page_fault(): cached, same generation
+            kvm.journal.count("mmio")
+            return RET_PF.EMULATE
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is None:                                   # kvm_handle_noslot_fault(): cache an MMIO SPTE
+            self.mmio_sptes[gfn] = gen
+            kvm.journal.count("mmio")
+            return RET_PF.EMULATE
+        self.mmio_sptes.pop(gfn, None)
+        if slot.invalid:
+            return RET_PF.RETRY
+        if write and slot.readonly:
+            return RET_PF.EMULATE                          # KVM_PFN_ERR_RO_FAULT → emulate
+        r = self.fast_page_fault(vcpu, slot, gfn, write)
+        if r is not None:
+            return r
+        yield "fast_page_fault: not fixed"
+        mmu_seq = kvm.mmu_invalidate_seq
+        yield "kvm_mmu_faultin_pfn: mmu_seq snapshot"
+        if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
+            kvm.journal.count("retry")
+            return RET_PF.RETRY
+        foll = FOLL.WRITE if write else FOLL(0)
+        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.NOWAIT, caller="kvm_faultin_pfn")
+        if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
+            pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.INTERRUPTIBLE, caller="kvm_faultin_pfn")
+        if is_error_noslot_pfn(pfn):
+            return fault_error_to_errno(pfn)
+        yield "kvm_mmu_faultin_pfn: pfn resolved"
+        if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
+            kvm_release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
+            kvm.journal.count("retry")
+            return RET_PF.RETRY
+        yield from self._lock()
+        if slot.invalid or kvm.mmu_invalidate_retry_gfn(mmu_seq, gfn):     # is_page_fault_stale()
+            r = RET_PF.RETRY
+            kvm.journal.count("retry")
+        else:
+            r = self._map(vcpu, slot, gfn, pfn, kfp, write)
+        unused = r == RET_PF.RETRY
+        if kvm.policy.release_under_mmu_lock:
+            kvm_release_faultin(kvm, pfn, kfp, unused=unused, dirty=kfp.map_writable,
+                                caller="kvm_release_faultin_page", gfn=gfn)
+        self._unlock()
+        yield "page fault: mmu_lock released"
+        if not kvm.policy.release_under_mmu_lock:
+            kvm_release_faultin(kvm, pfn, kfp, unused=unused, dirty=kfp.map_writable,
+                                caller="kvm_release_pfn_clean", gfn=gfn)
+        return r
+
+    def fast_page_fault(self, vcpu, slot, gfn: int, write: bool) -> RET_PF | None:
+        """Mirrors ``fast_page_fault()``: restore an access-tracked SPTE or W on an MMU-writable one,
+        lockless; never W on a huge leaf of a dirty-logged slot.  None = take the slow path."""
+        t = slot.arch.get("x86")
+        if t is None:
+            return None
+        i = gfn - slot.base_gfn
+        b = int(t.bits[i])
+        if not b & P or b & MMIO:
+            return None
+        lvl = int(t.level[i])
+        if not b & AT and (not write or b & W):
+            self.kvm.journal.count("spurious")
+            return RET_PF.SPURIOUS
+        new = b
+        if b & AT:                                           # restore_acc_track_spte()
+            new = (new & ~(AT | SW)) | (W if b & SW else 0)
+        if write and not new & W:
+            if not new & MW or (lvl > 1 and slot.logging):
+                return None
+            new |= W | (0 if new & ADX else D)
+        if write and not new & ADX:
+            new |= D
+        if not new & ADX:
+            new |= A
+        lo, hi = t.leaf_bounds(slot, i, i + 1)
+        spte_write(self.kvm, slot, lo, hi, new, caller="fast_page_fault")
+        self.kvm.journal.count("fast_page_fault")
+        if write and slot.logging:
+            mark_page_dirty_in_slot(self.kvm, slot, gfn, vcpu)
+        return RET_PF.FIXED
+
+    def _map(self, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False) -> RET_PF:
+        """``kvm_tdp_mmu_map()`` / ``tdp_mmu_map_handle_target_level()`` / ``make_spte()``."""
+        kvm = self.kvm
+        t = tables(slot)
+        i = gfn - slot.base_gfn
+        level = int(tdp_mmu.max_mapping_levels(kvm, slot, i, i + 1, self.max_level)[0])
+        n = LEVEL_PAGES[level]
+        lo = (gfn // n * n) - slot.base_gfn
+        hi = lo + n
+        base_pfn = pfn - (i - lo)
+        b = int(t.bits[i])
+        if b & P and not b & MMIO and int(t.level[i]) == level and int(t.pfn[i]) == pfn and \
+                not b & AT and (not write or b & W):
+            kvm.journal.count("spurious")
+            return RET_PF.SPURIOUS
+        host_w = kfp.map_writable and not slot.readonly
+        writable = host_w and (write or not slot.logging)
+        bits = make_spte_bits(host_writable=host_w, writable=writable, prefetch=prefetch,
+                              ad_disabled=not self.ad_enabled, held=kfp.hold.value != "none")
+        # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
+        # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
+        zlo, zhi = t.leaf_bounds(slot, lo, hi)
+        old = t.bits[zlo:zhi]
+        conflict = ((old & P) != 0) & ((t.level[zlo:zhi] != level) | (t.pfn[zlo:zhi] != base_pfn - lo + np.arange(zlo, zhi))
+                                       | ((old & HW) != (bits & HW)))
+        if conflict.any():
+            tdp_mmu.zap_range(kvm, slot, zlo, zhi, self.zap_caller)
+            kvm.flush_remote_tlbs("kvm_tdp_mmu_map: zap")
+        if int(t.bits[i]) & P:
+            bits |= int(t.bits[i]) & (A | D)                 # same leaf: keep what the guest set
+        spte_write(kvm, slot, lo, hi, bits, base_pfn + np.arange(n), level, caller=self.map_caller)
+        kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
+                         extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
+        if writable and slot.logging:
+            mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
+        return RET_PF.FIXED
+
+    # ---- guest accesses ----------------------------------------------------------------------------
+    def guest_access(self, vcpu, gpa: int, write: bool, value: int | None) -> Access:
+        """A guest load/store through the SPTEs: hardware sets A/D (PML logs a write that sets D on a
+        dirty-logged slot); otherwise an EPT violation → :meth:`page_fault`."""
+        kvm = self.kvm
+        gfn = gpa >> PAGE_SHIFT
+        for _ in range(8):
+            slot = kvm.gfn_to_memslot(gfn)
+            if slot is not None and not slot.invalid and "x86" in slot.arch:
+                t = slot.arch["x86"]
+                i = gfn - slot.base_gfn
+                b = int(t.bits[i])
+                if b & P and not b & (AT | MMIO) and (not write or b & W):
+                    pfn = int(t.pfn[i])
+                    self._hw_set_ad(vcpu, slot, t, i, b, write)
+                    if write:
+                        kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
+                        return Access(Exit.OK, gpa, True, value)
+                    return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
+            r = self.page_fault(vcpu, gpa, write)
+            out = ret_to_access(int(r), gpa, write, value)
+            if out is not None:
+                return out
+        return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+
+    def _hw_set_ad(self, vcpu, slot, t, i: int, b: int, write: bool) -> None:
+        if b & ADX:
+            return
+        want = A | (D if write else 0)
+        if b & want == want:
+            return
+        lo, hi = t.leaf_bounds(slot, i, i + 1)
+        t.bits[lo:hi] |= np.uint16(want)                  # hardware A/D assist: not an SPTE write by KVM
+        if write and not b & D and slot.logging and self.pml:
+            mark_page_dirty_in_slot(self.kvm, slot, slot.base_gfn + i, vcpu)     # PML entry
+
+    # ---- ArchMmu: zapping, aging ---------------------------------------------------------------------
+    def unmap_gfn_range(self, slot, start: int, end: int, reason: str = "") -> bool:
+        lo = max(start, slot.base_gfn) - slot.base_gfn
+        hi = min(end, slot.base_gfn + slot.npages) - slot.base_gfn
+        return tdp_mmu.zap_range(self.kvm, slot, lo, hi, "kvm_unmap_gfn_range")
+
+    def age_gfn(self, slot, start: int, end: int) -> bool:
+        return tdp_mmu.age_range(self.kvm, slot, start - slot.base_gfn, end - slot.base_gfn, clear=True)
+
+    def test_age_gfn(self, slot, start: int, end: int) -> bool:
+        return tdp_mmu.age_range(self.kvm, slot, start - slot.base_gfn, end - slot.base_gfn, clear=False)
+
+    def flush_on_age(self) -> bool:
+        """[6.13-other] "KVM: x86/mmu: Don't flush TLBs when aging SPTEs": no flush with the option."""
+        return not self.kvm.v613_other
+
+    def flush_shadow_memslot(self, slot) -> None:
+        """``kvm_arch_flush_shadow_memslot()``: zap the slot (delete/move), one flush."""
+        if tdp_mmu.zap_range(self.kvm, slot, 0, slot.npages, "kvm_mmu_zap_memslot"):
+            self.kvm.flush_remote_tlbs("flush_shadow_memslot")
+        self.mmio_sptes.clear()
+
+    def flush_shadow_all(self) -> None:
+        """``kvm_arch_flush_shadow_all()`` → ``kvm_mmu_zap_all()`` (VM destroy / notifier release)."""
+        for slots in self.kvm.memslots:
+            for slot in slots:
+                tdp_mmu.zap_range(self.kvm, slot, 0, slot.npages, "kvm_mmu_zap_all")
+        self.mmio_sptes.clear()
+
+    # ---- dirty logging (kvmsim.x86.dirty_log) ---------------------------------------------------------
+    def slot_apply_flags(self, old, new, change) -> None:
+        from kvmsim.x86.dirty_log import kvm_mmu_slot_apply_flags
+        kvm_mmu_slot_apply_flags(self, old, new, change)
+
+    def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None:
+        from kvmsim.x86.dirty_log import kvm_arch_mmu_enable_log_dirty_pt_masked
+        kvm_arch_mmu_enable_log_dirty_pt_masked(self, slot, gfn_offset, mask)
+
+    # ---- bulk paths (kvmsim.x86.bulk) --------------------------------------------------------------------
+    def guest_access_range(self, vcpu, gpa: int, npages: int, write: bool, values=None) -> np.ndarray:
+        from kvmsim.x86.bulk import guest_access_range
+        return guest_access_range(self, vcpu, gpa, npages, write, values)
+
+    def populate(self, vcpu, gpa: int, npages: int, write: bool) -> np.ndarray:
+        """Fault in ``npages`` from ``gpa`` as guest accesses would (memstress's first pass)."""
+        return self.guest_access_range(vcpu, gpa, npages, write, None)
+
+    # ---- introspection --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, int]:
+        """The VM binary stats ``pages_4k`` / ``pages_2m`` / ``pages_1g`` (number of leaves)."""
+        out = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0}
+        for slots in self.kvm.memslots:
+            for slot in slots:
+                t = slot.arch.get("x86")
+                if t is None:
+                    continue
+                reps = t.representatives(slot, 0, slot.npages)
+                lv = np.bincount(t.level[reps], minlength=4)
+                out["pages_4k"] += int(lv[1])
+                out["pages_2m"] += int(lv[2])
+                out["pages_1g"] += int(lv[3])
+        return out
+
+    def leaves(self) -> Iterator[Leaf]:
+        for slots in self.kvm.memslots:
+            for slot in slots:
+                t = slot.arch.get("x86")
+                if t is None:
+                    continue
+                for i in t.representatives(slot, 0, slot.npages).tolist():
+                    b = int(t.bits[i])
+                    yield Leaf(slot.base_gfn + i, int(t.pfn[i]), int(t.level[i]), bool(b & W), bool(b & HW),
+                               bool(b & MW), bool(is_accessed_spte(b)), bool(is_dirty_spte(b)), slot.id, bool(b & HELD))

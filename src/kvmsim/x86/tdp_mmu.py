@@ -1,0 +1,200 @@
+"""Range operations on x86 leaf SPTEs (arch/x86/kvm/mmu/tdp_mmu.c, v6.13): zap, age, write-protect,
+clear-dirty, split, zap-collapsible and huge-page recovery; all vectorised over a slot's table.
+
+Index arguments are slot-relative 4 KiB offsets ``[lo, hi)``; every write goes through
+:func:`kvmsim.x86.spte.spte_write` (INV-11 check, A/D-loss hook, ``spte_write`` counter).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
+from kvmsim.x86.spte import ADX, AT, MW, P, SW, W, A, D, MMIO, is_accessed_spte, nbits, spte_write, tables
+
+
+def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
+    """``host_pfn_mapping_level()`` for each gfn of ``[lo, hi)`` (1 where the host maps nothing)."""
+    out = np.ones(hi - lo, dtype=np.uint8)
+    h0 = slot.userspace_addr + (lo << PAGE_SHIFT)
+    h1 = slot.userspace_addr + (hi << PAGE_SHIFT)
+    for vma in kvm.mm.vmas_in(h0, h1):
+        a, b = max(h0, vma.start), min(h1, vma.end)
+        i0, i1 = vma.idx(a), vma.idx(b)
+        present = (vma.pte[i0:i1] & 1).astype(bool) & (vma.pte_pfn[i0:i1] >= 0)
+        o = (a - h0) >> PAGE_SHIFT
+        out[o:o + i1 - i0] = np.where(present, vma.pte_level[i0:i1], 1)
+    return out
+
+
+def max_mapping_levels(kvm, slot, lo: int, hi: int, max_level: int, *, logging: bool | None = None) -> np.ndarray:
+    """``kvm_mmu_max_mapping_level()`` per gfn: host level, memslot alignment (``lpage_info``
+    disallow for misaligned gfn/hva or a huge page crossing the slot), dirty logging, ``max_level``."""
+    logging = slot.logging and not slot.readonly if logging is None else logging
+    if logging or max_level <= 1:
+        return np.ones(hi - lo, dtype=np.uint8)
+    lv = np.minimum(host_levels(kvm, slot, lo, hi), max_level)
+    gfn = slot.base_gfn + np.arange(lo, hi)
+    for level in (3, 2):
+        n = LEVEL_PAGES[level]
+        start = gfn // n * n
+        bad = (start < slot.base_gfn) | (start + n > slot.base_gfn + slot.npages) | \
+            (((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n != 0)
+        lv = np.where((lv >= level) & bad, level - 1, lv)
+    return lv.astype(np.uint8)
+
+
+def zap_range(kvm, slot, lo: int, hi: int, caller: str) -> bool:
+    """``kvm_tdp_mmu_unmap_gfn_range()`` / ``tdp_mmu_zap_leafs()``: zap every leaf touching the range."""
+    t = slot.arch.get("x86")
+    if t is None:
+        return False
+    lo, hi = t.leaf_bounds(slot, lo, hi)
+    present = (t.bits[lo:hi] & P) != 0
+    if not present.any():
+        return False
+    nleaves = len(t.representatives(slot, lo, hi))
+    spte_write(kvm, slot, lo, hi, 0, -1, 0, caller=caller)
+    kvm.journal.count("spte_zap", nleaves)
+    return True
+
+
+def age_range(kvm, slot, lo: int, hi: int, *, clear: bool, caller: str = "kvm_tdp_mmu_age_gfn_range") -> bool:
+    """``kvm_tdp_mmu_age_gfn_range()`` / ``test_age_gfn()``: A bit, or access tracking without A/D."""
+    t = slot.arch.get("x86")
+    if t is None:
+        return False
+    lo, hi = t.leaf_bounds(slot, lo, hi)
+    bits = t.bits[lo:hi]
+    young = is_accessed_spte(bits) & ((bits & MMIO) == 0)
+    if not young.any() or not clear:
+        return bool(young.any())
+    new = bits.copy()
+    ad = young & ((bits & ADX) == 0)
+    new[ad] &= nbits(A)
+    nad = young & ((bits & ADX) != 0)
+    if nad.any():
+        # "Capture the dirty status of the page, so that it doesn't get lost when the SPTE is marked
+        # for access tracking" (legacy kvm_set_pfn_dirty on a writable SPTE; the series drops it).
+        reps = t.representatives(slot, lo, hi)
+        wr = reps[((t.bits[reps] & W) != 0) & ((t.bits[reps] & ADX) != 0)]
+        if len(wr):
+            kvm.policy.spte_ad_lost_bulk(kvm, t.pfn[wr], np.ones(len(wr), bool), np.zeros(len(wr), bool), caller)
+        sel = new[nad]
+        new[nad] = (sel | AT | np.where(sel & W, SW, 0).astype(np.uint16)) & nbits(W)
+    spte_write(kvm, slot, lo, hi, new, caller=caller, track=False)
+    return True
+
+
+def wrprot_range(kvm, slot, lo: int, hi: int, min_level: int, caller: str, mask=None) -> bool:
+    """``wrprot_gfn_range()`` / ``kvm_mmu_slot_remove_write_access()``: clear W on leaves >= min_level."""
+    t = slot.arch.get("x86")
+    if t is None:
+        return False
+    lo, hi = t.leaf_bounds(slot, lo, hi)
+    bits = t.bits[lo:hi]
+    sel = ((bits & (W | SW)) != 0) & (t.level[lo:hi] >= min_level)
+    if mask is not None:
+        sel &= mask
+    if not sel.any():
+        return False
+    new = bits.copy()
+    new[sel] &= nbits(W | SW)
+    spte_write(kvm, slot, lo, hi, new, caller=caller)
+    return True
+
+
+def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None) -> bool:
+    """``clear_dirty_gfn_range()`` / ``clear_dirty_pt_masked()``: clear D on 4 KiB leaves (W when A/D
+    bits are disabled); legacy reports each cleared D through ``spte_ad_lost_bulk``."""
+    t = slot.arch.get("x86")
+    if t is None:
+        return False
+    bits = t.bits[lo:hi]
+    sel = ((bits & P) != 0) & (t.level[lo:hi] == 1)
+    if mask is not None:
+        sel &= mask
+    ad = sel & ((bits & ADX) == 0) & ((bits & D) != 0)
+    nad = sel & ((bits & ADX) != 0) & ((bits & W) != 0)
+    if not (ad.any() or nad.any()):
+        return False
+    new = bits.copy()
+    new[ad] &= nbits(D)
+    new[nad] &= nbits(W)
+    spte_write(kvm, slot, lo, hi, new, caller=caller)
+    return True
+
+
+def split_range(kvm, slot, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_page") -> int:
+    """``kvm_tdp_mmu_try_split_huge_pages()`` to 4 KiB: children inherit the huge SPTE's bits and
+    consecutive pfns; legacy reports the old huge leaf's A/D once (its SPTE became a page table)."""
+    t = slot.arch.get("x86")
+    if t is None:
+        return 0
+    lo, hi = t.leaf_bounds(slot, lo, hi)
+    reps = t.representatives(slot, lo, hi)
+    nhuge = int(np.count_nonzero(t.level[reps] > 1))
+    if not nhuge:
+        return 0
+    lvl = t.level[lo:hi]
+    new = np.where(lvl > 1, 1, lvl).astype(np.uint8)
+    spte_write(kvm, slot, lo, hi, t.bits[lo:hi].copy(), None, new, caller=caller)
+    kvm.journal.count("split", nhuge)
+    return nhuge
+
+
+def _collapsible_regions(kvm, slot, level: int) -> np.ndarray:
+    """Slot-relative starts of aligned ``level`` regions mapped by smaller leaves that could be huge."""
+    t = tables(slot)
+    n = LEVEL_PAGES[level]
+    first = (-slot.base_gfn) % n
+    count = (slot.npages - first) // n
+    if count <= 0:
+        return np.zeros(0, dtype=np.int64)
+    starts = first + np.arange(count) * n
+    lvl = t.level[first:first + count * n].reshape(count, n)
+    pres = (t.bits[first:first + count * n].reshape(count, n) & P) != 0
+    has_small = (pres & (lvl < level)).any(axis=1)
+    if not has_small.any():
+        return np.zeros(0, dtype=np.int64)
+    starts = starts[has_small]
+    ok = np.array([max_mapping_levels(kvm, slot, int(s), int(s) + 1, level, logging=False)[0] >= level
+                   for s in starts], dtype=bool)
+    return starts[ok]
+
+
+def zap_collapsible_sptes(kvm, slot) -> int:
+    """``kvm_mmu_zap_collapsible_sptes()`` (v6.12): zap small leaves where a huge page could map;
+    one TLB flush per huge region; the next faults map huge."""
+    zapped = 0
+    for level in (3, 2):
+        for s in _collapsible_regions(kvm, slot, level).tolist():
+            zap_range(kvm, slot, s, s + LEVEL_PAGES[level], "zap_collapsible_spte_range")
+            kvm.flush_remote_tlbs("zap_collapsible_sptes")
+            zapped += 1
+    kvm.journal.count("zap_collapsible", zapped)
+    return zapped
+
+
+def recover_huge_pages(kvm, slot) -> int:
+    """``kvm_tdp_mmu_recover_huge_pages()`` ([6.13-other]): replace small leaves with the huge SPTE
+    in place (``make_huge_spte()`` from a present child), one batched TLB flush for the slot."""
+    t = tables(slot)
+    recovered = 0
+    for level in (3, 2):
+        n = LEVEL_PAGES[level]
+        for s in _collapsible_regions(kvm, slot, level).tolist():
+            pres = np.nonzero(t.bits[s:s + n] & P)[0]
+            child = s + int(pres[0])
+            base_pfn = int(t.pfn[child]) - (child - s)
+            hva = slot.userspace_addr + (s << PAGE_SHIFT)
+            vma, hpfn, _, _ = kvm.mm.pte_of(hva)
+            if hpfn != base_pfn:
+                continue
+            bits = int(t.bits[child])
+            spte_write(kvm, slot, s, s + n, bits, base_pfn + np.arange(n), level, caller="make_huge_spte")
+            recovered += 1
+    if recovered:
+        kvm.flush_remote_tlbs("recover_huge_pages")
+    kvm.journal.count("recover", recovered)
+    return recovered

@@ -44,31 +44,40 @@ def _notify(mm, vma: Vma, i: int, n: int, event: MmuNotifyEvent, reason: str) ->
 
 @kpath
 def writeback_folio(mm, pfn: int) -> Steps:
-    """``folio_clear_dirty_for_io()`` + write: mkclean every mapping, then clear PG_dirty and write."""
+    """``folio_clear_dirty_for_io()`` + write: mkclean every mapping, then clear PG_dirty and write.
+
+    The kernel holds the folio lock from ``folio_mkclean()`` until PG_dirty is cleared, so no fault
+    can re-dirty the folio in between.  The model gets the same exclusion by keeping the
+    invalidations open until PG_dirty is cleared: a racing KVM fault fails its
+    ``mmu_invalidate_retry_gfn`` re-check and retries.
+    """
     phys = mm.phys
     head = phys.folio(pfn)
     n = phys.folio_nr_pages(head)
     asp = phys.owners.get(int(phys.owner[head]))
     was_pte_dirty = False
+    ranges = []
     for p in range(head, head + n):
         for vma, i in rmap_walk(mm, p):                       # folio_mkclean → page_vma_mkclean_one
             rng = _notify(mm, vma, i, 1, MmuNotifyEvent.PROTECTION_PAGE, "folio_mkclean")
             yield from mm.invalidate_range_start.steps(rng)
             was_pte_dirty |= bool(vma.pte[i] & _D)
             vma.pte[i] &= ~np.uint8(_W | _D)
-            yield from mm.invalidate_range_end.steps(rng)
-    yield "writeback: folio_mkclean done"
+            ranges.append(rng)
+    yield "writeback: folio_mkclean done (folio locked)"
     if was_pte_dirty:
         phys.flags[head] |= int(PG.dirty)
-    if not phys.flags[head] & PG.dirty:
-        return False
-    phys.folio_clear_dirty(head)
-    if isinstance(asp, AddressSpace):
-        for p in range(head, head + n):
-            asp.disk[int(phys.index[p])] = int(phys.data[p])
-    mm.journal.count("writeback_folio")
-    mm.journal.fact("writeback", pfn=head, caller="folio_clear_dirty_for_io")
-    return True
+    written = bool(phys.flags[head] & PG.dirty)
+    if written:
+        phys.folio_clear_dirty(head)
+        if isinstance(asp, AddressSpace):
+            for p in range(head, head + n):
+                asp.disk[int(phys.index[p])] = int(phys.data[p])
+        mm.journal.count("writeback_folio")
+        mm.journal.fact("writeback", pfn=head, caller="folio_clear_dirty_for_io")
+    for rng in ranges:
+        yield from mm.invalidate_range_end.steps(rng)
+    return written
 
 
 def writeback(mm, asp: AddressSpace) -> int:

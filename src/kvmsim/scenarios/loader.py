@@ -1,0 +1,391 @@
+"""Scenario files: TOML (stdlib ``tomllib``) → :class:`kvmsim.scenarios.spec.Scenario`.
+
+Every key is checked; an unknown key, a missing one or a value of the wrong shape raises
+:class:`kvmsim.errors.ScenarioError` naming the file, the line, the key and what was expected.
+``tomllib`` reports no positions, so :class:`SourceLines` finds them by scanning the source text
+for the table header and the key.  The file format is documented in the README ("Writing a
+scenario file") and by the bundled library (``kvmsim show NAME``).
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from kvmsim.errors import ScenarioError
+from kvmsim.mm.page import PfnClass
+from kvmsim.mm.vma import VmaKind
+from kvmsim.scenarios.spec import (POLICY_ALIASES, DriverSpec, FinalExpect, Scenario, SlotSpec, Step, VmaSpec,
+                                   VmSpec)
+from kvmsim.types import parse_size
+
+POLICIES = ("legacy", "series", "pre-5.13")
+REQUIRED = object()
+MEM_FLAGS = {"log_dirty_pages": 1, "readonly": 2}
+EXITS = ("ok", "mmio", "efault", "eintr", "hwpoison", "dirty_ring_full")
+
+
+# ---- positions in the source --------------------------------------------------------------------
+
+_HEADER = re.compile(r"^\s*(\[\[?)\s*([^\]]+?)\s*\]\]?\s*(#.*)?$")
+
+
+class SourceLines:
+    """Line numbers of tables and keys, found by scanning the TOML text."""
+
+    def __init__(self, text: str | None):
+        self.lines = text.splitlines() if text else []
+        self.headers: list[tuple[int, str]] = []           # (1-based line, dotted header)
+        for n, line in enumerate(self.lines, 1):
+            m = _HEADER.match(line)
+            if m and not line.lstrip().startswith("#"):
+                self.headers.append((n, m.group(2).replace(" ", "").replace('"', "")))
+
+    def section(self, header: str, index: int | None = None) -> tuple[int, int] | None:
+        """The line span ``[start, end)`` of table ``header`` (the ``index``-th for arrays of tables)."""
+        hits = [i for i, (_, h) in enumerate(self.headers) if h == header]
+        if not hits:
+            return None
+        k = hits[index or 0] if index is not None and index < len(hits) else hits[0] if index is None else None
+        if k is None:
+            return None
+        start = self.headers[k][0]
+        end = len(self.lines) + 1
+        for n, h in self.headers[k + 1:]:
+            if not h.startswith(header + "."):
+                end = n
+                break
+        return start, end
+
+    def find(self, path: tuple) -> int | None:
+        """Best line for ``path`` (e.g. ``("step", 3, "expect", "exit")``)."""
+        if not self.lines:
+            return None
+        header = ""
+        index = None
+        rest: list = []
+        parts = list(path)
+        while parts:
+            p = parts.pop(0)
+            if isinstance(p, int):
+                index = p
+                rest = parts
+                break
+            cand = f"{header}.{p}" if header else str(p)
+            if any(h == cand or h.startswith(cand + ".") for _, h in self.headers):
+                header = cand
+            else:
+                rest = [p] + parts
+                break
+        span = self.section(header, index) if header else (1, len(self.lines) + 1)
+        if span is None:
+            return None
+        start, end = span
+        best = start if header else None
+        for key in rest:
+            if isinstance(key, int):
+                continue
+            pat = re.compile(r"(^|[{,\s])" + re.escape(str(key)) + r"\s*=")
+            for n in range(best or start, end):
+                line = self.lines[n - 1]
+                if pat.search(line.split("#", 1)[0]):
+                    best = n
+                    break
+        return best
+
+
+class _Ctx:
+    def __init__(self, file: str, text: str | None):
+        self.file = file
+        self.src = SourceLines(text)
+
+    def error(self, path: tuple, message: str) -> ScenarioError:
+        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
+        return ScenarioError(message, file=self.file, line=self.src.find(path), key=key or None)
+
+
+# ---- value converters ------------------------------------------------------------------------------
+
+def c_size(v: Any) -> int:
+    return parse_size(v)
+
+
+def c_int(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ValueError(f"expected an integer, got {v!r}")
+    return v
+
+
+def c_bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def c_str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    return v
+
+
+def c_choice(*choices: str) -> Callable[[Any], str]:
+    def conv(v: Any) -> str:
+        if not isinstance(v, str) or v.lower() not in choices:
+            raise ValueError(f"expected one of {', '.join(choices)}, got {v!r}")
+        return v.lower()
+    return conv
+
+
+def c_strlist(v: Any) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError(f"expected a list of strings, got {v!r}")
+    return list(v)
+
+
+def c_any(v: Any) -> Any:
+    return v
+
+
+def _table(ctx: _Ctx, path: tuple, value: Any, schema: dict[str, tuple[Callable, Any]]) -> dict[str, Any]:
+    """Check ``value`` is a table with only ``schema``'s keys; convert each; fill defaults."""
+    if not isinstance(value, dict):
+        raise ctx.error(path, f"expected a table, got {type(value).__name__} {value!r}")
+    for k in value:
+        if k not in schema:
+            raise ctx.error(path + (k,), f"unknown key {k!r}; expected one of: {', '.join(schema)}")
+    out = {}
+    for k, (conv, default) in schema.items():
+        if k in value:
+            try:
+                out[k] = conv(value[k])
+            except ValueError as e:
+                raise ctx.error(path + (k,), str(e)) from None
+        elif default is REQUIRED:
+            raise ctx.error(path, f"missing required key {k!r}")
+        else:
+            out[k] = default
+    return out
+
+
+def _array(ctx: _Ctx, path: tuple, value: Any) -> list:
+    if not isinstance(value, list):
+        raise ctx.error(path, f"expected an array of tables ([[{path[-1]}]]), got {value!r}")
+    return value
+
+
+# ---- sections -------------------------------------------------------------------------------------
+
+TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, ""),
+       "requires": (c_strlist, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
+       "memslot": (c_any, []), "step": (c_any, []), "expect": (c_any, {})}
+
+DRIVER = {"name": (c_str, REQUIRED),
+          "pfn_class": (c_choice(*(c.name.lower() for c in PfnClass)), REQUIRED),
+          "size": (c_size, None), "order": (c_int, 0), "compound": (c_bool, True), "prefault": (c_bool, True),
+          "pte_write": (c_choice("always", "on_write_fault", "never"), "always"), "mixed": (c_bool, False),
+          "free_rule": (c_choice("free", "put"), "free")}
+
+VMA = {"name": (c_str, REQUIRED), "kind": (c_choice(*(k.value for k in VmaKind)), REQUIRED),
+       "size": (c_size, REQUIRED), "page_size": (c_size, 4096), "thp": (c_bool, False),
+       "prot": (c_choice("rw", "r", "w", "none"), "rw"), "driver": (c_str, None)}
+
+
+def c_policies(v: Any) -> tuple[str, ...]:
+    names = c_strlist(v)
+    out: list[str] = []
+    for n in names:
+        for p in POLICY_ALIASES.get(n.lower(), (n.lower(),)):
+            if p not in POLICIES:
+                raise ValueError(f"expected a policy ({', '.join(POLICIES)}, both or all), got {n!r}")
+            if p not in out:
+                out.append(p)
+    if not out:
+        raise ValueError("expected at least one policy")
+    return tuple(out)
+
+
+VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "generic"), "x86"),
+      "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
+      "initially_set": (c_bool, False), "dirty_ring": (c_int, 0), "v613_other": (c_bool, False),
+      "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
+      "vcpus": (c_int, 1)}
+
+
+def c_memflags(v: Any) -> tuple[str, ...]:
+    names = [n.lower().removeprefix("kvm_mem_") for n in c_strlist(v)]
+    for n in names:
+        if n not in MEM_FLAGS:
+            raise ValueError(f"expected memslot flags from {', '.join(MEM_FLAGS)}, got {n!r}")
+    return tuple(names)
+
+
+MEMSLOT = {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED), "size": (c_size, REQUIRED), "vma": (c_str, REQUIRED),
+           "offset": (c_size, 0), "flags": (c_memflags, ())}
+
+
+def c_bounds(v: Any) -> Any:
+    """A counter or violation-count expectation: an exact integer or ``{min = , max = }``."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        return v
+    if isinstance(v, dict) and v and set(v) <= {"min", "max"} and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+        return dict(v)
+    raise ValueError(f"expected an integer or a table {{min = N, max = M}}, got {v!r}")
+
+
+def c_violations(v: Any) -> dict[str, Any]:
+    """``["INV-1", ...]`` (exactly these invariants, any count) or ``{"INV-1" = 2, ...}``."""
+    if isinstance(v, list):
+        out: dict[str, Any] = {}
+        for x in v:
+            if not isinstance(x, str) or not re.fullmatch(r"INV-(1[0-2]|[1-9])", x):
+                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {x!r}")
+            out[x] = {"min": 1}
+        return out
+    if isinstance(v, dict):
+        for k, n in v.items():
+            if not re.fullmatch(r"INV-(1[0-2]|[1-9])", k):
+                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {k!r}")
+            c_bounds(n)
+        return dict(v)
+    raise ValueError(f"expected a list of invariants or a table invariant = count, got {v!r}")
+
+
+def c_counters(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a table counter = N or counter = {{min, max}}, got {v!r}")
+    for n in v.values():
+        c_bounds(n)
+    return dict(v)
+
+
+def c_exit(v: Any) -> Any:
+    if isinstance(v, list):
+        return [c_exit(x) for x in v]
+    if not isinstance(v, str):
+        raise ValueError(f"expected a result string or a list of them, got {v!r}")
+    return v.lower()
+
+
+STEP_EXPECT = {"exit": (c_exit, None), "result": (c_exit, None), "errno": (c_str, None), "value": (c_any, None),
+               "violations": (c_violations, None), "counters": (c_counters, {})}
+FINAL_EXPECT = {"verdict": (c_choice("clean", "violations", "error"), None), "violations": (c_violations, None),
+                "counters": (c_counters, {})}
+
+
+def _step_expect(ctx: _Ctx, path: tuple, value: Any) -> dict[str, dict[str, Any]]:
+    if not isinstance(value, dict):
+        raise ctx.error(path, f"expected a table of expectations, got {value!r}")
+    common = {k: v for k, v in value.items() if k not in POLICIES}
+    out: dict[str, dict[str, Any]] = {}
+    if common:
+        out["*"] = {k: v for k, v in _table(ctx, path, common, STEP_EXPECT).items() if v not in (None, {})}
+    for p in POLICIES:
+        if p in value:
+            out[p] = {k: v for k, v in _table(ctx, path + (p,), value[p], STEP_EXPECT).items() if v not in (None, {})}
+    return out
+
+
+def _step(ctx: _Ctx, path: tuple, raw: Any, *, nested: bool = False) -> Step:
+    from kvmsim.scenarios.ops import INTERLEAVABLE, OP_ARGS
+    if not isinstance(raw, dict):
+        raise ctx.error(path, f"expected a table, got {raw!r}")
+    if "op" not in raw:
+        raise ctx.error(path, "missing required key 'op'")
+    op = raw["op"]
+    if not isinstance(op, str) or op not in OP_ARGS:
+        raise ctx.error(path + ("op",), f"unknown op {op!r}; expected one of: {', '.join(sorted(OP_ARGS))}")
+    if nested and op not in INTERLEAVABLE:
+        raise ctx.error(path + ("op",), f"op {op!r} cannot be an interleave thread; expected one of: "
+                                        f"{', '.join(sorted(INTERLEAVABLE))}")
+    schema = dict(OP_ARGS[op])
+    schema["op"] = (c_str, REQUIRED)
+    if not nested:
+        schema["expect"] = (c_any, None)
+    args = _table(ctx, path, raw, schema)
+    args.pop("op")
+    expect = args.pop("expect", None)
+    if op == "interleave":
+        threads = args["threads"]
+        if not isinstance(threads, dict) or not threads:
+            raise ctx.error(path + ("threads",), "expected a table of named threads, each {op = ..., ...}")
+        args["threads"] = {name: _step(ctx, path + ("threads", name), t, nested=True) for name, t in threads.items()}
+        for i, name in enumerate(args["order"]):
+            if name not in args["threads"]:
+                raise ctx.error(path + ("order",), f"order[{i}] names {name!r}, not one of the threads "
+                                                   f"({', '.join(args['threads'])})")
+    return Step(op, args, _step_expect(ctx, path + ("expect",), expect) if expect is not None else {},
+                ctx.src.find(path))
+
+
+def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None = None) -> Scenario:
+    """Validate a parsed document (from TOML or the builder) into a :class:`Scenario`."""
+    ctx = _Ctx(file, text)
+    top = _table(ctx, (), doc, TOP)
+    sc = Scenario(name=top["name"], description=top["description"], source=top["source"],
+                  requires=tuple(top["requires"]), file=file)
+    for i, d in enumerate(_array(ctx, ("driver",), top["driver"])):
+        t = _table(ctx, ("driver", i), d, DRIVER)
+        sc.drivers.append(DriverSpec(**t, line=ctx.src.find(("driver", i))))
+    drivers = {d.name for d in sc.drivers}
+    for i, v in enumerate(_array(ctx, ("vma",), top["vma"])):
+        t = _table(ctx, ("vma", i), v, VMA)
+        if t["kind"] in ("pfnmap", "mixedmap") and t["driver"] is None:
+            raise ctx.error(("vma", i), f"a {t['kind']} VMA needs driver = \"<name of a [[driver]]>\"")
+        if t["driver"] is not None and t["driver"] not in drivers:
+            raise ctx.error(("vma", i, "driver"), f"no [[driver]] named {t['driver']!r} (have: "
+                                                  f"{', '.join(sorted(drivers)) or 'none'})")
+        if t["size"] <= 0 or t["size"] % t["page_size"]:
+            raise ctx.error(("vma", i, "size"), f"expected a positive multiple of page_size {t['page_size']:#x}")
+        if t["page_size"] not in (4096, 1 << 21, 1 << 30):
+            raise ctx.error(("vma", i, "page_size"), "expected 4K, 2M or 1G")
+        sc.vmas.append(VmaSpec(**t, line=ctx.src.find(("vma", i))))
+    names = [v.name for v in sc.vmas]
+    if len(set(names)) != len(names):
+        raise ctx.error(("vma",), f"VMA names must be unique: {names}")
+    vm = _table(ctx, ("vm",), top["vm"], VM)
+    sc.vm = VmSpec(policies=vm.pop("policy"), **vm)
+    for i, s in enumerate(_array(ctx, ("memslot",), top["memslot"])):
+        t = _table(ctx, ("memslot", i), s, MEMSLOT)
+        if t["vma"] not in names:
+            raise ctx.error(("memslot", i, "vma"), f"no [[vma]] named {t['vma']!r} (have: {', '.join(names) or 'none'})")
+        sc.memslots.append(SlotSpec(**t, line=ctx.src.find(("memslot", i))))
+    for i, s in enumerate(_array(ctx, ("step",), top["step"])):
+        sc.steps.append(_step(ctx, ("step", i), s))
+    exp = top["expect"]
+    if not isinstance(exp, dict):
+        raise ctx.error(("expect",), f"expected [expect.<policy>] tables, got {exp!r}")
+    for p, e in exp.items():
+        if p not in POLICIES:
+            raise ctx.error(("expect", p), f"unknown policy {p!r}; expected one of: {', '.join(POLICIES)}")
+        t = _table(ctx, ("expect", p), e, FINAL_EXPECT)
+        sc.expect[p] = FinalExpect(**t, line=ctx.src.find(("expect", p)))
+    return sc
+
+
+_TOML_POS = re.compile(r"\(at line (\d+), column (\d+)\)")
+
+
+def loads(text: str, file: str = "<string>") -> Scenario:
+    """Parse scenario TOML text."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        m = _TOML_POS.search(str(e))
+        raise ScenarioError(f"not valid TOML: {_TOML_POS.sub('', str(e)).strip()}", file=file,
+                            line=int(m.group(1)) if m else None) from None
+    return scenario_from_dict(doc, file=file, text=text)
+
+
+def load(path: str | Path) -> Scenario:
+    """Read and parse a scenario file."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ScenarioError(f"cannot read scenario file: {e}", file=str(p)) from None
+    return loads(text, file=str(p))

@@ -1,0 +1,490 @@
+"""Scenario step operations: each one a kernel path (a generator) on the scenario's host and VM.
+
+``OP_ARGS`` is the schema the loader checks a ``[[step]]`` against; ``OPS`` maps an op to a
+generator function ``(env, args) -> Res``.  Ops whose kernel path can race (``fault``, ``munmap``,
+``writeback`` of one folio, ``pfncache_refresh``, ...) yield at the model's preemption points, so
+an ``interleave`` step can run them against each other with :func:`kvmsim.sched.run_interleaved`;
+every other op runs to completion in one scheduling step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from kvmsim.errors import ModelError, errno_name
+from kvmsim.kvm.stage2 import RET_PF
+from kvmsim.scenarios.loader import REQUIRED, c_any, c_bool, c_choice, c_int, c_memflags, c_size, c_str, c_strlist
+from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
+
+
+@dataclass
+class Res:
+    """What one step did: ``result`` (a short word), ``errno`` (0 or a positive errno), ``value``."""
+
+    result: str
+    errno: int = 0
+    value: Any = None
+    per_page: list[str] = field(default_factory=list)
+
+    @property
+    def errno_name(self) -> str | None:
+        return errno_name(self.errno) if self.errno else None
+
+
+# ---- argument schemas --------------------------------------------------------------------------------
+
+_GUEST = {"gpa": (c_size, REQUIRED), "count": (c_int, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0)}
+_RANGE = {"vma": (c_str, REQUIRED), "offset": (c_size, 0), "size": (c_size, None)}
+_AT = {"vma": (c_str, REQUIRED), "offset": (c_size, 0)}
+
+OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
+    # guest
+    "read": _GUEST,
+    "write": {**_GUEST, "value": (c_int, 1)},
+    "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0)},
+    # host
+    "munmap": _RANGE,
+    "mprotect": {**_RANGE, "prot": (c_choice("rw", "r", "w", "none"), REQUIRED)},
+    "madvise": {**_RANGE, "advice": (c_choice("dontneed", "remove", "madv_dontneed", "madv_remove"), REQUIRED)},
+    "mremap": {"vma": (c_str, REQUIRED)},
+    "fork": {},
+    "writeback": {"vma": (c_str, REQUIRED), "offset": (c_size, None)},
+    "reclaim": _RANGE,
+    "migrate": _AT,
+    "thp_split": _AT,
+    "thp_collapse": _AT,
+    "truncate": {"vma": (c_str, REQUIRED), "size": (c_size, REQUIRED)},
+    "punch_hole": {"vma": (c_str, REQUIRED), "offset": (c_size, REQUIRED), "size": (c_size, REQUIRED)},
+    "driver_teardown": {"driver": (c_str, REQUIRED)},
+    "host_write": {**_AT, "value": (c_int, 1)},
+    "host_read": _AT,
+    # KVM
+    "memslot_set": {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED), "size": (c_size, REQUIRED),
+                    "vma": (c_str, REQUIRED), "offset": (c_size, 0), "flags": (c_memflags, ())},
+    "memslot_delete": {"id": (c_int, REQUIRED)},
+    "memslot_move": {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED)},
+    "memslot_flags": {"id": (c_int, REQUIRED), "flags": (c_memflags, ())},
+    "get_dirty_log": {"slot": (c_int, REQUIRED)},
+    "clear_dirty_log": {"slot": (c_int, REQUIRED), "first": (c_int, 0), "num": (c_int, None)},
+    "ring_harvest": {"vcpu": (c_int, 0)},
+    "ring_reset": {},
+    "vcpu_map": {"gpa": (c_size, REQUIRED), "writable": (c_bool, True), "name": (c_str, "map"), "vcpu": (c_int, 0)},
+    "vcpu_unmap": {"name": (c_str, "map"), "dirty": (c_bool, False)},
+    "map_access": {"name": (c_str, "map"), "write": (c_bool, False), "value": (c_int, 1)},
+    "gfn_to_page": {"gpa": (c_size, REQUIRED), "write": (c_bool, True), "name": (c_str, "page")},
+    "release_page": {"name": (c_str, "page"), "dirty": (c_bool, False)},
+    "pfncache_activate": {"gpa": (c_size, REQUIRED), "name": (c_str, "gpc"), "length": (c_int, 32)},
+    "pfncache_refresh": {"name": (c_str, "gpc")},
+    "pfncache_write": {"name": (c_str, "gpc"), "value": (c_int, 1)},
+    "pfncache_check": {"name": (c_str, "gpc")},
+    "age": {**_RANGE, "how": (c_choice("clear_young", "clear_flush_young", "test_young"), "clear_young")},
+    "vm_destroy": {},
+    "interleave": {"threads": (c_any, REQUIRED), "order": (c_strlist, REQUIRED)},
+}
+
+#: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
+INTERLEAVABLE = frozenset(OP_ARGS) - {"interleave"}
+
+
+# ---- the environment a scenario runs in ------------------------------------------------------------------
+
+class Env:
+    """The host, the VM and the named objects a scenario's steps refer to."""
+
+    def __init__(self, host, kvm, vmas: dict[str, dict]):
+        self.host = host
+        self.kvm = kvm
+        self.vmas = vmas                # name → {"start", "size", "mapping", "kind"}
+        self.maps: dict[str, Any] = {}
+        self.pages: dict[str, int | None] = {}
+        self.gpcs: dict[str, Any] = {}
+        self.children: list = []
+
+    @property
+    def mm(self):
+        return self.host.mm
+
+    def vma(self, name: str) -> dict:
+        if name not in self.vmas:
+            raise ModelError(22, f"no VMA named {name!r}")
+        return self.vmas[name]
+
+    def hva(self, name: str, offset: int = 0) -> int:
+        return self.vma(name)["start"] + offset
+
+    def span(self, a: dict) -> tuple[int, int]:
+        v = self.vma(a["vma"])
+        size = a["size"] if a.get("size") is not None else v["size"] - a["offset"]
+        return v["start"] + a["offset"], size
+
+    def vcpu(self, i: int):
+        if not 0 <= i < len(self.kvm.vcpus):
+            raise ModelError(22, f"no vCPU {i} (the VM has {len(self.kvm.vcpus)})")
+        return self.kvm.vcpus[i]
+
+    def slot(self, sid: int):
+        s = self.kvm.memslots[0].by_id.get(sid)
+        if s is None:
+            raise ModelError(22, f"no memslot {sid}")
+        return s
+
+    def mapping(self, name: str):
+        asp = self.vma(name)["mapping"]
+        if asp is None:
+            raise ModelError(22, f"VMA {name!r} has no file mapping (anon or driver memory)")
+        return asp
+
+
+def _flags(names) -> int:
+    from kvmsim.scenarios.loader import MEM_FLAGS
+    out = 0
+    for n in names:
+        out |= MEM_FLAGS[n]
+    return out
+
+
+def _done(label: str):
+    yield label
+
+
+# ---- guest ---------------------------------------------------------------------------------------------
+
+def op_access(env: Env, a: dict, write: bool):
+    vcpu = env.vcpu(a["vcpu"])
+    per, err, value = [], 0, None
+    for k in range(a["count"]):
+        acc = vcpu.access(a["gpa"] + k * a["stride"], write, a.get("value") if write else None)
+        per.append(acc.exit.value)
+        err = err or acc.errno
+        if not write:
+            value = acc.value
+    yield from _done("guest access done")
+    result = per[0] if len(set(per)) == 1 else ",".join(per)
+    return Res(result, err, value if a["count"] == 1 else None, per)
+
+
+def op_fault(env: Env, a: dict):
+    r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"])
+    r = int(r)
+    if r < 0:
+        return Res({14: "efault", 4: "eintr", 133: "hwpoison"}.get(-r, "error"), -r)
+    return Res(RET_PF(r).name.lower())
+
+
+# ---- host ------------------------------------------------------------------------------------------------
+
+def op_munmap(env, a):
+    start, size = env.span(a)
+    yield from env.mm.munmap.steps(start, size)
+    return Res("ok")
+
+
+def op_mprotect(env, a):
+    start, size = env.span(a)
+    yield from env.mm.mprotect.steps(start, size, a["prot"])
+    return Res("ok")
+
+
+def op_madvise(env, a):
+    start, size = env.span(a)
+    yield from env.mm.madvise.steps(start, size, a["advice"])
+    return Res("ok")
+
+
+def op_mremap(env, a):
+    v = env.vma(a["vma"])
+    new = yield from env.mm.mremap.steps(v["start"], v["size"])
+    v["start"] = new
+    return Res("ok", value=new)
+
+
+def op_fork(env, a):
+    env.children.append(env.mm.fork())
+    yield from _done("fork done")
+    return Res("ok")
+
+
+def op_writeback(env, a):
+    from kvmsim.mm.reclaim import writeback, writeback_folio
+    asp = env.mapping(a["vma"])
+    if a["offset"] is None:
+        n = writeback(env.mm, asp)
+        yield from _done("writeback done")
+        return Res("ok", value=n)
+    v = env.vma(a["vma"])
+    index = (a["offset"] >> PAGE_SHIFT) + 0
+    _, pfn, bits, _ = env.mm.pte_of(v["start"] + a["offset"])
+    if pfn < 0:
+        pfn = int(asp.pages[index]) if index < asp.npages else -1
+    if pfn < 0:
+        yield from _done("writeback: nothing cached")
+        return Res("clean")
+    wrote = yield from writeback_folio.steps(env.mm, pfn)
+    return Res("written" if wrote else "clean")
+
+
+def op_reclaim(env, a):
+    from kvmsim.mm.reclaim import reclaim
+    start, size = env.span(a)
+    out = reclaim(env.mm, start, size)
+    yield from _done("reclaim done")
+    return Res("ok", value=out)
+
+
+def op_migrate(env, a):
+    from kvmsim.mm.reclaim import migrate_page
+    new = migrate_page(env.mm, env.hva(a["vma"], a["offset"]))
+    yield from _done("migrate done")
+    return Res("ok", value=new)
+
+
+def op_thp_split(env, a):
+    from kvmsim.mm.reclaim import thp_split
+    thp_split(env.mm, env.hva(a["vma"], a["offset"]))
+    yield from _done("thp_split done")
+    return Res("ok")
+
+
+def op_thp_collapse(env, a):
+    from kvmsim.mm.reclaim import thp_collapse
+    head = thp_collapse(env.mm, env.hva(a["vma"], a["offset"]))
+    yield from _done("thp_collapse done")
+    return Res("ok", value=head)
+
+
+def op_truncate(env, a):
+    from kvmsim.mm.reclaim import truncate
+    truncate(env.mm, env.mapping(a["vma"]), a["size"] >> PAGE_SHIFT)
+    yield from _done("truncate done")
+    return Res("ok")
+
+
+def op_punch_hole(env, a):
+    from kvmsim.mm.reclaim import punch_hole
+    v = env.vma(a["vma"])
+    asp = env.mapping(a["vma"])
+    base = (v["pgoff"] if v.get("pgoff") is not None else 0)
+    punch_hole(env.mm, asp, base + (a["offset"] >> PAGE_SHIFT), a["size"] >> PAGE_SHIFT)
+    yield from _done("punch_hole done")
+    return Res("ok")
+
+
+def op_driver_teardown(env, a):
+    drv = env.host.drivers.get(a["driver"])
+    if drv is None:
+        raise ModelError(22, f"no driver named {a['driver']!r}")
+    drv.teardown(env.mm)
+    yield from _done("driver teardown: unmap_mapping_range + free pages")
+    return Res("ok")
+
+
+def op_host_access(env, a, write):
+    got = env.mm.host_access(env.hva(a["vma"], a["offset"]), write, a.get("value"))
+    yield from _done("host access done")
+    return Res("ok", value=got)
+
+
+# ---- KVM -------------------------------------------------------------------------------------------------
+
+def op_memslot_set(env, a):
+    change = env.kvm.set_user_memory_region(a["id"], a["gpa"], a["size"], env.hva(a["vma"], a["offset"]),
+                                            _flags(a["flags"]))
+    yield from _done("KVM_SET_USER_MEMORY_REGION done")
+    return Res(change.value if change is not None else "no-op")
+
+
+def _slot_call(env, sid, gpa=None, size=None, flags=None):
+    s = env.slot(sid)
+    return env.kvm.set_user_memory_region(sid, (s.base_gfn << PAGE_SHIFT) if gpa is None else gpa,
+                                          (s.npages << PAGE_SHIFT) if size is None else size, s.userspace_addr,
+                                          int(s.flags) & 0xFFFF if flags is None else flags)
+
+
+def op_memslot_delete(env, a):
+    change = _slot_call(env, a["id"], size=0)
+    yield from _done("memslot deleted")
+    return Res(change.value if change is not None else "no-op")
+
+
+def op_memslot_move(env, a):
+    change = _slot_call(env, a["id"], gpa=a["gpa"])
+    yield from _done("memslot moved")
+    return Res(change.value if change is not None else "no-op")
+
+
+def op_memslot_flags(env, a):
+    change = _slot_call(env, a["id"], flags=_flags(a["flags"]))
+    yield from _done("memslot flags changed")
+    return Res(change.value if change is not None else "no-op")
+
+
+def op_get_dirty_log(env, a):
+    from kvmsim.kvm.dirty import kvm_get_dirty_log
+    bm = kvm_get_dirty_log(env.kvm, a["slot"])
+    yield from _done("KVM_GET_DIRTY_LOG done")
+    return Res("ok", value=int(bm.sum()))
+
+
+def op_clear_dirty_log(env, a):
+    from kvmsim.kvm.dirty import kvm_clear_dirty_log
+    s = env.slot(a["slot"])
+    num = a["num"] if a["num"] is not None else s.npages - a["first"]
+    kvm_clear_dirty_log(env.kvm, a["slot"], a["first"], num)
+    yield from _done("KVM_CLEAR_DIRTY_LOG done")
+    return Res("ok")
+
+
+def op_ring_harvest(env, a):
+    from kvmsim.kvm.dirty import kvm_dirty_ring_harvest
+    n = len(kvm_dirty_ring_harvest(env.kvm, env.vcpu(a["vcpu"])))
+    yield from _done("dirty ring harvested")
+    return Res("ok", value=n)
+
+
+def op_ring_reset(env, a):
+    from kvmsim.kvm.dirty import kvm_reset_dirty_rings
+    n = kvm_reset_dirty_rings(env.kvm)
+    yield from _done("KVM_RESET_DIRTY_RINGS done")
+    return Res("ok", value=n)
+
+
+def op_vcpu_map(env, a):
+    from kvmsim.kvm.host_map import kvm_vcpu_map
+    m = kvm_vcpu_map(env.vcpu(a["vcpu"]), a["gpa"] >> PAGE_SHIFT, a["writable"])
+    env.maps[a["name"]] = m
+    yield from _done("kvm_vcpu_map done")
+    return Res("pinned" if m.pinned_page is not None else "unpinned", value=m.pfn)
+
+
+def _named(table: dict, name: str, what: str):
+    if name not in table:
+        raise ModelError(22, f"no {what} named {name!r}")
+    return table[name]
+
+
+def op_vcpu_unmap(env, a):
+    from kvmsim.kvm.host_map import kvm_vcpu_unmap
+    m = _named(env.maps, a["name"], "kvm_vcpu_map")
+    kvm_vcpu_unmap(m.vcpu, m, a["dirty"])
+    del env.maps[a["name"]]
+    yield from _done("kvm_vcpu_unmap done")
+    return Res("ok")
+
+
+def op_map_access(env, a):
+    from kvmsim.kvm.host_map import kvm_vcpu_map_access
+    got = kvm_vcpu_map_access(_named(env.maps, a["name"], "kvm_vcpu_map"), a["write"], a["value"])
+    yield from _done("kvm_host_map access done")
+    return Res("ok", value=got)
+
+
+def op_gfn_to_page(env, a):
+    from kvmsim.kvm.pfn import gfn_to_page
+    page = gfn_to_page(env.kvm, a["gpa"] >> PAGE_SHIFT, a["write"])
+    env.pages[a["name"]] = page
+    yield from _done("gfn_to_page done")
+    return Res("page" if page is not None else "null", value=page)
+
+
+def op_release_page(env, a):
+    from kvmsim.kvm.pfn import kvm_release_gfn_page
+    page = _named(env.pages, a["name"], "gfn_to_page result")
+    if page is not None:
+        kvm_release_gfn_page(env.kvm, page, a["dirty"])
+    del env.pages[a["name"]]
+    yield from _done("page released")
+    return Res("ok" if page is not None else "no-op")
+
+
+def op_pfncache_activate(env, a):
+    from kvmsim.kvm.pfncache import GfnToPfnCache
+    gpc = env.gpcs.get(a["name"]) or GfnToPfnCache(env.kvm)
+    env.gpcs[a["name"]] = gpc
+    gpc.active = True
+    gpc.gpa = a["gpa"]
+    gpc.length = a["length"]
+    pfn = yield from gpc.refresh_steps.steps(a["length"])
+    return Res("valid", value=pfn)
+
+
+def op_pfncache_refresh(env, a):
+    gpc = _named(env.gpcs, a["name"], "pfncache")
+    pfn = yield from gpc.refresh_steps.steps(getattr(gpc, "length", 32))
+    return Res("valid", value=pfn)
+
+
+def op_pfncache_write(env, a):
+    gpc = _named(env.gpcs, a["name"], "pfncache")
+    ok = gpc.write(a["value"], getattr(gpc, "length", 32))
+    yield from _done("pfncache write done")
+    return Res("written" if ok else "skipped")
+
+
+def op_pfncache_check(env, a):
+    gpc = _named(env.gpcs, a["name"], "pfncache")
+    ok = gpc.check(getattr(gpc, "length", 32))
+    yield from _done("kvm_gpc_check done")
+    return Res("valid" if ok else "invalid")
+
+
+def op_age(env, a):
+    start, size = env.span(a)
+    if a["how"] == "test_young":
+        young = env.mm.test_young(start)
+    elif a["how"] == "clear_flush_young":
+        young = env.mm.clear_flush_young(start, start + size)
+    else:
+        young = env.mm.clear_young(start, start + size)
+    yield from _done("aging done")
+    return Res("young" if young else "old")
+
+
+def op_vm_destroy(env, a):
+    env.kvm.destroy()
+    yield from _done("VM destroyed")
+    return Res("ok")
+
+
+def guarded(gen):
+    """Run a step's generator, turning a ModelError into a result (the kernel returned an errno)."""
+    try:
+        res = yield from gen
+    except ModelError as e:
+        return Res("error", e.errno, value=str(e))
+    return res
+
+
+def op_interleave(env, a):
+    from kvmsim.sched import run_interleaved
+    threads = {name: guarded(make_gen(env, st.op, st.args)) for name, st in a["threads"].items()}
+    results = run_interleaved(threads, a["order"])
+    parts = [f"{n}:{results[n].result}" for n in a["threads"]]
+    err = next((results[n].errno for n in a["threads"] if results[n].errno), 0)
+    yield from ()
+    return Res(" ".join(parts), err, value={n: results[n].value for n in a["threads"]})
+
+
+OPS: dict[str, Callable] = {
+    "read": lambda env, a: op_access(env, a, False),
+    "write": lambda env, a: op_access(env, a, True),
+    "fault": op_fault, "munmap": op_munmap, "mprotect": op_mprotect, "madvise": op_madvise, "mremap": op_mremap,
+    "fork": op_fork, "writeback": op_writeback, "reclaim": op_reclaim, "migrate": op_migrate,
+    "thp_split": op_thp_split, "thp_collapse": op_thp_collapse, "truncate": op_truncate,
+    "punch_hole": op_punch_hole, "driver_teardown": op_driver_teardown,
+    "host_write": lambda env, a: op_host_access(env, a, True),
+    "host_read": lambda env, a: op_host_access(env, a, False),
+    "memslot_set": op_memslot_set, "memslot_delete": op_memslot_delete, "memslot_move": op_memslot_move,
+    "memslot_flags": op_memslot_flags, "get_dirty_log": op_get_dirty_log, "clear_dirty_log": op_clear_dirty_log,
+    "ring_harvest": op_ring_harvest, "ring_reset": op_ring_reset, "vcpu_map": op_vcpu_map,
+    "vcpu_unmap": op_vcpu_unmap, "map_access": op_map_access, "gfn_to_page": op_gfn_to_page,
+    "release_page": op_release_page, "pfncache_activate": op_pfncache_activate,
+    "pfncache_refresh": op_pfncache_refresh, "pfncache_write": op_pfncache_write,
+    "pfncache_check": op_pfncache_check, "age": op_age, "vm_destroy": op_vm_destroy, "interleave": op_interleave,
+}
+assert set(OPS) == set(OP_ARGS)
+
+
+def make_gen(env: Env, op: str, args: dict):
+    """The generator running ``op`` with ``args`` on ``env``."""
+    return OPS[op](env, args)

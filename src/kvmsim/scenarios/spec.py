@@ -1,0 +1,180 @@
+"""The in-memory scenario: host set-up, VM set-up, ordered steps and stated outcomes.
+
+A scenario comes from a TOML file (:mod:`kvmsim.scenarios.loader`) or from the builder
+(:meth:`Scenario.builder`); both go through the same validation, so they produce the same
+:class:`Scenario`.  The vocabulary is the kernel's: a VMA ``kind`` is a :class:`kvmsim.mm.vma.VmaKind`,
+a driver ``pfn_class`` a :class:`kvmsim.mm.page.PfnClass`, memslot ``flags`` are ``KVM_MEM_*``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+POLICY_ALIASES = {"both": ("legacy", "series"), "all": ("legacy", "series", "pre-5.13")}
+
+
+@dataclass
+class VmaSpec:
+    """One ``mmap()`` of the VMM: ``kind`` of backing, ``size`` bytes, optional driver."""
+
+    name: str
+    kind: str
+    size: int
+    page_size: int = 4096
+    thp: bool = False
+    prot: str = "rw"
+    driver: str | None = None
+    line: int | None = None
+
+
+@dataclass
+class DriverSpec:
+    """A device driver exporting memory of one pfn class (:class:`kvmsim.mm.driver.Driver`)."""
+
+    name: str
+    pfn_class: str
+    size: int | None = None          # default: the size of the VMA that maps it
+    order: int = 0
+    compound: bool = True
+    prefault: bool = True
+    pte_write: str = "always"
+    mixed: bool = False
+    free_rule: str = "free"
+    line: int | None = None
+
+
+@dataclass
+class SlotSpec:
+    """One ``KVM_SET_USER_MEMORY_REGION`` at set-up time."""
+
+    id: int
+    gpa: int
+    size: int
+    vma: str
+    offset: int = 0
+    flags: tuple[str, ...] = ()
+    line: int | None = None
+
+
+@dataclass
+class VmSpec:
+    """``KVM_CREATE_VM`` and the capabilities enabled before the memslots."""
+
+    policies: tuple[str, ...] = ("legacy", "series")
+    arch: str = "x86"
+    mmu: str = "tdp"
+    pml: bool = True
+    manual_protect: bool = False
+    initially_set: bool = False
+    dirty_ring: int = 0
+    v613_other: bool = False
+    allow_unsafe_mappings: bool = False
+    execution: str = "hardware"
+    vcpus: int = 1
+
+
+@dataclass
+class Step:
+    """One operation; ``expect`` maps ``"*"`` (every policy) or a policy name to expected fields."""
+
+    op: str
+    args: dict[str, Any]
+    expect: dict[str, dict[str, Any]] = field(default_factory=dict)
+    line: int | None = None
+
+    def describe(self) -> str:
+        shown = []
+        for k, v in self.args.items():
+            if k == "threads":
+                shown.append("threads=" + ",".join(v))
+            elif isinstance(v, int) and not isinstance(v, bool) and k in ("gpa", "offset", "size", "stride"):
+                shown.append(f"{k}={v:#x}")
+            elif isinstance(v, list):
+                shown.append(f"{k}=[{' '.join(map(str, v))}]")
+            elif v is not None:
+                shown.append(f"{k}={v}")
+        return self.op + (" " + " ".join(shown) if shown else "")
+
+
+@dataclass
+class FinalExpect:
+    """What a scenario states about one policy's whole run."""
+
+    verdict: str | None = None                      # clean | violations | error
+    violations: dict[str, Any] | None = None        # invariant → exact count, or {min, max}; None: unchecked
+    counters: dict[str, Any] = field(default_factory=dict)
+    line: int | None = None
+
+
+@dataclass
+class Scenario:
+    name: str
+    description: str = ""
+    source: str = ""
+    requires: tuple[str, ...] = ()
+    drivers: list[DriverSpec] = field(default_factory=list)
+    vmas: list[VmaSpec] = field(default_factory=list)
+    vm: VmSpec = field(default_factory=VmSpec)
+    memslots: list[SlotSpec] = field(default_factory=list)
+    steps: list[Step] = field(default_factory=list)
+    expect: dict[str, FinalExpect] = field(default_factory=dict)
+    file: str | None = None
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        """Policies the scenario states: its VM's policy list plus any ``[expect.<policy>]``."""
+        out = list(self.vm.policies)
+        for p in self.expect:
+            if p not in out:
+                out.append(p)
+        return tuple(out)
+
+    @staticmethod
+    def builder(name: str, **meta: Any) -> "ScenarioBuilder":
+        """Start building a scenario in Python; ``.build()`` validates exactly as the loader does."""
+        return ScenarioBuilder(name, **meta)
+
+
+class ScenarioBuilder:
+    """Fluent construction of the same document a TOML file holds::
+
+        sc = (Scenario.builder("demo", description="...")
+              .vma("ram", kind="anon", size="16K")
+              .vm(policy="both")
+              .memslot(id=0, gpa=0, size="16K", vma="ram")
+              .step("write", gpa=0x1000, value=7, expect={"exit": "ok"})
+              .expect("series", verdict="clean")
+              .build())
+    """
+
+    def __init__(self, name: str, **meta: Any):
+        self.doc: dict[str, Any] = {"name": name, **meta}
+
+    def _append(self, key: str, item: dict) -> "ScenarioBuilder":
+        self.doc.setdefault(key, []).append(item)
+        return self
+
+    def vma(self, name: str, **kw: Any) -> "ScenarioBuilder":
+        return self._append("vma", {"name": name, **kw})
+
+    def driver(self, name: str, **kw: Any) -> "ScenarioBuilder":
+        return self._append("driver", {"name": name, **kw})
+
+    def vm(self, **kw: Any) -> "ScenarioBuilder":
+        self.doc.setdefault("vm", {}).update(kw)
+        return self
+
+    def memslot(self, **kw: Any) -> "ScenarioBuilder":
+        return self._append("memslot", dict(kw))
+
+    def step(self, op: str, **kw: Any) -> "ScenarioBuilder":
+        return self._append("step", {"op": op, **kw})
+
+    def expect(self, policy: str, **kw: Any) -> "ScenarioBuilder":
+        self.doc.setdefault("expect", {})[policy] = dict(kw)
+        return self
+
+    def build(self) -> Scenario:
+        from kvmsim.scenarios.loader import scenario_from_dict
+        return scenario_from_dict(self.doc, file="<builder>")

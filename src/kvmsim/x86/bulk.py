@@ -1,0 +1,242 @@
+"""Vectorised guest accesses over page ranges: the x86 MMU's bulk twin of :meth:`X86Mmu.guest_access`.
+
+One call touches ``npages`` consecutive gfns the way the same scalar accesses in gfn order would,
+with the same SPTE state, dirty bitmap / ring, folio flags and MMU counters (``page_fault``,
+``fast_page_fault``, ``spte_write``, ``set_dirty:*``, ``mark_accessed:*``, ``tlb_flush``):
+
+* hits: hardware A/D (and a PML entry for a write that sets D on a dirty-logged slot);
+* 4 KiB fast page faults (access-tracked or write-protected MMU-writable SPTEs) in one write;
+* slow faults whose host PTE is present, writable and maps a normal page (``get_user_page_fast_only``
+  would succeed) are resolved and installed per leaf, and released through the policy's
+  ``release_faultin_bulk``; the GUP reference is taken and dropped in the same call, so only its
+  counters are kept, not per-page get/put facts;
+* anything else (no slot, host fault needed, an SPTE in the way) goes through the scalar path.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmsim.kvm.dirty import mark_page_dirty_in_slot
+from kvmsim.kvm.vcpu import Exit
+from kvmsim.mm.vma import Pte
+from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
+from kvmsim.x86 import tdp_mmu
+from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte_bits, spte_write, tables
+
+_HP, _HW, _HS, _HPN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.SPECIAL), int(getattr(Pte, "PROTNONE", 0))
+
+
+def mark_dirty_bulk(kvm, slot, idx: np.ndarray, vcpu) -> None:
+    """``mark_page_dirty_in_slot()`` for each slot-relative index, in order."""
+    if not slot.logging or not len(idx):
+        return
+    if kvm.dirty_ring_size or slot.dirty_bitmap is None:
+        for i in idx.tolist():
+            mark_page_dirty_in_slot(kvm, slot, slot.base_gfn + i, vcpu)
+        return
+    kvm.journal.count("mark_page_dirty_in_slot", len(idx))
+    slot.dirty_bitmap[idx] = True
+
+
+def host_ready(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed."""
+    ready = np.zeros(len(idx), dtype=bool)
+    pfn = np.full(len(idx), -1, dtype=np.int64)
+    hva = slot.userspace_addr + (idx.astype(np.int64) << PAGE_SHIFT)
+    for vma in kvm.mm.vmas_in(int(hva.min()), int(hva.max()) + 4096):
+        inside = (hva >= vma.start) & (hva < vma.end)
+        j = (hva[inside] - vma.start) >> PAGE_SHIFT
+        bits = vma.pte[j].astype(np.int64)
+        p = vma.pte_pfn[j]
+        ok = ((bits & _HP) != 0) & ((bits & _HW) != 0) & ((bits & _HS) == 0) & (p > 0)
+        if _HPN:
+            ok &= (bits & _HPN) == 0
+        ok[ok] &= (p[ok] < kvm.phys.nr)
+        ok[ok] &= (kvm.phys.flags[p[ok]] & (1 << 9)) == 0          # PG.poisoned
+        ready[inside] = ok
+        pfn[inside] = p
+    return ready, pfn
+
+
+def guest_access_range(mmu, vcpu, gpa: int, npages: int, write: bool, values=None) -> np.ndarray:
+    """Access ``npages`` pages from ``gpa``; returns the values read/written (-1 where the access
+    exited, as the scalar access's exit says; those are counted as ``range_access_exit``)."""
+    kvm = mmu.kvm
+    gfn0 = gpa >> PAGE_SHIFT
+    vals = np.zeros(npages, dtype=np.int64) if values is None else \
+        np.broadcast_to(np.asarray(values, dtype=np.int64), (npages,)).copy()
+    out = vals.copy() if write else np.zeros(npages, dtype=np.int64)
+    pos = 0
+    while pos < npages:
+        gfn = gfn0 + pos
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is None or slot.invalid or (write and slot.readonly) or kvm.execution != "hardware":
+            a = vcpu.access(gfn << PAGE_SHIFT, write, int(vals[pos]) if write else None)
+            _record(kvm, out, pos, a)
+            pos += 1
+            continue
+        end = min(npages, slot.base_gfn + slot.npages - gfn0)
+        _range_in_slot(mmu, vcpu, slot, gfn - slot.base_gfn, end - pos, write, vals[pos:end], out[pos:end])
+        pos = end
+    return out
+
+
+def _record(kvm, out, k, a) -> None:
+    if a.exit == Exit.OK:
+        out[k] = int(a.value or 0)
+    else:
+        out[k] = -1
+        kvm.journal.count("range_access_exit")
+
+
+def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> None:
+    kvm = mmu.kvm
+    t = tables(slot)
+    todo = np.arange(lo, lo + n)
+    want = A | (D if write else 0)
+    for _ in range(4 * n + 8):
+        if not len(todo):
+            return
+        b = t.bits[todo]
+        hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
+        if hit.any():
+            _hits(mmu, vcpu, slot, t, todo[hit], b[hit], write, want)
+            pfn = t.pfn[todo[hit]]
+            if write:
+                kvm.phys.data[pfn] = vals[todo[hit] - lo]
+            else:
+                out[todo[hit] - lo] = kvm.phys.data[pfn]
+        todo = todo[~hit]
+        if not len(todo):
+            return
+        b = t.bits[todo]
+        lvl = t.level[todo]
+        fix = ((b & P) != 0) & ((b & MMIO) == 0) & (
+            ((b & AT) != 0) | (write & ((b & W) == 0) & ((b & MW) != 0) & ((lvl == 1) | (not slot.logging))))
+        if fix.any():
+            _fast_faults(mmu, vcpu, slot, t, todo[fix], write)
+            continue
+        present = (b & P) != 0
+        ready, hpfn = host_ready(kvm, slot, todo)
+        ready &= ~present
+        if ready.any():
+            _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], write)
+            continue
+        # the scalar path for what needs the host or KVM's conflict handling, in gfn order; back to
+        # the vectorised round as soon as the host has mapped the next page (a huge host fault)
+        rest = todo.tolist()
+        for k, i in enumerate(rest):
+            a = mmu.guest_access(vcpu, (slot.base_gfn + i) << PAGE_SHIFT, write, int(vals[i - lo]) if write else None)
+            _record(kvm, out, i - lo, a)
+            nxt = rest[k + 1] if k + 1 < len(rest) else None
+            if nxt is not None and not int(t.bits[nxt]) & P and host_ready(kvm, slot, np.array([nxt]))[0][0]:
+                todo = np.array(rest[k + 1:], dtype=np.int64)
+                break
+        else:
+            return
+
+
+def _leaf_starts(slot, t, idx):
+    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[t.level[idx]]
+    return (slot.base_gfn + idx) // size * size - slot.base_gfn, size
+
+
+def _hits(mmu, vcpu, slot, t, idx, b, write: bool, want: int) -> None:
+    need = ((b & ADX) == 0) & ((b & want) != want)
+    if not need.any():
+        return
+    idx, b = idx[need], b[need]
+    small = t.level[idx] <= 1
+    t.bits[idx[small]] |= np.uint16(want)
+    if (~small).any():
+        starts, size = _leaf_starts(slot, t, idx[~small])
+        for s, sz in set(zip(starts.tolist(), size.tolist())):
+            t.bits[s:s + sz] |= np.uint16(want)
+    if write and slot.logging and mmu.pml:
+        mark_dirty_bulk(mmu.kvm, slot, idx[(b & D) == 0], vcpu)
+
+
+def _fast_faults(mmu, vcpu, slot, t, idx, write: bool) -> None:
+    kvm = mmu.kvm
+    small = t.level[idx] <= 1
+    s = idx[small]
+    if len(s):
+        lo, hi = int(s.min()), int(s.max()) + 1
+        new = t.bits[lo:hi].copy()
+        b = new[s - lo].astype(np.int64)
+        nb = np.where(b & AT, (b & ~(AT | SW)) | np.where(b & SW, W, 0), b)
+        if write:
+            nb |= W | np.where(nb & ADX, 0, D)
+        nb |= np.where(nb & ADX, 0, A)
+        new[s - lo] = nb.astype(np.uint16)
+        spte_write(kvm, slot, lo, hi, new, caller="fast_page_fault")
+        kvm.journal.count("page_fault", len(s))
+        kvm.journal.count("fast_page_fault", len(s))
+        if write:
+            mark_dirty_bulk(kvm, slot, s, vcpu)
+    if (~small).any():
+        starts, _ = _leaf_starts(slot, t, idx[~small])
+        seen = set()
+        for i, st in zip(idx[~small].tolist(), starts.tolist()):
+            if st in seen:
+                continue
+            seen.add(st)
+            kvm.journal.count("page_fault")
+            mmu.fast_page_fault(vcpu, slot, slot.base_gfn + i, write)
+
+
+def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
+    """One fault per leaf to install: faultin (GUP-fast), map under mmu_lock, release per policy."""
+    kvm = mmu.kvm
+    levels = tdp_mmu.max_mapping_levels(kvm, slot, 0, slot.npages, mmu.max_level)[idx] \
+        if len(idx) > 64 else np.array([tdp_mmu.max_mapping_levels(kvm, slot, i, i + 1, mmu.max_level)[0] for i in idx.tolist()], dtype=np.uint8)
+    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[levels]
+    starts = (slot.base_gfn + idx) // size * size - slot.base_gfn
+    _, first = np.unique(starts, return_index=True)
+    first = np.sort(first)
+    fidx, fpfn, flvl, fstart = idx[first], pfn[first], levels[first], starts[first]
+    nf = len(fidx)
+    host_w = not slot.readonly
+    writable = host_w and (write or not slot.logging)
+    bits = make_spte_bits(host_writable=host_w, writable=writable, prefetch=False,
+                          ad_disabled=not mmu.ad_enabled, held=True)
+    under = kvm.policy.release_under_mmu_lock
+    rel_caller = "kvm_release_faultin_page" if under else "kvm_release_pfn_clean"
+    kvm.journal.count("page_fault", nf)
+    kvm.journal.count("hva_to_pfn", nf)
+    kvm.journal.count("gup_fast", nf)
+    kvm.journal.count("get_page:kvm_faultin_pfn", nf)
+    kvm.journal.count(f"put_page:{rel_caller}", nf)
+    yield_lock = mmu._lock()
+    for _ in yield_lock:
+        pass
+    try:
+        small = flvl == 1
+        s = fidx[small]
+        if len(s):
+            lo, hi = int(s.min()), int(s.max()) + 1
+            nb = t.bits[lo:hi].copy()
+            npf = t.pfn[lo:hi].copy()
+            nl = t.level[lo:hi].copy()
+            nb[s - lo] = bits
+            npf[s - lo] = fpfn[small]
+            nl[s - lo] = 1
+            spte_write(kvm, slot, lo, hi, nb, npf, nl, caller=mmu.map_caller)
+        for i, p, lv, st in zip(fidx[~small].tolist(), fpfn[~small].tolist(), flvl[~small].tolist(),
+                                fstart[~small].tolist()):
+            sz = LEVEL_PAGES[lv]
+            base = p - (i - st)
+            spte_write(kvm, slot, st, st + sz, bits, base + np.arange(sz), lv, caller=mmu.map_caller)
+        if kvm.journal.recording:
+            for i, p, lv in zip(fidx.tolist(), fpfn.tolist(), flvl.tolist()):
+                kvm.journal.fact("spte_set", pfn=p, gfn=slot.base_gfn + i, kvm=True, caller="make_spte", locked=True,
+                                 extra={"writable": bool(writable), "host_writable": host_w, "level": lv})
+        if writable:
+            mark_dirty_bulk(kvm, slot, s, vcpu)
+        if under:
+            kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller)
+    finally:
+        mmu._unlock()
+    if not under:
+        kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller)

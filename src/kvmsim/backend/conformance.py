@@ -411,3 +411,24 @@ def run_suite(backends: Iterable, cases: Iterable[Case] | None = None, progress:
         if progress:
             progress(row)
     return rows
+
+
+def real_backend():
+    """The real ``/dev/kvm`` backend, or ``(None, reason)`` when it cannot run here."""
+    from kvmsim.backend.availability import kvm_available
+    ok, why = kvm_available()
+    if not ok:
+        return None, why
+    try:
+        from kvmsim.backend.kvm import KvmBackend
+    except ImportError as e:                       # pragma: no cover - a broken install
+        return None, f"the real backend cannot be imported: {e}"
+    try:
+        return KvmBackend(), ""
+    except KvmsimError as e:
+        return None, str(e)
+
+
+def model_backend(policy: str = "series"):
+    from kvmsim.backend.model import ModelBackend
+    return ModelBackend(policy, "emulated")

@@ -65,7 +65,7 @@ class VmaKind(str, Enum):
     MIXEDMAP = "mixedmap"          # driver memory, vm_insert_page (normal pages) / special
 
 
-@dataclass
+@dataclass(eq=False)
 class AddressSpace:
     """Model of ``struct address_space`` of a shmem/memfd/hugetlbfs/regular file.
 
@@ -95,7 +95,7 @@ class AddressSpace:
         return index in self.removed or (self.truncated_from is not None and index >= self.truncated_from)
 
 
-@dataclass
+@dataclass(eq=False)
 class AnonVma:
     """Owner of private anonymous pages (``struct anon_vma``); shared between parent and child after fork."""
 
@@ -105,7 +105,7 @@ class AnonVma:
     vmas: list["Vma"] = field(default_factory=list)
 
 
-@dataclass
+@dataclass(eq=False)
 class Vma:
     """Model of ``struct vm_area_struct`` with its host PTEs."""
 

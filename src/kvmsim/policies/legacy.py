@@ -104,6 +104,7 @@ class LegacyPolicy:
 
     def release_faultin_bulk(self, kvm, pfns, writable_mask, caller):
         """Vectorised :meth:`release_faultin` for faults that used a page: ``kvm_release_pfn_clean()``
-        by guess, i.e. mark accessed only (the GUP reference is modelled as taken and dropped)."""
+        by guess, i.e. mark accessed only (the GUP reference is modelled as taken and dropped); dirty at
+        release came only with patch 41 "KVM: x86/mmu: Mark page/folio dirty at the origin of make_spte()"."""
         from kvmsim.x86.folio_ops import mark_page_accessed_bulk
         mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS)

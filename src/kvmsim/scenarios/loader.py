@@ -191,7 +191,8 @@ DRIVER = {"name": (c_str, REQUIRED),
 
 VMA = {"name": (c_str, REQUIRED), "kind": (c_choice(*(k.value for k in VmaKind)), REQUIRED),
        "size": (c_size, REQUIRED), "page_size": (c_size, 4096), "thp": (c_bool, False),
-       "prot": (c_choice("rw", "r", "w", "none"), "rw"), "driver": (c_str, None)}
+       "prot": (c_choice("rw", "r", "w", "none"), "rw"), "driver": (c_str, None),
+       "writenotify": (c_bool, None)}
 
 
 def c_policies(v: Any) -> tuple[str, ...]:
@@ -208,11 +209,20 @@ def c_policies(v: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def c_mutations(v: Any) -> tuple[str, ...]:
+    names = c_strlist(v)
+    known = ("skip-retry", "nonatomic-spte", "mark-dirty-after-unlock")
+    for n in names:
+        if n not in known:
+            raise ValueError(f"expected mutations from {', '.join(known)}, got {n!r}")
+    return tuple(names)
+
+
 VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "generic"), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False), "dirty_ring": (c_int, 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
-      "vcpus": (c_int, 1)}
+      "vcpus": (c_int, 1), "mutations": (c_mutations, ())}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:

@@ -43,6 +43,8 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "read": _GUEST,
     "write": {**_GUEST, "value": (c_int, 1)},
     "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0)},
+    "store": {"gpa": (c_size, REQUIRED), "value": (c_int, 1), "vcpu": (c_int, 0)},
+    "zap": {"gpa": (c_size, REQUIRED)},
     # host
     "munmap": _RANGE,
     "mprotect": {**_RANGE, "prot": (c_choice("rw", "r", "w", "none"), REQUIRED)},
@@ -59,6 +61,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "driver_teardown": {"driver": (c_str, REQUIRED)},
     "host_write": {**_AT, "value": (c_int, 1)},
     "host_read": _AT,
+    "folio_referenced": {**_AT, "count": (c_int, 1)},
     # KVM
     "memslot_set": {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED), "size": (c_size, REQUIRED),
                     "vma": (c_str, REQUIRED), "offset": (c_size, 0), "flags": (c_memflags, ())},
@@ -172,6 +175,24 @@ def op_fault(env: Env, a: dict):
     return Res(RET_PF(r).name.lower())
 
 
+def op_store(env: Env, a: dict):
+    """A guest store as a steppable path: through the SPTE (fast page fault, hardware D) or a fault."""
+    from kvmsim.explore.scenarios import guest_write
+    if not hasattr(env.kvm.arch, "_tables"):
+        raise ModelError(22, "store is a steppable guest store for arch = \"generic\"; use write otherwise")
+    ok = yield from guest_write.steps(env.kvm, env.vcpu(a["vcpu"]), a["gpa"], a["value"])
+    return Res("ok" if ok else "faulted")
+
+
+def op_zap(env: Env, a: dict):
+    """``kvm_zap_gfn_range()`` of one gfn under mmu_lock, outside the mmu_notifier."""
+    from kvmsim.explore.scenarios import kvm_zap_gfn_range
+    if not hasattr(env.kvm.arch, "zap_leaf"):
+        raise ModelError(22, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
+    yield from kvm_zap_gfn_range.steps(env.kvm, a["gpa"] >> PAGE_SHIFT)
+    return Res("ok")
+
+
 # ---- host ------------------------------------------------------------------------------------------------
 
 def op_munmap(env, a):
@@ -283,6 +304,18 @@ def op_host_access(env, a, write):
     got = env.mm.host_access(env.hva(a["vma"], a["offset"]), write, a.get("value"))
     yield from _done("host access done")
     return Res("ok", value=got)
+
+
+def op_folio_referenced(env, a):
+    """``folio_referenced()`` per page (page_idle / reclaim): clear+test young in the host PTEs, every
+    secondary MMU (clear_flush_young) and PG_referenced."""
+    from kvmsim.mm.reclaim import folio_referenced
+    per = []
+    for k in range(a["count"]):
+        _, pfn, _, _ = env.mm.pte_of(env.hva(a["vma"], a["offset"] + k * PAGE_SIZE))
+        per.append("young" if pfn >= 0 and folio_referenced(env.mm, pfn) else "old")
+    yield from _done("folio_referenced done")
+    return Res(per[0] if len(set(per)) == 1 else ",".join(per), per_page=per)
 
 
 # ---- KVM -------------------------------------------------------------------------------------------------
@@ -468,7 +501,7 @@ def op_interleave(env, a):
 OPS: dict[str, Callable] = {
     "read": lambda env, a: op_access(env, a, False),
     "write": lambda env, a: op_access(env, a, True),
-    "fault": op_fault, "munmap": op_munmap, "mprotect": op_mprotect, "madvise": op_madvise, "mremap": op_mremap,
+    "fault": op_fault, "store": op_store, "zap": op_zap, "folio_referenced": op_folio_referenced, "munmap": op_munmap, "mprotect": op_mprotect, "madvise": op_madvise, "mremap": op_mremap,
     "fork": op_fork, "writeback": op_writeback, "reclaim": op_reclaim, "migrate": op_migrate,
     "thp_split": op_thp_split, "thp_collapse": op_thp_collapse, "truncate": op_truncate,
     "punch_hole": op_punch_hole, "driver_teardown": op_driver_teardown,

@@ -112,11 +112,16 @@ def build(sc: Scenario, policy: str) -> Env:
         prot = "" if v.prot == "none" else v.prot
         vma = host.mm.mmap(v.size, VmaKind(v.kind), prot=prot, page_size=v.page_size, thp=v.thp,
                            driver=host.drivers[v.driver] if v.driver else None)
+        if v.writenotify is not None:
+            vma.writenotify = v.writenotify
         vmas[v.name] = {"start": vma.start, "size": v.size, "mapping": vma.mapping, "kind": v.kind,
                         "pgoff": vma.pgoff if vma.mapping is not None else 0}
     vm = sc.vm
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
               allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution)
+    if vm.mutations:
+        from kvmsim.explore.mutations import Mutations
+        kvm.mutations = Mutations.parse(vm.mutations)
     if vm.dirty_ring:
         enable_dirty_ring(kvm, vm.dirty_ring)
     if vm.manual_protect:

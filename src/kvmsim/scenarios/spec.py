@@ -25,6 +25,7 @@ class VmaSpec:
     thp: bool = False
     prot: str = "rw"
     driver: str | None = None
+    writenotify: bool | None = None   # override vma_wants_writenotify() (a file system without dirty accounting)
     line: int | None = None
 
 
@@ -72,6 +73,7 @@ class VmSpec:
     allow_unsafe_mappings: bool = False
     execution: str = "hardware"
     vcpus: int = 1
+    mutations: tuple[str, ...] = ()    # kvmsim.explore mutation switches (a safety mechanism turned off)
 
 
 @dataclass

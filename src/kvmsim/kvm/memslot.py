@@ -71,16 +71,16 @@ class KvmMemorySlot:
 
     @property
     def readonly(self) -> bool:
-        return bool(self.flags & KVM_MEM.READONLY)
+        return bool(int(self.flags) & 2)            # KVM_MEM_READONLY
 
     @property
     def invalid(self) -> bool:
-        return bool(self.flags & KVM_MEM.INVALID)
+        return bool(int(self.flags) & 0x10000)      # KVM_MEMSLOT_INVALID
 
     @property
     def logging(self) -> bool:
         """``kvm_slot_dirty_track_enabled()`` for the LOG_DIRTY_PAGES part."""
-        return bool(self.flags & KVM_MEM.LOG_DIRTY_PAGES)
+        return bool(int(self.flags) & 1)            # KVM_MEM_LOG_DIRTY_PAGES
 
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.base_gfn + self.npages

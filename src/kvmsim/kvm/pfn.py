@@ -32,6 +32,9 @@ KVM_PFN_ERR_NEEDS_IO = KVM_PFN_ERR_MASK + 4
 ERROR_PFN_NAMES = {KVM_PFN_ERR_FAULT: "FAULT", KVM_PFN_ERR_HWPOISON: "HWPOISON", KVM_PFN_ERR_RO_FAULT: "RO_FAULT",
                    KVM_PFN_ERR_SIGPENDING: "SIGPENDING", KVM_PFN_ERR_NEEDS_IO: "NEEDS_IO", KVM_PFN_NOSLOT: "NOSLOT"}
 
+_FOLL_WRITE, _FOLL_PIN = int(FOLL.WRITE), int(FOLL.PIN)
+_FOLL_SLOW = int(FOLL.HWPOISON | FOLL.HONOR_NUMA_FAULT)
+
 KVM_HVA_ERR_BAD = -1
 KVM_HVA_ERR_RO_BAD = -2
 
@@ -134,20 +137,21 @@ def hva_to_pfn(kvm, kfp: KvmFollowPfn) -> int:
     mm = kvm.mm
     hva = kfp.hva
     hold = Hold.PIN if kfp.pin else Hold.GET
-    pin = FOLL.PIN if kfp.pin else FOLL(0)
+    pin = _FOLL_PIN if kfp.pin else 0
+    kflags = int(kfp.flags)
     kvm.journal.count("hva_to_pfn")
-    if kfp.flags & FOLL.WRITE or kfp.want_writable:
-        pfn = get_user_page_fast_only(mm, hva, FOLL.WRITE | pin, caller=kfp.caller)
+    if kflags & _FOLL_WRITE or kfp.want_writable:
+        pfn = get_user_page_fast_only(mm, hva, _FOLL_WRITE | pin, caller=kfp.caller)
         if pfn is not None:
             return _resolve(kvm, kfp, pfn, True, hold)
     if kfp.atomic:
         return KVM_PFN_ERR_FAULT
-    flags = FOLL.HWPOISON | FOLL.HONOR_NUMA_FAULT | kfp.flags | pin
+    flags = _FOLL_SLOW | kflags | pin
     rc, pfn = get_user_pages_unlocked(mm, hva, flags, caller=kfp.caller)
     if rc == 1:
-        writable = bool(flags & FOLL.WRITE)
+        writable = bool(flags & _FOLL_WRITE)
         if not writable and kfp.want_writable and not kfp.pin:
-            wpfn = get_user_page_fast_only(mm, hva, FOLL.WRITE, caller=kfp.caller)
+            wpfn = get_user_page_fast_only(mm, hva, _FOLL_WRITE, caller=kfp.caller)
             if wpfn is not None:
                 mm.phys.put_page(pfn, kfp.caller, kvm=True, source=Src.HELD)
                 pfn, writable = wpfn, True
@@ -162,7 +166,7 @@ def hva_to_pfn(kvm, kfp: KvmFollowPfn) -> int:
         return KVM_PFN_ERR_FAULT
     if vma.flags & (VM.IO | VM.PFNMAP):
         return hva_to_pfn_remapped(kvm, kfp, vma)
-    if kfp.flags & FOLL.NOWAIT and access_permitted(vma, bool(kfp.flags & FOLL.WRITE)):
+    if kflags & int(FOLL.NOWAIT) and access_permitted(vma, bool(kflags & _FOLL_WRITE)):
         return kvm.policy.needs_io_pfn(kfp)
     return KVM_PFN_ERR_FAULT
 
@@ -170,7 +174,7 @@ def hva_to_pfn(kvm, kfp: KvmFollowPfn) -> int:
 def hva_to_pfn_remapped(kvm, kfp: KvmFollowPfn, vma) -> int:
     """Mirrors ``hva_to_pfn_remapped()``: the pfn from the host PTE of a VM_IO/VM_PFNMAP VMA."""
     mm = kvm.mm
-    write = bool(kfp.flags & FOLL.WRITE)
+    write = bool(int(kfp.flags) & _FOLL_WRITE)
     if kfp.pin and kvm.policy.refuses_unpinned_direct_map(kvm):
         return KVM_PFN_ERR_FAULT
     args = FollowPfnmapArgs(vma, kfp.hva)
@@ -193,7 +197,7 @@ def hva_to_pfn_remapped(kvm, kfp: KvmFollowPfn, vma) -> int:
 
 def kvm_follow_pfn(kvm, kfp: KvmFollowPfn) -> int:
     """Mirrors ``kvm_follow_pfn()``: gfn → hva (with RO handling) → :func:`hva_to_pfn`."""
-    write = bool(kfp.flags & FOLL.WRITE)
+    write = bool(int(kfp.flags) & _FOLL_WRITE)
     hva = gfn_to_hva_memslot_prot(kfp.slot, kfp.gfn, write) if kfp.hva is None else kfp.hva
     if hva == KVM_HVA_ERR_RO_BAD:
         return KVM_PFN_ERR_RO_FAULT

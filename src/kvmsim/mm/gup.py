@@ -35,6 +35,9 @@ class FOLL(IntFlag):
     HONOR_NUMA_FAULT = 0x1000000
 
 
+_FW, _FNOWAIT, _FPIN, _FINTR = int(FOLL.WRITE), int(FOLL.NOWAIT), int(FOLL.PIN), int(FOLL.INTERRUPTIBLE)
+
+
 def _normal_page(phys, pfn: int, bits: int) -> bool:
     return pfn >= 0 and not bits & _S and phys.pfn_valid(pfn) and not phys.is_poisoned(pfn)
 
@@ -45,15 +48,16 @@ def get_user_page_fast_only(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
     Succeeds only for a present PTE (writable if FOLL_WRITE) mapping a normal page; takes FOLL_GET
     or FOLL_PIN; touches neither young nor dirty.  Returns the pfn or None.
     """
+    flags = int(flags)
     vma, pfn, bits, _ = mm.pte_of(hva)
     mm.journal.count("gup_fast")
     if vma is None or not bits & _P or bits & _PN:
         return None
-    if flags & FOLL.WRITE and not bits & _W:
+    if flags & _FW and not bits & _W:
         return None
     if not _normal_page(mm.phys, pfn, bits):
         return None
-    mm.phys.try_grab_folio(pfn, bool(flags & FOLL.PIN), caller, kvm=kvm)
+    mm.phys.try_grab_folio(pfn, bool(flags & _FPIN), caller, kvm=kvm)
     return pfn
 
 
@@ -63,6 +67,7 @@ def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
     Implies FOLL_TOUCH: marks the folio accessed and, for FOLL_WRITE, dirty if neither the PTE nor
     the folio was.
     """
+    flags = int(flags)
     mm.journal.count("gup_slow")
     if mm.mmap_lock_contended:
         return -errno.EAGAIN, None
@@ -71,20 +76,20 @@ def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
         return -errno.EFAULT, None
     if vma.flags & (VM.IO | VM.PFNMAP):                         # check_vma_flags
         return -errno.EFAULT, None
-    if not access_permitted(vma, bool(flags & FOLL.WRITE)):
+    if not access_permitted(vma, bool(flags & _FW)):
         return -errno.EFAULT, None
     i = vma.idx(hva)
     for _ in range(3):
         bits = int(vma.pte[i])
         pfn = int(vma.pte_pfn[i])
-        need = _P | (_W if flags & FOLL.WRITE else 0)
+        need = _P | (_W if flags & _FW else 0)
         if (bits & need) == need and not bits & _PN:
             break
-        if flags & FOLL.INTERRUPTIBLE and mm.signal_pending:
+        if flags & _FINTR and mm.signal_pending:
             return -errno.EINTR, None
-        if flags & FOLL.NOWAIT and _needs_io(vma, i):
+        if flags & _FNOWAIT and _needs_io(vma, i):
             return 0, None
-        rc = handle_mm_fault(mm, vma, hva, bool(flags & FOLL.WRITE))
+        rc = handle_mm_fault(mm, vma, hva, bool(flags & _FW))
         if rc == EHWPOISON:
             return -EHWPOISON, None
         if rc:
@@ -94,12 +99,12 @@ def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
     if bits & _S and pfn != mm.phys.zero_pfn:                   # special PTE in a MIXEDMAP: vm_normal_page() NULL
         return -errno.EFAULT, None
     phys = mm.phys
-    phys.try_grab_folio(pfn, bool(flags & FOLL.PIN), caller, kvm=kvm)
+    phys.try_grab_folio(pfn, bool(flags & _FPIN), caller, kvm=kvm)
     if pfn != phys.zero_pfn:                                     # FOLL_TOUCH
-        if flags & FOLL.WRITE and not bits & _D and not phys.folio_test_dirty(pfn):
+        if flags & _FW and not bits & _D and not phys.folio_test_dirty(pfn):
             phys.SetPageDirty(pfn, "follow_page_pte:FOLL_TOUCH")
         phys.mark_page_accessed(pfn, "follow_page_pte:FOLL_TOUCH")
-    vma.pte[i] |= _Y | (_D if flags & FOLL.WRITE else 0)
+    vma.pte[i] |= _Y | (_D if flags & _FW else 0)
     return 1, pfn
 
 

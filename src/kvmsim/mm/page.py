@@ -68,6 +68,12 @@ class PG(IntFlag):
     uptodate = 1 << 10
 
 
+_DIRTY, _RESERVED, _REFERENCED, _HEAD, _TAIL, _ZONE_DEVICE, _POISONED = (
+    int(PG.dirty), int(PG.reserved), int(PG.referenced), int(PG.head), int(PG.tail), int(PG.zone_device),
+    int(PG.poisoned))
+_UPTODATE = int(PG.uptodate)
+
+
 class PhysMem:
     """Model of the host's ``mem_map`` and buddy allocator."""
 
@@ -138,10 +144,21 @@ class PhysMem:
 
     def _init_range(self, pfn: int, order: int, count: int, cls: PfnClass, compound: bool,
                     reserved: bool, owner: int, index: int) -> None:
+        if order == 0 and count == 1 and not reserved and cls == PfnClass.NORMAL:
+            self.cls[pfn] = 0
+            self.flags[pfn] = _UPTODATE
+            self.pincount[pfn] = 0
+            self.data[pfn] = 0
+            self.owner[pfn] = owner
+            self.index[pfn] = index
+            self.order[pfn] = 0
+            self.head[pfn] = pfn
+            self.refcount[pfn] = 1
+            return
         size = 1 << order
         n = size * count
         sl = slice(pfn, pfn + n)
-        base_flags = PG.uptodate | (PG.reserved if reserved else 0) | (PG.zone_device if cls == PfnClass.ZONE_DEVICE else 0)
+        base_flags = PG.uptodate | (_RESERVED if reserved else 0) | (_ZONE_DEVICE if cls == PfnClass.ZONE_DEVICE else 0)
         self.cls[sl] = cls
         self.flags[sl] = int(base_flags)
         self.pincount[sl] = 0
@@ -166,18 +183,18 @@ class PhysMem:
         self.head[sl] = np.repeat(heads, size)
         self.refcount[heads] = initial
         self.order[heads] = order
-        self.flags[sl] |= int(PG.tail)
-        self.flags[heads] = (self.flags[heads] & ~np.uint16(PG.tail)) | int(PG.head)
+        self.flags[sl] |= _TAIL
+        self.flags[heads] = (self.flags[heads] & ~np.uint16(_TAIL)) | _HEAD
 
     def free_folio(self, head: int, caller: str) -> None:
         """Return a folio to the buddy allocator and poison it (``free_unref_folios``)."""
-        order = int(self.order[head]) if self.flags[head] & PG.head else 0
+        order = int(self.order[head]) if self.flags[head] & _HEAD else 0
         n = 1 << order
         sl = slice(head, head + n)
-        if self.flags[head] & PG.poisoned:
+        if self.flags[head] & _POISONED:
             self.journal.fact("double_free", pfn=head, caller=caller, detail="freeing a freed page")
             return
-        if self.flags[head] & PG.dirty and self.owner_can_writeback(head):
+        if self.flags[head] & _DIRTY and self.owner_can_writeback(head):
             self.journal.fact("freed_dirty", pfn=head, caller=caller,
                               detail="dirty folio freed: unwritten data lost")
         obj = self.owners.get(int(self.owner[head]))
@@ -185,7 +202,7 @@ class PhysMem:
             self.journal.count("premature_free")
             self.journal.fact("premature_free", pfn=head, caller=caller, kvm=caller.startswith("kvm"),
                               detail=f"page freed while its owner {getattr(obj, 'name', '?')} still uses it")
-        self.flags[sl] = int(PG.poisoned)
+        self.flags[sl] = _POISONED
         self.refcount[sl] = 0
         self.pincount[sl] = 0
         self.owner[sl] = 0
@@ -207,14 +224,14 @@ class PhysMem:
         return 0 < pfn < self.nr
 
     def is_poisoned(self, pfn: int) -> bool:
-        return self.pfn_valid(pfn) and bool(self.flags[pfn] & PG.poisoned)
+        return 0 < pfn < self.nr and bool(int(self.flags[pfn]) & _POISONED)
 
     def folio(self, pfn: int) -> int:
         """``page_folio()``: the head pfn."""
         return int(self.head[pfn])
 
     def folio_nr_pages(self, head: int) -> int:
-        return 1 << int(self.order[head]) if self.flags[head] & PG.head else 1
+        return 1 << int(self.order[head]) if self.flags[head] & _HEAD else 1
 
     def page_count(self, pfn: int) -> int:
         """``page_count()``: the folio's refcount."""
@@ -225,19 +242,19 @@ class PhysMem:
         return int(self.refcount[pfn])
 
     def PageReserved(self, pfn: int) -> bool:
-        return bool(self.flags[pfn] & PG.reserved)
+        return bool(self.flags[pfn] & _RESERVED)
 
     def is_zero_pfn(self, pfn: int) -> bool:
         return pfn == self.zero_pfn
 
     def is_zone_device(self, pfn: int) -> bool:
-        return bool(self.flags[pfn] & PG.zone_device)
+        return bool(self.flags[pfn] & _ZONE_DEVICE)
 
     def folio_test_dirty(self, pfn: int) -> bool:
-        return bool(self.flags[self.head[pfn]] & PG.dirty)
+        return bool(self.flags[self.head[pfn]] & _DIRTY)
 
     def folio_test_referenced(self, pfn: int) -> bool:
-        return bool(self.flags[self.head[pfn]] & PG.referenced)
+        return bool(self.flags[self.head[pfn]] & _REFERENCED)
 
     def pfn_class(self, pfn: int) -> PfnClass:
         if pfn >= NO_PAGE_BASE or not self.pfn_valid(pfn):
@@ -303,7 +320,7 @@ class PhysMem:
         self.journal.fact("pin", pfn=pfn, caller=caller, kvm=kvm, source=Src.HELD)
         if pfn == self.zero_pfn:
             return                                  # pinning the zero page is a no-op
-        if self.flags[head] & PG.head:
+        if self.flags[head] & _HEAD:
             self.refcount[head] += 1
             self.pincount[head] += 1
         else:
@@ -318,7 +335,7 @@ class PhysMem:
         if pfn == self.zero_pfn:
             return
         head = int(self.head[pfn])
-        if self.flags[head] & PG.head:
+        if self.flags[head] & _HEAD:
             self.pincount[head] -= 1
             drop = 1
         else:
@@ -332,7 +349,7 @@ class PhysMem:
 
     def folio_maybe_dma_pinned(self, pfn: int) -> bool:
         head = int(self.head[pfn])
-        if self.flags[head] & PG.head:
+        if self.flags[head] & _HEAD:
             return bool(self.pincount[head] > 0)
         return bool(self.refcount[head] >= GUP_PIN_COUNTING_BIAS)
 
@@ -345,10 +362,10 @@ class PhysMem:
         head = int(self.head[pfn])
         self.journal.count(f"set_dirty:{caller}")
         self.journal.fact("set_dirty", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
-                          gfn=gfn, extra={"reserved": bool(self.flags[pfn] & PG.reserved),
-                                          "was_dirty": bool(self.flags[head] & PG.dirty)})
+                          gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED),
+                                          "was_dirty": bool(self.flags[head] & _DIRTY)})
         self._dirty_after_clean_check(head, caller, kvm)
-        self.flags[head] |= int(PG.dirty)
+        self.flags[head] |= _DIRTY
 
     def _dirty_after_clean_check(self, head: int, caller: str, kvm: bool) -> None:
         """Detect a folio dirtied after its mapping was truncated (``filemap_unaccount_folio`` WARN)."""
@@ -365,16 +382,16 @@ class PhysMem:
         head = int(self.head[pfn])
         self.journal.count(f"mark_accessed:{caller}")
         self.journal.fact("mark_accessed", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
-                          gfn=gfn, extra={"reserved": bool(self.flags[pfn] & PG.reserved), "unused": unused})
-        self.flags[head] |= int(PG.referenced)
+                          gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED), "unused": unused})
+        self.flags[head] |= _REFERENCED
 
     def folio_clear_dirty(self, pfn: int) -> None:
-        self.flags[self.head[pfn]] &= ~np.uint16(PG.dirty)
+        self.flags[self.head[pfn]] &= ~np.uint16(_DIRTY)
 
     def folio_test_clear_referenced(self, pfn: int) -> bool:
         head = self.head[pfn]
-        was = bool(self.flags[head] & PG.referenced)
-        self.flags[head] &= ~np.uint16(PG.referenced)
+        was = bool(self.flags[head] & _REFERENCED)
+        self.flags[head] &= ~np.uint16(_REFERENCED)
         return was
 
     # ---- content ------------------------------------------------------------------------------

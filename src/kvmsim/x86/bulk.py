@@ -198,7 +198,7 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
     fidx, fpfn, flvl, fstart = idx[first], pfn[first], levels[first], starts[first]
     nf = len(fidx)
     host_w = not slot.readonly
-    writable = host_w and (write or not slot.logging)
+    writable = host_w        # as make_spte: read faults are mapped writable and logged dirty
     bits = make_spte_bits(host_writable=host_w, writable=writable, prefetch=False,
                           ad_disabled=not mmu.ad_enabled, held=True)
     under = kvm.policy.release_under_mmu_lock

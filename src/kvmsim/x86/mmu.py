@@ -163,7 +163,7 @@ class X86Mmu:
             kvm.journal.count("spurious")
             return RET_PF.SPURIOUS
         host_w = kfp.map_writable and not slot.readonly
-        writable = host_w and (write or not slot.logging)
+        writable = host_w        # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
         bits = make_spte_bits(host_writable=host_w, writable=writable, prefetch=prefetch,
                               ad_disabled=not self.ad_enabled, held=kfp.hold.value != "none")
         # A different leaf in the way (another level or pfn, or a changed host-writable bit) is

@@ -1,0 +1,72 @@
+"""Watch the kernel log for KVM warnings (kernel/printk: the ``/dev/kmsg`` record format of
+Documentation/ABI/testing/dev-kmsg).
+
+``DmesgWatch()`` remembers the last record's sequence number; ``new_problems()`` returns the WARN/BUG
+reports logged since then whose text or call trace mentions KVM (``kvm``, ``kvm_pvm``, ``kvm-pvm``).
+The real-KVM tests assert that it is empty: kvmsim must never make the host kernel warn.  Reading
+/dev/kmsg needs CAP_SYSLOG (or ``kernel.dmesg_restrict=0``); without it ``available`` is False.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+_PROBLEM = re.compile(r"WARNING:|BUG:|kernel BUG|Oops|general protection fault|"
+                      r"UBSAN:|KASAN:|refcount_t:|list_(add|del) corruption")
+_KVM = re.compile(r"kvm", re.IGNORECASE)
+_CONTEXT = 40
+
+
+def read_kmsg() -> list[tuple[int, str]]:
+    """Every record currently in the ring buffer as ``(seq, text)``."""
+    out = []
+    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                if e.errno == 32:           # EPIPE: records overwritten while reading; keep going
+                    continue
+                raise
+            if not rec:
+                break
+            head, _, msg = rec.decode(errors="replace").partition(";")
+            fields = head.split(",")
+            seq = int(fields[1]) if len(fields) > 1 and fields[1].isdigit() else -1
+            out.append((seq, msg.split("\n")[0]))
+    finally:
+        os.close(fd)
+    return out
+
+
+class DmesgWatch:
+    """A snapshot of the kernel log; ``new_problems()`` lists the KVM WARN/BUG lines since."""
+
+    def __init__(self) -> None:
+        try:
+            records = read_kmsg()
+            self.available = True
+        except OSError:
+            records = []
+            self.available = False
+        self.last_seq = records[-1][0] if records else -1
+
+    def new_lines(self) -> list[str]:
+        if not self.available:
+            return []
+        return [msg for seq, msg in read_kmsg() if seq > self.last_seq]
+
+    def new_problems(self, kvm_only: bool = True) -> list[str]:
+        lines = self.new_lines()
+        problems = []
+        for i, line in enumerate(lines):
+            if not _PROBLEM.search(line) or line.startswith(" "):
+                continue
+            context = lines[i:i + _CONTEXT]
+            if not kvm_only or any(_KVM.search(c) for c in context):
+                problems.append(line)
+        return problems

@@ -262,9 +262,17 @@ class ModelBackend:
             raise UsageError("the model keeps one 8-byte value per page: host reads at page offset 0 only")
         try:
             v = self.host.mm.host_access(int(m.hva) + offset, False)
-        except ModelError as e:
-            return HostAccess(None, signal.SIGSEGV if e.errno == errno.EFAULT and self.host.mm.vma_lookup(int(m.hva) + offset) is None else signal.SIGBUS)
+        except ModelError:
+            return HostAccess(None, self._signal_for(int(m.hva) + offset, False))
         return HostAccess(struct.pack("<q", v))
+
+    def _signal_for(self, hva: int, write: bool) -> int:
+        """SIGSEGV for no mapping or a protection fault, SIGBUS when the backing cannot be faulted in."""
+        from kvmsim.mm.fault import access_permitted
+        vma = self.host.mm.vma_lookup(hva)
+        if vma is None or not access_permitted(vma, write):
+            return signal.SIGSEGV
+        return signal.SIGBUS
 
     def host_write(self, m: HostMapping, offset: int, data: bytes) -> HostAccess:
         self._vma_of(m)
@@ -273,7 +281,7 @@ class ModelBackend:
         try:
             self.host.mm.host_access(int(m.hva) + offset, True, struct.unpack("<q", data)[0])
         except ModelError:
-            return HostAccess(None, signal.SIGBUS if self.host.mm.vma_lookup(int(m.hva) + offset) else signal.SIGSEGV)
+            return HostAccess(None, self._signal_for(int(m.hva) + offset, True))
         return HostAccess(b"")
 
     # ---- guest accesses ---------------------------------------------------------------------------

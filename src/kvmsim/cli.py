@@ -1,8 +1,42 @@
-"""The ``kvmsim`` command line (placeholder until the scenario issue lands)."""
+"""The ``kvmsim`` command line: scenarios (list, show, run, compare), plus commands other modules add.
+
+``cli`` is a click group; other modules register subcommands with ``@cli.command()`` in their own
+``kvmsim.cli_*`` module, imported at the bottom of this file (a missing one is skipped).
+
+Exit codes: 0 every run matched what its scenario states, 1 a mismatch, 2 bad input (a malformed
+scenario file is reported as ``file:line: [key] message``, never with a traceback).
+"""
 
 from __future__ import annotations
 
+import functools
+import importlib
+import json
+import sys
+
 import click
+
+EXIT_MISMATCH = 1
+EXIT_BAD_INPUT = 2
+JSON_VIOLATION_CAP = 1000
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def handle_errors(fn):
+    """Turn a :class:`KvmsimError` into ``file:line: message`` on stderr and exit status 2."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from kvmsim.errors import KvmsimError
+        try:
+            return fn(*args, **kwargs)
+        except KvmsimError as e:
+            click.echo(f"kvmsim: error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -11,5 +45,239 @@ def cli() -> None:
     """kvmsim: how KVM maps guest memory, legacy (v6.12) vs series (v6.13)."""
 
 
+# ---- helpers -----------------------------------------------------------------------------------------
+
+def _inv_summary(by_inv: dict[str, int]) -> str:
+    return " ".join(f"{k}×{v}" if v > 1 else k for k, v in by_inv.items()) or "-"
+
+
+def _key_counters(counters: dict[str, int]) -> str:
+    from kvmsim.scenarios.runner import KEY_COUNTERS
+    return " ".join(f"{k}={counters[k]}" for k in KEY_COUNTERS if counters.get(k)) or "-"
+
+
+def run_json(rr) -> dict:
+    """The JSON object of one run (see tests/scenarios/test_json_schema.py for its schema)."""
+    d = rr.as_dict()
+    if len(d["violations"]) > JSON_VIOLATION_CAP:
+        d["violations"] = d["violations"][:JSON_VIOLATION_CAP]
+        d["violations_truncated"] = True
+    d["violations_by_invariant"] = rr.by_invariant()
+    d["mismatches"] = rr.mismatches
+    return d
+
+
+def _runs(pairs, *, show_progress: bool):
+    """Run (scenario, policy) pairs with a progress bar on stderr; returns RunResults."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from kvmsim.scenarios.runner import run
+    out = []
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                  TimeElapsedColumn(), console=_console(stderr=True), transient=True,
+                  disable=not show_progress) as progress:
+        for sc, policy in pairs:
+            task = progress.add_task(f"{sc.name} [{policy}]", total=len(sc.steps))
+            out.append(run(sc, policy, progress=lambda i, n, t=task: progress.update(t, completed=i)))
+            progress.remove_task(task)
+    return out
+
+
+def _policies(sc, policy: str | None) -> tuple[str, ...]:
+    from kvmsim.scenarios.spec import POLICY_ALIASES
+    if policy is None:
+        return sc.policies
+    return POLICY_ALIASES.get(policy, (policy,))
+
+
+# ---- list / show ---------------------------------------------------------------------------------------
+
+@cli.command("list")
+@handle_errors
+def list_cmd() -> None:
+    """List the bundled scenarios."""
+    from rich.table import Table
+
+    from kvmsim.scenarios import library
+    from rich.table import Column
+    t = Table(Column("scenario", no_wrap=True), Column("policies", no_wrap=True), "steps",
+              Column("what it shows", no_wrap=True, overflow="ellipsis"), box=None, header_style="bold")
+    for sc in library():
+        t.add_row(sc.name, ",".join(sc.policies), str(len(sc.steps)), " ".join(sc.description.split()))
+    _console().print(t)
+
+
+@cli.command()
+@click.argument("scenario")
+@handle_errors
+def show(scenario: str) -> None:
+    """Show a scenario (bundled NAME or FILE): description, source, set-up, steps, stated outcome."""
+    from kvmsim.scenarios import load_scenario
+    sc = load_scenario(scenario)
+    con = _console()
+    con.print(f"[bold]{sc.name}[/bold]" + (f"  ({sc.file})" if sc.file else ""))
+    con.print(" ".join(sc.description.split()))
+    if sc.source:
+        con.print(f"[dim]source:[/dim] {sc.source}")
+    if sc.requires:
+        con.print(f"[dim]requires:[/dim] {', '.join(sc.requires)}")
+    for d in sc.drivers:
+        con.print(f"  driver {d.name}: {d.pfn_class} order={d.order} compound={d.compound} prefault={d.prefault} "
+                  f"pte_write={d.pte_write} free_rule={d.free_rule}")
+    for v in sc.vmas:
+        con.print(f"  vma {v.name}: {v.kind} {v.size:#x} page_size={v.page_size:#x} prot={v.prot}"
+                  + (f" driver={v.driver}" if v.driver else ""))
+    vm = sc.vm
+    con.print(f"  vm: policies={','.join(vm.policies)} arch={vm.arch} mmu={vm.mmu} execution={vm.execution}"
+              + (f" mutations={','.join(vm.mutations)}" if vm.mutations else ""))
+    for s in sc.memslots:
+        con.print(f"  memslot {s.id}: gpa={s.gpa:#x} size={s.size:#x} vma={s.vma}+{s.offset:#x} "
+                  f"flags={','.join(s.flags) or '-'}")
+    for i, st in enumerate(sc.steps, 1):
+        con.print(f"  {i:>2}. {st.describe()}")
+        for who, exp in st.expect.items():
+            con.print(f"        expect{'' if who == '*' else ' ' + who}: {exp}")
+    for p, fe in sc.expect.items():
+        con.print(f"  [expect.{p}] verdict={fe.verdict} violations={list(fe.violations or {})} counters={fe.counters}")
+
+
+# ---- run ---------------------------------------------------------------------------------------------
+
+def _fact_line(f) -> str:
+    bits = [f.kind]
+    if f.pfn is not None:
+        bits.append(f"pfn {f.pfn:#x}")
+    if f.gfn is not None:
+        bits.append(f"gfn {f.gfn:#x}")
+    if f.caller:
+        bits.append(f"by {f.caller}")
+    if f.source is not None and getattr(f.source, "value", "none") != "none":
+        bits.append(f"({f.source.value})")
+    if f.kvm:
+        bits.append("[KVM" + (", mmu_lock]" if f.locked else "]"))
+    extra = {k: v for k, v in f.extra.items() if isinstance(v, (bool, int, str)) and v not in (False, None)}
+    if extra:
+        bits.append(" ".join(f"{k}={v}" for k, v in extra.items()))
+    if f.detail:
+        bits.append(f"— {f.detail}")
+    return " ".join(bits)
+
+
+def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
+    mark = "[green]✓ matches[/green]" if rr.expected_match else "[red]✗ MISMATCH[/red]"
+    if not rr.stated:
+        mark = "[dim](no stated outcome)[/dim]"
+    con.print(f"[bold]{rr.scenario}[/bold] under [bold]{rr.policy}[/bold]: {rr.verdict} "
+              f"{_inv_summary(rr.by_invariant())}  {mark}")
+    for s in rr.steps:
+        err = f" {s.res.errno_name}" if s.res.errno else ""
+        val = f" value={s.res.value:#x}" if isinstance(s.res.value, int) and not isinstance(s.res.value, bool) else ""
+        con.print(f"  {s.index:>2}. {s.text}  → {s.res.result}{err}{val}")
+        if trace:
+            interesting = [f for f in s.facts if f.kind not in ("read", "write")]
+            for f in interesting[:max_facts]:
+                con.print(f"        · {_fact_line(f)}", markup=False)
+            if len(interesting) > max_facts:
+                con.print(f"        · … {len(interesting) - max_facts} more facts")
+            cs = {k: v for k, v in s.counters.items() if ":" not in k}
+            if cs:
+                con.print("        counters: " + " ".join(f"{k}+{v}" for k, v in sorted(cs.items())), markup=False)
+        shown = {}
+        for v in s.violations:
+            shown.setdefault(v.invariant, []).append(v)
+        for inv, vs in shown.items():
+            con.print(f"        [yellow]{vs[0]}[/yellow]" + (f" (+{len(vs) - 1} more)" if len(vs) > 1 else ""),
+                      markup=True)
+    for m in rr.mismatches:
+        con.print(f"  [red]mismatch:[/red] {m}")
+    if rr.error:
+        con.print(f"  [red]error:[/red] {rr.error}")
+    con.print("  counters: " + _key_counters(rr.counters))
+
+
+@cli.command("run")
+@click.argument("scenario")
+@click.option("--policy", type=click.Choice(["legacy", "series", "pre-5.13", "both", "all"]), default=None,
+              help="Policy to run under (default: every policy the scenario states).")
+@click.option("--trace", is_flag=True, help="Print each step's references, SPTEs and flags (journal facts).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per run (a list if several).")
+@handle_errors
+def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool) -> None:
+    """Run a scenario (bundled NAME or FILE) and check it against its stated outcome."""
+    from kvmsim.scenarios import load_scenario
+    from kvmsim.scenarios.runner import missing_requirement
+    sc = load_scenario(scenario)
+    why = missing_requirement(sc)
+    if why:
+        click.echo(f"kvmsim: {sc.name}: skipped: {why}", err=True)
+        if as_json:
+            click.echo(json.dumps([]))
+        return
+    results = _runs([(sc, p) for p in _policies(sc, policy)], show_progress=not as_json or sys.stderr.isatty())
+    if as_json:
+        out = [run_json(r) for r in results]
+        click.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
+    else:
+        con = _console()
+        for r in results:
+            _print_run(con, r, trace=trace)
+    if not all(r.expected_match for r in results):
+        sys.exit(EXIT_MISMATCH)
+
+
+# ---- compare -------------------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="A JSON list with one object per run.")
+@handle_errors
+def compare(as_json: bool) -> None:
+    """Every bundled scenario under every policy it states: verdict, violations, counters, match."""
+    from rich.table import Table
+
+    from kvmsim.scenarios import library
+    from kvmsim.scenarios.runner import missing_requirement
+    pairs, skipped = [], []
+    for sc in library():
+        why = missing_requirement(sc)
+        if why:
+            skipped.append((sc.name, why))
+            continue
+        pairs += [(sc, p) for p in sc.policies]
+    results = _runs(pairs, show_progress=True)
+    for name, why in skipped:
+        click.echo(f"kvmsim: {name}: skipped: {why}", err=True)
+    if as_json:
+        click.echo(json.dumps([run_json(r) for r in results], indent=2))
+    else:
+        t = Table("scenario", "policy", "verdict", "violations", "key counters", "match", header_style="bold")
+        last = None
+        for r in results:
+            t.add_row(r.scenario if r.scenario != last else "", r.policy,
+                      {"clean": "[green]clean[/green]", "violations": "[yellow]violations[/yellow]"}.get(r.verdict,
+                                                                                                       "[red]error[/red]"),
+                      _inv_summary(r.by_invariant()), _key_counters(r.counters),
+                      "[green]✓[/green]" if r.expected_match else "[red]✗[/red]")
+            last = r.scenario
+        for name, why in skipped:
+            t.add_row(name, "-", "[dim]skipped[/dim]", why, "", "-")
+        con = _console()
+        con.print(t)
+        bad = [r for r in results if not r.expected_match]
+        for r in bad:
+            for m in r.mismatches:
+                con.print(f"[red]{r.scenario} [{r.policy}][/red]: {m}")
+        con.print(f"{len(results) - len(bad)}/{len(results)} runs match their stated outcome")
+    if not all(r.expected_match for r in results):
+        sys.exit(EXIT_MISMATCH)
+
+
 def main() -> None:
     cli()
+
+
+# ---- subcommands from other modules --------------------------------------------------------------------
+for _name in ("kvmsim.cli_conform", "kvmsim.cli_bench", "kvmsim.cli_explore"):
+    try:
+        importlib.import_module(_name)
+    except ImportError:
+        pass

@@ -86,8 +86,12 @@ class Step:
     line: int | None = None
 
     def describe(self) -> str:
+        from kvmsim.scenarios.ops import OP_ARGS
+        schema = OP_ARGS.get(self.op, {})
         shown = []
         for k, v in self.args.items():
+            if k in schema and schema[k][1] is not None and v == schema[k][1] and k != "threads":
+                continue                                    # a default: not worth showing
             if k == "threads":
                 shown.append("threads=" + ",".join(v))
             elif isinstance(v, int) and not isinstance(v, bool) and k in ("gpa", "offset", "size", "stride"):

@@ -168,16 +168,22 @@ class X86Mmu:
                               ad_disabled=not self.ad_enabled, held=kfp.hold.value != "none")
         # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
         # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
-        zlo, zhi = t.leaf_bounds(slot, lo, hi)
-        old = t.bits[zlo:zhi]
-        conflict = ((old & P) != 0) & ((t.level[zlo:zhi] != level) | (t.pfn[zlo:zhi] != base_pfn - lo + np.arange(zlo, zhi))
-                                       | ((old & HW) != (bits & HW)))
-        if conflict.any():
+        if n == 1 and (not b & P or int(t.level[i]) == 1):      # the common 4K case, in plain integers
+            conflict = bool(b & P) and (int(t.pfn[i]) != pfn or (b & HW) != (bits & HW))
+            zlo, zhi = i, i + 1
+        else:
+            zlo, zhi = t.leaf_bounds(slot, lo, hi)
+            old = t.bits[zlo:zhi]
+            conflict = bool((((old & P) != 0) & ((t.level[zlo:zhi] != level)
+                                                 | (t.pfn[zlo:zhi] != base_pfn - lo + np.arange(zlo, zhi))
+                                                 | ((old & HW) != (bits & HW)))).any())
+        if conflict:
             tdp_mmu.zap_range(kvm, slot, zlo, zhi, self.zap_caller)
             kvm.flush_remote_tlbs("kvm_tdp_mmu_map: zap")
         if int(t.bits[i]) & P:
             bits |= int(t.bits[i]) & (A | D)                 # same leaf: keep what the guest set
-        spte_write(kvm, slot, lo, hi, bits, base_pfn + np.arange(n), level, caller=self.map_caller)
+        spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
+                   caller=self.map_caller)
         kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
                          extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
         if writable and slot.logging:

@@ -145,6 +145,10 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
     ``handle_changed_spte`` (aging's ``tdp_mmu_clear_spte_bits``, which captures what it needs itself).
     """
     t = tables(slot)
+    if hi - lo == 1 and np.ndim(new_bits) == 0 and (new_pfn is None or np.ndim(new_pfn) == 0) \
+            and (new_level is None or np.ndim(new_level) == 0):
+        _spte_write_one(kvm, slot, t, lo, int(new_bits), new_pfn, new_level, caller, track)
+        return
     old_bits = t.bits[lo:hi].copy()
     old_pfn = t.pfn[lo:hi].copy()
     old_level = t.level[lo:hi].copy()
@@ -162,6 +166,26 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
     changed = int(np.count_nonzero((old_bits != nb) | (old_pfn != npf) | (old_level != nl)))
     if changed:
         kvm.journal.count("spte_write", _leaves_in(slot, lo, old_level, nl, (old_bits != nb) | (old_pfn != npf) | (old_level != nl)))
+
+
+def _spte_write_one(kvm, slot, t, i: int, nb: int, new_pfn, new_level, caller: str, track: bool) -> None:
+    """:func:`spte_write` for one 4 KiB entry, in plain integers (the scalar fault path)."""
+    ob, op, ol = int(t.bits[i]), int(t.pfn[i]), int(t.level[i])
+    npf = op if new_pfn is None else int(new_pfn)
+    nl = ol if new_level is None else int(new_level)
+    if nb & P and ((nb & W and not nb & MW) or (nb & MW and not nb & HW)
+                   or (ob & P and ol == nl and ((ob ^ nb) & HW or op != npf))):
+        check_inv11(kvm, slot, i, np.array([ob], np.uint16), np.array([op], np.int64), np.array([ol], np.uint8),
+                    np.array([nb], np.uint16), np.array([npf], np.int64), np.array([nl], np.uint8), caller)
+    if track and ob & P and not ob & MMIO:
+        handle_changed_spte(kvm, slot, i, np.array([ob], np.uint16), np.array([op], np.int64),
+                            np.array([ol], np.uint8), np.array([nb], np.uint16), np.array([npf], np.int64),
+                            np.array([nl], np.uint8), caller)
+    t.bits[i] = nb
+    t.pfn[i] = npf
+    t.level[i] = nl
+    if ob != nb or op != npf or ol != nl:
+        kvm.journal.count("spte_write")
 
 
 def _leaves_in(slot, lo, old_level, new_level, changed) -> int:

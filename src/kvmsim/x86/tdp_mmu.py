@@ -27,12 +27,29 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+def _max_level_one(kvm, slot, i: int, max_level: int) -> int:
+    """:func:`max_mapping_levels` for one gfn, in plain integers (the scalar fault path)."""
+    lv = min(kvm.mm.host_mapping_level(slot.userspace_addr + (i << PAGE_SHIFT)), max_level)
+    gfn = slot.base_gfn + i
+    for level in (3, 2):
+        if lv < level:
+            continue
+        n = LEVEL_PAGES[level]
+        start = gfn // n * n
+        if start < slot.base_gfn or start + n > slot.base_gfn + slot.npages or \
+                ((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n:
+            lv = level - 1
+    return lv
+
+
 def max_mapping_levels(kvm, slot, lo: int, hi: int, max_level: int, *, logging: bool | None = None) -> np.ndarray:
     """``kvm_mmu_max_mapping_level()`` per gfn: host level, memslot alignment (``lpage_info``
     disallow for misaligned gfn/hva or a huge page crossing the slot), dirty logging, ``max_level``."""
     logging = slot.logging and not slot.readonly if logging is None else logging
     if logging or max_level <= 1:
         return np.ones(hi - lo, dtype=np.uint8)
+    if hi - lo == 1:
+        return np.array([_max_level_one(kvm, slot, lo, max_level)], dtype=np.uint8)
     lv = np.minimum(host_levels(kvm, slot, lo, hi), max_level)
     gfn = slot.base_gfn + np.arange(lo, hi)
     for level in (3, 2):

@@ -100,7 +100,7 @@ def list_cmd() -> None:
 
     from kvmsim.scenarios import library
     from rich.table import Column
-    t = Table(Column("scenario", no_wrap=True), Column("policies", no_wrap=True), "steps",
+    t = Table(Column("scenario", no_wrap=True, min_width=28), Column("policies", no_wrap=True, min_width=22), "steps",
               Column("what it shows", no_wrap=True, overflow="ellipsis"), box=None, header_style="bold")
     for sc in library():
         t.add_row(sc.name, ",".join(sc.policies), str(len(sc.steps)), " ".join(sc.description.split()))

@@ -2,7 +2,8 @@
 Documentation/ABI/testing/dev-kmsg).
 
 ``DmesgWatch()`` remembers the last record's sequence number; ``new_problems()`` returns the WARN/BUG
-reports logged since then whose text or call trace mentions KVM (``kvm``, ``kvm_pvm``, ``kvm-pvm``).
+reports logged since then whose first line or call-trace frames (the indented lines that follow) mention
+KVM (``kvm``, ``kvm_pvm``); the "Modules linked in" line, which names kvm on every KVM host, is ignored.
 The real-KVM tests assert that it is empty: kvmsim must never make the host kernel warn.  Reading
 /dev/kmsg needs CAP_SYSLOG (or ``kernel.dmesg_restrict=0``); without it ``available`` is False.
 """
@@ -62,11 +63,11 @@ class DmesgWatch:
 
     def new_problems(self, kvm_only: bool = True) -> list[str]:
         lines = self.new_lines()
+        starts = [i for i, line in enumerate(lines) if _PROBLEM.search(line) and not line.startswith(" ")]
         problems = []
-        for i, line in enumerate(lines):
-            if not _PROBLEM.search(line) or line.startswith(" "):
-                continue
-            context = lines[i:i + _CONTEXT]
-            if not kvm_only or any(_KVM.search(c) for c in context):
-                problems.append(line)
+        for n, i in enumerate(starts):
+            end = min(starts[n + 1] if n + 1 < len(starts) else len(lines), i + _CONTEXT)
+            frames = [lines[i]] + [c for c in lines[i + 1:end] if c[:1].isspace()]
+            if not kvm_only or any(_KVM.search(c) for c in frames):
+                problems.append(lines[i])
         return problems

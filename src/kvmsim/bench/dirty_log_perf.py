@@ -1,0 +1,210 @@
+"""The dirty_log_perf_test flow (tools/testing/selftests/kvm/dirty_log_perf_test.c ``run_test()``) on
+the model, with a wall-clock time and the model's cost counters for every phase.
+
+Flow, as the selftest's: create the VM (``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` with
+``MANUAL_PROTECT_ENABLE | INITIALLY_SET`` unless ``-g``) and the test memslots; the vCPUs populate
+their regions with 100% writes; enable ``KVM_MEM_LOG_DIRTY_PAGES`` on every test slot; for each
+iteration the vCPUs dirty their regions (``write_percent``), then ``KVM_GET_DIRTY_LOG`` (and
+``KVM_CLEAR_DIRTY_LOG`` with manual protect) per slot; disable dirty logging.  With ``-e`` the vCPUs
+keep running while logging is disabled; the model plays that as one pass just before the ioctls (the
+pages dirtied since the last CLEAR, which the zap then finds D-set: legacy's per-4 KiB dirty marks)
+and one pass just after (the faults that re-create huge mappings after zapping collapsible SPTEs,
+gone with in-place recovery).  The printed disable time is the ioctls' alone, as in the selftest.
+
+vCPUs run one after another (the model has no parallelism); a phase's time is the sum.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass, write_masks
+from kvmsim.kvm.dirty import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+                              enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log)
+from kvmsim.kvm.kvm import Kvm
+from kvmsim.kvm.memslot import KVM_MEM
+from kvmsim.mm.host import Host
+from kvmsim.errors import UsageError
+from kvmsim.types import PAGE_SHIFT
+
+#: The cost columns: struct-page operations by kind, then the MMU's own work.
+STRUCT_PAGE_KINDS = ("set_dirty", "mark_accessed", "get_page", "put_page", "pin", "unpin")
+MMU_COUNTERS = ("spte_write", "tlb_flush", "page_fault", "fast_page_fault")
+COLUMNS = STRUCT_PAGE_KINDS + MMU_COUNTERS
+
+
+@dataclass
+class Options:
+    """dirty_log_perf_test's ``struct test_params`` plus the model's knobs."""
+
+    vcpu_memory: int = 1 << 30          # -b
+    vcpus: int = 1                      # -v
+    iterations: int = 2                 # -i
+    backing: str = "anonymous"          # -s
+    write_percent: int = 100            # -w
+    slots: int = 1                      # -x
+    manual_protect: bool = True         # not -g
+    run_while_disabling: bool = False   # -e
+    seed: int = 1                       # -r
+    v613_other: bool = False
+
+    def check(self) -> None:
+        if self.iterations < 2:
+            raise UsageError("-i: iterations must be >= 2 (dirty_log_perf_test's rule)")
+        if self.vcpus < 1:
+            raise UsageError("-v: at least one vCPU")
+        if not 0 <= self.write_percent <= 100:
+            raise UsageError("-w: write percent must be in 0..100")
+        if self.vcpu_memory <= 0 or self.vcpu_memory % 4096:
+            raise UsageError("-b: memory per vCPU must be a positive multiple of 4 KiB")
+
+    @property
+    def total(self) -> int:
+        return self.vcpu_memory * self.vcpus
+
+
+@dataclass
+class Phase:
+    """One printed phase: its selftest name, seconds and counter deltas."""
+
+    name: str
+    iteration: int | None
+    seconds: float
+    counters: dict[str, int] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, int]:
+        return summarize(self.counters)
+
+
+@dataclass
+class RunResult:
+    backend: str
+    policy: str
+    options: dict
+    phases: list[Phase]
+    peak_rss_bytes: int = 0
+    wall_seconds: float = 0.0
+    stats: dict = field(default_factory=dict)
+    note: str = ""
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        for p, ph in zip(d["phases"], self.phases):
+            p["summary"] = ph.summary()
+        return d
+
+    def phase(self, name: str, iteration: int | None = None) -> Phase:
+        for p in self.phases:
+            if p.name == name and p.iteration == iteration:
+                return p
+        raise KeyError((name, iteration))
+
+    def total(self, name: str) -> float:
+        return sum(p.seconds for p in self.phases if p.name == name)
+
+
+def summarize(counters: dict[str, int]) -> dict[str, int]:
+    """Fold ``set_dirty:<caller>`` etc. into one number per kind, plus the MMU counters."""
+    out = dict.fromkeys(COLUMNS, 0)
+    for k, v in counters.items():
+        kind = k.split(":", 1)[0]
+        if ":" in k and kind in STRUCT_PAGE_KINDS:
+            out[kind] += v
+        elif k in MMU_COUNTERS:
+            out[k] += v
+    return out
+
+
+class _Clock:
+    def __init__(self, journal, phases: list[Phase]):
+        self.journal, self.phases = journal, phases
+
+    def __call__(self, name: str, iteration: int | None = None):
+        clock = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.before = clock.journal.snapshot()
+                self.t0 = time.perf_counter_ns()
+
+            def __exit__(self, *exc):
+                dt = time.perf_counter_ns() - self.t0
+                if exc[0] is None:
+                    clock.phases.append(Phase(name, iteration, dt / 1e9, clock.journal.since(self.before)))
+        return _Ctx()
+
+
+def run_model(opts: Options, policy: str) -> RunResult:
+    """Run the whole flow on a fresh host and VM under ``policy``; returns timings and counters."""
+    opts.check()
+    t_start = time.perf_counter()
+    host = Host(recording=False)
+    kvm = Kvm(host, policy=policy, arch="x86", mmu="tdp", v613_other=opts.v613_other)
+    if opts.manual_protect:
+        enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET)
+    slots = create_test_slots(kvm, opts.total, opts.backing, opts.slots)
+    vcpus = [kvm.create_vcpu() for _ in range(opts.vcpus)]
+    per = opts.vcpu_memory >> PAGE_SHIFT
+    rng = np.random.default_rng(opts.seed)
+    phases: list[Phase] = []
+    clock = _Clock(kvm.journal, phases)
+
+    def all_vcpus(value: int, percent: int) -> None:
+        for k, v in enumerate(vcpus):
+            vcpu_pass(kvm, v, TEST_GPA + k * opts.vcpu_memory, per, write_masks(per, percent, rng), value)
+
+    def set_logging(on: bool) -> None:
+        for s in slots:
+            kvm.set_user_memory_region(s.slot, s.gpa, s.size, s.vma.start, KVM_MEM.LOG_DIRTY_PAGES if on else 0)
+
+    with clock("populate"):
+        all_vcpus(0, 100)
+    with clock("enable"):
+        set_logging(True)
+    for it in range(1, opts.iterations + 1):
+        with clock("dirty", it):
+            all_vcpus(it, opts.write_percent)
+        logs = []
+        with clock("get", it):
+            for s in slots:
+                logs.append(kvm_get_dirty_log(kvm, s.slot))
+        if opts.manual_protect:
+            with clock("clear", it):
+                for s, log in zip(slots, logs):
+                    kvm_clear_dirty_log(kvm, s.slot, 0, s.npages, log)
+        del logs
+    if opts.run_while_disabling:
+        with clock("before-disable", opts.iterations + 1):
+            all_vcpus(opts.iterations + 1, opts.write_percent)
+    with clock("disable"):
+        set_logging(False)
+    if opts.run_while_disabling:
+        with clock("after-disable", opts.iterations + 2):
+            all_vcpus(opts.iterations + 2, opts.write_percent)
+    stats = kvm.arch.stats()
+    wall = time.perf_counter() - t_start
+    res = RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
+    del slots, vcpus, kvm, host
+    gc.collect()
+    return res
+
+
+def peak_rss() -> int:
+    """This process's peak resident set (``getrusage(RUSAGE_SELF).ru_maxrss``), in bytes."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run_model_isolated(opts: Options, policy: str) -> RunResult:
+    """:func:`run_model` in a forked child, so its peak RSS is its own; in-process without fork."""
+    import multiprocessing as mp
+    try:
+        ctx = mp.get_context("fork")
+    except ValueError:
+        return run_model(opts, policy)
+    with ctx.Pool(1) as pool:
+        return pool.apply(run_model, (opts, policy))

@@ -1,0 +1,164 @@
+"""The host side of first-touch guest faults over a range, vectorised (mm/gup.c
+``get_user_pages_unlocked()`` → mm/memory.c ``handle_mm_fault()``, mm/hugetlb.c, mm/shmem.c).
+
+A stage-2 fault on a page the host has not mapped writable makes KVM's ``hva_to_pfn()`` fall back from
+``get_user_page_fast_only()`` to ``get_user_pages_unlocked(FOLL_WRITE)``, which faults the page (or
+the whole THP / hugetlb folio) in and touches it (``FOLL_TOUCH``).  :func:`host_prefault_range` does
+that for every fault a write pass over ``[lo, hi)`` of a slot would take, in gfn order, leaving the
+host PTEs, folios and counters (``gup_slow``, ``host_page_fault``, ``host_huge_alloc``,
+``mark_accessed:follow_page_pte:FOLL_TOUCH``) exactly as the scalar faults would.  The KVM side
+(the fast GUP that now succeeds, ``make_spte()``, the release) is then
+:func:`kvmsim.x86.bulk.guest_access_range`'s vectorised slow fault.
+
+Only fresh memory is handled: private anonymous memory (4 KiB, THP, private hugetlb) and shared
+memory (shmem, memfd, shared hugetlb) with no swap, no file data to read back and an empty page
+free list; everything else is left to the scalar path (the function then does nothing there).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvmsim.mm.page import PG
+from kvmsim.mm.vma import VM, Pte, VmaKind
+from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PG_LEVEL_2M
+
+_P, _W, _Y, _D, _PN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY), int(Pte.PROTNONE)
+_FOLL_TOUCH = "follow_page_pte:FOLL_TOUCH"
+
+
+def host_prefault_range(kvm, slot, lo: int, hi: int) -> int:
+    """Fault in, for write, what guest writes to slot-relative ``[lo, hi)`` would make GUP fault in.
+
+    Pages whose SPTE is already present are skipped (the guest hits or takes a fast fault there).
+    Returns the number of host faults made."""
+    if hi <= lo or slot.readonly or kvm.execution != "hardware" or kvm.phys._free:
+        return 0
+    t = slot.arch.get("x86")
+    h0 = slot.userspace_addr + (lo << PAGE_SHIFT)
+    h1 = slot.userspace_addr + (hi << PAGE_SHIFT)
+    done = 0
+    for vma in kvm.mm.vmas_in(h0, h1):
+        if not vma.flags & VM.WRITE or vma.flags & (VM.IO | VM.PFNMAP) or vma.driver is not None:
+            continue
+        a, b = max(h0, vma.start), min(h1, vma.end)
+        i0, i1 = vma.idx(a), vma.idx(b)
+        s0 = lo + ((a - h0) >> PAGE_SHIFT)
+        need = (vma.pte[i0:i1] & (_P | _W)) != (_P | _W)
+        if t is not None:
+            need &= (t.bits[s0:s0 + i1 - i0] & 1) == 0
+        if not need.any():
+            continue
+        done += _fault_vma(kvm, vma, i0 + np.flatnonzero(need))
+    return done
+
+
+def _fault_vma(kvm, vma, idx: np.ndarray) -> int:
+    if (vma.pte[idx] & (_P | _PN)).any():          # write-protected or NUMA-hinting PTEs: scalar
+        return 0
+    if vma.mapping is not None and vma.flags & VM.SHARED:
+        asp = vma.mapping
+        if asp.disk or asp.needs_io or asp.removed or asp.truncated_from is not None or vma.writenotify:
+            return 0
+        return _fault_shared(kvm, vma, idx)
+    if vma.anon is None or vma.anon.swap:
+        return 0
+    if vma.kind == VmaKind.HUGETLB:
+        return _fault_anon_huge(kvm, vma, idx, vma.huge_level)
+    if vma.flags & VM.HUGEPAGE:
+        n = PAGES_PER_PMD
+        lo = idx // n * n
+        fits = ((vma.start + (lo << PAGE_SHIFT)) % (1 << 21) == 0) & (lo + n <= vma.npages)
+        if not fits.all():
+            return 0
+        return _fault_anon_huge(kvm, vma, idx, PG_LEVEL_2M)
+    return _fault_anon_4k(kvm, vma, idx)
+
+
+def _touch(kvm, pfns: np.ndarray) -> None:
+    """``get_user_pages_unlocked()``'s accounting for each fault: ``gup_slow``, ``FOLL_TOUCH``."""
+    j = kvm.journal
+    j.count("gup_slow", len(pfns))
+    j.count("host_page_fault", len(pfns))
+    j.count(f"mark_accessed:{_FOLL_TOUCH}", len(pfns))
+    kvm.phys.flags[np.unique(kvm.phys.head[pfns])] |= int(PG.referenced)
+
+
+def _fault_anon_4k(kvm, vma, idx: np.ndarray) -> int:
+    """``do_anonymous_page()`` for write: a new page each, mapped writable and dirty."""
+    phys = kvm.phys
+    pfn0 = phys.alloc(0, owner=vma.anon.owner_id, index=vma.pgoff + int(idx[0]), count=len(idx))
+    pfns = np.arange(pfn0, pfn0 + len(idx), dtype=np.int64)
+    phys.index[pfns] = vma.pgoff + idx
+    vma.pte_pfn[idx] = pfns
+    vma.pte[idx] = _P | _Y | _W | _D
+    _touch(kvm, pfns)
+    return len(idx)
+
+
+def _runs(starts: np.ndarray, n: int) -> list[tuple[int, int]]:
+    """Split sorted region starts into runs of consecutive regions: (first start, count)."""
+    brk = np.flatnonzero(np.diff(starts) != n) + 1
+    return [(int(r[0]), len(r)) for r in np.split(starts, brk)]
+
+
+def _fault_anon_huge(kvm, vma, idx: np.ndarray, level: int) -> int:
+    """Anonymous THP / private hugetlb: one folio per touched huge region, mapped writable+dirty."""
+    phys = kvm.phys
+    n = 1 << (9 * (level - 1))
+    starts, first = np.unique(idx // n * n, return_index=True)
+    leaders = idx[first]
+    for s, cnt in _runs(starts, n):
+        head = phys.alloc(9 * (level - 1), owner=vma.anon.owner_id, index=vma.pgoff + s, count=cnt)
+        m = cnt * n
+        vma.pte_pfn[s:s + m] = np.arange(head, head + m)
+        vma.pte[s:s + m] = _P | _Y | _W | _D
+        vma.pte_level[s:s + m] = level
+    kvm.journal.count("host_huge_alloc", len(starts))
+    _touch(kvm, vma.pte_pfn[leaders])
+    return len(starts)
+
+
+def _fault_shared(kvm, vma, idx: np.ndarray) -> int:
+    """``shmem_fault()`` / ``hugetlb_fault()`` on a shared mapping: allocate the folio into the page
+    cache if absent, map it writable and dirty (the whole folio when it fits in the VMA)."""
+    phys = kvm.phys
+    asp = vma.mapping
+    order = asp.folio_order
+    n = 1 << order
+    index = vma.pgoff + idx
+    if (index >= asp.npages).any():
+        return 0
+    if n == 1:
+        cached = asp.pages[index] >= 0
+        new = index[~cached]
+        if len(new):
+            pfn0 = phys.alloc(0, owner=asp.owner_id, index=int(new[0]), count=len(new))
+            pfns = np.arange(pfn0, pfn0 + len(new), dtype=np.int64)
+            phys.index[pfns] = new
+            asp.pages[new] = pfns
+        vma.pte_pfn[idx] = asp.pages[index]
+        vma.pte[idx] = _P | _Y | _W | _D
+        phys.flags[phys.head[vma.pte_pfn[idx]]] |= int(PG.uptodate)
+        _touch(kvm, vma.pte_pfn[idx])
+        return len(idx)
+    lo_index = index // n * n
+    starts, first = np.unique(lo_index, return_index=True)
+    leaders = idx[first]
+    lo_vma = leaders - (index[first] - starts)
+    if ((lo_vma < 0) | (lo_vma + n > vma.npages)).any():
+        return 0
+    missing = starts[asp.pages[starts] < 0]
+    for s, cnt in (_runs(missing, n) if len(missing) else []):
+        head = phys.alloc(order, owner=asp.owner_id, index=s, count=cnt)
+        asp.pages[s:s + cnt * n] = np.arange(head, head + cnt * n)
+    for s, cnt in _runs(lo_vma, n):
+        m = cnt * n
+        sl = slice(s, s + m)
+        vma.pte_pfn[sl] = asp.pages[vma.pgoff + s:vma.pgoff + s + m]
+        vma.pte[sl] = _P | _Y | _W | _D
+        vma.pte_level[sl] = vma.huge_level
+    heads = asp.pages[starts]
+    phys.flags[heads] |= int(PG.uptodate)
+    _touch(kvm, vma.pte_pfn[leaders])
+    return len(starts)

@@ -1,0 +1,124 @@
+"""What ``kvmsim bench dirty-log`` prints: the selftest's lines (seconds with 9 decimals, as its
+``%ld.%.9lds``), kvmsim's cost tables per policy, the model-vs-real comparison, JSON and a plot."""
+
+from __future__ import annotations
+
+from kvmsim.bench.dirty_log_perf import COLUMNS, RunResult
+from kvmsim.errors import UsageError
+
+_LABEL = {"populate": "Populate memory", "enable": "Enabling dirty logging",
+          "disable": "Disabling dirty logging", "before-disable": "vCPUs dirtying before disabling (-e)",
+          "after-disable": "vCPUs running after disabling (-e)"}
+
+
+def ts(seconds: float) -> str:
+    """``%ld.%.9lds``."""
+    ns = int(round(seconds * 1e9))
+    return f"{ns // 10**9}.{ns % 10**9:09d}s"
+
+
+def phase_label(name: str, iteration: int | None) -> str:
+    if name in ("dirty", "get", "clear"):
+        what = {"dirty": "dirty memory", "get": "get dirty log", "clear": "clear dirty log"}[name]
+        return f"Iteration {iteration} {what}"
+    return _LABEL.get(name, name)
+
+
+def selftest_lines(r: RunResult) -> list[str]:
+    """dirty_log_perf_test's pr_info lines for one run."""
+    o = r.options
+    total = o["vcpu_memory"] * o["vcpus"]
+    lines = [f"Test iterations: {o['iterations']}",
+             "Testing guest mode: PA-bits:52,  VA-bits:48,  4K pages",
+             f"guest physical test memory: [{1 << 32:#x}, {(1 << 32) + total:#x})",
+             f"Random seed: {o['seed']}"]
+    for p in r.phases:
+        lines.append(f"{phase_label(p.name, p.iteration)} time: {ts(p.seconds)}")
+    n = o["iterations"]
+    get = r.total("get")
+    lines.append(f"Get dirty log over {n} iterations took {ts(get)}. (Avg {ts(get / n)}/iteration)")
+    if o["manual_protect"]:
+        clr = r.total("clear")
+        lines.append(f"Clear dirty log over {n} iterations took {ts(clr)}. (Avg {ts(clr / n)}/iteration)")
+    return lines
+
+
+_HEAD = {"set_dirty": "dirty", "mark_accessed": "accessed", "get_page": "get", "put_page": "put",
+         "pin": "pin", "unpin": "unpin", "spte_write": "SPTE wr", "tlb_flush": "TLB fl",
+         "page_fault": "faults", "fast_page_fault": "fast PF"}
+_SHORT = {"populate": "populate", "enable": "enable log", "disable": "disable log",
+          "before-disable": "-e before", "after-disable": "-e after"}
+
+
+def short_label(name: str, iteration: int | None) -> str:
+    return f"it{iteration} {name}" if name in ("dirty", "get", "clear") else _SHORT.get(name, name)
+
+
+def cost_table(r: RunResult, title: str):
+    """Phase, seconds, struct-page operations by kind (dirty, accessed, get, put, pin, unpin), then
+    SPTE writes, TLB flushes, faults and fast faults."""
+    from rich.table import Table
+    t = Table(title=title, title_justify="left", pad_edge=False, padding=(0, 1))
+    t.add_column("phase", no_wrap=True)
+    t.add_column("seconds", justify="right", no_wrap=True)
+    for c in COLUMNS:
+        t.add_column(_HEAD[c], justify="right", no_wrap=True)
+    for p in r.phases:
+        s = p.summary()
+        t.add_row(short_label(p.name, p.iteration), f"{p.seconds:.6f}", *(f"{s[c]:,}" for c in COLUMNS))
+    return t
+
+
+def compare_table(model: RunResult, real: RunResult):
+    from rich.table import Table
+    t = Table(title="model vs real /dev/kvm (same flow)", title_justify="left")
+    for c in ("phase", "model", "real KVM", "real / model"):
+        t.add_column(c, justify="left" if c == "phase" else "right")
+    rows = [(p.name, p.iteration) for p in real.phases]
+    for name, it in rows + [("total", None)]:
+        if name == "total":
+            m, k = sum(p.seconds for p in model.phases if (p.name, p.iteration) in rows), real.wall_seconds
+            m = model.wall_seconds
+        else:
+            try:
+                m = model.phase(name, it).seconds
+            except KeyError:
+                continue
+            k = real.phase(name, it).seconds
+        t.add_row("whole flow (wall)" if name == "total" else phase_label(name, it), ts(m), ts(k),
+                  f"{k / m:,.1f}x" if m > 0 else "-")
+    return t
+
+
+def plot(results: list[RunResult], path: str) -> None:
+    """Phase times and cost counters, one bar group per phase, one bar per run."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UsageError("--plot needs matplotlib: pip install 'kvmsim[plot]'") from None
+    import numpy as np
+    phases = [(p.name, p.iteration) for p in results[0].phases]
+    labels = [phase_label(n, i).replace("Iteration ", "it") for n, i in phases]
+    keys = ["seconds", "set_dirty", "mark_accessed", "spte_write", "tlb_flush", "page_fault"]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8, len(phases) * 1.1), 2.4 * len(keys)), sharex=True)
+    x = np.arange(len(phases))
+    w = 0.8 / len(results)
+    for k, r in enumerate(results):
+        tag = f"{r.backend}:{r.policy}"
+        for ax, key in zip(axes, keys):
+            vals = []
+            for name, it in phases:
+                try:
+                    p = r.phase(name, it)
+                except KeyError:
+                    vals.append(0)
+                    continue
+                vals.append(p.seconds if key == "seconds" else p.summary().get(key, 0))
+            ax.bar(x + k * w, vals, w, label=tag)
+            ax.set_ylabel(key)
+    axes[0].legend(fontsize="small")
+    axes[-1].set_xticks(x + w * (len(results) - 1) / 2, labels, rotation=30, ha="right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)

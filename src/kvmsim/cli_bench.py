@@ -1,0 +1,109 @@
+"""``kvmsim bench``: benchmarks of the model; ``kvmsim bench dirty-log`` is dirty_log_perf_test
+(tools/testing/selftests/kvm/dirty_log_perf_test.c) on the model, the real /dev/kvm, or both."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from kvmsim.cli import cli
+from kvmsim.errors import KvmsimError, UsageError
+
+BACKINGS = ("anonymous", "anonymous_thp", "anonymous_hugetlb", "anonymous_hugetlb_2mb",
+            "anonymous_hugetlb_1gb", "shmem", "shared_hugetlb")
+
+
+def _size(ctx, param, value):
+    from kvmsim.bench.memstress import parse_size
+    try:
+        return parse_size(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+@cli.group("bench")
+def bench() -> None:
+    """Benchmarks of the model at guest scale (timings plus cost counters)."""
+
+
+@bench.command("dirty-log")
+@click.option("-b", "vcpu_memory", default="1G", callback=_size, show_default=True,
+              help="Guest memory per vCPU ([0-9]+[kmgt]).")
+@click.option("-v", "vcpus", default=1, show_default=True, type=click.IntRange(1), help="vCPUs.")
+@click.option("-i", "iterations", default=2, show_default=True, type=click.IntRange(2),
+              help="Dirty/get/clear iterations (>= 2).")
+@click.option("-s", "backing", default="anonymous", show_default=True, type=click.Choice(BACKINGS),
+              help="Backing source.")
+@click.option("-w", "write_percent", default=100, show_default=True, type=click.IntRange(0, 100),
+              help="Percentage of pages written per pass.")
+@click.option("-x", "slots", default=1, show_default=True, type=click.IntRange(1), help="Memslots.")
+@click.option("-g", "no_manual_protect", is_flag=True,
+              help="Do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (default: ENABLE|INITIALLY_SET).")
+@click.option("-e", "run_while_disabling", is_flag=True,
+              help="vCPUs keep dirtying memory while dirty logging is disabled.")
+@click.option("-r", "seed", default=1, show_default=True, type=int, help="Random seed (for -w < 100).")
+@click.option("--policy", type=click.Choice(["legacy", "series", "both"]), default="both", show_default=True)
+@click.option("--v613-other", is_flag=True,
+              help="Also the other 6.13 MMU changes (batched flush, in-place huge page recovery, ...).")
+@click.option("--backend", type=click.Choice(["model", "kvm", "both"]), default="model", show_default=True,
+              help="The model, the real /dev/kvm (<= 1 GiB: every guest write is emulated), or both.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with every run.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of phase times and counters.")
+@click.option("--no-isolate", is_flag=True, help="Run model runs in this process (peak RSS is then shared).")
+def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
+                  run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, no_isolate) -> None:
+    """dirty_log_perf_test on the model: phase times plus struct-page, SPTE, TLB and fault counts."""
+    from rich.console import Console
+
+    from kvmsim.bench.dirty_log_perf import Options, run_model, run_model_isolated
+    from kvmsim.bench.real import run_real
+    from kvmsim.bench.report import compare_table, cost_table, plot, selftest_lines
+
+    opts = Options(vcpu_memory, vcpus, iterations, backing, write_percent, slots, not no_manual_protect,
+                   run_while_disabling, seed, v613_other)
+    policies = ["legacy", "series"] if policy == "both" else [policy]
+    console = Console(stderr=as_json)
+    results, real, real_error = [], None, ""
+    try:
+        opts.check()
+        if backend in ("kvm", "both"):
+            try:
+                real = run_real(opts)
+            except KvmsimError as e:
+                real_error = str(e)
+                if backend == "kvm":
+                    raise
+        if backend in ("model", "both"):
+            runner = run_model if no_isolate else run_model_isolated
+            results = [runner(opts, p) for p in policies]
+    except KvmsimError as e:
+        if as_json:
+            click.echo(json.dumps({"error": str(e)}))
+        else:
+            click.echo(f"kvmsim bench dirty-log: {e}", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps({"runs": [r.to_json() for r in results + ([real] if real else [])],
+                               "real_error": real_error or None}, indent=1))
+    else:
+        for r in results + ([real] if real else []):
+            tag = "v6.13 + other 6.13 MMU changes" if v613_other and r.policy == "series" else r.policy
+            console.rule(f"{r.backend}: {tag}")
+            for line in selftest_lines(r):
+                console.print(line, highlight=False, soft_wrap=True)
+            if r.backend == "model":
+                console.print(cost_table(r, f"cost counters per phase ({r.policy})"))
+                console.print(f"whole flow: {r.wall_seconds:.3f} s wall, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB, "
+                              f"leaves at the end: {r.stats}", highlight=False, soft_wrap=True)
+        if real is not None and results:
+            console.print(compare_table(results[-1], real))
+        if real_error:
+            console.print(f"[yellow]real /dev/kvm side not run: {real_error}[/yellow]")
+    if plot_path:
+        try:
+            plot(results + ([real] if real else []), plot_path)
+        except UsageError as e:
+            click.echo(f"kvmsim bench dirty-log: {e}", err=True)
+            sys.exit(2)

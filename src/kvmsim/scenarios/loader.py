@@ -102,7 +102,7 @@ class _Ctx:
         self.src = SourceLines(text)
 
     def error(self, path: tuple, message: str) -> ScenarioError:
-        key = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in path).replace(".[", "[")
+        key = ".".join(str(p) if not isinstance(p, int) else f"#{p + 1}" for p in path).replace(".#", "#")
         return ScenarioError(message, file=self.file, line=self.src.find(path), key=key or None)
 
 

@@ -26,7 +26,7 @@ class VmaSpec:
     prot: str = "rw"
     driver: str | None = None
     writenotify: bool | None = None   # override vma_wants_writenotify() (a file system without dirty accounting)
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DriverSpec:
     pte_write: str = "always"
     mixed: bool = False
     free_rule: str = "free"
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -55,7 +55,7 @@ class SlotSpec:
     vma: str
     offset: int = 0
     flags: tuple[str, ...] = ()
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -83,7 +83,7 @@ class Step:
     op: str
     args: dict[str, Any]
     expect: dict[str, dict[str, Any]] = field(default_factory=dict)
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         from kvmsim.scenarios.ops import OP_ARGS
@@ -110,7 +110,7 @@ class FinalExpect:
     verdict: str | None = None                      # clean | violations | error
     violations: dict[str, Any] | None = None        # invariant → exact count, or {min, max}; None: unchecked
     counters: dict[str, Any] = field(default_factory=dict)
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
 
 @dataclass

@@ -26,7 +26,8 @@ Every operation returns a plain value; two backends agree when those values are 
   create at all (no io_uring, ...).  ``host_munmap``/``host_mprotect``/``host_madvise``/``host_mremap``/
   ``host_fallocate`` return ``Outcome(errno)`` of the syscall (e.g. MADV_REMOVE on private anon:
   EINVAL; fallocate on a mapping without a file: EBADF).  ``host_mremap`` moves the mapping to a fresh
-  address; the handle then describes the new range.  ``host_fork()`` returns a ``ForkedChild`` that keeps
+  address; the handle then describes the new range.  After a successful ``host_munmap`` the handle is
+  dead: passing it again raises ``UsageError``.  ``host_fork()`` returns a ``ForkedChild`` that keeps
   every copy-on-write page of the parent shared until ``release()``.
 * ``host_read``/``host_write``: ``HostAccess(data, signal)``: the bytes read (or ``b""`` for a write) and
   ``signal == 0``, or ``data is None`` and the signal the access raised (SIGBUS, SIGSEGV).  A host access

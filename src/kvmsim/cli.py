@@ -164,6 +164,7 @@ def _fact_line(f) -> str:
 
 
 def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
+    from rich.markup import escape
     mark = "[green]✓ matches[/green]" if rr.expected_match else "[red]✗ MISMATCH[/red]"
     if not rr.stated:
         mark = "[dim](no stated outcome)[/dim]"
@@ -172,7 +173,7 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
     for s in rr.steps:
         err = f" {s.res.errno_name}" if s.res.errno else ""
         val = f" value={s.res.value:#x}" if isinstance(s.res.value, int) and not isinstance(s.res.value, bool) else ""
-        con.print(f"  {s.index:>2}. {s.text}  → {s.res.result}{err}{val}")
+        con.print(f"  {s.index:>2}. {s.text}  → {s.res.result}{err}{val}", markup=False)
         if trace:
             interesting = [f for f in s.facts if f.kind not in ("read", "write")]
             for f in interesting[:max_facts]:
@@ -186,12 +187,12 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
         for v in s.violations:
             shown.setdefault(v.invariant, []).append(v)
         for inv, vs in shown.items():
-            con.print(f"        [yellow]{vs[0]}[/yellow]" + (f" (+{len(vs) - 1} more)" if len(vs) > 1 else ""),
-                      markup=True)
+            con.print(f"        [yellow]{escape(str(vs[0]))}[/yellow]"
+                      + (f" (+{len(vs) - 1} more)" if len(vs) > 1 else ""))
     for m in rr.mismatches:
-        con.print(f"  [red]mismatch:[/red] {m}")
+        con.print(f"  [red]mismatch:[/red] {escape(m)}")
     if rr.error:
-        con.print(f"  [red]error:[/red] {rr.error}")
+        con.print(f"  [red]error:[/red] {escape(rr.error)}")
     con.print("  counters: " + _key_counters(rr.counters))
 
 
@@ -265,7 +266,7 @@ def compare(as_json: bool) -> None:
         bad = [r for r in results if not r.expected_match]
         for r in bad:
             for m in r.mismatches:
-                con.print(f"[red]{r.scenario} [{r.policy}][/red]: {m}")
+                con.print(f"{r.scenario} [{r.policy}]: {m}", markup=False, style="red")
         con.print(f"{len(results) - len(bad)}/{len(results)} runs match their stated outcome")
     if not all(r.expected_match for r in results):
         sys.exit(EXIT_MISMATCH)

@@ -94,7 +94,7 @@ class Step:
                 continue                                    # a default: not worth showing
             if k == "threads":
                 shown.append("threads=" + ",".join(v))
-            elif isinstance(v, int) and not isinstance(v, bool) and k in ("gpa", "offset", "size", "stride"):
+            elif isinstance(v, int) and not isinstance(v, bool) and k in ("gpa", "offset", "size", "stride", "value"):
                 shown.append(f"{k}={v:#x}")
             elif isinstance(v, list):
                 shown.append(f"{k}=[{' '.join(map(str, v))}]")

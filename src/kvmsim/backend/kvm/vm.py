@@ -67,9 +67,7 @@ class KvmVm:
             self._ring = (uapi.kvm_dirty_gfn * self.ring_entries).from_address(addr)
 
     def close(self) -> None:
-        for s in self._stats.values():
-            s.close()
-        self._stats.clear()
+        self._stats.clear()                 # their fds belong to the closer
         self._finalizer()
 
     # --- setup ----------------------------------------------------------------------------------
@@ -300,8 +298,9 @@ class KvmVm:
     def stats(self) -> dict[str, int | tuple[int, ...]]:
         """VM stats and vCPU stats (the latter prefixed ``vcpu.``)."""
         if not self._stats:
-            self._stats["vm"] = StatsFd(self.fd, "vm")
-            self._stats["vcpu"] = StatsFd(self.vcpu.fd, "vcpu")
+            for key, fd in (("vm", self.fd), ("vcpu", self.vcpu.fd)):
+                self._stats[key] = StatsFd(fd, key)
+                self._closer.fd(self._stats[key].fd)
         out = dict(self._stats["vm"].read())
         out.update({f"vcpu.{k}": v for k, v in self._stats["vcpu"].read().items()})
         return out

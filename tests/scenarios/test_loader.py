@@ -174,3 +174,15 @@ def test_fuzz_mutated_good_file(pos, junk):
         return
     for p in sc.policies:
         run(sc, p)
+
+
+def test_readme_scenario_example_loads_and_matches():
+    import re
+    from pathlib import Path
+    readme = Path(__file__).resolve().parents[2] / "README.md"
+    blocks = re.findall(r"```toml\n(.*?)```", readme.read_text(), re.S)
+    assert blocks, "README has a scenario example"
+    sc = loads(blocks[0], "README.md")
+    for p in sc.policies:
+        rr = run(sc, p)
+        assert rr.expected_match, rr.mismatches

@@ -1,0 +1,141 @@
+"""The bench's bulk paths (vectorised host prefault + ``guest_access_range``, mixed read/write passes,
+whole-slot CLEAR re-arm) leave exactly the state and counters of the scalar path: per-page guest
+accesses in gfn order and ``kvm_arch_mmu_enable_log_dirty_pt_masked()`` once per 64-page word, as
+``kvm_clear_dirty_log_protect()`` calls it."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from kvmsim.bench.memstress import BACKING, create_test_slots, vcpu_pass
+from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
+from kvmsim.kvm.kvm import Kvm
+from kvmsim.kvm.memslot import KVM_MEM
+from kvmsim.mm.host import Host
+
+NPAGES = 2048                     # 8 MiB: four 2 MiB regions
+SMALL_BACKINGS = [b for b in BACKING if b != "anonymous_hugetlb_1gb"]
+
+op = st.one_of(
+    st.tuples(st.just("pass"), st.integers(0, NPAGES - 1), st.integers(1, NPAGES), st.sampled_from([0, 30, 100])),
+    st.tuples(st.sampled_from(["log_on", "log_off", "get_clear", "age", "dontneed"]),
+              st.integers(0, NPAGES - 1), st.integers(1, 600), st.just(0)),
+)
+
+
+def _scalar_clear(kvm, slot_id, npages, log):
+    """``kvm_clear_dirty_log_protect()`` word by word: one arch re-arm per non-zero 64-page mask."""
+    slot = kvm.memslots[0].by_id[slot_id]
+    full = np.asarray(log, dtype=bool) & slot.dirty_bitmap
+    if not full.any():
+        return
+    kvm.journal.count("clear_dirty_log")
+    kvm.mmu_lock.write_lock()
+    for w in range(0, npages, 64):
+        m = full[w:w + 64]
+        if m.any():
+            slot.dirty_bitmap[w:w + 64][m] = False
+            word = np.zeros(npages, dtype=bool)
+            word[w:w + 64] = m
+            kvm.arch.enable_log_dirty_pt_masked(slot, 0, word)
+    kvm.mmu_lock.write_unlock()
+    kvm.flush_remote_tlbs("clear_dirty_log")
+
+
+def run(policy, backing, seq, bulk, manual, v613_other=False):
+    host = Host(recording=False)
+    kvm = Kvm(host, policy=policy, arch="x86", v613_other=v613_other)
+    if manual:
+        enable_manual_protect(kvm, 3)
+    (ts,) = create_test_slots(kvm, NPAGES << 12, backing, 1)
+    v = kvm.create_vcpu()
+    rng = np.random.default_rng(7)
+    logging = False
+    for k, (name, g, n, pct) in enumerate(seq):
+        n = min(n, NPAGES - g)
+        if name == "pass":
+            mask = rng.integers(0, 100, n) < pct
+            if bulk:
+                vcpu_pass(kvm, v, ts.gpa + (g << 12), n, mask, k + 1)
+            else:
+                for i in range(n):
+                    a = v.access(ts.gpa + ((g + i) << 12), bool(mask[i]), k + 1 if mask[i] else None)
+                    assert a.ok, a
+        elif name in ("log_on", "log_off"):
+            logging = name == "log_on"
+            kvm.set_user_memory_region(ts.slot, ts.gpa, ts.size, ts.vma.start,
+                                       KVM_MEM.LOG_DIRTY_PAGES if logging else 0)
+        elif name == "get_clear" and logging:
+            log = kvm_get_dirty_log(kvm, ts.slot)
+            if manual:
+                if bulk:
+                    kvm_clear_dirty_log(kvm, ts.slot, 0, ts.npages, log)
+                else:
+                    _scalar_clear(kvm, ts.slot, ts.npages, log)
+        elif name == "age":
+            kvm.notifier.clear_flush_young(ts.vma.start + (g << 12), ts.vma.start + ((g + n) << 12))
+        elif name == "dontneed" and backing in ("anonymous", "anonymous_thp"):
+            g, n = g // 512 * 512, 512
+            kvm.mm.madvise(ts.vma.start + (g << 12), n << 12, "dontneed")
+    slot = kvm.memslots[0].by_id[ts.slot]
+    t = slot.arch.get("x86")
+    counters = {k: c for k, c in kvm.journal.counters.items() if k != "clear_dirty_log"}
+    phys = host.phys
+    return dict(
+        spte=None if t is None else (t.bits.copy(), t.pfn.copy(), t.level.copy()),
+        counters=counters,
+        flags=phys.flags[:phys.nr].copy(), refcount=phys.refcount[:phys.nr].copy(),
+        data=phys.data[:phys.nr].copy(), index=phys.index[:phys.nr].copy(), head=phys.head[:phys.nr].copy(),
+        pte=(ts.vma.pte.copy(), ts.vma.pte_pfn.copy(), ts.vma.pte_level.copy()),
+        bitmap=None if slot.dirty_bitmap is None else slot.dirty_bitmap.copy(),
+    )
+
+
+def assert_same(a, b):
+    assert a["counters"] == b["counters"]
+    for key in ("flags", "refcount", "data", "index", "head"):
+        assert np.array_equal(a[key], b[key]), key
+    for x, y in zip(a["pte"], b["pte"]):
+        assert np.array_equal(x, y)
+    assert (a["spte"] is None) == (b["spte"] is None)
+    if a["spte"] is not None:
+        for x, y in zip(a["spte"], b["spte"]):
+            assert np.array_equal(x, y)
+    assert (a["bitmap"] is None) == (b["bitmap"] is None)
+    if a["bitmap"] is not None:
+        assert np.array_equal(a["bitmap"], b["bitmap"])
+
+
+@settings(max_examples=40, deadline=None)
+@given(policy=st.sampled_from(["legacy", "series"]), backing=st.sampled_from(SMALL_BACKINGS),
+       manual=st.booleans(), v613=st.booleans(), seq=st.lists(op, min_size=1, max_size=8))
+def test_bulk_and_scalar_agree_on_random_workloads(policy, backing, manual, v613, seq):
+    seq = [("pass", 0, NPAGES, 100)] + seq if seq[0][0] != "pass" else seq
+    assert_same(run(policy, backing, seq, False, manual, v613), run(policy, backing, seq, True, manual, v613))
+
+
+@pytest.mark.parametrize("policy", ["legacy", "series"])
+@pytest.mark.parametrize("backing", SMALL_BACKINGS)
+def test_dirty_log_flow_agrees(policy, backing):
+    """The selftest's flow itself: populate, enable, two dirty/get/clear iterations, -e, disable, -e."""
+    seq = [("pass", 0, NPAGES, 100), ("log_on", 0, 1, 0), ("pass", 0, NPAGES, 100), ("get_clear", 0, 1, 0),
+           ("pass", 0, NPAGES, 30), ("get_clear", 0, 1, 0), ("pass", 0, NPAGES, 100), ("log_off", 0, 1, 0),
+           ("pass", 0, NPAGES, 100)]
+    a, b = run(policy, backing, seq, False, True), run(policy, backing, seq, True, True)
+    assert a["counters"].get("page_fault", 0) > 0
+    assert_same(a, b)
+
+
+def test_prefault_leaves_nothing_for_the_scalar_path():
+    """A fresh anonymous populate goes entirely through the vectorised paths (no host fault left over)."""
+    host = Host(recording=False)
+    kvm = Kvm(host, policy="series", arch="x86")
+    (ts,) = create_test_slots(kvm, NPAGES << 12, "anonymous", 1)
+    v = kvm.create_vcpu()
+    from kvmsim.bench.prefault import host_prefault_range
+    slot = kvm.memslots[0].by_id[ts.slot]
+    assert host_prefault_range(kvm, slot, 0, NPAGES) == NPAGES
+    assert host_prefault_range(kvm, slot, 0, NPAGES) == 0
+    kvm.arch.guest_access_range(v, ts.gpa, NPAGES, True, 1)
+    c = kvm.journal.counters
+    assert c["host_page_fault"] == c["gup_slow"] == c["page_fault"] == NPAGES

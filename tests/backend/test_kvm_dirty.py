@@ -22,8 +22,8 @@ MANUAL = ManualProtect.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 INITIALLY_SET = ManualProtect.KVM_DIRTY_LOG_INITIALLY_SET
 
 
-def _logged_slot(kvm, kind=MappingKind.ANON_SHARED, options=VmOptions()):
-    kvm.create_vm(options)
+def _logged_slot(kvm, kind=MappingKind.ANON_SHARED, options=None):
+    kvm.create_vm(options or VmOptions())
     m = kvm.host_mmap(kind, NPAGES * 4096).mapping
     assert kvm.set_memory_region(MemoryRegion(1, Gpa(G), m.size, m.hva, LOG)).errno == 0
     return m

@@ -24,9 +24,9 @@ GMEM_MMAP = GuestMemfdFlags.GUEST_MEMFD_FLAG_MMAP
 GMEM_SHARED = GuestMemfdFlags.GUEST_MEMFD_FLAG_INIT_SHARED
 
 
-def _live(kvm, kind, npages=16, flags=KvmMemFlags(0)):
+def _live(kvm, kind, npages=16, flags=0):
     m = kvm.host_mmap(kind, npages * 4096).mapping
-    assert kvm.set_memory_region(MemoryRegion(1, Gpa(G), m.size, m.hva, flags)).errno == 0
+    assert kvm.set_memory_region(MemoryRegion(1, Gpa(G), m.size, m.hva, KvmMemFlags(flags))).errno == 0
     return m
 
 

@@ -21,9 +21,9 @@ LOG, RO, GMEM = (KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES, KvmMemFlags.KVM_MEM_READON
                  KvmMemFlags.KVM_MEM_GUEST_MEMFD)
 
 
-def _slot(kvm, slot, gpa, m, flags=KvmMemFlags(0), size=None, offset=0, api=MemoryRegionApi.V2):
+def _slot(kvm, slot, gpa, m, flags=0, size=None, offset=0, api=MemoryRegionApi.V2):
     size = m.size - offset if size is None else size
-    return kvm.set_memory_region(MemoryRegion(slot, Gpa(gpa), size, m.at(offset), flags), api).errno
+    return kvm.set_memory_region(MemoryRegion(slot, Gpa(gpa), size, m.at(offset), KvmMemFlags(flags)), api).errno
 
 
 @pytest.mark.parametrize("api", list(MemoryRegionApi))

@@ -23,12 +23,15 @@ Every operation returns a plain value; two backends agree when those values are 
 * ``create_guest_memfd(size, flags)``: ``GuestMemfdOutcome(errno, gmem)``.
 * ``host_mmap(kind, size, ...)``: ``MapOutcome(errno, mapping)``; ``errno`` is mmap's (ENOMEM for an
   empty hugetlb pool, ENODEV for a guest_memfd without MMAP, ...) or ENOSYS for a kind the host cannot
-  create at all (no io_uring, ...).  ``host_munmap``/``host_mprotect``/``host_madvise``/``host_mremap``/
-  ``host_fallocate`` return ``Outcome(errno)`` of the syscall (e.g. MADV_REMOVE on private anon:
-  EINVAL; fallocate on a mapping without a file: EBADF).  ``host_mremap`` moves the mapping to a fresh
-  address; the handle then describes the new range.  After a successful ``host_munmap`` the handle is
-  dead: passing it again raises ``UsageError``.  ``host_fork()`` returns a ``ForkedChild`` that keeps
-  every copy-on-write page of the parent shared until ``release()``.
+  create at all (no io_uring, ...).  A PERF_RING maps the smallest ``1 + 2^n`` pages covering ``size``
+  and an IO_URING_RING the smallest ring covering it; the handle always covers exactly ``size`` bytes.
+  VVAR borrows the process's ``[vvar]`` (``size`` is ignored) and can never be unmapped or changed.
+* ``host_munmap``/``host_mprotect``/``host_madvise``/``host_mremap``/``host_fallocate``: ``Outcome(errno)``
+  of the syscall (MADV_REMOVE on private anon: EINVAL; fallocate on a mapping without a file: EBADF).
+  ``host_mremap`` moves the mapping to a fresh address; the handle then describes the new range.  After
+  a successful ``host_munmap`` the handle is dead: passing it again raises ``UsageError``.
+* ``host_fork()``: a ``ForkedChild`` that keeps every copy-on-write page of the parent shared until
+  ``release()``.
 * ``host_read``/``host_write``: ``HostAccess(data, signal)``: the bytes read (or ``b""`` for a write) and
   ``signal == 0``, or ``data is None`` and the signal the access raised (SIGBUS, SIGSEGV).  A host access
   never kills the caller: backends perform accesses that may fault in a child process.

@@ -287,6 +287,7 @@ class KvmVm:
 
     def kvmclock_update(self) -> Exit:
         """KVM_GET_CLOCK + KVM_SET_CLOCK (KVM_REQ_CLOCK_UPDATE on every vCPU), then one guest entry."""
+        self._charge_ring(2)                # the pvclock write marks its page dirty
         data = uapi.kvm_clock_data()
         ioctls.ioctl(self.fd, ioctls.KVM_GET_CLOCK, data)
         ioctls.ioctl(self.fd, ioctls.KVM_SET_CLOCK, uapi.kvm_clock_data(clock=data.clock))

@@ -1,0 +1,72 @@
+"""``kvmsim bench dirty-log``: the selftest's printed lines, JSON, errors without tracebacks."""
+
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+
+import kvmsim.cli_bench  # noqa: F401  (registers the command on the group)
+from kvmsim.cli import cli
+
+SMALL = ["bench", "dirty-log", "-b", "8M", "-v", "2", "--no-isolate"]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [*SMALL, *args], catch_exceptions=False)
+
+
+def test_prints_the_selftest_lines_for_each_policy():
+    r = invoke("-s", "anonymous_hugetlb_2mb", "-e")
+    assert r.exit_code == 0, r.output
+    out = r.output
+    for line in ("Test iterations: 2", "Random seed: 1"):
+        assert line in out
+    sec = r"\d+\.\d{9}s"
+    for pat in (rf"Populate memory time: {sec}", rf"Enabling dirty logging time: {sec}",
+                rf"Iteration 2 dirty memory time: {sec}", rf"Iteration 1 get dirty log time: {sec}",
+                rf"Iteration 2 clear dirty log time: {sec}", rf"Disabling dirty logging time: {sec}",
+                rf"Get dirty log over 2 iterations took {sec}\. \(Avg {sec}/iteration\)",
+                rf"Clear dirty log over 2 iterations took {sec}\. \(Avg {sec}/iteration\)"):
+        assert len(re.findall(pat, out)) == 2, pat          # legacy and series
+    assert "model: legacy" in out and "model: series" in out
+
+
+def test_no_manual_protect_prints_no_clear_lines():
+    r = invoke("-g", "--policy", "series")
+    assert r.exit_code == 0
+    assert "clear dirty log" not in r.output.lower()
+
+
+def test_json_has_phases_and_counters():
+    r = invoke("--json", "--policy", "legacy", "-s", "anonymous_hugetlb_2mb", "-e")
+    data = json.loads(r.output)
+    (run,) = data["runs"]
+    assert run["policy"] == "legacy" and run["backend"] == "model"
+    disable = [p for p in run["phases"] if p["name"] == "disable"][0]
+    assert disable["summary"]["set_dirty"] == 2 * 8 * 256
+    assert disable["summary"]["tlb_flush"] == 8
+
+
+@pytest.mark.parametrize("args,msg", [(["-i", "1"], "-i"), (["-b", "lots"], "size"), (["-x", "3"], "memslots")])
+def test_bad_input_is_a_message_not_a_traceback(args, msg):
+    r = invoke(*args)
+    assert r.exit_code == 2
+    assert msg in r.output and "Traceback" not in r.output
+
+
+def test_real_backend_refuses_more_than_1_gib_or_reports_why():
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", "2G", "--backend", "kvm"])
+    assert r.exit_code == 2
+    assert "kvmsim bench dirty-log:" in r.output
+
+
+def test_plot_without_matplotlib_is_a_clean_error(tmp_path):
+    pytest.importorskip("rich")
+    try:
+        import matplotlib  # noqa: F401
+        pytest.skip("matplotlib is installed")
+    except ImportError:
+        pass
+    r = invoke("--policy", "series", "--plot", str(tmp_path / "x.png"))
+    assert r.exit_code == 2 and "pip install" in r.output

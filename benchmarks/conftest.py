@@ -1,0 +1,81 @@
+"""pytest-benchmark suite of the model (not collected by ``python -m pytest -q``: testpaths is ``tests``).
+
+Run ``python -m pytest benchmarks`` (add ``--bench-big`` for the 64 GiB and 256 GiB flows).  Each
+benchmark's numbers (best wall time, plus its own extra numbers: faults/s, peak RSS, counters) are
+merged into ``benchmarks/results.json``, which is kept in the repository: ``git diff`` shows a
+regression, and the end of the run prints each number next to the recorded one.
+``KVMSIM_BENCH_RECORD=0`` runs without touching the file.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+RESULTS = pathlib.Path(__file__).with_name("results.json")
+_new: dict[str, dict] = {}
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-big", action="store_true", help="also run the 64 GiB / 256 GiB flows")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "big: 64 GiB and larger flows (need --bench-big)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--bench-big"):
+        return
+    skip = pytest.mark.skip(reason="large flow: pass --bench-big")
+    for item in items:
+        if "big" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def record(request, benchmark):
+    """``record(**extra)`` after the benchmark ran: stores its best/mean time and ``extra``."""
+    def _record(**extra):
+        st = benchmark.stats.stats if benchmark.stats else None
+        entry = {"seconds_min": round(st.min, 6) if st else None,
+                 "seconds_mean": round(st.mean, 6) if st else None,
+                 "rounds": st.rounds if st else 0}
+        entry.update(extra)
+        _new[request.node.name] = entry
+    return _record
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=RESULTS.parent, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _new:
+        return
+    old = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"benchmarks": {}}
+    tr = terminalreporter
+    tr.section("kvmsim benchmarks vs benchmarks/results.json")
+    for name, e in sorted(_new.items()):
+        prev = old["benchmarks"].get(name, {})
+        a, b = e.get("seconds_min"), prev.get("seconds_min")
+        ratio = f"{a / b:.2f}x of recorded" if a and b else "new"
+        tr.write_line(f"{name}: {a} s ({ratio})")
+    if os.environ.get("KVMSIM_BENCH_RECORD", "1") == "0":
+        return
+    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for e in _new.values():
+        e["recorded_at"] = stamp
+        e["commit"] = _git_commit()
+    old["benchmarks"].update(_new)
+    old["machine"] = {"cpus": os.cpu_count(), "uname": " ".join(os.uname()[2:5])}
+    RESULTS.write_text(json.dumps(old, indent=1, sort_keys=True) + "\n")

@@ -59,14 +59,14 @@ def test_selected_sysfs_choice():
 
 
 def test_dmesg_reports_only_new_kvm_warnings(monkeypatch):
-    log = [(1, "old line"), (2, "WARNING: CPU: 0 PID: 1 at virt/kvm/dirty_ring.c:80 kvm_dirty_ring_push")]
+    log = [(1, "old line", 6), (2, "WARNING: CPU: 0 PID: 1 at virt/kvm/dirty_ring.c:80 kvm_dirty_ring_push", 4)]
     monkeypatch.setattr(dmesg, "read_kmsg", lambda: list(log))
     w = dmesg.DmesgWatch()
     assert w.last_seq == 2 and w.new_problems() == []
-    log += [(3, "WARNING: CPU: 1 PID: 9 at mm/page_alloc.c:1 foo"), (4, "Call Trace:"), (5, " foo+0x1/0x2"),
-            (6, "kvm-pvm: supports paging only in long mode")]
-    assert w.new_problems() == []                 # not KVM's, and kvm-pvm info lines are no problem
+    log += [(3, "WARNING: CPU: 1 PID: 9 at mm/page_alloc.c:1 foo", 4), (4, "Call Trace:", 4),
+            (5, " foo+0x1/0x2", 4), (6, "kvm-pvm: loaded (native=1 ...)", 6)]
+    assert w.new_problems() == []                 # not KVM's; an info line naming kvm is no problem
     assert w.new_problems(kvm_only=False) == [log[2][1]]
-    log += [(7, "WARNING: CPU: 1 PID: 9 at mm/gup.c:1 __get_user_pages"), (8, "Call Trace:"),
-            (9, " kvm_gpc_refresh+0x10/0x20 [kvm]")]
-    assert w.new_problems() == [log[6][1]]        # a KVM frame in its call trace
+    log += [(7, "WARNING: CPU: 1 PID: 9 at mm/gup.c:1 __get_user_pages", 4), (8, "Call Trace:", 4),
+            (9, " kvm_gpc_refresh+0x10/0x20 [kvm]", 4), (10, "KVM: debugfs: duplicate directory 7-4", 4)]
+    assert w.new_problems() == [log[6][1], log[9][1]]   # a KVM frame in its trace; a KVM warning line

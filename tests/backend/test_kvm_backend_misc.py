@@ -157,3 +157,31 @@ def test_host_settings_are_restored_after_failure():
         with host_settings(thp_enabled="no-such-mode"):
             pass
     assert read_host_settings() == before
+
+
+def test_a_live_fork_child_does_not_keep_the_vm_alive():
+    from kvmsim.backend.kvm.dmesg import DmesgWatch
+
+    watch = DmesgWatch()
+    with KvmBackend() as b:
+        b.create_vm(VmOptions(dirty_ring_entries=4096))
+        child = b.host_fork()
+        b.create_vm()                     # the old VM must be gone, or its fd number's debugfs dir clashes
+        b.create_vm()
+        child.release()
+    assert not [line for line in watch.new_lines() if "duplicate directory" in line]
+
+
+def test_guest_exception_is_a_terminal_exit(kvm):
+    from kvmsim.backend.kvm import guest
+
+    m = kvm.host_mmap(MappingKind.ANON_SHARED, 1 << 20).mapping
+    kvm.set_memory_region(MemoryRegion(1, Gpa(G), m.size, m.hva))
+    kvm.guest_write([G + 8], 3)
+    pd = kvm.vm._pds[1]
+    kvm.vm._poke(pd, bytes(8))                                   # unmap the guest's first 2 MiB of GiB 1
+    out = kvm.guest_read([G + (4 << 20), G + 8, G + 16])
+    assert out.exits == [Exit.MMIO, Exit.EXCEPTION] and not out.complete
+    assert "vector 14" in out.detail and f"cr2={G + 8:#x}" in out.detail
+    kvm.vm._poke(pd, guest.pde_2m(G).to_bytes(8, "little"))
+    assert kvm.guest_read([G + 8, G + 16]).values == [3, 0]        # the vCPU is set up afresh

@@ -62,20 +62,39 @@ class KvmForkedChild:
 
     def __init__(self) -> None:
         r, w = os.pipe()
+        ready_r, ready_w = os.pipe()
         pid = os.fork()
         if pid == 0:                                   # child: wait, then leave without cleanup
             try:
-                os.close(w)
+                _close_all_but(r, ready_w)
+                os.write(ready_w, b"!")
+                os.close(ready_w)
                 os.read(r, 1)
             finally:
                 os._exit(0)
         os.close(r)
+        os.close(ready_w)
+        try:
+            os.read(ready_r, 1)                        # the child has dropped its VM fds
+        finally:
+            os.close(ready_r)
         self.pid = pid
         self._w = w
         self._finalizer = weakref.finalize(self, _reap, pid, w)
 
     def release(self) -> None:
         self._finalizer()
+
+
+def _close_all_but(*keep: int) -> None:
+    """In a fork child: drop every inherited fd (VM, vCPU, guest_memfd, ...) except ``keep``, so the
+    child never keeps a VM alive (a VM outliving its fd number makes KVM warn "debugfs: duplicate
+    directory" when the next VM gets the same number)."""
+    low = 0
+    for fd in sorted(keep):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))
 
 
 def _reap(pid: int, w: int) -> None:
@@ -92,7 +111,7 @@ def _in_child(fn) -> HostAccess:
     pid = os.fork()
     if pid == 0:
         try:
-            os.close(r)
+            _close_all_but(w)
             faulthandler.disable()                    # die quietly: no Python traceback, no core
             for sig in (signal.SIGBUS, signal.SIGSEGV):
                 signal.signal(sig, signal.SIG_DFL)

@@ -58,6 +58,7 @@ class KvmVcpu:
         if addr < 0:
             raise KvmIoctlError("mmap(vcpu fd)", err, "mapping struct kvm_run")
         closer.mapping(addr, mmap_size)
+        libc.madvise(addr, mmap_size, libc.MADV_DONTFORK)   # a fork child must not pin the vCPU
         self.run = uapi.kvm_run.from_address(addr)
         self._run_addr = addr
         self.needs_reset = True         # sregs must be (re)loaded before the next program

@@ -64,6 +64,7 @@ class KvmVm:
             if addr < 0:
                 raise KvmIoctlError("mmap(dirty ring)", err)
             self._closer.mapping(addr, size)
+            libc.madvise(addr, size, libc.MADV_DONTFORK)
             self._ring = (uapi.kvm_dirty_gfn * self.ring_entries).from_address(addr)
 
     def close(self) -> None:

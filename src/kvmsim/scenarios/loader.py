@@ -118,6 +118,20 @@ def c_int(v: Any) -> int:
     return v
 
 
+def c_bounded(conv: Callable[[Any], int], lo: int, hi: int, what: str) -> Callable[[Any], int]:
+    """``conv`` then a range check: the model allocates per page, so sizes and counts are capped."""
+    def check(v: Any) -> int:
+        n = conv(v)
+        if not lo <= n <= hi:
+            raise ValueError(f"expected {what} between {lo:#x} and {hi:#x}, got {n:#x}")
+        return n
+    return check
+
+
+MAX_BYTES = 16 << 30                  # per VMA / memslot: 4 Mi pages
+MAX_COUNT = 1 << 20                   # pages touched by one step
+
+
 def c_bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"expected true or false, got {v!r}")
@@ -185,12 +199,13 @@ TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, 
 
 DRIVER = {"name": (c_str, REQUIRED),
           "pfn_class": (c_choice(*(c.name.lower() for c in PfnClass)), REQUIRED),
-          "size": (c_size, None), "order": (c_int, 0), "compound": (c_bool, True), "prefault": (c_bool, True),
+          "size": (c_bounded(c_size, 4096, 1 << 30, "a driver size"), None), "order": (c_bounded(c_int, 0, 18, "an order"), 0), "compound": (c_bool, True), "prefault": (c_bool, True),
           "pte_write": (c_choice("always", "on_write_fault", "never"), "always"), "mixed": (c_bool, False),
           "free_rule": (c_choice("free", "put"), "free")}
 
 VMA = {"name": (c_str, REQUIRED), "kind": (c_choice(*(k.value for k in VmaKind)), REQUIRED),
-       "size": (c_size, REQUIRED), "page_size": (c_size, 4096), "thp": (c_bool, False),
+       "size": (c_bounded(c_size, 1, MAX_BYTES, "a VMA size"), REQUIRED), "page_size": (c_size, 4096),
+       "thp": (c_bool, False),
        "prot": (c_choice("rw", "r", "w", "none"), "rw"), "driver": (c_str, None),
        "writenotify": (c_bool, None)}
 
@@ -220,9 +235,9 @@ def c_mutations(v: Any) -> tuple[str, ...]:
 
 VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "generic"), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
-      "initially_set": (c_bool, False), "dirty_ring": (c_int, 0), "v613_other": (c_bool, False),
+      "initially_set": (c_bool, False), "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
-      "vcpus": (c_int, 1), "mutations": (c_mutations, ())}
+      "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ())}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:
@@ -233,7 +248,8 @@ def c_memflags(v: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-MEMSLOT = {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED), "size": (c_size, REQUIRED), "vma": (c_str, REQUIRED),
+MEMSLOT = {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED),
+           "size": (c_bounded(c_size, 0, MAX_BYTES, "a memslot size"), REQUIRED), "vma": (c_str, REQUIRED),
            "offset": (c_size, 0), "flags": (c_memflags, ())}
 
 

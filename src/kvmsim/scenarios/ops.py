@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from kvmsim.errors import ModelError, errno_name
 from kvmsim.kvm.stage2 import RET_PF
-from kvmsim.scenarios.loader import REQUIRED, c_any, c_bool, c_choice, c_int, c_memflags, c_size, c_str, c_strlist
+from kvmsim.scenarios.loader import MAX_BYTES, MAX_COUNT, REQUIRED, c_any, c_bounded, c_bool, c_choice, c_int, c_memflags, c_size, c_str, c_strlist
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -34,7 +34,8 @@ class Res:
 
 # ---- argument schemas --------------------------------------------------------------------------------
 
-_GUEST = {"gpa": (c_size, REQUIRED), "count": (c_int, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0)}
+_COUNT = c_bounded(c_int, 1, MAX_COUNT, "a page count")
+_GUEST = {"gpa": (c_size, REQUIRED), "count": (_COUNT, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0)}
 _RANGE = {"vma": (c_str, REQUIRED), "offset": (c_size, 0), "size": (c_size, None)}
 _AT = {"vma": (c_str, REQUIRED), "offset": (c_size, 0)}
 
@@ -61,9 +62,10 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "driver_teardown": {"driver": (c_str, REQUIRED)},
     "host_write": {**_AT, "value": (c_int, 1)},
     "host_read": _AT,
-    "folio_referenced": {**_AT, "count": (c_int, 1)},
+    "folio_referenced": {**_AT, "count": (_COUNT, 1)},
     # KVM
-    "memslot_set": {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED), "size": (c_size, REQUIRED),
+    "memslot_set": {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED),
+                    "size": (c_bounded(c_size, 0, MAX_BYTES, "a memslot size"), REQUIRED),
                     "vma": (c_str, REQUIRED), "offset": (c_size, 0), "flags": (c_memflags, ())},
     "memslot_delete": {"id": (c_int, REQUIRED)},
     "memslot_move": {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED)},

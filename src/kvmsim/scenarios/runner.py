@@ -230,6 +230,8 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
         env = build(sc, policy)
     except (KvmsimError, ValueError) as e:
         return _finish(sc, policy, [], [], {}, error=f"set-up failed: {e}")
+    except Exception as e:                                     # the model broke on this set-up: report it
+        return _finish(sc, policy, [], [], {}, error=f"set-up failed: model raised {type(e).__name__}: {e}")
     host, kvm = env.host, env.kvm
     journal = host.journal
     checker = Checker(kvm)

@@ -126,7 +126,7 @@ def test_library_files_round_trip_through_dict(name):
 
 # ---- fuzz --------------------------------------------------------------------------------------------
 
-_scalar = st.one_of(st.integers(-2**40, 2**40), st.booleans(), st.text(max_size=8),
+_scalar = st.one_of(st.integers(-2**40, 2**40), st.integers(0, 64), st.booleans(), st.text(max_size=8),
                     st.sampled_from(["4K", "2M", "1G", "anon", "pfnmap", "both", "legacy", "ok", "INV-1",
                                      "write", "read", "fault", "munmap", "interleave", "ram"]))
 _keys = st.sampled_from(["name", "op", "gpa", "size", "kind", "vma", "id", "policy", "count", "value", "expect",

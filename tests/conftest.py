@@ -1,7 +1,8 @@
 """Session-wide guards: the suite never leaves host settings changed, and never provokes a KVM warning.
 
 Host settings that the real backend may touch only when asked (hugepages, THP) are read before the
-session and compared after it; ``dmesg`` is snapshotted and any new KVM WARN/BUG line fails the run.
+session and compared after it; the kernel log is snapshotted (``/dev/kmsg`` through the backend's
+``DmesgWatch``, else ``dmesg``) and any new KVM warning-level line or WARN/BUG fails the run.
 """
 
 import pathlib
@@ -41,9 +42,19 @@ def _kvm_warnings(lines: list[str]) -> list[str]:
     return [line for line in lines if any(k in line for k in keys) and ("kvm" in line.lower() or "Call Trace" in line)]
 
 
+def _watch():
+    try:
+        from kvmsim.backend.kvm.dmesg import DmesgWatch
+    except ImportError:
+        return None
+    w = DmesgWatch()
+    return w if w.available else None
+
+
 def pytest_sessionstart(session):
     session.config._kvmsim_settings = _read_settings()
-    session.config._kvmsim_dmesg = _dmesg()
+    session.config._kvmsim_watch = _watch()
+    session.config._kvmsim_dmesg = None if session.config._kvmsim_watch else _dmesg()
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -53,8 +64,11 @@ def pytest_sessionfinish(session, exitstatus):
     for k, v in getattr(cfg, "_kvmsim_settings", {}).items():
         if after.get(k) != v:
             problems.append(f"host setting {k} changed: {v!r} -> {after.get(k)!r}")
+    watch = getattr(cfg, "_kvmsim_watch", None)
+    if watch is not None:
+        problems.extend(f"new kernel warning: {line}" for line in watch.new_problems())
     before = getattr(cfg, "_kvmsim_dmesg", None)
-    now = _dmesg()
+    now = _dmesg() if before is not None else None
     if before is not None and now is not None:
         new = now[len(before):] if now[:len(before)] == before else [l for l in now if l not in set(before)]
         problems.extend(f"new kernel warning: {l}" for l in _kvm_warnings(new))

@@ -96,10 +96,9 @@ def _policies(sc, policy: str | None) -> tuple[str, ...]:
 @handle_errors
 def list_cmd() -> None:
     """List the bundled scenarios."""
-    from rich.table import Table
+    from rich.table import Column, Table
 
     from kvmsim.scenarios import library
-    from rich.table import Column
     t = Table(Column("scenario", no_wrap=True, min_width=28), Column("policies", no_wrap=True, min_width=22), "steps",
               Column("what it shows", no_wrap=True, overflow="ellipsis"), box=None, header_style="bold")
     for sc in library():
@@ -186,7 +185,7 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
         shown = {}
         for v in s.violations:
             shown.setdefault(v.invariant, []).append(v)
-        for inv, vs in shown.items():
+        for vs in shown.values():
             con.print(f"        [yellow]{escape(str(vs[0]))}[/yellow]"
                       + (f" (+{len(vs) - 1} more)" if len(vs) > 1 else ""))
     for m in rr.mismatches:
@@ -253,9 +252,9 @@ def compare(as_json: bool) -> None:
         t = Table("scenario", "policy", "verdict", "violations", "key counters", "match", header_style="bold")
         last = None
         for r in results:
+            verdict = {"clean": "[green]clean[/green]", "violations": "[yellow]violations[/yellow]"}
             t.add_row(r.scenario if r.scenario != last else "", r.policy,
-                      {"clean": "[green]clean[/green]", "violations": "[yellow]violations[/yellow]"}.get(r.verdict,
-                                                                                                       "[red]error[/red]"),
+                      verdict.get(r.verdict, "[red]error[/red]"),
                       _inv_summary(r.by_invariant()), _key_counters(r.counters),
                       "[green]✓[/green]" if r.expected_match else "[red]✗[/red]")
             last = r.scenario

@@ -103,7 +103,7 @@ def test_builder_produces_the_same_scenario_as_the_file():
              .expect("series", verdict="clean")
              .build())
     loaded = loads(GOOD, "<builder>")
-    strip = lambda sc: [(s.op, s.args, s.expect) for s in sc.steps]   # noqa: E731
+    strip = lambda sc: [(s.op, s.args, s.expect) for s in sc.steps]
     assert strip(built) == strip(loaded)
     assert (built.vmas[0].name, built.vmas[0].size, built.vm, built.expect["series"].verdict) == \
         (loaded.vmas[0].name, loaded.vmas[0].size, loaded.vm, loaded.expect["series"].verdict)
@@ -180,7 +180,7 @@ def test_readme_scenario_example_loads_and_matches():
     import re
     from pathlib import Path
     readme = Path(__file__).resolve().parents[2] / "README.md"
-    blocks = re.findall(r"```toml\n(.*?)```", readme.read_text(), re.S)
+    blocks = re.findall(r"```toml\n(.*?)```", readme.read_text(), re.DOTALL)
     assert blocks, "README has a scenario example"
     sc = loads(blocks[0], "README.md")
     for p in sc.policies:

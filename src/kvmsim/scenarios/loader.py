@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import re
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from kvmsim.errors import ScenarioError
 from kvmsim.mm.page import PfnClass
 from kvmsim.mm.vma import VmaKind
-from kvmsim.scenarios.spec import (POLICY_ALIASES, DriverSpec, FinalExpect, Scenario, SlotSpec, Step, VmaSpec,
-                                   VmSpec)
+from kvmsim.scenarios.spec import (
+    POLICY_ALIASES,
+    DriverSpec,
+    FinalExpect,
+    Scenario,
+    SlotSpec,
+    Step,
+    VmaSpec,
+    VmSpec,
+)
 from kvmsim.types import parse_size
 
 POLICIES = ("legacy", "series", "pre-5.13")
@@ -114,7 +123,7 @@ def c_size(v: Any) -> int:
 
 def c_int(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"expected an integer, got {v!r}")
+        raise ValueError(f"expected an integer, got {v!r}")  # noqa: TRY004
     return v
 
 
@@ -134,13 +143,13 @@ MAX_COUNT = 1 << 20                   # pages touched by one step
 
 def c_bool(v: Any) -> bool:
     if not isinstance(v, bool):
-        raise ValueError(f"expected true or false, got {v!r}")
+        raise ValueError(f"expected true or false, got {v!r}")  # noqa: TRY004
     return v
 
 
 def c_str(v: Any) -> str:
     if not isinstance(v, str):
-        raise ValueError(f"expected a string, got {v!r}")
+        raise ValueError(f"expected a string, got {v!r}")  # noqa: TRY004
     return v
 
 
@@ -199,7 +208,8 @@ TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, 
 
 DRIVER = {"name": (c_str, REQUIRED),
           "pfn_class": (c_choice(*(c.name.lower() for c in PfnClass)), REQUIRED),
-          "size": (c_bounded(c_size, 4096, 1 << 30, "a driver size"), None), "order": (c_bounded(c_int, 0, 18, "an order"), 0), "compound": (c_bool, True), "prefault": (c_bool, True),
+          "size": (c_bounded(c_size, 4096, 1 << 30, "a driver size"), None),
+          "order": (c_bounded(c_int, 0, 18, "an order"), 0), "compound": (c_bool, True), "prefault": (c_bool, True),
           "pte_write": (c_choice("always", "on_write_fault", "never"), "always"), "mixed": (c_bool, False),
           "free_rule": (c_choice("free", "put"), "free")}
 
@@ -235,7 +245,8 @@ def c_mutations(v: Any) -> tuple[str, ...]:
 
 VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "generic"), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
-      "initially_set": (c_bool, False), "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
+      "initially_set": (c_bool, False),
+      "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
       "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ())}
 
@@ -283,7 +294,7 @@ def c_violations(v: Any) -> dict[str, Any]:
 
 def c_counters(v: Any) -> dict[str, Any]:
     if not isinstance(v, dict):
-        raise ValueError(f"expected a table counter = N or counter = {{min, max}}, got {v!r}")
+        raise ValueError(f"expected a table counter = N or counter = {{min, max}}, got {v!r}")  # noqa: TRY004
     for n in v.values():
         c_bounds(n)
     return dict(v)
@@ -293,7 +304,7 @@ def c_exit(v: Any) -> Any:
     if isinstance(v, list):
         return [c_exit(x) for x in v]
     if not isinstance(v, str):
-        raise ValueError(f"expected a result string or a list of them, got {v!r}")
+        raise ValueError(f"expected a result string or a list of them, got {v!r}")  # noqa: TRY004
     return v.lower()
 
 
@@ -378,7 +389,8 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
     for i, s in enumerate(_array(ctx, ("memslot",), top["memslot"])):
         t = _table(ctx, ("memslot", i), s, MEMSLOT)
         if t["vma"] not in names:
-            raise ctx.error(("memslot", i, "vma"), f"no [[vma]] named {t['vma']!r} (have: {', '.join(names) or 'none'})")
+            raise ctx.error(("memslot", i, "vma"),
+                            f"no [[vma]] named {t['vma']!r} (have: {', '.join(names) or 'none'})")
         sc.memslots.append(SlotSpec(**t, line=ctx.src.find(("memslot", i))))
     for i, s in enumerate(_array(ctx, ("step",), top["step"])):
         sc.steps.append(_step(ctx, ("step", i), s))

@@ -9,12 +9,26 @@ every other op runs to completion in one scheduling step.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from kvmsim.errors import ModelError, errno_name
 from kvmsim.kvm.stage2 import RET_PF
-from kvmsim.scenarios.loader import MAX_BYTES, MAX_COUNT, REQUIRED, c_any, c_bounded, c_bool, c_choice, c_int, c_memflags, c_size, c_str, c_strlist
+from kvmsim.scenarios.loader import (
+    MAX_BYTES,
+    MAX_COUNT,
+    REQUIRED,
+    c_any,
+    c_bool,
+    c_bounded,
+    c_choice,
+    c_int,
+    c_memflags,
+    c_size,
+    c_str,
+    c_strlist,
+)
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -248,7 +262,7 @@ def op_writeback(env, a):
         return Res("ok", value=n)
     v = env.vma(a["vma"])
     index = (a["offset"] >> PAGE_SHIFT) + 0
-    _, pfn, bits, _ = env.mm.pte_of(v["start"] + a["offset"])
+    _, pfn, _, _ = env.mm.pte_of(v["start"] + a["offset"])
     if pfn < 0:
         pfn = int(asp.pages[index]) if index < asp.npages else -1
     if pfn < 0:
@@ -514,7 +528,8 @@ def op_interleave(env, a):
 OPS: dict[str, Callable] = {
     "read": lambda env, a: op_access(env, a, False),
     "write": lambda env, a: op_access(env, a, True),
-    "fault": op_fault, "store": op_store, "zap": op_zap, "folio_referenced": op_folio_referenced, "munmap": op_munmap, "mprotect": op_mprotect, "madvise": op_madvise, "mremap": op_mremap,
+    "fault": op_fault, "store": op_store, "zap": op_zap, "folio_referenced": op_folio_referenced,
+    "munmap": op_munmap, "mprotect": op_mprotect, "madvise": op_madvise, "mremap": op_mremap,
     "fork": op_fork, "writeback": op_writeback, "reclaim": op_reclaim, "migrate": op_migrate,
     "thp_split": op_thp_split, "thp_collapse": op_thp_collapse, "truncate": op_truncate,
     "punch_hole": op_punch_hole, "driver_teardown": op_driver_teardown,

@@ -91,8 +91,12 @@ def missing_requirement(sc: Scenario) -> str | None:
 
 def build(sc: Scenario, policy: str) -> Env:
     """A fresh Host with the scenario's drivers and VMAs, and a VM with its capabilities and memslots."""
-    from kvmsim.kvm.dirty import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-                                  enable_dirty_ring, enable_manual_protect)
+    from kvmsim.kvm.dirty import (
+        KVM_DIRTY_LOG_INITIALLY_SET,
+        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+        enable_dirty_ring,
+        enable_manual_protect,
+    )
     from kvmsim.kvm.kvm import Kvm
     from kvmsim.mm.host import Host
     from kvmsim.mm.vma import VmaKind
@@ -230,7 +234,7 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
         env = build(sc, policy)
     except (KvmsimError, ValueError) as e:
         return _finish(sc, policy, [], [], {}, error=f"set-up failed: {e}")
-    except Exception as e:                                     # the model broke on this set-up: report it
+    except Exception as e:  # noqa: BLE001 -- the model broke on this set-up: report it as the run's error
         return _finish(sc, policy, [], [], {}, error=f"set-up failed: model raised {type(e).__name__}: {e}")
     host, kvm = env.host, env.kvm
     journal = host.journal
@@ -249,7 +253,7 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
             res = drive(guarded(make_gen(env, step.op, step.args)))
         except ModelError as e:                                # a KVM_BUG_ON in a scripted interleaving
             res = Res("error", e.errno, value=str(e))
-        except Exception as e:                                 # the model itself broke: report, stop
+        except Exception as e:                                 # the model itself broke: report, stop  # noqa: BLE001
             error = f"step {i} ({step.op}): model raised {type(e).__name__}: {e}"
             res = Res("crash", 0, value=str(e))
         facts = journal.facts[nfacts:]
@@ -293,5 +297,13 @@ def run_policies(sc: Scenario, policy: str | None = None, **kw) -> list[RunResul
     return [run(sc, p, **kw) for p in policies]
 
 
-__all__ = ["run", "run_policies", "RunResult", "StepResult", "build", "missing_requirement", "KEY_COUNTERS",
-           "errno_name"]
+__all__ = [
+    "KEY_COUNTERS",
+    "RunResult",
+    "StepResult",
+    "build",
+    "errno_name",
+    "missing_requirement",
+    "run",
+    "run_policies",
+]

@@ -137,7 +137,7 @@ class Scenario:
         return tuple(out)
 
     @staticmethod
-    def builder(name: str, **meta: Any) -> "ScenarioBuilder":
+    def builder(name: str, **meta: Any) -> ScenarioBuilder:
         """Start building a scenario in Python; ``.build()`` validates exactly as the loader does."""
         return ScenarioBuilder(name, **meta)
 
@@ -157,27 +157,27 @@ class ScenarioBuilder:
     def __init__(self, name: str, **meta: Any):
         self.doc: dict[str, Any] = {"name": name, **meta}
 
-    def _append(self, key: str, item: dict) -> "ScenarioBuilder":
+    def _append(self, key: str, item: dict) -> ScenarioBuilder:
         self.doc.setdefault(key, []).append(item)
         return self
 
-    def vma(self, name: str, **kw: Any) -> "ScenarioBuilder":
+    def vma(self, name: str, **kw: Any) -> ScenarioBuilder:
         return self._append("vma", {"name": name, **kw})
 
-    def driver(self, name: str, **kw: Any) -> "ScenarioBuilder":
+    def driver(self, name: str, **kw: Any) -> ScenarioBuilder:
         return self._append("driver", {"name": name, **kw})
 
-    def vm(self, **kw: Any) -> "ScenarioBuilder":
+    def vm(self, **kw: Any) -> ScenarioBuilder:
         self.doc.setdefault("vm", {}).update(kw)
         return self
 
-    def memslot(self, **kw: Any) -> "ScenarioBuilder":
+    def memslot(self, **kw: Any) -> ScenarioBuilder:
         return self._append("memslot", dict(kw))
 
-    def step(self, op: str, **kw: Any) -> "ScenarioBuilder":
+    def step(self, op: str, **kw: Any) -> ScenarioBuilder:
         return self._append("step", {"op": op, **kw})
 
-    def expect(self, policy: str, **kw: Any) -> "ScenarioBuilder":
+    def expect(self, policy: str, **kw: Any) -> ScenarioBuilder:
         self.doc.setdefault("expect", {})[policy] = dict(kw)
         return self
 

@@ -144,6 +144,7 @@ def run_model(opts: Options, policy: str) -> RunResult:
     opts.check()
     t_start = time.perf_counter()
     host = Host(recording=False)
+    reserve_mem_map(host, opts.total >> PAGE_SHIFT)
     kvm = Kvm(host, policy=policy, arch="x86", mmu="tdp", v613_other=opts.v613_other)
     if opts.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET)
@@ -192,6 +193,13 @@ def run_model(opts: Options, policy: str) -> RunResult:
     del slots, vcpus, kvm, host
     gc.collect()
     return res
+
+
+def reserve_mem_map(host, npages: int) -> None:
+    """Size the host's ``mem_map`` arrays for the guest up front (the kernel's is sized at boot), so
+    they are not grown by doubling while the guest populates: growth would leave a 2x capacity and,
+    during the copy, old and new arrays side by side (peak RSS)."""
+    host.phys._grow(host.phys.nr + npages + 2 * (1 << 18))      # + alignment slack for 1 GiB folios
 
 
 def peak_rss() -> int:

@@ -92,16 +92,26 @@ def vcpu_pass(kvm, vcpu, gpa: int, npages: int, write_mask: np.ndarray | None, v
     pos = 0
     for slot, lo, hi in _pieces(kvm, gpa, npages):
         n = hi - lo
-        g = (slot.base_gfn + lo) << PAGE_SHIFT
         wm = None if write_mask is None else write_mask[pos:pos + n]
         if wm is None or wm.all():
-            host_prefault_range(kvm, slot, lo, hi)
-            mmu.guest_access_range(vcpu, g, n, True, value)
+            _writes(kvm, mmu, vcpu, slot, lo, hi, value)
         elif not wm.any():
-            mmu.guest_access_range(vcpu, g, n, False, None)
+            mmu.guest_access_range(vcpu, (slot.base_gfn + lo) << PAGE_SHIFT, n, False, None)
         else:
             _mixed(kvm, mmu, vcpu, slot, lo, wm, value)
         pos += n
+
+
+def _writes(kvm, mmu, vcpu, slot, lo: int, hi: int, value: int) -> None:
+    """Guest writes to ``[lo, hi)`` in gfn order: host prefault, then the MMU's bulk path, piece by piece."""
+    while lo < hi:
+        stop, irregular = host_prefault_range(kvm, slot, lo, hi)
+        if not irregular:
+            stop = hi                                  # done, or the rest is the MMU's to order
+        elif stop == lo:
+            stop = lo + 1                              # the odd page alone, then prefault again
+        mmu.guest_access_range(vcpu, (slot.base_gfn + lo) << PAGE_SHIFT, stop - lo, True, value)
+        lo = stop
 
 
 def _mixed(kvm, mmu, vcpu, slot, lo: int, wm: np.ndarray, value: int) -> None:
@@ -110,10 +120,10 @@ def _mixed(kvm, mmu, vcpu, slot, lo: int, wm: np.ndarray, value: int) -> None:
     starts = np.concatenate(([0], brk))
     ends = np.concatenate((brk, [len(wm)]))
     for s, e in zip(starts.tolist(), ends.tolist()):
-        w = bool(wm[s])
-        if w:
-            host_prefault_range(kvm, slot, lo + s, lo + e)
-        mmu.guest_access_range(vcpu, (slot.base_gfn + lo + s) << PAGE_SHIFT, e - s, w, value if w else None)
+        if wm[s]:
+            _writes(kvm, mmu, vcpu, slot, lo + s, lo + e, value)
+        else:
+            mmu.guest_access_range(vcpu, (slot.base_gfn + lo + s) << PAGE_SHIFT, e - s, False, None)
 
 
 def write_masks(npages: int, write_percent: int, rng: np.random.Generator) -> np.ndarray | None:

@@ -22,56 +22,76 @@ import numpy as np
 from kvmsim.mm.page import PG
 from kvmsim.mm.vma import VM, Pte, VmaKind
 from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PG_LEVEL_2M
+from kvmsim.x86.spte import SPTE
 
 _P, _W, _Y, _D, _PN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY), int(Pte.PROTNONE)
+_SP, _SW_, _SMW = int(SPTE.PRESENT), int(SPTE.W), int(SPTE.MMU_W)
 _FOLL_TOUCH = "follow_page_pte:FOLL_TOUCH"
 
 
-def host_prefault_range(kvm, slot, lo: int, hi: int) -> int:
+def host_prefault_range(kvm, slot, lo: int, hi: int) -> tuple[int, bool]:
     """Fault in, for write, what guest writes to slot-relative ``[lo, hi)`` would make GUP fault in.
 
-    Pages whose SPTE is already present are skipped (the guest hits or takes a fast fault there).
-    Returns the number of host faults made."""
-    if hi <= lo or slot.readonly or kvm.execution != "hardware" or kvm.phys._free:
-        return 0
+    Only a prefix is done, so that no allocation happens out of the scalar order: it ends before the
+    first page whose fault takes another host path (a read-only host PTE to break copy-on-write, a
+    write-protected SPTE that is not MMU-writable) or the first VMA this module does not handle.
+    Returns ``(stop, irregular)``: ``[lo, stop)`` is done; when ``stop < hi``, ``irregular`` says
+    the page at ``stop`` needs the scalar path alone (then prefaulting may resume after it),
+    otherwise the rest of the range must go to the scalar-ordered MMU path without prefaulting."""
+    if hi <= lo or slot.readonly or kvm.execution != "hardware":
+        return lo, False
     t = slot.arch.get("x86")
     h0 = slot.userspace_addr + (lo << PAGE_SHIFT)
     h1 = slot.userspace_addr + (hi << PAGE_SHIFT)
-    done = 0
+    pos = lo
     for vma in kvm.mm.vmas_in(h0, h1):
-        if not vma.flags & VM.WRITE or vma.flags & (VM.IO | VM.PFNMAP) or vma.driver is not None:
-            continue
         a, b = max(h0, vma.start), min(h1, vma.end)
-        i0, i1 = vma.idx(a), vma.idx(b)
         s0 = lo + ((a - h0) >> PAGE_SHIFT)
-        need = (vma.pte[i0:i1] & (_P | _W)) != (_P | _W)
+        if s0 != pos or not _handled(kvm, vma):
+            return pos, False
+        i0, i1 = vma.idx(a), vma.idx(b)
+        pte = vma.pte[i0:i1]
+        need = (pte & (_P | _W)) != (_P | _W)
+        irregular = (pte & _PN) != 0
+        irregular |= need & ((pte & _P) != 0)                        # read-only host PTE: COW / zero page
         if t is not None:
-            need &= (t.bits[s0:s0 + i1 - i0] & 1) == 0
-        if not need.any():
-            continue
-        done += _fault_vma(kvm, vma, i0 + np.flatnonzero(need))
-    return done
+            sb = t.bits[s0:s0 + i1 - i0]
+            present = (sb & _SP) != 0
+            irregular |= present & ((sb & (_SW_ | _SMW)) == 0)       # no fast fix: slow fault
+            need &= ~present
+        cut = int(np.argmax(irregular)) if irregular.any() else i1 - i0
+        if need[:cut].any() and not _fault_vma(kvm, vma, i0 + np.flatnonzero(need[:cut])):
+            return s0, False
+        if cut < i1 - i0:
+            return s0 + cut, True
+        pos = s0 + i1 - i0
+    return pos, False
 
 
-def _fault_vma(kvm, vma, idx: np.ndarray) -> int:
-    if (vma.pte[idx] & (_P | _PN)).any():          # write-protected or NUMA-hinting PTEs: scalar
-        return 0
+def _handled(kvm, vma) -> bool:
+    """Fresh private anonymous or shared memory with nothing to read back, and no free pages to reuse."""
+    if kvm.phys._free or not vma.flags & VM.WRITE or vma.flags & (VM.IO | VM.PFNMAP) or vma.driver is not None:
+        return False
     if vma.mapping is not None and vma.flags & VM.SHARED:
         asp = vma.mapping
-        if asp.disk or asp.needs_io or asp.removed or asp.truncated_from is not None or vma.writenotify:
-            return 0
+        return not (asp.disk or asp.needs_io or asp.removed or asp.truncated_from is not None or vma.writenotify)
+    return vma.anon is not None and not vma.anon.swap
+
+
+def _fault_vma(kvm, vma, idx: np.ndarray) -> bool:
+    """Fault ``idx`` (VMA page indices, ascending) in; False, with nothing done, when it cannot."""
+    if vma.mapping is not None and vma.flags & VM.SHARED:
         return _fault_shared(kvm, vma, idx)
-    if vma.anon is None or vma.anon.swap:
-        return 0
     if vma.kind == VmaKind.HUGETLB:
         return _fault_anon_huge(kvm, vma, idx, vma.huge_level)
     if vma.flags & VM.HUGEPAGE:
         n = PAGES_PER_PMD
         lo = idx // n * n
         fits = ((vma.start + (lo << PAGE_SHIFT)) % (1 << 21) == 0) & (lo + n <= vma.npages)
-        if not fits.all():
-            return 0
-        return _fault_anon_huge(kvm, vma, idx, PG_LEVEL_2M)
+        if fits.all():
+            return _fault_anon_huge(kvm, vma, idx, PG_LEVEL_2M)
+        if fits.any():
+            return False                      # some regions THP, some not: leave the order to the scalar path
     return _fault_anon_4k(kvm, vma, idx)
 
 
@@ -81,10 +101,10 @@ def _touch(kvm, pfns: np.ndarray) -> None:
     j.count("gup_slow", len(pfns))
     j.count("host_page_fault", len(pfns))
     j.count(f"mark_accessed:{_FOLL_TOUCH}", len(pfns))
-    kvm.phys.flags[np.unique(kvm.phys.head[pfns])] |= int(PG.referenced)
+    kvm.phys.flags[kvm.phys.head[pfns]] |= int(PG.referenced)          # an OR: repeats are harmless
 
 
-def _fault_anon_4k(kvm, vma, idx: np.ndarray) -> int:
+def _fault_anon_4k(kvm, vma, idx: np.ndarray) -> bool:
     """``do_anonymous_page()`` for write: a new page each, mapped writable and dirty."""
     phys = kvm.phys
     pfn0 = phys.alloc(0, owner=vma.anon.owner_id, index=vma.pgoff + int(idx[0]), count=len(idx))
@@ -93,7 +113,7 @@ def _fault_anon_4k(kvm, vma, idx: np.ndarray) -> int:
     vma.pte_pfn[idx] = pfns
     vma.pte[idx] = _P | _Y | _W | _D
     _touch(kvm, pfns)
-    return len(idx)
+    return True
 
 
 def _runs(starts: np.ndarray, n: int) -> list[tuple[int, int]]:
@@ -102,7 +122,7 @@ def _runs(starts: np.ndarray, n: int) -> list[tuple[int, int]]:
     return [(int(r[0]), len(r)) for r in np.split(starts, brk)]
 
 
-def _fault_anon_huge(kvm, vma, idx: np.ndarray, level: int) -> int:
+def _fault_anon_huge(kvm, vma, idx: np.ndarray, level: int) -> bool:
     """Anonymous THP / private hugetlb: one folio per touched huge region, mapped writable+dirty."""
     phys = kvm.phys
     n = 1 << (9 * (level - 1))
@@ -116,10 +136,10 @@ def _fault_anon_huge(kvm, vma, idx: np.ndarray, level: int) -> int:
         vma.pte_level[s:s + m] = level
     kvm.journal.count("host_huge_alloc", len(starts))
     _touch(kvm, vma.pte_pfn[leaders])
-    return len(starts)
+    return True
 
 
-def _fault_shared(kvm, vma, idx: np.ndarray) -> int:
+def _fault_shared(kvm, vma, idx: np.ndarray) -> bool:
     """``shmem_fault()`` / ``hugetlb_fault()`` on a shared mapping: allocate the folio into the page
     cache if absent, map it writable and dirty (the whole folio when it fits in the VMA)."""
     phys = kvm.phys
@@ -128,7 +148,7 @@ def _fault_shared(kvm, vma, idx: np.ndarray) -> int:
     n = 1 << order
     index = vma.pgoff + idx
     if (index >= asp.npages).any():
-        return 0
+        return False
     if n == 1:
         cached = asp.pages[index] >= 0
         new = index[~cached]
@@ -141,13 +161,13 @@ def _fault_shared(kvm, vma, idx: np.ndarray) -> int:
         vma.pte[idx] = _P | _Y | _W | _D
         phys.flags[phys.head[vma.pte_pfn[idx]]] |= int(PG.uptodate)
         _touch(kvm, vma.pte_pfn[idx])
-        return len(idx)
+        return True
     lo_index = index // n * n
     starts, first = np.unique(lo_index, return_index=True)
     leaders = idx[first]
     lo_vma = leaders - (index[first] - starts)
     if ((lo_vma < 0) | (lo_vma + n > vma.npages)).any():
-        return 0
+        return False
     missing = starts[asp.pages[starts] < 0]
     for s, cnt in (_runs(missing, n) if len(missing) else []):
         head = phys.alloc(order, owner=asp.owner_id, index=s, count=cnt)
@@ -161,4 +181,4 @@ def _fault_shared(kvm, vma, idx: np.ndarray) -> int:
     heads = asp.pages[starts]
     phys.flags[heads] |= int(PG.uptodate)
     _touch(kvm, vma.pte_pfn[leaders])
-    return len(starts)
+    return True

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from kvmsim.bench.dirty_log_perf import Options, Phase, RunResult, peak_rss
-from kvmsim.errors import BackendUnavailable, UsageError
+from kvmsim.errors import BackendError, BackendUnavailable, UsageError
 from kvmsim.types import PAGE_SHIFT
 
 REAL_MAX_BYTES = 1 << 30
@@ -42,8 +42,10 @@ def run_real(opts: Options, backend=None) -> RunResult:
     if opts.total > REAL_MAX_BYTES:
         raise UsageError(f"the real backend emulates every guest write (~3 µs/page): keep -b x -v at or "
                          f"below {REAL_MAX_BYTES >> 30} GiB (asked {opts.total >> 20} MiB)")
-    if opts.backing not in ("anonymous", "shmem"):
-        raise UsageError(f"the real side runs anonymous or shmem backing only, not {opts.backing!r}")
+    kinds = {"anonymous": MappingKind.ANON_PRIVATE, "anonymous_thp": MappingKind.THP_ANON,
+             "shmem": MappingKind.ANON_SHARED, "shared_hugetlb": MappingKind.HUGETLB_2M}
+    if opts.backing not in kinds:
+        raise UsageError(f"the real side runs {', '.join(kinds)} backing, not {opts.backing!r}")
     if backend is None:
         backend, why = real_backend_or_reason()
         if backend is None:
@@ -53,13 +55,19 @@ def run_real(opts: Options, backend=None) -> RunResult:
           if opts.manual_protect else ManualProtect(0))
     backend.create_vm(VmOptions(manual_protect=mp))
     per_slot = opts.total // opts.slots
-    kind = MappingKind.ANON_PRIVATE if opts.backing == "anonymous" else MappingKind.ANON_SHARED
+    kind = kinds[opts.backing]
     base = 1 << 32
     regions = []
     for k in range(opts.slots):
-        m = backend.host_mmap(kind, per_slot).mapping
-        r = MemoryRegion(1 + k, base + k * per_slot, per_slot, m.hva)
-        backend.set_memory_region(r)
+        out = backend.host_mmap(kind, per_slot)
+        if out.mapping is None:
+            backend.close()
+            raise BackendError(f"real host mmap of {per_slot >> 20} MiB {kind.value} failed: errno {out.errno}")
+        r = MemoryRegion(1 + k, base + k * per_slot, per_slot, out.mapping.hva)
+        res = backend.set_memory_region(r)
+        if res.errno:
+            backend.close()
+            raise BackendError(f"real KVM_SET_USER_MEMORY_REGION of slot {r.slot} failed: errno {res.errno}")
         regions.append(r)
     npages = opts.total >> PAGE_SHIFT
     phases: list[Phase] = []

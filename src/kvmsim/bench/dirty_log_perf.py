@@ -76,6 +76,7 @@ class Phase:
     iteration: int | None
     seconds: float
     counters: dict[str, int] = field(default_factory=dict)
+    peak_rss_bytes: int = 0            # the process's peak RSS when the phase ended
 
     def summary(self) -> dict[str, int]:
         return summarize(self.counters)
@@ -135,7 +136,8 @@ class _Clock:
             def __exit__(self, *exc):
                 dt = time.perf_counter_ns() - self.t0
                 if exc[0] is None:
-                    clock.phases.append(Phase(name, iteration, dt / 1e9, clock.journal.since(self.before)))
+                    clock.phases.append(Phase(name, iteration, dt / 1e9, clock.journal.since(self.before),
+                                              peak_rss()))
         return _Ctx()
 
 
@@ -187,12 +189,38 @@ def run_model(opts: Options, policy: str) -> RunResult:
     if opts.run_while_disabling:
         with clock("after-disable", opts.iterations + 2):
             all_vcpus(opts.iterations + 2, opts.write_percent)
-    stats = kvm.arch.stats()
+    stats = leaf_stats(kvm)
     wall = time.perf_counter() - t_start
     res = RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
     del slots, vcpus, kvm, host
     gc.collect()
     return res
+
+
+def leaf_stats(kvm) -> dict[str, int]:
+    """The VM stats ``pages_4k`` / ``pages_2m`` / ``pages_1g`` (leaf counts), as ``X86Mmu.stats()``
+    computes them, one 1 GiB piece at a time (no whole-slot temporaries)."""
+    out = {"pages_4k": 0, "pages_2m": 0, "pages_1g": 0}
+    for slots in kvm.memslots:
+        for slot in slots:
+            t = slot.arch.get("x86")
+            if t is None:
+                continue
+            for lo, hi in gfn_aligned_pieces(slot.base_gfn, 0, slot.npages):
+                lv = np.bincount(t.level[t.representatives(slot, lo, hi)], minlength=4)
+                out["pages_4k"] += int(lv[1])
+                out["pages_2m"] += int(lv[2])
+                out["pages_1g"] += int(lv[3])
+    return out
+
+
+def gfn_aligned_pieces(base_gfn: int, lo: int, hi: int, piece: int = 1 << 18):
+    """Slot-relative ``[a, b)`` pieces of ``[lo, hi)`` cut at 1 GiB-aligned gfns (no leaf crosses a cut)."""
+    a = lo
+    while a < hi:
+        b = min(hi, (base_gfn + a) // piece * piece + piece - base_gfn)
+        yield a, b
+        a = b
 
 
 def reserve_mem_map(host, npages: int) -> None:

@@ -114,6 +114,8 @@ def check_fact(f: Fact) -> list[Violation]:
         out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))
     elif k == "freed_while_referenced":
         out.append(_v("INV-1", f, f"{f.detail} (a co-owner's reference now dangles)"))
+    elif k == "uaf" and f.kvm and f.caller.startswith(("kvm_host_map", "gpc ")):
+        pass                      # judged by the map_uaf (INV-6) / gpc_uaf (INV-5) facts of the same access
     elif k == "uaf" and f.kvm:
         if f.detail.startswith(("get", "put", "pin", "unpin")):
             out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))

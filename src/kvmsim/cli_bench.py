@@ -64,7 +64,8 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
     opts = Options(vcpu_memory, vcpus, iterations, backing, write_percent, slots, not no_manual_protect,
                    run_while_disabling, seed, v613_other)
     policies = ["legacy", "series"] if policy == "both" else [policy]
-    console = Console(stderr=as_json)
+    out = sys.stderr if as_json else sys.stdout
+    console = Console(stderr=as_json, width=None if out.isatty() else 150)   # whole tables in logs
     results, real, real_error = [], None, ""
     try:
         opts.check()

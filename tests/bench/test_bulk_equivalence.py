@@ -140,3 +140,73 @@ def test_prefault_leaves_nothing_for_the_scalar_path():
     kvm.arch.guest_access_range(v, ts.gpa, NPAGES, True, 1)
     c = kvm.journal.counters
     assert c["host_page_fault"] == c["gup_slow"] == c["page_fault"] == NPAGES
+
+
+# ---- the per-region kernel loops, as reference for the vectorised disable-dirty-logging paths ----------
+
+def _ref_regions(kvm, slot, level):
+    from kvmsim.types import LEVEL_PAGES
+    from kvmsim.x86.spte import P, tables
+    from kvmsim.x86.tdp_mmu import max_mapping_levels
+    t = tables(slot)
+    n = LEVEL_PAGES[level]
+    first = (-slot.base_gfn) % n
+    count = (slot.npages - first) // n
+    if count <= 0:
+        return []
+    lvl = t.level[first:first + count * n].reshape(count, n)
+    pres = (t.bits[first:first + count * n].reshape(count, n) & P) != 0
+    starts = (first + np.arange(count) * n)[(pres & (lvl < level)).any(axis=1)]
+    return [int(s) for s in starts
+            if max_mapping_levels(kvm, slot, int(s), int(s) + 1, level, logging=False)[0] >= level]
+
+
+def ref_zap_collapsible_sptes(kvm, slot):
+    """``kvm_mmu_zap_collapsible_sptes()`` region by region, one flush each."""
+    from kvmsim.types import LEVEL_PAGES
+    from kvmsim.x86.tdp_mmu import zap_range
+    zapped = 0
+    for level in (3, 2):
+        for s in _ref_regions(kvm, slot, level):
+            zap_range(kvm, slot, s, s + LEVEL_PAGES[level], "zap_collapsible_spte_range")
+            kvm.flush_remote_tlbs("zap_collapsible_sptes")
+            zapped += 1
+    kvm.journal.count("zap_collapsible", zapped)
+    return zapped
+
+
+def ref_recover_huge_pages(kvm, slot):
+    """``kvm_tdp_mmu_recover_huge_pages()`` region by region, one flush for the slot."""
+    from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
+    from kvmsim.x86.spte import P, spte_write, tables
+    t = tables(slot)
+    recovered = 0
+    for level in (3, 2):
+        n = LEVEL_PAGES[level]
+        for s in _ref_regions(kvm, slot, level):
+            child = s + int(np.nonzero(t.bits[s:s + n] & P)[0][0])
+            base_pfn = int(t.pfn[child]) - (child - s)
+            if kvm.mm.pte_of(slot.userspace_addr + (s << PAGE_SHIFT))[1] != base_pfn:
+                continue
+            spte_write(kvm, slot, s, s + n, int(t.bits[child]), base_pfn + np.arange(n), level, caller="make_huge_spte")
+            recovered += 1
+    if recovered:
+        kvm.flush_remote_tlbs("recover_huge_pages")
+    kvm.journal.count("recover", recovered)
+    return recovered
+
+
+@pytest.mark.parametrize("policy", ["legacy", "series"])
+@pytest.mark.parametrize("backing", ["anonymous_hugetlb_2mb", "anonymous_thp", "shared_hugetlb", "anonymous"])
+@pytest.mark.parametrize("v613", [False, True])
+def test_disable_dirty_logging_matches_the_per_region_loops(monkeypatch, policy, backing, v613):
+    seq = [("pass", 0, NPAGES, 100), ("log_on", 0, 1, 0), ("pass", 0, NPAGES, 100), ("get_clear", 0, 1, 0),
+           ("pass", 0, 1200, 60), ("log_off", 0, 1, 0), ("pass", 0, NPAGES, 100)]
+    fast = run(policy, backing, seq, True, True, v613)
+    from kvmsim.x86 import tdp_mmu
+    monkeypatch.setattr(tdp_mmu, "zap_collapsible_sptes", ref_zap_collapsible_sptes)
+    monkeypatch.setattr(tdp_mmu, "recover_huge_pages", ref_recover_huge_pages)
+    ref = run(policy, backing, seq, True, True, v613)
+    if backing != "anonymous":
+        assert ref["counters"].get("recover" if v613 else "zap_collapsible", 0) == NPAGES // 512
+    assert_same(ref, fast)

@@ -30,7 +30,7 @@ from kvmsim.errors import KvmBug, ModelError
 from kvmsim.kvm.memslot import (KVM_MEM, KvmMemorySlot, KvmMemslots, KvmMrChange, KvmUserspaceMemoryRegion2,
                                 validate_region)
 from kvmsim.mm.notifier import MmuNotifierRange
-from kvmsim.policies import Policy, get_policy
+from kvmsim.policies import DEFAULT_POLICY, Policy, get_policy
 from kvmsim.sched import Steps, Wait, current_thread, kpath
 from kvmsim.types import PAGE_SHIFT
 
@@ -148,7 +148,7 @@ class KvmMmuNotifier:
 class Kvm:
     """Model of ``struct kvm``."""
 
-    def __init__(self, host, *, policy: str | Policy = "series", arch: str = "x86", mmu: str = "tdp",
+    def __init__(self, host, *, policy: str | Policy = DEFAULT_POLICY, arch: str = "x86", mmu: str = "tdp",
                  allow_unsafe_mappings: bool = False, v613_other: bool = False, pml: bool = True,
                  ad_enabled: bool = True, eager_split: bool = True, has_private_mem: bool = True,
                  execution: str = "hardware", **arch_opts):

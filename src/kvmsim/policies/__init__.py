@@ -54,3 +54,4 @@ def get_policy(name: str) -> Policy:
 
 
 POLICY_NAMES = ("legacy", "series", "pre-5.13")
+DEFAULT_POLICY = "series"

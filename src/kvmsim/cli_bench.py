@@ -67,6 +67,12 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
     out = sys.stderr if as_json else sys.stdout
     console = Console(stderr=as_json, width=None if out.isatty() else 150)   # whole tables in logs
     results, real, real_error = [], None, ""
+    if plot_path:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            click.echo("kvmsim bench dirty-log: --plot needs matplotlib: pip install 'kvmsim[plot]'", err=True)
+            sys.exit(2)
     try:
         opts.check()
         if backend in ("kvm", "both"):

@@ -90,5 +90,5 @@ def run_real(opts: Options, backend=None) -> RunResult:
                                         for r in regions])
     timed("disable", None, lambda: [update_memory_region_flags(backend, r.slot, flags(False)) for r in regions])
     backend.close()
-    return RunResult("kvm", getattr(backend, "policy", "host"), opts.__dict__.copy(), phases, peak_rss(),
-                     time.perf_counter() - t_start)
+    return RunResult(getattr(backend, "name", "kvm"), getattr(backend, "policy", "host"), opts.__dict__.copy(),
+                     phases, peak_rss(), time.perf_counter() - t_start)

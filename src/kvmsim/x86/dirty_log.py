@@ -13,7 +13,7 @@ import numpy as np
 
 from kvmsim.kvm.dirty import KVM_DIRTY_LOG_INITIALLY_SET
 from kvmsim.kvm.memslot import KvmMrChange
-from kvmsim.types import PAGES_PER_PMD
+from kvmsim.types import LEVEL_PAGES, PAGES_PER_PMD
 from kvmsim.x86 import tdp_mmu
 
 
@@ -50,34 +50,84 @@ def kvm_mmu_slot_apply_flags(mmu, old, new, change) -> None:
 
 
 def kvm_arch_mmu_enable_log_dirty_pt_masked(mmu, slot, gfn_offset: int, mask) -> None:
-    """Mirrors ``kvm_arch_mmu_enable_log_dirty_pt_masked()``, for each 64-page word of ``mask``."""
+    """Mirrors ``kvm_arch_mmu_enable_log_dirty_pt_masked()``, for each 64-page word of ``mask``.
+
+    Vectorised over the words: the result (SPTEs, counters, struct-page marks) is the per-word
+    calls' (tests/bench/test_bulk_equivalence.py); the D-bit / W clearing runs in 1 GiB-aligned
+    pieces so a 64 GiB slot never needs whole-slot temporaries."""
     kvm = mmu.kvm
     if "x86" not in slot.arch:
         return
     t = slot.arch["x86"]
-    mask = np.asarray(mask, dtype=bool)
-    idx = gfn_offset + np.nonzero(mask)[0]
-    if not len(idx):
+    full = _slot_mask(slot, gfn_offset, mask)
+    if full is None:
         return
-    full = np.zeros(slot.npages, dtype=bool)
-    full[idx] = True
     if manual_protect_and_init_set(kvm):
-        words = np.unique(idx // 64)
-        for w in words.tolist():
-            lo, hi = w * 64, min(w * 64 + 64, slot.npages)
-            sel = np.nonzero(full[lo:hi])[0]
-            start, end = lo + int(sel[0]), lo + int(sel[-1])
-            if not (t.level[start:end + 1] > 1).any() and not (t.level[[start, end]] > 1).any():
-                continue
-            if mmu.eager_split:
-                tdp_mmu.split_range(kvm, slot, start, end + 1)
-            for g in {start, end}:                         # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M)
-                tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect")
-    if mmu.pml:
-        tdp_mmu.clear_dirty_range(kvm, slot, 0, slot.npages, "clear_dirty_pt_masked", mask=full)
+        _protect_huge_words(mmu, slot, t, full)
+    for lo, hi in gfn_aligned_pieces(slot, 0, slot.npages):
+        m = full[lo:hi]
+        if not m.any():
+            continue
+        if mmu.pml:
+            tdp_mmu.clear_dirty_range(kvm, slot, lo, hi, "clear_dirty_pt_masked", mask=m)
+        else:
+            tdp_mmu.wrprot_range(kvm, slot, lo, hi, 1, "kvm_mmu_write_protect_pt_masked",
+                                 mask=m & (t.level[lo:hi] == 1))
+
+
+PIECE = 1 << 18                      # 4 KiB pages per piece: 1 GiB, the largest leaf
+
+
+def gfn_aligned_pieces(slot, lo: int, hi: int):
+    """Slot-relative ``[a, b)`` pieces of ``[lo, hi)`` cut at 1 GiB-aligned gfns: no leaf crosses a cut."""
+    a = lo
+    while a < hi:
+        b = min(hi, (slot.base_gfn + a) // PIECE * PIECE + PIECE - slot.base_gfn)
+        yield a, b
+        a = b
+
+
+def _slot_mask(slot, gfn_offset: int, mask):
+    mask = np.asarray(mask, dtype=bool)
+    if gfn_offset == 0 and len(mask) == slot.npages:
+        full = mask
     else:
-        tdp_mmu.wrprot_range(kvm, slot, 0, slot.npages, 1, "kvm_mmu_write_protect_pt_masked",
-                             mask=full & (t.level == 1))
+        full = np.zeros(slot.npages, dtype=bool)
+        n = max(0, min(len(mask), slot.npages - gfn_offset))
+        full[gfn_offset:gfn_offset + n] = mask[:n]
+    return full if full.any() else None
+
+
+def _protect_huge_words(mmu, slot, t, full) -> None:
+    """The INITIALLY_SET step for every word: split (eager) or write-protect at 2M the huge leaves
+    under the word's first and last set gfn.  A huge leaf spans >= 512 gfns, so one that meets
+    ``[first, last]`` of a 64-gfn word covers ``first`` or ``last``."""
+    kvm = mmu.kvm
+    nw = -(-slot.npages // 64)
+    pad = np.zeros(nw * 64, dtype=bool)
+    pad[:slot.npages] = full
+    rows = pad.reshape(nw, 64)
+    w = np.flatnonzero(rows.any(axis=1))
+    sel = rows[w]
+    start = w * 64 + sel.argmax(axis=1)
+    end = w * 64 + 63 - sel[:, ::-1].argmax(axis=1)
+    del pad, rows, sel
+    pos = np.concatenate((start, end))
+    lvl = t.level[pos]
+    pos, lvl = pos[lvl > 1], lvl[lvl > 1]
+    if not len(pos):
+        return
+    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[lvl]
+    leaf = np.unique(np.stack(((slot.base_gfn + pos) // size * size - slot.base_gfn, size)), axis=1)
+    if mmu.eager_split:
+        ends = leaf[0] + leaf[1]
+        brk = np.flatnonzero(leaf[0][1:] != ends[:-1]) + 1          # runs of adjacent leaves
+        for a, b in zip(np.split(leaf[0], brk), np.split(ends, brk)):
+            for lo, hi in gfn_aligned_pieces(slot, int(a[0]), int(b[-1])):
+                tdp_mmu.split_range(kvm, slot, lo, hi)
+        return
+    for g in leaf[0].tolist():                      # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M)
+        tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect")
 
 
 __all__ = ["kvm_mmu_slot_apply_flags", "kvm_arch_mmu_enable_log_dirty_pt_masked", "PAGES_PER_PMD"]

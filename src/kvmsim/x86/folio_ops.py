@@ -46,9 +46,10 @@ def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
         for k, pfn in enumerate(pfns.tolist()):
             kvm.journal.fact("set_dirty", pfn=pfn, caller=caller, kvm=True, source=source, locked=locked,
                              extra={"reserved": False, "was_dirty": bool(was[k])})
-    for h in np.unique(heads).tolist():
-        phys._dirty_after_clean_check(h, caller, True)
-        phys.flags[h] |= int(PG.dirty)
+    if kvm.journal.recording:                # the check only records a fact: nothing to do otherwise
+        for h in np.unique(heads).tolist():
+            phys._dirty_after_clean_check(h, caller, True)
+    phys.flags[heads] |= int(PG.dirty)       # an OR: repeated heads are harmless
 
 
 def mark_page_accessed_bulk(kvm, pfns, caller: str, source: Src) -> None:
@@ -69,4 +70,4 @@ def mark_page_accessed_bulk(kvm, pfns, caller: str, source: Src) -> None:
         for pfn in pfns.tolist():
             kvm.journal.fact("mark_accessed", pfn=pfn, caller=caller, kvm=True, source=source, locked=locked,
                              extra={"reserved": False, "unused": False})
-    phys.flags[np.unique(phys.head[pfns])] |= int(PG.referenced)
+    phys.flags[phys.head[pfns]] |= int(PG.referenced)

@@ -160,24 +160,65 @@ def split_range(kvm, slot, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_p
     return nhuge
 
 
+def _host_at(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(host mapping level, host pfn or -1) at slot-relative ``idx``: ``host_mapping_level()`` and
+    ``pte_of()`` vectorised."""
+    level = np.ones(len(idx), dtype=np.uint8)
+    pfn = np.full(len(idx), -1, dtype=np.int64)
+    if not len(idx):
+        return level, pfn
+    hva = slot.userspace_addr + (idx.astype(np.int64) << PAGE_SHIFT)
+    for vma in kvm.mm.vmas_in(int(hva.min()), int(hva.max()) + 4096):
+        inside = (hva >= vma.start) & (hva < vma.end)
+        j = (hva[inside] - vma.start) >> PAGE_SHIFT
+        p = vma.pte_pfn[j]
+        present = ((vma.pte[j] & 1) != 0) & (p >= 0)
+        level[inside] = np.where(present, vma.pte_level[j], 1)
+        pfn[inside] = p
+    return level, pfn
+
+
 def _collapsible_regions(kvm, slot, level: int) -> np.ndarray:
-    """Slot-relative starts of aligned ``level`` regions mapped by smaller leaves that could be huge."""
+    """Slot-relative starts of aligned ``level`` regions mapped by smaller leaves that could be huge
+    (``kvm_mmu_max_mapping_level()`` of the region's first gfn is at least ``level``)."""
     t = tables(slot)
     n = LEVEL_PAGES[level]
     first = (-slot.base_gfn) % n
     count = (slot.npages - first) // n
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
-    starts = first + np.arange(count) * n
-    lvl = t.level[first:first + count * n].reshape(count, n)
-    pres = (t.bits[first:first + count * n].reshape(count, n) & P) != 0
-    has_small = (pres & (lvl < level)).any(axis=1)
-    if not has_small.any():
-        return np.zeros(0, dtype=np.int64)
-    starts = starts[has_small]
-    ok = np.array([max_mapping_levels(kvm, slot, int(s), int(s) + 1, level, logging=False)[0] >= level
-                   for s in starts], dtype=bool)
-    return starts[ok]
+    found = []
+    per = max(1, (1 << 18) // n)                     # regions per step: 1 GiB of entries at a time
+    for c0 in range(0, count, per):
+        c1 = min(count, c0 + per)
+        a, b = first + c0 * n, first + c1 * n
+        lvl = t.level[a:b].reshape(c1 - c0, n)
+        pres = (t.bits[a:b].reshape(c1 - c0, n) & P) != 0
+        has_small = np.flatnonzero((pres & (lvl < level)).any(axis=1))
+        found.append(a + has_small * n)
+    starts = np.concatenate(found)
+    if not len(starts) or ((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n:
+        return np.zeros(0, dtype=np.int64)        # the hva is misaligned: lpage_info disallows the level
+    host_level, _ = _host_at(kvm, slot, starts)
+    return starts[np.minimum(host_level, level) >= level]
+
+
+def _zap_regions(kvm, slot, starts: np.ndarray, n: int, caller: str) -> None:
+    """``zap_range()`` of each ``n``-page region, one :func:`spte_write` per 1 GiB piece of gfns
+    (the regions hold only small leaves: the same entries, A/D reports and counts)."""
+    t = tables(slot)
+    piece = (slot.base_gfn + starts) >> 18
+    cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1
+    for st in np.split(starts, cuts):
+        lo, hi = int(st[0]), int(st[-1]) + n
+        at = (np.repeat(st - lo, n) + np.tile(np.arange(n), len(st)))
+        nb = t.bits[lo:hi].copy()
+        npf = t.pfn[lo:hi].copy()
+        nl = t.level[lo:hi].copy()
+        nleaves = int(np.count_nonzero(((nb[at] & P) != 0) & ((nb[at] & MMIO) == 0)))
+        nb[at], npf[at], nl[at] = 0, -1, 0
+        spte_write(kvm, slot, lo, hi, nb, npf, nl, caller=caller)
+        kvm.journal.count("spte_zap", nleaves)
 
 
 def zap_collapsible_sptes(kvm, slot) -> int:
@@ -185,32 +226,48 @@ def zap_collapsible_sptes(kvm, slot) -> int:
     one TLB flush per huge region; the next faults map huge."""
     zapped = 0
     for level in (3, 2):
-        for s in _collapsible_regions(kvm, slot, level).tolist():
-            zap_range(kvm, slot, s, s + LEVEL_PAGES[level], "zap_collapsible_spte_range")
-            kvm.flush_remote_tlbs("zap_collapsible_sptes")
-            zapped += 1
+        starts = _collapsible_regions(kvm, slot, level)
+        if len(starts):
+            _zap_regions(kvm, slot, starts, LEVEL_PAGES[level], "zap_collapsible_spte_range")
+            kvm.flush_remote_tlbs("zap_collapsible_sptes", len(starts))
+            zapped += len(starts)
     kvm.journal.count("zap_collapsible", zapped)
     return zapped
 
 
 def recover_huge_pages(kvm, slot) -> int:
     """``kvm_tdp_mmu_recover_huge_pages()`` ([6.13-other]): replace small leaves with the huge SPTE
-    in place (``make_huge_spte()`` from a present child), one batched TLB flush for the slot."""
+    in place (``make_huge_spte()`` from a present child), one batched TLB flush for the slot.
+    Vectorised per 1 GiB piece of gfns; the regions are disjoint, so it equals one write per region."""
     t = tables(slot)
     recovered = 0
     for level in (3, 2):
         n = LEVEL_PAGES[level]
-        for s in _collapsible_regions(kvm, slot, level).tolist():
-            pres = np.nonzero(t.bits[s:s + n] & P)[0]
-            child = s + int(pres[0])
-            base_pfn = int(t.pfn[child]) - (child - s)
-            hva = slot.userspace_addr + (s << PAGE_SHIFT)
-            vma, hpfn, _, _ = kvm.mm.pte_of(hva)
-            if hpfn != base_pfn:
+        starts = _collapsible_regions(kvm, slot, level)
+        if not len(starts):
+            continue
+        piece = (slot.base_gfn + starts) >> 18
+        cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1
+        for st in np.split(starts, cuts):
+            rows = st[:, None] + np.arange(n)
+            child = st + ((t.bits[rows] & P) != 0).argmax(axis=1)
+            del rows
+            base_pfn = t.pfn[child] - (child - st)
+            _, hpfn = _host_at(kvm, slot, st)
+            ok = hpfn == base_pfn
+            st, child, base_pfn = st[ok], child[ok], base_pfn[ok]
+            if not len(st):
                 continue
-            bits = int(t.bits[child])
-            spte_write(kvm, slot, s, s + n, bits, base_pfn + np.arange(n), level, caller="make_huge_spte")
-            recovered += 1
+            lo, hi = int(st[0]), int(st[-1]) + n
+            at = np.repeat(st - lo, n) + np.tile(np.arange(n), len(st))
+            nb = t.bits[lo:hi].copy()
+            npf = t.pfn[lo:hi].copy()
+            nl = t.level[lo:hi].copy()
+            nb[at] = np.repeat(t.bits[child], n)
+            npf[at] = np.repeat(base_pfn, n) + np.tile(np.arange(n), len(st))
+            nl[at] = level
+            spte_write(kvm, slot, lo, hi, nb, npf, nl, caller="make_huge_spte")
+            recovered += len(st)
     if recovered:
         kvm.flush_remote_tlbs("recover_huge_pages")
     kvm.journal.count("recover", recovered)

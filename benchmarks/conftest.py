@@ -54,7 +54,7 @@ def record(request, benchmark):
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=RESULTS.parent, timeout=10).stdout.strip()
+                              cwd=RESULTS.parent, timeout=10, check=False).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return ""
 
@@ -72,7 +72,7 @@ def pytest_terminal_summary(terminalreporter):
         tr.write_line(f"{name}: {a} s ({ratio})")
     if os.environ.get("KVMSIM_BENCH_RECORD", "1") == "0":
         return
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     for e in _new.values():
         e["recorded_at"] = stamp
         e["commit"] = _git_commit()

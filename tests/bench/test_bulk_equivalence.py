@@ -5,10 +5,15 @@ accesses in gfn order and ``kvm_arch_mmu_enable_log_dirty_pt_masked()`` once per
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvmsim.bench.memstress import BACKING, create_test_slots, vcpu_pass
-from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
+from kvmsim.kvm.dirty import (
+    enable_manual_protect,
+    kvm_clear_dirty_log,
+    kvm_get_dirty_log,
+)
 from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
@@ -81,14 +86,15 @@ def run(policy, backing, seq, bulk, manual, v613_other=False):
     t = slot.arch.get("x86")
     counters = {k: c for k, c in kvm.journal.counters.items() if k != "clear_dirty_log"}
     phys = host.phys
-    return dict(
-        spte=None if t is None else (t.bits.copy(), t.pfn.copy(), t.level.copy()),
-        counters=counters,
-        flags=phys.flags[:phys.nr].copy(), refcount=phys.refcount[:phys.nr].copy(),
-        data=phys.data[:phys.nr].copy(), index=phys.index[:phys.nr].copy(), head=phys.head[:phys.nr].copy(),
-        pte=(ts.vma.pte.copy(), ts.vma.pte_pfn.copy(), ts.vma.pte_level.copy()),
-        bitmap=None if slot.dirty_bitmap is None else slot.dirty_bitmap.copy(),
-    )
+    return {
+        "spte": None if t is None else (t.bits.copy(), t.pfn.copy(), t.level.copy()),
+        "counters": counters,
+        "flags": phys.flags[:phys.nr].copy(), "refcount": phys.refcount[:phys.nr].copy(),
+        "data": phys.data[:phys.nr].copy(), "index": phys.index[:phys.nr].copy(),
+        "head": phys.head[:phys.nr].copy(),
+        "pte": (ts.vma.pte.copy(), ts.vma.pte_pfn.copy(), ts.vma.pte_level.copy()),
+        "bitmap": None if slot.dirty_bitmap is None else slot.dirty_bitmap.copy(),
+    }
 
 
 def assert_same(a, b):

@@ -43,7 +43,7 @@ def test_json_has_phases_and_counters():
     data = json.loads(r.output)
     (run,) = data["runs"]
     assert run["policy"] == "legacy" and run["backend"] == "model"
-    disable = [p for p in run["phases"] if p["name"] == "disable"][0]
+    disable = next(p for p in run["phases"] if p["name"] == "disable")
     assert disable["summary"]["set_dirty"] == 2 * 8 * 256
     assert disable["summary"]["tlb_flush"] == 8
 

@@ -16,7 +16,6 @@ vCPUs run one after another (the model has no parallelism); a phase's time is th
 
 from __future__ import annotations
 
-import gc
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,12 +23,17 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass, write_masks
-from kvmsim.kvm.dirty import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-                              enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log)
+from kvmsim.errors import UsageError
+from kvmsim.kvm.dirty import (
+    KVM_DIRTY_LOG_INITIALLY_SET,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    enable_manual_protect,
+    kvm_clear_dirty_log,
+    kvm_get_dirty_log,
+)
 from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
-from kvmsim.errors import UsageError
 from kvmsim.types import PAGE_SHIFT
 
 #: The cost columns: struct-page operations by kind, then the MMU's own work.
@@ -191,10 +195,7 @@ def run_model(opts: Options, policy: str) -> RunResult:
             all_vcpus(opts.iterations + 2, opts.write_percent)
     stats = leaf_stats(kvm)
     wall = time.perf_counter() - t_start
-    res = RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
-    del slots, vcpus, kvm, host
-    gc.collect()
-    return res
+    return RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
 
 
 def leaf_stats(kvm) -> dict[str, int]:

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kvmsim.bench.prefault import host_prefault_range
 from kvmsim.errors import UsageError
 from kvmsim.mm.vma import VmaKind
 from kvmsim.types import PAGE_SHIFT
-from kvmsim.bench.prefault import host_prefault_range
 
 #: ``-s`` backing sources (lib/test_util.c ``vm_mem_backing_src_alias``) → (kind, page size, thp, shared)
 BACKING = {

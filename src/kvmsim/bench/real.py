@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from kvmsim.bench.dirty_log_perf import Options, Phase, RunResult, peak_rss
-from kvmsim.errors import BackendError, BackendUnavailable, UsageError
+from kvmsim.errors import BackendError, BackendUnavailable, KvmsimError, UsageError
 from kvmsim.types import PAGE_SHIFT
 
 REAL_MAX_BYTES = 1 << 30
@@ -25,19 +25,26 @@ def real_backend_or_reason():
     if not ok:
         return None, why
     try:
-        from kvmsim.backend.kvm import KvmBackend            # type: ignore[attr-defined]
+        from kvmsim.backend.kvm import KvmBackend  # type: ignore[attr-defined]
     except ImportError as e:
         return None, f"the real /dev/kvm backend is not ready (kvmsim.backend.kvm has no KvmBackend: {e})"
     try:
         return KvmBackend(), ""
-    except Exception as e:                                    # BackendUnavailable, KvmIoctlError
+    except (KvmsimError, OSError) as e:                       # BackendUnavailable, KvmIoctlError
         return None, str(e)
 
 
 def run_real(opts: Options, backend=None) -> RunResult:
     """The selftest flow on the real backend: populate, enable, iterations of dirty/get/clear, disable."""
-    from kvmsim.backend.base import (KvmMemFlags, ManualProtect, MappingKind, MemoryRegion, VmOptions,
-                                     page_gpas, update_memory_region_flags)
+    from kvmsim.backend.base import (
+        KvmMemFlags,
+        ManualProtect,
+        MappingKind,
+        MemoryRegion,
+        VmOptions,
+        page_gpas,
+        update_memory_region_flags,
+    )
     opts.check()
     if opts.total > REAL_MAX_BYTES:
         raise UsageError(f"the real backend emulates every guest write (~3 µs/page): keep -b x -v at or "
@@ -82,12 +89,12 @@ def run_real(opts: Options, backend=None) -> RunResult:
     flags = lambda on: KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES if on else KvmMemFlags(0)
     timed("enable", None, lambda: [update_memory_region_flags(backend, r.slot, flags(True)) for r in regions])
     for it in range(1, opts.iterations + 1):
-        timed("dirty", it, lambda: backend.guest_write(gpas, it))
-        logs = {}
-        timed("get", it, lambda: logs.update({r.slot: backend.get_dirty_log(r.slot).dirty for r in regions}))
+        timed("dirty", it, lambda it=it: backend.guest_write(gpas, it))
+        logs: dict = {}
+        timed("get", it, lambda logs=logs: logs.update({r.slot: backend.get_dirty_log(r.slot).dirty for r in regions}))
         if opts.manual_protect:
-            timed("clear", it, lambda: [backend.clear_dirty_log(r.slot, 0, r.npages, sorted(logs[r.slot]))
-                                        for r in regions])
+            timed("clear", it, lambda logs=logs: [backend.clear_dirty_log(r.slot, 0, r.npages, sorted(logs[r.slot]))
+                                                  for r in regions])
     timed("disable", None, lambda: [update_memory_region_flags(backend, r.slot, flags(False)) for r in regions])
     backend.close()
     return RunResult(getattr(backend, "name", "kvm"), getattr(backend, "policy", "host"), opts.__dict__.copy(),

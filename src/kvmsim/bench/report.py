@@ -13,7 +13,7 @@ _LABEL = {"populate": "Populate memory", "enable": "Enabling dirty logging",
 
 def ts(seconds: float) -> str:
     """``%ld.%.9lds``."""
-    ns = int(round(seconds * 1e9))
+    ns = round(seconds * 1e9)
     return f"{ns // 10**9}.{ns % 10**9:09d}s"
 
 

@@ -70,6 +70,34 @@ def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
     return None
 
 
+@kpath
+def kvm_mmu_faultin_pfn(kvm, slot, gfn: int, write: bool, label: str = "kvm_faultin_pfn") -> Steps:
+    """The arch-independent part of a stage-2 fault's faultin (spec §2.1 step 4, arch/x86/kvm/mmu/mmu.c).
+
+    Samples ``mmu_invalidate_seq``, pre-checks it without the lock, resolves the pfn with FOLL_NOWAIT
+    and then (if I/O is needed) FOLL_INTERRUPTIBLE, maps error pfns to RET_PF / -errno, and re-checks
+    before the caller takes ``mmu_lock`` (releasing the page unused when stale).  Returns
+    ``(ret, mmu_seq, pfn, kfp)``: ``ret`` is None when the caller should lock, re-check and map.
+    """
+    mmu_seq = kvm.mmu_invalidate_seq
+    yield f"{label}: mmu_seq snapshot"
+    if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
+        kvm.journal.count("fault_retry")
+        return RET_PF.RETRY, mmu_seq, None, None
+    foll = FOLL.WRITE if write else FOLL(0)
+    pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.NOWAIT, caller="kvm_faultin_pfn")
+    if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
+        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.INTERRUPTIBLE, caller="kvm_faultin_pfn")
+    if is_error_noslot_pfn(pfn):
+        return fault_error_to_errno(pfn), mmu_seq, pfn, kfp
+    yield f"{label}: pfn resolved"
+    if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
+        kvm_release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
+        kvm.journal.count("fault_retry")
+        return RET_PF.RETRY, mmu_seq, pfn, kfp
+    return None, mmu_seq, pfn, kfp
+
+
 class GenericStage2:
     """4 KiB-only stage-2 tables with W / host-writable / A / D bits."""
 
@@ -100,22 +128,9 @@ class GenericStage2:
             return RET_PF.RETRY
         if write and slot.readonly:
             return RET_PF.EMULATE
-        mmu_seq = kvm.mmu_invalidate_seq
-        yield "kvm_faultin_pfn: mmu_seq snapshot"
-        if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-            kvm.journal.count("fault_retry")
-            return RET_PF.RETRY
-        foll = FOLL.WRITE if write else FOLL(0)
-        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.NOWAIT, caller="kvm_faultin_pfn")
-        if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
-            pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.INTERRUPTIBLE, caller="kvm_faultin_pfn")
-        if is_error_noslot_pfn(pfn):
-            return fault_error_to_errno(pfn)
-        yield "kvm_faultin_pfn: pfn resolved"
-        if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-            kvm_release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
-            kvm.journal.count("fault_retry")
-            return RET_PF.RETRY
+        r, mmu_seq, pfn, kfp = yield from kvm_mmu_faultin_pfn.steps(kvm, slot, gfn, write, "kvm_faultin_pfn")
+        if r is not None:
+            return r
         yield from kvm.mmu_lock.write_lock.steps()
         if kvm.mmu_invalidate_retry_gfn(mmu_seq, gfn):
             r = RET_PF.RETRY

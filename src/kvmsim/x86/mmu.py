@@ -23,10 +23,9 @@ import numpy as np
 
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-from kvmsim.kvm.pfn import KVM_PFN_ERR_NEEDS_IO, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin
-from kvmsim.kvm.stage2 import RET_PF, fault_error_to_errno, ret_to_access
+from kvmsim.kvm.pfn import kvm_release_faultin
+from kvmsim.kvm.stage2 import RET_PF, kvm_mmu_faultin_pfn, ret_to_access
 from kvmsim.kvm.vcpu import Access, Exit
-from kvmsim.mm.gup import FOLL
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
@@ -82,26 +81,13 @@ class X86Mmu:
         if r is not None:
             return r
         yield "fast_page_fault: not fixed"
-        mmu_seq = kvm.mmu_invalidate_seq
-        yield "kvm_mmu_faultin_pfn: mmu_seq snapshot"
-        if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-            kvm.journal.count("retry")
-            return RET_PF.RETRY
-        foll = FOLL.WRITE if write else FOLL(0)
-        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.NOWAIT, caller="kvm_faultin_pfn")
-        if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
-            pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.INTERRUPTIBLE, caller="kvm_faultin_pfn")
-        if is_error_noslot_pfn(pfn):
-            return fault_error_to_errno(pfn)
-        yield "kvm_mmu_faultin_pfn: pfn resolved"
-        if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-            kvm_release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
-            kvm.journal.count("retry")
-            return RET_PF.RETRY
+        r, mmu_seq, pfn, kfp = yield from kvm_mmu_faultin_pfn.steps(kvm, slot, gfn, write, "kvm_mmu_faultin_pfn")
+        if r is not None:
+            return r
         yield from self._lock()
         if slot.invalid or kvm.mmu_invalidate_retry_gfn(mmu_seq, gfn):     # is_page_fault_stale()
             r = RET_PF.RETRY
-            kvm.journal.count("retry")
+            kvm.journal.count("fault_retry")
         else:
             r = self._map(vcpu, slot, gfn, pfn, kfp, write)
         unused = r == RET_PF.RETRY

@@ -34,6 +34,7 @@ from kvmsim.backend.base import (Access, DirtyGfn, DirtyLogOutcome, Exit, Falloc
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.vcpu import Exit as ModelExit
 from kvmsim.mm.host import Host
+from kvmsim.policies import DEFAULT_POLICY
 from kvmsim.mm.vma import VmaKind
 from kvmsim.types import PAGE_SIZE, Gpa, Hva
 
@@ -58,7 +59,7 @@ class _Child:
 class ModelBackend:
     """The model as a Backend: ``policy`` legacy|series, ``execution`` emulated|hardware."""
 
-    def __init__(self, policy: str = "series", execution: str = "emulated", *, arch: str = "x86",
+    def __init__(self, policy: str = DEFAULT_POLICY, execution: str = "emulated", *, arch: str = "x86",
                  hugetlb_pages: int = 64):
         if execution not in ("emulated", "hardware"):
             raise UsageError(f"execution must be emulated or hardware, not {execution!r}")

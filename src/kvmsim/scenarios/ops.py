@@ -10,10 +10,9 @@ every other op runs to completion in one scheduling step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from kvmsim.errors import ModelError, errno_name
+from kvmsim.errors import ModelError
 from kvmsim.kvm.stage2 import RET_PF
 from kvmsim.scenarios.loader import (
     MAX_BYTES,
@@ -29,24 +28,26 @@ from kvmsim.scenarios.loader import (
     c_str,
     c_strlist,
 )
+from kvmsim.scenarios.env import Env, Res, _done, _flags  # noqa: F401  (re-exported)
+from kvmsim.scenarios.host_ops import (  # noqa: F401
+    op_munmap,
+    op_mprotect,
+    op_madvise,
+    op_mremap,
+    op_fork,
+    op_writeback,
+    op_reclaim,
+    op_migrate,
+    op_thp_split,
+    op_thp_collapse,
+    op_truncate,
+    op_punch_hole,
+    op_driver_teardown,
+    op_host_access,
+    op_folio_referenced,
+)
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
-
-@dataclass
-class Res:
-    """What one step did: ``result`` (a short word), ``errno`` (0 or a positive errno), ``value``."""
-
-    result: str
-    errno: int = 0
-    value: Any = None
-    per_page: list[str] = field(default_factory=list)
-
-    @property
-    def errno_name(self) -> str | None:
-        return errno_name(self.errno) if self.errno else None
-
-
-# ---- argument schemas --------------------------------------------------------------------------------
 
 _COUNT = c_bounded(c_int, 1, MAX_COUNT, "a page count")
 _GUEST = {"gpa": (c_size, REQUIRED), "count": (_COUNT, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0)}
@@ -106,67 +107,6 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
 INTERLEAVABLE = frozenset(OP_ARGS) - {"interleave"}
 
 
-# ---- the environment a scenario runs in ------------------------------------------------------------------
-
-class Env:
-    """The host, the VM and the named objects a scenario's steps refer to."""
-
-    def __init__(self, host, kvm, vmas: dict[str, dict]):
-        self.host = host
-        self.kvm = kvm
-        self.vmas = vmas                # name → {"start", "size", "mapping", "kind"}
-        self.maps: dict[str, Any] = {}
-        self.pages: dict[str, int | None] = {}
-        self.gpcs: dict[str, Any] = {}
-        self.children: list = []
-
-    @property
-    def mm(self):
-        return self.host.mm
-
-    def vma(self, name: str) -> dict:
-        if name not in self.vmas:
-            raise ModelError(22, f"no VMA named {name!r}")
-        return self.vmas[name]
-
-    def hva(self, name: str, offset: int = 0) -> int:
-        return self.vma(name)["start"] + offset
-
-    def span(self, a: dict) -> tuple[int, int]:
-        v = self.vma(a["vma"])
-        size = a["size"] if a.get("size") is not None else v["size"] - a["offset"]
-        return v["start"] + a["offset"], size
-
-    def vcpu(self, i: int):
-        if not 0 <= i < len(self.kvm.vcpus):
-            raise ModelError(22, f"no vCPU {i} (the VM has {len(self.kvm.vcpus)})")
-        return self.kvm.vcpus[i]
-
-    def slot(self, sid: int):
-        s = self.kvm.memslots[0].by_id.get(sid)
-        if s is None:
-            raise ModelError(22, f"no memslot {sid}")
-        return s
-
-    def mapping(self, name: str):
-        asp = self.vma(name)["mapping"]
-        if asp is None:
-            raise ModelError(22, f"VMA {name!r} has no file mapping (anon or driver memory)")
-        return asp
-
-
-def _flags(names) -> int:
-    from kvmsim.scenarios.loader import MEM_FLAGS
-    out = 0
-    for n in names:
-        out |= MEM_FLAGS[n]
-    return out
-
-
-def _done(label: str):
-    yield label
-
-
 # ---- guest ---------------------------------------------------------------------------------------------
 
 BULK_THRESHOLD = 64
@@ -218,131 +158,6 @@ def op_zap(env: Env, a: dict):
         raise ModelError(22, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
     yield from kvm_zap_gfn_range.steps(env.kvm, a["gpa"] >> PAGE_SHIFT)
     return Res("ok")
-
-
-# ---- host ------------------------------------------------------------------------------------------------
-
-def op_munmap(env, a):
-    start, size = env.span(a)
-    yield from env.mm.munmap.steps(start, size)
-    return Res("ok")
-
-
-def op_mprotect(env, a):
-    start, size = env.span(a)
-    yield from env.mm.mprotect.steps(start, size, a["prot"])
-    return Res("ok")
-
-
-def op_madvise(env, a):
-    start, size = env.span(a)
-    yield from env.mm.madvise.steps(start, size, a["advice"])
-    return Res("ok")
-
-
-def op_mremap(env, a):
-    v = env.vma(a["vma"])
-    new = yield from env.mm.mremap.steps(v["start"], v["size"])
-    v["start"] = new
-    return Res("ok", value=new)
-
-
-def op_fork(env, a):
-    env.children.append(env.mm.fork())
-    yield from _done("fork done")
-    return Res("ok")
-
-
-def op_writeback(env, a):
-    from kvmsim.mm.reclaim import writeback, writeback_folio
-    asp = env.mapping(a["vma"])
-    if a["offset"] is None:
-        n = writeback(env.mm, asp)
-        yield from _done("writeback done")
-        return Res("ok", value=n)
-    v = env.vma(a["vma"])
-    index = (a["offset"] >> PAGE_SHIFT) + 0
-    _, pfn, _, _ = env.mm.pte_of(v["start"] + a["offset"])
-    if pfn < 0:
-        pfn = int(asp.pages[index]) if index < asp.npages else -1
-    if pfn < 0:
-        yield from _done("writeback: nothing cached")
-        return Res("clean")
-    wrote = yield from writeback_folio.steps(env.mm, pfn)
-    return Res("written" if wrote else "clean")
-
-
-def op_reclaim(env, a):
-    from kvmsim.mm.reclaim import reclaim
-    start, size = env.span(a)
-    out = reclaim(env.mm, start, size)
-    yield from _done("reclaim done")
-    return Res("ok", value=out)
-
-
-def op_migrate(env, a):
-    from kvmsim.mm.reclaim import migrate_page
-    new = migrate_page(env.mm, env.hva(a["vma"], a["offset"]))
-    yield from _done("migrate done")
-    return Res("ok", value=new)
-
-
-def op_thp_split(env, a):
-    from kvmsim.mm.reclaim import thp_split
-    thp_split(env.mm, env.hva(a["vma"], a["offset"]))
-    yield from _done("thp_split done")
-    return Res("ok")
-
-
-def op_thp_collapse(env, a):
-    from kvmsim.mm.reclaim import thp_collapse
-    head = thp_collapse(env.mm, env.hva(a["vma"], a["offset"]))
-    yield from _done("thp_collapse done")
-    return Res("ok", value=head)
-
-
-def op_truncate(env, a):
-    from kvmsim.mm.reclaim import truncate
-    truncate(env.mm, env.mapping(a["vma"]), a["size"] >> PAGE_SHIFT)
-    yield from _done("truncate done")
-    return Res("ok")
-
-
-def op_punch_hole(env, a):
-    from kvmsim.mm.reclaim import punch_hole
-    v = env.vma(a["vma"])
-    asp = env.mapping(a["vma"])
-    base = (v["pgoff"] if v.get("pgoff") is not None else 0)
-    punch_hole(env.mm, asp, base + (a["offset"] >> PAGE_SHIFT), a["size"] >> PAGE_SHIFT)
-    yield from _done("punch_hole done")
-    return Res("ok")
-
-
-def op_driver_teardown(env, a):
-    drv = env.host.drivers.get(a["driver"])
-    if drv is None:
-        raise ModelError(22, f"no driver named {a['driver']!r}")
-    drv.teardown(env.mm)
-    yield from _done("driver teardown: unmap_mapping_range + free pages")
-    return Res("ok")
-
-
-def op_host_access(env, a, write):
-    got = env.mm.host_access(env.hva(a["vma"], a["offset"]), write, a.get("value"))
-    yield from _done("host access done")
-    return Res("ok", value=got)
-
-
-def op_folio_referenced(env, a):
-    """``folio_referenced()`` per page (page_idle / reclaim): clear+test young in the host PTEs, every
-    secondary MMU (clear_flush_young) and PG_referenced."""
-    from kvmsim.mm.reclaim import folio_referenced
-    per = []
-    for k in range(a["count"]):
-        _, pfn, _, _ = env.mm.pte_of(env.hva(a["vma"], a["offset"] + k * PAGE_SIZE))
-        per.append("young" if pfn >= 0 and folio_referenced(env.mm, pfn) else "old")
-    yield from _done("folio_referenced done")
-    return Res(per[0] if len(set(per)) == 1 else ",".join(per), per_page=per)
 
 
 # ---- KVM -------------------------------------------------------------------------------------------------

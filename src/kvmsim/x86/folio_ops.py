@@ -24,16 +24,23 @@ def _tracked(kvm, pfns: np.ndarray) -> np.ndarray:
     return pfns
 
 
-def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
-    """``kvm_set_pfn_dirty()`` on each pfn (one ``SetPageDirty`` per entry, duplicates included)."""
+def _live(kvm, pfns, scalar_op, caller: str, source: Src) -> np.ndarray:
+    """The A/D-tracked pfns that are not freed; freed ones go through ``scalar_op`` so each use after
+    free is reported exactly as the scalar path reports it."""
     phys = kvm.phys
     pfns = _tracked(kvm, pfns)
     if not len(pfns):
-        return
+        return pfns
     poisoned = (phys.flags[pfns] & int(PG.poisoned)) != 0
     for pfn in pfns[poisoned]:
-        phys.SetPageDirty(int(pfn), caller, kvm=True, source=source, locked=kvm.mmu_lock.held())
-    pfns = pfns[~poisoned]
+        scalar_op(int(pfn), caller, kvm=True, source=source, locked=kvm.mmu_lock.held())
+    return pfns[~poisoned]
+
+
+def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
+    """``kvm_set_pfn_dirty()`` on each pfn (one ``SetPageDirty`` per entry, duplicates included)."""
+    phys = kvm.phys
+    pfns = _live(kvm, pfns, phys.SetPageDirty, caller, source)
     if not len(pfns):
         return
     kvm.journal.count(f"set_dirty:{caller}", len(pfns))
@@ -55,13 +62,7 @@ def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
 def mark_page_accessed_bulk(kvm, pfns, caller: str, source: Src) -> None:
     """``kvm_set_pfn_accessed()`` / ``mark_page_accessed()`` on each pfn."""
     phys = kvm.phys
-    pfns = _tracked(kvm, pfns)
-    if not len(pfns):
-        return
-    poisoned = (phys.flags[pfns] & int(PG.poisoned)) != 0
-    for pfn in pfns[poisoned]:
-        phys.mark_page_accessed(int(pfn), caller, kvm=True, source=source, locked=kvm.mmu_lock.held())
-    pfns = pfns[~poisoned]
+    pfns = _live(kvm, pfns, phys.mark_page_accessed, caller, source)
     if not len(pfns):
         return
     kvm.journal.count(f"mark_accessed:{caller}", len(pfns))

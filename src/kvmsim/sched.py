@@ -52,13 +52,14 @@ def drive(gen: Steps) -> Any:
 
     Blocking with nobody to wake us is a deadlock in a single-threaded run: raise instead of spin.
     """
+    send = gen.send
     try:
-        item = next(gen)
+        item = send(None)
         while True:
-            if isinstance(item, Wait) and not item.ready():
+            if item.__class__ is Wait and not item.ready():
                 gen.close()
                 raise KvmBug(f"deadlock: {current_thread()} blocks at {item.label!r} with no other thread")
-            item = gen.send(None)
+            item = send(None)
     except StopIteration as stop:
         return stop.value
 
@@ -68,7 +69,11 @@ class KPath:
 
     def __init__(self, fn: Callable[..., Steps]):
         self._fn = fn
+        self._attr: str | None = None                # the class attribute it is bound under
         functools.update_wrapper(self, fn)
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._attr = name
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return drive(self._fn(*args, **kwargs))
@@ -79,19 +84,29 @@ class KPath:
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
             return self
-        return _BoundKPath(self, obj)
+        bound = _BoundKPath(self._fn, obj)
+        # Cache it on the instance (a non-data descriptor is shadowed by the instance dict), like a
+        # bound method the interpreter would not rebuild: the fault path looks these up per page.
+        if self._attr is not None:
+            try:
+                obj.__dict__[self._attr] = bound
+            except AttributeError:                   # no instance dict (__slots__)
+                pass
+        return bound
 
 
 class _BoundKPath:
-    def __init__(self, kpath: KPath, obj: Any):
-        self._kpath = kpath
+    __slots__ = ("_fn", "_obj")
+
+    def __init__(self, fn: Callable[..., Steps], obj: Any):
+        self._fn = fn
         self._obj = obj
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self._kpath(self._obj, *args, **kwargs)
+        return drive(self._fn(self._obj, *args, **kwargs))
 
     def steps(self, *args: Any, **kwargs: Any) -> Steps:
-        return self._kpath.steps(self._obj, *args, **kwargs)
+        return self._fn(self._obj, *args, **kwargs)
 
 
 def kpath(fn: Callable[..., Steps]) -> KPath:

@@ -45,7 +45,7 @@ class MmuLock:
 
     def held(self, thread: str | None = None) -> bool:
         t = thread or current_thread()
-        return self.writer == t or t in self.readers
+        return self.writer == t or (bool(self.readers) and t in self.readers)
 
     @kpath
     def write_lock(self) -> Steps:

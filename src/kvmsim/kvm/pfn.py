@@ -63,7 +63,7 @@ class Hold(str, Enum):
     PIN = "pin"      # FOLL_PIN
 
 
-@dataclass
+@dataclass(slots=True)
 class KvmFollowPfn:
     """Model of ``struct kvm_follow_pfn`` (series; legacy passed the same things positionally)."""
 

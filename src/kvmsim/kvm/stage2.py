@@ -70,6 +70,11 @@ def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
     return None
 
 
+# The two GUP attempts' flags, by write (IntFlag arithmetic costs a µs per fault).
+_FOLL_NOWAIT = {False: FOLL.NOWAIT, True: FOLL.WRITE | FOLL.NOWAIT}
+_FOLL_INTERRUPTIBLE = {False: FOLL.INTERRUPTIBLE, True: FOLL.WRITE | FOLL.INTERRUPTIBLE}
+
+
 @kpath
 def kvm_mmu_faultin_pfn(kvm, slot, gfn: int, write: bool, label: str = "kvm_faultin_pfn") -> Steps:
     """The arch-independent part of a stage-2 fault's faultin (spec §2.1 step 4, arch/x86/kvm/mmu/mmu.c).
@@ -84,10 +89,9 @@ def kvm_mmu_faultin_pfn(kvm, slot, gfn: int, write: bool, label: str = "kvm_faul
     if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return RET_PF.RETRY, mmu_seq, None, None
-    foll = FOLL.WRITE if write else FOLL(0)
-    pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.NOWAIT, caller="kvm_faultin_pfn")
+    pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_NOWAIT[write], caller="kvm_faultin_pfn")
     if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
-        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, foll | FOLL.INTERRUPTIBLE, caller="kvm_faultin_pfn")
+        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_INTERRUPTIBLE[write], caller="kvm_faultin_pfn")
     if is_error_noslot_pfn(pfn):
         return fault_error_to_errno(pfn), mmu_seq, pfn, kfp
     yield f"{label}: pfn resolved"

@@ -65,8 +65,10 @@ class Mm:
     def vma_lookup(self, hva: int) -> Vma | None:
         """``vma_lookup()``: the VMA containing ``hva``, or None."""
         i = bisect.bisect(self._starts, hva) - 1
-        if i >= 0 and self.vmas[i].contains(hva):
-            return self.vmas[i]
+        if i >= 0:
+            vma = self.vmas[i]
+            if hva < vma.end:
+                return vma
         return None
 
     def vmas_in(self, start: int, end: int) -> list[Vma]:
@@ -362,8 +364,8 @@ class Mm:
         vma = self.vma_lookup(hva)
         if vma is None:
             return None, -1, 0, 1
-        i = vma.idx(hva)
-        return vma, int(vma.pte_pfn[i]), int(vma.pte[i]), int(vma.pte_level[i])
+        i = (hva - vma.start) >> PAGE_SHIFT
+        return vma, vma.pte_pfn.item(i), vma.pte.item(i), vma.pte_level.item(i)
 
     def host_mapping_level(self, hva: int) -> int:
         """``host_pfn_mapping_level()`` (arch/x86/kvm/mmu/mmu.c): the level the host maps ``hva`` at."""

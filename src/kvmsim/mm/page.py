@@ -224,37 +224,37 @@ class PhysMem:
         return 0 < pfn < self.nr
 
     def is_poisoned(self, pfn: int) -> bool:
-        return 0 < pfn < self.nr and bool(int(self.flags[pfn]) & _POISONED)
+        return 0 < pfn < self.nr and bool(self.flags.item(pfn) & _POISONED)
 
     def folio(self, pfn: int) -> int:
         """``page_folio()``: the head pfn."""
-        return int(self.head[pfn])
+        return self.head.item(pfn)
 
     def folio_nr_pages(self, head: int) -> int:
         return 1 << int(self.order[head]) if self.flags[head] & _HEAD else 1
 
     def page_count(self, pfn: int) -> int:
         """``page_count()``: the folio's refcount."""
-        return int(self.refcount[self.head[pfn]])
+        return self.refcount.item(self.head.item(pfn))
 
     def page_ref_count(self, pfn: int) -> int:
         """``page_ref_count()``: this page's own ``_refcount`` field."""
         return int(self.refcount[pfn])
 
     def PageReserved(self, pfn: int) -> bool:
-        return bool(self.flags[pfn] & _RESERVED)
+        return bool(self.flags.item(pfn) & _RESERVED)
 
     def is_zero_pfn(self, pfn: int) -> bool:
         return pfn == self.zero_pfn
 
     def is_zone_device(self, pfn: int) -> bool:
-        return bool(self.flags[pfn] & _ZONE_DEVICE)
+        return bool(self.flags.item(pfn) & _ZONE_DEVICE)
 
     def folio_test_dirty(self, pfn: int) -> bool:
-        return bool(self.flags[self.head[pfn]] & _DIRTY)
+        return bool(self.flags.item(self.head.item(pfn)) & _DIRTY)
 
     def folio_test_referenced(self, pfn: int) -> bool:
-        return bool(self.flags[self.head[pfn]] & _REFERENCED)
+        return bool(self.flags.item(self.head.item(pfn)) & _REFERENCED)
 
     def pfn_class(self, pfn: int) -> PfnClass:
         if pfn >= NO_PAGE_BASE or not self.pfn_valid(pfn):
@@ -263,7 +263,7 @@ class PhysMem:
 
     # ---- reference operations -----------------------------------------------------------------
     def _uaf(self, pfn: int, op: str, caller: str, kvm: bool, source: Src) -> bool:
-        if self.is_poisoned(pfn):
+        if 0 < pfn < self.nr and self.flags.item(pfn) & _POISONED:
             self.journal.count("uaf")
             self.journal.fact("uaf", pfn=pfn, caller=caller, kvm=kvm, source=source,
                               detail=f"{op} on a freed page")
@@ -274,10 +274,12 @@ class PhysMem:
         """``get_page()`` = ``folio_get(page_folio(page))``: +1 on the folio."""
         if self._uaf(pfn, "get_page", caller, kvm, source):
             return
-        head = int(self.head[pfn])
-        self.refcount[head] += 1
-        self.journal.count(f"get_page:{caller}")
-        self.journal.fact("get", pfn=pfn, caller=caller, kvm=kvm, source=source)
+        head = self.head.item(pfn)
+        self.refcount[head] = self.refcount.item(head) + 1
+        j = self.journal
+        j.count(f"get_page:{caller}")
+        if j.recording:
+            j.fact("get", pfn=pfn, caller=caller, kvm=kvm, source=source)
 
     def get_page_unless_zero(self, pfn: int, caller: str, *, kvm: bool = False,
                              source: Src = Src.HOST) -> bool:
@@ -296,16 +298,19 @@ class PhysMem:
         """``put_page()``: -1 on the folio; the last put frees it."""
         if self._uaf(pfn, "put_page", caller, kvm, source):
             return
-        head = int(self.head[pfn])
-        self.journal.count(f"put_page:{caller}")
-        self.journal.fact("put", pfn=pfn, caller=caller, kvm=kvm, source=source)
-        if self.refcount[head] <= 0:
+        head = self.head.item(pfn)
+        j = self.journal
+        j.count(f"put_page:{caller}")
+        if j.recording:
+            j.fact("put", pfn=pfn, caller=caller, kvm=kvm, source=source)
+        ref = self.refcount.item(head)
+        if ref <= 0:
             self.journal.count("refcount_underflow")
             self.journal.fact("underflow", pfn=pfn, caller=caller, kvm=kvm, source=source,
                               detail="put_page on a page with refcount 0 (VM_BUG_ON_PAGE)")
             return
-        self.refcount[head] -= 1
-        if self.refcount[head] == 0:
+        self.refcount[head] = ref - 1
+        if ref == 1:
             self.free_folio(head, caller)
 
     def try_grab_folio(self, pfn: int, pin: bool, caller: str, *, kvm: bool = False) -> None:
@@ -359,17 +364,19 @@ class PhysMem:
         """``SetPageDirty()``: the flag only (KVM's helpers), on the folio."""
         if self._uaf(pfn, "SetPageDirty", caller, kvm, source):
             return
-        head = int(self.head[pfn])
-        self.journal.count(f"set_dirty:{caller}")
-        self.journal.fact("set_dirty", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
-                          gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED),
-                                          "was_dirty": bool(self.flags[head] & _DIRTY)})
+        head = self.head.item(pfn)
+        j = self.journal
+        j.count(f"set_dirty:{caller}")
+        if j.recording:
+            j.fact("set_dirty", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
+                   gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED),
+                                   "was_dirty": bool(self.flags[head] & _DIRTY)})
         self._dirty_after_clean_check(head, caller, kvm)
-        self.flags[head] |= _DIRTY
+        self.flags[head] = self.flags.item(head) | _DIRTY
 
     def _dirty_after_clean_check(self, head: int, caller: str, kvm: bool) -> None:
         """Detect a folio dirtied after its mapping was truncated (``filemap_unaccount_folio`` WARN)."""
-        obj = self.owners.get(int(self.owner[head]))
+        obj = self.owners.get(self.owner.item(head))
         if obj is not None and getattr(obj, "truncated", None) is not None and obj.truncated(int(self.index[head])):
             self.journal.fact("dirty_after_truncate", pfn=head, caller=caller, kvm=kvm,
                               detail="folio dirtied after its mapping was truncated")
@@ -379,11 +386,13 @@ class PhysMem:
         """``mark_page_accessed()`` / ``folio_mark_accessed()``."""
         if self._uaf(pfn, "mark_page_accessed", caller, kvm, source):
             return
-        head = int(self.head[pfn])
-        self.journal.count(f"mark_accessed:{caller}")
-        self.journal.fact("mark_accessed", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
-                          gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED), "unused": unused})
-        self.flags[head] |= _REFERENCED
+        head = self.head.item(pfn)
+        j = self.journal
+        j.count(f"mark_accessed:{caller}")
+        if j.recording:
+            j.fact("mark_accessed", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
+                   gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED), "unused": unused})
+        self.flags[head] = self.flags.item(head) | _REFERENCED
 
     def folio_clear_dirty(self, pfn: int) -> None:
         self.flags[self.head[pfn]] &= ~np.uint16(_DIRTY)

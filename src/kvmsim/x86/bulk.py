@@ -193,7 +193,7 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
         lo0 = int(idx.min())
         levels = tdp_mmu.max_mapping_levels(kvm, slot, lo0, int(idx.max()) + 1, mmu.max_level)[idx - lo0]
     else:
-        levels = np.array([tdp_mmu.max_mapping_levels(kvm, slot, i, i + 1, mmu.max_level)[0] for i in idx.tolist()],
+        levels = np.array([tdp_mmu.max_mapping_level(kvm, slot, i, mmu.max_level) for i in idx.tolist()],
                           dtype=np.uint8)
     size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[levels]
     starts = (slot.base_gfn + idx) // size * size - slot.base_gfn

@@ -23,7 +23,7 @@ import numpy as np
 
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-from kvmsim.kvm.pfn import kvm_release_faultin
+from kvmsim.kvm.pfn import Hold, kvm_release_faultin
 from kvmsim.kvm.stage2 import RET_PF, kvm_mmu_faultin_pfn, ret_to_access
 from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.sched import Steps, kpath
@@ -108,10 +108,10 @@ class X86Mmu:
         if t is None:
             return None
         i = gfn - slot.base_gfn
-        b = int(t.bits[i])
+        b = t.bits.item(i)
         if not b & P or b & MMIO:
             return None
-        lvl = int(t.level[i])
+        lvl = t.level.item(i)
         if not b & AT and (not write or b & W):
             self.kvm.journal.count("spurious")
             return RET_PF.SPURIOUS
@@ -138,24 +138,24 @@ class X86Mmu:
         kvm = self.kvm
         t = tables(slot)
         i = gfn - slot.base_gfn
-        level = int(tdp_mmu.max_mapping_levels(kvm, slot, i, i + 1, self.max_level)[0])
+        level = tdp_mmu.max_mapping_level(kvm, slot, i, self.max_level)
         n = LEVEL_PAGES[level]
         lo = (gfn // n * n) - slot.base_gfn
         hi = lo + n
         base_pfn = pfn - (i - lo)
-        b = int(t.bits[i])
-        if b & P and not b & MMIO and int(t.level[i]) == level and int(t.pfn[i]) == pfn and \
+        b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
+        if b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
                 not b & AT and (not write or b & W):
             kvm.journal.count("spurious")
             return RET_PF.SPURIOUS
         host_w = kfp.map_writable and not slot.readonly
         writable = host_w        # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
         bits = make_spte_bits(host_writable=host_w, writable=writable, prefetch=prefetch,
-                              ad_disabled=not self.ad_enabled, held=kfp.hold.value != "none")
+                              ad_disabled=not self.ad_enabled, held=kfp.hold is not Hold.NONE)
         # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
         # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
-        if n == 1 and (not b & P or int(t.level[i]) == 1):      # the common 4K case, in plain integers
-            conflict = bool(b & P) and (int(t.pfn[i]) != pfn or (b & HW) != (bits & HW))
+        if n == 1 and (not b & P or old_level == 1):             # the common 4K case, in plain integers
+            conflict = bool(b & P) and (old_pfn != pfn or (b & HW) != (bits & HW))
             zlo, zhi = i, i + 1
         else:
             zlo, zhi = t.leaf_bounds(slot, lo, hi)
@@ -166,12 +166,14 @@ class X86Mmu:
         if conflict:
             tdp_mmu.zap_range(kvm, slot, zlo, zhi, self.zap_caller)
             kvm.flush_remote_tlbs("kvm_tdp_mmu_map: zap")
-        if int(t.bits[i]) & P:
-            bits |= int(t.bits[i]) & (A | D)                 # same leaf: keep what the guest set
+        b = t.bits.item(i)
+        if b & P:
+            bits |= b & (A | D)                              # same leaf: keep what the guest set
         spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
                    caller=self.map_caller)
-        kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
-                         extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
+        if kvm.journal.recording:
+            kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
+                             extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
         if writable and slot.logging:
             mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
         return RET_PF.FIXED

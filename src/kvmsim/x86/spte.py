@@ -137,6 +137,9 @@ def handle_changed_spte(kvm, slot, lo: int, old_bits, old_pfn, old_level, new_bi
         kvm.policy.spte_ad_lost_bulk(kvm, old_pfn[lost], dirty[lost], acc[lost], caller)
 
 
+_SCALAR = (int, np.integer)        # a scalar argument to spte_write (np.ndim() costs a µs per call)
+
+
 def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=None, *, caller: str,
                track: bool = True) -> None:
     """Write entries ``[lo, hi)`` of ``slot``'s table (scalars broadcast); INV-11, A/D loss, counters.
@@ -145,8 +148,8 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
     ``handle_changed_spte`` (aging's ``tdp_mmu_clear_spte_bits``, which captures what it needs itself).
     """
     t = tables(slot)
-    if hi - lo == 1 and np.ndim(new_bits) == 0 and (new_pfn is None or np.ndim(new_pfn) == 0) \
-            and (new_level is None or np.ndim(new_level) == 0):
+    if hi - lo == 1 and isinstance(new_bits, _SCALAR) and (new_pfn is None or isinstance(new_pfn, _SCALAR)) \
+            and (new_level is None or isinstance(new_level, _SCALAR)):
         _spte_write_one(kvm, slot, t, lo, int(new_bits), new_pfn, new_level, caller, track)
         return
     old_bits = t.bits[lo:hi].copy()
@@ -170,7 +173,7 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
 
 def _spte_write_one(kvm, slot, t, i: int, nb: int, new_pfn, new_level, caller: str, track: bool) -> None:
     """:func:`spte_write` for one 4 KiB entry, in plain integers (the scalar fault path)."""
-    ob, op, ol = int(t.bits[i]), int(t.pfn[i]), int(t.level[i])
+    ob, op, ol = t.bits.item(i), t.pfn.item(i), t.level.item(i)
     npf = op if new_pfn is None else int(new_pfn)
     nl = ol if new_level is None else int(new_level)
     if nb & P and ((nb & W and not nb & MW) or (nb & MW and not nb & HW)

@@ -27,8 +27,10 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
     return out
 
 
-def _max_level_one(kvm, slot, i: int, max_level: int) -> int:
+def max_mapping_level(kvm, slot, i: int, max_level: int) -> int:
     """:func:`max_mapping_levels` for one gfn, in plain integers (the scalar fault path)."""
+    if max_level <= 1 or (slot.logging and not slot.readonly):
+        return 1
     lv = min(kvm.mm.host_mapping_level(slot.userspace_addr + (i << PAGE_SHIFT)), max_level)
     gfn = slot.base_gfn + i
     for level in (3, 2):
@@ -48,8 +50,6 @@ def max_mapping_levels(kvm, slot, lo: int, hi: int, max_level: int, *, logging: 
     logging = slot.logging and not slot.readonly if logging is None else logging
     if logging or max_level <= 1:
         return np.ones(hi - lo, dtype=np.uint8)
-    if hi - lo == 1:
-        return np.array([_max_level_one(kvm, slot, lo, max_level)], dtype=np.uint8)
     lv = np.minimum(host_levels(kvm, slot, lo, hi), max_level)
     gfn = slot.base_gfn + np.arange(lo, hi)
     for level in (3, 2):

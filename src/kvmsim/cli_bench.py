@@ -52,8 +52,11 @@ def bench() -> None:
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every run.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of phase times and counters.")
 @click.option("--no-isolate", is_flag=True, help="Run model runs in this process (peak RSS is then shared).")
+@click.option("--no-warmup", is_flag=True,
+              help="Skip writing the run's memory once before it (on a VM host, first touches then count).")
 def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
-                  run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, no_isolate) -> None:
+                  run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, no_isolate,
+                  no_warmup) -> None:
     """dirty_log_perf_test on the model: phase times plus struct-page, SPTE, TLB and fault counts."""
     from rich.console import Console
 
@@ -83,8 +86,10 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
                 if backend == "kvm":
                     raise
         if backend in ("model", "both"):
-            runner = run_model if no_isolate else run_model_isolated
-            results = [runner(opts, p) for p in policies]
+            if no_isolate:
+                results = [run_model(opts, p) for p in policies]
+            else:
+                results = [run_model_isolated(opts, p, warm=not no_warmup) for p in policies]
     except KvmsimError as e:
         if as_json:
             click.echo(json.dumps({"error": str(e)}))

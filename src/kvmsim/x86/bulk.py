@@ -27,6 +27,19 @@ from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte_bits, s
 _HP, _HW, _HS, _HPN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.SPECIAL), int(getattr(Pte, "PROTNONE", 0))
 
 
+def _span(idx: np.ndarray) -> tuple[int, int] | None:
+    """``(lo, hi)`` when the ascending, distinct indices ``idx`` are exactly ``[lo, hi)`` (the usual
+    case: a run of consecutive gfns), so the arrays can be sliced instead of gathered."""
+    if len(idx) and int(idx[-1]) - int(idx[0]) + 1 == len(idx):
+        return int(idx[0]), int(idx[-1]) + 1
+    return None
+
+
+def _take(arr: np.ndarray, idx: np.ndarray, span: tuple[int, int] | None) -> np.ndarray:
+    """``arr[idx]``, as a slice (a view: read it before writing ``arr``) when ``idx`` is a span."""
+    return arr[span[0]:span[1]] if span is not None else arr[idx]
+
+
 def mark_dirty_bulk(kvm, slot, idx: np.ndarray, vcpu) -> None:
     """``mark_page_dirty_in_slot()`` for each slot-relative index, in order."""
     if not slot.logging or not len(idx):
@@ -36,27 +49,42 @@ def mark_dirty_bulk(kvm, slot, idx: np.ndarray, vcpu) -> None:
             mark_page_dirty_in_slot(kvm, slot, slot.base_gfn + i, vcpu)
         return
     kvm.journal.count("mark_page_dirty_in_slot", len(idx))
-    slot.dirty_bitmap[idx] = True
+    span = _span(idx)
+    if span is not None:
+        slot.dirty_bitmap[span[0]:span[1]] = True
+    else:
+        slot.dirty_bitmap[idx] = True
 
 
 def host_ready(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed."""
     ready = np.zeros(len(idx), dtype=bool)
     pfn = np.full(len(idx), -1, dtype=np.int64)
+    span = _span(idx)
+    if span is not None:                                   # consecutive gfns: slices of each VMA's PTEs
+        h0 = slot.userspace_addr + (span[0] << PAGE_SHIFT)
+        h1 = slot.userspace_addr + (span[1] << PAGE_SHIFT)
+        for vma in kvm.mm.vmas_in(h0, h1):
+            a, b = max(h0, vma.start), min(h1, vma.end)
+            i0, i1 = vma.idx(a), vma.idx(b)
+            o = (a - h0) >> PAGE_SHIFT
+            ready[o:o + i1 - i0], pfn[o:o + i1 - i0] = _gup_fast_ok(kvm, vma.pte[i0:i1], vma.pte_pfn[i0:i1])
+        return ready, pfn
     hva = slot.userspace_addr + (idx.astype(np.int64) << PAGE_SHIFT)
     for vma in kvm.mm.vmas_in(int(hva.min()), int(hva.max()) + 4096):
         inside = (hva >= vma.start) & (hva < vma.end)
         j = (hva[inside] - vma.start) >> PAGE_SHIFT
-        bits = vma.pte[j].astype(np.int64)
-        p = vma.pte_pfn[j]
-        ok = ((bits & _HP) != 0) & ((bits & _HW) != 0) & ((bits & _HS) == 0) & (p > 0)
-        if _HPN:
-            ok &= (bits & _HPN) == 0
-        ok[ok] &= (p[ok] < kvm.phys.nr)
-        ok[ok] &= (kvm.phys.flags[p[ok]] & (1 << 9)) == 0          # PG.poisoned
-        ready[inside] = ok
-        pfn[inside] = p
+        ready[inside], pfn[inside] = _gup_fast_ok(kvm, vma.pte[j], vma.pte_pfn[j])
     return ready, pfn
+
+
+def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``get_user_page_fast_only(FOLL_WRITE)`` per host PTE: present, writable, not special or
+    PROT_NONE, and a valid page that is not freed.  Returns (ok, pfn)."""
+    ok = ((pte & (_HP | _HW | _HS | _HPN)) == (_HP | _HW)) & (p > 0)
+    ok[ok] &= (p[ok] < kvm.phys.nr)
+    ok[ok] &= (kvm.phys.flags[p[ok]] & (1 << 9)) == 0          # PG.poisoned
+    return ok, p
 
 
 def guest_access_range(mmu, vcpu, gpa: int, npages: int, write: bool, values=None) -> np.ndarray:
@@ -98,20 +126,32 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
     for _ in range(4 * n + 8):
         if not len(todo):
             return
-        b = t.bits[todo]
+        span = _span(todo)
+        b = _take(t.bits, todo, span)
         hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
-        if hit.any():
-            _hits(mmu, vcpu, slot, t, todo[hit], b[hit], write, want)
-            pfn = t.pfn[todo[hit]]
+        if hit.all():                                     # every page maps: no gathers
+            _hits(mmu, vcpu, slot, t, todo, b, write, want)
+            pfn = _take(t.pfn, todo, span)
+            k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
             if write:
-                kvm.phys.data[pfn] = vals[todo[hit] - lo]
+                kvm.phys.data[pfn] = vals[k]
             else:
-                out[todo[hit] - lo] = kvm.phys.data[pfn]
-        todo = todo[~hit]
+                out[k] = kvm.phys.data[pfn]
+            return
+        if hit.any():
+            done = todo[hit]
+            _hits(mmu, vcpu, slot, t, done, b[hit], write, want)
+            pfn = t.pfn[done]
+            if write:
+                kvm.phys.data[pfn] = vals[done - lo]
+            else:
+                out[done - lo] = kvm.phys.data[pfn]
+            todo = todo[~hit]
         if not len(todo):
             return
-        b = t.bits[todo]
-        lvl = t.level[todo]
+        span = _span(todo)
+        b = _take(t.bits, todo, span)
+        lvl = _take(t.level, todo, span)
         fix = ((b & P) != 0) & ((b & MMIO) == 0) & (
             ((b & AT) != 0) | (write & ((b & W) == 0) & ((b & MW) != 0) & ((lvl == 1) | (not slot.logging))))
         if fix.any():
@@ -143,13 +183,20 @@ def _leaf_starts(slot, t, idx):
 
 
 def _hits(mmu, vcpu, slot, t, idx, b, write: bool, want: int) -> None:
+    """Hardware A/D on hits (``b``: their bits, read before this writes the table)."""
     need = ((b & ADX) == 0) & ((b & want) != want)
     if not need.any():
         return
-    idx, b = idx[need], b[need]
-    small = t.level[idx] <= 1
-    t.bits[idx[small]] |= np.uint16(want)
-    if (~small).any():
+    if not need.all():
+        idx, b = idx[need], b[need]
+    span = _span(idx)
+    small = _take(t.level, idx, span) <= 1
+    if span is not None and small.all():
+        b = b.copy()                                      # b may be a view of the table written next
+        t.bits[span[0]:span[1]] |= np.uint16(want)
+    else:
+        t.bits[idx[small]] |= np.uint16(want)
+    if not small.all():
         starts, size = _leaf_starts(slot, t, idx[~small])
         for s, sz in set(zip(starts.tolist(), size.tolist())):
             t.bits[s:s + sz] |= np.uint16(want)
@@ -189,20 +236,26 @@ def _fast_faults(mmu, vcpu, slot, t, idx, write: bool) -> None:
 def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
     """One fault per leaf to install: faultin (GUP-fast), map under mmu_lock, release per policy."""
     kvm = mmu.kvm
-    if len(idx) > 64:
+    span = _span(idx)
+    if span is not None:
+        levels = tdp_mmu.max_mapping_levels(kvm, slot, span[0], span[1], mmu.max_level)
+    elif len(idx) > 64:
         lo0 = int(idx.min())
         levels = tdp_mmu.max_mapping_levels(kvm, slot, lo0, int(idx.max()) + 1, mmu.max_level)[idx - lo0]
     else:
         levels = np.array([tdp_mmu.max_mapping_level(kvm, slot, i, mmu.max_level) for i in idx.tolist()],
                           dtype=np.uint8)
-    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[levels]
-    starts = (slot.base_gfn + idx) // size * size - slot.base_gfn
-    if len(starts) < 2 or (starts[1:] >= starts[:-1]).all():        # gfn order: first of each leaf
-        first = np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1])))
+    if levels.max() <= 1:                                            # 4 KiB leaves: one fault per page
+        fidx, fpfn, flvl, fstart = idx, pfn, levels, idx
     else:
-        _, first = np.unique(starts, return_index=True)
-        first = np.sort(first)
-    fidx, fpfn, flvl, fstart = idx[first], pfn[first], levels[first], starts[first]
+        size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[levels]
+        starts = (slot.base_gfn + idx) // size * size - slot.base_gfn
+        if len(starts) < 2 or (starts[1:] >= starts[:-1]).all():    # gfn order: first of each leaf
+            first = np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1])))
+        else:
+            _, first = np.unique(starts, return_index=True)
+            first = np.sort(first)
+        fidx, fpfn, flvl, fstart = idx[first], pfn[first], levels[first], starts[first]
     nf = len(fidx)
     host_w = not slot.readonly
     writable = host_w        # as make_spte: read faults are mapped writable and logged dirty
@@ -221,7 +274,9 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
     try:
         small = flvl == 1
         s = fidx[small]
-        if len(s):
+        if len(s) and _span(s) is not None:                          # consecutive 4 KiB leaves
+            spte_write(kvm, slot, int(s[0]), int(s[-1]) + 1, bits, fpfn[small], 1, caller=mmu.map_caller)
+        elif len(s):
             lo, hi = int(s.min()), int(s.max()) + 1
             nb = t.bits[lo:hi].copy()
             npf = t.pfn[lo:hi].copy()

@@ -92,6 +92,9 @@ class SptTable:
         return idx[(bits & P).astype(bool) & (bits & MMIO == 0) & first]
 
 
+_LEAF_PAGES = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)     # 4 KiB entries per leaf, by level
+
+
 def tables(slot) -> SptTable:
     t = slot.arch.get("x86")
     if t is None:
@@ -103,9 +106,12 @@ def check_inv11(kvm, slot, lo, old_bits, old_pfn, old_level, new_bits, new_pfn, 
     """INV-11 on a write of entries ``[lo, lo+len)``: records ``inv11`` facts and a counter."""
     present = (new_bits & P) != 0
     bad = present & (((new_bits & W) != 0) & ((new_bits & MW) == 0) | ((new_bits & MW) != 0) & ((new_bits & HW) == 0))
-    same_leaf = (old_bits & P != 0) & present & (old_level == new_level)
+    same_leaf = (old_bits & P != 0) & present
+    if new_level is not old_level:
+        same_leaf &= old_level == new_level
     bad |= same_leaf & (((old_bits ^ new_bits) & HW) != 0)
-    bad |= same_leaf & (old_pfn != new_pfn)
+    if new_pfn is not old_pfn:
+        bad |= same_leaf & (old_pfn != new_pfn)
     if bad.any():
         where = np.nonzero(bad)[0]
         kvm.journal.count("inv11", len(where))
@@ -123,12 +129,12 @@ def handle_changed_spte(kvm, slot, lo: int, old_bits, old_pfn, old_level, new_bi
     (zapped, replaced by another level, pfn changed, or the bit cleared), hand the old pfn to
     ``policy.spte_ad_lost_bulk``: legacy ``kvm_set_pfn_dirty/accessed``, the series nothing.
     """
-    n = len(old_bits)
-    rel = np.arange(n)
-    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[old_level]
-    rep = ((old_bits & P) != 0) & ((old_bits & MMIO) == 0) & (((slot.base_gfn + lo + rel) % size) == 0)
+    rep = ((old_bits & P) != 0) & ((old_bits & MMIO) == 0)
     if not rep.any():
         return
+    if old_level.max() > 1:                              # a huge leaf is reported at its first entry only
+        size = _LEAF_PAGES[old_level]
+        rep &= ((slot.base_gfn + lo + np.arange(len(old_bits))) % size) == 0
     gone = ((new_bits & P) == 0) | (new_level != old_level) | (new_pfn != old_pfn)
     dirty = rep & is_dirty_spte(old_bits) & (gone | ~is_dirty_spte(new_bits))
     acc = rep & is_accessed_spte(old_bits) & (gone | ~is_accessed_spte(new_bits))
@@ -152,9 +158,10 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
             and (new_level is None or isinstance(new_level, _SCALAR)):
         _spte_write_one(kvm, slot, t, lo, int(new_bits), new_pfn, new_level, caller, track)
         return
+    # old values: copies of what this write overwrites, views of what it leaves alone
     old_bits = t.bits[lo:hi].copy()
-    old_pfn = t.pfn[lo:hi].copy()
-    old_level = t.level[lo:hi].copy()
+    old_pfn = t.pfn[lo:hi] if new_pfn is None else t.pfn[lo:hi].copy()
+    old_level = t.level[lo:hi] if new_level is None else t.level[lo:hi].copy()
     nb = np.broadcast_to(np.asarray(new_bits, dtype=np.uint16), old_bits.shape)
     npf = old_pfn if new_pfn is None else np.broadcast_to(np.asarray(new_pfn, dtype=np.int64), old_pfn.shape)
     nl = old_level if new_level is None else np.broadcast_to(np.asarray(new_level, dtype=np.uint8), old_level.shape)
@@ -166,9 +173,13 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
         t.pfn[lo:hi] = npf
     if new_level is not None:
         t.level[lo:hi] = nl
-    changed = int(np.count_nonzero((old_bits != nb) | (old_pfn != npf) | (old_level != nl)))
-    if changed:
-        kvm.journal.count("spte_write", _leaves_in(slot, lo, old_level, nl, (old_bits != nb) | (old_pfn != npf) | (old_level != nl)))
+    changed = old_bits != nb
+    if new_pfn is not None:
+        changed |= old_pfn != npf
+    if new_level is not None:
+        changed |= old_level != nl
+    if changed.any():
+        kvm.journal.count("spte_write", _leaves_in(slot, lo, old_level, nl, changed))
 
 
 def _spte_write_one(kvm, slot, t, i: int, nb: int, new_pfn, new_level, caller: str, track: bool) -> None:
@@ -194,7 +205,9 @@ def _spte_write_one(kvm, slot, t, i: int, nb: int, new_pfn, new_level, caller: s
 def _leaves_in(slot, lo, old_level, new_level, changed) -> int:
     """Number of SPTEs (not 4 KiB entries) a write touched: one per leaf."""
     lvl = np.maximum(old_level, new_level)
-    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[lvl]
+    if lvl.max() <= 1:
+        return int(np.count_nonzero(changed)) or 1
+    size = _LEAF_PAGES[lvl]
     rel = np.arange(len(changed))
     return int(np.count_nonzero(changed & (((slot.base_gfn + lo + rel) % size) == 0))) or 1
 

@@ -94,6 +94,9 @@ def kvm_get_dirty_log(kvm, slot_id: int) -> np.ndarray:
     return out
 
 
+CLEAR_CHUNK = 1 << 18       # pages per step of KVM_CLEAR_DIRTY_LOG's walk (4096 words)
+
+
 def kvm_clear_dirty_log(kvm, slot_id: int, first_page: int, num_pages: int, bitmap=None) -> None:
     """``KVM_CLEAR_DIRTY_LOG``: the kernel's alignment and range rules, then re-arm."""
     if kvm.dirty_ring_size:
@@ -105,15 +108,22 @@ def kvm_clear_dirty_log(kvm, slot_id: int, first_page: int, num_pages: int, bitm
             (num_pages < slot.npages - first_page and num_pages & 63):
         raise ModelError(errno.EINVAL, f"KVM_CLEAR_DIRTY_LOG: [{first_page}, +{num_pages}) not valid for "
                                        f"{slot.npages} pages (num_pages must be 64-aligned unless it reaches the end)")
-    mask = np.ones(num_pages, dtype=bool) if bitmap is None else np.asarray(bitmap, dtype=bool)[:num_pages]
-    full = np.zeros(slot.npages, dtype=bool)
-    full[first_page:first_page + num_pages] = mask & slot.dirty_bitmap[first_page:first_page + num_pages]
+    mask = None if bitmap is None else np.asarray(bitmap, dtype=bool)[:num_pages]
     kvm.journal.count("clear_dirty_log")
-    if full.any():
-        kvm.mmu_lock.write_lock()
-        slot.dirty_bitmap[full] = False
-        kvm.arch.enable_log_dirty_pt_masked(slot, 0, full)
-        kvm.mmu_lock.write_unlock()
+    flush = False
+    kvm.mmu_lock.write_lock()
+    # kvm_clear_dirty_log_protect() walks the bitmap a 64-page word at a time under one mmu_lock
+    # hold and flushes once; the model walks CLEAR_CHUNK pages (a whole number of words) at a time.
+    for a in range(first_page, first_page + num_pages, CLEAR_CHUNK):
+        b = min(a + CLEAR_CHUNK, first_page + num_pages)
+        m = slot.dirty_bitmap[a:b] if mask is None else mask[a - first_page:b - first_page] & slot.dirty_bitmap[a:b]
+        if m.any():
+            m = m.copy()
+            slot.dirty_bitmap[a:b] &= ~m
+            kvm.arch.enable_log_dirty_pt_masked(slot, a, m)
+            flush = True
+    kvm.mmu_lock.write_unlock()
+    if flush:
         kvm.flush_remote_tlbs("clear_dirty_log")
 
 
@@ -135,9 +145,7 @@ def kvm_reset_dirty_rings(kvm) -> int:
         for slot_id, off in done:
             slot = kvm.memslots[slot_id >> 16].by_id.get(slot_id & 0xFFFF)
             if slot is not None:
-                mask = np.zeros(slot.npages, dtype=bool)
-                mask[off] = True
-                kvm.arch.enable_log_dirty_pt_masked(slot, 0, mask)
+                kvm.arch.enable_log_dirty_pt_masked(slot, off, np.ones(1, dtype=bool))
         total += len(done)
         del vcpu.dirty_ring[:vcpu.dirty_ring_harvested]
         vcpu.dirty_ring_harvested = 0

@@ -50,24 +50,26 @@ def kvm_mmu_slot_apply_flags(mmu, old, new, change) -> None:
 
 
 def kvm_arch_mmu_enable_log_dirty_pt_masked(mmu, slot, gfn_offset: int, mask) -> None:
-    """Mirrors ``kvm_arch_mmu_enable_log_dirty_pt_masked()``, for each 64-page word of ``mask``.
+    """Mirrors ``kvm_arch_mmu_enable_log_dirty_pt_masked()`` for each 64-page word of ``mask`` (bit k
+    is slot-relative gfn ``gfn_offset + k``; words are slot-relative, so ``gfn_offset`` is a
+    multiple of 64 as in the kernel).
 
     Vectorised over the words: the result (SPTEs, counters, struct-page marks) is the per-word
-    calls' (tests/bench/test_bulk_equivalence.py); the D-bit / W clearing runs in 1 GiB-aligned
-    pieces so a 64 GiB slot never needs whole-slot temporaries."""
+    calls' (tests/bench/test_bulk_equivalence.py).  It runs in 1 GiB-aligned pieces of
+    ``[gfn_offset, +len(mask))``, never over the whole slot: no leaf crosses a piece, so each
+    piece's words can be done on their own, and a 256 GiB slot needs no slot-sized temporaries."""
     kvm = mmu.kvm
-    if "x86" not in slot.arch:
+    t = slot.arch.get("x86")
+    if t is None:
         return
-    t = slot.arch["x86"]
-    full = _slot_mask(slot, gfn_offset, mask)
-    if full is None:
-        return
-    if manual_protect_and_init_set(kvm):
-        _protect_huge_words(mmu, slot, t, full)
-    for lo, hi in gfn_aligned_pieces(slot, 0, slot.npages):
-        m = full[lo:hi]
+    mask = np.asarray(mask, dtype=bool)[:max(0, slot.npages - gfn_offset)]
+    init_set = manual_protect_and_init_set(kvm)
+    for lo, hi in gfn_aligned_pieces(slot, gfn_offset, gfn_offset + len(mask)):
+        m = mask[lo - gfn_offset:hi - gfn_offset]
         if not m.any():
             continue
+        if init_set:
+            _protect_huge_words(mmu, slot, t, lo, m)
         if mmu.pml:
             tdp_mmu.clear_dirty_range(kvm, slot, lo, hi, "clear_dirty_pt_masked", mask=m)
         else:
@@ -87,30 +89,25 @@ def gfn_aligned_pieces(slot, lo: int, hi: int):
         a = b
 
 
-def _slot_mask(slot, gfn_offset: int, mask):
-    mask = np.asarray(mask, dtype=bool)
-    if gfn_offset == 0 and len(mask) == slot.npages:
-        full = mask
-    else:
-        full = np.zeros(slot.npages, dtype=bool)
-        n = max(0, min(len(mask), slot.npages - gfn_offset))
-        full[gfn_offset:gfn_offset + n] = mask[:n]
-    return full if full.any() else None
-
-
-def _protect_huge_words(mmu, slot, t, full) -> None:
-    """The INITIALLY_SET step for every word: split (eager) or write-protect at 2M the huge leaves
-    under the word's first and last set gfn.  A huge leaf spans >= 512 gfns, so one that meets
-    ``[first, last]`` of a 64-gfn word covers ``first`` or ``last``."""
+def _protect_huge_words(mmu, slot, t, lo: int, m) -> None:
+    """The INITIALLY_SET step for the words of ``m`` (slot-relative gfns ``[lo, +len(m))``, inside
+    one piece): split (eager) or write-protect at 2M the huge leaves under each word's first and
+    last set gfn.  A huge leaf spans >= 512 gfns, so one that meets ``[first, last]`` of a 64-gfn
+    word covers ``first`` or ``last``; a word cut by the piece boundary therefore selects the same
+    leaves from its two halves as from the whole."""
     kvm = mmu.kvm
-    nw = -(-slot.npages // 64)
+    hi = lo + len(m)
+    if not (t.level[lo:hi] > 1).any():
+        return                                           # 4 KiB leaves only: nothing to protect
+    w0 = lo // 64
+    nw = -(-hi // 64) - w0
     pad = np.zeros(nw * 64, dtype=bool)
-    pad[:slot.npages] = full
+    pad[lo - w0 * 64:hi - w0 * 64] = m
     rows = pad.reshape(nw, 64)
     w = np.flatnonzero(rows.any(axis=1))
     sel = rows[w]
-    start = w * 64 + sel.argmax(axis=1)
-    end = w * 64 + 63 - sel[:, ::-1].argmax(axis=1)
+    start = (w0 + w) * 64 + sel.argmax(axis=1)
+    end = (w0 + w) * 64 + 63 - sel[:, ::-1].argmax(axis=1)
     del pad, rows, sel
     pos = np.concatenate((start, end))
     lvl = t.level[pos]
@@ -123,8 +120,8 @@ def _protect_huge_words(mmu, slot, t, full) -> None:
         ends = leaf[0] + leaf[1]
         brk = np.flatnonzero(leaf[0][1:] != ends[:-1]) + 1          # runs of adjacent leaves
         for a, b in zip(np.split(leaf[0], brk), np.split(ends, brk)):
-            for lo, hi in gfn_aligned_pieces(slot, int(a[0]), int(b[-1])):
-                tdp_mmu.split_range(kvm, slot, lo, hi)
+            for plo, phi in gfn_aligned_pieces(slot, int(a[0]), int(b[-1])):
+                tdp_mmu.split_range(kvm, slot, plo, phi)
         return
     for g in leaf[0].tolist():                      # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M)
         tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect")

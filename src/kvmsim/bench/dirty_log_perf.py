@@ -225,10 +225,8 @@ def gfn_aligned_pieces(base_gfn: int, lo: int, hi: int, piece: int = 1 << 18):
 
 
 def reserve_mem_map(host, npages: int) -> None:
-    """Size the host's ``mem_map`` arrays for the guest up front (the kernel's is sized at boot), so
-    they are not grown by doubling while the guest populates: growth would leave a 2x capacity and,
-    during the copy, old and new arrays side by side (peak RSS)."""
-    host.phys._grow(host.phys.nr + npages + 2 * (1 << 18))      # + alignment slack for 1 GiB folios
+    """Size the host's ``mem_map`` for the guest up front (:meth:`PhysMem.reserve`)."""
+    host.phys.reserve(npages)
 
 
 def peak_rss() -> int:

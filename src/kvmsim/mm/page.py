@@ -91,6 +91,14 @@ class PhysMem:
         self.refcount[self.zero_pfn] = 1
 
     # ---- storage --------------------------------------------------------------------------
+    def reserve(self, npages: int) -> None:
+        """Make room for ``npages`` more pfns up front, as the kernel sizes ``mem_map`` at boot.
+
+        Growing by doubling while a large guest populates would leave up to 2x capacity and, during
+        the copy, old and new arrays side by side (peak RSS).  The slack covers the alignment of
+        1 GiB folios."""
+        self._grow(self.nr + npages + 2 * (1 << 18))
+
     def _grow(self, need: int) -> None:
         if need <= self._cap:
             return

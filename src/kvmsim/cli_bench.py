@@ -15,12 +15,18 @@ BACKINGS = ("anonymous", "anonymous_thp", "anonymous_hugetlb", "anonymous_hugetl
             "anonymous_hugetlb_1gb", "shmem", "shared_hugetlb")
 
 
-def _size(ctx, param, value):
+def _sizes(ctx, param, value):
+    """``-b 1G`` or a comma-separated list, ``-b 1G,4G,16G``: one run per size."""
     from kvmsim.bench.memstress import parse_size
-    try:
-        return parse_size(value)
-    except UsageError as e:
-        raise click.BadParameter(str(e)) from None
+    out = []
+    for part in str(value).split(","):
+        try:
+            out.append(parse_size(part))
+        except UsageError as e:
+            raise click.BadParameter(str(e)) from None
+    if len(set(out)) != len(out):
+        raise click.BadParameter(f"size list {value!r} names a size twice")
+    return sorted(out)
 
 
 @cli.group("bench")
@@ -29,8 +35,8 @@ def bench() -> None:
 
 
 @bench.command("dirty-log")
-@click.option("-b", "vcpu_memory", default="1G", callback=_size, show_default=True,
-              help="Guest memory per vCPU ([0-9]+[kmgt]).")
+@click.option("-b", "vcpu_memory", default="1G", callback=_sizes, show_default=True,
+              help="Guest memory per vCPU ([0-9]+[kmgt]); a comma-separated list runs each size.")
 @click.option("-v", "vcpus", default=1, show_default=True, type=click.IntRange(1), help="vCPUs.")
 @click.option("-i", "iterations", default=2, show_default=True, type=click.IntRange(2),
               help="Dirty/get/clear iterations (>= 2).")
@@ -62,14 +68,15 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
 
     from kvmsim.bench.dirty_log_perf import Options, run_model, run_model_isolated
     from kvmsim.bench.real import run_real
-    from kvmsim.bench.report import compare_table, cost_table, plot, selftest_lines
+    from kvmsim.bench.report import compare_table, cost_table, plot, scaling_table, selftest_lines, size_name
 
-    opts = Options(vcpu_memory, vcpus, iterations, backing, write_percent, slots, not no_manual_protect,
-                   run_while_disabling, seed, v613_other)
+    sizes = vcpu_memory
+    all_opts = [Options(b, vcpus, iterations, backing, write_percent, slots, not no_manual_protect,
+                        run_while_disabling, seed, v613_other) for b in sizes]
     policies = ["legacy", "series"] if policy == "both" else [policy]
     out = sys.stderr if as_json else sys.stdout
     console = Console(stderr=as_json, width=None if out.isatty() else 150)   # whole tables in logs
-    results, real, real_error = [], None, ""
+    results, reals, real_errors = [], {}, {}
     if plot_path:
         try:
             import matplotlib  # noqa: F401
@@ -77,45 +84,57 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
             click.echo("kvmsim bench dirty-log: --plot needs matplotlib: pip install 'kvmsim[plot]'", err=True)
             sys.exit(2)
     try:
-        opts.check()
-        if backend in ("kvm", "both"):
-            try:
-                real = run_real(opts)
-            except KvmsimError as e:
-                real_error = str(e)
-                if backend == "kvm":
-                    raise
-        if backend in ("model", "both"):
-            if no_isolate:
-                results = [run_model(opts, p) for p in policies]
-            else:
-                results = [run_model_isolated(opts, p, warm=not no_warmup) for p in policies]
+        for opts in all_opts:
+            opts.check()
+        for opts in all_opts:
+            if backend in ("kvm", "both"):
+                try:
+                    reals[opts.vcpu_memory] = run_real(opts)
+                except KvmsimError as e:
+                    real_errors[opts.vcpu_memory] = str(e)
+                    if backend == "kvm":
+                        raise
+            if backend in ("model", "both"):
+                for p in policies:
+                    results.append(run_model(opts, p) if no_isolate
+                                   else run_model_isolated(opts, p, warm=not no_warmup))
     except KvmsimError as e:
         if as_json:
             click.echo(json.dumps({"error": str(e)}))
         else:
             click.echo(f"kvmsim bench dirty-log: {e}", err=True)
         sys.exit(2)
+    everything = results + list(reals.values())
     if as_json:
-        click.echo(json.dumps({"runs": [r.to_json() for r in results + ([real] if real else [])],
-                               "real_error": real_error or None}, indent=1))
+        errors = {size_name(b): msg for b, msg in real_errors.items()}
+        click.echo(json.dumps({"runs": [r.to_json() for r in everything],
+                               "real_error": "; ".join(f"{k}: {v}" for k, v in errors.items()) or None,
+                               "real_errors": errors or None}, indent=1))
     else:
-        for r in results + ([real] if real else []):
-            tag = "v6.13 + other 6.13 MMU changes" if v613_other and r.policy == "series" else r.policy
-            console.rule(f"{r.backend}: {tag}")
-            for line in selftest_lines(r):
-                console.print(line, highlight=False, soft_wrap=True)
-            if r.backend == "model":
-                console.print(cost_table(r, f"cost counters per phase ({r.policy})"))
-                console.print(f"whole flow: {r.wall_seconds:.3f} s wall, peak RSS {r.peak_rss_bytes / 2**30:.2f} GiB, "
-                              f"leaves at the end: {r.stats}", highlight=False, soft_wrap=True)
-        if real is not None and results:
-            console.print(compare_table(results[-1], real))
-        if real_error:
-            console.print(f"[yellow]real /dev/kvm side not run: {real_error}[/yellow]")
+        for opts in all_opts:
+            b = opts.vcpu_memory
+            mine = [r for r in results if r.options["vcpu_memory"] == b]
+            for r in mine + ([reals[b]] if b in reals else []):
+                tag = "v6.13 + other 6.13 MMU changes" if v613_other and r.policy == "series" else r.policy
+                console.rule(f"{r.backend}: {tag}" + (f", -b {size_name(b)}" if len(sizes) > 1 else ""))
+                for line in selftest_lines(r):
+                    console.print(line, highlight=False, soft_wrap=True)
+                if r.backend == "model":
+                    console.print(cost_table(r, f"cost counters per phase ({r.policy})"))
+                    console.print(f"whole flow: {r.wall_seconds:.3f} s wall, peak RSS "
+                                  f"{r.peak_rss_bytes / 2**30:.2f} GiB, leaves at the end: {r.stats}",
+                                  highlight=False, soft_wrap=True)
+            if b in reals and mine:
+                console.print(compare_table(mine[-1], reals[b]))
+            if b in real_errors:
+                console.print(f"[yellow]real /dev/kvm side not run for -b {size_name(b)}: "
+                              f"{real_errors[b]}[/yellow]")
+        if len(sizes) > 1 and results:
+            console.print(scaling_table(results))
     if plot_path:
         try:
-            plot(results + ([real] if real else []), plot_path)
+            plot(everything, plot_path)
         except UsageError as e:
             click.echo(f"kvmsim bench dirty-log: {e}", err=True)
             sys.exit(2)
+

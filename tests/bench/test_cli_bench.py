@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -61,12 +62,49 @@ def test_real_backend_refuses_more_than_1_gib_or_reports_why():
     assert "kvmsim bench dirty-log:" in r.output
 
 
-def test_plot_without_matplotlib_is_a_clean_error(tmp_path):
-    pytest.importorskip("rich")
-    try:
-        import matplotlib  # noqa: F401
-        pytest.skip("matplotlib is installed")
-    except ImportError:
-        pass
+def test_plot_without_matplotlib_is_a_clean_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)          # "import matplotlib" raises ImportError
     r = invoke("--policy", "series", "--plot", str(tmp_path / "x.png"))
-    assert r.exit_code == 2 and "pip install" in r.output
+    assert r.exit_code == 2 and "pip install" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_several_sizes_run_each_and_print_the_scaling_table():
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", "16M,4M", "--no-isolate", "--policy", "legacy"],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert r.output.count("Populate memory time:") == 2
+    assert "model: legacy, -b 4M" in r.output and "model: legacy, -b 16M" in r.output
+    assert "scaling over sizes" in r.output
+
+
+def test_several_sizes_in_json_and_counts_scale_with_size():
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", "4M,16M", "--no-isolate", "--policy", "series",
+                                 "--json"], catch_exceptions=False)
+    runs = json.loads(r.output)["runs"]
+    assert [run["options"]["vcpu_memory"] for run in runs] == [4 << 20, 16 << 20]
+    faults = [next(p for p in run["phases"] if p["name"] == "populate")["summary"]["page_fault"] for run in runs]
+    assert faults == [1024, 4096]
+
+
+@pytest.mark.parametrize("sizes,msg", [("4M,4M", "twice"), ("4M,,8M", "size")])
+def test_bad_size_lists_are_messages(sizes, msg):
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", sizes, "--no-isolate"])
+    assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output
+
+
+def test_plot_over_sizes(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "sizes.png"
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", "4M,8M", "--no-isolate", "--plot", str(out)],
+                           catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_of_one_size(tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "one.png"
+    r = invoke("--plot", str(out))
+    assert r.exit_code == 0, r.output
+    assert out.stat().st_size > 1000

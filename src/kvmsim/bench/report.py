@@ -90,14 +90,60 @@ def compare_table(model: RunResult, real: RunResult):
     return t
 
 
-def plot(results: list[RunResult], path: str) -> None:
-    """Phase times and cost counters, one bar group per phase, one bar per run."""
+def size_name(nbytes: int) -> str:
+    """``-b`` notation for a byte count: 1G, 512M, 3K (plain bytes if none divides)."""
+    for shift, unit in ((40, "T"), (30, "G"), (20, "M"), (10, "K")):
+        if nbytes >= 1 << shift and nbytes % (1 << shift) == 0:
+            return f"{nbytes >> shift}{unit}"
+    return str(nbytes)
+
+
+def flow_totals(r: RunResult) -> dict[str, int]:
+    """A run's cost counters summed over its phases."""
+    out = dict.fromkeys(COLUMNS, 0)
+    for p in r.phases:
+        for k, v in p.summary().items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def scaling_table(results: list[RunResult]):
+    """One row per model run over several sizes: wall time, its ratio to the smallest size's run
+    of the same policy next to the size ratio (linear scaling keeps them equal), peak RSS, and the
+    flow's struct-page, SPTE and TLB totals."""
+    from rich.table import Table
+    t = Table(title="scaling over sizes (whole flow)", title_justify="left", pad_edge=False, padding=(0, 1))
+    for c in ("-b", "policy", "wall s", "x time", "x size", "peak RSS GiB", "dirty", "accessed", "SPTE wr",
+              "TLB fl", "faults"):
+        t.add_column(c, justify="left" if c in ("-b", "policy") else "right", no_wrap=True)
+    smallest: dict[str, RunResult] = {}
+    for r in sorted(results, key=lambda r: (r.options["vcpu_memory"], r.policy)):
+        base = smallest.setdefault(r.policy, r)
+        tot = flow_totals(r)
+        t.add_row(size_name(r.options["vcpu_memory"]), r.policy, f"{r.wall_seconds:.3f}",
+                  f"{r.wall_seconds / base.wall_seconds:.2f}" if base.wall_seconds else "-",
+                  f"{r.options['vcpu_memory'] / base.options['vcpu_memory']:g}",
+                  f"{r.peak_rss_bytes / 2**30:.2f}",
+                  *(f"{tot[c]:,}" for c in ("set_dirty", "mark_accessed", "spte_write", "tlb_flush", "page_fault")))
+    return t
+
+
+def _pyplot():
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install 'kvmsim[plot]'") from None
+    return plt
+
+
+def plot(results: list[RunResult], path: str) -> None:
+    """One size: phase times and cost counters, one bar group per phase, one bar per run.  Several
+    sizes: wall time and the flow's counters against the guest size, one line per backend:policy."""
+    if len({r.options["vcpu_memory"] for r in results}) > 1:
+        return _plot_sizes(results, path)
+    plt = _pyplot()
     import numpy as np
     phases = [(p.name, p.iteration) for p in results[0].phases]
     labels = [phase_label(n, i).replace("Iteration ", "it") for n, i in phases]
@@ -120,5 +166,30 @@ def plot(results: list[RunResult], path: str) -> None:
             ax.set_ylabel(key)
     axes[0].legend(fontsize="small")
     axes[-1].set_xticks(x + w * (len(results) - 1) / 2, labels, rotation=30, ha="right", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _plot_sizes(results: list[RunResult], path: str) -> None:
+    plt = _pyplot()
+    from matplotlib.ticker import LogFormatterSciNotation
+    keys = ["seconds", "set_dirty", "mark_accessed", "spte_write", "tlb_flush"]
+    fig, axes = plt.subplots(len(keys), 1, figsize=(8, 2.4 * len(keys)), sharex=True)
+    runs: dict[str, list[RunResult]] = {}
+    for r in results:
+        runs.setdefault(f"{r.backend}:{r.policy}", []).append(r)
+    for tag, rs in runs.items():
+        rs.sort(key=lambda r: r.options["vcpu_memory"])
+        gib = [r.options["vcpu_memory"] * r.options["vcpus"] / 2**30 for r in rs]
+        for ax, key in zip(axes, keys):
+            ys = [r.wall_seconds if key == "seconds" else flow_totals(r).get(key, 0) for r in rs]
+            ax.plot(gib, ys, marker="o", label=tag)
+            ax.set_ylabel("wall s" if key == "seconds" else key)
+            ax.set_xscale("log", base=2)
+            if min(ys) > 0:
+                ax.set_yscale("log")
+                ax.yaxis.set_minor_formatter(LogFormatterSciNotation(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+    axes[0].legend(fontsize="small")
+    axes[-1].set_xlabel("guest test memory (GiB)")
     fig.tight_layout()
     fig.savefig(path)

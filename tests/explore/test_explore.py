@@ -94,9 +94,32 @@ def test_schedule_round_trip():
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_every_scenario_runs_both_policies(name):
-    for policy in POLICIES:
-        r = execute(SCENARIOS[name], policy, Mutations(), [])
-        assert r.steps
+    for arch in SCENARIOS[name].arches:
+        for policy in POLICIES:
+            r = execute(SCENARIOS[name].on(arch), policy, Mutations(), [])
+            assert r.steps
+
+
+X86_FAULT_RACES = ("fault-vs-munmap", "fault-vs-mprotect", "fault-vs-writeback", "fault-vs-truncate")
+
+
+@pytest.mark.parametrize("name", X86_FAULT_RACES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_x86_fault_path_closes_each_race_and_skip_retry_reopens_it(name, policy):
+    scenario = SCENARIOS[name].on("x86")
+    clean = explore(scenario, policy, Mutations(), bound=2)
+    assert clean.violating is None and clean.explored > 40
+    broken = explore(scenario, policy, Mutations.parse(["skip-retry"]), bound=2)
+    assert broken.violating is not None
+    assert broken.violating.violation.invariant in ("INV-3", "INV-4", "INV-5")
+    labels = [s.label for s in broken.violating.steps]
+    assert any("fast_page_fault" in lb for lb in labels)       # the x86 fault path's own steps ran
+
+
+def test_lost_dirty_bit_is_generic_only():
+    from kvmsim.errors import UsageError
+    with pytest.raises(UsageError, match="runs on generic"):
+        SCENARIOS["lost-dirty-bit"].on("x86")
 
 
 def _cli():
@@ -112,6 +135,16 @@ def test_cli_json_reports_throughput_and_violation():
     assert {d["policy"] for d in data} == {"legacy", "series"}
     assert all(d["violation"]["invariant"] == "INV-5" and d["schedule"] for d in data)
     assert all(d["schedules_per_second"] > 0 for d in data)
+
+
+def test_cli_arch_x86_in_json_and_refused_where_not_modelled():
+    out = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--arch", "x86", "--policy", "series",
+                                      "--mutate", "skip-retry", "--json"])
+    assert out.exit_code == 0, out.output
+    (d,) = json.loads(out.output)
+    assert d["arch"] == "x86" and d["violation"]["invariant"] == "INV-5"
+    r = CliRunner().invoke(_cli(), ["explore", "lost-dirty-bit", "--arch", "x86"])
+    assert r.exit_code == 2 and "runs on generic" in r.output and "Traceback" not in r.output
 
 
 def test_cli_replay_and_bad_input():

@@ -1,7 +1,8 @@
 """Built-in races to explore: a deterministic setup, named kernel-path threads and a final check.
 
-Every scenario runs on ``Kvm(host, arch="generic")`` (:class:`kvmsim.kvm.stage2.GenericStage2`)
-with one 4 KiB memslot at gpa 0 and one vCPU.  Threads are kernel paths (``@kpath`` generators):
+Every scenario runs with one 4 KiB memslot at gpa 0 and one vCPU, on the generic stage-2
+(:class:`kvmsim.kvm.stage2.GenericStage2`, the default) or, for the scenarios that list it in
+``arches``, on the x86 TDP MMU (:class:`kvmsim.x86.mmu.X86Mmu`): ``SCENARIOS[name].on("x86")``.  Threads are kernel paths (``@kpath`` generators):
 the vCPU's ``page_fault``, the host's ``munmap``/``mprotect``/``writeback_folio``, a truncate,
 a pfncache refresh, or a guest write through the SPTE (:func:`guest_write`).  ``watch`` picks the
 violations the scenario is about: legacy breaks some invariants on *every* schedule (e.g. INV-3,
@@ -10,9 +11,10 @@ accessed marked after unlock), which would otherwise drown the race being explor
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from kvmsim.errors import UsageError
 from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
@@ -39,14 +41,25 @@ class World:
 class Scenario:
     name: str
     doc: str
-    build: Callable[[str, Any], World]
+    setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
+    arches: tuple[str, ...] = ("generic", "x86")
+    arch: str = "generic"
+
+    def build(self, policy: str, mutations) -> World:
+        return self.setup(policy, mutations, self.arch)
+
+    def on(self, arch: str) -> "Scenario":
+        """The same race on another stage-2 MMU."""
+        if arch not in self.arches:
+            raise UsageError(f"scenario {self.name!r} runs on {', '.join(self.arches)}, not {arch!r}")
+        return replace(self, arch=arch)
 
 
-def _world(policy: str, mutations, kind: VmaKind, flags=KVM_MEM(0)) -> World:
+def _world(policy: str, mutations, arch: str, kind: VmaKind, flags=KVM_MEM(0)) -> World:
     host = Host()
-    kvm = Kvm(host, policy=policy, arch="generic")
+    kvm = Kvm(host, policy=policy, arch=arch)
     kvm.mutations = mutations
     vma = host.mm.mmap(PAGE_SIZE, kind)
     kvm.set_user_memory_region(0, GPA, PAGE_SIZE, vma.start, flags)
@@ -104,16 +117,16 @@ def truncate_page(mm, vma, index: int) -> Steps:
 
 # ---- the scenarios -----------------------------------------------------------------------------------
 
-def _fault_vs_munmap(policy, mutations) -> World:
-    w = _world(policy, mutations, VmaKind.ANON)
+def _fault_vs_munmap(policy, mutations, arch) -> World:
+    w = _world(policy, mutations, arch, VmaKind.ANON)
     w.host.mm.host_access(w.vma.start, True, 1)
     w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
                  "host": w.host.mm.munmap.steps(w.vma.start, PAGE_SIZE)}
     return w
 
 
-def _fault_vs_mprotect(policy, mutations) -> World:
-    w = _world(policy, mutations, VmaKind.ANON)
+def _fault_vs_mprotect(policy, mutations, arch) -> World:
+    w = _world(policy, mutations, arch, VmaKind.ANON)
     w.host.mm.host_access(w.vma.start, True, 1)
     w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
                  "host": w.host.mm.mprotect.steps(w.vma.start, PAGE_SIZE, "none")}
@@ -125,25 +138,25 @@ def _file_page(w: World, value: int) -> int:
     return w.host.mm.pte_of(w.vma.start)[1]
 
 
-def _fault_vs_writeback(policy, mutations) -> World:
-    w = _world(policy, mutations, VmaKind.FILE)
+def _fault_vs_writeback(policy, mutations, arch) -> World:
+    w = _world(policy, mutations, arch, VmaKind.FILE)
     pfn = _file_page(w, 1)
     w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
                  "host": writeback_folio.steps(w.host.mm, pfn)}
     return w
 
 
-def _fault_vs_truncate(policy, mutations) -> World:
-    w = _world(policy, mutations, VmaKind.FILE)
+def _fault_vs_truncate(policy, mutations, arch) -> World:
+    w = _world(policy, mutations, arch, VmaKind.FILE)
     writeback_folio(w.host.mm, _file_page(w, 1))          # start from a clean, written-back folio
     w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
                  "host": truncate_page.steps(w.host.mm, w.vma, w.vma.pgoff)}
     return w
 
 
-def _pfncache_vs_munmap(policy, mutations) -> World:
+def _pfncache_vs_munmap(policy, mutations, arch) -> World:
     from kvmsim.kvm.pfncache import GfnToPfnCache
-    w = _world(policy, mutations, VmaKind.ANON)
+    w = _world(policy, mutations, arch, VmaKind.ANON)
     w.host.mm.host_access(w.vma.start, True, 1)
     gpc = GfnToPfnCache(w.kvm)
     gpc.active, gpc.gpa = True, GPA
@@ -161,14 +174,21 @@ def _pfncache_final(w: World) -> None:
                                  detail="pfncache writes a freed page")
 
 
-def _lost_dirty_bit(policy, mutations) -> World:
+def _lost_dirty_bit(policy, mutations, arch) -> World:
     """A clean file folio mapped by a present, read-only, Host-writable SPTE with D clear.
 
     The file system has no dirty accounting (``vma_wants_writenotify()`` false), so a host read
     fault maps the page writable-but-clean; the guest's read fault under dirty logging installs a
     Host-writable SPTE without W.  Then a zap races the guest's store.
+
+    Generic stage-2 only.  On x86 the state cannot arise: ``make_spte()`` gives every writable
+    SPTE the D bit (read faults included, ACC_ALL), so D is clear on a present SPTE only after
+    ``clear_dirty_pt_masked()`` cleared it, and legacy x86 marks the folio dirty right there
+    (tdp_mmu.c v6.12, removed by patch 8 "Mark folio dirty when creating SPTE, not when
+    zapping/modifying"); the folio can only be cleaned again through ``folio_mkclean()``, whose
+    mmu_notifier zaps the SPTE first.
     """
-    w = _world(policy, mutations, VmaKind.FILE, KVM_MEM.LOG_DIRTY_PAGES)
+    w = _world(policy, mutations, arch, VmaKind.FILE, KVM_MEM.LOG_DIRTY_PAGES)
     w.vma.writenotify = False
     w.host.mm.host_access(w.vma.start, False)
     w.kvm.arch.page_fault(w.vcpu, GPA, write=False)
@@ -206,5 +226,5 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("lost-dirty-bit", "zap of a Host-writable SPTE races a guest store; then writeback + reclaim",
              _lost_dirty_bit,
              lambda v: v.invariant == "INV-4" and v.objects.get("caller") == "shrink_folio_list",
-             _writeback_and_reclaim),
+             _writeback_and_reclaim, arches=("generic",)),
 )}

@@ -16,6 +16,7 @@ vCPUs run one after another (the model has no parallelism); a phase's time is th
 
 from __future__ import annotations
 
+import os
 import resource
 import time
 from dataclasses import asdict, dataclass, field
@@ -297,8 +298,9 @@ def keep_freed_memory() -> bool:
 def _run_warm(opts: Options, policy: str, warm: bool) -> RunResult:
     if warm:
         keep_freed_memory()
-        warm_memory((opts.total >> PAGE_SHIFT) * BYTES_PER_GUEST_PAGE + (64 << 20))
-        reset_peak_rss()
+        if os.access("/proc/self/clear_refs", os.W_OK):  # else the warm-up would count as the run's peak
+            warm_memory((opts.total >> PAGE_SHIFT) * BYTES_PER_GUEST_PAGE + (64 << 20))
+            reset_peak_rss()
     return run_model(opts, policy)
 
 

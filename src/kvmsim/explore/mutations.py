@@ -1,8 +1,8 @@
 """Mutation switches: turn off one of the protocol's safety mechanisms to see what it protects.
 
-The model consults ``kvm.mutations`` (a :class:`Mutations`, absent by default) at three hook points,
-each guarded by ``getattr(kvm, "mutations", None)`` so that a VM built without one behaves exactly
-as before.  Each mutation re-opens a race that Documentation/virt/kvm/locking.rst (or the series'
+The model consults ``kvm.mutations`` (a :class:`Mutations`, None by default) at three hook points,
+each guarded by ``kvm.mutations is not None`` so that a VM built without one behaves exactly as
+before.  Each mutation re-opens a race that Documentation/virt/kvm/locking.rst (or the series'
 changelogs) describes; drawn here in locking.rst form.
 
 ``skip-retry``: ``mmu_invalidate_retry_gfn()`` (virt/kvm/kvm_main.c, include/linux/kvm_host.h)

@@ -179,6 +179,7 @@ class Kvm:
         self.dirty_ring_size = 0
         self.manual_dirty_log_protect = 0
         self.destroyed = False
+        self.mutations = None               # kvmsim.explore.Mutations: safety mechanisms switched off
         self.notifier = KvmMmuNotifier(self)
         self.mm.register_notifier(self.notifier)
         from kvmsim.kvm.arch import make_arch
@@ -230,7 +231,7 @@ class Kvm:
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn()``: requires mmu_lock."""
         self.lockdep_assert_held_mmu_lock("mmu_invalidate_retry_gfn")
-        if getattr(getattr(self, "mutations", None), "skip_retry", False):   # kvmsim.explore mutation
+        if self.mutations is not None and self.mutations.skip_retry:          # kvmsim.explore mutation
             return False
         if self.mmu_invalidate_in_progress and self.mmu_invalidate_range_start <= gfn < self.mmu_invalidate_range_end:
             return True

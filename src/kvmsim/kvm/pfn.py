@@ -218,6 +218,12 @@ def _kvm_faultin_pfn(kvm, slot, gfn: int, foll: FOLL, *, want_writable: bool = T
 
 # ---- release helpers ------------------------------------------------------------------------------------
 
+def _locked(kvm) -> bool:
+    """Whether this thread holds ``mmu_lock``, for the facts a struct-page operation records (only
+    they use it, so it is not computed when the journal keeps no facts)."""
+    return kvm.journal.recording and kvm.mmu_lock.held()
+
+
 def kvm_is_ad_tracked_page(phys, pfn: int) -> bool:
     """``kvm_is_ad_tracked_page()``: KVM dirties/ages a page only if it is not PG_reserved."""
     return phys.pfn_valid(pfn) and not phys.PageReserved(pfn)
@@ -244,7 +250,7 @@ def kvm_release_page_clean(kvm, page: int | None, hold: Hold, caller: str, *, so
     if page is None:
         return
     if kvm_is_ad_tracked_page(kvm.phys, page):
-        kvm.phys.mark_page_accessed(page, caller, kvm=True, source=source, locked=kvm.mmu_lock.held(),
+        kvm.phys.mark_page_accessed(page, caller, kvm=True, source=source, locked=_locked(kvm),
                                     unused=unused, gfn=gfn)
     _drop(kvm, page, hold, caller, source)
 
@@ -255,7 +261,7 @@ def kvm_release_page_dirty(kvm, page: int | None, hold: Hold, caller: str, *, so
     if page is None:
         return
     if kvm_is_ad_tracked_page(kvm.phys, page):
-        kvm.phys.SetPageDirty(page, caller, kvm=True, source=source, locked=kvm.mmu_lock.held(), gfn=gfn)
+        kvm.phys.SetPageDirty(page, caller, kvm=True, source=source, locked=_locked(kvm), gfn=gfn)
     kvm_release_page_clean(kvm, page, hold, caller, source=source, gfn=gfn)
 
 
@@ -277,7 +283,7 @@ def kvm_set_pfn_dirty(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, gfn
     if is_error_noslot_pfn(pfn):
         return
     if kvm_is_ad_tracked_page(kvm.phys, pfn):
-        kvm.phys.SetPageDirty(pfn, caller, kvm=True, source=source, locked=kvm.mmu_lock.held(), gfn=gfn)
+        kvm.phys.SetPageDirty(pfn, caller, kvm=True, source=source, locked=_locked(kvm), gfn=gfn)
 
 
 def kvm_set_pfn_accessed(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, gfn: int | None = None) -> None:
@@ -285,7 +291,7 @@ def kvm_set_pfn_accessed(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, 
     if is_error_noslot_pfn(pfn):
         return
     if kvm_is_ad_tracked_page(kvm.phys, pfn):
-        kvm.phys.mark_page_accessed(pfn, caller, kvm=True, source=source, locked=kvm.mmu_lock.held(), gfn=gfn)
+        kvm.phys.mark_page_accessed(pfn, caller, kvm=True, source=source, locked=_locked(kvm), gfn=gfn)
 
 
 def kvm_release_pfn(kvm, pfn: int, dirty: bool, caller: str, *, unused: bool = False,

@@ -147,7 +147,7 @@ class GenericStage2:
         kvm.mmu_lock.write_unlock()
         yield "page fault: mmu_lock released"
         if not kvm.policy.release_under_mmu_lock:
-            if getattr(getattr(kvm, "mutations", None), "mark_dirty_after_unlock", False) \
+            if kvm.mutations is not None and kvm.mutations.mark_dirty_after_unlock \
                     and r != RET_PF.RETRY and kfp.map_writable:          # kvmsim.explore: arm64 v6.12 order
                 from kvmsim.kvm.pfn import kvm_set_pfn_dirty
                 from kvmsim.trace import Src
@@ -227,7 +227,7 @@ class GenericStage2:
         pfns, bits = self._tables(slot)
         i = gfn - slot.base_gfn
         old_pfn, old = int(pfns[i]), int(bits[i])
-        if getattr(getattr(self.kvm, "mutations", None), "nonatomic_spte", False):
+        if self.kvm.mutations is not None and self.kvm.mutations.nonatomic_spte:
             yield "mmu_spte_clear_no_track: old_spte read, no volatile bits assumed"
         else:
             old = int(bits[i])                                   # xchg: reads what it clears

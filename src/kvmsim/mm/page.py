@@ -323,12 +323,12 @@ class PhysMem:
 
     def try_grab_folio(self, pfn: int, pin: bool, caller: str, *, kvm: bool = False) -> None:
         """``try_grab_folio()`` for FOLL_GET (+1) or FOLL_PIN (bias or +1 and pincount)."""
-        head = int(self.head[pfn])
         if not pin:
             self.get_page(pfn, caller, kvm=kvm, source=Src.HELD if kvm else Src.HOST)
             return
         if self._uaf(pfn, "pin", caller, kvm, Src.HELD):
             return
+        head = self.head.item(pfn)
         self.journal.count(f"pin:{caller}")
         self.journal.fact("pin", pfn=pfn, caller=caller, kvm=kvm, source=Src.HELD)
         if pfn == self.zero_pfn:

@@ -124,6 +124,12 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
                     console.print(f"whole flow: {r.wall_seconds:.3f} s wall, peak RSS "
                                   f"{r.peak_rss_bytes / 2**30:.2f} GiB, leaves at the end: {r.stats}",
                                   highlight=False, soft_wrap=True)
+                    if v613_other:
+                        console.print("note: with the batched flush the kernel also flushes whenever the "
+                                      "walk yields (tdp_mmu_iter_cond_resched: need_resched or mmu_lock "
+                                      "contention; 76 in 35ef80eb29ab's run); the model never yields, so "
+                                      "its disable count is the minimum, one per slot.",
+                                      highlight=False, soft_wrap=True)
             if b in reals and mine:
                 console.print(compare_table(mine[-1], reals[b]))
             if b in real_errors:

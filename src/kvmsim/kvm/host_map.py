@@ -39,7 +39,8 @@ def kvm_vcpu_map(vcpu, gfn: int, writable: bool = True) -> KvmHostMap:
     kvm = vcpu.kvm
     pins = kvm.policy.vcpu_map_pins()
     slot = kvm.gfn_to_memslot(gfn)
-    kfp = KvmFollowPfn(slot, gfn, flags=FOLL.WRITE if writable else FOLL(0), pin=pins, caller="kvm_vcpu_map")
+    write = kvm.policy.vcpu_map_write(writable)
+    kfp = KvmFollowPfn(slot, gfn, flags=FOLL.WRITE if write else FOLL(0), pin=pins, caller="kvm_vcpu_map")
     pfn = kvm_follow_pfn(kvm, kfp)
     kvm.journal.count("kvm_vcpu_map")
     if is_error_noslot_pfn(pfn):

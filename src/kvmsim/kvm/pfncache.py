@@ -11,7 +11,8 @@ from __future__ import annotations
 import errno
 
 from kvmsim.errors import ModelError
-from kvmsim.kvm.pfn import KvmFollowPfn, hva_to_pfn, is_error_noslot_pfn, pfn_name
+from kvmsim.kvm.pfn import (KVM_HVA_ERR_RO_BAD, KvmFollowPfn, gfn_to_hva_memslot_prot, hva_to_pfn,
+                            is_error_noslot_pfn, pfn_name)
 from kvmsim.mm.gup import FOLL
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
@@ -71,8 +72,20 @@ class GfnToPfnCache:
             self.valid = False
             self.last_error = "no memslot"
             raise ModelError(errno.EFAULT, f"pfncache: no memslot for gpa {self.gpa:#x}")
-        self.uhva = slot.gfn_to_hva(gfn)
+        # __kvm_gpc_refresh(): gfn_to_hva_memslot() is the write-checked lookup, so a read-only or
+        # invalid memslot fails the refresh with -EFAULT before any GUP.
+        uhva = gfn_to_hva_memslot_prot(slot, gfn, True)
+        if uhva < 0:
+            self.valid = False
+            self.last_error = "read-only memslot" if uhva == KVM_HVA_ERR_RO_BAD else "invalid memslot"
+            raise ModelError(errno.EFAULT, f"pfncache: gpa {self.gpa:#x} is in a {self.last_error}")
         self.generation = kvm.memslots[0].generation
+        if self.valid and uhva == self.uhva:
+            # "If the HVA→PFN mapping was already valid, don't unmap it": a new memslot generation
+            # with the same hva keeps the cached pfn, no GUP.
+            kvm.journal.count("gpc_refresh_kept")
+            return self.pfn
+        self.uhva = uhva
         self.valid = False
         for attempt in range(16):
             mmu_seq = kvm.mmu_invalidate_seq

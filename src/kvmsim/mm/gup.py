@@ -1,7 +1,8 @@
 """GUP as KVM uses it, and ``follow_pfnmap_start/end`` (mm/gup.c, mm/memory.c).
 
 Return codes follow spec §1.1: the slow path returns 1 (and the page) on success, 0 when I/O is
-needed with FOLL_NOWAIT, -EINTR on a signal, -EAGAIN when the killable mmap lock fails, -EHWPOISON,
+needed with FOLL_NOWAIT, -EINTR when a fatal signal is pending (checked before each page, whatever
+the flags), -EAGAIN when the killable mmap lock fails, -EHWPOISON,
 and -EFAULT for no VMA, a protection error or a VM_IO/VM_PFNMAP VMA (``check_vma_flags``).
 """
 
@@ -35,7 +36,7 @@ class FOLL(IntFlag):
     HONOR_NUMA_FAULT = 0x1000000
 
 
-_FW, _FNOWAIT, _FPIN, _FINTR = int(FOLL.WRITE), int(FOLL.NOWAIT), int(FOLL.PIN), int(FOLL.INTERRUPTIBLE)
+_FW, _FNOWAIT, _FPIN = int(FOLL.WRITE), int(FOLL.NOWAIT), int(FOLL.PIN)
 
 
 def _normal_page(phys, pfn: int, bits: int) -> bool:
@@ -80,13 +81,13 @@ def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
         return -errno.EFAULT, None
     i = vma.idx(hva)
     for _ in range(3):
+        if mm.signal_pending:       # __get_user_pages(): "If we have a pending SIGKILL, don't keep faulting"
+            return -errno.EINTR, None
         bits = int(vma.pte[i])
         pfn = int(vma.pte_pfn[i])
         need = _P | (_W if flags & _FW else 0)
         if (bits & need) == need and not bits & _PN:
             break
-        if flags & _FINTR and mm.signal_pending:
-            return -errno.EINTR, None
         if flags & _FNOWAIT and _needs_io(vma, i):
             return 0, None
         rc = handle_mm_fault(mm, vma, hva, bool(flags & _FW))
@@ -100,11 +101,10 @@ def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
         return -errno.EFAULT, None
     phys = mm.phys
     phys.try_grab_folio(pfn, bool(flags & _FPIN), caller, kvm=kvm)
-    if pfn != phys.zero_pfn:                                     # FOLL_TOUCH
+    if pfn != phys.zero_pfn:          # FOLL_TOUCH: the folio only ("pte_mkyoung() would be more correct")
         if flags & _FW and not bits & _D and not phys.folio_test_dirty(pfn):
             phys.SetPageDirty(pfn, "follow_page_pte:FOLL_TOUCH")
         phys.mark_page_accessed(pfn, "follow_page_pte:FOLL_TOUCH")
-    vma.pte[i] |= _Y | (_D if flags & _FW else 0)
     return 1, pfn
 
 
@@ -151,7 +151,9 @@ def follow_pfnmap_end(args: FollowPfnmapArgs) -> None:
 
 
 def fixup_user_fault(mm, hva: int, write: bool) -> int:
-    """``fixup_user_fault()``: fault the address in; 0 or -EFAULT (or -EAGAIN if the lock was dropped)."""
+    """``fixup_user_fault()``: fault the address in; 0 or -EFAULT.  The kernel can also report that
+    mmap_lock was dropped (``*unlocked``, then ``hva_to_pfn_remapped()`` returns -EAGAIN and the VMA is
+    looked up again); the model's faults never drop the lock, so that retry is not modelled."""
     vma = mm.vma_lookup(hva)
     if vma is None:
         return -errno.EFAULT

@@ -80,6 +80,11 @@ class LegacyPolicy:
         """FOLL_GET before patch 31."""
         return False
 
+    def vcpu_map_write(self, writable):
+        """``kvm_vcpu_map()`` resolved with ``gfn_to_pfn()``, always for write, before patch 34 "KVM: Get
+        writable mapping for __kvm_vcpu_map() only when necessary" (and ``kvm_vcpu_map_readonly()``)."""
+        return True
+
     def vcpu_map_dirty_at_map(self):
         """The caller decided ``dirty`` at unmap time before patch 33."""
         return False

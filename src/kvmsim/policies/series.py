@@ -42,10 +42,10 @@ class SeriesPolicy:
         "Mark folio dirty when creating SPTE, not when zapping/modifying")."""
         page = kfp.refcounted_page if kfp is not None else None
         hold = kfp.hold if kfp is not None else Hold.NONE
+        if not unused:                      # lockdep_assert_once(held || unused), before the NULL check
+            kvm.lockdep_assert_held_mmu_lock(caller)
         if page is None:
             return
-        if not unused:
-            kvm.lockdep_assert_held_mmu_lock(caller)
         if unused:
             kvm_release_page_unused(kvm, page, hold, caller)
         elif dirty:
@@ -72,6 +72,11 @@ class SeriesPolicy:
     def gfn_to_page_result(self, kvm, pfn, kfp):
         """Patch 75 "KVM: Convert gfn_to_page() to use kvm_follow_pfn()": the refcounted page or NULL."""
         return kfp.refcounted_page
+
+    def vcpu_map_write(self, writable):
+        """Patch 34 "KVM: Get writable mapping for __kvm_vcpu_map() only when necessary": FOLL_WRITE
+        only for a writable map (``kvm_vcpu_map_readonly()`` resolves read-only)."""
+        return writable
 
     def vcpu_map_pins(self):
         """Patch 31 "KVM: Pin (as in FOLL_PIN) pages during kvm_vcpu_map()"."""

@@ -4,6 +4,11 @@ Enough for a fault to complete end to end, for generic tests and for architectur
 not detail; :mod:`kvmsim.x86` is the full x86 MMU.  Leaves live in per-slot numpy arrays
 (``slot.arch["s2_pfn"]``, ``slot.arch["s2"]``).  A/D bits captured at zap time go through the
 policy's ``spte_ad_lost`` hook (legacy pushes them to the pfn, the series does nothing).
+
+Its legacy fault release is x86's v6.12 one (``kvm_release_pfn_clean()`` after unlocking, no dirty
+mark).  arm64's v6.12 ``user_mem_abort()`` also called ``kvm_set_pfn_dirty()`` after
+``read_unlock()`` for a writable fault; that order is the explorer's ``mark-dirty-after-unlock``
+mutation rather than the default, so the default legacy run is not flagged (INV-3) on every fault.
 """
 
 from __future__ import annotations

@@ -185,8 +185,9 @@ def _ref_regions(kvm, slot, level):
             if max_mapping_levels(kvm, slot, int(s), int(s) + 1, level, logging=False)[0] >= level]
 
 
-def ref_zap_collapsible_sptes(kvm, slot):
-    """``kvm_mmu_zap_collapsible_sptes()`` region by region, one flush each."""
+def ref_zap_collapsible_sptes(kvm, slot, *, flush_per_region=True):
+    """``kvm_mmu_zap_collapsible_sptes()`` region by region, one flush each (the TDP MMU)."""
+    assert flush_per_region
     from kvmsim.types import LEVEL_PAGES
     from kvmsim.x86.tdp_mmu import zap_range
     zapped = 0

@@ -23,30 +23,38 @@ def manual_protect_and_init_set(kvm) -> bool:
 
 
 def kvm_mmu_slot_apply_flags(mmu, old, new, change) -> None:
-    """Mirrors ``kvm_mmu_slot_apply_flags()``."""
+    """Mirrors ``kvm_mmu_slot_apply_flags()`` (arch/x86/kvm/x86.c, v6.12/v6.13).
+
+    Nothing for a read-only slot ("if ((change != KVM_MR_FLAGS_ONLY) || (new_flags & KVM_MEM_READONLY))
+    return").  Disable: zap collapsible SPTEs, or with [6.13-other] recover huge pages in place (TDP
+    MMU only; the rmap path still zaps).  Enable, unless INITIALLY_SET: eager split (TDP MMU only),
+    then with PML clear D on every leaf and write-protect >= 2M, without PML write-protect >= 4K;
+    then one flush, "Unconditionally flush the TLBs after enabling dirty logging"."""
     kvm = mmu.kvm
-    if change not in (KvmMrChange.FLAGS_ONLY,) or new is None or old is None:
+    if change != KvmMrChange.FLAGS_ONLY or new is None or old is None or new.readonly:
         return
     if old.logging == new.logging:
         return
     if not new.logging:
-        if not new.readonly:
-            if kvm.v613_other:
-                tdp_mmu.recover_huge_pages(kvm, new)
-            else:
-                tdp_mmu.zap_collapsible_sptes(kvm, new)
+        if kvm.v613_other and mmu.tdp_mmu_enabled:
+            tdp_mmu.recover_huge_pages(kvm, new)
+        else:
+            tdp_mmu.zap_collapsible_sptes(kvm, new, flush_per_region=mmu.tdp_mmu_enabled)
         return
     if manual_protect_and_init_set(kvm):
         return
-    if mmu.eager_split:
-        tdp_mmu.split_range(kvm, new, 0, new.npages)
-    if mmu.pml:
-        f = tdp_mmu.clear_dirty_range(kvm, new, 0, new.npages, "kvm_mmu_slot_leaf_clear_dirty")
-        f |= tdp_mmu.wrprot_range(kvm, new, 0, new.npages, 2, "kvm_mmu_slot_remove_write_access")
-    else:
-        f = tdp_mmu.wrprot_range(kvm, new, 0, new.npages, 1, "kvm_mmu_slot_remove_write_access")
-    if f or mmu.eager_split:
-        kvm.flush_remote_tlbs("enable_dirty_logging")
+    for lo, hi in gfn_aligned_pieces(new, 0, new.npages):
+        if mmu.eager_split and mmu.tdp_mmu_enabled:        # kvm_mmu_slot_try_split_huge_pages()
+            tdp_mmu.split_range(kvm, new, lo, hi)
+        if mmu.pml:
+            # kvm_mmu_slot_leaf_clear_dirty(): clear_dirty_gfn_range() takes every leaf level on the
+            # TDP MMU; the rmap walk (walk_slot_rmaps_4k) only 4K
+            tdp_mmu.clear_dirty_range(kvm, new, lo, hi, "kvm_mmu_slot_leaf_clear_dirty",
+                                      all_levels=mmu.tdp_mmu_enabled)
+            tdp_mmu.wrprot_range(kvm, new, lo, hi, 2, "kvm_mmu_slot_remove_write_access")
+        else:
+            tdp_mmu.wrprot_range(kvm, new, lo, hi, 1, "kvm_mmu_slot_remove_write_access")
+    kvm.flush_remote_tlbs("enable_dirty_logging")
 
 
 def kvm_arch_mmu_enable_log_dirty_pt_masked(mmu, slot, gfn_offset: int, mask) -> None:
@@ -70,11 +78,9 @@ def kvm_arch_mmu_enable_log_dirty_pt_masked(mmu, slot, gfn_offset: int, mask) ->
             continue
         if init_set:
             _protect_huge_words(mmu, slot, t, lo, m)
-        if mmu.pml:
-            tdp_mmu.clear_dirty_range(kvm, slot, lo, hi, "clear_dirty_pt_masked", mask=m)
-        else:
-            tdp_mmu.wrprot_range(kvm, slot, lo, hi, 1, "kvm_mmu_write_protect_pt_masked",
-                                 mask=m & (t.level[lo:hi] == 1))
+        # clear_dirty_pt_masked(): D with PML, else W ("wrprot"); 4K leaves; v6.12 kvm_set_pfn_dirty()
+        # on each SPTE whose bit it cleared
+        tdp_mmu.clear_dirty_range(kvm, slot, lo, hi, "clear_dirty_pt_masked", mask=m, wrprot=not mmu.pml)
 
 
 PIECE = 1 << 18                      # 4 KiB pages per piece: 1 GiB, the largest leaf
@@ -124,7 +130,8 @@ def _protect_huge_words(mmu, slot, t, lo: int, m) -> None:
                 tdp_mmu.split_range(kvm, slot, plo, phi)
         return
     for g in leaf[0].tolist():                      # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M)
-        tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect")
+        # write_protect_gfn() clears MMU-writable too: only the slow path makes it writable again
+        tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect", mmu_writable=True)
 
 
 __all__ = ["kvm_mmu_slot_apply_flags", "kvm_arch_mmu_enable_log_dirty_pt_masked", "PAGES_PER_PMD"]

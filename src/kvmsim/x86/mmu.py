@@ -37,6 +37,7 @@ class X86Mmu:
     """Model of the x86 ``struct kvm_mmu`` machinery for one VM (TDP MMU; see :class:`ShadowMmu`)."""
 
     name = "x86-tdp"
+    tdp_mmu_enabled = True            # tdp_mmu_enabled: eager split and in-place recovery exist only here
     max_level = 3                     # KVM_MAX_HUGEPAGE_LEVEL with 1 GiB support
     map_caller = "kvm_tdp_mmu_map"
     zap_caller = "tdp_mmu_zap_leafs"

@@ -22,6 +22,7 @@ class ShadowMmu(X86Mmu):
     """Direct-mode shadow paging (``tdp_mmu_enabled=0`` with EPT/NPT, or a direct root)."""
 
     name = "x86-shadow"
+    tdp_mmu_enabled = False
     map_caller = "mmu_set_spte"
     zap_caller = "mmu_spte_clear_track_bits"
 

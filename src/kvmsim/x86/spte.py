@@ -92,7 +92,7 @@ class SptTable:
         return idx[(bits & P).astype(bool) & (bits & MMIO == 0) & first]
 
 
-_LEAF_PAGES = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)     # 4 KiB entries per leaf, by level
+LEAF_PAGES = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)     # 4 KiB entries per leaf, by level
 
 
 def tables(slot) -> SptTable:
@@ -133,7 +133,7 @@ def handle_changed_spte(kvm, slot, lo: int, old_bits, old_pfn, old_level, new_bi
     if not rep.any():
         return
     if old_level.max() > 1:                              # a huge leaf is reported at its first entry only
-        size = _LEAF_PAGES[old_level]
+        size = LEAF_PAGES[old_level]
         rep &= ((slot.base_gfn + lo + np.arange(len(old_bits))) % size) == 0
     gone = ((new_bits & P) == 0) | (new_level != old_level) | (new_pfn != old_pfn)
     dirty = rep & is_dirty_spte(old_bits) & (gone | ~is_dirty_spte(new_bits))
@@ -207,7 +207,7 @@ def _leaves_in(slot, lo, old_level, new_level, changed) -> int:
     lvl = np.maximum(old_level, new_level)
     if lvl.max() <= 1:
         return int(np.count_nonzero(changed)) or 1
-    size = _LEAF_PAGES[lvl]
+    size = LEAF_PAGES[lvl]
     rel = np.arange(len(changed))
     return int(np.count_nonzero(changed & (((slot.base_gfn + lo + rel) % size) == 0))) or 1
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
-from kvmsim.x86.spte import ADX, AT, MW, P, SW, W, A, D, MMIO, is_accessed_spte, nbits, spte_write, tables
+from kvmsim.x86.spte import (ADX, AT, MW, P, SW, W, A, D, MMIO, is_accessed_spte, nbits, spte_write,
+                             tables, LEAF_PAGES)
 
 
 def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
@@ -29,7 +30,7 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
 
 def max_mapping_level(kvm, slot, i: int, max_level: int) -> int:
     """:func:`max_mapping_levels` for one gfn, in plain integers (the scalar fault path)."""
-    if max_level <= 1 or (slot.logging and not slot.readonly):
+    if max_level <= 1 or slot.logging:          # kvm_slot_dirty_track_enabled(): read-only slots too
         return 1
     lv = min(kvm.mm.host_mapping_level(slot.userspace_addr + (i << PAGE_SHIFT)), max_level)
     gfn = slot.base_gfn + i
@@ -47,7 +48,7 @@ def max_mapping_level(kvm, slot, i: int, max_level: int) -> int:
 def max_mapping_levels(kvm, slot, lo: int, hi: int, max_level: int, *, logging: bool | None = None) -> np.ndarray:
     """``kvm_mmu_max_mapping_level()`` per gfn: host level, memslot alignment (``lpage_info``
     disallow for misaligned gfn/hva or a huge page crossing the slot), dirty logging, ``max_level``."""
-    logging = slot.logging and not slot.readonly if logging is None else logging
+    logging = slot.logging if logging is None else logging
     if logging or max_level <= 1:
         return np.ones(hi - lo, dtype=np.uint8)
     lv = np.minimum(host_levels(kvm, slot, lo, hi), max_level)
@@ -103,42 +104,58 @@ def age_range(kvm, slot, lo: int, hi: int, *, clear: bool, caller: str = "kvm_td
     return True
 
 
-def wrprot_range(kvm, slot, lo: int, hi: int, min_level: int, caller: str, mask=None) -> bool:
-    """``wrprot_gfn_range()`` / ``kvm_mmu_slot_remove_write_access()``: clear W on leaves >= min_level."""
+def wrprot_range(kvm, slot, lo: int, hi: int, min_level: int, caller: str, mask=None, *,
+                 mmu_writable: bool = False) -> bool:
+    """``wrprot_gfn_range()`` / ``kvm_mmu_slot_remove_write_access()``: clear W on leaves >= min_level;
+    with ``mmu_writable`` also MMU-writable, as ``write_protect_gfn()`` does (then only the slow
+    path can make the SPTE writable again)."""
     t = slot.arch.get("x86")
     if t is None:
         return False
     lo, hi = t.leaf_bounds(slot, lo, hi)
     bits = t.bits[lo:hi]
-    sel = ((bits & (W | SW)) != 0) & (t.level[lo:hi] >= min_level)
+    clear = W | SW | (MW if mmu_writable else 0)
+    sel = ((bits & clear) != 0) & (t.level[lo:hi] >= min_level)
     if mask is not None:
         sel &= mask
     if not sel.any():
         return False
     new = bits.copy()
-    new[sel] &= nbits(W | SW)
+    new[sel] &= nbits(clear)
     spte_write(kvm, slot, lo, hi, new, caller=caller)
     return True
 
 
-def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None) -> bool:
-    """``clear_dirty_gfn_range()`` / ``clear_dirty_pt_masked()``: clear D on 4 KiB leaves (W when A/D
-    bits are disabled); legacy reports each cleared D through ``spte_ad_lost_bulk``."""
+def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wrprot: bool = False,
+                      all_levels: bool = False) -> bool:
+    """``clear_dirty_gfn_range()`` (a whole slot when logging starts: every leaf level, ``all_levels``)
+    and ``clear_dirty_pt_masked()`` (4 KiB leaves under ``mask``): clear D, or W when A/D bits are
+    disabled or without PML (``wrprot``).  v6.12 calls ``kvm_set_pfn_dirty()`` for every SPTE whose
+    bit it cleared (tdp_mmu.c; removed by patch 8 "Mark folio dirty when creating SPTE, not when
+    zapping/modifying"): the policy's ``spte_ad_lost_bulk``."""
     t = slot.arch.get("x86")
     if t is None:
         return False
+    if all_levels:
+        lo, hi = t.leaf_bounds(slot, lo, hi)
     bits = t.bits[lo:hi]
-    sel = ((bits & P) != 0) & (t.level[lo:hi] == 1)
+    lvl = t.level[lo:hi]
+    sel = ((bits & P) != 0) & ((bits & MMIO) == 0)
+    if not all_levels:
+        sel &= lvl == 1
     if mask is not None:
         sel &= mask
-    ad = sel & ((bits & ADX) == 0) & ((bits & D) != 0)
-    nad = sel & ((bits & ADX) != 0) & ((bits & W) != 0)
-    if not (ad.any() or nad.any()):
+    dbit = np.where(((bits & ADX) != 0) | wrprot, W, D).astype(np.uint16)
+    sel &= (bits & dbit) != 0
+    if not sel.any():
         return False
     new = bits.copy()
-    new[ad] &= nbits(D)
-    new[nad] &= nbits(W)
-    spte_write(kvm, slot, lo, hi, new, caller=caller)
+    new[sel] &= ~dbit[sel]
+    spte_write(kvm, slot, lo, hi, new, caller=caller, track=False)
+    if lvl.max() > 1:                                   # one report per leaf: its first entry
+        sel &= ((slot.base_gfn + lo + np.arange(hi - lo)) % LEAF_PAGES[lvl]) == 0
+    n = int(np.count_nonzero(sel))
+    kvm.policy.spte_ad_lost_bulk(kvm, t.pfn[lo:hi][sel], np.ones(n, bool), np.zeros(n, bool), caller)
     return True
 
 
@@ -221,16 +238,20 @@ def _zap_regions(kvm, slot, starts: np.ndarray, n: int, caller: str) -> None:
         kvm.journal.count("spte_zap", nleaves)
 
 
-def zap_collapsible_sptes(kvm, slot) -> int:
+def zap_collapsible_sptes(kvm, slot, *, flush_per_region: bool = True) -> int:
     """``kvm_mmu_zap_collapsible_sptes()`` (v6.12): zap small leaves where a huge page could map;
-    one TLB flush per huge region; the next faults map huge."""
+    the next faults map huge.  The TDP MMU flushes once per huge region; the rmap walk
+    (``kvm_rmap_zap_collapsible_sptes()``, ``flush_per_region=False``) once for the slot."""
     zapped = 0
     for level in (3, 2):
         starts = _collapsible_regions(kvm, slot, level)
         if len(starts):
             _zap_regions(kvm, slot, starts, LEVEL_PAGES[level], "zap_collapsible_spte_range")
-            kvm.flush_remote_tlbs("zap_collapsible_sptes", len(starts))
+            if flush_per_region:
+                kvm.flush_remote_tlbs("zap_collapsible_sptes", len(starts))
             zapped += len(starts)
+    if zapped and not flush_per_region:
+        kvm.flush_remote_tlbs("zap_collapsible_sptes")
     kvm.journal.count("zap_collapsible", zapped)
     return zapped
 

@@ -1,0 +1,97 @@
+"""x86 behaviours re-checked against arch/x86/kvm (x86.c kvm_mmu_slot_apply_flags, tdp_mmu.c
+clear_dirty_gfn_range / clear_dirty_pt_masked / write_protect_gfn, mmu.c kvm_mmu_hugepage_adjust,
+kvm_rmap_zap_collapsible_sptes), v6.12 and v6.13.  Each is a case the model once got wrong."""
+
+import numpy as np
+import pytest
+
+from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
+from kvmsim.kvm.memslot import KVM_MEM
+from kvmsim.x86.spte import D, MW, P, W, tables
+from tests.x86.conftest import LOG, make_vm
+
+NP = 1024                                   # 4 MiB: two 2 MiB regions
+
+
+def _counter(kvm, prefix):
+    return sum(v for k, v in kvm.journal.counters.items() if k.startswith(prefix))
+
+
+def test_enabling_logging_always_flushes():
+    """"Unconditionally flush the TLBs after enabling dirty logging" (nothing mapped, no eager split)."""
+    h, vma, kvm, v = make_vm(eager_split=False)
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
+    assert kvm.journal.counters["tlb_flush:enable_dirty_logging"] == 1
+
+
+def test_read_only_slot_logging_changes_no_spte_but_faults_map_4k():
+    h, vma, kvm, v = make_vm(flags=int(KVM_MEM.READONLY))
+    kvm.arch.populate(v, 0, NP, False)
+    t = tables(kvm.memslots[0].by_id[0])
+    assert (t.level == 2).all()
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, int(KVM_MEM.READONLY) | LOG)
+    assert (t.level == 2).all() and "tlb_flush:enable_dirty_logging" not in kvm.journal.counters
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, int(KVM_MEM.READONLY))
+    kvm.set_user_memory_region(0, 0, 0, vma.start, 0)                     # delete, then map again logged
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, int(KVM_MEM.READONLY) | LOG)
+    kvm.arch.populate(v, 0, 8, False)
+    t = tables(kvm.memslots[0].by_id[0])
+    assert (t.level[:8] == 1).all()                                        # kvm_mmu_hugepage_adjust: 4K
+
+
+@pytest.mark.parametrize("policy", ["legacy", "series"])
+def test_pml_enable_clears_d_on_huge_leaves_too(policy):
+    h, vma, kvm, v = make_vm(policy, eager_split=False)
+    kvm.arch.populate(v, 0, NP, True)
+    dirty0 = _counter(kvm, "set_dirty:")
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
+    t = tables(kvm.memslots[0].by_id[0])
+    assert (t.level == 2).all() and not (t.bits & D).any() and not (t.bits & W).any()
+    assert kvm.journal.counters.get("set_dirty:kvm_mmu_slot_leaf_clear_dirty", 0) == (2 if policy == "legacy" else 0)
+    assert _counter(kvm, "set_dirty:") - dirty0 == (2 if policy == "legacy" else 0)
+
+
+@pytest.mark.parametrize("policy", ["legacy", "series"])
+def test_clear_log_without_pml_dirties_each_reprotected_page_under_legacy(policy):
+    h, vma, kvm, v = make_vm(policy, pml=False)
+    enable_manual_protect(kvm, 1)
+    kvm.arch.populate(v, 0, NP, True)
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)            # split + write-protect
+    for g in range(0, 100):
+        assert v.write(g << 12, g).ok                                      # fast page faults restore W
+    log = kvm_get_dirty_log(kvm, 0)
+    before = kvm.journal.counters.get("set_dirty:clear_dirty_pt_masked", 0)
+    kvm_clear_dirty_log(kvm, 0, 0, NP, log)
+    t = tables(kvm.memslots[0].by_id[0])
+    assert not (t.bits[:100] & W).any() and (t.bits[:100] & MW).all()
+    got = kvm.journal.counters.get("set_dirty:clear_dirty_pt_masked", 0) - before
+    assert got == (100 if policy == "legacy" else 0)
+
+
+def test_initially_set_write_protect_clears_mmu_writable():
+    """write_protect_gfn(): without eager split the first CLEAR leaves a huge leaf that only the slow
+    path can make writable again."""
+    h, vma, kvm, v = make_vm(eager_split=False)
+    enable_manual_protect(kvm, 3)
+    kvm.arch.populate(v, 0, NP, True)
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
+    kvm_clear_dirty_log(kvm, 0, 0, 64)                                     # one word of the first 2M region
+    t = tables(kvm.memslots[0].by_id[0])
+    assert t.level[0] == 2 and not t.bits[0] & (W | MW) and t.bits[0] & P
+    assert t.bits[600] & W                                                 # the other region untouched
+
+
+def test_shadow_mmu_has_no_eager_split_and_flushes_once_per_slot():
+    h, vma, kvm, v = make_vm(mmu="shadow", v613_other=True, size=8 << 20)
+    kvm.arch.populate(v, 0, 2048, True)
+    kvm.set_user_memory_region(0, 0, 8 << 20, vma.start, LOG)
+    t = tables(kvm.memslots[0].by_id[0])
+    assert (t.level == 2).all()                                             # kvm_mmu_slot_try_split: TDP only
+    for g in range(0, 2048, 512):
+        assert v.write((g + 3) << 12, 1).ok                                 # logging: 4K mappings appear
+    assert (t.level[[3, 515, 1027, 1539]] == 1).all()
+    flushes = kvm.journal.counters.get("tlb_flush:zap_collapsible_sptes", 0)
+    kvm.set_user_memory_region(0, 0, 8 << 20, vma.start, 0)
+    assert kvm.journal.counters.get("recover", 0) == 0                      # the rmap path still zaps
+    assert kvm.journal.counters["tlb_flush:zap_collapsible_sptes"] - flushes == 1
+    assert kvm.journal.counters["zap_collapsible"] == 4

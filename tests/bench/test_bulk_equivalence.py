@@ -53,9 +53,9 @@ def _scalar_clear(kvm, slot_id, first, num, log):
     kvm.flush_remote_tlbs("clear_dirty_log")
 
 
-def run(policy, backing, seq, bulk, manual, v613_other=False):
+def run(policy, backing, seq, bulk, manual, v613_other=False, ad_enabled=True):
     host = Host(recording=False)
-    kvm = Kvm(host, policy=policy, arch="x86", v613_other=v613_other)
+    kvm = Kvm(host, policy=policy, arch="x86", v613_other=v613_other, ad_enabled=ad_enabled)
     if manual:
         enable_manual_protect(kvm, 3)
     (ts,) = create_test_slots(kvm, NPAGES << 12, backing, 1)
@@ -126,15 +126,15 @@ def assert_same(a, b):
 @settings(max_examples=150, deadline=None)
 @given(policy=st.sampled_from(["legacy", "series"]), backing=st.sampled_from(SMALL_BACKINGS),
        manual=st.booleans(), v613=st.booleans(), seq=st.lists(op, min_size=1, max_size=8),
-       small_pieces=st.booleans())
-def test_bulk_and_scalar_agree_on_random_workloads(policy, backing, manual, v613, seq, small_pieces):
+       small_pieces=st.booleans(), ad=st.sampled_from([True, True, False]))
+def test_bulk_and_scalar_agree_on_random_workloads(policy, backing, manual, v613, seq, small_pieces, ad):
     seq = [("pass", 0, NPAGES, 100)] + seq if seq[0][0] != "pass" else seq
-    scalar = run(policy, backing, seq, False, manual, v613)
+    scalar = run(policy, backing, seq, False, manual, v613, ad)
     # small_pieces: the CLEAR walk and the arch's 1 GiB pieces cut the 8 MiB slot many times (pieces
     # stay multiples of 2 MiB, so no leaf of these backings crosses one)
     with mock.patch.object(kvm_dirty, "CLEAR_CHUNK", 128 if small_pieces else kvm_dirty.CLEAR_CHUNK), \
             mock.patch.object(x86_dirty_log, "PIECE", 1024 if small_pieces else x86_dirty_log.PIECE):
-        bulk = run(policy, backing, seq, True, manual, v613)
+        bulk = run(policy, backing, seq, True, manual, v613, ad)
     assert_same(scalar, bulk)
 
 

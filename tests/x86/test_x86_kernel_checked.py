@@ -7,6 +7,7 @@ import pytest
 
 from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
 from kvmsim.kvm.memslot import KVM_MEM
+from kvmsim.mm.vma import VmaKind
 from kvmsim.x86.spte import D, MW, P, W, tables
 from tests.x86.conftest import LOG, make_vm
 
@@ -95,3 +96,65 @@ def test_shadow_mmu_has_no_eager_split_and_flushes_once_per_slot():
     assert kvm.journal.counters.get("recover", 0) == 0                      # the rmap path still zaps
     assert kvm.journal.counters["tlb_flush:zap_collapsible_sptes"] - flushes == 1
     assert kvm.journal.counters["zap_collapsible"] == 4
+
+
+def test_tdp_fault_splits_a_huge_leaf_in_the_way_without_a_flush():
+    """kvm_tdp_mmu_map() → tdp_mmu_split_huge_page(): the siblings stay mapped, no TLB flush."""
+    h, vma, kvm, v = make_vm(eager_split=False)
+    kvm.arch.populate(v, 0, NP, True)
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)            # huge leaves write-protected
+    t = tables(kvm.memslots[0].by_id[0])
+    flushes, faults = kvm.journal.counters["tlb_flush"], kvm.journal.counters["page_fault"]
+    assert v.write(5 << 12, 1).ok                                          # a 4K write in logged memory
+    assert kvm.journal.counters["tlb_flush"] == flushes
+    assert (t.level[:512] == 1).all() and (t.bits[:512] & P).all()
+    assert t.bits[5] & W and not (t.bits[[4, 6]] & W).any()
+    for g in (4, 6, 300):
+        assert v.read(g << 12).ok                                          # siblings: no new fault
+    assert kvm.journal.counters["page_fault"] == faults + 1
+
+
+def test_shadow_fault_still_drops_the_huge_leaf():
+    h, vma, kvm, v = make_vm(mmu="shadow")
+    kvm.arch.populate(v, 0, NP, True)
+    kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
+    t = tables(kvm.memslots[0].by_id[0])
+    assert v.write(5 << 12, 1).ok
+    assert not (t.bits[[4, 6]] & P).any()                                  # drop_large_spte()
+
+
+def test_access_tracking_restores_w_only_on_a_write():
+    """SHADOW_ACC_TRACK_SAVED_BITS_MASK holds R/X: a read after aging gets a read-only SPTE."""
+    h, vma, kvm, v = make_vm(ad_enabled=False, size=NP << 12, kind=VmaKind.ANON, page_size=4096)
+    kvm.arch.populate(v, 0, 4, True)
+    t = tables(kvm.memslots[0].by_id[0])
+    assert (t.bits[:4] & W).all()
+    kvm.notifier.clear_flush_young(vma.start, vma.start + 4 * 4096)
+    assert not (t.bits[:4] & W).any()
+    assert v.read(0).ok and not t.bits[0] & W                              # read: R/X back, not W
+    assert v.write(1 << 12, 3).ok and t.bits[1] & W                        # write: W from MMU-writable
+
+
+def test_shadow_prefetch_skips_while_an_invalidation_is_in_progress():
+    h, vma, kvm, v = make_vm(mmu="shadow", size=64 << 12, kind=VmaKind.ANON, page_size=4096)
+    for g in range(16):
+        h.mm.host_access(vma.start + (g << 12), True, g)
+    kvm.mmu_invalidate_in_progress = 1                                     # a range elsewhere is invalidating
+    kvm.mmu_invalidate_range_start, kvm.mmu_invalidate_range_end = 1000, 1001
+    assert v.read(0).ok
+    assert kvm.journal.counters.get("prefetch", 0) == 0
+    kvm.mmu_invalidate_in_progress = 0
+    assert v.read(8 << 12).ok and kvm.journal.counters["prefetch"] == 7
+
+
+@pytest.mark.parametrize("zap_all,other_left", [(True, 0), (False, 4)])
+def test_deleting_a_slot_zaps_every_slot_under_the_default_quirk(zap_all, other_left):
+    h, vma, kvm, v = make_vm(size=4 << 12, kind=VmaKind.ANON, page_size=4096, slot_zap_all=zap_all)
+    other = h.mm.mmap(4 << 12, VmaKind.ANON)
+    kvm.set_user_memory_region(1, 1 << 30, 4 << 12, other.start, 0)
+    kvm.arch.populate(v, 0, 4, True)
+    kvm.arch.populate(v, 1 << 30, 4, True)
+    keep = kvm.memslots[0].by_id[1]
+    kvm.set_user_memory_region(0, 0, 0, vma.start, 0)                     # delete slot 0
+    assert int(np.count_nonzero(tables(keep).bits & P)) == other_left
+    assert ("tlb_flush:flush_shadow_memslot" in kvm.journal.counters) == (not zap_all)

@@ -152,8 +152,13 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
         span = _span(todo)
         b = _take(t.bits, todo, span)
         lvl = _take(t.level, todo, span)
-        fix = ((b & P) != 0) & ((b & MMIO) == 0) & (
-            ((b & AT) != 0) | (write & ((b & W) == 0) & ((b & MW) != 0) & ((lvl == 1) | (not slot.logging))))
+        # fast_page_fault() can fix: a read of an access-tracked SPTE; a write where the SPTE is
+        # MMU-writable (and not a huge leaf of a dirty-logged slot), access-tracked or write-protected
+        if write:
+            fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
+        else:
+            fixable = (b & AT) != 0
+        fix = ((b & P) != 0) & ((b & MMIO) == 0) & fixable
         if fix.any():
             _fast_faults(mmu, vcpu, slot, t, todo[fix], write)
             continue
@@ -212,7 +217,7 @@ def _fast_faults(mmu, vcpu, slot, t, idx, write: bool) -> None:
         lo, hi = int(s.min()), int(s.max()) + 1
         new = t.bits[lo:hi].copy()
         b = new[s - lo].astype(np.int64)
-        nb = np.where(b & AT, (b & ~(AT | SW)) | np.where(b & SW, W, 0), b)
+        nb = np.where(b & AT, b & ~(AT | SW), b)                 # restore R/X; W only on a write
         if write:
             nb |= W | np.where(nb & ADX, 0, D)
         nb |= np.where(nb & ADX, 0, A)

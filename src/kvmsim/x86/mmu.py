@@ -43,11 +43,12 @@ class X86Mmu:
     zap_caller = "tdp_mmu_zap_leafs"
 
     def __init__(self, kvm, *, mmu: str = "tdp", pml: bool = True, ad_enabled: bool = True,
-                 eager_split: bool = True, **opts):
+                 eager_split: bool = True, slot_zap_all: bool = True, **opts):
         self.kvm = kvm
         self.pml = pml
         self.ad_enabled = ad_enabled
         self.eager_split = eager_split
+        self.slot_zap_all = slot_zap_all              # KVM_X86_QUIRK_SLOT_ZAP_ALL (default on)
         self.mmio_sptes: dict[int, int] = {}          # gfn → memslot generation of a cached MMIO SPTE
 
     # ---- locking ---------------------------------------------------------------------------------
@@ -117,8 +118,8 @@ class X86Mmu:
             self.kvm.journal.count("spurious")
             return RET_PF.SPURIOUS
         new = b
-        if b & AT:                                           # restore_acc_track_spte()
-            new = (new & ~(AT | SW)) | (W if b & SW else 0)
+        if b & AT:                                           # restore_acc_track_spte(): R/X only
+            new &= ~(AT | SW)
         if write and not new & W:
             if not new & MW or (lvl > 1 and slot.logging):
                 return None
@@ -145,6 +146,12 @@ class X86Mmu:
         hi = lo + n
         base_pfn = pfn - (i - lo)
         b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
+        if self.tdp_mmu_enabled and b & P and not b & MMIO and old_level > level:
+            # kvm_tdp_mmu_map(): a huge leaf above the goal level is split (tdp_mmu_split_huge_page(),
+            # no TLB flush; the other children stay mapped), where the shadow MMU drops it
+            hl, hh = t.leaf_bounds(slot, i, i + 1)
+            tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
+            b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
         if b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
                 not b & AT and (not write or b & W):
             kvm.journal.count("spurious")
@@ -232,9 +239,20 @@ class X86Mmu:
         return not self.kvm.v613_other
 
     def flush_shadow_memslot(self, slot) -> None:
-        """``kvm_arch_flush_shadow_memslot()``: zap the slot (delete/move), one flush."""
-        if tdp_mmu.zap_range(self.kvm, slot, 0, slot.npages, "kvm_mmu_zap_memslot"):
-            self.kvm.flush_remote_tlbs("flush_shadow_memslot")
+        """``kvm_arch_flush_shadow_memslot()`` (delete/move).  With KVM_X86_QUIRK_SLOT_ZAP_ALL (on by
+        default, v6.12/v6.13) ``kvm_mmu_zap_all_fast()``: every slot's SPTEs go with the obsolete
+        roots, and the vCPUs reload their roots instead of a remote flush.  Without the quirk
+        ``kvm_mmu_zap_memslot_leafs()``: this slot only, one flush."""
+        kvm = self.kvm
+        if self.slot_zap_all:
+            every = [s for slots in kvm.memslots for s in slots]
+            if not any(s is slot for s in every):           # already unlinked from the memslots
+                every.append(slot)
+            for s in every:
+                tdp_mmu.zap_range(kvm, s, 0, s.npages, "kvm_mmu_zap_all_fast")
+            kvm.journal.count("mmu_zap_all_fast")
+        elif tdp_mmu.zap_range(kvm, slot, 0, slot.npages, "kvm_mmu_zap_memslot"):
+            kvm.flush_remote_tlbs("flush_shadow_memslot")
         self.mmio_sptes.clear()
 
     def flush_shadow_all(self) -> None:

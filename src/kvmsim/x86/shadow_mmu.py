@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvmsim.kvm.pfn import Hold, KvmFollowPfn, kvm_prefetch_pages
+from kvmsim.kvm.stage2 import RET_PF
 from kvmsim.x86.mmu import X86Mmu
 from kvmsim.x86.spte import P, tables
 
@@ -34,15 +35,18 @@ class ShadowMmu(X86Mmu):
 
     def _map(self, vcpu, slot, gfn, pfn, kfp, write, *, prefetch=False):
         r = super()._map(vcpu, slot, gfn, pfn, kfp, write, prefetch=prefetch)
-        if not prefetch and int(tables(slot).level[gfn - slot.base_gfn]) == 1:
+        # direct_map(): "if (ret == RET_PF_SPURIOUS) return ret;" before direct_pte_prefetch()
+        if not prefetch and r != RET_PF.SPURIOUS and int(tables(slot).level[gfn - slot.base_gfn]) == 1:
             self.direct_pte_prefetch(vcpu, slot, gfn)
         return r
 
     def direct_pte_prefetch(self, vcpu, slot, gfn: int) -> int:
-        """``direct_pte_prefetch()``: the 8-aligned group around ``gfn``, runs of non-present SPTEs,
-        not for dirty-logged slots (``gfn_to_memslot_dirty_bitmap()`` returns NULL)."""
+        """``direct_pte_prefetch()``: the 8-aligned group around ``gfn``, runs of non-present SPTEs;
+        never with A/D bits disabled (``sp_ad_disabled()``), while an mmu_notifier invalidation is
+        in progress ("If addresses are being invalidated, skip prefetching"), or for dirty-logged
+        slots (``gfn_to_memslot_dirty_bitmap()`` returns NULL)."""
         kvm = self.kvm
-        if slot.logging:
+        if slot.logging or not self.ad_enabled or kvm.mmu_invalidate_in_progress:
             return 0
         t = tables(slot)
         start = gfn // PTE_PREFETCH_NUM * PTE_PREFETCH_NUM

@@ -221,8 +221,8 @@ def make_spte_bits(*, host_writable: bool, writable: bool, prefetch: bool, ad_di
         bits |= MW                                   # write-protected for dirty logging: fast-fault fixable
     if ad_disabled:
         bits |= ADX
-        if prefetch:                                 # mark_spte_for_access_track()
-            bits = (bits | AT | (SW if bits & W else 0)) & ~W
+        if prefetch:                                 # mark_spte_for_access_track(): R/X saved, never W
+            bits = (bits | AT) & ~W
     elif not prefetch:
         bits |= A
     return bits

@@ -99,7 +99,9 @@ def age_range(kvm, slot, lo: int, hi: int, *, clear: bool, caller: str = "kvm_td
         if len(wr):
             kvm.policy.spte_ad_lost_bulk(kvm, t.pfn[wr], np.ones(len(wr), bool), np.zeros(len(wr), bool), caller)
         sel = new[nad]
-        new[nad] = (sel | AT | np.where(sel & W, SW, 0).astype(np.uint16)) & nbits(W)
+        # mark_spte_for_access_track(): "We do not save the W bit ... the W bit will be restored
+        # only when a write is attempted to the page" (spte.h, SHADOW_ACC_TRACK_SAVED_BITS_MASK)
+        new[nad] = (sel | AT) & nbits(W)
     spte_write(kvm, slot, lo, hi, new, caller=caller, track=False)
     return True
 
@@ -159,19 +161,20 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
     return True
 
 
-def split_range(kvm, slot, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_page") -> int:
-    """``kvm_tdp_mmu_try_split_huge_pages()`` to 4 KiB: children inherit the huge SPTE's bits and
-    consecutive pfns; legacy reports the old huge leaf's A/D once (its SPTE became a page table)."""
+def split_range(kvm, slot, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_page", to_level: int = 1) -> int:
+    """``kvm_tdp_mmu_try_split_huge_pages()`` (to 4 KiB) or the fault path's ``tdp_mmu_split_huge_page()``
+    (to ``to_level``): children inherit the huge SPTE's bits and consecutive pfns, no TLB flush;
+    legacy reports the old huge leaf's A/D once (its SPTE became a page table)."""
     t = slot.arch.get("x86")
     if t is None:
         return 0
     lo, hi = t.leaf_bounds(slot, lo, hi)
     reps = t.representatives(slot, lo, hi)
-    nhuge = int(np.count_nonzero(t.level[reps] > 1))
+    nhuge = int(np.count_nonzero(t.level[reps] > to_level))
     if not nhuge:
         return 0
     lvl = t.level[lo:hi]
-    new = np.where(lvl > 1, 1, lvl).astype(np.uint8)
+    new = np.where(lvl > to_level, to_level, lvl).astype(np.uint8)
     spte_write(kvm, slot, lo, hi, t.bits[lo:hi].copy(), None, new, caller=caller)
     kvm.journal.count("split", nhuge)
     return nhuge

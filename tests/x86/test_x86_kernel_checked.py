@@ -158,3 +158,14 @@ def test_deleting_a_slot_zaps_every_slot_under_the_default_quirk(zap_all, other_
     kvm.set_user_memory_region(0, 0, 0, vma.start, 0)                     # delete slot 0
     assert int(np.count_nonzero(tables(keep).bits & P)) == other_left
     assert ("tlb_flush:flush_shadow_memslot" in kvm.journal.counters) == (not zap_all)
+
+
+def test_shadow_prefetch_run_past_the_slot_end_prefetches_nothing():
+    """kvm_prefetch_pages(): "if (entry < nr_pages) return 0;" for a run that leaves the slot."""
+    h, vma, kvm, v = make_vm(mmu="shadow", size=6 << 12, kind=VmaKind.ANON, page_size=4096)
+    for g in range(6):
+        h.mm.host_access(vma.start + (g << 12), True, g)
+    assert v.read(0).ok                                                    # group 0..7: run 1..7 leaves the slot
+    assert kvm.journal.counters.get("prefetch", 0) == 0
+    assert v.read(5 << 12).ok                                              # run 1..4 inside: prefetched
+    assert kvm.journal.counters["prefetch"] == 4

@@ -351,12 +351,13 @@ def kvm_release_gfn_page(kvm, page: int, dirty: bool = False) -> None:
 
 
 def kvm_prefetch_pages(kvm, slot, gfn: int, npages: int) -> list[int]:
-    """``kvm_prefetch_pages()`` (legacy ``gfn_to_page_many_atomic``): GUP-fast-only, writable, N pages."""
+    """``kvm_prefetch_pages()`` (legacy ``gfn_to_page_many_atomic``): GUP-fast-only, writable, N pages;
+    nothing when the run leaves the slot (``if (entry < nr_pages) return 0;``)."""
     out = []
     hva = gfn_to_hva_memslot_prot(slot, gfn, True)
-    if hva < 0:
+    if hva < 0 or not slot.base_gfn <= gfn or gfn + npages > slot.base_gfn + slot.npages:
         return out
-    for k in range(min(npages, slot.base_gfn + slot.npages - gfn)):
+    for k in range(npages):
         pfn = get_user_page_fast_only(kvm.mm, hva + (k << 12), FOLL.WRITE, caller="kvm_prefetch_pages")
         if pfn is None:
             break

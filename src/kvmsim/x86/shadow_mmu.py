@@ -41,34 +41,50 @@ class ShadowMmu(X86Mmu):
         return r
 
     def direct_pte_prefetch(self, vcpu, slot, gfn: int) -> int:
-        """``direct_pte_prefetch()``: the 8-aligned group around ``gfn``, runs of non-present SPTEs;
-        never with A/D bits disabled (``sp_ad_disabled()``), while an mmu_notifier invalidation is
-        in progress ("If addresses are being invalidated, skip prefetching"), or for dirty-logged
-        slots (``gfn_to_memslot_dirty_bitmap()`` returns NULL)."""
+        """``direct_pte_prefetch()``: runs of non-present SPTEs in the 8-aligned group around ``gfn``,
+        each through ``direct_pte_prefetch_many()``, stopping at the first run that fails.  Never with
+        A/D bits disabled (``sp_ad_disabled()``), while an mmu_notifier invalidation is in progress
+        ("If addresses are being invalidated, skip prefetching"), or for a dirty-logged slot
+        (``gfn_to_memslot_dirty_bitmap()`` returns NULL)."""
         kvm = self.kvm
-        if slot.logging or not self.ad_enabled or kvm.mmu_invalidate_in_progress:
+        if not self.ad_enabled or kvm.mmu_invalidate_in_progress:
             return 0
-        t = tables(slot)
         start = gfn // PTE_PREFETCH_NUM * PTE_PREFETCH_NUM
         done = 0
-        g = max(start, slot.base_gfn)
-        end = min(start + PTE_PREFETCH_NUM, slot.base_gfn + slot.npages)
-        while g < end:
-            if g == gfn or int(t.bits[g - slot.base_gfn]) & P:
-                g += 1
+        run = None
+        for g in range(start, start + PTE_PREFETCH_NUM + 1):
+            s = kvm.gfn_to_memslot(g) if g < start + PTE_PREFETCH_NUM else None
+            mapped = g == start + PTE_PREFETCH_NUM or g == gfn or \
+                (s is not None and "x86" in s.arch and int(tables(s).bits[g - s.base_gfn]) & P)
+            if not mapped:
+                run = g if run is None else run
                 continue
-            run = g
-            while run < end and run != gfn and not int(t.bits[run - slot.base_gfn]) & P:
-                run += 1
-            pfns = kvm_prefetch_pages(kvm, slot, g, run - g)
-            for k, pfn in enumerate(pfns):
-                kfp = KvmFollowPfn(slot, g + k, map_writable=True, hold=Hold.GET, held=pfn)
-                if not int(t.bits[g + k - slot.base_gfn]) & P:
-                    super()._map(vcpu, slot, g + k, pfn, kfp, False, prefetch=True)
-                    done += 1
-                kvm.policy.release_prefetched(kvm, pfn, "direct_pte_prefetch_many")
-            g = run
+            if run is not None:
+                n = self._prefetch_many(vcpu, run, g - run)
+                if n < 0:
+                    break
+                done += n
+                run = None
         kvm.journal.count("prefetch", done)
+        return done
+
+    def _prefetch_many(self, vcpu, gfn: int, n: int) -> int:
+        """``direct_pte_prefetch_many()``: -1 without a (non-logged) slot or when nothing resolves."""
+        kvm = self.kvm
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is None or slot.invalid or slot.logging:
+            return -1
+        pfns = kvm_prefetch_pages(kvm, slot, gfn, n)
+        if not pfns:
+            return -1
+        t = tables(slot)
+        done = 0
+        for k, pfn in enumerate(pfns):
+            kfp = KvmFollowPfn(slot, gfn + k, map_writable=True, hold=Hold.GET, held=pfn)
+            if not int(t.bits[gfn + k - slot.base_gfn]) & P:
+                X86Mmu._map(self, vcpu, slot, gfn + k, pfn, kfp, False, prefetch=True)
+                done += 1
+            kvm.policy.release_prefetched(kvm, pfn, "direct_pte_prefetch_many")
         return done
 
 

@@ -33,7 +33,8 @@ is lost" (INV-4 under legacy)::
 
 ``mark-dirty-after-unlock``: the v6.12 arm64/RISC-V/MIPS order, ``kvm_set_pfn_dirty()`` after
 ``read_unlock(&kvm->mmu_lock)`` (INV-3; the series moved it under the lock,
-``kvm_release_faultin_page``).  It only changes a policy that releases after unlocking::
+``kvm_release_faultin_page``).  It only changes a policy that releases after unlocking, on the generic
+stage-2; ``arch="arm64"`` (:mod:`kvmsim.arm64`) has this order under legacy without it::
 
     CPU0 (vCPU fault, holds a ref on folio F) | CPU1 (truncate / hole punch)
     install SPTE → F; write_unlock(mmu_lock)  |

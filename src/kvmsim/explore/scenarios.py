@@ -2,8 +2,10 @@
 
 Every scenario runs with one 4 KiB memslot at gpa 0 and one vCPU, on the generic stage-2
 (:class:`kvmsim.kvm.stage2.GenericStage2`, the default) or, for the scenarios that list it in
-``arches``, on the x86 TDP MMU (:class:`kvmsim.x86.mmu.X86Mmu`): ``SCENARIOS[name].on("x86")``.  Threads are kernel paths (``@kpath`` generators):
-the vCPU's ``page_fault``, the host's ``munmap``/``mprotect``/``writeback_folio``, a truncate,
+``arches``, on the x86 TDP MMU (:class:`kvmsim.x86.mmu.X86Mmu`): ``SCENARIOS[name].on("x86")``, or on
+arm64's ``user_mem_abort()`` (:class:`kvmsim.arm64.mmu.Arm64Mmu`), whose v6.12 order dirties the folio
+after ``read_unlock()`` without any mutation: ``fault-vs-truncate`` finds INV-3 there under legacy.
+Threads are kernel paths (``@kpath`` generators): the vCPU's ``page_fault``, the host's ``munmap``/``mprotect``/``writeback_folio``, a truncate,
 a pfncache refresh, or a guest write through the SPTE (:func:`guest_write`).  ``watch`` picks the
 violations the scenario is about: legacy breaks some invariants on *every* schedule (e.g. INV-3,
 accessed marked after unlock), which would otherwise drown the race being explored.
@@ -44,7 +46,7 @@ class Scenario:
     setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
-    arches: tuple[str, ...] = ("generic", "x86")
+    arches: tuple[str, ...] = ("generic", "x86", "arm64")
     arch: str = "generic"
 
     def build(self, policy: str, mutations) -> World:

@@ -1,7 +1,8 @@
 """The seam between generic KVM and an architecture's stage-2 MMU (the ``kvm_arch_*`` MMU hooks).
 
 Generic code (memslots, the mmu_notifier, dirty logging, vCPU accesses) calls only these methods;
-:mod:`kvmsim.kvm.stage2` is a minimal 4 KiB implementation, :mod:`kvmsim.x86` the full x86 MMU.
+:mod:`kvmsim.kvm.stage2` is a minimal 4 KiB implementation, :mod:`kvmsim.x86` the full x86 MMU,
+:mod:`kvmsim.arm64` arm64's ``user_mem_abort()`` on 4 KiB leaves.
 """
 
 from __future__ import annotations
@@ -51,7 +52,10 @@ def make_arch(kvm, name: str, **opts) -> ArchMmu:
         if make_x86_mmu is not None:
             return make_x86_mmu(kvm, **opts)
         name = "generic"
+    if name == "arm64":
+        from kvmsim.arm64 import Arm64Mmu
+        return Arm64Mmu(kvm, **opts)
     if name == "generic":
         from kvmsim.kvm.stage2 import GenericStage2
         return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, generic)")
+    raise UsageError(f"unknown architecture {name!r} (x86, arm64, generic)")

@@ -7,8 +7,8 @@ policy's ``spte_ad_lost`` hook (legacy pushes them to the pfn, the series does n
 
 Its legacy fault release is x86's v6.12 one (``kvm_release_pfn_clean()`` after unlocking, no dirty
 mark).  arm64's v6.12 ``user_mem_abort()`` also called ``kvm_set_pfn_dirty()`` after
-``read_unlock()`` for a writable fault; that order is the explorer's ``mark-dirty-after-unlock``
-mutation rather than the default, so the default legacy run is not flagged (INV-3) on every fault.
+``read_unlock()`` for a writable fault; that order is :mod:`kvmsim.arm64` (``arch="arm64"``), and on
+this MMU the explorer's ``mark-dirty-after-unlock`` mutation.
 """
 
 from __future__ import annotations
@@ -212,15 +212,18 @@ class GenericStage2:
         return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
 
     # ---- zapping, aging, dirty logging ---------------------------------------------------------------
+    def _leaf_zapped(self, pfn: int, bits: int, caller: str, gfn: int) -> None:
+        """A/D bits of a zapped leaf go through the policy's ``spte_ad_lost`` hook (x86's v6.12 habit)."""
+        self.kvm.policy.spte_ad_lost(self.kvm, pfn, dirty=bool(bits & _D), accessed=bool(bits & _A),
+                                     caller=caller, gfn=gfn)
+
     def _zap(self, slot, lo: int, hi: int, reason: str) -> bool:
         if "s2" not in slot.arch:
             return False
         pfns, bits = self._tables(slot)
         present = np.nonzero(bits[lo:hi] & _P)[0] + lo
         for i in present:
-            b = int(bits[i])
-            self.kvm.policy.spte_ad_lost(self.kvm, int(pfns[i]), dirty=bool(b & _D), accessed=bool(b & _A),
-                                         caller="kvm_unmap_gfn_range", gfn=slot.base_gfn + int(i))
+            self._leaf_zapped(int(pfns[i]), int(bits[i]), "kvm_unmap_gfn_range", slot.base_gfn + int(i))
         pfns[lo:hi] = -1
         bits[lo:hi] = 0
         self.kvm.journal.count("spte_zap", len(present))
@@ -238,8 +241,7 @@ class GenericStage2:
             old = int(bits[i])                                   # xchg: reads what it clears
         pfns[i], bits[i] = -1, 0
         if old & _P:
-            self.kvm.policy.spte_ad_lost(self.kvm, old_pfn, dirty=bool(old & _D), accessed=bool(old & _A),
-                                         caller="kvm_zap_gfn_range", gfn=gfn)
+            self._leaf_zapped(old_pfn, old, "kvm_zap_gfn_range", gfn)
         yield "kvm_zap_gfn_range: SPTE cleared"
         return bool(old & _P)
 

@@ -55,7 +55,9 @@ class LegacyPolicy:
     def release_faultin(self, kvm, pfn, kfp, *, unused, dirty, caller, gfn=None):
         """``kvm_release_pfn_clean(pfn)`` after unlock for every outcome, RETRY included (patch 48
         "KVM: Don't mark unused pages as accessed" changed that); never dirty (x86 captured D from
-        SPTEs at zap time until patch 8)."""
+        SPTEs at zap time until patch 8; arm64 called ``kvm_set_pfn_dirty()`` itself just before, also
+        after unlocking, until patch 55 "KVM: arm64: Mark "struct page" pfns accessed/dirty before
+        dropping mmu_lock")."""
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused, gfn=gfn)
 
     def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
@@ -92,7 +94,9 @@ class LegacyPolicy:
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """x86 pushed A/D from SPTE bits to the pfn when zapping/modifying/aging (removed by patch 8
         "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and patch 82
-        "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs")."""
+        "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs"); arm64's
+        ``handle_access_fault()`` marked the young PTE's pfn accessed after unlocking (removed by patch 83
+        "KVM: arm64: Don't mark "struct page" accessed when making SPTE young")."""
         for _ in range(n):
             if dirty:
                 kvm_set_pfn_dirty(kvm, pfn, caller, source=Src.SPTE, gfn=gfn)

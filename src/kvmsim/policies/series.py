@@ -37,8 +37,8 @@ class SeriesPolicy:
         return True, Hold.NONE
 
     def release_faultin(self, kvm, pfn, kfp, *, unused, dirty, caller, gfn=None):
-        """``kvm_release_faultin_page()`` (patches 40, 41, 47, 48, 49): unused → put only; dirty iff
-        map_writable ("KVM: x86/mmu: Mark page/folio accessed only when zapping leaf SPTEs" and
+        """``kvm_release_faultin_page()`` (patches 40, 41, 47, 48, 49; arm64 56 "KVM: arm64: Use
+        __kvm_faultin_pfn() to handle memory aborts"): unused → put only; dirty iff map_writable ("KVM: x86/mmu: Mark page/folio accessed only when zapping leaf SPTEs" and
         "Mark folio dirty when creating SPTE, not when zapping/modifying")."""
         page = kfp.refcounted_page if kfp is not None else None
         hold = kfp.hold if kfp is not None else Hold.NONE
@@ -89,7 +89,8 @@ class SeriesPolicy:
         return True
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
-        """Patches 8 and 82: no struct page is touched from a stage-2 PTE's pfn."""
+        """Patches 8 and 82 (x86) and 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE
+        young": no struct page is touched from a stage-2 PTE's pfn."""
         return None
 
     def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller):

@@ -5,8 +5,9 @@ Every scenario runs with one 4 KiB memslot at gpa 0 and one vCPU, on the generic
 ``arches``, on the x86 TDP MMU (:class:`kvmsim.x86.mmu.X86Mmu`): ``SCENARIOS[name].on("x86")``, or on
 arm64's ``user_mem_abort()`` (:class:`kvmsim.arm64.mmu.Arm64Mmu`), whose v6.12 order dirties the folio
 after ``read_unlock()`` without any mutation: ``fault-vs-truncate`` finds INV-3 there under legacy.
-Threads are kernel paths (``@kpath`` generators): the vCPU's ``page_fault``, the host's ``munmap``/``mprotect``/``writeback_folio``, a truncate,
-a pfncache refresh, or a guest write through the SPTE (:func:`guest_write`).  ``watch`` picks the
+Threads are kernel paths (``@kpath`` generators): the vCPU's ``page_fault``, the host's
+``munmap``/``mprotect``/``writeback_folio``, a truncate, a pfncache refresh, or a guest write through
+the SPTE (:func:`guest_write`).  ``watch`` picks the
 violations the scenario is about: legacy breaks some invariants on *every* schedule (e.g. INV-3,
 accessed marked after unlock), which would otherwise drown the race being explored.
 """

@@ -109,3 +109,21 @@ def test_series_release_asserts_mmu_lock_even_without_a_page():
     assert kvm.journal.counters["lockdep_warnings"] == 1
     kvm.policy.release_faultin(kvm, 0x1234, kfp, unused=True, dirty=False, caller="t")
     assert kvm.journal.counters["lockdep_warnings"] == 1
+
+
+def test_truncating_a_dirty_folio_is_not_a_warning_but_dirtying_it_during_truncation_is():
+    """truncate_cleanup_folio() cancels dirty; filemap_unaccount_folio() WARNs only if it is dirty again."""
+    from kvmsim.mm.reclaim import remove_from_cache, truncate_cleanup_folios
+    host, kvm = make_vm("series")
+    vma = host.mm.mmap(2 * 4096, VmaKind.FILE)
+    host.mm.host_access(vma.start, True, 1)
+    host.mm.host_access(vma.start + 4096, True, 2)
+    asp = vma.mapping
+    assert host.phys.folio_test_dirty(int(asp.pages[0]))
+    remove_from_cache(host.mm, asp, 0, 1)
+    assert not [f for f in host.journal.facts if f.kind == "dirty_at_truncate"]
+    pfn = int(asp.pages[1])
+    truncate_cleanup_folios(host.mm, asp, 1, 2)
+    host.phys.SetPageDirty(pfn, "racing kvm_set_pfn_dirty", kvm=True)
+    remove_from_cache(host.mm, asp, 1, 2, notify=False, cleanup=False)
+    assert [f.pfn for f in host.journal.facts if f.kind == "dirty_at_truncate"] == [host.phys.folio(pfn)]

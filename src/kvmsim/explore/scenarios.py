@@ -22,7 +22,7 @@ from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
 from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
-from kvmsim.mm.reclaim import reclaim, remove_from_cache, writeback_folio
+from kvmsim.mm.reclaim import reclaim, remove_from_cache, truncate_cleanup_folios, writeback_folio
 from kvmsim.mm.vma import VmaKind
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SIZE
@@ -113,7 +113,9 @@ def truncate_page(mm, vma, index: int) -> Steps:
     vma.pte_pfn[index - vma.pgoff] = -1
     vma.pte[index - vma.pgoff] = 0
     yield "unmap_mapping_range: PTE zapped"
-    remove_from_cache(mm, vma.mapping, index, index + 1, notify=False)
+    truncate_cleanup_folios(mm, vma.mapping, index, index + 1)
+    yield "truncate_cleanup_folio: dirty cancelled"
+    remove_from_cache(mm, vma.mapping, index, index + 1, notify=False, cleanup=False)
     yield "truncate_inode_folio: folio removed from the page cache"
     yield from mm.invalidate_range_end.steps(rng)
 

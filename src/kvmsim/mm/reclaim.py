@@ -93,8 +93,22 @@ def writeback(mm, asp: AddressSpace) -> int:
     return n
 
 
-def remove_from_cache(mm, asp: AddressSpace, lo: int, hi: int, *, notify: bool = True) -> None:
-    """``truncate_inode_pages_range`` / hole punch: unmap, then drop the page cache's references."""
+def truncate_cleanup_folios(mm, asp: AddressSpace, lo: int, hi: int) -> None:
+    """``truncate_cleanup_folio()``'s ``folio_cancel_dirty()`` for the cached folios of ``[lo, hi)``:
+    a folio dirty before truncation is not a bug; one dirtied after this is (see below)."""
+    phys = mm.phys
+    for index in range(lo, min(hi, asp.npages)):
+        pfn = int(asp.pages[index])
+        if pfn >= 0:
+            phys.folio_clear_dirty(pfn)
+
+
+def remove_from_cache(mm, asp: AddressSpace, lo: int, hi: int, *, notify: bool = True,
+                      cleanup: bool = True) -> None:
+    """``truncate_inode_pages_range`` / hole punch: unmap, cancel dirty (``cleanup``; a caller that
+    steps through truncation does it itself), then drop the page cache's references.
+    ``filemap_unaccount_folio()`` WARNs for a folio that is dirty again by then ("loss of unwritten
+    data"): somebody dirtied it between the cancel and the removal."""
     phys = mm.phys
     if notify:
         for vma in list(asp.vmas):
@@ -105,6 +119,8 @@ def remove_from_cache(mm, asp: AddressSpace, lo: int, hi: int, *, notify: bool =
                 vma.pte_pfn[a - vma.pgoff:b - vma.pgoff] = -1
                 vma.pte[a - vma.pgoff:b - vma.pgoff] = 0
                 mm.invalidate_range_end(rng)
+    if cleanup:
+        truncate_cleanup_folios(mm, asp, lo, hi)
     heads = []
     for index in range(lo, min(hi, asp.npages)):
         pfn = int(asp.pages[index])

@@ -49,7 +49,7 @@ def test_json_has_phases_and_counters():
     assert disable["summary"]["tlb_flush"] == 8
 
 
-@pytest.mark.parametrize("args,msg", [(["-i", "1"], "-i"), (["-b", "lots"], "size"), (["-x", "3"], "memslots")])
+@pytest.mark.parametrize("args,msg", [(["-i", "1"], "-i"), (["-b", "lots"], "size"), (["-x", "3"], "memslot(s)")])
 def test_bad_input_is_a_message_not_a_traceback(args, msg):
     r = invoke(*args)
     assert r.exit_code == 2

@@ -62,7 +62,10 @@ def create_test_slots(kvm, total: int, backing: str, nslots: int) -> list[TestSl
         raise UsageError(f"unknown backing source {backing!r}; choose one of {', '.join(BACKING)}")
     kind, page_size, thp, shared = BACKING[backing]
     if nslots < 1 or total % nslots or (total // nslots) % page_size:
-        raise UsageError(f"{total} bytes do not split into {nslots} memslots of whole {page_size >> 10} KiB pages")
+        from kvmsim.bench.report import size_name
+        raise UsageError(f"{size_name(total)} of test memory does not split into {nslots} memslot(s) of whole "
+                         f"{size_name(page_size)} pages (-s {backing}): use a multiple of "
+                         f"{size_name(page_size * max(nslots, 1))}")
     per = total // nslots
     out = []
     for k in range(nslots):

@@ -66,11 +66,11 @@ INVARIANTS = {
     "INV-12": "accessed information only at map time",
 }
 
-#: Callers that release (or, arm64 v6.12 ``user_mem_abort()``, dirty) the page a stage-2 fault resolved:
-#: the INV-3 / INV-7 sites.
+#: Callers that release (or, arm64 v6.12 ``user_mem_abort()``, dirty; RISC-V v6.12
+#: ``kvm_riscv_gstage_map()``, dirty and mark accessed) the page a stage-2 fault resolved: the INV-3 / INV-7 sites.
 FAULT_RELEASE_CALLERS = frozenset({"kvm_release_pfn_clean", "kvm_release_faultin_page", "kvm_faultin_pfn",
                                    "kvm_mmu_finish_page_fault", "direct_page_fault", "kvm_tdp_mmu_page_fault",
-                                   "user_mem_abort"})
+                                   "user_mem_abort", "kvm_riscv_gstage_map"})
 
 
 @dataclass

@@ -5,6 +5,8 @@ Every scenario runs with one 4 KiB memslot at gpa 0 and one vCPU, on the generic
 ``arches``, on the x86 TDP MMU (:class:`kvmsim.x86.mmu.X86Mmu`): ``SCENARIOS[name].on("x86")``, or on
 arm64's ``user_mem_abort()`` (:class:`kvmsim.arm64.mmu.Arm64Mmu`), whose v6.12 order dirties the folio
 after ``read_unlock()`` without any mutation: ``fault-vs-truncate`` finds INV-3 there under legacy.
+On RISC-V's ``kvm_riscv_gstage_map()`` (:class:`kvmsim.riscv.mmu.RiscvMmu`) it finds INV-3 under the
+series instead: a retried fault counts as used, and dirties the truncated folio under ``mmu_lock``.
 Threads are kernel paths (``@kpath`` generators): the vCPU's ``page_fault``, the host's
 ``munmap``/``mprotect``/``writeback_folio``, a truncate, a pfncache refresh, or a guest write through
 the SPTE (:func:`guest_write`).  ``watch`` picks the
@@ -47,7 +49,7 @@ class Scenario:
     setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
-    arches: tuple[str, ...] = ("generic", "x86", "arm64")
+    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv")
     arch: str = "generic"
 
     def build(self, policy: str, mutations) -> World:

@@ -2,7 +2,8 @@
 
 Generic code (memslots, the mmu_notifier, dirty logging, vCPU accesses) calls only these methods;
 :mod:`kvmsim.kvm.stage2` is a minimal 4 KiB implementation, :mod:`kvmsim.x86` the full x86 MMU,
-:mod:`kvmsim.arm64` arm64's ``user_mem_abort()`` on 4 KiB leaves.
+:mod:`kvmsim.arm64` arm64's ``user_mem_abort()`` and :mod:`kvmsim.riscv` RISC-V's
+``kvm_riscv_gstage_map()``, both on 4 KiB leaves.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def make_arch(kvm, name: str, **opts) -> ArchMmu:
     if name == "arm64":
         from kvmsim.arm64 import Arm64Mmu
         return Arm64Mmu(kvm, **opts)
+    if name == "riscv":
+        from kvmsim.riscv import RiscvMmu
+        return RiscvMmu(kvm, **opts)
     if name == "generic":
         from kvmsim.kvm.stage2 import GenericStage2
         return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, arm64, generic)")
+    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, generic)")

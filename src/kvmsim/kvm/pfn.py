@@ -286,12 +286,14 @@ def kvm_set_pfn_dirty(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, gfn
         kvm.phys.SetPageDirty(pfn, caller, kvm=True, source=source, locked=_locked(kvm), gfn=gfn)
 
 
-def kvm_set_pfn_accessed(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, gfn: int | None = None) -> None:
-    """Legacy ``kvm_set_pfn_accessed()``."""
+def kvm_set_pfn_accessed(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, gfn: int | None = None,
+                         unused: bool = False) -> None:
+    """Legacy ``kvm_set_pfn_accessed()``; ``unused`` (ghost) says no mapping was made from the page (INV-7)."""
     if is_error_noslot_pfn(pfn):
         return
     if kvm_is_ad_tracked_page(kvm.phys, pfn):
-        kvm.phys.mark_page_accessed(pfn, caller, kvm=True, source=source, locked=_locked(kvm), gfn=gfn)
+        kvm.phys.mark_page_accessed(pfn, caller, kvm=True, source=source, locked=_locked(kvm), gfn=gfn,
+                                    unused=unused)
 
 
 def kvm_release_pfn(kvm, pfn: int, dirty: bool, caller: str, *, unused: bool = False,

@@ -1,0 +1,279 @@
+"""The RISC-V G-stage fault path (arch/riscv/kvm/mmu.c, arch/riscv/kvm/vcpu_exit.c; Linux v6.12 and v6.13).
+
+Mirrors ``gstage_page_fault()`` (vcpu_exit.c), ``kvm_riscv_gstage_map()``, ``gstage_map_page()`` /
+``gstage_set_pte()``, ``kvm_unmap_gfn_range()``, ``kvm_age_gfn()`` / ``kvm_test_age_gfn()`` and the
+dirty-logging hooks (``kvm_arch_commit_memory_region()`` → ``gstage_wp_memory_region()``,
+``kvm_arch_mmu_enable_log_dirty_pt_masked()`` → ``gstage_wp_range()``) on 4 KiB leaves.  Storage
+and the checker's view of the leaves come from :class:`kvmsim.kvm.stage2.GenericStage2`; the pfn
+from the shared ``__kvm_faultin_pfn()`` model, which is what both ``gfn_to_pfn_prot(kvm, gfn,
+is_write, &writable)`` (v6.12) and ``kvm_faultin_pfn(vcpu, gfn, is_write, &writable, &page)``
+(v6.13) reduce to.  ``kvm->mmu_lock`` is a spinlock on RISC-V (no KVM_HAVE_MMU_RWLOCK): the model's
+write side.  ``ret`` is 0 when the lock is taken (it last held ``kvm_mmu_topup_memory_cache()``'s
+result), so an ``mmu_invalidate_retry()`` leaves it 0.
+
+Where the two versions differ (the "-" / "+" sides of the v13 series patches 57 "KVM: RISC-V: Mark
+"struct page" pfns dirty iff a stage-2 PTE is installed", 58 "KVM: RISC-V: Mark "struct page" pfns
+accessed before dropping mmu_lock" and 59 "KVM: RISC-V: Use kvm_faultin_pfn() when mapping pfns
+into the guest")::
+
+    v6.12                                        | v6.13
+    spin_lock(&kvm->mmu_lock);                   | spin_lock(&kvm->mmu_lock);
+    if (mmu_invalidate_retry(kvm, mmu_seq))      | if (mmu_invalidate_retry(kvm, mmu_seq))
+            goto out_unlock;                     |         goto out_unlock;
+    if (writable) {                              | if (writable) {
+            kvm_set_pfn_dirty(hfn);              |
+            mark_page_dirty(kvm, gfn);           |         mark_page_dirty(kvm, gfn);
+            ret = gstage_map_page(.., false, ..);|         ret = gstage_map_page(.., false, ..);
+    } else ret = gstage_map_page(.., true, ..);  | } else ret = gstage_map_page(.., true, ..);
+    out_unlock:                                  | out_unlock:
+                                                 | kvm_release_faultin_page(kvm, page,
+                                                 |         ret && ret != -EEXIST, writable);
+    spin_unlock(&kvm->mmu_lock);                 | spin_unlock(&kvm->mmu_lock);
+    kvm_set_pfn_accessed(hfn);                   |
+    kvm_release_pfn_clean(hfn);                  |
+
+So v6.12 dirties under the lock but *before* mapping (also when the map fails), and marks accessed
+twice after the unlock (INV-3; INV-7 on a retry); v6.13 releases under the lock, and a retry
+(ret = 0) counts as *used*: the page is marked accessed, and dirty if writable, though nothing maps
+it (kvm-semantics.md §3, INV-7's RISC-V exception).  Neither version marks a page when zapping,
+write-protecting or aging: ``gstage_op_pte()`` and ``ptep_test_and_clear_young()`` touch PTEs only.
+
+Not modelled: block (hugetlb PMD/PUD) mappings, hence the natural ``-EEXIST`` of
+``gstage_set_pte()`` (a 4 KiB map under an existing block leaf, e.g. after dirty logging was enabled
+on a hugetlb slot) and ``kvm_age_gfn()`` on block leaves; ``-ENOMEM`` cannot occur after the
+top-up.  Both error returns are reachable only through :attr:`RiscvMmu.inject_set_pte_error`.
+Also not modelled: hardware A/D updating (Svadu): a guest access to a leaf whose A bit aging cleared
+takes a guest page fault and goes through ``kvm_riscv_gstage_map()`` again (Svade behaviour);
+``kvm_arch_prepare_memory_region()``'s eager VM_PFNMAP ioremap; exec permissions; MMIO emulation.
+"""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+
+from kvmsim.kvm.dirty import mark_page_dirty_in_slot
+from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin,
+                            kvm_set_pfn_accessed, kvm_set_pfn_dirty)
+from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2, ret_to_access
+from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.mm.gup import FOLL
+from kvmsim.sched import Steps, kpath
+from kvmsim.trace import Src
+from kvmsim.types import PAGE_SHIFT
+
+_P, _W, _HW, _A, _D, _H = (int(f) for f in (S2.PRESENT, S2.W, S2.HOST_W, S2.A, S2.D, S2.HELD))
+_WP = np.uint8(_W | _HW)
+EEXIST = -errno.EEXIST
+# gstage_page_size_to_level(): PAGE_SIZE, PMD_SIZE and PUD_SIZE (Sv39x4 and up), in pages
+_GSTAGE_PAGE_SIZES = (1, 1 << 9, 1 << 18)
+
+
+class RiscvMmu(GenericStage2):
+    """The RISC-V G-stage MMU: ``_PAGE_WRITE`` (``W``, kept equal to the model's Host-writable bit: a leaf
+    becomes writable only through ``kvm_riscv_gstage_map()`` under ``mmu_lock``), ``_PAGE_ACCESSED``
+    (``A``) and ``_PAGE_DIRTY`` (``D``).  ``gstage_map_page()`` sets A and D on every new leaf; dirty
+    logging write-protects instead of using D."""
+
+    name = "riscv"
+
+    def __init__(self, kvm, **opts):
+        super().__init__(kvm, **opts)
+        #: Model-only fault injection: the next ``gstage_set_pte()`` returns this -errno (``-EEXIST`` for a
+        #: block leaf in the way, ``-ENOMEM`` for an empty page cache), then it resets to 0.
+        self.inject_set_pte_error = 0
+
+    # ---- gstage_page_fault (vcpu_exit.c) ---------------------------------------------------------
+    @kpath
+    def page_fault(self, vcpu, gpa: int, write: bool, exec: bool = False) -> Steps:
+        """Mirrors ``gstage_page_fault()``: ``gfn_to_hva_memslot_prot()``; a bad hva, or a store fault on a
+        non-writable one, is MMIO (``kvm_riscv_vcpu_mmio_load/store()``); otherwise
+        ``kvm_riscv_gstage_map(vcpu, memslot, fault_addr, hva, scause == EXC_STORE_GUEST_PAGE_FAULT)``."""
+        kvm = self.kvm
+        gfn = gpa >> PAGE_SHIFT
+        slot = kvm.gfn_to_memslot(gfn)
+        kvm.journal.count("page_fault")
+        if slot is None or slot.invalid or (write and slot.readonly):
+            kvm.journal.count("kvm_riscv_vcpu_mmio_store" if write else "kvm_riscv_vcpu_mmio_load")
+            return RET_PF.EMULATE
+        r = yield from self.kvm_riscv_gstage_map.steps(vcpu, slot, gpa, write)
+        return r
+
+    # ---- kvm_riscv_gstage_map (mmu.c) ----------------------------------------------------------------
+    @kpath
+    def kvm_riscv_gstage_map(self, vcpu, slot, gpa: int, is_write: bool) -> Steps:
+        """Mirrors ``kvm_riscv_gstage_map()`` for a PAGE_SIZE mapping (v6.12 and v6.13).
+
+        Returns RET_PF.FIXED when a leaf was written, RETRY for the ``mmu_invalidate_retry()`` path (the
+        kernel returns 0 and the guest faults again), -errno for ``gstage_set_pte()`` errors (forwarded
+        by ``gstage_page_fault()`` to KVM_RUN) and error pfns.
+        """
+        kvm = self.kvm
+        gfn = gpa >> PAGE_SHIFT
+        logging = slot.dirty_bitmap is not None and not slot.readonly
+        ret = 0                                            # kvm_mmu_topup_memory_cache() succeeded
+        mmu_seq = kvm.mmu_invalidate_seq                   # read before mmap_read_unlock()
+        yield "kvm_riscv_gstage_map: mmu_seq snapshot, mmap_read_unlock"
+        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, FOLL.WRITE if is_write else FOLL(0))
+        if pfn == KVM_PFN_ERR_HWPOISON:                    # send_sig_mceerr(); return 0
+            return -133
+        if is_error_noslot_pfn(pfn):
+            return -errno.EFAULT
+        writable = kfp.map_writable
+        if logging and not is_write:
+            writable = False                               # "we allow writable pages only for write faults"
+        yield "kvm_riscv_gstage_map: pfn resolved"
+
+        yield from kvm.mmu_lock.write_lock.steps()         # spin_lock(&kvm->mmu_lock)
+        retry = self._mmu_invalidate_retry(mmu_seq)
+        if retry:
+            kvm.journal.count("fault_retry")               # goto out_unlock with ret == 0
+        else:
+            if writable:
+                if not kvm.policy.release_under_mmu_lock:  # v6.12: dirty before mapping, even if it fails
+                    kvm_set_pfn_dirty(kvm, pfn, "kvm_riscv_gstage_map", source=_src(kfp), gfn=gfn)
+                mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)      # mark_page_dirty(kvm, gfn)
+            ret = self.gstage_map_page(slot, gfn, pfn, page_rdonly=not writable, held=kfp.hold != Hold.NONE)
+            if ret:
+                kvm.journal.count("kvm_err:Failed to map in G-stage")
+        # out_unlock:
+        if kvm.policy.release_under_mmu_lock:              # v6.13 (patches 58/59)
+            kvm_release_faultin(kvm, pfn, kfp, unused=ret != 0 and ret != EEXIST, dirty=writable,
+                                caller="kvm_release_faultin_page", gfn=gfn)
+        kvm.mmu_lock.write_unlock()
+        yield "kvm_riscv_gstage_map: spin_unlock(mmu_lock)"
+        if not kvm.policy.release_under_mmu_lock:          # v6.12: accessed twice, after the unlock
+            unmapped = retry or (ret != 0 and ret != EEXIST)     # ghost truth for INV-7: no leaf maps it
+            kvm_set_pfn_accessed(kvm, pfn, "kvm_riscv_gstage_map", source=_src(kfp), gfn=gfn, unused=unmapped)
+            kvm_release_faultin(kvm, pfn, kfp, unused=unmapped, dirty=False, caller="kvm_release_pfn_clean",
+                                gfn=gfn)
+        if retry:
+            return RET_PF.RETRY
+        return ret if ret else RET_PF.FIXED
+
+    def _mmu_invalidate_retry(self, mmu_seq: int) -> bool:
+        """``mmu_invalidate_retry(kvm, mmu_seq)``: the whole VM, no gfn range and no lockless pre-check.
+        ``kvm.mutations.skip_retry`` removes it, as for the other MMUs."""
+        if self.kvm.mutations is not None and self.kvm.mutations.skip_retry:
+            return False
+        return self.kvm.mmu_invalidate_retry(mmu_seq)
+
+    def gstage_map_page(self, slot, gfn: int, pfn: int, *, page_rdonly: bool, held: bool) -> int:
+        """``gstage_map_page()`` + ``gstage_set_pte()`` at level 0: ``pfn_pte(hfn, PAGE_READ_EXEC /
+        PAGE_WRITE_EXEC)`` made dirty (A and D always set), then ``set_pte()`` over whatever leaf is
+        there and ``gstage_remote_tlb_flush()``.  Returns 0 or the injected -errno."""
+        kvm = self.kvm
+        if self.inject_set_pte_error:
+            ret, self.inject_set_pte_error = self.inject_set_pte_error, 0
+            return ret
+        pfns, bits = self._tables(slot)
+        i = gfn - slot.base_gfn
+        pfns[i] = pfn
+        bits[i] = _P | _A | _D | (0 if page_rdonly else _W | _HW) | (_H if held else 0)
+        kvm.journal.count("spte_write")
+        kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="gstage_set_pte", locked=kvm.mmu_lock.held(),
+                         extra={"writable": not page_rdonly, "host_writable": not page_rdonly})
+        kvm.flush_remote_tlbs("gstage_remote_tlb_flush")
+        return 0
+
+    # ---- guest accesses -------------------------------------------------------------------------
+    def guest_access(self, vcpu, gpa: int, write: bool, value: int | None) -> Access:
+        """A guest load/store through the G-stage: a leaf without A (after aging), or a store to a leaf
+        without W, is a guest page fault that ``gstage_page_fault()`` handles like any other."""
+        kvm = self.kvm
+        gfn = gpa >> PAGE_SHIFT
+        for _ in range(8):
+            slot = kvm.gfn_to_memslot(gfn)
+            if slot is not None and not slot.invalid:
+                pfns, bits = self._tables(slot)
+                b = int(bits[gfn - slot.base_gfn])
+                if b & _P and b & _A and (not write or b & _W):
+                    pfn = int(pfns[gfn - slot.base_gfn])
+                    if write:
+                        kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
+                        return Access(Exit.OK, gpa, True, value)
+                    return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
+            r = self.page_fault(vcpu, gpa, write)
+            out = ret_to_access(int(r), gpa, write, value)
+            if out is not None:
+                return out
+        return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+
+    # ---- zapping, aging, dirty logging ---------------------------------------------------------------
+    def _leaf_zapped(self, pfn: int, bits: int, caller: str, gfn: int) -> None:
+        """``gstage_op_pte(GSTAGE_OP_CLEAR)`` clears the PTE and flushes; no page is marked in either version."""
+
+    def unmap_gfn_range(self, slot, start: int, end: int, reason: str = "") -> bool:
+        """``kvm_unmap_gfn_range()`` → ``gstage_unmap_range()``: each cleared leaf is flushed by
+        ``gstage_remote_tlb_flush()`` right there, and the function returns false (no flush by the caller)."""
+        lo = max(start, slot.base_gfn) - slot.base_gfn
+        hi = min(end, slot.base_gfn + slot.npages) - slot.base_gfn
+        n = int(np.count_nonzero(self._tables(slot)[1][lo:hi] & _P)) if "s2" in slot.arch else 0
+        self._zap(slot, lo, hi, reason)
+        if n:
+            self.kvm.flush_remote_tlbs("gstage_remote_tlb_flush", n)
+        return False
+
+    def flush_shadow_memslot(self, slot) -> None:
+        """``kvm_arch_flush_shadow_memslot()``: ``gstage_unmap_range()`` of the slot under ``mmu_lock``."""
+        self.unmap_gfn_range(slot, slot.base_gfn, slot.base_gfn + slot.npages, "kvm_arch_flush_shadow_memslot")
+
+    def _gstage_leaf(self, slot, start: int, end: int, fn: str) -> int | None:
+        """The leaf ``gstage_get_leaf_entry()`` finds for ``range->start``, after the WARN_ON on a range
+        that is not one G-stage page size (the kernel ages one leaf per call)."""
+        if end - start not in _GSTAGE_PAGE_SIZES:
+            self.kvm.journal.count(f"WARN_ON:{fn}")
+        if "s2" not in slot.arch:
+            return None
+        i = start - slot.base_gfn
+        return i if self._tables(slot)[1][i] & _P else None
+
+    def age_gfn(self, slot, start: int, end: int) -> bool:
+        """``kvm_age_gfn()``: ``ptep_test_and_clear_young()`` on the leaf at ``range->start`` only; no
+        page marking in either version."""
+        i = self._gstage_leaf(slot, start, end, "kvm_age_gfn")
+        if i is None:
+            return False
+        bits = self._tables(slot)[1]
+        young = bool(bits[i] & _A)
+        bits[i] &= ~np.uint8(_A)
+        return young
+
+    def test_age_gfn(self, slot, start: int, end: int) -> bool:
+        """``kvm_test_age_gfn()``: ``pte_young()`` of the leaf at ``range->start``."""
+        i = self._gstage_leaf(slot, start, end, "kvm_test_age_gfn")
+        return i is not None and bool(self._tables(slot)[1][i] & _A)
+
+    def flush_on_age(self) -> bool:
+        """The young flush stays in v6.13: only x86 selects KVM_ELIDE_TLB_FLUSH_IF_YOUNG."""
+        return True
+
+    def slot_apply_flags(self, old, new, change) -> None:
+        """``kvm_arch_commit_memory_region()``: ``if (change != KVM_MR_DELETE && new->flags &
+        KVM_MEM_LOG_DIRTY_PAGES) gstage_wp_memory_region(kvm, new->id)`` -- on every such commit, and
+        with no KVM_DIRTY_LOG_INITIALLY_SET exception (unlike arm64)."""
+        from kvmsim.kvm.memslot import KvmMrChange
+        if new is None or not new.logging or change == KvmMrChange.DELETE:
+            return
+        if "s2" in new.arch:
+            _, bits = self._tables(new)
+            bits[:] &= ~_WP
+        self.kvm.flush_remote_tlbs("gstage_wp_memory_region")
+
+    def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None:
+        """``kvm_arch_mmu_enable_log_dirty_pt_masked()``: ``gstage_wp_range()`` from ``__ffs(mask)`` to
+        ``__fls(mask)``, so clear pages between two set bits are write-protected too."""
+        if "s2" not in slot.arch:
+            return
+        idx = np.nonzero(mask)[0]
+        if not len(idx):
+            return
+        _, bits = self._tables(slot)
+        bits[gfn_offset + int(idx[0]):gfn_offset + int(idx[-1]) + 1] &= ~_WP
+
+
+def _src(kfp) -> Src:
+    """Where a v6.12 ``kvm_set_pfn_*(hfn)`` page came from: a reference the fault holds, a remapped pfn,
+    or the guess."""
+    return Src.HELD if kfp.held is not None else Src.REMAPPED if kfp.remapped else Src.GUESS

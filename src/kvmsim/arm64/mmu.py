@@ -45,8 +45,7 @@ import numpy as np
 
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin,
                             kvm_set_pfn_dirty)
-from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2, ret_to_access
-from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2
 from kvmsim.mm.gup import FOLL
 from kvmsim.sched import Steps, kpath
 from kvmsim.trace import Src
@@ -204,27 +203,12 @@ class Arm64Mmu(GenericStage2):
             kvm.policy.spte_ad_lost(kvm, pfn, dirty=False, accessed=True, caller="handle_access_fault", gfn=gfn)
 
     # ---- guest accesses -------------------------------------------------------------------------
-    def guest_access(self, vcpu, gpa: int, write: bool, value: int | None) -> Access:
-        """A guest load/store through stage 2; anything the leaf does not allow is a stage-2 abort.  There
-        is no lockless write-unprotect on arm64: a store to a read-only leaf is a permission fault."""
-        kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        for _ in range(8):
-            slot = kvm.gfn_to_memslot(gfn)
-            if slot is not None and not slot.invalid:
-                pfns, bits = self._tables(slot)
-                b = int(bits[gfn - slot.base_gfn])
-                if b & _P and b & _A and (not write or b & _W):
-                    pfn = int(pfns[gfn - slot.base_gfn])
-                    if write:
-                        kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
-                        return Access(Exit.OK, gpa, True, value)
-                    return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
-            r = self.page_fault(vcpu, gpa, write)
-            out = ret_to_access(int(r), gpa, write, value)
-            if out is not None:
-                return out
-        return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+    def _leaf_allows(self, vcpu, slot, i: int, write: bool) -> bool:
+        """A leaf lets an access through only with the Access flag set and, for a store, S2AP_W: there is
+        no lockless write-unprotect on arm64 (a store to a read-only leaf is a permission fault)."""
+        _, bits = self._tables(slot)
+        b = int(bits[i])
+        return bool(b & _P and b & _A and (not write or b & _W))
 
     # ---- zapping, aging, dirty logging ---------------------------------------------------------------
     def _leaf_zapped(self, pfn: int, bits: int, caller: str, gfn: int) -> None:

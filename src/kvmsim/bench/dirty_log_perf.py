@@ -36,6 +36,7 @@ from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
 from kvmsim.types import PAGE_SHIFT
+from kvmsim.x86.dirty_log import gfn_aligned_pieces
 
 #: The cost columns: struct-page operations by kind, then the MMU's own work.
 STRUCT_PAGE_KINDS = ("set_dirty", "mark_accessed", "get_page", "put_page", "pin", "unpin")
@@ -208,21 +209,12 @@ def leaf_stats(kvm) -> dict[str, int]:
             t = slot.arch.get("x86")
             if t is None:
                 continue
-            for lo, hi in gfn_aligned_pieces(slot.base_gfn, 0, slot.npages):
+            for lo, hi in gfn_aligned_pieces(slot, 0, slot.npages):
                 lv = np.bincount(t.level[t.representatives(slot, lo, hi)], minlength=4)
                 out["pages_4k"] += int(lv[1])
                 out["pages_2m"] += int(lv[2])
                 out["pages_1g"] += int(lv[3])
     return out
-
-
-def gfn_aligned_pieces(base_gfn: int, lo: int, hi: int, piece: int = 1 << 18):
-    """Slot-relative ``[a, b)`` pieces of ``[lo, hi)`` cut at 1 GiB-aligned gfns (no leaf crosses a cut)."""
-    a = lo
-    while a < hi:
-        b = min(hi, (base_gfn + a) // piece * piece + piece - base_gfn)
-        yield a, b
-        a = b
 
 
 def reserve_mem_map(host, npages: int) -> None:

@@ -183,33 +183,42 @@ class GenericStage2:
         return RET_PF.FIXED
 
     def guest_access(self, vcpu, gpa: int, write: bool, value: int | None) -> Access:
+        """A guest load/store: through the leaf if :meth:`_leaf_allows` it, else a stage-2 fault."""
         kvm = self.kvm
         gfn = gpa >> PAGE_SHIFT
         for _ in range(8):
             slot = kvm.gfn_to_memslot(gfn)
             if slot is not None and not slot.invalid:
-                pfns, bits = self._tables(slot)
+                pfns, _ = self._tables(slot)
                 i = gfn - slot.base_gfn
-                b = int(bits[i])
-                if b & _P and (not write or b & _W):
+                if self._leaf_allows(vcpu, slot, i, write):
                     pfn = int(pfns[i])
-                    bits[i] |= _A | (_D if write else 0)
                     if write:
                         kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
                         return Access(Exit.OK, gpa, True, value)
                     return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
-                if b & _P and write and b & _HW:                       # fast page fault: restore W
-                    bits[i] |= _W | _D
-                    kvm.journal.count("fast_page_fault")
-                    if slot.logging:
-                        from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-                        mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
-                    continue
             r = self.page_fault(vcpu, gpa, write)
             out = ret_to_access(int(r), gpa, write, value)
             if out is not None:
                 return out
         return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+
+    def _leaf_allows(self, vcpu, slot, i: int, write: bool) -> bool:
+        """Does the leaf let the access through without a fault?  Here hardware sets A/D, and a write
+        to a Host-writable read-only leaf is fixed locklessly first (the fast page fault)."""
+        _, bits = self._tables(slot)
+        b = int(bits[i])
+        if b & _P and write and not b & _W and b & _HW:              # fast page fault: restore W
+            bits[i] |= _W | _D
+            b = int(bits[i])
+            self.kvm.journal.count("fast_page_fault")
+            if slot.logging:
+                from kvmsim.kvm.dirty import mark_page_dirty_in_slot
+                mark_page_dirty_in_slot(self.kvm, slot, slot.base_gfn + i, vcpu)
+        if b & _P and (not write or b & _W):
+            bits[i] |= _A | (_D if write else 0)
+            return True
+        return False
 
     # ---- zapping, aging, dirty logging ---------------------------------------------------------------
     def _leaf_zapped(self, pfn: int, bits: int, caller: str, gfn: int) -> None:

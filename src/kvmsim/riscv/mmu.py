@@ -56,8 +56,7 @@ import numpy as np
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin,
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
-from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2, ret_to_access
-from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2
 from kvmsim.mm.gup import FOLL
 from kvmsim.sched import Steps, kpath
 from kvmsim.trace import Src
@@ -178,27 +177,12 @@ class RiscvMmu(GenericStage2):
         return 0
 
     # ---- guest accesses -------------------------------------------------------------------------
-    def guest_access(self, vcpu, gpa: int, write: bool, value: int | None) -> Access:
-        """A guest load/store through the G-stage: a leaf without A (after aging), or a store to a leaf
-        without W, is a guest page fault that ``gstage_page_fault()`` handles like any other."""
-        kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        for _ in range(8):
-            slot = kvm.gfn_to_memslot(gfn)
-            if slot is not None and not slot.invalid:
-                pfns, bits = self._tables(slot)
-                b = int(bits[gfn - slot.base_gfn])
-                if b & _P and b & _A and (not write or b & _W):
-                    pfn = int(pfns[gfn - slot.base_gfn])
-                    if write:
-                        kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
-                        return Access(Exit.OK, gpa, True, value)
-                    return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
-            r = self.page_fault(vcpu, gpa, write)
-            out = ret_to_access(int(r), gpa, write, value)
-            if out is not None:
-                return out
-        return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+    def _leaf_allows(self, vcpu, slot, i: int, write: bool) -> bool:
+        """A leaf without A (after aging), or a store to a leaf without W, is a guest page fault that
+        ``gstage_page_fault()`` handles like any other."""
+        _, bits = self._tables(slot)
+        b = int(bits[i])
+        return bool(b & _P and b & _A and (not write or b & _W))
 
     # ---- zapping, aging, dirty logging ---------------------------------------------------------------
     def _leaf_zapped(self, pfn: int, bits: int, caller: str, gfn: int) -> None:

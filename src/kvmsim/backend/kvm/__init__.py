@@ -6,9 +6,9 @@ guest_memfd, kvmclock), ``host`` (mappings, host mm operations), ``stats`` (bina
 (capabilities, policy), ``settings`` (host settings, only on request), ``dmesg`` (KVM warning
 watch) and ``backend`` (``KvmBackend``).
 
-Policy: the host's refcounting behaviour ("legacy" v6.12 vs "series" v6.13, "KVM: Stop grabbing
+Policy: the host's refcounting behaviour (legacy v6.12 vs the v6.13 series "KVM: Stop grabbing
 references to PFNMAP'd pages") cannot be probed, since the series added no capability.  ``KvmBackend``
-takes it from the kernel release (``>= 6.13`` means ``"series"``) unless ``policy=`` overrides it;
+takes it from the kernel release (``>= 6.13`` means the series) unless ``policy=`` overrides it;
 see ``caps.host_policy``.
 """
 

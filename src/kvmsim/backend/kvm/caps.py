@@ -3,7 +3,7 @@ THP state from /proc/meminfo and /sys/kernel/mm) and the host's refcounting poli
 
 The policy cannot be probed: the series "KVM: Stop grabbing references to PFNMAP'd pages" (merged for
 v6.13) added no capability and changed no uapi.  kvmsim therefore decides from the kernel release:
-``>= 6.13`` is ``"series"``, anything older is ``"legacy"``; a caller who knows better (a distribution
+``>= 6.13`` runs the series policy, anything older the legacy one; a caller who knows better (a distribution
 kernel with a backport, a revert) passes ``policy=`` to ``KvmBackend``, which always wins.
 """
 
@@ -14,8 +14,10 @@ import re
 
 from kvmsim.backend.kvm import ioctls, uapi
 from kvmsim.errors import UsageError
+from kvmsim.policies.legacy import LegacyPolicy
+from kvmsim.policies.series import SeriesPolicy
 
-POLICIES = ("legacy", "series")
+POLICIES = (LegacyPolicy.name, SeriesPolicy.name)
 SERIES_FIRST_RELEASE = (6, 13)
 
 _DEV_CAPS = {
@@ -110,10 +112,10 @@ def parse_release(release: str) -> tuple[int, int]:
 
 
 def host_policy(release: str | None = None, override: str | None = None) -> str:
-    """``override`` if given, else ``"series"`` for kernels >= 6.13 and ``"legacy"`` before."""
+    """``override`` if given, else the series policy for kernels >= 6.13 and the legacy one before."""
     if override is not None:
         if override not in POLICIES:
             raise UsageError(f"policy must be one of {', '.join(POLICIES)}, got {override!r}")
         return override
     version = parse_release(release or os.uname().release)
-    return "series" if version >= SERIES_FIRST_RELEASE else "legacy"
+    return SeriesPolicy.name if version >= SERIES_FIRST_RELEASE else LegacyPolicy.name

@@ -129,6 +129,31 @@ _errno_case("delete-recreate", lambda vm, m: (vm.slot(1, GPA, m, size=MB), delet
             "a deleted slot id can be reused")
 
 
+
+@case("memslot-move-keeps-dirty-log", "memslot")
+def _move_dirty(b):
+    """KVM_MR_MOVE of a logged slot keeps its dirty bitmap (kvm_prepare_memory_region reuses old->dirty_bitmap)"""
+    with _Vm(b) as vm:
+        m = vm.map(MappingKind.ANON_SHARED, MB)
+        vm.slot(1, GPA, m, flags=F_LOG)
+        b.guest_write([GPA + p * 4096 for p in (3, 17, 100)], 1)
+        moved = move_memory_region(b, 1, 2 * GPA).errno
+        kept = b.get_dirty_log(1)
+        b.guest_write([2 * GPA + 5 * 4096], 2)
+        after = b.get_dirty_log(1)
+        return moved, kept.errno, tuple(sorted(kept.dirty)), tuple(sorted(after.dirty))
+
+
+@case("memslot-gpa-width", "memslot")
+def _gpa_width(b):
+    """a slot may end at 2^52 (x86 kvm_mmu_max_gfn() without TDP); one page further, or at 2^57, is EINVAL"""
+    with _Vm(b) as vm:
+        m = vm.map(MappingKind.ANON_SHARED, MB)
+        out = []
+        for gpa in ((1 << 52) - MB + 4096, 1 << 57, (1 << 52) - MB):
+            out.append(vm.slot(1, gpa, m))
+        return tuple(out)
+
 # ---- guest accesses and read-only slots -------------------------------------------------------------
 
 @case("guest-rw-roundtrip", "access")

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.pfn import Hold, kvm_release_faultin
@@ -43,8 +44,18 @@ class X86Mmu:
     zap_caller = "tdp_mmu_zap_leafs"
 
     def __init__(self, kvm, *, mmu: str = "tdp", pml: bool = True, ad_enabled: bool = True,
-                 eager_split: bool = True, slot_zap_all: bool = True, **opts):
+                 eager_split: bool = True, slot_zap_all: bool = True, maxphyaddr: int = 46,
+                 tdp_enabled: bool | None = None, **opts):
+        if not 32 <= maxphyaddr <= 52:
+            raise UsageError(f"maxphyaddr must be in [32, 52] (CPUID.0x80000008:EAX[7:0]), not {maxphyaddr}")
         self.kvm = kvm
+        #: ``kvm_host.maxphyaddr``: the host's MAXPHYADDR (CPUID.0x80000008:EAX[7:0]); 46 is a common
+        #: Intel server value (the development machines report 48).
+        self.maxphyaddr = maxphyaddr
+        #: ``tdp_enabled`` (EPT/NPT in use).  Defaults to the execution mode: ``emulated`` models the
+        #: development machines' kvm_pvm, which runs without TDP -- measured there: CPUID says 48 physical
+        #: bits, yet a slot ending at 2^52 is accepted and one page further is EINVAL, the non-TDP 52.
+        self.tdp_enabled = (kvm.execution == "hardware") if tdp_enabled is None else tdp_enabled
         self.pml = pml
         self.ad_enabled = ad_enabled
         self.eager_split = eager_split
@@ -261,6 +272,22 @@ class X86Mmu:
             for slot in slots:
                 tdp_mmu.zap_range(self.kvm, slot, 0, slot.npages, "kvm_mmu_zap_all")
         self.mmio_sptes.clear()
+
+    # ---- memslots -------------------------------------------------------------------------------------
+    def kvm_mmu_max_gfn(self) -> int:
+        """Mirrors ``kvm_mmu_max_gfn()`` (arch/x86/kvm/mmu.h, v6.12 and v6.13): the host MAXPHYADDR with
+        TDP ("EPT/NPT cannot support GPAs that would exceed host.MAXPHYADDR"), else 52."""
+        max_gpa_bits = self.maxphyaddr if self.tdp_enabled else 52
+        return (1 << (max_gpa_bits - PAGE_SHIFT)) - 1
+
+    def prepare_memory_region(self, old, new, change) -> None:
+        """Mirrors ``kvm_arch_prepare_memory_region()`` (arch/x86/kvm/x86.c, v6.12 and v6.13): a created
+        or moved slot whose last gfn is past ``kvm_mmu_max_gfn()`` is EINVAL.  (The KVMGT external
+        page-tracker refusal of a move is not modelled.)"""
+        from kvmsim.kvm.memslot import KvmMrChange
+        if change in (KvmMrChange.CREATE, KvmMrChange.MOVE) and new.base_gfn + new.npages - 1 > self.kvm_mmu_max_gfn():
+            raise ModelError(errno.EINVAL, f"slot {new.id}: last gfn {new.base_gfn + new.npages - 1:#x} is past "
+                                           f"kvm_mmu_max_gfn() {self.kvm_mmu_max_gfn():#x}")
 
     # ---- dirty logging (kvmsim.x86.dirty_log) ---------------------------------------------------------
     def slot_apply_flags(self, old, new, change) -> None:

@@ -34,6 +34,26 @@ from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_acc
                              make_spte_bits, spte_write, tables)
 
 
+def x86_emulate_instruction(vcpu, gpa: int, write: bool, value: int | None) -> Access:
+    """What ``x86_emulate_instruction()`` does with the guest load/store that faulted with RET_PF_EMULATE
+    (arch/x86/kvm/x86.c, v6.12 and v6.13; the series does not touch it).
+
+    ``kvm_mmu_page_fault()`` emulates on RET_PF_EMULATE: no memslot, a write to a READONLY slot, and
+    ``kvm_handle_error_pfn()``'s KVM_PFN_ERR_RO_FAULT -- a write to a VM_PFNMAP page whose host PTE is
+    present but read-only (``hva_to_pfn_remapped()`` does not try a write fault then).  The emulator's
+    ``emulator_read_write_onepage()`` first tries ``emulator_{read,write}_phys()`` →
+    ``kvm_vcpu_{read,write}_guest()`` → ``__copy_{from,to}_user()`` on the memslot's hva
+    (``gfn_to_hva_memslot()``: an error hva for no slot or a READONLY write).  That uaccess takes a
+    host write fault like any user store: ``do_wp_page()`` → ``wp_pfn_shared()`` calls the driver's
+    ``->pfn_mkwrite`` (mm/memory.c), so a driver that accepts write faults makes the PTE writable and
+    the store lands (``mark_page_dirty_in_slot()`` follows).  Only if the copy fails does
+    ``vcpu_mmio_write()`` find no in-kernel device and the access become KVM_EXIT_MMIO
+    (``complete_emulated_mmio``, ``is_write`` = the access).  This is the uaccess path the model's
+    ``execution="emulated"`` takes for every access (:class:`kvmsim.kvm.vcpu.KvmVcpu`).
+    """
+    return vcpu._emulated_access(gpa, write, value)
+
+
 class X86Mmu:
     """Model of the x86 ``struct kvm_mmu`` machinery for one VM (TDP MMU; see :class:`ShadowMmu`)."""
 
@@ -217,6 +237,8 @@ class X86Mmu:
                         return Access(Exit.OK, gpa, True, value)
                     return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
             r = self.page_fault(vcpu, gpa, write)
+            if r == RET_PF.EMULATE:
+                return x86_emulate_instruction(vcpu, gpa, write, value)
             out = ret_to_access(int(r), gpa, write, value)
             if out is not None:
                 return out

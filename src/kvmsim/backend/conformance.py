@@ -178,6 +178,18 @@ def _ro(b):
         return _exits(b.guest_write([GPA], 1)), tuple(b.guest_read([GPA]).values)
 
 
+@case("pfnmap-readonly-pte-guest-write", "access")
+def _ro_pfnmap_write(b):
+    """guest writes to a perf ring's read-only VM_PFNMAP PTEs: perf_mmap_pfn_mkwrite() accepts the user page
+    (the store lands) and refuses the data pages (KVM_EXIT_MMIO)"""
+    with _Vm(b) as vm:
+        m = vm.map(MappingKind.PERF_RING, 2 * 4096)
+        vm.slot(1, GPA, m, size=2 * 4096)
+        gp = page_gpas(GPA, 2)
+        w = b.guest_write(gp, 0x77)
+        return _exits(w), tuple(b.guest_read(gp).values)
+
+
 @case("no-slot-mmio", "access")
 def _noslot(b):
     """an access outside every slot is an MMIO exit"""

@@ -245,7 +245,8 @@ def _clear_align(b):
     with _Vm(b, VmOptions(manual_protect=ManualProtect.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)) as vm:
         m = vm.map(MappingKind.ANON_SHARED, MB)
         vm.slot(1, GPA, m, flags=F_LOG)
-        return tuple(b.clear_dirty_log(1, f, n).errno for f, n in ((1, 64), (0, 63), (64, 64), (192, 64), (0, 256)))
+        return tuple(b.clear_dirty_log(1, f, n).errno for f, n in ((1, 64), (0, 63), (64, 64), (192, 64), (0, 256),
+                                                                  (32, 64), (0, 32), (0, 96), (64, 192), (64, 200)))
 
 
 @case("clear-log-partial", "dirty")

@@ -4,7 +4,6 @@ behaviour flips (legacy <-> series) or the rule is loosened."""
 
 import errno
 
-import numpy as np
 import pytest
 
 from kvmsim.errors import ModelError

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import errno
 
-import numpy as np
-
 from kvmsim.errors import KvmBug, ModelError
 from kvmsim.kvm.memslot import (KVM_MEM, KvmMemorySlot, KvmMemslots, KvmMrChange, KvmUserspaceMemoryRegion2,
                                 kvm_prepare_memory_region, new_memslot, validate_region)

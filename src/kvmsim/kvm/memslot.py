@@ -1,7 +1,8 @@
 """Memslots and ``KVM_SET_USER_MEMORY_REGION(2)`` (virt/kvm/kvm_main.c ``__kvm_set_memory_region``, v6.13).
 
 Validation returns the kernel's errno in the kernel's order, so a model result compares directly
-with the real ioctl.
+with the real ioctl: the generic checks (:func:`validate_region`), then ``kvm_prepare_memory_region()``
+(the dirty bitmap, then the arch's ``kvm_arch_prepare_memory_region()``), before anything is committed.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def bench() -> None:
               help="Guest memory per vCPU ([0-9]+[kmgt]); a comma-separated list runs each size.")
 @click.option("-v", "vcpus", default=1, show_default=True, type=click.IntRange(1, 4096),
               help="vCPUs (1..KVM_MAX_VCPUS, 4096 on x86).")
-@click.option("-i", "iterations", default=2, show_default=True, type=click.IntRange(2),
+@click.option("-i", "iterations", default=2, show_default=True, type=click.IntRange(2, 2**31 - 1),
               help="Dirty/get/clear iterations (>= 2).")
 @click.option("-s", "backing", default="anonymous", show_default=True, type=click.Choice(BACKINGS),
               help="Backing source.")

@@ -223,3 +223,8 @@ def test_cli_list_names_every_race_with_its_description():
 def test_cli_bad_max_schedules_is_a_usage_error():
     r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--max-schedules", "0"])
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_cli_absurd_replay_count_is_a_usage_error_not_memoryerror():
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--replay", "vcpu0*99999999999"])
+    assert r.exit_code == 2 and "at most" in r.output and "Traceback" not in r.output

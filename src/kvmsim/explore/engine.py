@@ -38,13 +38,20 @@ def format_schedule(names: list[str]) -> str:
     return ",".join(out)
 
 
+#: Longest schedule ``--replay`` takes: far beyond any built-in race's step count.
+MAX_SCHEDULE_STEPS = 10_000
+
+
 def parse_schedule(text: str) -> list[str]:
     out: list[str] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, n = part.partition("*")
         if not name or (n and not n.isdigit()):
             raise UsageError(f"bad schedule element {part!r}: expected THREAD or THREAD*COUNT")
-        out.extend([name] * (int(n) if n else 1))
+        count = int(n) if n else 1
+        if len(out) + count > MAX_SCHEDULE_STEPS:
+            raise UsageError(f"schedule element {part!r}: a schedule has at most {MAX_SCHEDULE_STEPS:,} steps")
+        out.extend([name] * count)
     return out
 
 

@@ -106,7 +106,7 @@ class SourceLines:
         for key in rest:
             if isinstance(key, int):
                 continue
-            pat = re.compile(r"(^|[{,\s])" + re.escape(str(key)) + r"\s*=")
+            pat = re.compile(r"(^|[{,.\s\"])" + re.escape(str(key)) + r"\"?\s*[=.]")
             for n in range(best or start, end):
                 line = self.lines[n - 1]
                 if pat.search(line.split("#", 1)[0]):

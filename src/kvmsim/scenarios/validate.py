@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 #: Counters the runner derives from the journal facts (``runner._derived``).
 DERIVED_COUNTERS = ("kvm_get", "kvm_put", "kvm_pin", "kvm_unpin", "kvm_set_dirty", "kvm_mark_accessed")
 
-#: Fixed-name counters the model's journal keeps (``journal.count("...")``).
+#: Fixed-name counters the model's journal keeps (``journal.count(name)``).
 MODEL_COUNTERS = frozenset({
     # stage-2 faults and SPTEs (kvm/stage2.py, x86/, arm64/, riscv/)
     "page_fault", "fault_retry", "fast_page_fault", "spurious", "mmio", "spte_write", "spte_zap",

@@ -216,8 +216,13 @@ def _expect_text(exp: dict) -> str:
         if all(w == {"min": 1} for w in v.values()):                 # the list form: ["INV-1", ...]
             return "[" + ", ".join(json.dumps(k) for k in v) + "]"
         return val(v)
-    return ", ".join(f"{k} = {violations(v) if k == 'violations' else val(v)}"
-                     for k, v in exp.items() if v is not None) or "-"
+    def field(k: str, v) -> str:
+        if k == "violations":
+            return violations(v)
+        if k == "value" and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return f"{v:#x}"                                            # as the step line shows values
+        return val(v)
+    return ", ".join(f"{k} = {field(k, v)}" for k, v in exp.items() if v is not None) or "-"
 
 
 # ---- run ---------------------------------------------------------------------------------------------

@@ -186,6 +186,12 @@ CASES = [
      "vma#2.page_size", "expected 4K, 2M or 1G, got 0x0"),
     ("VMA size not a multiple of its page size", 'kind = "memfd"\nsize = "16K"', 'kind = "hugetlb"\nsize = "16K"\n'
      'page_size = "2M"', 'size = "16K"\npage_size = "2M"', "vma#1.size", "multiple of page_size 0x200000"),
+    ("hugetlb with 4K pages", 'kind = "memfd"', 'kind = "hugetlb"', 'kind = "hugetlb"', "vma#1.kind",
+     "a hugetlb VMA has 2M or 1G pages"),
+    ("2M pages on a memfd", 'kind = "memfd"\nsize = "16K"', 'kind = "memfd"\nsize = "4M"\npage_size = "2M"',
+     'page_size = "2M"', "vma#1.page_size", "every other kind 4K"),
+    ("negative clear_dirty_log first", 'op = "truncate"', 'op = "clear_dirty_log"\nslot = 0\nfirst = -64\n\n'
+     '[[step]]\nop = "truncate"', "first = -64", "step#9.first", "expected 0 .. 0xffffffffffffffff"),
     ("unaligned memslot gpa", "id = 0\ngpa = 0\n", "id = 0\ngpa = 0x800\n", "gpa = 0x800", "memslot#1.gpa",
      "expected a multiple of 4K"),
     ("driver size not page-sized", 'pfn_class = "driver_refcounted"', 'pfn_class = "driver_refcounted"\n'

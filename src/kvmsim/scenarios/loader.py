@@ -435,6 +435,10 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
                                                   f"{', '.join(sorted(drivers)) or 'none'})")
         if t["page_size"] not in (4096, 1 << 21, 1 << 30):
             raise ctx.error(("vma", i, "page_size"), f"expected 4K, 2M or 1G, got {t['page_size']:#x}")
+        if (t["kind"] == "hugetlb") != (t["page_size"] != 4096):
+            raise ctx.error(("vma", i, "page_size") if "page_size" in v else ("vma", i, "kind"),
+                            "a hugetlb VMA has 2M or 1G pages (page_size = \"2M\" or \"1G\"), every other kind 4K "
+                            f"(THP: thp = true); got kind = {t['kind']!r} with page_size {t['page_size']:#x}")
         if t["size"] <= 0 or t["size"] % t["page_size"]:
             raise ctx.error(("vma", i, "size"), f"expected a positive multiple of page_size {t['page_size']:#x}, "
                                                 f"got {t['size']:#x}")

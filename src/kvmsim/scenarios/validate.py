@@ -68,6 +68,10 @@ def counter_problem(name: str) -> str | None:
 NEEDS_MAPPING = frozenset({"truncate", "punch_hole", "writeback"})
 MAPPED_KINDS = frozenset({"anon_shared", "memfd", "file", "hugetlb"})
 
+#: Integer step arguments that are unsigned in the kernel's ABI, with their width in bits
+#: (``struct kvm_userspace_memory_region.slot``, ``struct kvm_clear_dirty_log.first_page/num_pages``, ...).
+UNSIGNED_ARGS = {"id": 32, "slot": 32, "first": 64, "num": 32, "length": 64}
+
 #: name-table → (op that creates a handle, ops that use it, ops that release it)
 HANDLES = {
     "kvm_vcpu_map": ("vcpu_map", ("map_access",), ("vcpu_unmap",)),
@@ -98,6 +102,9 @@ def _check_refs(sc: Scenario, err, path: tuple, step: Step, names: _Names, extra
         drivers = [d.name for d in sc.drivers]
         if a["driver"] not in drivers:
             raise err(path + ("driver",), f"no [[driver]] named {a['driver']!r} (have: {', '.join(drivers) or 'none'})")
+    for k, bits in UNSIGNED_ARGS.items():
+        if a.get(k) is not None and not 0 <= a[k] < 1 << bits:
+            raise err(path + (k,), f"expected 0 .. {(1 << bits) - 1:#x} ({k} is a u{bits} in the ioctl), got {a[k]}")
     if "vcpu" in a and not 0 <= a["vcpu"] < sc.vm.vcpus:
         raise err(path + ("vcpu",), f"no vCPU {a['vcpu']}: the VM has {sc.vm.vcpus} "
                                     f"(vcpu = 0 .. {sc.vm.vcpus - 1}; [vm] vcpus = N for more)")

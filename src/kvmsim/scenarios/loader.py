@@ -9,7 +9,6 @@ scenario file") and by the bundled library (``kvmsim show NAME``).
 
 from __future__ import annotations
 
-import errno as _errno
 import os
 import re
 import stat
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from kvmsim.errors import ScenarioError
-from kvmsim.kvm.vcpu import Exit
 from kvmsim.mm.page import PfnClass
 from kvmsim.mm.vma import VmaKind
 from kvmsim.scenarios.spec import (
@@ -32,18 +30,24 @@ from kvmsim.scenarios.spec import (
     VmaSpec,
     VmSpec,
 )
-from kvmsim.scenarios.validate import check_final, check_steps, counter_problem
+from kvmsim.scenarios.validate import (
+    c_counters,
+    c_errno,
+    c_exit,
+    c_result,
+    c_violations,
+    check_final,
+    check_steps,
+)
 from kvmsim.types import parse_size
 
 POLICIES = ("legacy", "series", "pre-5.13")
 REQUIRED = object()
 MEM_FLAGS = {"log_dirty_pages": 1, "readonly": 2}
-EXITS = tuple(e.value for e in Exit)
 #: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).
 REQUIREMENTS = ("x86_mmu",)
 #: Largest scenario file read (bytes); the bundled ones are under 4 KiB.
 MAX_FILE_BYTES = 1 << 20
-ERRNO_NAMES = frozenset(_errno.errorcode.values()) | {"EHWPOISON"}
 
 
 # ---- positions in the source --------------------------------------------------------------------
@@ -280,80 +284,6 @@ def c_memflags(v: Any) -> tuple[str, ...]:
 MEMSLOT = {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED),
            "size": (c_bounded(c_size, 0, MAX_BYTES, "a memslot size"), REQUIRED), "vma": (c_str, REQUIRED),
            "offset": (c_size, 0), "flags": (c_memflags, ())}
-
-
-def c_bounds(v: Any) -> Any:
-    """A counter or violation-count expectation: an exact integer or ``{min = , max = }``."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        if v < 0:
-            raise ValueError(f"a count cannot be negative, got {v}")
-        return v
-    if isinstance(v, dict) and v and set(v) <= {"min", "max"} and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
-        if any(x < 0 for x in v.values()):
-            raise ValueError(f"a count cannot be negative, got {v!r}")
-        if v.get("min", 0) > v.get("max", v.get("min", 0)):
-            raise ValueError(f"min {v['min']} is greater than max {v['max']}: no count can match")
-        return dict(v)
-    raise ValueError(f"expected an integer or a table {{min = N, max = M}}, got {v!r}")
-
-
-def c_violations(v: Any) -> dict[str, Any]:
-    """``["INV-1", ...]`` (exactly these invariants, any count) or ``{"INV-1" = 2, ...}``."""
-    if isinstance(v, list):
-        out: dict[str, Any] = {}
-        for x in v:
-            if not isinstance(x, str) or not re.fullmatch(r"INV-(1[0-2]|[1-9])", x):
-                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {x!r}")
-            out[x] = {"min": 1}
-        return out
-    if isinstance(v, dict):
-        for k, n in v.items():
-            if not re.fullmatch(r"INV-(1[0-2]|[1-9])", k):
-                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {k!r}")
-            try:
-                c_bounds(n)
-            except ValueError as e:
-                raise ValueError(f"{k}: {e}") from None
-        return dict(v)
-    raise ValueError(f"expected a list of invariants or a table invariant = count, got {v!r}")
-
-
-def c_counters(v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise ValueError(f"expected a table counter = N or counter = {{min, max}}, got {v!r}")  # noqa: TRY004
-    for name, n in v.items():
-        why = counter_problem(name)
-        if why:
-            raise ValueError(why)
-        try:
-            c_bounds(n)
-        except ValueError as e:
-            raise ValueError(f"counter {name!r}: {e}") from None
-    return dict(v)
-
-
-def c_exit(v: Any) -> Any:
-    if isinstance(v, list):
-        return [c_exit(x) for x in v]
-    if not isinstance(v, str) or v.lower() not in EXITS:
-        raise ValueError(f"expected a KVM_RUN exit ({', '.join(EXITS)}) or a list of them, got {v!r}")
-    return v.lower()
-
-
-def c_result(v: Any) -> Any:
-    if isinstance(v, list):
-        return [c_result(x) for x in v]
-    if not isinstance(v, str):
-        raise ValueError(f"expected a result string or a list of them, got {v!r}")  # noqa: TRY004
-    return v.lower()
-
-
-def c_errno(v: Any) -> str:
-    """An errno name (``EFAULT``) or ``"0"`` for success."""
-    if not isinstance(v, str) or (v.upper() not in ERRNO_NAMES and v != "0"):
-        raise ValueError(f"expected an errno name such as EFAULT or EINVAL (or \"0\"), got {v!r}")
-    return v.upper()
 
 
 STEP_EXPECT = {"exit": (c_exit, None), "result": (c_result, None), "errno": (c_errno, None), "value": (c_any, None),

@@ -16,7 +16,11 @@ names, so a counter added to the model without being added here fails a test, no
 from __future__ import annotations
 
 import difflib
+import errno as _errno
+import re
 from typing import TYPE_CHECKING, Any
+
+from kvmsim.kvm.vcpu import Exit
 
 if TYPE_CHECKING:
     from kvmsim.scenarios.spec import Scenario, Step
@@ -60,6 +64,86 @@ def counter_problem(name: str) -> str | None:
         f"; counters are {', '.join(sorted(DERIVED_COUNTERS))}, the model's own (kvmsim run --trace shows them) " \
         f"or a family {', '.join(f + '<function>' for f in COUNTER_FAMILIES)}"
     return f"unknown counter {name!r}{hint}"
+
+
+# ---- expectations ------------------------------------------------------------------------------------
+
+EXITS = tuple(e.value for e in Exit)
+ERRNO_NAMES = frozenset(_errno.errorcode.values()) | {"EHWPOISON"}
+
+
+def c_bounds(v: Any) -> Any:
+    """A counter or violation-count expectation: an exact integer or ``{min = , max = }``."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 0:
+            raise ValueError(f"a count cannot be negative, got {v}")
+        return v
+    if isinstance(v, dict) and v and set(v) <= {"min", "max"} and all(
+            isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
+        if any(x < 0 for x in v.values()):
+            raise ValueError(f"a count cannot be negative, got {v!r}")
+        if v.get("min", 0) > v.get("max", v.get("min", 0)):
+            raise ValueError(f"min {v['min']} is greater than max {v['max']}: no count can match")
+        return dict(v)
+    raise ValueError(f"expected an integer or a table {{min = N, max = M}}, got {v!r}")
+
+
+def c_violations(v: Any) -> dict[str, Any]:
+    """``["INV-1", ...]`` (exactly these invariants, any count) or ``{"INV-1" = 2, ...}``."""
+    if isinstance(v, list):
+        out: dict[str, Any] = {}
+        for x in v:
+            if not isinstance(x, str) or not re.fullmatch(r"INV-(1[0-2]|[1-9])", x):
+                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {x!r}")
+            out[x] = {"min": 1}
+        return out
+    if isinstance(v, dict):
+        for k, n in v.items():
+            if not re.fullmatch(r"INV-(1[0-2]|[1-9])", k):
+                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {k!r}")
+            try:
+                c_bounds(n)
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
+        return dict(v)
+    raise ValueError(f"expected a list of invariants or a table invariant = count, got {v!r}")
+
+
+def c_counters(v: Any) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a table counter = N or counter = {{min, max}}, got {v!r}")  # noqa: TRY004
+    for name, n in v.items():
+        why = counter_problem(name)
+        if why:
+            raise ValueError(why)
+        try:
+            c_bounds(n)
+        except ValueError as e:
+            raise ValueError(f"counter {name!r}: {e}") from None
+    return dict(v)
+
+
+def c_exit(v: Any) -> Any:
+    if isinstance(v, list):
+        return [c_exit(x) for x in v]
+    if not isinstance(v, str) or v.lower() not in EXITS:
+        raise ValueError(f"expected a KVM_RUN exit ({', '.join(EXITS)}) or a list of them, got {v!r}")
+    return v.lower()
+
+
+def c_result(v: Any) -> Any:
+    if isinstance(v, list):
+        return [c_result(x) for x in v]
+    if not isinstance(v, str):
+        raise ValueError(f"expected a result string or a list of them, got {v!r}")  # noqa: TRY004
+    return v.lower()
+
+
+def c_errno(v: Any) -> str:
+    """An errno name (``EFAULT``) or ``"0"`` for success."""
+    if not isinstance(v, str) or (v.upper() not in ERRNO_NAMES and v != "0"):
+        raise ValueError(f"expected an errno name such as EFAULT or EINVAL (or \"0\"), got {v!r}")
+    return v.upper()
 
 
 # ---- names a step refers to ----------------------------------------------------------------------------

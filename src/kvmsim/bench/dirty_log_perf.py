@@ -373,6 +373,7 @@ def _worker(conn, parent: int, opts: Options, policy: str, warm: bool) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides; it stops us with SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)   # blocked by the parent around fork
     try:
         res = _run_warm(opts, policy, warm, lambda *a: conn.send(("phase", a)))
         conn.send(("result", res))
@@ -387,6 +388,11 @@ def _worker(conn, parent: int, opts: Options, policy: str, warm: bool) -> None:
         conn.send(("crash", traceback.format_exc()))
     finally:
         conn.close()
+
+
+#: Held off while the worker is forked, so a signal never lands between fork() and Process knowing
+#: its child (a KeyboardInterrupt there left a started child that ``Process`` could not join).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def _on_sigterm(signum, frame):
@@ -415,7 +421,11 @@ def run_model_isolated(opts: Options, policy: str, *, warm: bool = True,
     except ValueError:                                  # not the main thread: leave SIGTERM alone
         pass
     try:
-        proc.start()
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)     # a pending signal is raised here
         send.close()
         while True:
             try:

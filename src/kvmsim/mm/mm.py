@@ -243,11 +243,12 @@ class Mm:
         vmas = list(self._clip(start, length))
         if not vmas:
             raise ModelError(errno.ENOMEM, f"mprotect({start:#x}): no mapping")
+        for vma, lo, hi in vmas:                     # refused before anything changes
+            if lo != 0 or hi != vma.npages:
+                raise ModelError(errno.EINVAL, "mprotect of part of a VMA is not modelled; map it separately")
         rng = MmuNotifierRange(start, start + length, MmuNotifyEvent.PROTECTION_VMA, reason="mprotect")
         yield from self.invalidate_range_start.steps(rng)
         for vma, lo, hi in vmas:
-            if lo != 0 or hi != vma.npages:
-                raise ModelError(errno.EINVAL, "mprotect of part of a VMA is not modelled; map it separately")
             new = vma.flags & ~(VM.READ | VM.WRITE)
             if "r" in prot:
                 new |= VM.READ

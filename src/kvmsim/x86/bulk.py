@@ -11,6 +11,14 @@ with the same SPTE state, dirty bitmap / ring, folio flags and MMU counters (``p
   ``release_faultin_bulk``; the GUP reference is taken and dropped in the same call, so only its
   counters are kept, not per-page get/put facts;
 * anything else (no slot, host fault needed, an SPTE in the way) goes through the scalar path.
+
+A slow fault here follows the scalar fault's rules, not a copy of them: it snapshots
+``mmu_invalidate_seq``, leaves every gfn the lockless pre-check would retry
+(``mmu_invalidate_retry_gfn_unsafe()``: an invalidation in progress over it) to the scalar path,
+takes ``mmu_lock`` through the MMU's own lock steps (:meth:`X86Mmu._lock`) only if it is free now
+(otherwise the scalar fault blocks or reports the deadlock, as it does alone), and re-checks
+``mmu_invalidate_retry_gfn()`` under the lock before any SPTE is written (a stale batch installs
+nothing and goes to the scalar path, which retries).
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ import numpy as np
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.vcpu import Exit
 from kvmsim.mm.vma import Pte
+from kvmsim.sched import Wait
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
 from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte_bits, spte_write, tables
@@ -166,7 +175,9 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
         ready, hpfn = host_ready(kvm, slot, todo)
         ready &= ~present
         if ready.any():
-            _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], write)
+            mmu_seq = kvm.mmu_invalidate_seq                  # kvm_mmu_faultin_pfn(): the snapshot
+            ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
+        if ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], write, mmu_seq):
             continue
         # the scalar path for what needs the host or KVM's conflict handling, in gfn order; back to
         # the vectorised round as soon as the host has mapped the next page (a huge host fault)
@@ -238,8 +249,34 @@ def _fast_faults(mmu, vcpu, slot, t, idx, write: bool) -> None:
             mmu.fast_page_fault(vcpu, slot, slot.base_gfn + i, write)
 
 
-def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
-    """One fault per leaf to install: faultin (GUP-fast), map under mmu_lock, release per policy."""
+def _retry_mask(kvm, gfns: np.ndarray, mmu_seq: int, *, locked: bool) -> np.ndarray:
+    """Per gfn: would the fault retry?  ``mmu_invalidate_retry_gfn_unsafe()`` (``locked=False``) or
+    ``mmu_invalidate_retry_gfn()`` under ``mmu_lock`` (which the explorer's skip-retry mutation
+    switches off), over an array of gfns."""
+    if locked and kvm.mutations is not None and kvm.mutations.skip_retry:
+        return np.zeros(len(gfns), dtype=bool)
+    if kvm.mmu_invalidate_seq != mmu_seq:
+        return np.ones(len(gfns), dtype=bool)
+    if kvm.mmu_invalidate_in_progress:
+        return (gfns >= kvm.mmu_invalidate_range_start) & (gfns < kvm.mmu_invalidate_range_end)
+    return np.zeros(len(gfns), dtype=bool)
+
+
+def _try_lock(mmu) -> bool:
+    """Take ``mmu_lock`` through the MMU's lock steps (the scalar fault's ``yield from self._lock()``)
+    if it is free now; False, with nothing taken, if the steps would block."""
+    steps = mmu._lock()
+    for item in steps:
+        if item.__class__ is Wait and not item.ready():
+            steps.close()
+            return False
+    return True
+
+
+def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> bool:
+    """One fault per leaf to install: faultin (GUP-fast), map under mmu_lock, release per policy.
+    False (nothing done) when ``mmu_lock`` is not free or the locked re-check finds the batch stale:
+    the caller hands those pages to the scalar fault."""
     kvm = mmu.kvm
     span = _span(idx)
     if span is not None:
@@ -268,14 +305,16 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
                           ad_disabled=not mmu.ad_enabled, held=True)
     under = kvm.policy.release_under_mmu_lock
     rel_caller = "kvm_release_faultin_page" if under else "kvm_release_pfn_clean"
+    if not _try_lock(mmu):
+        return False
+    if _retry_mask(kvm, slot.base_gfn + fidx, mmu_seq, locked=True).any():     # is_page_fault_stale()
+        mmu._unlock()
+        return False
     kvm.journal.count("page_fault", nf)
     kvm.journal.count("hva_to_pfn", nf)
     kvm.journal.count("gup_fast", nf)
     kvm.journal.count("get_page:kvm_faultin_pfn", nf)
     kvm.journal.count(f"put_page:{rel_caller}", nf)
-    yield_lock = mmu._lock()
-    for _ in yield_lock:
-        pass
     try:
         small = flvl == 1
         s = fidx[small]
@@ -305,6 +344,7 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
         mmu._unlock()
     if not under:
         kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller)
+    return True
 
 
 def _install_huge(kvm, slot, t, starts, base_pfns, levels, bits: int, caller: str) -> None:

@@ -16,7 +16,6 @@ write-protected or access-tracked SPTE without ``mmu_lock``.  The race the stale
 
 from __future__ import annotations
 
-import errno
 from typing import Iterator
 
 import numpy as np
@@ -24,7 +23,7 @@ import numpy as np
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.pfn import Hold, kvm_release_faultin
-from kvmsim.kvm.stage2 import RET_PF, kvm_mmu_faultin_pfn, ret_to_access
+from kvmsim.kvm.stage2 import RET_PF, RETRY_LIVELOCK_BOUND, kvm_mmu_faultin_pfn, livelock_access, ret_to_access
 from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
@@ -192,7 +191,7 @@ class X86Mmu:
         dirty-logged slot); otherwise an EPT violation → :meth:`page_fault`."""
         kvm = self.kvm
         gfn = gpa >> PAGE_SHIFT
-        for _ in range(8):
+        for _ in range(RETRY_LIVELOCK_BOUND):       # RET_PF_RETRY: vcpu_enter_guest() re-enters
             slot = kvm.gfn_to_memslot(gfn)
             if slot is not None and not slot.invalid and "x86" in slot.arch:
                 t = slot.arch["x86"]
@@ -209,7 +208,7 @@ class X86Mmu:
             out = ret_to_access(int(r), gpa, write, value)
             if out is not None:
                 return out
-        return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+        return livelock_access(kvm, gpa, write, value)
 
     def _hw_set_ad(self, vcpu, slot, t, i: int, b: int, write: bool) -> None:
         if b & ADX:

@@ -15,7 +15,7 @@ import numpy as np
 from kvmsim.errors import ModelError
 from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.page import PG
-from kvmsim.mm.vma import AddressSpace, Pte, Vma
+from kvmsim.mm.vma import VM, AddressSpace, Pte, Vma
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PG_LEVEL_2M
 
@@ -150,6 +150,8 @@ def punch_hole(mm, asp: AddressSpace, index: int, npages: int) -> None:
 def folio_referenced(mm, pfn: int) -> bool:
     """``folio_referenced()``: clear+test the young bits of every host PTE and, through
     ``mmu_notifier_clear_flush_young``, every secondary MMU; plus PG_referenced."""
+    if not mm.phys.pfn_valid(pfn):                     # no struct page, no folio (an MMIO pfn)
+        return False
     young = False
     for vma, i in rmap_walk(mm, pfn):
         if vma.pte[i] & _Y:
@@ -263,7 +265,8 @@ def thp_collapse(mm, hva: int) -> int:
     """``MADV_COLLAPSE`` / khugepaged: copy 512 small pages into a new THP; returns the new head."""
     phys = mm.phys
     vma = mm.vma_lookup(hva)
-    if vma is None or vma.mapping is not None:
+    if vma is None or vma.mapping is not None or vma.anon is None or vma.flags & (VM.PFNMAP | VM.MIXEDMAP):
+        # hugepage_vma_check() (mm/huge_memory.c): no THP for VM_PFNMAP/VM_MIXEDMAP or non-anon memory
         raise ModelError(errno.EINVAL, f"collapse at {hva:#x}: not anonymous memory")
     i = vma.idx(hva) // PAGES_PER_PMD * PAGES_PER_PMD
     if i + PAGES_PER_PMD > vma.npages:

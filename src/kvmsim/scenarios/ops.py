@@ -9,6 +9,7 @@ every other op runs to completion in one scheduling step.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,12 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
 INTERLEAVABLE = frozenset(OP_ARGS) - {"interleave"}
 
+#: Ops on the host alone (the VMM's mm, its files and drivers); every other op is an ioctl on the VM
+#: or a vCPU, or in-kernel KVM work on the VM, and needs the VM to exist.
+HOST_OPS = frozenset({"munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "reclaim", "migrate",
+                      "thp_split", "thp_collapse", "truncate", "punch_hole", "driver_teardown", "host_write",
+                      "host_read", "folio_referenced", "age"})
+
 
 # ---- guest ---------------------------------------------------------------------------------------------
 
@@ -147,7 +154,11 @@ def op_store(env: Env, a: dict):
     from kvmsim.explore.scenarios import guest_write
     if not hasattr(env.kvm.arch, "_tables"):
         raise ModelError(22, "store is a steppable guest store for arch = \"generic\"; use write otherwise")
-    ok = yield from guest_write.steps(env.kvm, env.vcpu(a["vcpu"]), a["gpa"], a["value"])
+    vcpu = env.vcpu(a["vcpu"])
+    if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
+        yield from _done("guest: no memslot")              # kvm_handle_noslot_fault(): an MMIO exit
+        return Res("mmio")
+    ok = yield from guest_write.steps(env.kvm, vcpu, a["gpa"], a["value"])
     return Res("ok" if ok else "faulted")
 
 
@@ -156,6 +167,9 @@ def op_zap(env: Env, a: dict):
     from kvmsim.explore.scenarios import kvm_zap_gfn_range
     if not hasattr(env.kvm.arch, "zap_leaf"):
         raise ModelError(22, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
+    if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
+        yield from _done("kvm_zap_gfn_range: no memslot")  # nothing mapped there, nothing to zap
+        return Res("ok")
     yield from kvm_zap_gfn_range.steps(env.kvm, a["gpa"] >> PAGE_SHIFT)
     return Res("ok")
 
@@ -332,6 +346,11 @@ def guarded(gen):
 
 def op_interleave(env, a):
     from kvmsim.sched import run_interleaved
+    ops = [st.op for st in a["threads"].values()]
+    if "vm_destroy" in ops and any(op not in HOST_OPS for op in ops if op != "vm_destroy") or ops.count("vm_destroy") > 1:
+        # kvm_destroy_vm() runs when the last reference to the VM goes: never while an ioctl on it runs
+        raise ModelError(errno.EINVAL, "vm_destroy cannot run while another thread uses the VM "
+                                       "(kvm_destroy_vm() runs after the last VM and vCPU fd is closed)")
     threads = {name: guarded(make_gen(env, st.op, st.args)) for name, st in a["threads"].items()}
     results = run_interleaved(threads, a["order"])
     parts = [f"{n}:{results[n].result}" for n in a["threads"]]
@@ -363,4 +382,14 @@ assert set(OPS) == set(OP_ARGS)
 
 def make_gen(env: Env, op: str, args: dict):
     """The generator running ``op`` with ``args`` on ``env``."""
-    return OPS[op](env, args)
+    if op in HOST_OPS or op == "interleave":
+        return OPS[op](env, args)
+    return _on_vm(env, op, args)
+
+
+def _on_vm(env: Env, op: str, args: dict):
+    """An op on the VM: after ``vm_destroy`` its fds are closed, so every ioctl on it is EBADF (and the
+    in-kernel users of a VM, pfncaches and host maps, are gone with it)."""
+    if env.kvm.destroyed:
+        raise ModelError(errno.EBADF, f"{op}: the VM was destroyed (vm_destroy); its VM and vCPU fds are closed")
+    return (yield from OPS[op](env, args))

@@ -55,8 +55,9 @@ class MmapLock:
     def mmap_write_unlock(self) -> None:
         self.writer = None
 
-    def mmap_read_unlock(self) -> None:
-        self.readers.remove(current_thread())
+    def mmap_read_unlock(self, holder: str) -> None:
+        """Release ``holder``'s read hold (named: an abandoned thread's generator is closed from another)."""
+        self.readers.remove(holder)
 
 
 class Mm:
@@ -326,6 +327,7 @@ class Mm:
                 raise ModelError(errno.EINVAL, "MADV_REMOVE needs a shared file mapping")
         if advice not in ("DONTNEED", "REMOVE"):
             raise ModelError(errno.EINVAL, f"madvise advice {advice!r} is not modelled (DONTNEED, REMOVE)")
+        me = current_thread()
         yield from self.mmap_lock.mmap_read_lock.steps()
         try:
             parts = list(self._clip(start, length))              # again: the VMAs may have changed
@@ -339,7 +341,7 @@ class Mm:
             yield f"madvise {advice}: PTEs zapped"
             yield from self.invalidate_range_end.steps(rng)
         finally:
-            self.mmap_lock.mmap_read_unlock()
+            self.mmap_lock.mmap_read_unlock(me)
 
     @kpath
     def mremap(self, old: int, length: int, new_addr: int | None = None) -> Steps:

@@ -83,6 +83,14 @@ def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
 RETRY_LIVELOCK_BOUND = 1000
 
 
+def retry_state(kvm) -> tuple:
+    """What a RET_PF_RETRY depends on.  A guest access runs within one model step, so no other thread
+    changes this while the vCPU re-enters: if a second retry sees the same state as the first, every
+    further re-entry would retry the same way, and the access is a livelock without spinning to the bound."""
+    return (kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress, kvm.mmu_invalidate_range_start,
+            kvm.mmu_invalidate_range_end, tuple(s.generation for s in kvm.memslots))
+
+
 def livelock_access(kvm, gpa: int, write: bool, value) -> Access:
     """The access after :data:`RETRY_LIVELOCK_BOUND` re-entries without progress: a livelock, not EFAULT."""
     kvm.journal.count("guest_livelock")
@@ -200,6 +208,7 @@ class GenericStage2:
         """A guest load/store: through the leaf if :meth:`_leaf_allows` it, else a stage-2 fault."""
         kvm = self.kvm
         gfn = gpa >> PAGE_SHIFT
+        stuck = None
         for _ in range(RETRY_LIVELOCK_BOUND):       # RET_PF_RETRY: the vCPU re-enters the guest
             slot = kvm.gfn_to_memslot(gfn)
             if slot is not None and not slot.invalid:
@@ -215,6 +224,11 @@ class GenericStage2:
             out = ret_to_access(int(r), gpa, write, value)
             if out is not None:
                 return out
+            if r == RET_PF.RETRY:
+                state = retry_state(kvm)
+                if state == stuck:
+                    break
+                stuck = state
         return livelock_access(kvm, gpa, write, value)
 
     def _leaf_allows(self, vcpu, slot, i: int, write: bool) -> bool:

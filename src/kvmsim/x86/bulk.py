@@ -174,6 +174,8 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
         present = (b & P) != 0
         ready, hpfn = host_ready(kvm, slot, todo)
         ready &= ~present
+        if not mmu.tdp_mmu_enabled:
+            ready[:] = False            # the shadow MMU's fault prefetches (direct_pte_prefetch): scalar
         if ready.any():
             mmu_seq = kvm.mmu_invalidate_seq                  # kvm_mmu_faultin_pfn(): the snapshot
             ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
@@ -339,11 +341,11 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> boo
         if writable:
             mark_dirty_bulk(kvm, slot, s, vcpu)
         if under:
-            kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller)
+            kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
     finally:
         mmu._unlock()
     if not under:
-        kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller)
+        kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
     return True
 
 

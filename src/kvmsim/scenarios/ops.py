@@ -138,6 +138,12 @@ def op_access(env: Env, a: dict, write: bool):
             value = acc.value
     yield from _done("guest access done")
     result = per[0] if len(set(per)) == 1 else ",".join(per)
+    if "livelock" in per:
+        k = per.index("livelock")
+        value = (f"livelock at gpa {a['gpa'] + k * a['stride']:#x}: every re-entry of the guest faulted and "
+                 "retried (RET_PF_RETRY) with nothing in this step able to end the invalidation or memslot "
+                 "update it waits for")
+        return Res(result, err, value, per)
     return Res(result, err, value if a["count"] == 1 else None, per)
 
 

@@ -50,7 +50,7 @@ def vmas(draw, driver_names: list[str]) -> list[dict]:
         if kind == "hugetlb":
             v["page_size"] = "2M"
             v["size"] = draw(st.sampled_from([2 << 20, 4 << 20]))
-        elif kind == "anon" and draw(st.integers(0, 4)) == 0:
+        elif kind in ("anon", "anon_shared", "memfd") and draw(st.integers(0, 4)) == 0:
             v["thp"] = True
             v["size"] = 2 << 20
         else:
@@ -114,8 +114,13 @@ def _gpa(draw, w: _World) -> int:
     if w.slots and draw(st.integers(0, 7)):
         s = w.slots[draw(st.sampled_from(sorted(w.slots)))]
         npages = s["size"] // PAGE
-        return s["gpa"] + draw(st.integers(0, max(0, npages + 1))) * PAGE
+        return s["gpa"] + draw(st.integers(0, max(0, npages + 1))) * PAGE + _odd(draw)
     return draw(st.sampled_from([0, 7 * SLOT_STRIDE, 0x1000]))
+
+
+def _odd(draw) -> int:
+    """Mostly 0; sometimes a sub-page amount, which a system call may refuse (EINVAL) but is valid input."""
+    return draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 1, 0x800]))
 
 
 def _vma_range(draw, w: _World, name: str) -> dict:
@@ -123,15 +128,15 @@ def _vma_range(draw, w: _World, name: str) -> dict:
     a = {"vma": name}
     if draw(st.booleans()):
         off = draw(st.integers(0, npages - 1))
-        a["offset"] = off * PAGE
+        a["offset"] = off * PAGE + _odd(draw)
         if draw(st.booleans()):
-            a["size"] = draw(st.integers(1, npages - off)) * PAGE
+            a["size"] = draw(st.integers(0 if _odd(draw) else 1, npages - off)) * PAGE + _odd(draw)
     return a
 
 
 def _vma_at(draw, w: _World, name: str) -> dict:
     npages = w.vmas[name]["size"] // PAGE
-    return {"vma": name, "offset": draw(st.integers(0, npages - 1)) * PAGE}
+    return {"vma": name, "offset": draw(st.integers(0, npages - 1)) * PAGE + _odd(draw)}
 
 
 def _vcpu(draw, w: _World) -> dict:
@@ -193,7 +198,7 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {**_vma_at(draw, w, draw(st.sampled_from(vma_names))), "value": draw(st.integers(0, 255))}
     if op == "folio_referenced":
         a = _vma_at(draw, w, draw(st.sampled_from(vma_names)))
-        left = (w.vmas[a["vma"]]["size"] - a["offset"]) // PAGE
+        left = max(1, (w.vmas[a["vma"]]["size"] - a["offset"]) // PAGE)
         return {**a, "count": draw(st.integers(1, min(4, left)))}
     if op == "writeback":
         if not file_vmas:
@@ -209,7 +214,7 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         if not file_vmas:
             return None
         a = _vma_at(draw, w, draw(st.sampled_from(file_vmas)))
-        left = (w.vmas[a["vma"]]["size"] - a["offset"]) // PAGE
+        left = max(1, (w.vmas[a["vma"]]["size"] - a["offset"]) // PAGE)
         return {**a, "size": draw(st.integers(1, left)) * PAGE}
     if op == "driver_teardown":
         return {"driver": draw(st.sampled_from(w.drivers))} if w.drivers else None
@@ -278,7 +283,7 @@ def _one_step(draw, w: _World, ops=ALL_OPS) -> dict:
 @st.composite
 def steps(draw, w: _World) -> list[dict]:
     out = []
-    for _ in range(draw(st.integers(1, 7))):
+    for _ in range(draw(st.integers(1, 10))):
         if draw(st.integers(0, 3)) == 0:
             n = draw(st.integers(2, 3))
             names = ["t0", "t1", "t2"][:n]
@@ -314,7 +319,11 @@ def scenario_docs(draw) -> dict:
     for i, v in enumerate(vm_list):
         if draw(st.integers(0, 4)) == 0:
             continue
-        slots.append({"id": i, "gpa": i * SLOT_STRIDE, "size": v["size"], "vma": v["name"], "flags": _flags(draw)})
+        npages = v["size"] // PAGE
+        off = draw(st.integers(0, npages - 1)) if draw(st.integers(0, 3)) == 0 else 0
+        size = (npages - off) if draw(st.integers(0, 3)) else draw(st.integers(1, npages - off))
+        slots.append({"id": i, "gpa": i * SLOT_STRIDE, "size": size * PAGE, "vma": v["name"], "offset": off * PAGE,
+                      "flags": _flags(draw)})
     for d in drv:                           # a driver owns enough memory for every VMA that maps it
         sizes = [v["size"] for v in vm_list if v.get("driver") == d["name"]]
         if sizes:

@@ -115,3 +115,19 @@ def test_generated_documents_render_as_toml_the_loader_reads_back():
     b = scenario_from_dict(doc, file="fuzz.toml")
     assert [(s.op, s.describe()) for s in a.steps] == [(s.op, s.describe()) for s in b.steps]
     assert [v.name for v in a.vmas] == [v["name"] for v in doc["vma"]]
+
+
+def test_the_strategies_cover_every_op_vma_kind_driver_class_and_arch():
+    """A new op, VMA kind, pfn class or arch must be added to tests/strategies.py, or this fails."""
+    from kvmsim.mm.page import PfnClass
+    from kvmsim.mm.vma import VmaKind
+    from kvmsim.scenarios.loader import VM
+    from kvmsim.scenarios.ops import OP_ARGS
+    from tests import strategies
+    assert set(strategies.ALL_OPS) | {"interleave"} == set(OP_ARGS)
+    assert set(strategies.PFN_CLASSES) == {c.name.lower() for c in PfnClass}
+    kinds = {"anon", "anon_shared", "memfd", "file", "hugetlb", "pfnmap", "mixedmap"}
+    assert kinds == {k.value for k in VmaKind}
+    archs = {a for a, _ in strategies.ARCHES}
+    assert archs == {"x86", "arm64", "riscv", "generic"}
+    VM["arch"][0]("riscv")                                  # the loader takes each of them

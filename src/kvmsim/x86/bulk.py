@@ -6,9 +6,10 @@ with the same SPTE state, dirty bitmap / ring, folio flags and MMU counters (``p
 
 * hits: hardware A/D (and a PML entry for a write that sets D on a dirty-logged slot);
 * 4 KiB fast page faults (access-tracked or write-protected MMU-writable SPTEs) in one write;
-* slow faults whose host PTE is present, writable and maps a normal page (``get_user_page_fast_only``
-  would succeed) are resolved and installed per leaf, and released through the policy's
-  ``release_faultin_bulk``; the GUP reference is taken and dropped in the same call, so only its
+* on the TDP MMU (the shadow MMU's fault also prefetches neighbours, so its slow faults stay
+  scalar), slow faults whose host PTE is present, writable and maps a normal page
+  (``get_user_page_fast_only`` would succeed) are resolved and installed per leaf, and released
+  through the policy's ``release_faultin_bulk``; the GUP reference is taken and dropped in the same call, so only its
   counters are kept, not per-page get/put facts;
 * anything else (no slot, host fault needed, an SPTE in the way) goes through the scalar path.
 

@@ -16,6 +16,7 @@ write-protected or access-tracked SPTE without ``mmu_lock``.  The race the stale
 
 from __future__ import annotations
 
+import errno
 from typing import Iterator
 
 import numpy as np
@@ -23,7 +24,8 @@ import numpy as np
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.pfn import Hold, kvm_release_faultin
-from kvmsim.kvm.stage2 import RET_PF, RETRY_LIVELOCK_BOUND, kvm_mmu_faultin_pfn, livelock_access, ret_to_access, retry_state
+from kvmsim.kvm.stage2 import (RET_PF, RETRY_LIVELOCK_BOUND, kvm_mmu_faultin_pfn, livelock_access, ret_to_access,
+                               retry_state)
 from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT

@@ -28,6 +28,7 @@ import numpy as np
 
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.vcpu import Exit
+from kvmsim.mm.page import PG
 from kvmsim.mm.vma import Pte
 from kvmsim.sched import Wait
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
@@ -35,6 +36,7 @@ from kvmsim.x86 import tdp_mmu
 from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte_bits, spte_write, tables
 
 _HP, _HW, _HS, _HPN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.SPECIAL), int(getattr(Pte, "PROTNONE", 0))
+_POISONED = int(PG.poisoned)
 
 
 def _span(idx: np.ndarray) -> tuple[int, int] | None:
@@ -93,7 +95,7 @@ def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     PROT_NONE, and a valid page that is not freed.  Returns (ok, pfn)."""
     ok = ((pte & (_HP | _HW | _HS | _HPN)) == (_HP | _HW)) & (p > 0)
     ok[ok] &= (p[ok] < kvm.phys.nr)
-    ok[ok] &= (kvm.phys.flags[p[ok]] & (1 << 9)) == 0          # PG.poisoned
+    ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
     return ok, p
 
 
@@ -141,21 +143,13 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
         hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
         if hit.all():                                     # every page maps: no gathers
             _hits(mmu, vcpu, slot, t, todo, b, write, want)
-            pfn = _take(t.pfn, todo, span)
             k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
-            if write:
-                kvm.phys.data[pfn] = vals[k]
-            else:
-                out[k] = kvm.phys.data[pfn]
+            _guest_data(kvm, _take(t.pfn, todo, span), k, write, vals, out)
             return
         if hit.any():
             done = todo[hit]
             _hits(mmu, vcpu, slot, t, done, b[hit], write, want)
-            pfn = t.pfn[done]
-            if write:
-                kvm.phys.data[pfn] = vals[done - lo]
-            else:
-                out[done - lo] = kvm.phys.data[pfn]
+            _guest_data(kvm, t.pfn[done], done - lo, write, vals, out)
             todo = todo[~hit]
         if not len(todo):
             return
@@ -194,6 +188,31 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
                 break
         else:
             return
+
+
+def _guest_data(kvm, pfn: np.ndarray, k, write: bool, vals, out) -> None:
+    """The guest's loads/stores through hits (``k``: their positions in ``vals``/``out``), as
+    ``phys.write``/``phys.read`` per page do them: vectorised over live pages with a struct page;
+    an MMIO pfn (no struct page) or a freed page (a use after free to report) one by one, in order."""
+    phys = kvm.phys
+    odd = (pfn <= 0) | (pfn >= phys.nr)
+    odd[~odd] = (phys.flags[pfn[~odd]] & _POISONED) != 0
+    if not odd.any():
+        if write:
+            phys.data[pfn] = vals[k]
+        else:
+            out[k] = phys.data[pfn]
+        return
+    pos = np.arange(len(out))[k]
+    for p, i, o in zip(pfn.tolist(), pos.tolist(), odd.tolist()):
+        if write and o:
+            phys.write(p, int(vals[i]), "guest write", kvm=True)
+        elif write:
+            phys.data[p] = vals[i]
+        elif o:
+            out[i] = phys.read(p, "guest read", kvm=True)
+        else:
+            out[i] = phys.data[p]
 
 
 def _leaf_starts(slot, t, idx):

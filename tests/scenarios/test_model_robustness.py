@@ -202,3 +202,22 @@ def test_a_guest_store_and_zap_where_no_memslot_is():
     rr = run(sc, "series")
     assert rr.error is None
     assert _results(rr)[:2] == [("mmio", 0), ("ok", 0)]
+
+
+@pytest.mark.parametrize("arch,mmu", ARCHES)
+def test_a_memslot_move_waits_for_a_fault_in_flight(arch, mmu):
+    """A fault holds its memslot under kvm->srcu; KVM_SET_USER_MEMORY_REGION publishes the moved slot
+    only after synchronize_srcu, so the fault completes on the old layout first (the model used to
+    move the slot under the fault: a negative index into its tables)."""
+    sc = (_ram("move-vs-fault", arch=arch, mmu=mmu)
+          .step("interleave", threads={"f": {"op": "fault", "gpa": 0, "write": True},
+                                       "m": {"op": "memslot_move", "id": 0, "gpa": 0x80000000}}, order=["f", "m"])
+          .step("read", gpa=0x80000000).build())
+    rr = run(sc, "series")
+    assert rr.error is None
+    assert _results(rr) == [("f:fixed m:move", 0), ("ok", 0)]    # the fault ended first, then the move
+    sc.steps[0].args["order"] = ["f", "m", "m"]                   # steps m while it waits: impossible
+    rr = run(sc, "series")
+    assert rr.error is None
+    assert rr.steps[0].res.errno == errno.EIO and "synchronize_srcu" in rr.steps[0].res.value
+    assert _results(rr)[1] == ("ok", 0)

@@ -386,16 +386,48 @@ OPS: dict[str, Callable] = {
 assert set(OPS) == set(OP_ARGS)
 
 
+#: Ops that run inside ``srcu_read_lock(&kvm->srcu)`` across their preemption points (a vCPU fault
+#: holds its memslot): KVM_SET_USER_MEMORY_REGION's ``synchronize_srcu_expedited()`` waits for them.
+SRCU_READERS = frozenset({"fault", "store"})
+#: Ops that change the memslots and so wait for every SRCU reader (``kvm_swap_active_memslots()``).
+MEMSLOT_UPDATES = frozenset({"memslot_set", "memslot_delete", "memslot_move", "memslot_flags"})
+
+
 def make_gen(env: Env, op: str, args: dict):
     """The generator running ``op`` with ``args`` on ``env``."""
     if op in HOST_OPS or op == "interleave":
         return OPS[op](env, args)
+    if op in SRCU_READERS:
+        return _on_vm(env, op, args, _srcu_read)
+    if op in MEMSLOT_UPDATES:
+        return _on_vm(env, op, args, _synchronize_srcu)
     return _on_vm(env, op, args)
 
 
-def _on_vm(env: Env, op: str, args: dict):
+def _srcu_read(env: Env, op: str, args: dict):
+    """``srcu_read_lock(&kvm->srcu)`` around the op (vcpu_enter_guest / KVM_RUN hold it over a fault)."""
+    env.kvm.srcu_readers = getattr(env.kvm, "srcu_readers", 0) + 1
+    try:
+        return (yield from OPS[op](env, args))
+    finally:
+        env.kvm.srcu_readers -= 1
+
+
+def _synchronize_srcu(env: Env, op: str, args: dict):
+    """A memslot update publishes the new memslots only after ``synchronize_srcu_expedited()``: it waits
+    until no fault still uses the old ones (virt/kvm/kvm_main.c ``kvm_swap_active_memslots()``)."""
+    from kvmsim.sched import Wait
+    kvm = env.kvm
+    while getattr(kvm, "srcu_readers", 0):
+        yield Wait("synchronize_srcu_expedited(&kvm->srcu)", lambda: not getattr(kvm, "srcu_readers", 0))
+    return (yield from OPS[op](env, args))
+
+
+def _on_vm(env: Env, op: str, args: dict, run=None):
     """An op on the VM: after ``vm_destroy`` its fds are closed, so every ioctl on it is EBADF (and the
     in-kernel users of a VM, pfncaches and host maps, are gone with it)."""
     if env.kvm.destroyed:
         raise ModelError(errno.EBADF, f"{op}: the VM was destroyed (vm_destroy); its VM and vCPU fds are closed")
+    if run is not None:
+        return (yield from run(env, op, args))
     return (yield from OPS[op](env, args))

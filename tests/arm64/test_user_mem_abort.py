@@ -15,7 +15,7 @@ from kvmsim.check import check_all
 from kvmsim.errors import UsageError
 from kvmsim.kvm.arch import make_arch
 from kvmsim.kvm.memslot import KVM_MEM
-from kvmsim.kvm.stage2 import RET_PF
+from kvmsim.kvm.fault import FaultRet as RET_PF
 from kvmsim.kvm.vcpu import Exit
 from kvmsim.sched import run_interleaved
 from kvmsim.trace import Src

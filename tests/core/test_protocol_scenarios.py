@@ -7,7 +7,7 @@ import pytest
 from kvmsim.check import Checker
 from kvmsim.errors import ModelError
 from kvmsim.kvm.host_map import kvm_vcpu_map, kvm_vcpu_map_access, kvm_vcpu_unmap
-from kvmsim.kvm.stage2 import RET_PF
+from kvmsim.kvm.fault import FaultRet as RET_PF
 from kvmsim.mm.vma import VmaKind
 from kvmsim.sched import run_interleaved
 

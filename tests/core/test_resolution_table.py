@@ -3,7 +3,8 @@ result, the references KVM holds after the fault and after release, and the page
 
 import pytest
 
-from kvmsim.kvm.pfn import KVM_PFN_ERR_FAULT, _kvm_faultin_pfn, kvm_release_faultin, pfn_name
+from kvmsim.kvm.fault import FaultRet, KvmPageFault
+from kvmsim.kvm.pfn import KVM_PFN_ERR_FAULT, _kvm_faultin_pfn, pfn_name
 from kvmsim.mm.gup import FOLL
 from kvmsim.mm.vma import VmaKind
 
@@ -85,12 +86,13 @@ def test_resolution_row(backing, write, policy):
     held = sum(n for (p, _), n in kvm.host_refs.items())
     assert held == expect[1]
     before = len(host.journal.facts)
+    # the fault's end, as the VM's resolved hooks do it (under mmu_lock in the series, after it in legacy)
+    fault = KvmPageFault(None, gfn, slot, write, pfn=pfn, kfp=kfp, map_writable=kfp.map_writable,
+                         result=FaultRet.FIXED)
     kvm.mmu_lock.write_lock()
-    if kvm.policy.release_under_mmu_lock:
-        kvm_release_faultin(kvm, pfn, kfp, unused=False, dirty=kfp.map_writable, caller="kvm_release_faultin_page")
+    kvm.ops.fault_release_locked(kvm, kvm.arch, fault)
     kvm.mmu_lock.write_unlock()
-    if not kvm.policy.release_under_mmu_lock:
-        kvm_release_faultin(kvm, pfn, kfp, unused=False, dirty=kfp.map_writable, caller="kvm_release_pfn_clean")
+    kvm.ops.fault_release_unlocked(kvm, kvm.arch, fault)
     held_after = sum(n for (p, _), n in kvm.host_refs.items())
     assert held_after == expect[2]
     kvm_facts = [f for f in host.journal.facts[before:] if f.kvm]

@@ -17,7 +17,7 @@ from kvmsim.check import FAULT_RELEASE_CALLERS, check_all, check_fact
 from kvmsim.errors import UsageError
 from kvmsim.kvm.arch import make_arch
 from kvmsim.kvm.memslot import KVM_MEM
-from kvmsim.kvm.stage2 import RET_PF
+from kvmsim.kvm.fault import FaultRet as RET_PF
 from kvmsim.kvm.vcpu import Exit
 from kvmsim.mm.vma import VmaKind
 from kvmsim.riscv import RiscvMmu

@@ -87,7 +87,7 @@ def test_a_fault_that_keeps_retrying_is_a_livelock_not_efault(arch, mmu):
 @pytest.mark.parametrize("arch,mmu", ARCHES)
 def test_a_retry_that_makes_progress_is_not_a_livelock(arch, mmu):
     """A retry whose invalidation ended by the next entry maps on re-entry: one fault more, no exit."""
-    from kvmsim.kvm.stage2 import RET_PF
+    from kvmsim.kvm.fault import FaultRet as RET_PF
     sc = _ram("retry-once", arch=arch, mmu=mmu).build()
     env = build(sc, "series")
     kvm, vcpu = env.kvm, env.kvm.vcpus[0]

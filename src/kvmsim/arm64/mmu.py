@@ -44,13 +44,11 @@ import errno
 import numpy as np
 
 from kvmsim.errors import ModelError, UsageError
-from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin,
-                            kvm_set_pfn_dirty)
-from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2
-from kvmsim.mm.gup import FOLL
+from kvmsim.kvm.fault import FaultRet, KvmPageFault, abort_error_pfn, kvm_stage2_fault
+from kvmsim.kvm.pfn import Hold
+from kvmsim.kvm.stage2 import S2, GenericStage2
 from kvmsim.mm.vma import VM
 from kvmsim.sched import Steps, kpath
-from kvmsim.trace import Src
 from kvmsim.types import PAGE_SHIFT
 
 _P, _W, _HW, _A, _H = (int(f) for f in (S2.PRESENT, S2.W, S2.HOST_W, S2.A, S2.HELD))
@@ -112,70 +110,59 @@ class Arm64Mmu(GenericStage2):
         kvm.journal.count("page_fault")
         if slot is None or slot.invalid or (write and slot.readonly):
             kvm.journal.count("io_mem_abort")
-            return RET_PF.EMULATE
+            return FaultRet.EMULATE
         pfns, bits = self._tables(slot)
         b = int(bits[gfn - slot.base_gfn])
         if b & _P and not b & _A:
             yield from self.handle_access_fault.steps(vcpu, gpa)
-            return RET_PF.FIXED
+            return FaultRet.FIXED
         fault_is_perm = bool(b & _P) and write and not b & _W
         r = yield from self.user_mem_abort.steps(vcpu, gpa, slot, write, fault_is_perm)
         return r
 
     @kpath
     def user_mem_abort(self, vcpu, gpa: int, slot, write_fault: bool, fault_is_perm: bool) -> Steps:
-        """Mirrors ``user_mem_abort()`` for a PAGE_SIZE mapping (v6.12 and v6.13).
+        """Mirrors ``user_mem_abort()`` for a PAGE_SIZE mapping (v6.12 and v6.13): the generic template
+        (:func:`kvmsim.kvm.fault.kvm_stage2_fault`) with arm64's hooks below.
 
-        Returns RET_PF.FIXED for 0, RETRY for the ``mmu_invalidate_retry()`` -EAGAIN, SPURIOUS for the
+        Returns FaultRet.FIXED for 0, RETRY for the ``mmu_invalidate_retry()`` -EAGAIN, SPURIOUS for the
         -EAGAIN of a map that finds the leaf already there; -EFAULT / -EHWPOISON for error pfns.
         """
-        kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        logging_active = memslot_is_logging(slot)
-        mmu_seq = kvm.mmu_invalidate_seq                   # read before mmap_read_unlock()
-        yield "user_mem_abort: mmu_seq snapshot, mmap_read_unlock"
-        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, FOLL.WRITE if write_fault else FOLL(0))
-        if pfn == KVM_PFN_ERR_HWPOISON:                    # kvm_send_hwpoison_signal(); return 0
-            return -133
-        if is_error_noslot_pfn(pfn):
-            return -errno.EFAULT
-        writable = kfp.map_writable
-        if logging_active and not write_fault:
-            writable = False                               # "Only actually map the page as writable if this was a write fault."
-        yield "user_mem_abort: pfn resolved"
-
-        yield from kvm.mmu_lock.read_lock.steps()
-        if self._mmu_invalidate_retry(mmu_seq):
-            ret, r = EAGAIN, RET_PF.RETRY
-            kvm.journal.count("fault_retry")
-        elif fault_is_perm:
-            ret = self.kvm_pgtable_stage2_relax_perms(slot, gfn, writable)
-            r = RET_PF.FIXED if ret == 0 else RET_PF.SPURIOUS
-        else:
-            ret = self.kvm_pgtable_stage2_map(slot, gfn, pfn, writable, kfp.hold != Hold.NONE)
-            r = RET_PF.FIXED if ret == 0 else RET_PF.SPURIOUS
-        # out_unlock:
-        if kvm.policy.release_under_mmu_lock:              # v6.13: kvm_release_faultin_page(kvm, page, !!ret, writable)
-            kvm_release_faultin(kvm, pfn, kfp, unused=ret != 0, dirty=writable,
-                                caller="kvm_release_faultin_page", gfn=gfn)
-        kvm.mmu_lock.read_unlock()
-        yield "user_mem_abort: read_unlock(mmu_lock)"
-        if not kvm.policy.release_under_mmu_lock:          # v6.12: dirty and release after the unlock
-            if writable and ret == 0:
-                src = Src.HELD if kfp.held is not None else Src.REMAPPED if kfp.remapped else Src.GUESS
-                kvm_set_pfn_dirty(kvm, pfn, "user_mem_abort", source=src, gfn=gfn)
-            kvm_release_faultin(kvm, pfn, kfp, unused=ret != 0, dirty=False, caller="kvm_release_pfn_clean", gfn=gfn)
-        if writable and ret == 0:
-            from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-            mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
+        fault = KvmPageFault(vcpu, gpa >> PAGE_SHIFT, slot, write_fault, perm=fault_is_perm)
+        r = yield from kvm_stage2_fault.steps(self, fault)
         return r
 
-    def _mmu_invalidate_retry(self, mmu_seq: int) -> bool:
-        """``mmu_invalidate_retry(kvm, mmu_seq)``: arm64 checks the whole VM, not the gfn, and has no
-        lockless pre-check.  ``kvm.mutations.skip_retry`` removes it, as for the other MMUs."""
-        if self.kvm.mutations is not None and self.kvm.mutations.skip_retry:
-            return False
-        return self.kvm.mmu_invalidate_retry(mmu_seq)
+    # ---- the fault template's hooks (kvmsim.kvm.fault) -----------------------------------------
+    family = "arm64"
+    fault_labels = ("user_mem_abort: mmu_seq snapshot, mmap_read_unlock", "user_mem_abort: pfn resolved",
+                    "user_mem_abort: read_unlock(mmu_lock)")
+    fault_lock_read = True
+    fault_faultin_nowait = False      # one __kvm_faultin_pfn(), no lockless pre-check
+    fault_logging_write_only = True   # "Only actually map the page as writable if this was a write fault."
+    fault_retry_ret = EAGAIN
+    fault_retry_per_gfn = False       # mmu_invalidate_retry(kvm, mmu_seq): the whole VM, not the gfn
+    fault_stale_invalid_slot = False
+    handle_error_pfn = staticmethod(abort_error_pfn)   # kvm_send_hwpoison_signal(); return 0 / -EFAULT
+
+    def fault_map(self, fault: KvmPageFault) -> int:
+        """``kvm_pgtable_stage2_relax_perms()`` for a permission fault, else ``kvm_pgtable_stage2_map()``."""
+        if fault.perm:
+            ret = self.kvm_pgtable_stage2_relax_perms(fault.slot, fault.gfn, fault.map_writable)
+        else:
+            ret = self.kvm_pgtable_stage2_map(fault.slot, fault.gfn, fault.pfn, fault.map_writable,
+                                              fault.kfp.hold != Hold.NONE)
+        fault.ret = ret
+        return FaultRet.FIXED if ret == 0 else FaultRet.SPURIOUS
+
+    def fault_unused(self, fault: KvmPageFault) -> bool:
+        """``kvm_release_faultin_page(kvm, page, !!ret, writable)``."""
+        return fault.ret != 0
+
+    def fault_after_unlock(self, fault: KvmPageFault) -> None:
+        """``if (writable && !ret) mark_page_dirty_in_slot()`` after ``read_unlock()`` (both versions)."""
+        if fault.map_writable and fault.ret == 0:
+            from kvmsim.kvm.dirty import mark_page_dirty_in_slot
+            mark_page_dirty_in_slot(self.kvm, fault.slot, fault.gfn, fault.vcpu)
 
     # ---- the page-table walkers (arch/arm64/kvm/hyp/pgtable.c) ----------------------------------------
     def kvm_pgtable_stage2_map(self, slot, gfn: int, pfn: int, writable: bool, held: bool) -> int:
@@ -229,7 +216,7 @@ class Arm64Mmu(GenericStage2):
         kvm.mmu_lock.read_unlock()
         yield "handle_access_fault: read_unlock(mmu_lock)"
         if valid:
-            kvm.policy.spte_ad_lost(kvm, pfn, dirty=False, accessed=True, caller="handle_access_fault", gfn=gfn)
+            kvm.ops.spte_ad_lost(kvm, pfn, dirty=False, accessed=True, caller="handle_access_fault", gfn=gfn)
 
     # ---- guest accesses -------------------------------------------------------------------------
     def _leaf_allows(self, vcpu, slot, i: int, write: bool) -> bool:

@@ -1,8 +1,8 @@
 """Mutation switches: turn off one of the protocol's safety mechanisms to see what it protects.
 
-The model consults ``kvm.mutations`` (a :class:`Mutations`, None by default) at three hook points,
-each guarded by ``kvm.mutations is not None`` so that a VM built without one behaves exactly as
-before.  Each mutation re-opens a race that Documentation/virt/kvm/locking.rst (or the series'
+The model never reads them: :func:`install` replaces one hook of the VM (an instance attribute of
+the ``Kvm`` or its MMU, or a field of its resolved ``kvm.ops``) with the broken version, so that a VM
+built without a mutation runs exactly the unmutated code.  Each mutation re-opens a race that Documentation/virt/kvm/locking.rst (or the series'
 changelogs) describes; drawn here in locking.rst form.
 
 ``skip-retry``: ``mmu_invalidate_retry_gfn()`` (virt/kvm/kvm_main.c, include/linux/kvm_host.h)
@@ -46,9 +46,13 @@ stage-2; ``arch="arm64"`` (:mod:`kvmsim.arm64`) has this order under legacy with
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
+
+import numpy as np
 
 from kvmsim.errors import UsageError
+from kvmsim.kvm.stage2 import S2
+from kvmsim.sched import Steps, kpath
 
 #: CLI name → attribute of :class:`Mutations`.
 MUTATIONS = {"skip-retry": "skip_retry", "nonatomic-spte": "nonatomic_spte",
@@ -75,3 +79,60 @@ class Mutations:
     def names(self) -> list[str]:
         back = {v: k for k, v in MUTATIONS.items()}
         return [back[f.name] for f in fields(self) if getattr(self, f.name)]
+
+
+def install(kvm, mutations: "Mutations | None") -> None:
+    """Apply ``mutations`` to a VM (right after creating it); ``kvm.mutations`` records them."""
+    kvm.mutations = mutations
+    if mutations is None:
+        return
+    if mutations.skip_retry:
+        _install_skip_retry(kvm)
+    if mutations.nonatomic_spte and hasattr(kvm.arch, "zap_leaf"):
+        kvm.arch.zap_leaf = _nonatomic_zap_leaf.__get__(kvm.arch)
+    if mutations.mark_dirty_after_unlock and kvm.arch.family == "generic":
+        _install_mark_dirty_after_unlock(kvm)
+
+
+def _install_skip_retry(kvm) -> None:
+    """``mmu_invalidate_retry_gfn()`` (and arm64 / RISC-V's whole-VM ``mmu_invalidate_retry()``, and the
+    x86 bulk fault's vectorised check) answer "not stale" under the lock."""
+    def mmu_invalidate_retry_gfn(mmu_seq, gfn):
+        kvm.lockdep_assert_held_mmu_lock("mmu_invalidate_retry_gfn")
+        return False
+
+    kvm.mmu_invalidate_retry_gfn = mmu_invalidate_retry_gfn
+    kvm.mmu_invalidate_retry = lambda mmu_seq: False
+    kvm.mmu_invalidate_retry_gfns = lambda mmu_seq, gfns: np.zeros(len(gfns), dtype=bool)
+
+
+@kpath
+def _nonatomic_zap_leaf(mmu, slot, gfn: int) -> Steps:
+    """``zap_leaf`` with a plain read, a step, then a plain store (``spte_has_volatile_bits()`` false)."""
+    pfns, bits = mmu._tables(slot)
+    i = gfn - slot.base_gfn
+    old_pfn, old = int(pfns[i]), int(bits[i])
+    yield "mmu_spte_clear_no_track: old_spte read, no volatile bits assumed"
+    pfns[i], bits[i] = -1, 0
+    if old & S2.PRESENT:
+        mmu._leaf_zapped(old_pfn, old, "kvm_zap_gfn_range", gfn)
+    yield "kvm_zap_gfn_range: SPTE cleared"
+    return bool(old & S2.PRESENT)
+
+
+def _install_mark_dirty_after_unlock(kvm) -> None:
+    """``kvm_set_pfn_dirty()`` after ``write_unlock()`` for a writable fault that mapped (the v6.12
+    arm64 order) in front of a release that happens after the unlock; nothing under the series."""
+    from kvmsim.kvm.fault import FaultRet, no_release
+    from kvmsim.kvm.pfn import kvm_set_pfn_dirty
+    from kvmsim.trace import Src
+    release = kvm.ops.fault_release_unlocked
+    if release is no_release:
+        return
+
+    def fault_release_unlocked(kvm, mmu, fault):
+        if fault.result != FaultRet.RETRY and fault.kfp.map_writable:
+            kvm_set_pfn_dirty(kvm, fault.pfn, "user_mem_abort", source=Src.HELD, gfn=fault.gfn)
+        release(kvm, mmu, fault)
+
+    kvm.ops = replace(kvm.ops, fault_release_unlocked=fault_release_unlocked)

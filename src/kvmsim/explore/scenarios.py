@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 from kvmsim.errors import UsageError
+from kvmsim.explore.mutations import install
 from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
@@ -65,7 +66,7 @@ class Scenario:
 def _world(policy: str, mutations, arch: str, kind: VmaKind, flags=KVM_MEM(0)) -> World:
     host = Host()
     kvm = Kvm(host, policy=policy, arch=arch)
-    kvm.mutations = mutations
+    install(kvm, mutations)
     vma = host.mm.mmap(PAGE_SIZE, kind)
     kvm.set_user_memory_region(0, GPA, PAGE_SIZE, vma.start, flags)
     return World(host, kvm, kvm.create_vcpu(), vma)

@@ -177,12 +177,15 @@ class Kvm:
         self.dirty_ring_size = 0
         self.manual_dirty_log_protect = 0
         self.destroyed = False
-        self.mutations = None               # kvmsim.explore.Mutations: safety mechanisms switched off
+        self.mutations = None               # a record of kvmsim.explore.mutations.install(); never read here
         self.notifier = KvmMmuNotifier(self)
         self.mm.register_notifier(self.notifier)
         from kvmsim.kvm.arch import make_arch
         self.arch = make_arch(self, arch, mmu=mmu, pml=pml, ad_enabled=ad_enabled, eager_split=eager_split,
                               **arch_opts)
+        from kvmsim.policies import resolve
+        #: The policy resolved for this arch, once (:class:`kvmsim.policies.KvmOps`).
+        self.ops = resolve(self.policy, self.arch.family)
 
     # ---- lookups ------------------------------------------------------------------------------
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> KvmMemorySlot | None:
@@ -229,11 +232,19 @@ class Kvm:
     def mmu_invalidate_retry_gfn(self, mmu_seq: int, gfn: int) -> bool:
         """``mmu_invalidate_retry_gfn()``: requires mmu_lock."""
         self.lockdep_assert_held_mmu_lock("mmu_invalidate_retry_gfn")
-        if self.mutations is not None and self.mutations.skip_retry:          # kvmsim.explore mutation
-            return False
         if self.mmu_invalidate_in_progress and self.mmu_invalidate_range_start <= gfn < self.mmu_invalidate_range_end:
             return True
         return self.mmu_invalidate_seq != mmu_seq
+
+    def mmu_invalidate_retry_gfns(self, mmu_seq: int, gfns):
+        """:meth:`mmu_invalidate_retry_gfn` over an array of gfns (the x86 bulk fault's locked
+        ``is_page_fault_stale()``): a bool array."""
+        import numpy as np
+        if self.mmu_invalidate_seq != mmu_seq:
+            return np.ones(len(gfns), dtype=bool)
+        if self.mmu_invalidate_in_progress:
+            return (gfns >= self.mmu_invalidate_range_start) & (gfns < self.mmu_invalidate_range_end)
+        return np.zeros(len(gfns), dtype=bool)
 
     def mmu_invalidate_retry_gfn_unsafe(self, mmu_seq: int, gfn: int) -> bool:
         """Lockless pre-check; may be wrong either way, must be followed by the locked check."""

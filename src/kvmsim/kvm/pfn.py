@@ -309,16 +309,6 @@ def kvm_release_pfn(kvm, pfn: int, dirty: bool, caller: str, *, unused: bool = F
     kvm_release_page_clean(kvm, page, Hold.GET, caller, source=Src.GUESS, unused=unused, gfn=gfn)
 
 
-def kvm_release_faultin(kvm, pfn: int, kfp: KvmFollowPfn | None, *, unused: bool, dirty: bool, caller: str,
-                        gfn: int | None = None) -> None:
-    """Release the page a fault resolved, the way the VM's policy does it.
-
-    Series: ``kvm_release_faultin_page(kvm, page, unused, dirty)`` under ``mmu_lock`` (or unused).
-    Legacy: ``kvm_release_pfn_clean(pfn)`` by guess, after unlock.
-    """
-    kvm.policy.release_faultin(kvm, pfn, kfp, unused=unused, dirty=dirty, caller=caller, gfn=gfn)
-
-
 # ---- wrappers ---------------------------------------------------------------------------------------------
 
 def gfn_to_page(kvm, gfn: int, write: bool = True) -> int | None:

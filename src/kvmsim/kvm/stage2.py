@@ -14,30 +14,17 @@ this MMU the explorer's ``mark-dirty-after-unlock`` mutation.
 from __future__ import annotations
 
 import errno
-from enum import IntEnum, IntFlag
+from enum import IntFlag
 from typing import Iterator
 
 import numpy as np
 
 from kvmsim.kvm.arch import Leaf
-from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_RO_FAULT,
-                            KVM_PFN_ERR_SIGPENDING, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin)
-from kvmsim.kvm.vcpu import Access, Exit
-from kvmsim.mm.gup import FOLL
+from kvmsim.kvm.fault import FaultRet, KvmPageFault, kvm_guest_access, kvm_handle_error_pfn, kvm_stage2_fault
+from kvmsim.kvm.pfn import Hold
+from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SHIFT
-
-
-class RET_PF(IntEnum):
-    """``RET_PF_*`` (arch/x86/kvm/mmu/mmu_internal.h); shared by the generic stage-2."""
-
-    CONTINUE = 0
-    RETRY = 1
-    EMULATE = 2
-    WRITE_PROTECTED = 3
-    INVALID = 4
-    FIXED = 5
-    SPURIOUS = 6
 
 
 class S2(IntFlag):
@@ -50,83 +37,6 @@ class S2(IntFlag):
 
 
 _P, _W, _HW, _A, _D, _H = (int(f) for f in (S2.PRESENT, S2.W, S2.HOST_W, S2.A, S2.D, S2.HELD))
-
-
-def fault_error_to_errno(pfn: int) -> int:
-    """``kvm_handle_error_pfn()``: error pfn → RET_PF or -errno."""
-    if pfn == KVM_PFN_ERR_RO_FAULT:
-        return RET_PF.EMULATE
-    if pfn == KVM_PFN_ERR_SIGPENDING:
-        return -errno.EINTR
-    if pfn == KVM_PFN_ERR_HWPOISON:
-        return -133
-    return -errno.EFAULT
-
-
-def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
-    if r == RET_PF.EMULATE:
-        return Access(Exit.MMIO, gpa, write, value)
-    if r == -errno.EINTR:
-        return Access(Exit.EINTR, gpa, write, value, errno.EINTR)
-    if r == -133:
-        return Access(Exit.HWPOISON, gpa, write, value, 133)
-    if r < 0:
-        return Access(Exit.EFAULT, gpa, write, value, -r)
-    return None
-
-
-#: Guest re-entries for one access that make no progress before the model reports a livelock.  The
-#: kernel never turns RET_PF_RETRY into an error: x86 ``kvm_mmu_page_fault()`` returns 1 and
-#: ``vcpu_enter_guest()`` re-enters; arm64 ``user_mem_abort()`` returns 0 for -EAGAIN and
-#: ``kvm_handle_guest_abort()`` returns 1 (arch/arm64/kvm/mmu.c); RISC-V ``gstage_page_fault()`` returns
-#: 1 likewise.  In a model step nothing else runs, so a fault that keeps retrying would spin forever.
-RETRY_LIVELOCK_BOUND = 1000
-
-
-def retry_state(kvm) -> tuple:
-    """What a RET_PF_RETRY depends on.  A guest access runs within one model step, so no other thread
-    changes this while the vCPU re-enters: if a second retry sees the same state as the first, every
-    further re-entry would retry the same way, and the access is a livelock without spinning to the bound."""
-    return (kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress, kvm.mmu_invalidate_range_start,
-            kvm.mmu_invalidate_range_end, tuple(s.generation for s in kvm.memslots))
-
-
-def livelock_access(kvm, gpa: int, write: bool, value) -> Access:
-    """The access after :data:`RETRY_LIVELOCK_BOUND` re-entries without progress: a livelock, not EFAULT."""
-    kvm.journal.count("guest_livelock")
-    return Access(Exit.LIVELOCK, gpa, write, value)
-
-
-# The two GUP attempts' flags, by write (IntFlag arithmetic costs a µs per fault).
-_FOLL_NOWAIT = {False: FOLL.NOWAIT, True: FOLL.WRITE | FOLL.NOWAIT}
-_FOLL_INTERRUPTIBLE = {False: FOLL.INTERRUPTIBLE, True: FOLL.WRITE | FOLL.INTERRUPTIBLE}
-
-
-@kpath
-def kvm_mmu_faultin_pfn(kvm, slot, gfn: int, write: bool, label: str = "kvm_faultin_pfn") -> Steps:
-    """The arch-independent part of a stage-2 fault's faultin (spec §2.1 step 4, arch/x86/kvm/mmu/mmu.c).
-
-    Samples ``mmu_invalidate_seq``, pre-checks it without the lock, resolves the pfn with FOLL_NOWAIT
-    and then (if I/O is needed) FOLL_INTERRUPTIBLE, maps error pfns to RET_PF / -errno, and re-checks
-    before the caller takes ``mmu_lock`` (releasing the page unused when stale).  Returns
-    ``(ret, mmu_seq, pfn, kfp)``: ``ret`` is None when the caller should lock, re-check and map.
-    """
-    mmu_seq = kvm.mmu_invalidate_seq
-    yield f"{label}: mmu_seq snapshot"
-    if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-        kvm.journal.count("fault_retry")
-        return RET_PF.RETRY, mmu_seq, None, None
-    pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_NOWAIT[write], caller="kvm_faultin_pfn")
-    if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
-        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_INTERRUPTIBLE[write], caller="kvm_faultin_pfn")
-    if is_error_noslot_pfn(pfn):
-        return fault_error_to_errno(pfn), mmu_seq, pfn, kfp
-    yield f"{label}: pfn resolved"
-    if kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-        kvm_release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
-        kvm.journal.count("fault_retry")
-        return RET_PF.RETRY, mmu_seq, pfn, kfp
-    return None, mmu_seq, pfn, kfp
 
 
 class GenericStage2:
@@ -145,52 +55,52 @@ class GenericStage2:
             slot.arch["s2"] = np.zeros(slot.npages, dtype=np.uint8)
         return slot.arch["s2_pfn"], slot.arch["s2"]
 
+    # ---- the fault template's hooks (kvmsim.kvm.fault) -----------------------------------------
+    family = "generic"
+    fault_labels = ("kvm_faultin_pfn: mmu_seq snapshot", "kvm_faultin_pfn: pfn resolved",
+                    "page fault: mmu_lock released")
+    fault_lock_read = False
+    fault_faultin_nowait = True
+    fault_logging_write_only = False
+    fault_retry_ret = 0
+    fault_retry_per_gfn = True
+    fault_stale_invalid_slot = False
+    handle_error_pfn = staticmethod(kvm_handle_error_pfn)
+    fault_after_unlock = None
+    emulate = None
+
+    def fault_map(self, fault: KvmPageFault) -> int:
+        return self._map(fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write)
+
+    def fault_unused(self, fault: KvmPageFault) -> bool:
+        """``kvm_release_faultin_page(..., fault->pfn, r == RET_PF_RETRY, ...)``: only a retry is unused."""
+        return fault.result == FaultRet.RETRY
+
     # ---- faults -------------------------------------------------------------------------------
     @kpath
     def page_fault(self, vcpu, gpa: int, write: bool, exec: bool = False) -> Steps:
-        """The common fault: seq, faultin, lock, re-check, install, release, unlock."""
+        """The common fault: slot checks, then :func:`kvmsim.kvm.fault.kvm_stage2_fault`."""
         kvm = self.kvm
         gfn = gpa >> PAGE_SHIFT
         slot = kvm.gfn_to_memslot(gfn)
         kvm.journal.count("page_fault")
         if slot is None:
-            return RET_PF.EMULATE                                  # MMIO: no memslot
+            return FaultRet.EMULATE                                # MMIO: no memslot
         if slot.invalid:
-            return RET_PF.RETRY
+            return FaultRet.RETRY
         if write and slot.readonly:
-            return RET_PF.EMULATE
-        r, mmu_seq, pfn, kfp = yield from kvm_mmu_faultin_pfn.steps(kvm, slot, gfn, write, "kvm_faultin_pfn")
-        if r is not None:
-            return r
-        yield from kvm.mmu_lock.write_lock.steps()
-        if kvm.mmu_invalidate_retry_gfn(mmu_seq, gfn):
-            r = RET_PF.RETRY
-            kvm.journal.count("fault_retry")
-        else:
-            r = self._map(slot, gfn, pfn, kfp, write)
-        if kvm.policy.release_under_mmu_lock:
-            kvm_release_faultin(kvm, pfn, kfp, unused=r == RET_PF.RETRY, dirty=kfp.map_writable,
-                                caller="kvm_release_faultin_page", gfn=gfn)
-        kvm.mmu_lock.write_unlock()
-        yield "page fault: mmu_lock released"
-        if not kvm.policy.release_under_mmu_lock:
-            if kvm.mutations is not None and kvm.mutations.mark_dirty_after_unlock \
-                    and r != RET_PF.RETRY and kfp.map_writable:          # kvmsim.explore: arm64 v6.12 order
-                from kvmsim.kvm.pfn import kvm_set_pfn_dirty
-                from kvmsim.trace import Src
-                kvm_set_pfn_dirty(kvm, pfn, "user_mem_abort", source=Src.HELD, gfn=gfn)
-            kvm_release_faultin(kvm, pfn, kfp, unused=r == RET_PF.RETRY, dirty=kfp.map_writable,
-                                caller="kvm_release_pfn_clean", gfn=gfn)
+            return FaultRet.EMULATE
+        r = yield from kvm_stage2_fault.steps(self, KvmPageFault(vcpu, gfn, slot, write, exec))
         return r
 
-    def _map(self, slot, gfn: int, pfn: int, kfp, write: bool) -> RET_PF:
+    def _map(self, slot, gfn: int, pfn: int, kfp, write: bool) -> FaultRet:
         kvm = self.kvm
         pfns, bits = self._tables(slot)
         i = gfn - slot.base_gfn
         host_w = kfp.map_writable and not slot.readonly
         w = host_w and (write or not slot.logging)
         if bits[i] & _P and pfns[i] == pfn and (not write or bits[i] & _W):
-            return RET_PF.SPURIOUS
+            return FaultRet.SPURIOUS
         if bits[i] & _P and pfns[i] != pfn:
             self._zap(slot, i, i + 1, "mmu_set_spte: pfn change")
         new = _P | _A | (_HW if host_w else 0) | ((_W | _D) if w else 0) | (_H if kfp.hold != Hold.NONE else 0)
@@ -202,34 +112,17 @@ class GenericStage2:
         if w and slot.logging:
             from kvmsim.kvm.dirty import mark_page_dirty_in_slot
             mark_page_dirty_in_slot(kvm, slot, gfn, None)
-        return RET_PF.FIXED
+        return FaultRet.FIXED
 
-    def guest_access(self, vcpu, gpa: int, write: bool, value: int | None) -> Access:
-        """A guest load/store: through the leaf if :meth:`_leaf_allows` it, else a stage-2 fault."""
-        kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        stuck = None
-        for _ in range(RETRY_LIVELOCK_BOUND):       # RET_PF_RETRY: the vCPU re-enters the guest
-            slot = kvm.gfn_to_memslot(gfn)
-            if slot is not None and not slot.invalid:
-                pfns, _ = self._tables(slot)
-                i = gfn - slot.base_gfn
-                if self._leaf_allows(vcpu, slot, i, write):
-                    pfn = int(pfns[i])
-                    if write:
-                        kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
-                        return Access(Exit.OK, gpa, True, value)
-                    return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
-            r = self.page_fault(vcpu, gpa, write)
-            out = ret_to_access(int(r), gpa, write, value)
-            if out is not None:
-                return out
-            if r == RET_PF.RETRY:
-                state = retry_state(kvm)
-                if state == stuck:
-                    break
-                stuck = state
-        return livelock_access(kvm, gpa, write, value)
+    #: A guest load/store: :func:`kvmsim.kvm.fault.kvm_guest_access` (the one re-entry loop).
+    guest_access = kvm_guest_access
+
+    def leaf_access(self, vcpu, slot, i: int, write: bool) -> int | None:
+        """The pfn the access goes to if :meth:`_leaf_allows` it, else None (a stage-2 fault)."""
+        pfns, _ = self._tables(slot)
+        if self._leaf_allows(vcpu, slot, i, write):
+            return int(pfns[i])
+        return None
 
     def _leaf_allows(self, vcpu, slot, i: int, write: bool) -> bool:
         """Does the leaf let the access through without a fault?  Here hardware sets A/D, and a write
@@ -251,7 +144,7 @@ class GenericStage2:
     # ---- zapping, aging, dirty logging ---------------------------------------------------------------
     def _leaf_zapped(self, pfn: int, bits: int, caller: str, gfn: int) -> None:
         """A/D bits of a zapped leaf go through the policy's ``spte_ad_lost`` hook (x86's v6.12 habit)."""
-        self.kvm.policy.spte_ad_lost(self.kvm, pfn, dirty=bool(bits & _D), accessed=bool(bits & _A),
+        self.kvm.ops.spte_ad_lost(self.kvm, pfn, dirty=bool(bits & _D), accessed=bool(bits & _A),
                                      caller=caller, gfn=gfn)
 
     def _zap(self, slot, lo: int, hi: int, reason: str) -> bool:
@@ -268,14 +161,11 @@ class GenericStage2:
 
     @kpath
     def zap_leaf(self, slot, gfn: int) -> Steps:
-        """Zap one leaf under mmu_lock: atomic xchg, or (``kvm.mutations.nonatomic_spte``) read, then clear."""
+        """Zap one leaf under mmu_lock with an atomic xchg (``mmu_spte_clear_track_bits()``: it reads what it
+        clears).  The explorer's ``nonatomic-spte`` mutation replaces this (kvmsim.explore.mutations)."""
         pfns, bits = self._tables(slot)
         i = gfn - slot.base_gfn
         old_pfn, old = int(pfns[i]), int(bits[i])
-        if self.kvm.mutations is not None and self.kvm.mutations.nonatomic_spte:
-            yield "mmu_spte_clear_no_track: old_spte read, no volatile bits assumed"
-        else:
-            old = int(bits[i])                                   # xchg: reads what it clears
         pfns[i], bits[i] = -1, 0
         if old & _P:
             self._leaf_zapped(old_pfn, old, "kvm_zap_gfn_range", gfn)

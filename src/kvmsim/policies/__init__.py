@@ -13,7 +13,8 @@ compares policy names.  Each hook's docstring cites the series patch that change
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Callable, Protocol
 
 from kvmsim.errors import UsageError
 
@@ -21,9 +22,9 @@ from kvmsim.errors import UsageError
 class Policy(Protocol):
     name: str
     title: str
-    #: Where a fault releases its page: under mmu_lock (series) or after unlocking (legacy).
-    release_under_mmu_lock: bool
 
+    def fault_release(self, arch: str) -> tuple[Callable, Callable, Callable]: ...
+    def fault_release_bulk(self) -> tuple[Callable, Callable, str]: ...
     def reported_page(self, kfp) -> int | None: ...
     def gup_error_pfn(self, rc: int) -> int | None: ...
     def needs_io_pfn(self, kfp) -> int: ...
@@ -40,6 +41,47 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
+
+
+@dataclass(frozen=True)
+class KvmOps:
+    """A VM's policy resolved once, at creation, for its architecture (the way drgn picks
+    ``_get_PageSlab_impl`` once per program): plain callables the model calls where v6.12 and v6.13
+    differ.  Each one's docstring cites the series patch that changed it.  ``kvmsim.explore.mutations``
+    may replace one with a wrapper (``dataclasses.replace``) when it installs a mutation."""
+
+    #: ``(kvm, mmu, fault)`` before dropping ``mmu_lock`` (v6.13 ``kvm_release_faultin_page()``).
+    fault_release_locked: Callable
+    #: ``(kvm, mmu, fault)`` after dropping it (v6.12's per-arch order).
+    fault_release_unlocked: Callable
+    #: ``(kvm, fault)`` under the lock, before the map (v6.12 RISC-V ``kvm_set_pfn_dirty()``).
+    fault_dirty_before_map: Callable
+    #: ``(kvm, pfn, kfp, *, unused, dirty, caller, gfn)``: a faulted-in page released outside a fault's end.
+    release_faultin: Callable
+    #: ``(kvm, pfns, writable_mask, caller, gfns)``: the bulk fault's release, under / after ``mmu_lock``.
+    fault_release_bulk_locked: Callable
+    fault_release_bulk_unlocked: Callable
+    #: The caller name of the bulk fault's release (``kvm_release_faultin_page`` / ``kvm_release_pfn_clean``).
+    fault_release_bulk_caller: str
+    spte_ad_lost: Callable
+    spte_ad_lost_bulk: Callable
+
+
+def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
+    """Nothing at this point (the bulk release happens at the other one)."""
+
+
+def resolve(policy: Policy, arch: str) -> KvmOps:
+    """The (policy × arch) choice, made once per VM.  ``arch`` is the MMU family: ``x86``, ``arm64``,
+    ``riscv`` or ``generic``."""
+    locked, unlocked, before_map = policy.fault_release(arch)
+    bulk_fn, bulk_under_lock, bulk_caller = policy.fault_release_bulk()
+    return KvmOps(fault_release_locked=locked, fault_release_unlocked=unlocked, fault_dirty_before_map=before_map,
+                  release_faultin=policy.release_faultin,
+                  fault_release_bulk_locked=bulk_fn if bulk_under_lock else _no_bulk_release,
+                  fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
+                  fault_release_bulk_caller=bulk_caller,
+                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk)
 
 
 def get_policy(name: str) -> Policy:

@@ -5,8 +5,11 @@ Every hook names the series patch that removed the behaviour it models.
 
 from __future__ import annotations
 
+from kvmsim.kvm.fault import (gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map,
+                              kvm_release_pfn_clean_guess, no_dirty_before_map, no_release,
+                              release_pfn_clean_after_unlock, user_mem_abort_v612_after_unlock)
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_FAULT, KVM_PFN_ERR_SIGPENDING, Hold, kvm_pfn_to_refcounted_page,
-                            kvm_release_pfn, kvm_set_pfn_accessed, kvm_set_pfn_dirty)
+                            kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.pfn import kvm_dropped
 from kvmsim.trace import Src
 
@@ -14,7 +17,6 @@ from kvmsim.trace import Src
 class LegacyPolicy:
     name = "legacy"
     title = "v6.12: kvm_pfn_to_refcounted_page guesses, A/D pushed from SPTEs"
-    release_under_mmu_lock = False         # kvm_release_pfn_clean() after unlocking
 
     def reported_page(self, kfp):
         """No page output before patch 27 "KVM: Add kvm_follow_pfn.refcounted_page output"."""
@@ -45,12 +47,27 @@ class LegacyPolicy:
             return False, Hold.NONE
         return True, Hold.GET
 
+    def fault_release(self, arch):
+        """Each arch's v6.12 order, all after ``mmu_lock`` is dropped: x86 ``kvm_release_pfn_clean()``
+        (moved under the lock by patch 40 "KVM: x86/mmu: Add helper to "finish" handling a guest page
+        fault"); arm64 ``kvm_set_pfn_dirty()`` + ``kvm_release_pfn_clean()`` (patch 55 "KVM: arm64: Mark
+        "struct page" pfns accessed/dirty before dropping mmu_lock"); RISC-V dirty before the map (patch 57
+        "KVM: RISC-V: Mark "struct page" pfns dirty iff a stage-2 PTE is installed") and accessed + release
+        after the unlock (patch 58 "KVM: RISC-V: Mark "struct page" pfns accessed before dropping
+        mmu_lock")."""
+        if arch == "arm64":
+            return no_release, user_mem_abort_v612_after_unlock, no_dirty_before_map
+        if arch == "riscv":
+            return no_release, gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map
+        return no_release, release_pfn_clean_after_unlock, no_dirty_before_map
+
+    def fault_release_bulk(self):
+        """The x86 bulk fault releases after unlocking, by ``kvm_release_pfn_clean()`` (patch 40 "KVM:
+        x86/mmu: Add helper to "finish" handling a guest page fault" moved it under the lock)."""
+        return self.release_faultin_bulk, False, "kvm_release_pfn_clean"
+
     def _release_by_guess(self, kvm, pfn, kfp, *, dirty, caller, unused, gfn=None):
-        page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
-        if page is None and kfp is not None and kfp.held is not None:
-            kvm.journal.fact("guess_mismatch", pfn=pfn, caller=caller, kvm=True,
-                             detail="kvm_pfn_to_refcounted_page() says not refcounted, but KVM holds a reference: leak")
-        kvm_release_pfn(kvm, pfn, dirty, caller, unused=unused, gfn=gfn)
+        kvm_release_pfn_clean_guess(kvm, pfn, kfp, unused=unused, caller=caller, gfn=gfn)
 
     def release_faultin(self, kvm, pfn, kfp, *, unused, dirty, caller, gfn=None):
         """``kvm_release_pfn_clean(pfn)`` after unlock for every outcome, RETRY included (patch 48

@@ -5,6 +5,7 @@ Series: "KVM: Stop grabbing references to PFNMAP'd pages" (v13, 85 patches, merg
 
 from __future__ import annotations
 
+from kvmsim.kvm.fault import kvm_release_faultin_page, no_dirty_before_map, no_release, release_faultin_page_locked
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, kvm_release_page_clean,
                             kvm_release_page_dirty, kvm_release_page_unused)
 
@@ -12,7 +13,6 @@ from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, 
 class SeriesPolicy:
     name = "series"
     title = "v6.13: kvm_follow_pfn + kvm_release_faultin_page"
-    release_under_mmu_lock = True          # patch 40/49 "kvm_release_faultin_page" under mmu_lock
 
     def reported_page(self, kfp):
         """Patch 27 "KVM: Add kvm_follow_pfn.refcounted_page output": the page KVM holds, or NULL."""
@@ -36,22 +36,25 @@ class SeriesPolicy:
         """Patch 85 "KVM: Don't grab reference on VM_MIXEDMAP pfns that have a "struct page"": never a ref."""
         return True, Hold.NONE
 
+    def fault_release(self, arch):
+        """Every arch releases with ``kvm_release_faultin_page()`` under ``mmu_lock``: x86 patch 40 "KVM:
+        x86/mmu: Add helper to "finish" handling a guest page fault", arm64 patch 56 "KVM: arm64: Use
+        __kvm_faultin_pfn() to handle memory aborts", RISC-V patch 59 "KVM: RISC-V: Use kvm_faultin_pfn()
+        when mapping pfns into the guest"."""
+        return release_faultin_page_locked, no_release, no_dirty_before_map
+
+    def fault_release_bulk(self):
+        """The x86 bulk fault releases under ``mmu_lock`` (patch 40 "KVM: x86/mmu: Add helper to "finish"
+        handling a guest page fault")."""
+        return self.release_faultin_bulk, True, "kvm_release_faultin_page"
+
     def release_faultin(self, kvm, pfn, kfp, *, unused, dirty, caller, gfn=None):
-        """``kvm_release_faultin_page()`` (patches 40, 41, 47, 48, 49; arm64 56 "KVM: arm64: Use
-        __kvm_faultin_pfn() to handle memory aborts"): unused → put only; dirty iff map_writable ("KVM: x86/mmu: Mark page/folio accessed only when zapping leaf SPTEs" and
-        "Mark folio dirty when creating SPTE, not when zapping/modifying")."""
-        page = kfp.refcounted_page if kfp is not None else None
-        hold = kfp.hold if kfp is not None else Hold.NONE
-        if not unused:                      # lockdep_assert_once(held || unused), before the NULL check
-            kvm.lockdep_assert_held_mmu_lock(caller)
-        if page is None:
-            return
-        if unused:
-            kvm_release_page_unused(kvm, page, hold, caller)
-        elif dirty:
-            kvm_release_page_dirty(kvm, page, hold, caller, gfn=gfn)
-        else:
-            kvm_release_page_clean(kvm, page, hold, caller, gfn=gfn)
+        """``kvm_release_faultin_page()`` (patch 49 "KVM: Move x86's API to release a faultin page to
+        common KVM"): unused → put only (patch 48 "KVM: x86/mmu: Don't mark unused faultin pages as
+        accessed"); dirty iff map_writable (patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin
+        of make_spte()")."""
+        kvm_release_faultin_page(kvm, kfp.refcounted_page if kfp is not None else None, unused, dirty,
+                                 hold=kfp.hold if kfp is not None else Hold.NONE, caller=caller, gfn=gfn)
 
     def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
         """pfncache / APIC page: patch 29 "KVM: pfncache: Precisely track refcounted pages"."""

@@ -55,13 +55,11 @@ import numpy as np
 
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin,
-                            kvm_set_pfn_accessed, kvm_set_pfn_dirty)
-from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2
-from kvmsim.mm.gup import FOLL
+from kvmsim.kvm.fault import FaultRet, KvmPageFault, abort_error_pfn, kvm_stage2_fault
+from kvmsim.kvm.pfn import Hold
+from kvmsim.kvm.stage2 import S2, GenericStage2
 from kvmsim.mm.vma import VM
 from kvmsim.sched import Steps, kpath
-from kvmsim.trace import Src
 from kvmsim.types import PAGE_SHIFT
 
 _P, _W, _HW, _A, _D, _H = (int(f) for f in (S2.PRESENT, S2.W, S2.HOST_W, S2.A, S2.D, S2.HELD))
@@ -134,68 +132,54 @@ class RiscvMmu(GenericStage2):
         kvm.journal.count("page_fault")
         if slot is None or slot.invalid or (write and slot.readonly):
             kvm.journal.count("kvm_riscv_vcpu_mmio_store" if write else "kvm_riscv_vcpu_mmio_load")
-            return RET_PF.EMULATE
+            return FaultRet.EMULATE
         r = yield from self.kvm_riscv_gstage_map.steps(vcpu, slot, gpa, write)
         return r
 
     # ---- kvm_riscv_gstage_map (mmu.c) ----------------------------------------------------------------
     @kpath
     def kvm_riscv_gstage_map(self, vcpu, slot, gpa: int, is_write: bool) -> Steps:
-        """Mirrors ``kvm_riscv_gstage_map()`` for a PAGE_SIZE mapping (v6.12 and v6.13).
+        """Mirrors ``kvm_riscv_gstage_map()`` for a PAGE_SIZE mapping (v6.12 and v6.13): the generic
+        template (:func:`kvmsim.kvm.fault.kvm_stage2_fault`) with RISC-V's hooks below.
 
-        Returns RET_PF.FIXED when a leaf was written, RETRY for the ``mmu_invalidate_retry()`` path (the
+        Returns FaultRet.FIXED when a leaf was written, RETRY for the ``mmu_invalidate_retry()`` path (the
         kernel returns 0 and the guest faults again), -errno for ``gstage_set_pte()`` errors (forwarded
         by ``gstage_page_fault()`` to KVM_RUN) and error pfns.
         """
+        r = yield from kvm_stage2_fault.steps(self, KvmPageFault(vcpu, gpa >> PAGE_SHIFT, slot, is_write))
+        return r
+
+    # ---- the fault template's hooks (kvmsim.kvm.fault) -----------------------------------------
+    family = "riscv"
+    fault_labels = ("kvm_riscv_gstage_map: mmu_seq snapshot, mmap_read_unlock", "kvm_riscv_gstage_map: pfn resolved",
+                    "kvm_riscv_gstage_map: spin_unlock(mmu_lock)")
+    fault_lock_read = False           # spin_lock(&kvm->mmu_lock)
+    fault_faultin_nowait = False      # one gfn_to_pfn_prot() / kvm_faultin_pfn(), no lockless pre-check
+    fault_logging_write_only = True   # "we allow writable pages only for write faults"
+    fault_retry_ret = 0               # goto out_unlock with ret == 0 (the top-up's result)
+    fault_retry_per_gfn = False       # mmu_invalidate_retry(kvm, mmu_seq): the whole VM, not the gfn
+    fault_stale_invalid_slot = False
+    fault_after_unlock = None         # mark_page_dirty() came before the map
+    handle_error_pfn = staticmethod(abort_error_pfn)   # send_sig_mceerr(); return 0 / -EFAULT
+
+    def fault_map(self, fault: KvmPageFault) -> int:
+        """``if (writable) { mark_page_dirty(); gstage_map_page(.., false, ..) } else gstage_map_page(.., true, ..)``;
+        v6.12 also ``kvm_set_pfn_dirty()`` first (the resolved ``fault_dirty_before_map``)."""
         kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        logging = slot.dirty_bitmap is not None and not slot.readonly
-        ret = 0                                            # kvm_mmu_topup_memory_cache() succeeded
-        mmu_seq = kvm.mmu_invalidate_seq                   # read before mmap_read_unlock()
-        yield "kvm_riscv_gstage_map: mmu_seq snapshot, mmap_read_unlock"
-        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, FOLL.WRITE if is_write else FOLL(0))
-        if pfn == KVM_PFN_ERR_HWPOISON:                    # send_sig_mceerr(); return 0
-            return -133
-        if is_error_noslot_pfn(pfn):
-            return -errno.EFAULT
-        writable = kfp.map_writable
-        if logging and not is_write:
-            writable = False                               # "we allow writable pages only for write faults"
-        yield "kvm_riscv_gstage_map: pfn resolved"
+        writable = fault.map_writable
+        if writable:
+            kvm.ops.fault_dirty_before_map(kvm, fault)
+            mark_page_dirty_in_slot(kvm, fault.slot, fault.gfn, fault.vcpu)      # mark_page_dirty(kvm, gfn)
+        ret = self.gstage_map_page(fault.slot, fault.gfn, fault.pfn, page_rdonly=not writable,
+                                   held=fault.kfp.hold != Hold.NONE)
+        if ret:
+            kvm.journal.count("kvm_err:Failed to map in G-stage")
+        fault.ret = ret
+        return ret if ret else FaultRet.FIXED
 
-        yield from kvm.mmu_lock.write_lock.steps()         # spin_lock(&kvm->mmu_lock)
-        retry = self._mmu_invalidate_retry(mmu_seq)
-        if retry:
-            kvm.journal.count("fault_retry")               # goto out_unlock with ret == 0
-        else:
-            if writable:
-                if not kvm.policy.release_under_mmu_lock:  # v6.12: dirty before mapping, even if it fails
-                    kvm_set_pfn_dirty(kvm, pfn, "kvm_riscv_gstage_map", source=_src(kfp), gfn=gfn)
-                mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)      # mark_page_dirty(kvm, gfn)
-            ret = self.gstage_map_page(slot, gfn, pfn, page_rdonly=not writable, held=kfp.hold != Hold.NONE)
-            if ret:
-                kvm.journal.count("kvm_err:Failed to map in G-stage")
-        # out_unlock:
-        if kvm.policy.release_under_mmu_lock:              # v6.13 (patches 58/59)
-            kvm_release_faultin(kvm, pfn, kfp, unused=ret != 0 and ret != EEXIST, dirty=writable,
-                                caller="kvm_release_faultin_page", gfn=gfn)
-        kvm.mmu_lock.write_unlock()
-        yield "kvm_riscv_gstage_map: spin_unlock(mmu_lock)"
-        if not kvm.policy.release_under_mmu_lock:          # v6.12: accessed twice, after the unlock
-            unmapped = retry or (ret != 0 and ret != EEXIST)     # ghost truth for INV-7: no leaf maps it
-            kvm_set_pfn_accessed(kvm, pfn, "kvm_riscv_gstage_map", source=_src(kfp), gfn=gfn, unused=unmapped)
-            kvm_release_faultin(kvm, pfn, kfp, unused=unmapped, dirty=False, caller="kvm_release_pfn_clean",
-                                gfn=gfn)
-        if retry:
-            return RET_PF.RETRY
-        return ret if ret else RET_PF.FIXED
-
-    def _mmu_invalidate_retry(self, mmu_seq: int) -> bool:
-        """``mmu_invalidate_retry(kvm, mmu_seq)``: the whole VM, no gfn range and no lockless pre-check.
-        ``kvm.mutations.skip_retry`` removes it, as for the other MMUs."""
-        if self.kvm.mutations is not None and self.kvm.mutations.skip_retry:
-            return False
-        return self.kvm.mmu_invalidate_retry(mmu_seq)
+    def fault_unused(self, fault: KvmPageFault) -> bool:
+        """``kvm_release_faultin_page(kvm, page, ret && ret != -EEXIST, writable)``: a retry (ret 0) is used."""
+        return fault.ret != 0 and fault.ret != EEXIST
 
     def gstage_map_page(self, slot, gfn: int, pfn: int, *, page_rdonly: bool, held: bool) -> int:
         """``gstage_map_page()`` + ``gstage_set_pte()`` at level 0: ``pfn_pte(hfn, PAGE_READ_EXEC /
@@ -295,8 +279,3 @@ class RiscvMmu(GenericStage2):
         _, bits = self._tables(slot)
         bits[gfn_offset + int(idx[0]):gfn_offset + int(idx[-1]) + 1] &= ~_WP
 
-
-def _src(kfp) -> Src:
-    """Where a v6.12 ``kvm_set_pfn_*(hfn)`` page came from: a reference the fault holds, a remapped pfn,
-    or the guess."""
-    return Src.HELD if kfp.held is not None else Src.REMAPPED if kfp.remapped else Src.GUESS

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from kvmsim.errors import ModelError
-from kvmsim.kvm.stage2 import RET_PF
+from kvmsim.kvm.fault import FaultRet
 from kvmsim.scenarios.loader import (
     MAX_BYTES,
     MAX_COUNT,
@@ -152,7 +152,7 @@ def op_fault(env: Env, a: dict):
     r = int(r)
     if r < 0:
         return Res({14: "efault", 4: "eintr", 133: "hwpoison"}.get(-r, "error"), -r)
-    return Res(RET_PF(r).name.lower())
+    return Res(FaultRet(r).name.lower())
 
 
 def op_store(env: Env, a: dict):

@@ -124,8 +124,8 @@ def build(sc: Scenario, policy: str) -> Env:
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
               allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution)
     if vm.mutations:
-        from kvmsim.explore.mutations import Mutations
-        kvm.mutations = Mutations.parse(vm.mutations)
+        from kvmsim.explore.mutations import Mutations, install
+        install(kvm, Mutations.parse(vm.mutations))
     if vm.dirty_ring:
         enable_dirty_ring(kvm, vm.dirty_ring)
     if vm.manual_protect:

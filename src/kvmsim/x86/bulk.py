@@ -33,7 +33,7 @@ from kvmsim.mm.vma import Pte
 from kvmsim.sched import Wait
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
-from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte_bits, spte_write, tables
+from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte, spte_write, tables
 
 _HP, _HW, _HS, _HPN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.SPECIAL), int(getattr(Pte, "PROTNONE", 0))
 _POISONED = int(PG.poisoned)
@@ -275,8 +275,8 @@ def _retry_mask(kvm, gfns: np.ndarray, mmu_seq: int, *, locked: bool) -> np.ndar
     """Per gfn: would the fault retry?  ``mmu_invalidate_retry_gfn_unsafe()`` (``locked=False``) or
     ``mmu_invalidate_retry_gfn()`` under ``mmu_lock`` (which the explorer's skip-retry mutation
     switches off), over an array of gfns."""
-    if locked and kvm.mutations is not None and kvm.mutations.skip_retry:
-        return np.zeros(len(gfns), dtype=bool)
+    if locked:
+        return kvm.mmu_invalidate_retry_gfns(mmu_seq, gfns)       # the scalar fault's is_page_fault_stale()
     if kvm.mmu_invalidate_seq != mmu_seq:
         return np.ones(len(gfns), dtype=bool)
     if kvm.mmu_invalidate_in_progress:
@@ -323,10 +323,10 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> boo
     nf = len(fidx)
     host_w = not slot.readonly
     writable = host_w        # as make_spte: read faults are mapped writable and logged dirty
-    bits = make_spte_bits(host_writable=host_w, writable=writable, prefetch=False,
+    bits = make_spte(host_writable=host_w, writable=writable, prefetch=False,
                           ad_disabled=not mmu.ad_enabled, held=True)
-    under = kvm.policy.release_under_mmu_lock
-    rel_caller = "kvm_release_faultin_page" if under else "kvm_release_pfn_clean"
+    ops = kvm.ops                                 # the scalar fault's release, resolved per policy
+    rel_caller = ops.fault_release_bulk_caller
     if not _try_lock(mmu):
         return False
     if _retry_mask(kvm, slot.base_gfn + fidx, mmu_seq, locked=True).any():     # is_page_fault_stale()
@@ -360,12 +360,10 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> boo
                                  extra={"writable": bool(writable), "host_writable": host_w, "level": lv})
         if writable:
             mark_dirty_bulk(kvm, slot, s, vcpu)
-        if under:
-            kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
+        ops.fault_release_bulk_locked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
     finally:
         mmu._unlock()
-    if not under:
-        kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
+    ops.fault_release_bulk_unlocked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
     return True
 
 

@@ -24,15 +24,16 @@ import numpy as np
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-from kvmsim.kvm.pfn import Hold, kvm_release_faultin
-from kvmsim.kvm.stage2 import (RET_PF, RETRY_LIVELOCK_BOUND, kvm_mmu_faultin_pfn, livelock_access, ret_to_access,
-                               retry_state)
-from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.kvm.fault import (KvmPageFault, kvm_faultin, kvm_guest_access, kvm_handle_error_pfn,
+                              kvm_stage2_fault)
+from kvmsim.kvm.pfn import Hold
+from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
+from kvmsim.x86.mmu_internal import RET_PF
 from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_accessed_spte, is_dirty_spte,
-                             make_spte_bits, spte_write, tables)
+                             make_spte, spte_write, tables)
 
 
 def x86_emulate_instruction(vcpu, gpa: int, write: bool, value: int | None) -> Access:
@@ -53,6 +54,126 @@ def x86_emulate_instruction(vcpu, gpa: int, write: bool, value: int | None) -> A
     ``execution="emulated"`` takes for every access (:class:`kvmsim.kvm.vcpu.KvmVcpu`).
     """
     return vcpu._emulated_access(gpa, write, value)
+
+
+@kpath
+def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> Steps:
+    """Mirrors ``kvm_mmu_page_fault()`` → ``kvm_mmu_do_page_fault()``: a cached MMIO SPTE or no memslot
+    is RET_PF_EMULATE (``handle_mmio_page_fault()``, ``kvm_handle_noslot_fault()``), then
+    ``fast_page_fault()``, then :func:`kvm_tdp_page_fault`.  RET_PF or -errno."""
+    kvm = mmu.kvm
+    gfn = gpa >> PAGE_SHIFT
+    kvm.journal.count("page_fault")
+    gen = kvm.memslots[0].generation
+    mmio_sptes = mmu.mmio_sptes
+    if mmio_sptes.get(gfn) == gen:                      # handle_mmio_page_fault(): cached, same generation
+        kvm.journal.count("mmio")
+        return RET_PF.EMULATE
+    slot = kvm.gfn_to_memslot(gfn)
+    if slot is None:                                    # kvm_handle_noslot_fault(): cache an MMIO SPTE
+        mmio_sptes[gfn] = gen
+        kvm.journal.count("mmio")
+        return RET_PF.EMULATE
+    mmio_sptes.pop(gfn, None)
+    if slot.invalid:
+        return RET_PF.RETRY
+    if write and slot.readonly:
+        return RET_PF.EMULATE                           # KVM_PFN_ERR_RO_FAULT → emulate
+    r = mmu.fast_page_fault(vcpu, slot, gfn, write)
+    if r is not None:
+        return r
+    yield "fast_page_fault: not fixed"
+    r = yield from kvm_tdp_page_fault.steps(mmu, KvmPageFault(vcpu, gfn, slot, write, exec))
+    return r
+
+
+@kpath
+def kvm_tdp_page_fault(mmu, fault: KvmPageFault) -> Steps:
+    """Mirrors ``kvm_tdp_page_fault()`` → ``kvm_tdp_mmu_page_fault()`` (and the shadow MMU's
+    ``direct_page_fault()``): the generic template :func:`kvmsim.kvm.fault.kvm_stage2_fault` with x86's
+    hooks: :func:`kvm_mmu_faultin_pfn`'s two attempts and lockless checks, ``is_page_fault_stale()``,
+    :func:`kvm_tdp_mmu_map`, and :func:`kvm_mmu_finish_page_fault` (the VM's resolved release)."""
+    r = yield from kvm_stage2_fault.steps(mmu, fault)
+    return r
+
+
+@kpath
+def kvm_mmu_faultin_pfn(mmu, fault: KvmPageFault) -> Steps:
+    """Mirrors ``kvm_mmu_faultin_pfn()`` (arch/x86/kvm/mmu/mmu.c): the template's faultin half
+    (:func:`kvmsim.kvm.fault.kvm_faultin`) with x86's hooks -- ``mmu_invalidate_retry_gfn_unsafe()``
+    before and after, ``__kvm_faultin_pfn()`` with FOLL_NOWAIT then FOLL_INTERRUPTIBLE,
+    ``kvm_handle_error_pfn()``.  None when the caller should lock, re-check and map."""
+    r = yield from kvm_faultin.steps(mmu, fault)
+    return r
+
+
+def kvm_mmu_finish_page_fault(kvm, mmu, fault: KvmPageFault) -> None:
+    """Mirrors ``kvm_mmu_finish_page_fault()`` (v6.13; patch 40 "KVM: x86/mmu: Add helper to "finish"
+    handling a guest page fault"): ``kvm_release_faultin_page(kvm, fault->refcounted_page, r ==
+    RET_PF_RETRY, fault->map_writable)`` under ``mmu_lock``; in v6.12 the release came after the unlock.
+    Both are the VM's resolved ``kvm.ops`` hooks, which the template calls at each point."""
+    kvm.ops.fault_release_locked(kvm, mmu, fault)
+
+
+def kvm_tdp_mmu_map(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False) -> RET_PF:
+    """Mirrors ``kvm_tdp_mmu_map()`` / ``tdp_mmu_map_handle_target_level()`` (and, for the shadow MMU,
+    ``direct_map()`` → :func:`mmu_set_spte`): pick the level (``kvm_mmu_hugepage_adjust()``), split a
+    huge leaf above it, zap a conflicting leaf, :func:`make_spte` and write it."""
+    return mmu_set_spte(mmu, vcpu, slot, gfn, pfn, kfp, write, prefetch=prefetch)
+
+
+def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False) -> RET_PF:
+    """Mirrors ``mmu_set_spte()`` / ``tdp_mmu_map_handle_target_level()``: install the leaf for ``gfn``
+    (RET_PF_SPURIOUS if it is already there), zapping a conflicting one first (INV-11)."""
+    self = mmu
+    kvm = self.kvm
+    t = tables(slot)
+    i = gfn - slot.base_gfn
+    level = tdp_mmu.max_mapping_level(kvm, slot, i, self.max_level)
+    n = LEVEL_PAGES[level]
+    lo = (gfn // n * n) - slot.base_gfn
+    hi = lo + n
+    base_pfn = pfn - (i - lo)
+    b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
+    if self.tdp_mmu_enabled and b & P and not b & MMIO and old_level > level:
+        # kvm_tdp_mmu_map(): a huge leaf above the goal level is split (tdp_mmu_split_huge_page(),
+        # no TLB flush; the other children stay mapped), where the shadow MMU drops it
+        hl, hh = t.leaf_bounds(slot, i, i + 1)
+        tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
+        b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
+    if b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
+            not b & AT and (not write or b & W):
+        kvm.journal.count("spurious")
+        return RET_PF.SPURIOUS
+    host_w = kfp.map_writable and not slot.readonly
+    writable = host_w        # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
+    bits = make_spte(host_writable=host_w, writable=writable, prefetch=prefetch,
+                          ad_disabled=not self.ad_enabled, held=kfp.hold is not Hold.NONE)
+    # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
+    # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
+    if n == 1 and (not b & P or old_level == 1):             # the common 4K case, in plain integers
+        conflict = bool(b & P) and (old_pfn != pfn or (b & HW) != (bits & HW))
+        zlo, zhi = i, i + 1
+    else:
+        zlo, zhi = t.leaf_bounds(slot, lo, hi)
+        old = t.bits[zlo:zhi]
+        conflict = bool((((old & P) != 0) & ((t.level[zlo:zhi] != level)
+                                             | (t.pfn[zlo:zhi] != base_pfn - lo + np.arange(zlo, zhi))
+                                             | ((old & HW) != (bits & HW)))).any())
+    if conflict:
+        tdp_mmu.zap_range(kvm, slot, zlo, zhi, self.zap_caller)
+        kvm.flush_remote_tlbs("kvm_tdp_mmu_map: zap")
+    b = t.bits.item(i)
+    if b & P:
+        bits |= b & (A | D)                              # same leaf: keep what the guest set
+    spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
+               caller=self.map_caller)
+    if kvm.journal.recording:
+        kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
+                         extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
+    if writable and slot.logging:
+        mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
+    return RET_PF.FIXED
 
 
 class X86Mmu:
@@ -90,50 +211,32 @@ class X86Mmu:
     def _unlock(self) -> None:
         self.kvm.mmu_lock.read_unlock()
 
+    # ---- the fault template's hooks (kvmsim.kvm.fault) ------------------------------------------------
+    family = "x86"
+    fault_labels = ("kvm_mmu_faultin_pfn: mmu_seq snapshot", "kvm_mmu_faultin_pfn: pfn resolved",
+                    "page fault: mmu_lock released")
+    fault_lock_read = True            # the TDP MMU maps under mmu_lock for read
+    fault_faultin_nowait = True
+    fault_logging_write_only = False  # x86 maps read faults writable and logs them dirty
+    fault_retry_ret = 0
+    fault_retry_per_gfn = True        # is_page_fault_stale(): mmu_invalidate_retry_gfn() ...
+    fault_stale_invalid_slot = True   # ... or an obsolete root (the memslot is being deleted or moved)
+    handle_error_pfn = staticmethod(kvm_handle_error_pfn)
+    fault_after_unlock = None
+
+    def fault_map(self, fault: KvmPageFault) -> RET_PF:
+        return self._map(fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write)
+
+    def fault_unused(self, fault: KvmPageFault) -> bool:
+        """``kvm_mmu_finish_page_fault()``: ``r == RET_PF_RETRY``."""
+        return fault.result == RET_PF.RETRY
+
+    @staticmethod
+    def emulate(vcpu, gpa: int, write: bool, value: int | None) -> Access:
+        return x86_emulate_instruction(vcpu, gpa, write, value)
+
     # ---- the fault path ----------------------------------------------------------------------------
-    @kpath
-    def page_fault(self, vcpu, gpa: int, write: bool, exec: bool = False) -> Steps:
-        """Mirrors ``kvm_mmu_page_fault()`` → ``kvm_tdp_page_fault()``: RET_PF or -errno."""
-        kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        kvm.journal.count("page_fault")
-        gen = kvm.memslots[0].generation
-        if self.mmio_sptes.get(gfn) == gen:                # handle_mmio_page_fault(): cached, same generation
-            kvm.journal.count("mmio")
-            return RET_PF.EMULATE
-        slot = kvm.gfn_to_memslot(gfn)
-        if slot is None:                                   # kvm_handle_noslot_fault(): cache an MMIO SPTE
-            self.mmio_sptes[gfn] = gen
-            kvm.journal.count("mmio")
-            return RET_PF.EMULATE
-        self.mmio_sptes.pop(gfn, None)
-        if slot.invalid:
-            return RET_PF.RETRY
-        if write and slot.readonly:
-            return RET_PF.EMULATE                          # KVM_PFN_ERR_RO_FAULT → emulate
-        r = self.fast_page_fault(vcpu, slot, gfn, write)
-        if r is not None:
-            return r
-        yield "fast_page_fault: not fixed"
-        r, mmu_seq, pfn, kfp = yield from kvm_mmu_faultin_pfn.steps(kvm, slot, gfn, write, "kvm_mmu_faultin_pfn")
-        if r is not None:
-            return r
-        yield from self._lock()
-        if slot.invalid or kvm.mmu_invalidate_retry_gfn(mmu_seq, gfn):     # is_page_fault_stale()
-            r = RET_PF.RETRY
-            kvm.journal.count("fault_retry")
-        else:
-            r = self._map(vcpu, slot, gfn, pfn, kfp, write)
-        unused = r == RET_PF.RETRY
-        if kvm.policy.release_under_mmu_lock:
-            kvm_release_faultin(kvm, pfn, kfp, unused=unused, dirty=kfp.map_writable,
-                                caller="kvm_release_faultin_page", gfn=gfn)
-        self._unlock()
-        yield "page fault: mmu_lock released"
-        if not kvm.policy.release_under_mmu_lock:
-            kvm_release_faultin(kvm, pfn, kfp, unused=unused, dirty=kfp.map_writable,
-                                caller="kvm_release_pfn_clean", gfn=gfn)
-        return r
+    page_fault = kvm_mmu_page_fault
 
     def fast_page_fault(self, vcpu, slot, gfn: int, write: bool) -> RET_PF | None:
         """Mirrors ``fast_page_fault()``: restore an access-tracked SPTE or W on an MMU-writable one,
@@ -167,89 +270,24 @@ class X86Mmu:
             mark_page_dirty_in_slot(self.kvm, slot, gfn, vcpu)
         return RET_PF.FIXED
 
-    def _map(self, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False) -> RET_PF:
-        """``kvm_tdp_mmu_map()`` / ``tdp_mmu_map_handle_target_level()`` / ``make_spte()``."""
-        kvm = self.kvm
-        t = tables(slot)
-        i = gfn - slot.base_gfn
-        level = tdp_mmu.max_mapping_level(kvm, slot, i, self.max_level)
-        n = LEVEL_PAGES[level]
-        lo = (gfn // n * n) - slot.base_gfn
-        hi = lo + n
-        base_pfn = pfn - (i - lo)
-        b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
-        if self.tdp_mmu_enabled and b & P and not b & MMIO and old_level > level:
-            # kvm_tdp_mmu_map(): a huge leaf above the goal level is split (tdp_mmu_split_huge_page(),
-            # no TLB flush; the other children stay mapped), where the shadow MMU drops it
-            hl, hh = t.leaf_bounds(slot, i, i + 1)
-            tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
-            b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
-        if b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
-                not b & AT and (not write or b & W):
-            kvm.journal.count("spurious")
-            return RET_PF.SPURIOUS
-        host_w = kfp.map_writable and not slot.readonly
-        writable = host_w        # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
-        bits = make_spte_bits(host_writable=host_w, writable=writable, prefetch=prefetch,
-                              ad_disabled=not self.ad_enabled, held=kfp.hold is not Hold.NONE)
-        # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
-        # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
-        if n == 1 and (not b & P or old_level == 1):             # the common 4K case, in plain integers
-            conflict = bool(b & P) and (old_pfn != pfn or (b & HW) != (bits & HW))
-            zlo, zhi = i, i + 1
-        else:
-            zlo, zhi = t.leaf_bounds(slot, lo, hi)
-            old = t.bits[zlo:zhi]
-            conflict = bool((((old & P) != 0) & ((t.level[zlo:zhi] != level)
-                                                 | (t.pfn[zlo:zhi] != base_pfn - lo + np.arange(zlo, zhi))
-                                                 | ((old & HW) != (bits & HW)))).any())
-        if conflict:
-            tdp_mmu.zap_range(kvm, slot, zlo, zhi, self.zap_caller)
-            kvm.flush_remote_tlbs("kvm_tdp_mmu_map: zap")
-        b = t.bits.item(i)
-        if b & P:
-            bits |= b & (A | D)                              # same leaf: keep what the guest set
-        spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
-                   caller=self.map_caller)
-        if kvm.journal.recording:
-            kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
-                             extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
-        if writable and slot.logging:
-            mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
-        return RET_PF.FIXED
+    _map = kvm_tdp_mmu_map
 
     # ---- guest accesses ----------------------------------------------------------------------------
-    def guest_access(self, vcpu, gpa: int, write: bool, value: int | None) -> Access:
-        """A guest load/store through the SPTEs: hardware sets A/D (PML logs a write that sets D on a
-        dirty-logged slot); otherwise an EPT violation → :meth:`page_fault`."""
-        kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        stuck = None
-        for _ in range(RETRY_LIVELOCK_BOUND):       # RET_PF_RETRY: vcpu_enter_guest() re-enters
-            slot = kvm.gfn_to_memslot(gfn)
-            if slot is not None and not slot.invalid and "x86" in slot.arch:
-                t = slot.arch["x86"]
-                i = gfn - slot.base_gfn
-                b = int(t.bits[i])
-                if b & P and not b & (AT | MMIO) and (not write or b & W):
-                    pfn = int(t.pfn[i])
-                    self._hw_set_ad(vcpu, slot, t, i, b, write)
-                    if write:
-                        kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
-                        return Access(Exit.OK, gpa, True, value)
-                    return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
-            r = self.page_fault(vcpu, gpa, write)
-            if r == RET_PF.EMULATE:
-                return x86_emulate_instruction(vcpu, gpa, write, value)
-            out = ret_to_access(int(r), gpa, write, value)
-            if out is not None:
-                return out
-            if r == RET_PF.RETRY:
-                state = retry_state(kvm)
-                if state == stuck:
-                    break
-                stuck = state
-        return livelock_access(kvm, gpa, write, value)
+    #: A guest load/store: :func:`kvmsim.kvm.fault.kvm_guest_access` (the one re-entry loop), with
+    #: :meth:`leaf_access` and RET_PF_EMULATE → ``x86_emulate_instruction()``.
+    guest_access = kvm_guest_access
+
+    def leaf_access(self, vcpu, slot, i: int, write: bool) -> int | None:
+        """Through the SPTEs: hardware sets A/D (PML logs a write that sets D on a dirty-logged slot) and
+        the access goes to the pfn; None for an EPT violation."""
+        t = slot.arch.get("x86")
+        if t is None:
+            return None
+        b = int(t.bits[i])
+        if b & P and not b & (AT | MMIO) and (not write or b & W):
+            self._hw_set_ad(vcpu, slot, t, i, b, write)
+            return int(t.pfn[i])
+        return None
 
     def _hw_set_ad(self, vcpu, slot, t, i: int, b: int, write: bool) -> None:
         if b & ADX:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from kvmsim.kvm.pfn import Hold, KvmFollowPfn, kvm_prefetch_pages
-from kvmsim.kvm.stage2 import RET_PF
+from kvmsim.x86.mmu_internal import RET_PF
 from kvmsim.x86.mmu import X86Mmu
 from kvmsim.x86.spte import P, tables
 
@@ -26,6 +26,7 @@ class ShadowMmu(X86Mmu):
     tdp_mmu_enabled = False
     map_caller = "mmu_set_spte"
     zap_caller = "mmu_spte_clear_track_bits"
+    fault_lock_read = False           # the shadow MMU maps under mmu_lock for write
 
     def _lock(self):
         return self.kvm.mmu_lock.write_lock.steps()

@@ -140,7 +140,7 @@ def handle_changed_spte(kvm, slot, lo: int, old_bits, old_pfn, old_level, new_bi
     acc = rep & is_accessed_spte(old_bits) & (gone | ~is_accessed_spte(new_bits))
     lost = dirty | acc
     if lost.any():
-        kvm.policy.spte_ad_lost_bulk(kvm, old_pfn[lost], dirty[lost], acc[lost], caller)
+        kvm.ops.spte_ad_lost_bulk(kvm, old_pfn[lost], dirty[lost], acc[lost], caller)
 
 
 _SCALAR = (int, np.integer)        # a scalar argument to spte_write (np.ndim() costs a µs per call)
@@ -212,7 +212,7 @@ def _leaves_in(slot, lo, old_level, new_level, changed) -> int:
     return int(np.count_nonzero(changed & (((slot.base_gfn + lo + rel) % size) == 0))) or 1
 
 
-def make_spte_bits(*, host_writable: bool, writable: bool, prefetch: bool, ad_disabled: bool, held: bool) -> int:
+def make_spte(*, host_writable: bool, writable: bool, prefetch: bool, ad_disabled: bool, held: bool) -> int:
     """``make_spte()``: HOST_W from the host mapping; W|MMU_W|D if writable; A unless prefetched."""
     bits = P | (HW if host_writable else 0) | (HELD if held else 0)
     if writable:

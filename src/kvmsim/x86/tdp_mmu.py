@@ -97,7 +97,7 @@ def age_range(kvm, slot, lo: int, hi: int, *, clear: bool, caller: str = "kvm_td
         reps = t.representatives(slot, lo, hi)
         wr = reps[((t.bits[reps] & W) != 0) & ((t.bits[reps] & ADX) != 0)]
         if len(wr):
-            kvm.policy.spte_ad_lost_bulk(kvm, t.pfn[wr], np.ones(len(wr), bool), np.zeros(len(wr), bool), caller)
+            kvm.ops.spte_ad_lost_bulk(kvm, t.pfn[wr], np.ones(len(wr), bool), np.zeros(len(wr), bool), caller)
         sel = new[nad]
         # mark_spte_for_access_track(): "We do not save the W bit ... the W bit will be restored
         # only when a write is attempted to the page" (spte.h, SHADOW_ACC_TRACK_SAVED_BITS_MASK)
@@ -157,7 +157,7 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
     if lvl.max() > 1:                                   # one report per leaf: its first entry
         sel &= ((slot.base_gfn + lo + np.arange(hi - lo)) % LEAF_PAGES[lvl]) == 0
     n = int(np.count_nonzero(sel))
-    kvm.policy.spte_ad_lost_bulk(kvm, t.pfn[lo:hi][sel], np.ones(n, bool), np.zeros(n, bool), caller)
+    kvm.ops.spte_ad_lost_bulk(kvm, t.pfn[lo:hi][sel], np.ones(n, bool), np.zeros(n, bool), caller)
     return True
 
 

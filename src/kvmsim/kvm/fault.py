@@ -1,0 +1,327 @@
+"""The one stage-2 page fault every architecture takes, and its release (virt/kvm/kvm_main.c
+``__kvm_faultin_pfn()``, include/linux/kvm_host.h ``kvm_release_faultin_page()``; the shape shared by
+arch/x86/kvm/mmu/mmu.c ``kvm_mmu_page_fault()``, arch/arm64/kvm/mmu.c ``user_mem_abort()`` and
+arch/riscv/kvm/mmu.c ``kvm_riscv_gstage_map()``; Linux v6.12 and v6.13).
+
+:func:`kvm_stage2_fault` is the template: ``mmu_seq`` snapshot, faultin (``__kvm_faultin_pfn()``,
+FOLL_NOWAIT then FOLL_INTERRUPTIBLE where the arch does that), error pfns, ``mmu_lock``, the retry
+check, the map, the release, the unlock, and what the arch does after the unlock.  An architecture
+supplies the hooks (class attributes and methods of its MMU):
+
+* ``fault_labels``: the three step labels (snapshot, pfn resolved, unlocked);
+* ``fault_lock_read``: ``mmu_lock`` for read (x86 TDP, arm64) or write (shadow MMU, RISC-V, generic);
+* ``fault_faultin_nowait``: x86's two attempts and lockless ``mmu_invalidate_retry_gfn_unsafe()``
+  checks, or one blocking ``__kvm_faultin_pfn()`` (arm64, RISC-V);
+* ``fault_logging_write_only``: "writable only on write faults while logging" (arm64, RISC-V);
+* ``fault_retry_ret``: the kernel's ``ret`` on the retry path (arm64 ``-EAGAIN``, RISC-V 0);
+* the retry check under the lock: ``fault_retry_per_gfn`` (x86 and generic ``mmu_invalidate_retry_gfn()``;
+  arm64 and RISC-V check the whole VM, ``mmu_invalidate_retry()``) and ``fault_stale_invalid_slot``
+  (x86 ``is_page_fault_stale()`` also retries on an obsolete root, a memslot being deleted or moved);
+* ``handle_error_pfn(pfn)``, ``fault_map(fault)``, ``fault_unused(fault)``, ``fault_after_unlock(fault)``
+  (None: nothing after the unlock).
+
+The legacy / series difference is not here: the VM's ``kvm.ops`` (:func:`kvmsim.policies.resolve`,
+one set of callables per policy × architecture) releases under the lock, after it, or marks the page
+before mapping.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from enum import IntEnum
+
+from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
+                            Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_pfn_to_refcounted_page,
+                            kvm_release_page_clean, kvm_release_page_dirty, kvm_release_page_unused, kvm_release_pfn,
+                            kvm_set_pfn_accessed, kvm_set_pfn_dirty)
+from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.mm.gup import FOLL
+from kvmsim.sched import Steps, kpath
+from kvmsim.trace import Src
+from kvmsim.types import PAGE_SHIFT
+
+EHWPOISON = 133
+
+
+class FaultRet(IntEnum):
+    """What the template returns (the values of x86's ``RET_PF_*``, which compare equal)."""
+
+    CONTINUE = 0
+    RETRY = 1
+    EMULATE = 2
+    WRITE_PROTECTED = 3
+    INVALID = 4
+    FIXED = 5
+    SPURIOUS = 6
+
+
+@dataclass(slots=True)
+class KvmPageFault:
+    """``struct kvm_page_fault`` (arch/x86/kvm/mmu/mmu_internal.h) reduced to what every arch's fault
+    carries: the gfn and memslot, the access, ``mmu_seq``, the pfn and the ``kvm_follow_pfn`` result
+    (its refcounted page and hold), ``map_writable``, and the outcome (``ret`` is the arch's own
+    return code, ``retry`` the ``mmu_invalidate_retry*()`` verdict)."""
+
+    vcpu: object
+    gfn: int
+    slot: object
+    write: bool
+    exec: bool = False
+    perm: bool = False                  # arm64: a permission fault on a valid leaf
+    mmu_seq: int = 0
+    pfn: int = -1
+    kfp: KvmFollowPfn | None = None
+    map_writable: bool = False
+    ret: int = 0
+    retry: bool = False
+    result: int = 0
+
+
+def kvm_handle_error_pfn(pfn: int) -> int:
+    """x86 ``kvm_handle_error_pfn()``: an error pfn → RET_PF_EMULATE or -errno."""
+    if pfn == KVM_PFN_ERR_RO_FAULT:
+        return FaultRet.EMULATE
+    if pfn == KVM_PFN_ERR_SIGPENDING:
+        return -errno.EINTR
+    if pfn == KVM_PFN_ERR_HWPOISON:
+        return -EHWPOISON
+    return -errno.EFAULT
+
+
+def abort_error_pfn(pfn: int) -> int:
+    """arm64 ``user_mem_abort()`` / RISC-V ``kvm_riscv_gstage_map()``: ``KVM_PFN_ERR_HWPOISON`` sends
+    SIGBUS (``kvm_send_hwpoison_signal()``), any other error pfn is -EFAULT."""
+    return -EHWPOISON if pfn == KVM_PFN_ERR_HWPOISON else -errno.EFAULT
+
+
+def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
+    """The vCPU exit a fault's result becomes (None: re-enter the guest)."""
+    if r == FaultRet.EMULATE:
+        return Access(Exit.MMIO, gpa, write, value)
+    if r == -errno.EINTR:
+        return Access(Exit.EINTR, gpa, write, value, errno.EINTR)
+    if r == -EHWPOISON:
+        return Access(Exit.HWPOISON, gpa, write, value, EHWPOISON)
+    if r < 0:
+        return Access(Exit.EFAULT, gpa, write, value, -r)
+    return None
+
+
+#: Guest re-entries for one access that make no progress before the model reports a livelock.  The
+#: kernel never turns RET_PF_RETRY into an error: x86 ``kvm_mmu_page_fault()`` returns 1 and
+#: ``vcpu_enter_guest()`` re-enters; arm64 ``user_mem_abort()`` returns 0 for -EAGAIN and
+#: ``kvm_handle_guest_abort()`` returns 1 (arch/arm64/kvm/mmu.c); RISC-V ``gstage_page_fault()`` returns
+#: 1 likewise.  In a model step nothing else runs, so a fault that keeps retrying would spin forever.
+RETRY_LIVELOCK_BOUND = 1000
+
+
+def retry_state(kvm) -> tuple:
+    """What a RET_PF_RETRY depends on.  A guest access runs within one model step, so no other thread
+    changes this while the vCPU re-enters: if a second retry sees the same state as the first, every
+    further re-entry would retry the same way, and the access is a livelock without spinning to the bound."""
+    return (kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress, kvm.mmu_invalidate_range_start,
+            kvm.mmu_invalidate_range_end, tuple(s.generation for s in kvm.memslots))
+
+
+def livelock_access(kvm, gpa: int, write: bool, value) -> Access:
+    """The access after :data:`RETRY_LIVELOCK_BOUND` re-entries without progress: a livelock, not EFAULT."""
+    kvm.journal.count("guest_livelock")
+    return Access(Exit.LIVELOCK, gpa, write, value)
+
+
+def kvm_guest_access(mmu, vcpu, gpa: int, write: bool, value: int | None) -> Access:
+    """A guest load/store (``vcpu_enter_guest()`` / ``kvm_arch_vcpu_ioctl_run()`` re-entering on
+    RET_PF_RETRY): through the leaf if the arch's ``leaf_access`` lets it (it returns the pfn, having
+    set what hardware sets), else the arch's stage-2 fault; ``emulate`` is what the arch does with
+    RET_PF_EMULATE (x86 ``x86_emulate_instruction()``), None for an MMIO exit."""
+    kvm = mmu.kvm
+    gfn = gpa >> PAGE_SHIFT
+    stuck = None
+    leaf_access, page_fault, emulate = mmu.leaf_access, mmu.page_fault, mmu.emulate
+    for _ in range(RETRY_LIVELOCK_BOUND):
+        slot = kvm.gfn_to_memslot(gfn)
+        if slot is not None and not slot.invalid:
+            pfn = leaf_access(vcpu, slot, gfn - slot.base_gfn, write)
+            if pfn is not None:
+                if write:
+                    kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
+                    return Access(Exit.OK, gpa, True, value)
+                return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
+        r = page_fault(vcpu, gpa, write)
+        if r == FaultRet.EMULATE and emulate is not None:
+            return emulate(vcpu, gpa, write, value)
+        out = ret_to_access(int(r), gpa, write, value)
+        if out is not None:
+            return out
+        if r == FaultRet.RETRY:
+            state = retry_state(kvm)
+            if state == stuck:
+                break
+            stuck = state
+    return livelock_access(kvm, gpa, write, value)
+
+
+# The two GUP attempts' flags, by write (IntFlag arithmetic costs a µs per fault).
+_FOLL_NOWAIT = {False: FOLL.NOWAIT, True: FOLL.WRITE | FOLL.NOWAIT}
+_FOLL_INTERRUPTIBLE = {False: FOLL.INTERRUPTIBLE, True: FOLL.WRITE | FOLL.INTERRUPTIBLE}
+_FOLL_BLOCKING = {False: FOLL(0), True: FOLL.WRITE}
+
+
+@kpath
+def kvm_faultin(mmu, fault: KvmPageFault) -> Steps:
+    """The faultin half of the template: samples ``mmu_invalidate_seq``, resolves the pfn with the
+    generic ``__kvm_faultin_pfn()`` and maps an error pfn to the arch's -errno / RET_PF.  x86
+    (``kvm_mmu_faultin_pfn()``) also checks ``mmu_invalidate_retry_gfn_unsafe()`` without the lock
+    before and after, releasing the page unused when stale.  Returns None when the caller should
+    lock, re-check and map."""
+    kvm = mmu.kvm
+    gfn, slot, write = fault.gfn, fault.slot, fault.write
+    labels = mmu.fault_labels
+    fault.mmu_seq = mmu_seq = kvm.mmu_invalidate_seq
+    yield labels[0]
+    nowait = mmu.fault_faultin_nowait
+    if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
+        kvm.journal.count("fault_retry")
+        return FaultRet.RETRY
+    if nowait:
+        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_NOWAIT[write], caller="kvm_faultin_pfn")
+        if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
+            pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_INTERRUPTIBLE[write], caller="kvm_faultin_pfn")
+    else:
+        pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_BLOCKING[write])
+    fault.pfn, fault.kfp = pfn, kfp
+    if is_error_noslot_pfn(pfn):
+        return mmu.handle_error_pfn(pfn)
+    writable = kfp.map_writable
+    if writable and mmu.fault_logging_write_only and not write and slot.dirty_bitmap is not None \
+            and not slot.readonly:
+        writable = False                   # arm64 "Only actually map the page as writable if this was a write fault."
+    fault.map_writable = writable
+    yield labels[1]
+    if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
+        kvm.ops.release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
+        kvm.journal.count("fault_retry")
+        return FaultRet.RETRY
+    return None
+
+
+@kpath
+def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
+    """The template: faultin, ``mmu_lock``, retry check, map, release, unlock (module docstring)."""
+    kvm = mmu.kvm
+    r = yield from kvm_faultin.steps(mmu, fault)
+    if r is not None:
+        return r
+    lock = kvm.mmu_lock
+    yield from (lock.read_lock if mmu.fault_lock_read else lock.write_lock).steps()
+    if (mmu.fault_stale_invalid_slot and fault.slot.invalid) or \
+            (kvm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn) if mmu.fault_retry_per_gfn
+             else kvm.mmu_invalidate_retry(fault.mmu_seq)):
+        kvm.journal.count("fault_retry")
+        fault.retry = True
+        fault.ret = mmu.fault_retry_ret
+        fault.result = FaultRet.RETRY
+    else:
+        fault.result = mmu.fault_map(fault)
+    ops = kvm.ops
+    ops.fault_release_locked(kvm, mmu, fault)
+    if mmu.fault_lock_read:
+        lock.read_unlock()
+    else:
+        lock.write_unlock()
+    yield mmu.fault_labels[2]
+    ops.fault_release_unlocked(kvm, mmu, fault)
+    after = mmu.fault_after_unlock
+    if after is not None:
+        after(fault)
+    return fault.result
+
+
+# ---- the release --------------------------------------------------------------------------------------
+
+def kvm_release_faultin_page(kvm, page: int | None, unused: bool, dirty: bool, *, hold: Hold = Hold.GET,
+                             caller: str = "kvm_release_faultin_page", gfn: int | None = None) -> None:
+    """``kvm_release_faultin_page(kvm, page, unused, dirty)`` (include/linux/kvm_host.h, v6.13; patch 49
+    "KVM: Move x86's API to release a faultin page to common KVM"): ``lockdep_assert_once(
+    lockdep_is_held(&kvm->mmu_lock) || unused)`` (before the NULL check); no page, nothing; unused →
+    ``kvm_release_page_unused()``; dirty → ``kvm_release_page_dirty()``; else ``kvm_release_page_clean()``."""
+    if not unused:
+        kvm.lockdep_assert_held_mmu_lock(caller)
+    if page is None:
+        return
+    if unused:
+        kvm_release_page_unused(kvm, page, hold, caller)
+    elif dirty:
+        kvm_release_page_dirty(kvm, page, hold, caller, gfn=gfn)
+    else:
+        kvm_release_page_clean(kvm, page, hold, caller, gfn=gfn)
+
+
+def kvm_release_pfn_clean_guess(kvm, pfn: int, kfp, *, unused: bool, caller: str, gfn: int | None = None) -> None:
+    """v6.12 ``kvm_release_pfn_clean(pfn)``: guess the page with ``kvm_pfn_to_refcounted_page()``, mark
+    it accessed and put it; a page KVM holds that the guess calls not refcounted is journalled as a leak."""
+    page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
+    if page is None and kfp is not None and kfp.held is not None:
+        kvm.journal.fact("guess_mismatch", pfn=pfn, caller=caller, kvm=True,
+                         detail="kvm_pfn_to_refcounted_page() says not refcounted, but KVM holds a reference: leak")
+    kvm_release_pfn(kvm, pfn, False, caller, unused=unused, gfn=gfn)
+
+
+def _held_src(kfp) -> Src:
+    """Where a v6.12 ``kvm_set_pfn_*(pfn)`` page came from: a reference the fault holds, a remapped pfn,
+    or the guess."""
+    return Src.HELD if kfp.held is not None else Src.REMAPPED if kfp.remapped else Src.GUESS
+
+
+def release_faultin_page_locked(kvm, mmu, fault: KvmPageFault) -> None:
+    """v6.13, every arch: ``kvm_release_faultin_page(kvm, page, unused, writable)`` before dropping
+    ``mmu_lock`` (x86: patch 40 "KVM: x86/mmu: Add helper to "finish" handling a guest page fault", patch 41
+    "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()", patch 48 "KVM: x86/mmu: Don't mark
+    unused faultin pages as accessed"; arm64: patch 55 "KVM: arm64: Mark "struct page" pfns accessed/dirty
+    before dropping mmu_lock", patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts";
+    RISC-V: patch 58 "KVM: RISC-V: Mark "struct page" pfns accessed before dropping mmu_lock", patch 59
+    "KVM: RISC-V: Use kvm_faultin_pfn() when mapping pfns into the guest")."""
+    kfp = fault.kfp
+    kvm_release_faultin_page(kvm, kfp.refcounted_page, mmu.fault_unused(fault), fault.map_writable,
+                             hold=kfp.hold, gfn=fault.gfn)
+
+
+def release_pfn_clean_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:
+    """v6.12 x86 (and the generic stage-2): ``kvm_release_pfn_clean(fault->pfn)`` after unlocking, on
+    every outcome, RETRY included; never dirty (SPTE D bits carried that until patch 8)."""
+    kvm_release_pfn_clean_guess(kvm, fault.pfn, fault.kfp, unused=mmu.fault_unused(fault),
+                                caller="kvm_release_pfn_clean", gfn=fault.gfn)
+
+
+def user_mem_abort_v612_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:
+    """v6.12 arm64 ``user_mem_abort()``: after ``read_unlock(&kvm->mmu_lock)``, ``if (writable && !ret)
+    kvm_set_pfn_dirty(pfn)``, then ``kvm_release_pfn_clean(pfn)`` (also on -EAGAIN)."""
+    pfn, gfn = fault.pfn, fault.gfn
+    if fault.map_writable and fault.ret == 0:
+        kvm_set_pfn_dirty(kvm, pfn, "user_mem_abort", source=_held_src(fault.kfp), gfn=gfn)
+    kvm_release_pfn_clean_guess(kvm, pfn, fault.kfp, unused=fault.ret != 0, caller="kvm_release_pfn_clean", gfn=gfn)
+
+
+def gstage_map_v612_dirty_before_map(kvm, fault: KvmPageFault) -> None:
+    """v6.12 RISC-V ``kvm_riscv_gstage_map()``: ``kvm_set_pfn_dirty(hfn)`` under the lock but before
+    ``gstage_map_page()``, also when the map then fails."""
+    kvm_set_pfn_dirty(kvm, fault.pfn, "kvm_riscv_gstage_map", source=_held_src(fault.kfp), gfn=fault.gfn)
+
+
+def gstage_map_v612_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:
+    """v6.12 RISC-V ``kvm_riscv_gstage_map()``: ``kvm_set_pfn_accessed(hfn)`` and
+    ``kvm_release_pfn_clean(hfn)`` after ``spin_unlock()`` (accessed twice; ``unused`` is ghost truth
+    for INV-7: no leaf maps the page after a retry or a failed map)."""
+    pfn, gfn, kfp = fault.pfn, fault.gfn, fault.kfp
+    unmapped = fault.retry or mmu.fault_unused(fault)
+    kvm_set_pfn_accessed(kvm, pfn, "kvm_riscv_gstage_map", source=_held_src(kfp), gfn=gfn, unused=unmapped)
+    kvm_release_pfn_clean_guess(kvm, pfn, kfp, unused=unmapped, caller="kvm_release_pfn_clean", gfn=gfn)
+
+
+def no_release(kvm, mmu, fault: KvmPageFault) -> None:
+    """Nothing at this point (the release happens at the other one)."""
+
+
+def no_dirty_before_map(kvm, fault: KvmPageFault) -> None:
+    """Nothing: the page is dirtied by its release (v6.13, and every arch but v6.12 RISC-V)."""

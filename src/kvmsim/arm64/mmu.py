@@ -241,15 +241,9 @@ class Arm64Mmu(GenericStage2):
         ``kvm_mmu_wp_memory_region()`` write-protects the slot and flushes, unless manual protect with
         KVM_DIRTY_LOG_INITIALLY_SET defers it to KVM_CLEAR_DIRTY_LOG."""
         from kvmsim.kvm.dirty import KVM_DIRTY_LOG_INITIALLY_SET
-        from kvmsim.kvm.memslot import KvmMrChange
-        if new is None or not new.logging or change == KvmMrChange.DELETE:
-            return
         if self.kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:
             return
-        if "s2" in new.arch:
-            _, bits = self._tables(new)
-            bits[:] &= ~_WP
-        self.kvm.flush_remote_tlbs("kvm_mmu_wp_memory_region")
+        self.wp_slot_on_log_dirty_commit(new, change, "kvm_mmu_wp_memory_region")
 
     def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None:
         """``kvm_arch_mmu_enable_log_dirty_pt_masked()`` → ``stage2_wp_range()`` on the masked pages."""

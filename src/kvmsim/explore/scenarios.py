@@ -195,7 +195,7 @@ def _lost_dirty_bit(policy, mutations, arch) -> World:
     Generic stage-2 only.  On x86 the state cannot arise: ``make_spte()`` gives every writable
     SPTE the D bit (read faults included, ACC_ALL), so D is clear on a present SPTE only after
     ``clear_dirty_pt_masked()`` cleared it, and legacy x86 marks the folio dirty right there
-    (tdp_mmu.c v6.12, removed by patch 8 "Mark folio dirty when creating SPTE, not when
+    (tdp_mmu.c v6.12, removed by patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when
     zapping/modifying"); the folio can only be cleaned again through ``folio_mkclean()``, whose
     mmu_notifier zaps the SPTE first.
     """

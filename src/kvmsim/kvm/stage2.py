@@ -212,6 +212,18 @@ class GenericStage2:
             bits[:] &= ~np.uint8(_W)
             self.kvm.flush_remote_tlbs("enable_dirty_logging")
 
+    def wp_slot_on_log_dirty_commit(self, new, change, why: str) -> None:
+        """arm64 ``kvm_mmu_wp_memory_region()`` / RISC-V ``gstage_wp_memory_region()`` from
+        ``kvm_arch_commit_memory_region()``: with LOG_DIRTY_PAGES in the new slot (not a delete),
+        write-protect the whole slot and flush (``why``)."""
+        from kvmsim.kvm.memslot import KvmMrChange
+        if new is None or not new.logging or change == KvmMrChange.DELETE:
+            return
+        if "s2" in new.arch:
+            _, bits = self._tables(new)
+            bits[:] &= ~np.uint8(_W | _HW)
+        self.kvm.flush_remote_tlbs(why)
+
     def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None:
         if "s2" not in slot.arch:
             return

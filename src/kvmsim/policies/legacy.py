@@ -19,27 +19,27 @@ class LegacyPolicy:
     title = "v6.12: kvm_pfn_to_refcounted_page guesses, A/D pushed from SPTEs"
 
     def reported_page(self, kfp):
-        """No page output before patch 27 "KVM: Add kvm_follow_pfn.refcounted_page output"."""
+        """No page output before patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn"."""
         return None
 
     def gup_error_pfn(self, rc):
-        """Before patch 14 only -EINTR became SIGPENDING; -EAGAIN fell through to the VMA lookup."""
+        """Before patch 14 "KVM: Return ERR_SIGPENDING from hva_to_pfn() if GUP returns -EGAIN" only -EINTR became SIGPENDING; -EAGAIN fell through to the VMA lookup."""
         if rc == -4:
             return KVM_PFN_ERR_SIGPENDING
         return None
 
     def needs_io_pfn(self, kfp):
-        """Before patch 16: FAULT with ``*async = true``."""
+        """Before patch 16 "KVM: Replace "async" pointer in gfn=>pfn with "no_wait" and error code": FAULT with ``*async = true``."""
         kfp.async_ = True
         return KVM_PFN_ERR_FAULT
 
     def refuses_unpinned_direct_map(self, kvm):
-        """No pin concept before patches 31/35: remapped memory is mapped as is."""
+        """No pin concept before patch 31 "KVM: Pin (as in FOLL_PIN) pages during kvm_vcpu_map()" and patch 35 "KVM: Disallow direct access (w/o mmu_notifier) to unpinned pfn by default": remapped memory is mapped as is."""
         return False
 
     def remapped_get_ref(self, kvm, pfn, caller):
         """``kvm_try_get_pfn()``: guess the page, then ``get_page_unless_zero()`` (CVE-2021-22543 fix
-        f8be156be163); removed by patch 85."""
+        f8be156be163); removed by patch 85 "KVM: Don't grab reference on VM_MIXEDMAP pfns that have a "struct page""."""
         page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
         if page is None:
             return True, Hold.NONE
@@ -70,33 +70,33 @@ class LegacyPolicy:
         kvm_release_pfn_clean_guess(kvm, pfn, kfp, unused=unused, caller=caller, gfn=gfn)
 
     def release_faultin(self, kvm, pfn, kfp, *, unused, dirty, caller, gfn=None):
-        """``kvm_release_pfn_clean(pfn)`` after unlock for every outcome, RETRY included (patch 48
-        "KVM: Don't mark unused pages as accessed" changed that); never dirty (x86 captured D from
+        """``kvm_release_pfn_clean(pfn)`` after unlock for every outcome, RETRY included (patch 48 "KVM: x86/mmu: Don't mark unused faultin pages as accessed"
+        changed that); never dirty (x86 captured D from
         SPTEs at zap time until patch 8; arm64 called ``kvm_set_pfn_dirty()`` itself just before, also
         after unlocking, until patch 55 "KVM: arm64: Mark "struct page" pfns accessed/dirty before
         dropping mmu_lock")."""
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused, gfn=gfn)
 
     def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
-        """pfncache before patch 29: ``kvm_release_pfn_clean(pfn)`` on retry and on success."""
+        """pfncache before patch 29 "KVM: pfncache: Precisely track refcounted pages": ``kvm_release_pfn_clean(pfn)`` on retry and on success."""
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused)
 
     def release_prefetched(self, kvm, pfn, caller):
-        """Direct prefetch before patch 38: ``put_page()`` only, no A/D."""
+        """Direct prefetch before patch 38 "KVM: x86/mmu: Put direct prefetched pages via kvm_release_page_clean()": ``put_page()`` only, no A/D."""
         kvm_dropped(kvm, pfn, Hold.GET, caller)
         kvm.phys.put_page(pfn, caller, kvm=True, source=Src.HELD)
 
     def gfn_to_page_write(self, write):
-        """Before patch 76 gfn_to_page() always resolved for write."""
+        """Before patch 76 "KVM: Add support for read-only usage of gfn_to_page()" gfn_to_page() always resolved for write."""
         return True
 
     def gfn_to_page_result(self, kvm, pfn, kfp):
         """``kvm_pfn_to_refcounted_page(pfn)``, including VM_MIXEDMAP/VM_IO pages ref'd by
-        ``kvm_try_get_pfn`` (patch 75 made remapped pfns NULL)."""
+        ``kvm_try_get_pfn`` (patch 85 "KVM: Don't grab reference on VM_MIXEDMAP pfns that have a "struct page"" made remapped pfns NULL, through patch 75 "KVM: Convert gfn_to_page() to use kvm_follow_pfn()")."""
         return kvm_pfn_to_refcounted_page(kvm.phys, pfn)
 
     def vcpu_map_pins(self):
-        """FOLL_GET before patch 31."""
+        """FOLL_GET before patch 31 "KVM: Pin (as in FOLL_PIN) pages during kvm_vcpu_map()"."""
         return False
 
     def vcpu_map_write(self, writable):
@@ -105,7 +105,7 @@ class LegacyPolicy:
         return True
 
     def vcpu_map_dirty_at_map(self):
-        """The caller decided ``dirty`` at unmap time before patch 33."""
+        """The caller decided ``dirty`` at unmap time before patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()"."""
         return False
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
@@ -131,6 +131,6 @@ class LegacyPolicy:
     def release_faultin_bulk(self, kvm, pfns, writable_mask, caller, gfns=None):
         """Vectorised :meth:`release_faultin` for faults that used a page: ``kvm_release_pfn_clean()``
         by guess, i.e. mark accessed only (the GUP reference is modelled as taken and dropped); dirty at
-        release came only with patch 41 "KVM: x86/mmu: Mark page/folio dirty at the origin of make_spte()"."""
+        release came only with patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()"."""
         from kvmsim.x86.folio_ops import mark_page_accessed_bulk
         mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS, gfns)

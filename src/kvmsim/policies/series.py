@@ -15,25 +15,25 @@ class SeriesPolicy:
     title = "v6.13: kvm_follow_pfn + kvm_release_faultin_page"
 
     def reported_page(self, kfp):
-        """Patch 27 "KVM: Add kvm_follow_pfn.refcounted_page output": the page KVM holds, or NULL."""
+        """patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn": the page KVM holds, or NULL."""
         return kfp.held
 
     def gup_error_pfn(self, rc):
-        """Patch 14 "KVM: Return ERR_SIGPENDING from hva_to_pfn() if GUP returns -EGAIN": -EINTR and -EAGAIN."""
+        """patch 14 "KVM: Return ERR_SIGPENDING from hva_to_pfn() if GUP returns -EGAIN": -EINTR and -EAGAIN."""
         if rc in (-4, -11):
             return KVM_PFN_ERR_SIGPENDING
         return None
 
     def needs_io_pfn(self, kfp):
-        """Patch 16 "KVM: Replace "async" pointer in gfn=>pfn with "no_wait" and error code": NEEDS_IO."""
+        """patch 16 "KVM: Replace "async" pointer in gfn=>pfn with "no_wait" and error code": NEEDS_IO."""
         return KVM_PFN_ERR_NEEDS_IO
 
     def refuses_unpinned_direct_map(self, kvm):
-        """Patch 35 "KVM: Disallow direct access (w/o mmu_notifier) to unpinned pfn by default"."""
+        """patch 35 "KVM: Disallow direct access (w/o mmu_notifier) to unpinned pfn by default"."""
         return not kvm.allow_unsafe_mappings
 
     def remapped_get_ref(self, kvm, pfn, caller):
-        """Patch 85 "KVM: Don't grab reference on VM_MIXEDMAP pfns that have a "struct page"": never a ref."""
+        """patch 85 "KVM: Don't grab reference on VM_MIXEDMAP pfns that have a "struct page"": never a ref."""
         return True, Hold.NONE
 
     def fault_release(self, arch):
@@ -65,45 +65,41 @@ class SeriesPolicy:
             kvm_release_page_clean(kvm, page, kfp.hold if kfp else Hold.NONE, caller)
 
     def release_prefetched(self, kvm, pfn, caller):
-        """Patches 38/39/41: prefetched pages are released dirty (always GUP'd writable)."""
+        """patch 38 "KVM: x86/mmu: Put direct prefetched pages via kvm_release_page_clean()", patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()": prefetched pages are released dirty (always GUP'd writable)."""
         kvm_release_page_dirty(kvm, pfn, Hold.GET, caller)
 
     def gfn_to_page_write(self, write):
-        """Patch 76 "KVM: Add support for read-only usage of gfn_to_page()"."""
+        """patch 76 "KVM: Add support for read-only usage of gfn_to_page()"."""
         return write
 
     def gfn_to_page_result(self, kvm, pfn, kfp):
-        """Patch 75 "KVM: Convert gfn_to_page() to use kvm_follow_pfn()": the refcounted page or NULL."""
+        """patch 75 "KVM: Convert gfn_to_page() to use kvm_follow_pfn()": the refcounted page or NULL (NULL for remapped memory since patch 85 "KVM: Don't grab reference on VM_MIXEDMAP pfns that have a "struct page"")."""
         return kfp.refcounted_page
 
     def vcpu_map_write(self, writable):
-        """Patch 34 "KVM: Get writable mapping for __kvm_vcpu_map() only when necessary": FOLL_WRITE
+        """patch 34 "KVM: Get writable mapping for __kvm_vcpu_map() only when necessary": FOLL_WRITE
         only for a writable map (``kvm_vcpu_map_readonly()`` resolves read-only)."""
         return writable
 
     def vcpu_map_pins(self):
-        """Patch 31 "KVM: Pin (as in FOLL_PIN) pages during kvm_vcpu_map()"."""
+        """patch 31 "KVM: Pin (as in FOLL_PIN) pages during kvm_vcpu_map()"."""
         return True
 
     def vcpu_map_dirty_at_map(self):
-        """Patch 33 "KVM: Mark "struct page" pfns dirty only in kvm_release_pfn_dirty()"… the map's
-        ``writable`` decides at map time ("KVM: Get writable mapping for __kvm_vcpu_map() only when
-        necessary", patch 34)."""
+        """patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()": the map's ``writable`` decides at map time."""
         return True
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
-        """Patches 8 and 82 (x86) and 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE
-        young": no struct page is touched from a stage-2 PTE's pfn."""
+        """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young": no struct page is touched from a stage-2 PTE's pfn."""
         return None
 
     def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller):
-        """Patches 8 and 82 ("Mark folio dirty when creating SPTE, not when zapping/modifying", "Don't
-        mark "struct page" accessed when zapping SPTEs"): nothing, for any number of SPTEs."""
+        """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs": nothing, for any number of SPTEs."""
         return None
 
     def release_faultin_bulk(self, kvm, pfns, writable_mask, caller, gfns=None):
-        """Vectorised ``kvm_release_faultin_page()`` for used pages (patches 40/41/47/49): dirty iff
-        map_writable, then accessed (the GUP reference is modelled as taken and dropped)."""
+        """Vectorised ``kvm_release_faultin_page()`` for used pages (patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()"): dirty iff map_writable,
+        then accessed (the GUP reference is modelled as taken and dropped)."""
         from kvmsim.trace import Src
         from kvmsim.x86.folio_ops import mark_page_accessed_bulk, set_page_dirty_bulk
         set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD, None if gfns is None else gfns[writable_mask])

@@ -260,13 +260,7 @@ class RiscvMmu(GenericStage2):
         """``kvm_arch_commit_memory_region()``: ``if (change != KVM_MR_DELETE && new->flags &
         KVM_MEM_LOG_DIRTY_PAGES) gstage_wp_memory_region(kvm, new->id)`` -- on every such commit, and
         with no KVM_DIRTY_LOG_INITIALLY_SET exception (unlike arm64)."""
-        from kvmsim.kvm.memslot import KvmMrChange
-        if new is None or not new.logging or change == KvmMrChange.DELETE:
-            return
-        if "s2" in new.arch:
-            _, bits = self._tables(new)
-            bits[:] &= ~_WP
-        self.kvm.flush_remote_tlbs("gstage_wp_memory_region")
+        self.wp_slot_on_log_dirty_commit(new, change, "gstage_wp_memory_region")
 
     def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None:
         """``kvm_arch_mmu_enable_log_dirty_pt_masked()``: ``gstage_wp_range()`` from ``__ffs(mask)`` to

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+from kvmsim.kvm.fault import FaultRet
 
-class RET_PF(IntEnum):
-    """``RET_PF_*``: what ``kvm_mmu_do_page_fault()`` and its helpers return.  The values are those of
-    the generic :class:`kvmsim.kvm.fault.FaultRet`, so the two compare equal."""
-
-    CONTINUE = 0
-    RETRY = 1
-    EMULATE = 2
-    WRITE_PROTECTED = 3
-    INVALID = 4
-    FIXED = 5
-    SPURIOUS = 6
+#: ``RET_PF_CONTINUE``, ``RET_PF_RETRY``, ``RET_PF_EMULATE``, ``RET_PF_WRITE_PROTECTED``, ``RET_PF_INVALID``,
+#: ``RET_PF_FIXED``, ``RET_PF_SPURIOUS``: what ``kvm_mmu_do_page_fault()`` and its helpers return.  The
+#: generic template's :class:`~kvmsim.kvm.fault.FaultRet` has the same names and values (it returns
+#: them to every arch), so the two compare equal.
+RET_PF = IntEnum("RET_PF", [(m.name, m.value) for m in FaultRet], module=__name__)

@@ -133,8 +133,8 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
     """``clear_dirty_gfn_range()`` (a whole slot when logging starts: every leaf level, ``all_levels``)
     and ``clear_dirty_pt_masked()`` (4 KiB leaves under ``mask``): clear D, or W when A/D bits are
     disabled or without PML (``wrprot``).  v6.12 calls ``kvm_set_pfn_dirty()`` for every SPTE whose
-    bit it cleared (tdp_mmu.c; removed by patch 8 "Mark folio dirty when creating SPTE, not when
-    zapping/modifying"): the policy's ``spte_ad_lost_bulk``."""
+    bit it cleared (tdp_mmu.c; removed by patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE,
+    not when zapping/modifying"): the VM's resolved ``spte_ad_lost_bulk``."""
     t = slot.arch.get("x86")
     if t is None:
         return False

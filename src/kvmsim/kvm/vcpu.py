@@ -28,6 +28,7 @@ class Exit(str, Enum):
     EINTR = "eintr"                # signal pending
     HWPOISON = "hwpoison"          # SIGBUS to the VMM
     DIRTY_RING_FULL = "dirty_ring_full"
+    LIVELOCK = "livelock"          # model-only: the guest re-entered RETRY_LIVELOCK_BOUND times, no progress
 
 
 @dataclass

@@ -103,7 +103,7 @@ def _fault_vs_munmap(policy):
     host.mm.host_access(vma.start, True, 1)
     res = run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, 0, True),
                            "host": host.mm.munmap.steps(vma.start, PAGE)},
-                          ["vcpu", "vcpu", "host", "host", "host", "host"])
+                          ["vcpu", "vcpu", "host", "host", "host", "host"], sched=kvm.sched)
     return kvm, res
 
 

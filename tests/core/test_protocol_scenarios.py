@@ -36,7 +36,7 @@ def _fault_then_teardown(policy):
     # the vCPU resolves the pfn (legacy: kvm_try_get_pfn takes a reference), then the driver frees
     results = run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, GPA, True),
                                "driver": _teardown(host, drv)},
-                              ["vcpu", "vcpu", "driver"])
+                              ["vcpu", "vcpu", "driver"], sched=kvm.sched)
     return host, kvm, checker, results
 
 
@@ -114,7 +114,7 @@ def test_fault_racing_invalidation_retries(policy):
     checker = Checker(kvm)
     results = run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, 0x1000, True),
                                "host": host.mm.munmap.steps(vma.start, 4 * 4096)},
-                              ["vcpu", "vcpu", "host", "host", "host", "host"])
+                              ["vcpu", "vcpu", "host", "host", "host", "host"], sched=kvm.sched)
     assert results["vcpu"] == RET_PF.RETRY
     assert list(kvm.arch.leaves()) == []                  # no SPTE for the invalidated range (INV-5)
     assert not kvm.host_refs

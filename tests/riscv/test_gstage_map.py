@@ -144,7 +144,7 @@ def _fault_vs_munmap(policy, write=True, flags=KVM_MEM(0)):
     host.mm.host_access(vma.start, True, 1)
     res = run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, 0, write),
                            "host": host.mm.munmap.steps(vma.start, PAGE)},
-                          ["vcpu", "vcpu", "host", "host", "host", "host"])
+                          ["vcpu", "vcpu", "host", "host", "host", "host"], sched=kvm.sched)
     assert res["vcpu"] == RET_PF.RETRY and kvm.journal.counters["fault_retry"] == 1
     assert _leaf(kvm) is None and kvm.host_refs == {}
     return kvm

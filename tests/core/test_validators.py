@@ -10,11 +10,11 @@ from kvmsim.kvm.stage2 import S2
 from kvmsim.mm.vma import VmaKind
 from kvmsim.trace import Src
 
-from .conftest import make_vm
+from tests.helpers import make_vm
 
 
 def _vm(policy="series", kind=VmaKind.ANON_SHARED):
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = host.mm.mmap(8 * 4096, kind)
     kvm.set_user_memory_region(0, 0, 8 * 4096, vma.start)
     vcpu = kvm.create_vcpu()
@@ -101,13 +101,13 @@ def test_inv7_unused_page_aged():
 
 
 def test_inv8_gfn_to_page_pfnmap_under_legacy():
-    host, kvm = make_vm("legacy")
+    host, kvm, _, _ = make_vm("legacy")
     drv = host.add_driver("d", 2, "driver_refcounted")
     vma = host.mm.mmap(2 * 4096, VmaKind.PFNMAP, driver=drv)
     kvm.set_user_memory_region(0, 0, 2 * 4096, vma.start)
     assert gfn_to_page(kvm, 0) is not None
     assert _fires(kvm, "INV-8")
-    host2, kvm2 = make_vm("series")
+    host2, kvm2, _, _ = make_vm("series")
     drv2 = host2.add_driver("d", 2, "driver_refcounted")
     vma2 = host2.mm.mmap(2 * 4096, VmaKind.PFNMAP, driver=drv2)
     kvm2.set_user_memory_region(0, 0, 2 * 4096, vma2.start)

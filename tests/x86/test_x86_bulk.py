@@ -6,7 +6,8 @@ from hypothesis import given, settings, strategies as st
 from kvmsim.kvm.dirty import kvm_get_dirty_log
 from kvmsim.mm.vma import VmaKind
 from kvmsim.x86.spte import HW, P, W, spte_write
-from tests.x86.conftest import LOG, make_vm
+from tests.helpers import make_vm
+from tests.x86.conftest import LOG
 
 KEYS = ("page_fault", "fast_page_fault", "spte_write", "tlb_flush", "mark_page_dirty_in_slot")
 
@@ -15,7 +16,7 @@ ops = st.lists(st.tuples(st.sampled_from(["read", "write", "log_on", "log_off", 
 
 
 def run(policy, seq, bulk, kind, page_size):
-    h, vma, kvm, v = make_vm(policy, size=4 << 20, kind=kind, page_size=page_size)
+    h, kvm, vma, v = make_vm(policy, size=4 << 20, kind=kind, page_size=page_size, arch="x86")
     flags = 0
     for op, g, n in seq:
         n = min(n, 1024 - g)
@@ -58,7 +59,7 @@ def test_scalar_and_bulk_agree(policy, seq, huge):
 
 
 def test_inv11_fires_on_a_broken_spte():
-    h, vma, kvm, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     assert v.write(0, 1).ok
     slot = kvm.memslots[0].by_id[0]
     assert not [f for f in h.journal.facts if f.kind == "inv11"]
@@ -70,7 +71,7 @@ def test_inv11_fires_on_a_broken_spte():
 
 
 def test_shadow_prefetch_neighbours(policy):
-    h, vma, kvm, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, mmu="shadow")
+    h, kvm, vma, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, mmu="shadow", arch="x86")
     for g in range(16):
         h.mm.host_access(vma.start + (g << 12), True, g)                      # host PTEs present
     assert v.read(3 << 12).ok

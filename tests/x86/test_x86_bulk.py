@@ -7,12 +7,12 @@ from kvmsim.kvm.dirty import kvm_get_dirty_log
 from kvmsim.mm.vma import VmaKind
 from kvmsim.x86.spte import HW, P, W, spte_write
 from tests.helpers import make_vm
+from tests.strategies import policies, x86_access_ops
 from tests.x86.conftest import LOG
 
 KEYS = ("page_fault", "fast_page_fault", "spte_write", "tlb_flush", "mark_page_dirty_in_slot")
 
-ops = st.lists(st.tuples(st.sampled_from(["read", "write", "log_on", "log_off", "getlog", "age"]),
-                         st.integers(0, 1023), st.integers(1, 600)), min_size=1, max_size=8)
+ops = x86_access_ops(1024, 600)
 
 
 def run(policy, seq, bulk, kind, page_size):
@@ -44,7 +44,7 @@ def run(policy, seq, bulk, kind, page_size):
 
 
 @settings(max_examples=30, deadline=None)
-@given(policy=st.sampled_from(["legacy", "series"]), seq=ops, huge=st.booleans())
+@given(policy=policies, seq=ops, huge=st.booleans())
 def test_scalar_and_bulk_agree(policy, seq, huge):
     kind, ps = (VmaKind.HUGETLB, 1 << 21) if huge else (VmaKind.ANON, 4096)
     a = run(policy, seq, False, kind, ps)

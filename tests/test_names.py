@@ -34,15 +34,13 @@ VERBATIM = [
     "kvm_gmem_get_pfn", "mark_page_dirty_in_slot", "kvm_get_dirty_log", "kvm_clear_dirty_log",
     "user_mem_abort", "handle_access_fault", "memslot_is_logging", "kvm_pgtable_stage2_map",
     "kvm_riscv_gstage_map", "gstage_map_page", "SetPageDirty", "mark_page_accessed", "RET_PF",
-    "kvm_mmu_faultin_pfn", "kvm_zap_gfn_range",
+    "kvm_mmu_faultin_pfn", "kvm_zap_gfn_range", "kvm_mmu_page_fault", "kvm_tdp_page_fault", "kvm_tdp_mmu_map",
+    "make_spte", "mmu_set_spte", "kvm_mmu_finish_page_fault", "kvm_release_faultin_page", "host_pfn_mapping_level",
 ]
 
 #: Kernel names issue 12 moves into x86/ and kvm/ (seam-core): strict xfail until they exist, then
 #: move each into VERBATIM (an XPASS here says which).
-PENDING = [
-    "kvm_mmu_page_fault", "kvm_tdp_page_fault", "kvm_tdp_mmu_map", "make_spte", "mmu_set_spte",
-    "kvm_mmu_finish_page_fault", "host_pfn_mapping_level", "kvm_release_faultin_page",
-]
+PENDING: list[str] = []
 
 
 def _index() -> tuple[set[str], dict[str, set[str]]]:

@@ -21,11 +21,11 @@ from typing import Any, Callable
 
 from kvmsim.errors import UsageError
 from kvmsim.explore.mutations import install
+from kvmsim.x86.mmu import kvm_zap_gfn_range
 from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
-from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
-from kvmsim.mm.reclaim import reclaim, remove_from_cache, truncate_cleanup_folios, writeback_folio
+from kvmsim.mm.reclaim import reclaim, truncate_page, writeback_folio
 from kvmsim.mm.vma import VmaKind
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SIZE
@@ -96,34 +96,6 @@ def guest_write(kvm, vcpu, gpa: int, value: int) -> Steps:
         yield "guest: EPT violation"
         yield from arch.page_fault.steps(vcpu, gpa, write=True)
     return False
-
-
-@kpath
-def kvm_zap_gfn_range(kvm, gfn: int) -> Steps:
-    """``kvm_zap_gfn_range()`` for one gfn: a zap under ``mmu_lock`` outside the mmu_notifier."""
-    yield from kvm.mmu_lock.write_lock.steps()
-    slot = kvm.gfn_to_memslot(gfn)
-    if slot is not None:                                # deleted meanwhile: nothing to zap
-        yield from kvm.arch.zap_leaf.steps(slot, gfn)
-    kvm.mmu_lock.write_unlock()
-    yield "kvm_zap_gfn_range: mmu_lock released"
-
-
-@kpath
-def truncate_page(mm, vma, index: int) -> Steps:
-    """``truncate_inode_pages_range()`` of one page: inside one notifier window, zap the PTE and drop
-    the folio from the page cache (``truncate_inode_folio`` → ``unmap_mapping_folio``)."""
-    start = vma.start + ((index - vma.pgoff) << 12)
-    rng = MmuNotifierRange(start, start + PAGE_SIZE, MmuNotifyEvent.UNMAP, reason="unmap_mapping_range")
-    yield from mm.invalidate_range_start.steps(rng)
-    vma.pte_pfn[index - vma.pgoff] = -1
-    vma.pte[index - vma.pgoff] = 0
-    yield "unmap_mapping_range: PTE zapped"
-    truncate_cleanup_folios(mm, vma.mapping, index, index + 1)
-    yield "truncate_cleanup_folio: dirty cancelled"
-    remove_from_cache(mm, vma.mapping, index, index + 1, notify=False, cleanup=False)
-    yield "truncate_inode_folio: folio removed from the page cache"
-    yield from mm.invalidate_range_end.steps(rng)
 
 
 # ---- the scenarios -----------------------------------------------------------------------------------

@@ -200,7 +200,8 @@ def kvm_faultin(mmu, fault: KvmPageFault) -> Steps:
     fault.map_writable = writable
     yield labels[1]
     if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-        kvm.ops.release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
+        with kvm.journal.fault_release():
+            kvm.ops.release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
     return None
@@ -225,13 +226,16 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
     else:
         fault.result = mmu.fault_map(fault)
     ops = kvm.ops
-    ops.fault_release_locked(kvm, mmu, fault)
+    releasing = kvm.journal.fault_release()          # facts recorded by the release say so (INV-3, INV-7)
+    with releasing:
+        ops.fault_release_locked(kvm, mmu, fault)
     if mmu.fault_lock_read:
         lock.read_unlock()
     else:
         lock.write_unlock()
     yield mmu.fault_labels[2]
-    ops.fault_release_unlocked(kvm, mmu, fault)
+    with releasing:
+        ops.fault_release_unlocked(kvm, mmu, fault)
     after = mmu.fault_after_unlock
     if after is not None:
         after(fault)

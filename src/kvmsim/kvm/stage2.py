@@ -13,7 +13,6 @@ this MMU the explorer's ``mark-dirty-after-unlock`` mutation.
 
 from __future__ import annotations
 
-import errno
 from enum import IntFlag
 from typing import Iterator
 
@@ -22,7 +21,6 @@ import numpy as np
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.fault import FaultRet, KvmPageFault, kvm_guest_access, kvm_handle_error_pfn, kvm_stage2_fault
 from kvmsim.kvm.pfn import Hold
-from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SHIFT
 

@@ -430,12 +430,6 @@ class Mm:
         i = (hva - vma.start) >> PAGE_SHIFT
         return vma, vma.pte_pfn.item(i), vma.pte.item(i), vma.pte_level.item(i)
 
-    def host_mapping_level(self, hva: int) -> int:
-        """``host_pfn_mapping_level()`` (arch/x86/kvm/mmu/mmu.c): the level the host maps ``hva`` at."""
-        vma, pfn, bits, level = self.pte_of(hva)
-        if vma is None or not bits & _P or pfn < 0:
-            return 1
-        return level
 
 
 def _steps(fn, *args):

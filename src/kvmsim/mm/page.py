@@ -382,6 +382,14 @@ class PhysMem:
         self._dirty_after_clean_check(head, caller, kvm)
         self.flags[head] = self.flags.item(head) | _DIRTY
 
+    def set_folios_dirty(self, heads, caller: str, *, kvm: bool = False) -> None:
+        """``SetPageDirty()`` on many folio heads at once (the flag only; counters and facts are the
+        caller's): the truncate check once per distinct folio when recording, then the flags."""
+        if self.journal.recording:                  # the check only records a fact
+            for h in np.unique(heads).tolist():
+                self._dirty_after_clean_check(h, caller, kvm)
+        self.flags[heads] |= _DIRTY                 # an OR: repeated heads are harmless
+
     def _dirty_after_clean_check(self, head: int, caller: str, kvm: bool) -> None:
         """Detect a folio dirtied after its mapping was truncated (``filemap_unaccount_folio`` WARN)."""
         obj = self.owners.get(self.owner.item(head))

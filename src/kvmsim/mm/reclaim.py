@@ -17,7 +17,7 @@ from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.page import PG
 from kvmsim.mm.vma import VM, AddressSpace, Pte, Vma
 from kvmsim.sched import Steps, kpath
-from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PG_LEVEL_2M
+from kvmsim.types import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PMD, PG_LEVEL_2M
 
 _P, _W, _Y, _D, _S, _SW = (int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY),
                            int(Pte.SPECIAL), int(Pte.SWAP))
@@ -307,3 +307,20 @@ def thp_collapse(mm, hva: int) -> int:
     mm.invalidate_range_end(rng)
     mm.journal.count("thp_collapse")
     return head
+
+
+@kpath
+def truncate_page(mm, vma, index: int) -> Steps:
+    """``truncate_inode_pages_range()`` of one page: inside one notifier window, zap the PTE and drop
+    the folio from the page cache (``truncate_inode_folio`` → ``unmap_mapping_folio``)."""
+    start = vma.start + ((index - vma.pgoff) << PAGE_SHIFT)
+    rng = MmuNotifierRange(start, start + PAGE_SIZE, MmuNotifyEvent.UNMAP, reason="unmap_mapping_range")
+    yield from mm.invalidate_range_start.steps(rng)
+    vma.pte_pfn[index - vma.pgoff] = -1
+    vma.pte[index - vma.pgoff] = 0
+    yield "unmap_mapping_range: PTE zapped"
+    truncate_cleanup_folios(mm, vma.mapping, index, index + 1)
+    yield "truncate_cleanup_folio: dirty cancelled"
+    remove_from_cache(mm, vma.mapping, index, index + 1, notify=False, cleanup=False)
+    yield "truncate_inode_folio: folio removed from the page cache"
+    yield from mm.invalidate_range_end.steps(rng)

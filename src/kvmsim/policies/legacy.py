@@ -124,7 +124,7 @@ class LegacyPolicy:
         """Vectorised :meth:`spte_ad_lost`: one ``kvm_set_pfn_dirty/accessed`` per SPTE whose bit is lost
         (patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and
         patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" removed them)."""
-        from kvmsim.x86.folio_ops import mark_page_accessed_bulk, set_page_dirty_bulk
+        from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk, set_page_dirty_bulk
         set_page_dirty_bulk(kvm, pfns[dirty_mask], caller, Src.SPTE)
         mark_page_accessed_bulk(kvm, pfns[accessed_mask], caller, Src.SPTE)
 
@@ -132,5 +132,5 @@ class LegacyPolicy:
         """Vectorised :meth:`release_faultin` for faults that used a page: ``kvm_release_pfn_clean()``
         by guess, i.e. mark accessed only (the GUP reference is modelled as taken and dropped); dirty at
         release came only with patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()"."""
-        from kvmsim.x86.folio_ops import mark_page_accessed_bulk
+        from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk
         mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS, gfns)

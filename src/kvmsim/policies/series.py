@@ -101,6 +101,6 @@ class SeriesPolicy:
         """Vectorised ``kvm_release_faultin_page()`` for used pages (patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()"): dirty iff map_writable,
         then accessed (the GUP reference is modelled as taken and dropped)."""
         from kvmsim.trace import Src
-        from kvmsim.x86.folio_ops import mark_page_accessed_bulk, set_page_dirty_bulk
+        from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk, set_page_dirty_bulk
         set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD, None if gfns is None else gfns[writable_mask])
         mark_page_accessed_bulk(kvm, pfns, caller, Src.HELD, gfns)

@@ -168,7 +168,8 @@ class RiscvMmu(GenericStage2):
         kvm = self.kvm
         writable = fault.map_writable
         if writable:
-            kvm.ops.fault_dirty_before_map(kvm, fault)
+            with kvm.journal.fault_release():
+                kvm.ops.fault_dirty_before_map(kvm, fault)
             mark_page_dirty_in_slot(kvm, fault.slot, fault.gfn, fault.vcpu)      # mark_page_dirty(kvm, gfn)
         ret = self.gstage_map_page(fault.slot, fault.gfn, fault.pfn, page_rdonly=not writable,
                                    held=fault.kfp.hold != Hold.NONE)

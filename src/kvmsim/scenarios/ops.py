@@ -170,7 +170,7 @@ def op_store(env: Env, a: dict):
 
 def op_zap(env: Env, a: dict):
     """``kvm_zap_gfn_range()`` of one gfn under mmu_lock, outside the mmu_notifier."""
-    from kvmsim.explore.scenarios import kvm_zap_gfn_range
+    from kvmsim.x86.mmu import kvm_zap_gfn_range
     if not hasattr(env.kvm.arch, "zap_leaf"):
         raise ModelError(22, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
     if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:

@@ -360,10 +360,12 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> boo
                                  extra={"writable": bool(writable), "host_writable": host_w, "level": lv})
         if writable:
             mark_dirty_bulk(kvm, slot, s, vcpu)
-        ops.fault_release_bulk_locked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
+        with kvm.journal.fault_release():
+            ops.fault_release_bulk_locked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
     finally:
         mmu._unlock()
-    ops.fault_release_bulk_unlocked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
+    with kvm.journal.fault_release():
+        ops.fault_release_bulk_unlocked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
     return True
 
 

@@ -176,6 +176,19 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     return RET_PF.FIXED
 
 
+@kpath
+def kvm_zap_gfn_range(kvm, gfn: int) -> Steps:
+    """Mirrors ``kvm_zap_gfn_range()`` (arch/x86/kvm/mmu/mmu.c) for one gfn: a zap under ``mmu_lock``
+    (for write) outside the mmu_notifier, through the MMU's steppable ``zap_leaf`` (the generic stage-2's;
+    the explorer's ``nonatomic-spte`` mutation replaces it)."""
+    yield from kvm.mmu_lock.write_lock.steps()
+    slot = kvm.gfn_to_memslot(gfn)
+    if slot is not None:                                # deleted meanwhile: nothing to zap
+        yield from kvm.arch.zap_leaf.steps(slot, gfn)
+    kvm.mmu_lock.write_unlock()
+    yield "kvm_zap_gfn_range: mmu_lock released"
+
+
 class X86Mmu:
     """Model of the x86 ``struct kvm_mmu`` machinery for one VM (TDP MMU; see :class:`ShadowMmu`)."""
 

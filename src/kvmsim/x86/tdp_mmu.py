@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmsim.mm.vma import Pte
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86.spte import (ADX, AT, MW, P, SW, W, A, D, MMIO, is_accessed_spte, nbits, spte_write,
                              tables, LEAF_PAGES)
+
+_PTE_PRESENT = int(Pte.PRESENT)
 
 
 def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
@@ -28,12 +31,22 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+def host_pfn_mapping_level(kvm, gfn: int, slot) -> int:
+    """Mirrors ``host_pfn_mapping_level()`` (arch/x86/kvm/mmu/mmu.c): the level the host page tables map
+    ``gfn``'s hva at (``__gfn_to_hva_memslot()``, then a lockless walk of ``kvm->mm``); 1 when nothing
+    is mapped there.  :func:`host_levels` is the same over a range."""
+    vma, pfn, bits, level = kvm.mm.pte_of(slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT))
+    if vma is None or not bits & _PTE_PRESENT or pfn < 0:
+        return 1
+    return level
+
+
 def max_mapping_level(kvm, slot, i: int, max_level: int) -> int:
     """:func:`max_mapping_levels` for one gfn, in plain integers (the scalar fault path)."""
     if max_level <= 1 or slot.logging:          # kvm_slot_dirty_track_enabled(): read-only slots too
         return 1
-    lv = min(kvm.mm.host_mapping_level(slot.userspace_addr + (i << PAGE_SHIFT)), max_level)
     gfn = slot.base_gfn + i
+    lv = min(host_pfn_mapping_level(kvm, gfn, slot), max_level)
     for level in (3, 2):
         if lv < level:
             continue

@@ -1,4 +1,5 @@
-"""Vectorised struct-page flag operations for the x86 MMU's bulk paths (mm/page.py semantics).
+"""``kvm_set_pfn_dirty()`` / ``kvm_set_pfn_accessed()`` over many pfns (virt/kvm/kvm_main.c semantics), for
+the x86 MMU's bulk paths and the policies' bulk hooks.
 
 ``SetPageDirty`` / ``mark_page_accessed`` on many pfns at once, with the same counters
 (``set_dirty:<caller>``, ``mark_accessed:<caller>``), the same facts when the journal records, the
@@ -54,10 +55,7 @@ def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
         for k, pfn in enumerate(pfns.tolist()):
             kvm.journal.fact("set_dirty", pfn=pfn, gfn=gfn_of.get(pfn), caller=caller, kvm=True, source=source,
                              locked=locked, extra={"reserved": False, "was_dirty": bool(was[k])})
-    if kvm.journal.recording:                # the check only records a fact: nothing to do otherwise
-        for h in np.unique(heads).tolist():
-            phys._dirty_after_clean_check(h, caller, True)
-    phys.flags[heads] |= int(PG.dirty)       # an OR: repeated heads are harmless
+    phys.set_folios_dirty(heads, caller, kvm=True)
 
 
 def _gfn_of(pfns, gfns) -> dict:

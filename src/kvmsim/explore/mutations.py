@@ -123,11 +123,11 @@ def _nonatomic_zap_leaf(mmu, slot, gfn: int) -> Steps:
 def _install_mark_dirty_after_unlock(kvm) -> None:
     """``kvm_set_pfn_dirty()`` after ``write_unlock()`` for a writable fault that mapped (the v6.12
     arm64 order) in front of a release that happens after the unlock; nothing under the series."""
-    from kvmsim.kvm.fault import FaultRet, no_release
+    from kvmsim.kvm.fault import FaultRet
     from kvmsim.kvm.pfn import kvm_set_pfn_dirty
     from kvmsim.trace import Src
     release = kvm.ops.fault_release_unlocked
-    if release is no_release:
+    if release is None:
         return
 
     def fault_release_unlocked(kvm, mmu, fault):

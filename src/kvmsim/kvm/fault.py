@@ -22,7 +22,7 @@ supplies the hooks (class attributes and methods of its MMU):
 
 The legacy / series difference is not here: the VM's ``kvm.ops`` (:func:`kvmsim.policies.resolve`,
 one set of callables per policy × architecture) releases under the lock, after it, or marks the page
-before mapping.
+before mapping (a hook that is None does nothing at its point).
 """
 
 from __future__ import annotations
@@ -168,20 +168,15 @@ _FOLL_INTERRUPTIBLE = {False: FOLL.INTERRUPTIBLE, True: FOLL.WRITE | FOLL.INTERR
 _FOLL_BLOCKING = {False: FOLL(0), True: FOLL.WRITE}
 
 
-@kpath
-def kvm_faultin(mmu, fault: KvmPageFault) -> Steps:
-    """The faultin half of the template: samples ``mmu_invalidate_seq``, resolves the pfn with the
-    generic ``__kvm_faultin_pfn()`` and maps an error pfn to the arch's -errno / RET_PF.  x86
-    (``kvm_mmu_faultin_pfn()``) also checks ``mmu_invalidate_retry_gfn_unsafe()`` without the lock
-    before and after, releasing the page unused when stale.  Returns None when the caller should
-    lock, re-check and map."""
+def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
+    """The pfn half of the template's faultin, between its ``mmu_seq`` snapshot and its re-check: x86's
+    lockless ``mmu_invalidate_retry_gfn_unsafe()`` pre-check, the generic ``__kvm_faultin_pfn()``
+    (FOLL_NOWAIT then FOLL_INTERRUPTIBLE on x86, one blocking attempt on arm64 / RISC-V), the arch's
+    error-pfn result and ``map_writable``.  None when the fault goes on."""
     kvm = mmu.kvm
     gfn, slot, write = fault.gfn, fault.slot, fault.write
-    labels = mmu.fault_labels
-    fault.mmu_seq = mmu_seq = kvm.mmu_invalidate_seq
-    yield labels[0]
     nowait = mmu.fault_faultin_nowait
-    if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
+    if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
     if nowait:
@@ -198,44 +193,62 @@ def kvm_faultin(mmu, fault: KvmPageFault) -> Steps:
             and not slot.readonly:
         writable = False                   # arm64 "Only actually map the page as writable if this was a write fault."
     fault.map_writable = writable
-    yield labels[1]
-    if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(mmu_seq, gfn):
-        with kvm.journal.fault_release():
-            kvm.ops.release_faultin(kvm, pfn, kfp, unused=True, dirty=False, caller="kvm_faultin_pfn", gfn=gfn)
-        kvm.journal.count("fault_retry")
-        return FaultRet.RETRY
     return None
+
+
+def _release(journal, release, kvm, mmu, fault: KvmPageFault) -> None:
+    """``release(kvm, mmu, fault)`` inside ``journal.fault_release()`` (its counter, without a context object)."""
+    journal.releasing += 1
+    try:
+        release(kvm, mmu, fault)
+    finally:
+        journal.releasing -= 1
 
 
 @kpath
 def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
-    """The template: faultin, ``mmu_lock``, retry check, map, release, unlock (module docstring)."""
+    """The template: ``mmu_seq`` snapshot, :func:`kvm_faultin_pfn`, x86's lockless re-check (releasing the
+    page unused when stale), ``mmu_lock``, retry check, map, release, unlock (module docstring).  The
+    releases run inside ``journal.fault_release()`` (its counter, without a context object)."""
     kvm = mmu.kvm
-    r = yield from kvm_faultin.steps(mmu, fault)
+    labels = mmu.fault_labels
+    fault.mmu_seq = kvm.mmu_invalidate_seq
+    yield labels[0]
+    r = kvm_faultin_pfn(mmu, fault)
     if r is not None:
         return r
+    yield labels[1]
+    journal = kvm.journal
+    ops = kvm.ops
+    if mmu.fault_faultin_nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
+        journal.releasing += 1
+        try:
+            ops.release_faultin(kvm, fault.pfn, fault.kfp, unused=True, dirty=False, caller="kvm_faultin_pfn",
+                                gfn=fault.gfn)
+        finally:
+            journal.releasing -= 1
+        journal.count("fault_retry")
+        return FaultRet.RETRY
     lock = kvm.mmu_lock
     yield from (lock.read_lock if mmu.fault_lock_read else lock.write_lock).steps()
     if (mmu.fault_stale_invalid_slot and fault.slot.invalid) or \
             (kvm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn) if mmu.fault_retry_per_gfn
              else kvm.mmu_invalidate_retry(fault.mmu_seq)):
-        kvm.journal.count("fault_retry")
+        journal.count("fault_retry")
         fault.retry = True
         fault.ret = mmu.fault_retry_ret
         fault.result = FaultRet.RETRY
     else:
         fault.result = mmu.fault_map(fault)
-    ops = kvm.ops
-    releasing = kvm.journal.fault_release()          # facts recorded by the release say so (INV-3, INV-7)
-    with releasing:
-        ops.fault_release_locked(kvm, mmu, fault)
+    if ops.fault_release_locked is not None:
+        _release(journal, ops.fault_release_locked, kvm, mmu, fault)
     if mmu.fault_lock_read:
         lock.read_unlock()
     else:
         lock.write_unlock()
-    yield mmu.fault_labels[2]
-    with releasing:
-        ops.fault_release_unlocked(kvm, mmu, fault)
+    yield labels[2]
+    if ops.fault_release_unlocked is not None:
+        _release(journal, ops.fault_release_unlocked, kvm, mmu, fault)
     after = mmu.fault_after_unlock
     if after is not None:
         after(fault)
@@ -321,11 +334,3 @@ def gstage_map_v612_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:
     unmapped = fault.retry or mmu.fault_unused(fault)
     kvm_set_pfn_accessed(kvm, pfn, "kvm_riscv_gstage_map", source=_held_src(kfp), gfn=gfn, unused=unmapped)
     kvm_release_pfn_clean_guess(kvm, pfn, kfp, unused=unmapped, caller="kvm_release_pfn_clean", gfn=gfn)
-
-
-def no_release(kvm, mmu, fault: KvmPageFault) -> None:
-    """Nothing at this point (the release happens at the other one)."""
-
-
-def no_dirty_before_map(kvm, fault: KvmPageFault) -> None:
-    """Nothing: the page is dirtied by its release (v6.13, and every arch but v6.12 RISC-V)."""

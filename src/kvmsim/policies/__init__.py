@@ -50,12 +50,12 @@ class KvmOps:
     differ.  Each one's docstring cites the series patch that changed it.  ``kvmsim.explore.mutations``
     may replace one with a wrapper (``dataclasses.replace``) when it installs a mutation."""
 
-    #: ``(kvm, mmu, fault)`` before dropping ``mmu_lock`` (v6.13 ``kvm_release_faultin_page()``).
-    fault_release_locked: Callable
-    #: ``(kvm, mmu, fault)`` after dropping it (v6.12's per-arch order).
-    fault_release_unlocked: Callable
-    #: ``(kvm, fault)`` under the lock, before the map (v6.12 RISC-V ``kvm_set_pfn_dirty()``).
-    fault_dirty_before_map: Callable
+    #: ``(kvm, mmu, fault)`` before dropping ``mmu_lock`` (v6.13 ``kvm_release_faultin_page()``); None: nothing.
+    fault_release_locked: Callable | None
+    #: ``(kvm, mmu, fault)`` after dropping it (v6.12's per-arch order); None: nothing.
+    fault_release_unlocked: Callable | None
+    #: ``(kvm, fault)`` under the lock, before the map (v6.12 RISC-V ``kvm_set_pfn_dirty()``); None: nothing.
+    fault_dirty_before_map: Callable | None
     #: ``(kvm, pfn, kfp, *, unused, dirty, caller, gfn)``: a faulted-in page released outside a fault's end.
     release_faultin: Callable
     #: ``(kvm, pfns, writable_mask, caller, gfns)``: the bulk fault's release, under / after ``mmu_lock``.

@@ -6,8 +6,8 @@ Every hook names the series patch that removed the behaviour it models.
 from __future__ import annotations
 
 from kvmsim.kvm.fault import (gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map,
-                              kvm_release_pfn_clean_guess, no_dirty_before_map, no_release,
-                              release_pfn_clean_after_unlock, user_mem_abort_v612_after_unlock)
+                              kvm_release_pfn_clean_guess, release_pfn_clean_after_unlock,
+                              user_mem_abort_v612_after_unlock)
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_FAULT, KVM_PFN_ERR_SIGPENDING, Hold, kvm_pfn_to_refcounted_page,
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.pfn import kvm_dropped
@@ -56,10 +56,10 @@ class LegacyPolicy:
         after the unlock (patch 58 "KVM: RISC-V: Mark "struct page" pfns accessed before dropping
         mmu_lock")."""
         if arch == "arm64":
-            return no_release, user_mem_abort_v612_after_unlock, no_dirty_before_map
+            return None, user_mem_abort_v612_after_unlock, None
         if arch == "riscv":
-            return no_release, gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map
-        return no_release, release_pfn_clean_after_unlock, no_dirty_before_map
+            return None, gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map
+        return None, release_pfn_clean_after_unlock, None
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases after unlocking, by ``kvm_release_pfn_clean()`` (patch 40 "KVM:

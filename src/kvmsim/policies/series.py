@@ -5,7 +5,7 @@ Series: "KVM: Stop grabbing references to PFNMAP'd pages" (v13, 85 patches, merg
 
 from __future__ import annotations
 
-from kvmsim.kvm.fault import kvm_release_faultin_page, no_dirty_before_map, no_release, release_faultin_page_locked
+from kvmsim.kvm.fault import kvm_release_faultin_page, release_faultin_page_locked
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, kvm_release_page_clean,
                             kvm_release_page_dirty, kvm_release_page_unused)
 
@@ -41,7 +41,7 @@ class SeriesPolicy:
         x86/mmu: Add helper to "finish" handling a guest page fault", arm64 patch 56 "KVM: arm64: Use
         __kvm_faultin_pfn() to handle memory aborts", RISC-V patch 59 "KVM: RISC-V: Use kvm_faultin_pfn()
         when mapping pfns into the guest"."""
-        return release_faultin_page_locked, no_release, no_dirty_before_map
+        return release_faultin_page_locked, None, None
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases under ``mmu_lock`` (patch 40 "KVM: x86/mmu: Add helper to "finish"

@@ -167,9 +167,11 @@ class RiscvMmu(GenericStage2):
         v6.12 also ``kvm_set_pfn_dirty()`` first (the resolved ``fault_dirty_before_map``)."""
         kvm = self.kvm
         writable = fault.map_writable
-        if writable:
+        dirty_before_map = kvm.ops.fault_dirty_before_map
+        if writable and dirty_before_map is not None:
             with kvm.journal.fault_release():
-                kvm.ops.fault_dirty_before_map(kvm, fault)
+                dirty_before_map(kvm, fault)
+        if writable:
             mark_page_dirty_in_slot(kvm, fault.slot, fault.gfn, fault.vcpu)      # mark_page_dirty(kvm, gfn)
         ret = self.gstage_map_page(fault.slot, fault.gfn, fault.pfn, page_rdonly=not writable,
                                    held=fault.kfp.hold != Hold.NONE)

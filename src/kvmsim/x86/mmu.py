@@ -24,7 +24,7 @@ import numpy as np
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-from kvmsim.kvm.fault import (KvmPageFault, kvm_faultin, kvm_guest_access, kvm_handle_error_pfn,
+from kvmsim.kvm.fault import (KvmPageFault, kvm_faultin_pfn, kvm_guest_access, kvm_handle_error_pfn,
                               kvm_stage2_fault)
 from kvmsim.kvm.pfn import Hold
 from kvmsim.kvm.vcpu import Access
@@ -83,28 +83,25 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
     if r is not None:
         return r
     yield "fast_page_fault: not fixed"
-    r = yield from kvm_tdp_page_fault.steps(mmu, KvmPageFault(vcpu, gfn, slot, write, exec))
+    r = yield from kvm_tdp_page_fault(mmu, KvmPageFault(vcpu, gfn, slot, write, exec))
     return r
 
 
-@kpath
 def kvm_tdp_page_fault(mmu, fault: KvmPageFault) -> Steps:
     """Mirrors ``kvm_tdp_page_fault()`` → ``kvm_tdp_mmu_page_fault()`` (and the shadow MMU's
-    ``direct_page_fault()``): the generic template :func:`kvmsim.kvm.fault.kvm_stage2_fault` with x86's
-    hooks: :func:`kvm_mmu_faultin_pfn`'s two attempts and lockless checks, ``is_page_fault_stale()``,
-    :func:`kvm_tdp_mmu_map`, and :func:`kvm_mmu_finish_page_fault` (the VM's resolved release)."""
-    r = yield from kvm_stage2_fault.steps(mmu, fault)
-    return r
+    ``direct_page_fault()``): the steps of the generic template :func:`kvmsim.kvm.fault.kvm_stage2_fault`
+    with x86's hooks -- :func:`kvm_mmu_faultin_pfn`'s two attempts and lockless checks,
+    ``is_page_fault_stale()``, :func:`kvm_tdp_mmu_map`, and :func:`kvm_mmu_finish_page_fault` (the VM's
+    resolved release).  Returns the steps (``yield from`` them), not a generator of its own."""
+    return kvm_stage2_fault.steps(mmu, fault)
 
 
-@kpath
-def kvm_mmu_faultin_pfn(mmu, fault: KvmPageFault) -> Steps:
-    """Mirrors ``kvm_mmu_faultin_pfn()`` (arch/x86/kvm/mmu/mmu.c): the template's faultin half
-    (:func:`kvmsim.kvm.fault.kvm_faultin`) with x86's hooks -- ``mmu_invalidate_retry_gfn_unsafe()``
-    before and after, ``__kvm_faultin_pfn()`` with FOLL_NOWAIT then FOLL_INTERRUPTIBLE,
-    ``kvm_handle_error_pfn()``.  None when the caller should lock, re-check and map."""
-    r = yield from kvm_faultin.steps(mmu, fault)
-    return r
+def kvm_mmu_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
+    """Mirrors ``kvm_mmu_faultin_pfn()`` (arch/x86/kvm/mmu/mmu.c) between the template's ``mmu_seq``
+    snapshot and its lockless re-check (:func:`kvmsim.kvm.fault.kvm_faultin_pfn` with x86's hooks):
+    ``mmu_invalidate_retry_gfn_unsafe()``, ``__kvm_faultin_pfn()`` with FOLL_NOWAIT then
+    FOLL_INTERRUPTIBLE, ``kvm_handle_error_pfn()``.  None when the fault goes on."""
+    return kvm_faultin_pfn(mmu, fault)
 
 
 def kvm_mmu_finish_page_fault(kvm, mmu, fault: KvmPageFault) -> None:
@@ -115,16 +112,17 @@ def kvm_mmu_finish_page_fault(kvm, mmu, fault: KvmPageFault) -> None:
     kvm.ops.fault_release_locked(kvm, mmu, fault)
 
 
-def kvm_tdp_mmu_map(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False) -> RET_PF:
-    """Mirrors ``kvm_tdp_mmu_map()`` / ``tdp_mmu_map_handle_target_level()`` (and, for the shadow MMU,
-    ``direct_map()`` → :func:`mmu_set_spte`): pick the level (``kvm_mmu_hugepage_adjust()``), split a
-    huge leaf above it, zap a conflicting leaf, :func:`make_spte` and write it."""
-    return mmu_set_spte(mmu, vcpu, slot, gfn, pfn, kfp, write, prefetch=prefetch)
+def kvm_tdp_mmu_map(mmu, fault: KvmPageFault) -> RET_PF:
+    """Mirrors ``kvm_tdp_mmu_map()`` / ``tdp_mmu_map_handle_target_level()`` (the shadow MMU's
+    ``direct_map()`` likewise): the template's ``fault_map`` hook on x86 -- install the fault's leaf
+    through the MMU's :func:`mmu_set_spte` (which the shadow MMU follows with ``direct_pte_prefetch()``)."""
+    return mmu._map(fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write)
 
 
 def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False) -> RET_PF:
-    """Mirrors ``mmu_set_spte()`` / ``tdp_mmu_map_handle_target_level()``: install the leaf for ``gfn``
-    (RET_PF_SPURIOUS if it is already there), zapping a conflicting one first (INV-11)."""
+    """Mirrors ``mmu_set_spte()`` / ``tdp_mmu_map_handle_target_level()``: pick the level
+    (``kvm_mmu_hugepage_adjust()``), split a huge leaf above it (TDP MMU), zap a conflicting leaf (INV-11),
+    :func:`make_spte` and write it; RET_PF_SPURIOUS if the leaf is already there."""
     self = mmu
     kvm = self.kvm
     t = tables(slot)
@@ -237,8 +235,7 @@ class X86Mmu:
     handle_error_pfn = staticmethod(kvm_handle_error_pfn)
     fault_after_unlock = None
 
-    def fault_map(self, fault: KvmPageFault) -> RET_PF:
-        return self._map(fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write)
+    fault_map = kvm_tdp_mmu_map
 
     def fault_unused(self, fault: KvmPageFault) -> bool:
         """``kvm_mmu_finish_page_fault()``: ``r == RET_PF_RETRY``."""
@@ -283,7 +280,7 @@ class X86Mmu:
             mark_page_dirty_in_slot(self.kvm, slot, gfn, vcpu)
         return RET_PF.FIXED
 
-    _map = kvm_tdp_mmu_map
+    _map = mmu_set_spte
 
     # ---- guest accesses ----------------------------------------------------------------------------
     #: A guest load/store: :func:`kvmsim.kvm.fault.kvm_guest_access` (the one re-entry loop), with

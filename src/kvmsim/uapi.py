@@ -79,7 +79,9 @@ KVM_MEM_READONLY = int(KVM_MEM.READONLY)
 KVM_MEM_GUEST_MEMFD = int(KVM_MEM.GUEST_MEMFD)
 KVM_MEMSLOT_INVALID = int(KVM_MEM.INVALID)
 
+# include/linux/kvm_host.h limits a memslot ioctl is checked against
 KVM_USER_MEM_SLOTS = 32764      # x86: KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (3)
+KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 
 
 class KvmMrChange(str, Enum):

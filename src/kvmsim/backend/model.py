@@ -34,7 +34,7 @@ from kvmsim.backend.base import (Access, DirtyGfn, DirtyLogOutcome, Exit, Falloc
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.mm.host import Host
 from kvmsim.policies import DEFAULT_POLICY
-from kvmsim.mm.vma import VmaKind
+from kvmsim.mm.vma import Pte, VmaKind
 from kvmsim.types import PAGE_SIZE, Gpa, Hva
 
 BOOT_SLOT = getattr(base, "BOOT_SLOT", 0)
@@ -367,7 +367,7 @@ class ModelBackend:
         if slot is None:
             return None
         _, pfn, bits, _ = self.host.mm.pte_of(slot.gfn_to_hva(gfn))
-        if pfn < 0 or not bits & 1:
+        if pfn < 0 or not bits & Pte.PRESENT:
             return PvclockVcpuTimeInfo(0, 0, 0, 0, 0, 0)
         v = self.host.phys.read(pfn, "pvclock probe")
         return PvclockVcpuTimeInfo(v if 0 <= v < 1 << 32 else 0, 0, 0, 0, 0, 0)

@@ -15,11 +15,10 @@ import numpy as np
 
 from kvmsim.errors import ModelError
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
-from kvmsim.uapi import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,  # noqa: F401
-                         KVM_MEMSLOT_INVALID, KVM_USER_MEM_SLOTS, KvmMrChange)  # KVM_MEM, KvmMrChange re-exported
+from kvmsim.uapi import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES,  # noqa: F401
+                         KVM_MEM_READONLY, KVM_MEMSLOT_INVALID, KVM_USER_MEM_SLOTS, KvmMrChange)  # KVM_MEM, KvmMrChange re-exported
 
 KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM.LOG_DIRTY_PAGES | KVM_MEM.READONLY
-KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 HOST_TASK_SIZE = 1 << 47                # access_ok() limit for the userspace address
 
 

@@ -295,3 +295,22 @@ def test_known_pending_is_not_stale():
     found = set(_scan_errnos()) | set(_scan_bits())
     stale = sorted(KNOWN_PENDING - found)
     assert not stale, f"no raw literals left in {stale}: remove them from KNOWN_PENDING"
+
+
+def _imports(tree: ast.Module) -> set[str]:
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+        elif isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+    return out
+
+
+def test_uapi_is_a_leaf_and_the_model_never_imports_the_backend():
+    """uapi.py imports nothing from kvmsim; no model module imports ``kvmsim.backend`` (the shared
+    names reach the model through uapi.py, never through the real-KVM backend)."""
+    assert not {m for m in _imports(_tree(SRC / UAPI)) if m.split(".")[0] == "kvmsim"}
+    bad = {f"{_rel(p)}: {m}" for p in _files(MODEL_DIRS) for m in _imports(_tree(p))
+           if m.startswith("kvmsim.backend")}
+    assert not bad, sorted(bad)

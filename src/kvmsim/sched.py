@@ -118,20 +118,20 @@ def run_interleaved(threads: dict[str, Steps], order: Iterable[str]) -> dict[str
     """Run several kernel paths in a scripted order, then each remaining one to completion.
 
     ``order`` names the thread to advance by one step at a time (a step runs up to and including
-    the next yield).  A thread that is blocked (``Wait`` not ready) when named raises ``KvmBug``
-    (the script is impossible).  Returns each thread's result.
+    the next yield).  A script that names a thread which has finished, or one that blocks (``Wait``
+    not ready), is impossible: the threads still run to completion (a lock taken or an
+    invalidation begun is never left behind), then ``KvmBug`` names the first impossible step.
+    Returns each thread's result.
     """
     results: dict[str, Any] = {}
     pending: dict[str, Any] = {}
     live = dict(threads)
+    bad: str | None = None
 
     def advance(name: str) -> None:
         gen = live[name]
         prev = set_current_thread(name)
         try:
-            waiting = pending.get(name)
-            if isinstance(waiting, Wait) and not waiting.ready():
-                raise KvmBug(f"schedule steps {name} while it blocks at {waiting.label!r}")
             pending[name] = gen.send(None) if name in pending else next(gen)
         except StopIteration as stop:
             results[name] = stop.value
@@ -139,18 +139,29 @@ def run_interleaved(threads: dict[str, Steps], order: Iterable[str]) -> dict[str
         finally:
             set_current_thread(prev)
 
-    for name in order:
+    def blocked(name: str) -> bool:
+        waiting = pending.get(name)
+        return isinstance(waiting, Wait) and not waiting.ready()
+
+    for k, name in enumerate(order):
         if name not in live:
-            raise KvmBug(f"schedule names {name!r}, which has finished or does not exist")
+            bad = f"schedule step {k + 1} names {name!r}, which has finished or does not exist"
+            break
+        if blocked(name):
+            bad = f"schedule step {k + 1} steps {name} while it blocks at {pending[name].label!r}"
+            break
         advance(name)
     while live:
         progressed = False
         for name in list(live):
-            waiting = pending.get(name)
-            if isinstance(waiting, Wait) and not waiting.ready():
+            if blocked(name):
                 continue
             advance(name)
             progressed = True
         if not progressed:
+            for gen in live.values():
+                gen.close()
             raise KvmBug(f"deadlock: {sorted(live)} all blocked")
+    if bad is not None:
+        raise KvmBug(bad)
     return results

@@ -9,8 +9,9 @@ real-KVM backend through it.
 Flags are ``IntFlag`` (``KVM_MEM.READONLY``); the kernel's ``#define`` names are also bound at
 module level, as plain ints derived from the flag (``KVM_MEM_READONLY == int(KVM_MEM.READONLY)``), for
 hot paths where an ``IntFlag`` operation would cost more than the test it makes.  Exit reasons and
-capabilities are plain ints, as the kernel compares them.  ``Exit`` and ``Access`` describe how one guest access ended, in KVM_RUN terms;
-the model's vCPU and both backends return them.  ``EHWPOISON`` lives in :mod:`kvmsim.errors`.
+capabilities are plain ints, as the kernel compares them.  ``Exit`` and ``Access`` describe how one
+guest access ended, in KVM_RUN terms; the model's vCPU and both backends return them.  ``EHWPOISON``
+lives in :mod:`kvmsim.errors`.
 """
 
 from __future__ import annotations
@@ -135,7 +136,7 @@ KVM_STATS_NAME_SIZE = 48
 class Exit(str, Enum):
     """How one guest access ended, in KVM_RUN terms.
 
-    The model's vCPU produces OK, MMIO, EFAULT, EINTR, HWPOISON and DIRTY_RING_FULL (a scenario's
+    The model's vCPU produces OK, MMIO, EFAULT, EINTR, HWPOISON, DIRTY_RING_FULL and LIVELOCK (a scenario's
     ``exits`` are spelled with these values); the real backend also sees the terminal exits of a
     whole guest run (MEMORY_FAULT, SHUTDOWN, INTERNAL_ERROR, EXCEPTION), and the model backend reports
     EINTR, HWPOISON and DIRTY_RING_FULL as KVM_RUN's EFAULT, which is what a VMM would see.
@@ -147,6 +148,7 @@ class Exit(str, Enum):
     EINTR = "eintr"                    # KVM_RUN returned -EINTR (signal pending)
     HWPOISON = "hwpoison"              # -EHWPOISON: SIGBUS to the VMM
     DIRTY_RING_FULL = "dirty_ring_full"  # KVM_EXIT_DIRTY_RING_FULL
+    LIVELOCK = "livelock"              # model-only: the guest re-entered RETRY_LIVELOCK_BOUND times, no progress
     MEMORY_FAULT = "memory-fault"      # KVM_EXIT_MEMORY_FAULT (terminal)
     SHUTDOWN = "shutdown"              # KVM_EXIT_SHUTDOWN, triple fault (terminal)
     INTERNAL_ERROR = "internal-error"  # KVM_EXIT_INTERNAL_ERROR (terminal)

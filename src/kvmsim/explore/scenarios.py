@@ -83,6 +83,8 @@ def guest_write(kvm, vcpu, gpa: int, value: int) -> Steps:
     gfn = gpa >> 12
     for _ in range(4):
         slot = kvm.gfn_to_memslot(gfn)
+        if slot is None:                                # deleted meanwhile: an MMIO exit
+            return False
         pfns, bits = arch._tables(slot)
         i = gfn - slot.base_gfn
         b = int(bits[i])
@@ -100,7 +102,8 @@ def kvm_zap_gfn_range(kvm, gfn: int) -> Steps:
     """``kvm_zap_gfn_range()`` for one gfn: a zap under ``mmu_lock`` outside the mmu_notifier."""
     yield from kvm.mmu_lock.write_lock.steps()
     slot = kvm.gfn_to_memslot(gfn)
-    yield from kvm.arch.zap_leaf.steps(slot, gfn)
+    if slot is not None:                                # deleted meanwhile: nothing to zap
+        yield from kvm.arch.zap_leaf.steps(slot, gfn)
     kvm.mmu_lock.write_unlock()
     yield "kvm_zap_gfn_range: mmu_lock released"
 

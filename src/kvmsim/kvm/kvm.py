@@ -256,7 +256,7 @@ class Kvm:
                                guest_memfd_offset: int = 0) -> KvmMrChange | None:
         """``KVM_SET_USER_MEMORY_REGION(2)``: raises ``ModelError`` with the kernel's errno."""
         if self.destroyed:
-            raise ModelError(errno.EIO, "VM destroyed")
+            raise ModelError(errno.EBADF, "KVM_SET_USER_MEMORY_REGION: the VM was destroyed (its fd is closed)")
         mem = KvmUserspaceMemoryRegion2(slot, int(flags), guest_phys_addr, memory_size, userspace_addr,
                                         guest_memfd_offset)
         change, old = validate_region(self, mem, v1)

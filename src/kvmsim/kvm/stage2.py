@@ -75,6 +75,28 @@ def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
     return None
 
 
+#: Guest re-entries for one access that make no progress before the model reports a livelock.  The
+#: kernel never turns RET_PF_RETRY into an error: x86 ``kvm_mmu_page_fault()`` returns 1 and
+#: ``vcpu_enter_guest()`` re-enters; arm64 ``user_mem_abort()`` returns 0 for -EAGAIN and
+#: ``kvm_handle_guest_abort()`` returns 1 (arch/arm64/kvm/mmu.c); RISC-V ``gstage_page_fault()`` returns
+#: 1 likewise.  In a model step nothing else runs, so a fault that keeps retrying would spin forever.
+RETRY_LIVELOCK_BOUND = 1000
+
+
+def retry_state(kvm) -> tuple:
+    """What a RET_PF_RETRY depends on.  A guest access runs within one model step, so no other thread
+    changes this while the vCPU re-enters: if a second retry sees the same state as the first, every
+    further re-entry would retry the same way, and the access is a livelock without spinning to the bound."""
+    return (kvm.mmu_invalidate_seq, kvm.mmu_invalidate_in_progress, kvm.mmu_invalidate_range_start,
+            kvm.mmu_invalidate_range_end, tuple(s.generation for s in kvm.memslots))
+
+
+def livelock_access(kvm, gpa: int, write: bool, value) -> Access:
+    """The access after :data:`RETRY_LIVELOCK_BOUND` re-entries without progress: a livelock, not EFAULT."""
+    kvm.journal.count("guest_livelock")
+    return Access(Exit.LIVELOCK, gpa, write, value)
+
+
 # The two GUP attempts' flags, by write (IntFlag arithmetic costs a µs per fault).
 _FOLL_NOWAIT = {False: FOLL.NOWAIT, True: FOLL.WRITE | FOLL.NOWAIT}
 _FOLL_INTERRUPTIBLE = {False: FOLL.INTERRUPTIBLE, True: FOLL.WRITE | FOLL.INTERRUPTIBLE}
@@ -186,7 +208,8 @@ class GenericStage2:
         """A guest load/store: through the leaf if :meth:`_leaf_allows` it, else a stage-2 fault."""
         kvm = self.kvm
         gfn = gpa >> PAGE_SHIFT
-        for _ in range(8):
+        stuck = None
+        for _ in range(RETRY_LIVELOCK_BOUND):       # RET_PF_RETRY: the vCPU re-enters the guest
             slot = kvm.gfn_to_memslot(gfn)
             if slot is not None and not slot.invalid:
                 pfns, _ = self._tables(slot)
@@ -201,7 +224,12 @@ class GenericStage2:
             out = ret_to_access(int(r), gpa, write, value)
             if out is not None:
                 return out
-        return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+            if r == RET_PF.RETRY:
+                state = retry_state(kvm)
+                if state == stuck:
+                    break
+                stuck = state
+        return livelock_access(kvm, gpa, write, value)
 
     def _leaf_allows(self, vcpu, slot, i: int, write: bool) -> bool:
         """Does the leaf let the access through without a fault?  Here hardware sets A/D, and a write

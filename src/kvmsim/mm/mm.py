@@ -18,7 +18,7 @@ from kvmsim.errors import ModelError
 from kvmsim.mm.notifier import MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.page import PG, PfnClass, PhysMem
 from kvmsim.mm.vma import VM, AddressSpace, AnonVma, Pte, Vma, VmaKind
-from kvmsim.sched import Steps, kpath
+from kvmsim.sched import Steps, Wait, current_thread, kpath
 from kvmsim.trace import Journal
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PMD_SIZE
 
@@ -26,6 +26,39 @@ _P, _W, _Y, _D, _S, _SW = (int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int
                            int(Pte.SPECIAL), int(Pte.SWAP))
 MMAP_BASE = 0x7F00_0000_0000
 _PG_DIRTY = int(PG.dirty)
+
+
+class MmapLock:
+    """``mm->mmap_lock`` (an rw_semaphore), by holder thread name.
+
+    Only the host operations that can race each other in an ``interleave`` take it: ``munmap()``,
+    ``mprotect()`` and ``mremap()`` for write, ``madvise()`` for read (mm/mmap.c, mm/mprotect.c,
+    mm/mremap.c, mm/madvise.c).  Taking a free lock is not a preemption point (no yield), so the
+    steps of an uncontended operation are unchanged; a contended one yields :class:`Wait`.
+    """
+
+    def __init__(self) -> None:
+        self.writer: str | None = None
+        self.readers: list[str] = []
+
+    @kpath
+    def mmap_write_lock(self) -> Steps:
+        while self.writer is not None or self.readers:
+            yield Wait("mmap_write_lock", lambda: self.writer is None and not self.readers)
+        self.writer = current_thread()
+
+    @kpath
+    def mmap_read_lock(self) -> Steps:
+        while self.writer is not None:
+            yield Wait("mmap_read_lock", lambda: self.writer is None)
+        self.readers.append(current_thread())
+
+    def mmap_write_unlock(self) -> None:
+        self.writer = None
+
+    def mmap_read_unlock(self, holder: str) -> None:
+        """Release ``holder``'s read hold (named: an abandoned thread's generator is closed from another)."""
+        self.readers.remove(holder)
 
 
 class Mm:
@@ -42,6 +75,7 @@ class Mm:
         self._next_vma_id = 1
         self.signal_pending = False          # a fatal signal is pending for the VMM thread
         self.mmap_lock_contended = False     # makes the killable mmap lock fail (GUP -EAGAIN)
+        self.mmap_lock = MmapLock()
 
     # ---- VMA tree ---------------------------------------------------------------------------
     def _insert(self, vma: Vma) -> Vma:
@@ -211,13 +245,17 @@ class Mm:
         if start % PAGE_SIZE or length <= 0:
             raise ModelError(errno.EINVAL, f"munmap({start:#x}, {length:#x}): bad range")
         end = start + (length + PAGE_SIZE - 1) // PAGE_SIZE * PAGE_SIZE
-        rng = MmuNotifierRange(start, end, MmuNotifyEvent.UNMAP, reason="munmap")
-        yield from self.invalidate_range_start.steps(rng)
-        for vma, lo, hi in list(self._clip(start, end - start)):
-            self._zap_ptes(vma, lo, hi, drop_anon=True)
-            self._split_out(vma, lo, hi)
-        yield "munmap: PTEs zapped, VMAs removed"
-        yield from self.invalidate_range_end.steps(rng)
+        yield from self.mmap_lock.mmap_write_lock.steps()
+        try:
+            rng = MmuNotifierRange(start, end, MmuNotifyEvent.UNMAP, reason="munmap")
+            yield from self.invalidate_range_start.steps(rng)
+            for vma, lo, hi in list(self._clip(start, end - start)):
+                self._zap_ptes(vma, lo, hi, drop_anon=True)
+                self._split_out(vma, lo, hi)
+            yield "munmap: PTEs zapped, VMAs removed"
+            yield from self.invalidate_range_end.steps(rng)
+        finally:
+            self.mmap_lock.mmap_write_unlock()
         self.journal.count("host_munmap")
 
     def _split_out(self, vma: Vma, lo: int, hi: int) -> None:
@@ -244,11 +282,24 @@ class Mm:
         vmas = list(self._clip(start, length))
         if not vmas:
             raise ModelError(errno.ENOMEM, f"mprotect({start:#x}): no mapping")
+        for vma, lo, hi in vmas:                     # refused before anything changes
+            if lo != 0 or hi != vma.npages:
+                raise ModelError(errno.EINVAL, "mprotect of part of a VMA is not modelled; map it separately")
+        yield from self.mmap_lock.mmap_write_lock.steps()
+        try:
+            yield from self._mprotect_locked(start, length, prot)
+        finally:
+            self.mmap_lock.mmap_write_unlock()
+
+    def _mprotect_locked(self, start: int, length: int, prot: str) -> Steps:
+        vmas = list(self._clip(start, length))              # again: the VMAs may have changed meanwhile
+        if not vmas:
+            raise ModelError(errno.ENOMEM, f"mprotect({start:#x}): no mapping")
+        if any(lo != 0 or hi != vma.npages for vma, lo, hi in vmas):
+            raise ModelError(errno.EINVAL, "mprotect of part of a VMA is not modelled; map it separately")
         rng = MmuNotifierRange(start, start + length, MmuNotifyEvent.PROTECTION_VMA, reason="mprotect")
         yield from self.invalidate_range_start.steps(rng)
         for vma, lo, hi in vmas:
-            if lo != 0 or hi != vma.npages:
-                raise ModelError(errno.EINVAL, "mprotect of part of a VMA is not modelled; map it separately")
             new = vma.flags & ~(VM.READ | VM.WRITE)
             if "r" in prot:
                 new |= VM.READ
@@ -277,31 +328,41 @@ class Mm:
                 raise ModelError(errno.EINVAL, "MADV_REMOVE needs a shared file mapping")
         if advice not in ("DONTNEED", "REMOVE"):
             raise ModelError(errno.EINVAL, f"madvise advice {advice!r} is not modelled (DONTNEED, REMOVE)")
-        rng = MmuNotifierRange(start, start + length, MmuNotifyEvent.CLEAR, reason=f"madvise {advice}")
-        yield from self.invalidate_range_start.steps(rng)
-        for vma, lo, hi in parts:
-            self._zap_ptes(vma, lo, hi, drop_anon=True)
-            if advice == "REMOVE":
-                from kvmsim.mm.reclaim import remove_from_cache
-                remove_from_cache(self, vma.mapping, vma.pgoff + lo, vma.pgoff + hi, notify=False)
-        yield f"madvise {advice}: PTEs zapped"
-        yield from self.invalidate_range_end.steps(rng)
+        me = current_thread()
+        yield from self.mmap_lock.mmap_read_lock.steps()
+        try:
+            parts = list(self._clip(start, length))              # again: the VMAs may have changed
+            rng = MmuNotifierRange(start, start + length, MmuNotifyEvent.CLEAR, reason=f"madvise {advice}")
+            yield from self.invalidate_range_start.steps(rng)
+            for vma, lo, hi in parts:
+                self._zap_ptes(vma, lo, hi, drop_anon=True)
+                if advice == "REMOVE":
+                    from kvmsim.mm.reclaim import remove_from_cache
+                    remove_from_cache(self, vma.mapping, vma.pgoff + lo, vma.pgoff + hi, notify=False)
+            yield f"madvise {advice}: PTEs zapped"
+            yield from self.invalidate_range_end.steps(rng)
+        finally:
+            self.mmap_lock.mmap_read_unlock(me)
 
     @kpath
     def mremap(self, old: int, length: int, new_addr: int | None = None) -> Steps:
         """``mremap(MREMAP_MAYMOVE|FIXED)`` of a whole VMA: PTEs move, pages stay."""
-        vma = self.vma_lookup(old)
-        if vma is None or vma.start != old or vma.end != old + length:
-            raise ModelError(errno.EFAULT, f"mremap({old:#x}): not a whole VMA")
-        if new_addr is None:
-            new_addr = self.get_unmapped_area(length, vma.page_size)
-        rng = MmuNotifierRange(old, old + length, MmuNotifyEvent.UNMAP, reason="mremap")
-        yield from self.invalidate_range_start.steps(rng)
-        self._remove(vma)
-        vma.start, vma.end = new_addr, new_addr + length
-        self._insert(vma)
-        yield "mremap: VMA moved"
-        yield from self.invalidate_range_end.steps(rng)
+        yield from self.mmap_lock.mmap_write_lock.steps()
+        try:
+            vma = self.vma_lookup(old)
+            if vma is None or vma.start != old or vma.end != old + length:
+                raise ModelError(errno.EFAULT, f"mremap({old:#x}): not a whole VMA")
+            if new_addr is None:
+                new_addr = self.get_unmapped_area(length, vma.page_size)
+            rng = MmuNotifierRange(old, old + length, MmuNotifyEvent.UNMAP, reason="mremap")
+            yield from self.invalidate_range_start.steps(rng)
+            self._remove(vma)
+            vma.start, vma.end = new_addr, new_addr + length
+            self._insert(vma)
+            yield "mremap: VMA moved"
+            yield from self.invalidate_range_end.steps(rng)
+        finally:
+            self.mmap_lock.mmap_write_unlock()
         return new_addr
 
     def fork(self) -> "Mm":

@@ -15,7 +15,7 @@ import numpy as np
 from kvmsim.errors import ModelError
 from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.page import PG
-from kvmsim.mm.vma import AddressSpace, Pte, Vma
+from kvmsim.mm.vma import VM, AddressSpace, Pte, Vma
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PG_LEVEL_2M
 
@@ -150,6 +150,8 @@ def punch_hole(mm, asp: AddressSpace, index: int, npages: int) -> None:
 def folio_referenced(mm, pfn: int) -> bool:
     """``folio_referenced()``: clear+test the young bits of every host PTE and, through
     ``mmu_notifier_clear_flush_young``, every secondary MMU; plus PG_referenced."""
+    if not mm.phys.pfn_valid(pfn):                     # no struct page, no folio (an MMIO pfn)
+        return False
     young = False
     for vma, i in rmap_walk(mm, pfn):
         if vma.pte[i] & _Y:
@@ -166,11 +168,18 @@ def reclaim(mm, start: int, length: int) -> dict[str, int]:
     are written back if dirty, unmapped and freed (anon pages go to swap).  Returns counts."""
     phys = mm.phys
     out = {"young": 0, "reclaimed": 0, "busy": 0}
-    for vma, lo, hi in list(mm._clip(start, length)):
+    parts = list(mm._clip(start, length))
+    for vma, _, _ in parts:
+        if vma.flags & (VM.PFNMAP | VM.HUGETLB):
+            # madvise_pageout(): can_madv_lru_vma() refuses VM_PFNMAP and VM_HUGETLB (mm/madvise.c)
+            raise ModelError(errno.EINVAL, f"reclaim at {vma.start:#x}: VM_PFNMAP/VM_HUGETLB memory is not on an LRU")
+    for vma, lo, hi in parts:
         for i in range(lo, hi):
             pfn = int(vma.pte_pfn[i])
             if pfn < 0 or not vma.pte[i] & _P or vma.pte[i] & _S:
                 continue
+            if not _on_lru(mm, vma, pfn):
+                continue                                         # a driver page or the zero page
             if folio_referenced(mm, pfn):
                 out["young"] += 1
                 continue
@@ -210,6 +219,15 @@ def reclaim(mm, start: int, length: int) -> dict[str, int]:
     return out
 
 
+def _on_lru(mm, vma: Vma, pfn: int) -> bool:
+    """Is ``pfn`` a page of this VMA's own memory (its anon_vma or file), i.e. on an LRU list?  Driver
+    pages of a VM_MIXEDMAP VMA and the zero page are not: reclaim and migration never isolate them."""
+    if not mm.phys.pfn_valid(pfn):
+        return False
+    owner = mm.phys.owners.get(int(mm.phys.owner[pfn]))
+    return owner is not None and (owner is vma.anon or owner is vma.mapping)
+
+
 def migrate_page(mm, hva: int) -> int:
     """``migrate_pages()`` of the page at ``hva``: new pfn, same data; -EAGAIN if someone holds an
     extra reference (a GUP pin or KVM's FOLL_GET).  Returns the new pfn."""
@@ -217,6 +235,8 @@ def migrate_page(mm, hva: int) -> int:
     vma, pfn, bits, level = mm.pte_of(hva)
     if vma is None or pfn < 0 or bits & _S or level > 1:
         raise ModelError(errno.EINVAL, f"migrate at {hva:#x}: not a present small normal page")
+    if not _on_lru(mm, vma, pfn):
+        raise ModelError(errno.EBUSY, f"migrate pfn {pfn:#x}: not a page on an LRU (isolation fails)")
     if phys.page_count(pfn) > 1:
         mm.journal.count("migrate_busy")
         raise ModelError(errno.EAGAIN, f"migrate pfn {pfn:#x}: refcount {phys.page_count(pfn)} > expected 1")
@@ -263,7 +283,8 @@ def thp_collapse(mm, hva: int) -> int:
     """``MADV_COLLAPSE`` / khugepaged: copy 512 small pages into a new THP; returns the new head."""
     phys = mm.phys
     vma = mm.vma_lookup(hva)
-    if vma is None or vma.mapping is not None:
+    if vma is None or vma.mapping is not None or vma.anon is None or vma.flags & (VM.PFNMAP | VM.MIXEDMAP):
+        # hugepage_vma_check() (mm/huge_memory.c): no THP for VM_PFNMAP/VM_MIXEDMAP or non-anon memory
         raise ModelError(errno.EINVAL, f"collapse at {hva:#x}: not anonymous memory")
     i = vma.idx(hva) // PAGES_PER_PMD * PAGES_PER_PMD
     if i + PAGES_PER_PMD > vma.npages:

@@ -111,9 +111,9 @@ class LegacyPolicy:
         set_page_dirty_bulk(kvm, pfns[dirty_mask], caller, Src.SPTE)
         mark_page_accessed_bulk(kvm, pfns[accessed_mask], caller, Src.SPTE)
 
-    def release_faultin_bulk(self, kvm, pfns, writable_mask, caller):
+    def release_faultin_bulk(self, kvm, pfns, writable_mask, caller, gfns=None):
         """Vectorised :meth:`release_faultin` for faults that used a page: ``kvm_release_pfn_clean()``
         by guess, i.e. mark accessed only (the GUP reference is modelled as taken and dropped); dirty at
         release came only with patch 41 "KVM: x86/mmu: Mark page/folio dirty at the origin of make_spte()"."""
         from kvmsim.x86.folio_ops import mark_page_accessed_bulk
-        mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS)
+        mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS, gfns)

@@ -98,10 +98,10 @@ class SeriesPolicy:
         mark "struct page" accessed when zapping SPTEs"): nothing, for any number of SPTEs."""
         return None
 
-    def release_faultin_bulk(self, kvm, pfns, writable_mask, caller):
+    def release_faultin_bulk(self, kvm, pfns, writable_mask, caller, gfns=None):
         """Vectorised ``kvm_release_faultin_page()`` for used pages (patches 40/41/47/49): dirty iff
         map_writable, then accessed (the GUP reference is modelled as taken and dropped)."""
         from kvmsim.trace import Src
         from kvmsim.x86.folio_ops import mark_page_accessed_bulk, set_page_dirty_bulk
-        set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD)
-        mark_page_accessed_bulk(kvm, pfns, caller, Src.HELD)
+        set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD, None if gfns is None else gfns[writable_mask])
+        mark_page_accessed_bulk(kvm, pfns, caller, Src.HELD, gfns)

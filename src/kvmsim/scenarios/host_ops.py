@@ -131,6 +131,9 @@ def op_folio_referenced(env, a):
     per = []
     for k in range(a["count"]):
         _, pfn, _, _ = env.mm.pte_of(env.hva(a["vma"], a["offset"] + k * PAGE_SIZE))
+        if pfn >= 0 and not env.mm.phys.pfn_valid(pfn):
+            per.append("no_page")                  # an MMIO pfn: no struct page, so no folio to test
+            continue
         per.append("young" if pfn >= 0 and folio_referenced(env.mm, pfn) else "old")
     yield from _done("folio_referenced done")
     return Res(per[0] if len(set(per)) == 1 else ",".join(per), per_page=per)

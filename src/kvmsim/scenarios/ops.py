@@ -9,6 +9,7 @@ every other op runs to completion in one scheduling step.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -106,6 +107,12 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
 INTERLEAVABLE = frozenset(OP_ARGS) - {"interleave"}
 
+#: Ops on the host alone (the VMM's mm, its files and drivers); every other op is an ioctl on the VM
+#: or a vCPU, or in-kernel KVM work on the VM, and needs the VM to exist.
+HOST_OPS = frozenset({"munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "reclaim", "migrate",
+                      "thp_split", "thp_collapse", "truncate", "punch_hole", "driver_teardown", "host_write",
+                      "host_read", "folio_referenced", "age"})
+
 
 # ---- guest ---------------------------------------------------------------------------------------------
 
@@ -131,6 +138,12 @@ def op_access(env: Env, a: dict, write: bool):
             value = acc.value
     yield from _done("guest access done")
     result = per[0] if len(set(per)) == 1 else ",".join(per)
+    if "livelock" in per:
+        k = per.index("livelock")
+        value = (f"livelock at gpa {a['gpa'] + k * a['stride']:#x}: every re-entry of the guest faulted and "
+                 "retried (RET_PF_RETRY) with nothing in this step able to end the invalidation or memslot "
+                 "update it waits for")
+        return Res(result, err, value, per)
     return Res(result, err, value if a["count"] == 1 else None, per)
 
 
@@ -147,7 +160,11 @@ def op_store(env: Env, a: dict):
     from kvmsim.explore.scenarios import guest_write
     if not hasattr(env.kvm.arch, "_tables"):
         raise ModelError(22, "store is a steppable guest store for arch = \"generic\"; use write otherwise")
-    ok = yield from guest_write.steps(env.kvm, env.vcpu(a["vcpu"]), a["gpa"], a["value"])
+    vcpu = env.vcpu(a["vcpu"])
+    if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
+        yield from _done("guest: no memslot")              # kvm_handle_noslot_fault(): an MMIO exit
+        return Res("mmio")
+    ok = yield from guest_write.steps(env.kvm, vcpu, a["gpa"], a["value"])
     return Res("ok" if ok else "faulted")
 
 
@@ -156,6 +173,9 @@ def op_zap(env: Env, a: dict):
     from kvmsim.explore.scenarios import kvm_zap_gfn_range
     if not hasattr(env.kvm.arch, "zap_leaf"):
         raise ModelError(22, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
+    if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
+        yield from _done("kvm_zap_gfn_range: no memslot")  # nothing mapped there, nothing to zap
+        return Res("ok")
     yield from kvm_zap_gfn_range.steps(env.kvm, a["gpa"] >> PAGE_SHIFT)
     return Res("ok")
 
@@ -332,6 +352,11 @@ def guarded(gen):
 
 def op_interleave(env, a):
     from kvmsim.sched import run_interleaved
+    ops = [st.op for st in a["threads"].values()]
+    if "vm_destroy" in ops and any(op not in HOST_OPS for op in ops if op != "vm_destroy") or ops.count("vm_destroy") > 1:
+        # kvm_destroy_vm() runs when the last reference to the VM goes: never while an ioctl on it runs
+        raise ModelError(errno.EINVAL, "vm_destroy cannot run while another thread uses the VM "
+                                       "(kvm_destroy_vm() runs after the last VM and vCPU fd is closed)")
     threads = {name: guarded(make_gen(env, st.op, st.args)) for name, st in a["threads"].items()}
     results = run_interleaved(threads, a["order"])
     parts = [f"{n}:{results[n].result}" for n in a["threads"]]
@@ -361,6 +386,48 @@ OPS: dict[str, Callable] = {
 assert set(OPS) == set(OP_ARGS)
 
 
+#: Ops that run inside ``srcu_read_lock(&kvm->srcu)`` across their preemption points (a vCPU fault
+#: holds its memslot): KVM_SET_USER_MEMORY_REGION's ``synchronize_srcu_expedited()`` waits for them.
+SRCU_READERS = frozenset({"fault", "store"})
+#: Ops that change the memslots and so wait for every SRCU reader (``kvm_swap_active_memslots()``).
+MEMSLOT_UPDATES = frozenset({"memslot_set", "memslot_delete", "memslot_move", "memslot_flags"})
+
+
 def make_gen(env: Env, op: str, args: dict):
     """The generator running ``op`` with ``args`` on ``env``."""
-    return OPS[op](env, args)
+    if op in HOST_OPS or op == "interleave":
+        return OPS[op](env, args)
+    if op in SRCU_READERS:
+        return _on_vm(env, op, args, _srcu_read)
+    if op in MEMSLOT_UPDATES:
+        return _on_vm(env, op, args, _synchronize_srcu)
+    return _on_vm(env, op, args)
+
+
+def _srcu_read(env: Env, op: str, args: dict):
+    """``srcu_read_lock(&kvm->srcu)`` around the op (vcpu_enter_guest / KVM_RUN hold it over a fault)."""
+    env.kvm.srcu_readers = getattr(env.kvm, "srcu_readers", 0) + 1
+    try:
+        return (yield from OPS[op](env, args))
+    finally:
+        env.kvm.srcu_readers -= 1
+
+
+def _synchronize_srcu(env: Env, op: str, args: dict):
+    """A memslot update publishes the new memslots only after ``synchronize_srcu_expedited()``: it waits
+    until no fault still uses the old ones (virt/kvm/kvm_main.c ``kvm_swap_active_memslots()``)."""
+    from kvmsim.sched import Wait
+    kvm = env.kvm
+    while getattr(kvm, "srcu_readers", 0):
+        yield Wait("synchronize_srcu_expedited(&kvm->srcu)", lambda: not getattr(kvm, "srcu_readers", 0))
+    return (yield from OPS[op](env, args))
+
+
+def _on_vm(env: Env, op: str, args: dict, run=None):
+    """An op on the VM: after ``vm_destroy`` its fds are closed, so every ioctl on it is EBADF (and the
+    in-kernel users of a VM, pfncaches and host maps, are gone with it)."""
+    if env.kvm.destroyed:
+        raise ModelError(errno.EBADF, f"{op}: the VM was destroyed (vm_destroy); its VM and vCPU fds are closed")
+    if run is not None:
+        return (yield from run(env, op, args))
+    return (yield from OPS[op](env, args))

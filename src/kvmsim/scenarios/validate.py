@@ -69,7 +69,8 @@ def counter_problem(name: str) -> str | None:
 # ---- expectations ------------------------------------------------------------------------------------
 
 #: The exits the model's vCPU produces (the backend-only terminal exits of a whole run are not steps).
-EXITS = tuple(e.value for e in (Exit.OK, Exit.MMIO, Exit.EFAULT, Exit.EINTR, Exit.HWPOISON, Exit.DIRTY_RING_FULL))
+EXITS = tuple(e.value for e in (Exit.OK, Exit.MMIO, Exit.EFAULT, Exit.EINTR, Exit.HWPOISON, Exit.DIRTY_RING_FULL,
+                                 Exit.LIVELOCK))
 ERRNO_NAMES = frozenset(_errno.errorcode.values()) | {"EHWPOISON"}
 
 

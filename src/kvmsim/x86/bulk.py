@@ -6,11 +6,20 @@ with the same SPTE state, dirty bitmap / ring, folio flags and MMU counters (``p
 
 * hits: hardware A/D (and a PML entry for a write that sets D on a dirty-logged slot);
 * 4 KiB fast page faults (access-tracked or write-protected MMU-writable SPTEs) in one write;
-* slow faults whose host PTE is present, writable and maps a normal page (``get_user_page_fast_only``
-  would succeed) are resolved and installed per leaf, and released through the policy's
-  ``release_faultin_bulk``; the GUP reference is taken and dropped in the same call, so only its
+* on the TDP MMU (the shadow MMU's fault also prefetches neighbours, so its slow faults stay
+  scalar), slow faults whose host PTE is present, writable and maps a normal page
+  (``get_user_page_fast_only`` would succeed) are resolved and installed per leaf, and released
+  through the policy's ``release_faultin_bulk``; the GUP reference is taken and dropped in the same call, so only its
   counters are kept, not per-page get/put facts;
 * anything else (no slot, host fault needed, an SPTE in the way) goes through the scalar path.
+
+A slow fault here follows the scalar fault's rules, not a copy of them: it snapshots
+``mmu_invalidate_seq``, leaves every gfn the lockless pre-check would retry
+(``mmu_invalidate_retry_gfn_unsafe()``: an invalidation in progress over it) to the scalar path,
+takes ``mmu_lock`` through the MMU's own lock steps (:meth:`X86Mmu._lock`) only if it is free now
+(otherwise the scalar fault blocks or reports the deadlock, as it does alone), and re-checks
+``mmu_invalidate_retry_gfn()`` under the lock before any SPTE is written (a stale batch installs
+nothing and goes to the scalar path, which retries).
 """
 
 from __future__ import annotations
@@ -19,12 +28,15 @@ import numpy as np
 
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.vcpu import Exit
+from kvmsim.mm.page import PG
 from kvmsim.mm.vma import Pte
+from kvmsim.sched import Wait
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
 from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte_bits, spte_write, tables
 
 _HP, _HW, _HS, _HPN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.SPECIAL), int(getattr(Pte, "PROTNONE", 0))
+_POISONED = int(PG.poisoned)
 
 
 def _span(idx: np.ndarray) -> tuple[int, int] | None:
@@ -83,7 +95,7 @@ def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     PROT_NONE, and a valid page that is not freed.  Returns (ok, pfn)."""
     ok = ((pte & (_HP | _HW | _HS | _HPN)) == (_HP | _HW)) & (p > 0)
     ok[ok] &= (p[ok] < kvm.phys.nr)
-    ok[ok] &= (kvm.phys.flags[p[ok]] & (1 << 9)) == 0          # PG.poisoned
+    ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
     return ok, p
 
 
@@ -131,21 +143,13 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
         hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
         if hit.all():                                     # every page maps: no gathers
             _hits(mmu, vcpu, slot, t, todo, b, write, want)
-            pfn = _take(t.pfn, todo, span)
             k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
-            if write:
-                kvm.phys.data[pfn] = vals[k]
-            else:
-                out[k] = kvm.phys.data[pfn]
+            _guest_data(kvm, _take(t.pfn, todo, span), k, write, vals, out)
             return
         if hit.any():
             done = todo[hit]
             _hits(mmu, vcpu, slot, t, done, b[hit], write, want)
-            pfn = t.pfn[done]
-            if write:
-                kvm.phys.data[pfn] = vals[done - lo]
-            else:
-                out[done - lo] = kvm.phys.data[pfn]
+            _guest_data(kvm, t.pfn[done], done - lo, write, vals, out)
             todo = todo[~hit]
         if not len(todo):
             return
@@ -165,8 +169,12 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
         present = (b & P) != 0
         ready, hpfn = host_ready(kvm, slot, todo)
         ready &= ~present
+        if not mmu.tdp_mmu_enabled:
+            ready[:] = False            # the shadow MMU's fault prefetches (direct_pte_prefetch): scalar
         if ready.any():
-            _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], write)
+            mmu_seq = kvm.mmu_invalidate_seq                  # kvm_mmu_faultin_pfn(): the snapshot
+            ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
+        if ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], write, mmu_seq):
             continue
         # the scalar path for what needs the host or KVM's conflict handling, in gfn order; back to
         # the vectorised round as soon as the host has mapped the next page (a huge host fault)
@@ -180,6 +188,31 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
                 break
         else:
             return
+
+
+def _guest_data(kvm, pfn: np.ndarray, k, write: bool, vals, out) -> None:
+    """The guest's loads/stores through hits (``k``: their positions in ``vals``/``out``), as
+    ``phys.write``/``phys.read`` per page do them: vectorised over live pages with a struct page;
+    an MMIO pfn (no struct page) or a freed page (a use after free to report) one by one, in order."""
+    phys = kvm.phys
+    odd = (pfn <= 0) | (pfn >= phys.nr)
+    odd[~odd] = (phys.flags[pfn[~odd]] & _POISONED) != 0
+    if not odd.any():
+        if write:
+            phys.data[pfn] = vals[k]
+        else:
+            out[k] = phys.data[pfn]
+        return
+    pos = np.arange(len(out))[k]
+    for p, i, o in zip(pfn.tolist(), pos.tolist(), odd.tolist()):
+        if write and o:
+            phys.write(p, int(vals[i]), "guest write", kvm=True)
+        elif write:
+            phys.data[p] = vals[i]
+        elif o:
+            out[i] = phys.read(p, "guest read", kvm=True)
+        else:
+            out[i] = phys.data[p]
 
 
 def _leaf_starts(slot, t, idx):
@@ -238,8 +271,34 @@ def _fast_faults(mmu, vcpu, slot, t, idx, write: bool) -> None:
             mmu.fast_page_fault(vcpu, slot, slot.base_gfn + i, write)
 
 
-def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
-    """One fault per leaf to install: faultin (GUP-fast), map under mmu_lock, release per policy."""
+def _retry_mask(kvm, gfns: np.ndarray, mmu_seq: int, *, locked: bool) -> np.ndarray:
+    """Per gfn: would the fault retry?  ``mmu_invalidate_retry_gfn_unsafe()`` (``locked=False``) or
+    ``mmu_invalidate_retry_gfn()`` under ``mmu_lock`` (which the explorer's skip-retry mutation
+    switches off), over an array of gfns."""
+    if locked and kvm.mutations is not None and kvm.mutations.skip_retry:
+        return np.zeros(len(gfns), dtype=bool)
+    if kvm.mmu_invalidate_seq != mmu_seq:
+        return np.ones(len(gfns), dtype=bool)
+    if kvm.mmu_invalidate_in_progress:
+        return (gfns >= kvm.mmu_invalidate_range_start) & (gfns < kvm.mmu_invalidate_range_end)
+    return np.zeros(len(gfns), dtype=bool)
+
+
+def _try_lock(mmu) -> bool:
+    """Take ``mmu_lock`` through the MMU's lock steps (the scalar fault's ``yield from self._lock()``)
+    if it is free now; False, with nothing taken, if the steps would block."""
+    steps = mmu._lock()
+    for item in steps:
+        if item.__class__ is Wait and not item.ready():
+            steps.close()
+            return False
+    return True
+
+
+def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> bool:
+    """One fault per leaf to install: faultin (GUP-fast), map under mmu_lock, release per policy.
+    False (nothing done) when ``mmu_lock`` is not free or the locked re-check finds the batch stale:
+    the caller hands those pages to the scalar fault."""
     kvm = mmu.kvm
     span = _span(idx)
     if span is not None:
@@ -268,14 +327,16 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
                           ad_disabled=not mmu.ad_enabled, held=True)
     under = kvm.policy.release_under_mmu_lock
     rel_caller = "kvm_release_faultin_page" if under else "kvm_release_pfn_clean"
+    if not _try_lock(mmu):
+        return False
+    if _retry_mask(kvm, slot.base_gfn + fidx, mmu_seq, locked=True).any():     # is_page_fault_stale()
+        mmu._unlock()
+        return False
     kvm.journal.count("page_fault", nf)
     kvm.journal.count("hva_to_pfn", nf)
     kvm.journal.count("gup_fast", nf)
     kvm.journal.count("get_page:kvm_faultin_pfn", nf)
     kvm.journal.count(f"put_page:{rel_caller}", nf)
-    yield_lock = mmu._lock()
-    for _ in yield_lock:
-        pass
     try:
         small = flvl == 1
         s = fidx[small]
@@ -300,11 +361,12 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool) -> None:
         if writable:
             mark_dirty_bulk(kvm, slot, s, vcpu)
         if under:
-            kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller)
+            kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
     finally:
         mmu._unlock()
     if not under:
-        kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller)
+        kvm.policy.release_faultin_bulk(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
+    return True
 
 
 def _install_huge(kvm, slot, t, starts, base_pfns, levels, bits: int, caller: str) -> None:

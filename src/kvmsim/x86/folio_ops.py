@@ -40,6 +40,7 @@ def _live(kvm, pfns, scalar_op, caller: str, source: Src) -> np.ndarray:
 def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
     """``kvm_set_pfn_dirty()`` on each pfn (one ``SetPageDirty`` per entry, duplicates included)."""
     phys = kvm.phys
+    gfn_of = _gfn_of(pfns, gfns) if kvm.journal.recording else {}
     pfns = _live(kvm, pfns, phys.SetPageDirty, caller, source)
     if not len(pfns):
         return
@@ -51,17 +52,23 @@ def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
         first[np.unique(heads, return_index=True)[1]] = True
         was = ((phys.flags[heads] & int(PG.dirty)) != 0) | ~first
         for k, pfn in enumerate(pfns.tolist()):
-            kvm.journal.fact("set_dirty", pfn=pfn, caller=caller, kvm=True, source=source, locked=locked,
-                             extra={"reserved": False, "was_dirty": bool(was[k])})
+            kvm.journal.fact("set_dirty", pfn=pfn, gfn=gfn_of.get(pfn), caller=caller, kvm=True, source=source,
+                             locked=locked, extra={"reserved": False, "was_dirty": bool(was[k])})
     if kvm.journal.recording:                # the check only records a fact: nothing to do otherwise
         for h in np.unique(heads).tolist():
             phys._dirty_after_clean_check(h, caller, True)
     phys.flags[heads] |= int(PG.dirty)       # an OR: repeated heads are harmless
 
 
-def mark_page_accessed_bulk(kvm, pfns, caller: str, source: Src) -> None:
-    """``kvm_set_pfn_accessed()`` / ``mark_page_accessed()`` on each pfn."""
+def _gfn_of(pfns, gfns) -> dict:
+    """pfn → gfn for the facts (``gfns`` parallel to ``pfns``), so a fact names the gfn as the scalar one does."""
+    return {} if gfns is None else dict(zip(np.asarray(pfns).tolist(), np.asarray(gfns).tolist()))
+
+
+def mark_page_accessed_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:
+    """``kvm_set_pfn_accessed()`` / ``mark_page_accessed()`` on each pfn (``gfns``: the gfn of each, for facts)."""
     phys = kvm.phys
+    gfn_of = _gfn_of(pfns, gfns) if kvm.journal.recording else {}
     pfns = _live(kvm, pfns, phys.mark_page_accessed, caller, source)
     if not len(pfns):
         return
@@ -69,6 +76,6 @@ def mark_page_accessed_bulk(kvm, pfns, caller: str, source: Src) -> None:
     if kvm.journal.recording:
         locked = kvm.mmu_lock.held()
         for pfn in pfns.tolist():
-            kvm.journal.fact("mark_accessed", pfn=pfn, caller=caller, kvm=True, source=source, locked=locked,
-                             extra={"reserved": False, "unused": False})
+            kvm.journal.fact("mark_accessed", pfn=pfn, gfn=gfn_of.get(pfn), caller=caller, kvm=True, source=source,
+                             locked=locked, extra={"reserved": False, "unused": False})
     phys.flags[phys.head[pfns]] |= int(PG.referenced)

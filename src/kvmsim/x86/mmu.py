@@ -25,7 +25,8 @@ from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.pfn import Hold, kvm_release_faultin
-from kvmsim.kvm.stage2 import RET_PF, kvm_mmu_faultin_pfn, ret_to_access
+from kvmsim.kvm.stage2 import (RET_PF, RETRY_LIVELOCK_BOUND, kvm_mmu_faultin_pfn, livelock_access, ret_to_access,
+                               retry_state)
 from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
@@ -223,7 +224,8 @@ class X86Mmu:
         dirty-logged slot); otherwise an EPT violation → :meth:`page_fault`."""
         kvm = self.kvm
         gfn = gpa >> PAGE_SHIFT
-        for _ in range(8):
+        stuck = None
+        for _ in range(RETRY_LIVELOCK_BOUND):       # RET_PF_RETRY: vcpu_enter_guest() re-enters
             slot = kvm.gfn_to_memslot(gfn)
             if slot is not None and not slot.invalid and "x86" in slot.arch:
                 t = slot.arch["x86"]
@@ -242,7 +244,12 @@ class X86Mmu:
             out = ret_to_access(int(r), gpa, write, value)
             if out is not None:
                 return out
-        return Access(Exit.EFAULT, gpa, write, value, errno.EFAULT)
+            if r == RET_PF.RETRY:
+                state = retry_state(kvm)
+                if state == stuck:
+                    break
+                stuck = state
+        return livelock_access(kvm, gpa, write, value)
 
     def _hw_set_ad(self, vcpu, slot, t, i: int, b: int, write: bool) -> None:
         if b & ADX:

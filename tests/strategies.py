@@ -1,0 +1,380 @@
+"""Shared Hypothesis strategies: well-formed kvmsim scenarios over every op, VMA kind, driver class,
+arch (x86 TDP and shadow, arm64, RISC-V, generic) and policy, interleaves included.
+
+:func:`scenario_docs` draws a scenario document (the dict a TOML file parses to) whose names all
+refer to things the scenario defines: VMAs, drivers, memslots, vCPUs, and the ``map`` / ``page`` /
+``gpc`` objects of earlier steps.  :func:`to_toml` renders it as scenario file text, so a test can
+put it through the real loader (:func:`kvmsim.scenarios.loader.loads`).  What a step then does
+(an errno, an exit, a violation) is up to the model; the document itself is always valid input.
+"""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import strategies as st
+
+PAGE = 4096
+POLICIES = ("legacy", "series", "pre-5.13")
+ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"))
+PFN_CLASSES = ("normal", "zero", "zone_device", "reserved", "nonrefcounted", "driver_refcounted", "no_page")
+FILE_KINDS = ("anon_shared", "memfd", "file", "hugetlb")        # VMAs with a file mapping
+SLOT_STRIDE = 1 << 30                                            # memslot i lives at i GiB
+
+
+# ---- set-up ------------------------------------------------------------------------------------------
+
+@st.composite
+def drivers(draw) -> list[dict]:
+    out = []
+    for i in range(draw(st.integers(0, 2))):
+        d = {"name": f"drv{i}", "pfn_class": draw(st.sampled_from(PFN_CLASSES))}
+        if draw(st.booleans()):
+            d["order"] = draw(st.integers(0, 2))
+            d["compound"] = draw(st.booleans())
+            d["prefault"] = draw(st.booleans())
+            d["pte_write"] = draw(st.sampled_from(["always", "on_write_fault", "never"]))
+            d["mixed"] = draw(st.booleans())
+            d["free_rule"] = draw(st.sampled_from(["free", "put"]))
+        out.append(d)
+    return out
+
+
+@st.composite
+def vmas(draw, driver_names: list[str]) -> list[dict]:
+    kinds = ["anon", "anon_shared", "memfd", "file", "hugetlb"] + (["pfnmap", "mixedmap"] if driver_names else [])
+    out = []
+    for i in range(draw(st.integers(1, 3))):
+        kind = draw(st.sampled_from(kinds))
+        v: dict = {"name": f"v{i}", "kind": kind}
+        if kind == "hugetlb":
+            v["page_size"] = "2M"
+            v["size"] = draw(st.sampled_from([2 << 20, 4 << 20]))
+        elif kind in ("anon", "anon_shared", "memfd") and draw(st.integers(0, 4)) == 0:
+            v["thp"] = True
+            v["size"] = 2 << 20
+        else:
+            npages = draw(st.one_of(st.integers(1, 16), st.integers(65, 160)))
+            v["size"] = npages * PAGE
+        if kind in ("pfnmap", "mixedmap"):
+            v["driver"] = draw(st.sampled_from(driver_names))
+        if draw(st.integers(0, 6)) == 0:
+            v["prot"] = draw(st.sampled_from(["r", "w", "none"]))
+        if kind == "file" and draw(st.integers(0, 3)) == 0:
+            v["writenotify"] = draw(st.booleans())
+        out.append(v)
+    return out
+
+
+def _flags(draw) -> list[str]:
+    return draw(st.lists(st.sampled_from(["log_dirty_pages", "readonly"]), unique=True, max_size=2))
+
+
+@st.composite
+def vm_section(draw) -> dict:
+    arch, mmu = draw(st.sampled_from(ARCHES))
+    vm: dict = {"policy": draw(st.sampled_from(POLICIES)), "arch": arch}
+    if mmu != "tdp":
+        vm["mmu"] = mmu
+    vm["vcpus"] = draw(st.integers(1, 2))
+    if draw(st.booleans()):
+        vm["pml"] = draw(st.booleans())
+        vm["v613_other"] = draw(st.booleans())
+        vm["allow_unsafe_mappings"] = draw(st.booleans())
+    if draw(st.integers(0, 5)) == 0:
+        vm["execution"] = "emulated"
+    dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))
+    if dirty in ("manual", "manual_set"):
+        vm["manual_protect"] = True
+        vm["initially_set"] = dirty == "manual_set"
+    elif dirty == "ring":
+        vm["dirty_ring"] = draw(st.sampled_from([4096, 1 << 16]))
+    if draw(st.integers(0, 9)) == 0:
+        vm["mutations"] = draw(st.lists(st.sampled_from(["skip-retry", "nonatomic-spte", "mark-dirty-after-unlock"]),
+                                        unique=True, min_size=1, max_size=2))
+    return vm
+
+
+# ---- steps -------------------------------------------------------------------------------------------
+
+class _World:
+    """What the scenario defines so far: what a step may name."""
+
+    def __init__(self, drivers: list[dict], vmas: list[dict], slots: list[dict], vcpus: int):
+        self.drivers = [d["name"] for d in drivers]
+        self.vmas = {v["name"]: v for v in vmas}
+        self.slots = {s["id"]: s for s in slots}
+        self.vcpus = vcpus
+        self.maps: set[str] = set()
+        self.pages: set[str] = set()
+        self.gpcs: set[str] = set()
+
+
+def _gpa(draw, w: _World) -> int:
+    if w.slots and draw(st.integers(0, 7)):
+        s = w.slots[draw(st.sampled_from(sorted(w.slots)))]
+        npages = s["size"] // PAGE
+        return s["gpa"] + draw(st.integers(0, max(0, npages + 1))) * PAGE + _odd(draw)
+    return draw(st.sampled_from([0, 7 * SLOT_STRIDE, 0x1000]))
+
+
+def _odd(draw) -> int:
+    """Mostly 0; sometimes a sub-page amount, which a system call may refuse (EINVAL) but is valid input."""
+    return draw(st.sampled_from([0, 0, 0, 0, 0, 0, 0, 1, 0x800]))
+
+
+def _vma_range(draw, w: _World, name: str) -> dict:
+    npages = w.vmas[name]["size"] // PAGE
+    a = {"vma": name}
+    if draw(st.booleans()):
+        off = draw(st.integers(0, npages - 1))
+        a["offset"] = off * PAGE + _odd(draw)
+        if draw(st.booleans()):
+            a["size"] = draw(st.integers(0 if _odd(draw) else 1, npages - off)) * PAGE + _odd(draw)
+    return a
+
+
+def _vma_at(draw, w: _World, name: str) -> dict:
+    npages = w.vmas[name]["size"] // PAGE
+    return {"vma": name, "offset": draw(st.integers(0, npages - 1)) * PAGE + _odd(draw)}
+
+
+def _vcpu(draw, w: _World) -> dict:
+    return {"vcpu": draw(st.integers(0, w.vcpus - 1))} if w.vcpus > 1 and draw(st.booleans()) else {}
+
+
+GUEST_OPS = ("read", "write", "fault", "store", "zap")
+HOST_OPS = ("munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "reclaim", "migrate", "thp_split",
+            "thp_collapse", "truncate", "punch_hole", "driver_teardown", "host_write", "host_read", "folio_referenced",
+            "age")
+KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "get_dirty_log", "clear_dirty_log",
+           "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
+           "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy")
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS
+
+
+def _op_args(draw, w: _World, op: str) -> dict | None:
+    """Arguments for ``op`` that name only what ``w`` defines; None if nothing fits."""
+    vma_names = sorted(w.vmas)
+    file_vmas = [n for n in vma_names if w.vmas[n]["kind"] in FILE_KINDS]
+    if op in ("read", "write"):
+        a = {"gpa": _gpa(draw, w), **_vcpu(draw, w)}
+        big = [s for s in w.slots.values() if s["size"] > 64 * PAGE]
+        if big and draw(st.integers(0, 2)) == 0:
+            s = draw(st.sampled_from(big))
+            a["gpa"] = s["gpa"]
+            a["count"] = draw(st.integers(65, s["size"] // PAGE))
+        elif draw(st.booleans()):
+            a["count"] = draw(st.integers(1, 4))
+            if draw(st.integers(0, 4)) == 0:
+                a["stride"] = 2 * PAGE
+        if op == "write" and draw(st.booleans()):
+            a["value"] = draw(st.integers(0, 255))
+        return a
+    if op == "fault":
+        return {"gpa": _gpa(draw, w), "write": draw(st.booleans()), **_vcpu(draw, w)}
+    if op == "store":
+        return {"gpa": _gpa(draw, w), "value": draw(st.integers(0, 255)), **_vcpu(draw, w)}
+    if op == "zap":
+        return {"gpa": _gpa(draw, w)}
+    if op in ("munmap", "reclaim"):
+        return _vma_range(draw, w, draw(st.sampled_from(vma_names)))
+    if op == "mprotect":
+        return {**_vma_range(draw, w, draw(st.sampled_from(vma_names))),
+                "prot": draw(st.sampled_from(["rw", "r", "w", "none"]))}
+    if op == "madvise":
+        return {**_vma_range(draw, w, draw(st.sampled_from(vma_names))),
+                "advice": draw(st.sampled_from(["dontneed", "remove"]))}
+    if op == "age":
+        return {**_vma_range(draw, w, draw(st.sampled_from(vma_names))),
+                "how": draw(st.sampled_from(["clear_young", "clear_flush_young", "test_young"]))}
+    if op == "mremap":
+        return {"vma": draw(st.sampled_from(vma_names))}
+    if op in ("fork", "ring_reset", "vm_destroy"):
+        return {}
+    if op in ("migrate", "thp_split", "thp_collapse", "host_read"):
+        return _vma_at(draw, w, draw(st.sampled_from(vma_names)))
+    if op == "host_write":
+        return {**_vma_at(draw, w, draw(st.sampled_from(vma_names))), "value": draw(st.integers(0, 255))}
+    if op == "folio_referenced":
+        a = _vma_at(draw, w, draw(st.sampled_from(vma_names)))
+        left = max(1, (w.vmas[a["vma"]]["size"] - a["offset"]) // PAGE)
+        return {**a, "count": draw(st.integers(1, min(4, left)))}
+    if op == "writeback":
+        if not file_vmas:
+            return None
+        name = draw(st.sampled_from(file_vmas))
+        return {"vma": name} if draw(st.booleans()) else _vma_at(draw, w, name)
+    if op == "truncate":
+        if not file_vmas:
+            return None
+        name = draw(st.sampled_from(file_vmas))
+        return {"vma": name, "size": draw(st.integers(0, w.vmas[name]["size"] // PAGE)) * PAGE}
+    if op == "punch_hole":
+        if not file_vmas:
+            return None
+        a = _vma_at(draw, w, draw(st.sampled_from(file_vmas)))
+        left = max(1, (w.vmas[a["vma"]]["size"] - a["offset"]) // PAGE)
+        return {**a, "size": draw(st.integers(1, left)) * PAGE}
+    if op == "driver_teardown":
+        return {"driver": draw(st.sampled_from(w.drivers))} if w.drivers else None
+    if op == "memslot_set":
+        sid = draw(st.integers(0, 4))
+        name = draw(st.sampled_from(vma_names))
+        npages = w.vmas[name]["size"] // PAGE
+        off = draw(st.integers(0, npages - 1))
+        a = {"id": sid, "gpa": draw(st.integers(0, 5)) * SLOT_STRIDE, "size": draw(st.integers(0, npages - off)) * PAGE,
+             "vma": name, "offset": off * PAGE, "flags": _flags(draw)}
+        return a
+    if op in ("memslot_delete", "memslot_move", "memslot_flags", "get_dirty_log", "clear_dirty_log"):
+        if not w.slots:
+            return None
+        sid = draw(st.sampled_from(sorted(w.slots)))
+        if op == "memslot_delete":
+            return {"id": sid}
+        if op == "memslot_move":
+            return {"id": sid, "gpa": draw(st.integers(0, 5)) * SLOT_STRIDE}
+        if op == "memslot_flags":
+            return {"id": sid, "flags": _flags(draw)}
+        if op == "get_dirty_log":
+            return {"slot": sid}
+        npages = w.slots[sid]["size"] // PAGE
+        first = draw(st.sampled_from([0, 0, 64])) if npages > 64 else 0
+        a = {"slot": sid, "first": first}
+        if draw(st.booleans()):
+            a["num"] = draw(st.sampled_from([64, max(0, npages - first)]))
+        return a
+    if op == "ring_harvest":
+        return _vcpu(draw, w)
+    if op == "vcpu_map":
+        w.maps.add("map")
+        return {"gpa": _gpa(draw, w), "writable": draw(st.booleans()), **_vcpu(draw, w)}
+    if op in ("vcpu_unmap", "map_access"):
+        if "map" not in w.maps:
+            return None
+        if op == "vcpu_unmap":
+            return {"dirty": draw(st.booleans())}
+        return {"write": draw(st.booleans()), "value": draw(st.integers(0, 255))}
+    if op == "gfn_to_page":
+        w.pages.add("page")
+        return {"gpa": _gpa(draw, w), "write": draw(st.booleans())}
+    if op == "release_page":
+        return {"dirty": draw(st.booleans())} if "page" in w.pages else None
+    if op == "pfncache_activate":
+        w.gpcs.add("gpc")
+        return {"gpa": _gpa(draw, w) + draw(st.sampled_from([0, 8, 4088])),
+                "length": draw(st.sampled_from([8, 32]))}
+    if op in ("pfncache_refresh", "pfncache_check"):
+        return {} if "gpc" in w.gpcs else None
+    if op == "pfncache_write":
+        return {"value": draw(st.integers(0, 255))} if "gpc" in w.gpcs else None
+    raise AssertionError(f"no argument strategy for op {op!r}")
+
+
+def _one_step(draw, w: _World, ops=ALL_OPS) -> dict:
+    for _ in range(20):
+        op = draw(st.sampled_from(GUEST_OPS if draw(st.integers(0, 2)) == 0 else ops))
+        a = _op_args(draw, w, op)
+        if a is not None:
+            return {"op": op, **a}
+    return {"op": "fork"}
+
+
+@st.composite
+def steps(draw, w: _World) -> list[dict]:
+    out = []
+    for _ in range(draw(st.integers(1, 10))):
+        if draw(st.integers(0, 3)) == 0:
+            n = draw(st.integers(2, 3))
+            names = ["t0", "t1", "t2"][:n]
+            # the threads see what earlier steps defined, not what a sibling thread defines
+            snapshot = (set(w.maps), set(w.pages), set(w.gpcs))
+            threads = {}
+            for t in names:
+                threads[t] = _one_step(draw, w)
+                w.maps, w.pages, w.gpcs = (set(x) for x in snapshot)
+            for th in threads.values():
+                {"vcpu_map": w.maps, "gfn_to_page": w.pages, "pfncache_activate": w.gpcs}.get(th["op"], set()).add(
+                    {"vcpu_map": "map", "gfn_to_page": "page", "pfncache_activate": "gpc"}.get(th["op"], ""))
+            # mostly a schedule the threads can follow (a one-step op takes two turns: to its yield,
+            # then to its end); sometimes any sequence, which may name a finished or blocked thread
+            if draw(st.integers(0, 4)):
+                turns = [t for t in names for _ in range(draw(st.integers(1, 3)))]
+                order = draw(st.permutations(turns))
+            else:
+                order = draw(st.lists(st.sampled_from(names), min_size=1, max_size=12))
+            out.append({"op": "interleave", "threads": threads, "order": order})
+        else:
+            out.append(_one_step(draw, w))
+    return out
+
+
+@st.composite
+def scenario_docs(draw) -> dict:
+    """A well-formed scenario document (see the module docstring)."""
+    drv = draw(drivers())
+    vm_list = draw(vmas([d["name"] for d in drv]))
+    vm = draw(vm_section())
+    slots = []
+    for i, v in enumerate(vm_list):
+        if draw(st.integers(0, 4)) == 0:
+            continue
+        npages = v["size"] // PAGE
+        off = draw(st.integers(0, npages - 1)) if draw(st.integers(0, 3)) == 0 else 0
+        size = (npages - off) if draw(st.integers(0, 3)) else draw(st.integers(1, npages - off))
+        flags = _flags(draw)
+        # set-up memslots the arch accepts, so the steps run (a step's memslot_set may still be refused):
+        # arm64/RISC-V refuse dirty logging over VM_PFNMAP, RISC-V a writable slot over a VMA without VM_WRITE
+        if vm["arch"] in ("arm64", "riscv") and v["kind"] == "pfnmap" and "log_dirty_pages" in flags:
+            flags.remove("log_dirty_pages")
+        if vm["arch"] == "riscv" and "w" not in v.get("prot", "rw") and "readonly" not in flags:
+            flags.append("readonly")
+        slots.append({"id": i, "gpa": i * SLOT_STRIDE, "size": size * PAGE, "vma": v["name"], "offset": off * PAGE,
+                      "flags": flags})
+    for d in drv:                           # a driver owns enough memory for every VMA that maps it
+        sizes = [v["size"] for v in vm_list if v.get("driver") == d["name"]]
+        if sizes:
+            d["size"] = max(sizes)
+    w = _World(drv, vm_list, slots, vm["vcpus"])
+    doc = {"name": "fuzz", "description": "a random well-formed scenario", "driver": drv, "vma": vm_list,
+           "vm": vm, "memslot": slots, "step": draw(steps(w))}
+    return doc
+
+
+# ---- TOML --------------------------------------------------------------------------------------------
+
+def _val(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return hex(v) if v > 4096 else str(v)
+    if isinstance(v, str):
+        return json.dumps(v)                      # ASCII JSON strings are TOML basic strings
+    if isinstance(v, list):
+        return "[" + ", ".join(_val(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_val(x)}" for k, x in v.items()) + " }"
+    raise TypeError(v)
+
+
+def to_toml(doc: dict) -> str:
+    """Scenario file text for ``doc`` (the subset of TOML :func:`scenario_docs` needs)."""
+    lines = []
+    for k in ("name", "description", "source"):
+        if k in doc:
+            lines.append(f"{k} = {_val(doc[k])}")
+    for key in ("driver", "vma"):
+        for item in doc.get(key, []):
+            lines += ["", f"[[{key}]]"] + [f"{k} = {_val(v)}" for k, v in item.items()]
+    if "vm" in doc:
+        lines += ["", "[vm]"] + [f"{k} = {_val(v)}" for k, v in doc["vm"].items()]
+    for item in doc.get("memslot", []):
+        lines += ["", "[[memslot]]"] + [f"{k} = {_val(v)}" for k, v in item.items()]
+    for item in doc.get("step", []):
+        lines += ["", "[[step]]"]
+        for k, v in item.items():
+            if k == "threads":
+                lines += [f"threads.{t} = {_val(th)}" for t, th in v.items()]
+            else:
+                lines.append(f"{k} = {_val(v)}")
+    return "\n".join(lines) + "\n"

@@ -51,6 +51,12 @@ def _watch():
     return w if w.available else None
 
 
+@pytest.fixture(params=["legacy", "series"])
+def policy(request):
+    """Each test taking ``policy`` runs under v6.12 (legacy) and v6.13 (series)."""
+    return request.param
+
+
 def pytest_sessionstart(session):
     session.config._kvmsim_settings = _read_settings()
     session.config._kvmsim_watch = _watch()

@@ -44,12 +44,13 @@ The legacy "Dirty bit is lost" race (INV-4) drawn as in locking.rst::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvmsim.mm.page import PG
-from kvmsim.trace import Fact, Src
+from kvmsim.trace import Fact, FactKind, Src
 
 INVARIANTS = {
     "INV-1": "acquire/release pairing",
@@ -65,13 +66,6 @@ INVARIANTS = {
     "INV-11": "SPTE well-formedness",
     "INV-12": "accessed information only at map time",
 }
-
-#: Callers that release (or, arm64 v6.12 ``user_mem_abort()``, dirty; RISC-V v6.12
-#: ``kvm_riscv_gstage_map()``, dirty and mark accessed) the page a stage-2 fault resolved: the INV-3 / INV-7 sites.
-FAULT_RELEASE_CALLERS = frozenset({"kvm_release_pfn_clean", "kvm_release_faultin_page", "kvm_faultin_pfn",
-                                   "kvm_mmu_finish_page_fault", "direct_page_fault", "kvm_tdp_mmu_page_fault",
-                                   "user_mem_abort", "kvm_riscv_gstage_map"})
-
 
 @dataclass
 class Violation:
@@ -96,67 +90,162 @@ class Violation:
         return f"{self.invariant} ({INVARIANTS[self.invariant]}): {self.detail}" + (f" [{where}]" if where else "")
 
 
-# ---- event invariants -------------------------------------------------------------------------------
+# ---- event invariants: one validator per invariant, registered by id ---------------------------------
+
+#: ``INV-N`` → its fact validator: ``validate(fact) -> [Violation]``.  :func:`check_fact` runs them all.
+VALIDATORS: dict[str, Callable[[Fact], list[Violation]]] = {}
+
+
+def validator(inv: str) -> Callable[[Callable[[Fact], list[Violation]]], Callable[[Fact], list[Violation]]]:
+    """Register ``validate_inv_N`` as the fact validator of invariant ``inv`` (one per id)."""
+    if inv not in INVARIANTS:
+        raise ValueError(f"validator for unknown invariant {inv!r}")
+
+    def register(fn: Callable[[Fact], list[Violation]]) -> Callable[[Fact], list[Violation]]:
+        if inv in VALIDATORS:
+            raise ValueError(f"{inv} already has a validator ({VALIDATORS[inv].__name__})")
+        VALIDATORS[inv] = fn
+        return fn
+    return register
+
 
 def _v(inv: str, f: Fact, detail: str) -> Violation:
     return Violation(inv, detail, f.step, f.pfn, f.gfn, {"caller": f.caller, "source": f.source.value})
 
 
-def check_fact(f: Fact) -> list[Violation]:
-    """The violations one recorded fact proves."""
-    out: list[Violation] = []
+K = FactKind
+_MARKS = (K.SET_DIRTY, K.MARK_ACCESSED)
+_REF_OPS = ("get", "put", "pin", "unpin")
+
+
+def _what(f: Fact) -> str:
+    return "SetPageDirty" if f.kind is K.SET_DIRTY else "mark_page_accessed"
+
+
+def _kvm_uaf(f: Fact) -> bool:
+    """A use after free by KVM judged here (map/gpc accesses are judged by their map_uaf/gpc_uaf fact)."""
+    return f.kind is K.UAF and f.kvm and not f.caller.startswith(("kvm_host_map", "gpc "))
+
+
+@validator("INV-1")
+def validate_inv_1(f: Fact) -> list[Violation]:
+    """Every KVM reference comes from GUP/pin/gmem, is released once, never on a follow_pfnmap pfn."""
     k = f.kind
-    mark = k in ("set_dirty", "mark_accessed")
-    if k in ("get", "pin") and f.kvm and f.source == Src.REMAPPED:
-        out.append(_v("INV-1", f, f"{f.caller} takes a reference on a VM_PFNMAP/VM_IO pfn KVM does not own"))
-    elif k == "release_without_acquire":
-        out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))
-    elif k == "guess_mismatch":
-        out.append(_v("INV-1", f, f"{f.caller}: kvm_pfn_to_refcounted_page() disagrees with what KVM acquired"))
-    elif k == "underflow" and f.kvm:
-        out.append(_v("INV-1", f, f"{f.caller}: put on a page with refcount 0"))
-    elif k == "premature_free":
-        out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))
-    elif k == "freed_while_referenced":
-        out.append(_v("INV-1", f, f"{f.detail} (a co-owner's reference now dangles)"))
-    elif k == "uaf" and f.kvm and f.caller.startswith(("kvm_host_map", "gpc ")):
-        pass                      # judged by the map_uaf (INV-6) / gpc_uaf (INV-5) facts of the same access
-    elif k == "uaf" and f.kvm:
-        if f.detail.startswith(("get", "put", "pin", "unpin")):
-            out.append(_v("INV-1", f, f"{f.caller}: {f.detail}"))
-        elif f.detail.startswith(("SetPageDirty", "mark_page_accessed")):
-            out.append(_v("INV-3", f, f"{f.caller}: {f.detail}"))
-        else:
-            out.append(_v("INV-5", f, f"{f.caller}: guest access through a stale mapping: {f.detail}"))
-    elif k == "map_uaf":
-        out.append(_v("INV-6", f, f.detail))
-    elif k == "gpc_uaf":
-        out.append(_v("INV-5", f, f.detail))
-    elif k in ("dirty_after_truncate", "dirty_at_truncate"):
-        out.append(_v("INV-3", f, f.detail))
-    elif k == "data_lost":
-        out.append(_v("INV-4", f, f.detail))
-    elif k == "lockdep":
-        out.append(_v("INV-3", f, f"{f.caller}: {f.detail}"))
-    elif k == "inv11":
-        out.append(_v("INV-11", f, f.detail or "malformed SPTE written"))
-    elif k == "gfn_to_page" and f.pfn is not None:
-        if f.extra.get("remapped") or f.extra.get("held") != f.pfn:
-            out.append(_v("INV-8", f, "gfn_to_page returned a page KVM holds no reference on"
-                          + (" (VM_PFNMAP/VM_IO pfn)" if f.extra.get("remapped") else "")))
-    if mark and f.kvm:
-        what = "SetPageDirty" if k == "set_dirty" else "mark_page_accessed"
-        if f.source == Src.SPTE:
-            out.append(_v("INV-2", f, f"{f.caller}: {what} on a pfn read back from a stage-2 PTE"))
-            if k == "mark_accessed":
-                out.append(_v("INV-12", f, f"{f.caller}: accessed pushed to the folio from a stage-2 PTE"))
-        elif f.caller in FAULT_RELEASE_CALLERS and not f.locked and not f.extra.get("unused"):
-            out.append(_v("INV-3", f, f"{f.caller}: {what} after dropping mmu_lock"))
-        if f.extra.get("reserved"):
-            out.append(_v("INV-9", f, f"{f.caller}: {what} on a PG_reserved page"))
-        if k == "mark_accessed" and f.extra.get("unused"):
-            out.append(_v("INV-7", f, f"{f.caller}: page released unused (RETRY) is marked accessed"))
+    if k in (K.GET, K.PIN) and f.kvm and f.source == Src.REMAPPED:
+        return [_v("INV-1", f, f"{f.caller} takes a reference on a VM_PFNMAP/VM_IO pfn KVM does not own")]
+    if k is K.RELEASE_WITHOUT_ACQUIRE or k is K.PREMATURE_FREE:
+        return [_v("INV-1", f, f"{f.caller}: {f.detail}")]
+    if k is K.GUESS_MISMATCH:
+        return [_v("INV-1", f, f"{f.caller}: kvm_pfn_to_refcounted_page() disagrees with what KVM acquired")]
+    if k is K.UNDERFLOW and f.kvm:
+        return [_v("INV-1", f, f"{f.caller}: put on a page with refcount 0")]
+    if k is K.FREED_WHILE_REFERENCED:
+        return [_v("INV-1", f, f"{f.detail} (a co-owner's reference now dangles)")]
+    if _kvm_uaf(f) and f.detail.startswith(_REF_OPS):
+        return [_v("INV-1", f, f"{f.caller}: {f.detail}")]
+    return []
+
+
+@validator("INV-2")
+def validate_inv_2(f: Fact) -> list[Violation]:
+    """No struct-page access derived from a stage-2 PTE's pfn."""
+    if f.kind in _MARKS and f.kvm and f.source == Src.SPTE:
+        return [_v("INV-2", f, f"{f.caller}: {_what(f)} on a pfn read back from a stage-2 PTE")]
+    return []
+
+
+@validator("INV-3")
+def validate_inv_3(f: Fact) -> list[Violation]:
+    """A/D marks of a held page happen under mmu_lock, after the invalidation re-check: a fault's
+    release (``fact.by_fault_release``) that marks after dropping the lock breaks it, as does marking a
+    freed or truncated page and a missing ``lockdep_assert_held``."""
+    k = f.kind
+    if _kvm_uaf(f) and f.detail.startswith(("SetPageDirty", "mark_page_accessed")):
+        return [_v("INV-3", f, f"{f.caller}: {f.detail}")]
+    if k is K.DIRTY_AFTER_TRUNCATE or k is K.DIRTY_AT_TRUNCATE:
+        return [_v("INV-3", f, f.detail)]
+    if k is K.LOCKDEP:
+        return [_v("INV-3", f, f"{f.caller}: {f.detail}")]
+    if (k in _MARKS and f.kvm and f.source != Src.SPTE and f.by_fault_release and not f.locked
+            and not f.extra.get("unused")):
+        return [_v("INV-3", f, f"{f.caller}: {_what(f)} after dropping mmu_lock")]
+    return []
+
+
+@validator("INV-4")
+def validate_inv_4(f: Fact) -> list[Violation]:
+    """Host-writable SPTE on a held file folio ⇒ folio dirty: the event half is data lost at reclaim."""
+    return [_v("INV-4", f, f.detail)] if f.kind is K.DATA_LOST else []
+
+
+@validator("INV-5")
+def validate_inv_5(f: Fact) -> list[Violation]:
+    """No access through a mapping an invalidation removed (guest via a stale SPTE, KVM via the gpc)."""
+    if f.kind is K.GPC_UAF:
+        return [_v("INV-5", f, f.detail)]
+    if _kvm_uaf(f) and not f.detail.startswith(_REF_OPS + ("SetPageDirty", "mark_page_accessed")):
+        return [_v("INV-5", f, f"{f.caller}: guest access through a stale mapping: {f.detail}")]
+    return []
+
+
+@validator("INV-6")
+def validate_inv_6(f: Fact) -> list[Violation]:
+    """Direct kernel access (kvm_host_map) holds a pin."""
+    return [_v("INV-6", f, f.detail)] if f.kind is K.MAP_UAF else []
+
+
+@validator("INV-7")
+def validate_inv_7(f: Fact) -> list[Violation]:
+    """Pages a fault releases unused (RETRY) are put without marking them accessed."""
+    if f.kind is K.MARK_ACCESSED and f.kvm and f.extra.get("unused"):
+        return [_v("INV-7", f, f"{f.caller}: page released unused (RETRY) is marked accessed")]
+    return []
+
+
+@validator("INV-8")
+def validate_inv_8(f: Fact) -> list[Violation]:
+    """gfn_to_page returns only pages KVM holds a reference on."""
+    if f.kind is K.GFN_TO_PAGE and f.pfn is not None and (f.extra.get("remapped") or f.extra.get("held") != f.pfn):
+        return [_v("INV-8", f, "gfn_to_page returned a page KVM holds no reference on"
+                   + (" (VM_PFNMAP/VM_IO pfn)" if f.extra.get("remapped") else ""))]
+    return []
+
+
+@validator("INV-9")
+def validate_inv_9(f: Fact) -> list[Violation]:
+    """PG_reserved pages are never dirtied or aged by KVM."""
+    if f.kind in _MARKS and f.kvm and f.extra.get("reserved"):
+        return [_v("INV-9", f, f"{f.caller}: {_what(f)} on a PG_reserved page")]
+    return []
+
+
+@validator("INV-11")
+def validate_inv_11(f: Fact) -> list[Violation]:
+    """SPTE W ⇒ MMU-writable ⇒ Host-writable, as written (the state half is in check_state)."""
+    return [_v("INV-11", f, f.detail or "malformed SPTE written")] if f.kind is K.INV11 else []
+
+
+@validator("INV-12")
+def validate_inv_12(f: Fact) -> list[Violation]:
+    """Accessed information reaches the folio only at map time, never from a stage-2 PTE."""
+    if f.kind is K.MARK_ACCESSED and f.kvm and f.source == Src.SPTE:
+        return [_v("INV-12", f, f"{f.caller}: accessed pushed to the folio from a stage-2 PTE")]
+    return []
+
+
+#: Invariants judged from state only (no fact validator): INV-10 (read-only slots).
+STATE_ONLY = frozenset(INVARIANTS) - set(VALIDATORS)
+
+
+def check_fact(f: Fact) -> list[Violation]:
+    """The violations one recorded fact proves: every registered validator, in id order."""
+    out: list[Violation] = []
+    for validate in _ORDERED:
+        out.extend(validate(f))
     return out
+
+
+_ORDERED = [VALIDATORS[k] for k in sorted(VALIDATORS, key=lambda i: int(i.split("-")[1]))]
 
 
 # ---- state invariants -------------------------------------------------------------------------------
@@ -282,12 +371,12 @@ class Checker:
         facts = self.kvm.journal.facts
         templates: dict[tuple, list[Violation]] = {}
         for f in facts[self.cursor:]:
-            if f.kind == "gfn_to_page":
+            if f.kind is FactKind.GFN_TO_PAGE:
                 new.extend(check_fact(f))
                 continue
             # bulk paths record thousands of facts that differ only in pfn/gfn: judge one per shape
             sig = (f.kind, f.caller, f.source, f.locked, f.kvm, f.detail, f.extra.get("reserved"),
-                   f.extra.get("unused"))
+                   f.extra.get("unused"), f.fault_release)
             tpl = templates.get(sig)
             if tpl is None:
                 tpl = templates[sig] = check_fact(f)

@@ -7,7 +7,14 @@ one record per struct-page operation or notable event, kept only while ``journal
 A fact names the kernel function that did it (``caller``), where the page came from (``source``:
 a page KVM holds, a pfn read back from a stage-2 PTE, a pfn guessed by legacy
 ``kvm_pfn_to_refcounted_page()``, ...), whether the current thread held ``mmu_lock``, and the
-scenario step that was running.
+scenario step that was running.  What kind of event a fact records is a :class:`FactKind`; the
+validators (:mod:`kvmsim.check`) are registered per invariant over these kinds, and the journal
+refuses a kind it does not know.
+
+A fact also says whether it was recorded *by a stage-2 fault's release of the page it resolved*
+(``fault_release``: ``kvm_release_faultin_page()`` and the legacy release/marking it replaced).
+The release function says so by recording inside ``with journal.fault_release():``; INV-3 and
+INV-7 are judged from that flag, not from caller names.
 """
 
 from __future__ import annotations
@@ -16,6 +23,46 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
+
+
+class FactKind(str, Enum):
+    """What a :class:`Fact` records.  A ``str`` enum, so ``journal.fact("spte_set", …)`` keeps working;
+    the enum is the source of truth (:meth:`Journal.fact` rejects any other kind)."""
+
+    # struct page operations (mm/page.py)
+    GET = "get"
+    PUT = "put"
+    PIN = "pin"
+    UNPIN = "unpin"
+    GET_UNLESS_ZERO_FAILED = "get_unless_zero_failed"
+    UNDERFLOW = "underflow"
+    SET_DIRTY = "set_dirty"
+    MARK_ACCESSED = "mark_accessed"
+    FREE = "free"
+    DOUBLE_FREE = "double_free"
+    FREED_DIRTY = "freed_dirty"
+    PREMATURE_FREE = "premature_free"
+    FREED_WHILE_REFERENCED = "freed_while_referenced"
+    UAF = "uaf"
+    # the page cache and reclaim (mm/reclaim.py)
+    WRITEBACK = "writeback"
+    DIRTY_AFTER_TRUNCATE = "dirty_after_truncate"
+    DIRTY_AT_TRUNCATE = "dirty_at_truncate"
+    DATA_LOST = "data_lost"
+    # KVM (kvm/, x86/, arm64/, riscv/, policies/)
+    RELEASE_WITHOUT_ACQUIRE = "release_without_acquire"
+    GUESS_MISMATCH = "guess_mismatch"
+    GFN_TO_PAGE = "gfn_to_page"
+    VCPU_MAP = "vcpu_map"
+    MAP_UAF = "map_uaf"
+    GPC_UAF = "gpc_uaf"
+    SPTE_SET = "spte_set"
+    INV11 = "inv11"
+    LOCKDEP = "lockdep"
+    DIRTY_RING_OVERFLOW = "dirty_ring_overflow"
+
+
+_KINDS = {k.value: k for k in FactKind}
 
 
 class Src(str, Enum):
@@ -33,7 +80,7 @@ class Src(str, Enum):
 class Fact:
     """One recorded event."""
 
-    kind: str                     # "get", "put", "pin", "unpin", "set_dirty", "mark_accessed", "uaf", ...
+    kind: FactKind                # a str enum: compares equal to "get", "set_dirty", ...
     pfn: int | None = None
     caller: str = ""
     source: Src = Src.NONE
@@ -43,6 +90,46 @@ class Fact:
     gfn: int | None = None
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: Recorded by a stage-2 fault's release of the page it resolved (see :meth:`Journal.fault_release`).
+    #: ``None``: the recording site predates the marker (see ``_PRE_MARKER_RELEASE_CALLERS``).
+    fault_release: bool | None = None
+
+    def __post_init__(self) -> None:
+        kind = _KINDS.get(self.kind)
+        if kind is None:
+            raise ValueError(f"unknown fact kind {self.kind!r}: add it to kvmsim.trace.FactKind")
+        self.kind = kind
+        if self.fault_release is None:
+            self.fault_release = self.caller in _PRE_MARKER_RELEASE_CALLERS or None
+
+    @property
+    def by_fault_release(self) -> bool:
+        """Whether a stage-2 fault's release did this (the INV-3 / INV-7 sites)."""
+        return bool(self.fault_release)
+
+
+#: Transitional: the functions that release (or, arm64 v6.12 ``user_mem_abort()``, dirty; RISC-V v6.12
+#: ``kvm_riscv_gstage_map()``, dirty and mark accessed) the page a stage-2 fault resolved, for recording
+#: sites not yet inside ``journal.fault_release()``.  Once every release site uses the marker this set
+#: goes and ``fault_release`` defaults to False; no validator reads caller names.
+_PRE_MARKER_RELEASE_CALLERS = frozenset({
+    "kvm_release_pfn_clean", "kvm_release_faultin_page", "kvm_faultin_pfn", "kvm_mmu_finish_page_fault",
+    "user_mem_abort", "kvm_riscv_gstage_map"})
+
+
+class _FaultRelease:
+    """The ``with journal.fault_release():`` context (re-entrant; no allocation per use)."""
+
+    __slots__ = ("journal",)
+
+    def __init__(self, journal: "Journal"):
+        self.journal = journal
+
+    def __enter__(self) -> None:
+        self.journal.releasing += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.journal.releasing -= 1
 
 
 class Journal:
@@ -53,12 +140,23 @@ class Journal:
         self.counters: Counter[str] = Counter()
         self.facts: list[Fact] = []
         self.step: int | None = None
+        self.releasing = 0                # > 0 inside a stage-2 fault's release (fault_release())
+        self._fault_release = _FaultRelease(self)
+
+    def fault_release(self) -> _FaultRelease:
+        """Context for a stage-2 fault's release of the page it resolved (``kvm_release_faultin_page()``,
+        legacy ``kvm_release_pfn_clean()`` after a fault, arm64/RISC-V v6.12 marking in the fault): every
+        fact recorded inside says ``fault_release=True``."""
+        return self._fault_release
 
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
 
-    def fact(self, kind: str, **kw: Any) -> None:
+    def fact(self, kind: FactKind | str, **kw: Any) -> None:
+        """Record one fact (when recording); an unknown ``kind`` raises ValueError."""
         if self.recording:
+            if self.releasing:
+                kw["fault_release"] = True
             self.facts.append(Fact(kind, step=self.step, **kw))
 
     def snapshot(self) -> dict[str, int]:

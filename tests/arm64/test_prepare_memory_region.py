@@ -17,11 +17,6 @@ GPA = 1 << 30
 LOG = KVM_MEM.LOG_DIRTY_PAGES
 
 
-@pytest.fixture(params=["legacy", "series"])
-def policy(request):
-    return request.param
-
-
 def _errno(fn, *a, **kw):
     with pytest.raises(ModelError) as e:
         fn(*a, **kw)

@@ -20,7 +20,7 @@ from kvmsim.kvm.vcpu import Exit
 from kvmsim.sched import run_interleaved
 from kvmsim.trace import Src
 
-from .conftest import PAGE, make_vm
+from tests.helpers import PAGE, make_vm
 
 
 def _facts(kvm, kind, caller):
@@ -36,7 +36,7 @@ def _leaf(kvm, gfn=0):
 
 
 def test_arm64_is_an_arch_and_listed_in_the_error():
-    host, kvm, _, _ = make_vm("series")
+    host, kvm, _, _ = make_vm("series", arch="arm64")
     assert isinstance(kvm.arch, Arm64Mmu) and kvm.arch.name == "arm64"
     with pytest.raises(UsageError, match="arm64"):
         make_arch(kvm, "sparc")
@@ -46,7 +46,7 @@ def test_arm64_is_an_arch_and_listed_in_the_error():
 
 def test_legacy_write_fault_dirties_and_releases_after_read_unlock():
     """v6.12: ``read_unlock(); if (writable && !ret) kvm_set_pfn_dirty(pfn); kvm_release_pfn_clean(pfn);``"""
-    host, kvm, vma, vcpu = make_vm("legacy")
+    host, kvm, vma, vcpu = make_vm("legacy", arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     assert vcpu.write(0, 7).ok
     c = kvm.journal.counters
@@ -61,7 +61,7 @@ def test_legacy_write_fault_dirties_and_releases_after_read_unlock():
 
 def test_series_write_fault_releases_dirty_under_the_read_lock():
     """v6.13: ``kvm_release_faultin_page(kvm, page, !!ret, writable); read_unlock();``"""
-    host, kvm, vma, vcpu = make_vm("series")
+    host, kvm, vma, vcpu = make_vm("series", arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     assert vcpu.write(0, 7).ok
     c = kvm.journal.counters
@@ -75,7 +75,7 @@ def test_series_write_fault_releases_dirty_under_the_read_lock():
 def test_inv3_checker_flags_legacy_dirty_after_unlock_and_not_series():
     found = {}
     for policy in ("legacy", "series"):
-        host, kvm, vma, vcpu = make_vm(policy)
+        host, kvm, vma, vcpu = make_vm(policy, arch="arm64")
         host.mm.host_access(vma.start, True, 1)
         assert vcpu.write(0, 7).ok
         found[policy] = [v.detail for v in _inv(kvm, "INV-3")]
@@ -88,7 +88,7 @@ def test_inv3_checker_flags_legacy_dirty_after_unlock_and_not_series():
 def test_read_fault_on_a_writable_page_maps_writable_and_dirties(policy):
     """``__kvm_faultin_pfn(..., write_fault ? FOLL_WRITE : 0, &writable, &page)``: a read fault still asks
     for a writable mapping; ``writable`` then decides the dirty mark (both versions)."""
-    host, kvm, vma, vcpu = make_vm(policy)
+    host, kvm, vma, vcpu = make_vm(policy, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     assert vcpu.read(0).value == 1
     assert _leaf(kvm).writable
@@ -99,11 +99,11 @@ def test_read_fault_on_a_writable_page_maps_writable_and_dirties(policy):
 # ---- retries: mmu_invalidate_retry() and the -EAGAIN of an already-present leaf ----------------------
 
 def _fault_vs_munmap(policy):
-    host, kvm, vma, vcpu = make_vm(policy)
+    host, kvm, vma, vcpu = make_vm(policy, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     res = run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, 0, True),
                            "host": host.mm.munmap.steps(vma.start, PAGE)},
-                          ["vcpu", "vcpu", "host", "host", "host", "host"])
+                          ["vcpu", "vcpu", "host", "host", "host", "host"], sched=kvm.sched)
     return kvm, res
 
 
@@ -132,7 +132,7 @@ def test_series_retry_releases_the_page_unused():
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_translation_fault_on_a_present_leaf_is_eagain(policy):
     """``stage2_pte_needs_update()`` false → -EAGAIN: unused in v6.13, accessed + put in v6.12."""
-    host, kvm, vma, vcpu = make_vm(policy)
+    host, kvm, vma, vcpu = make_vm(policy, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     assert kvm.arch.page_fault(vcpu, 0, False) == RET_PF.FIXED
     before = kvm.journal.snapshot()
@@ -152,7 +152,7 @@ def test_translation_fault_on_a_present_leaf_is_eagain(policy):
 def test_access_flag_fault_after_aging(policy):
     """``kvm_age_gfn()`` clears AF (no page marking in either); the next access takes an Access-flag fault:
     v6.12 ``kvm_set_pfn_accessed(kvm_pte_to_pfn(pte))`` after ``read_unlock()``, v6.13 nothing (patch 83)."""
-    host, kvm, vma, vcpu = make_vm(policy)
+    host, kvm, vma, vcpu = make_vm(policy, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     assert vcpu.read(0).ok
     before = kvm.journal.snapshot()
@@ -183,7 +183,7 @@ def test_access_flag_fault_after_aging(policy):
 def test_logging_read_fault_maps_read_only_then_write_relaxes(policy):
     """``else if (logging_active && !write_fault) writable = false;`` then a permission fault
     (``kvm_pgtable_stage2_relax_perms()``) makes it writable and logs the gfn."""
-    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.LOG_DIRTY_PAGES)
+    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.LOG_DIRTY_PAGES, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     slot = kvm.gfn_to_memslot(0)
     assert vcpu.read(0).ok
@@ -200,7 +200,7 @@ def test_logging_read_fault_maps_read_only_then_write_relaxes(policy):
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_memslot_dirty_is_marked_after_read_unlock(policy):
     """``mark_page_dirty_in_slot()`` follows ``read_unlock()`` in both versions."""
-    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.LOG_DIRTY_PAGES)
+    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.LOG_DIRTY_PAGES, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     slot = kvm.gfn_to_memslot(0)
     gen = kvm.arch.page_fault.steps(vcpu, 0, True)
@@ -217,7 +217,7 @@ def test_memslot_dirty_is_marked_after_read_unlock(policy):
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_dirty_ring_without_bitmap_is_not_logging_for_user_mem_abort(policy):
     """``memslot_is_logging()`` is ``dirty_bitmap && !READONLY``: a ring-only slot maps read faults writable."""
-    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.LOG_DIRTY_PAGES, ring=4096)
+    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.LOG_DIRTY_PAGES, ring=4096, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     assert kvm.gfn_to_memslot(0).dirty_bitmap is None
     assert vcpu.read(0).ok and _leaf(kvm).writable
@@ -230,7 +230,7 @@ def test_enabling_logging_write_protects_unless_initially_set(policy):
     ``kvm_dirty_log_manual_protect_and_init_set()``."""
     from kvmsim.kvm.dirty import enable_manual_protect
     for init_set in (False, True):
-        host, kvm, vma, vcpu = make_vm(policy)
+        host, kvm, vma, vcpu = make_vm(policy, arch="arm64")
         if init_set:
             enable_manual_protect(kvm, 3)
         host.mm.host_access(vma.start, True, 1)
@@ -243,7 +243,7 @@ def test_enabling_logging_write_protects_unless_initially_set(policy):
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_readonly_memslot_write_is_an_mmio_exit(policy):
     """``kvm_handle_guest_abort()``: ``write_fault && !writable`` → ``io_mem_abort()``, no GUP."""
-    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.READONLY)
+    host, kvm, vma, vcpu = make_vm(policy, flags=KVM_MEM.READONLY, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     acc = vcpu.write(0, 3)
     assert acc.exit == Exit.MMIO and kvm.journal.counters["io_mem_abort"] == 1
@@ -254,7 +254,7 @@ def test_readonly_memslot_write_is_an_mmio_exit(policy):
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_unmap_marks_no_page(policy):
     """``stage2_unmap_walker()`` pushes no A/D to the page, in v6.12 either (unlike legacy x86)."""
-    host, kvm, vma, vcpu = make_vm(policy)
+    host, kvm, vma, vcpu = make_vm(policy, arch="arm64")
     host.mm.host_access(vma.start, True, 1)
     assert vcpu.write(0, 5).ok
     before = kvm.journal.snapshot()

@@ -1,38 +1,50 @@
-"""A lock-step state machine: random operation sequences applied to two backends at once.
+"""Lock-step state machines: random operation sequences applied to two backends at once.
 
-Against the real /dev/kvm when it is usable (model vs real), otherwise model-series vs model-legacy
-(which must also agree: nothing here depends on the page-reference protocol on an emulating host).
+``TestLockstep``: the model (series) against the real /dev/kvm.  Without a usable /dev/kvm it skips
+with the reason (``KVMSIM_REAL_KVM=1`` makes that a failure; ``=0`` skips it); it never silently
+compares the model with itself.  ``TestPolicyAgreement``: model-series against model-legacy, which
+must also agree (nothing here depends on the page-reference protocol), and says so by its name.
 The first divergence fails, and Hypothesis prints the shortened sequence as replayable steps.
 """
 
 import os
 
+import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from kvmsim.backend.base import Madv, ManualProtect, MappingKind, MemoryRegion, Prot, VmOptions
+from kvmsim.backend.availability import kvm_available, real_kvm_mode
+from kvmsim.backend.base import Madv, ManualProtect, MemoryRegion, Prot, VmOptions
 from kvmsim.backend.conformance import model_backend, real_backend
 from kvmsim.types import Gpa
+from tests.strategies import backend_mapping_kinds, page_index, page_ranges, page_sets, values
 
 GPA = 1 << 30
 NPAGES = 64
-KINDS = [MappingKind.ANON_SHARED, MappingKind.ANON_PRIVATE, MappingKind.MEMFD]
-pages = st.lists(st.integers(0, NPAGES - 1), min_size=1, max_size=8, unique=True)
+pages = page_sets(NPAGES)
 
 _REAL = [None]
 
 
-def _second():
+def _real():
     if _REAL[0] is None:
-        b, _ = real_backend()
-        _REAL[0] = b or False
-    return _REAL[0] or model_backend("legacy")
+        b, why = real_backend()
+        if b is None:
+            pytest.fail(f"the real backend is not usable ({why}); KVMSIM_REAL_KVM=1 forces it")
+        _REAL[0] = b
+    return _REAL[0]
 
 
 class Lockstep(RuleBasedStateMachine):
-    @initialize(kind=st.sampled_from(KINDS), manual=st.booleans())
+    """Two backends, one sequence; ``second()`` names the backend compared with model-series."""
+
+    @staticmethod
+    def second():
+        return _real()
+
+    @initialize(kind=backend_mapping_kinds, manual=st.booleans())
     def setup(self, kind, manual):
-        self.backends = [model_backend("series"), _second()]
+        self.backends = [model_backend("series"), self.second()]
         self.kind = kind
         self.manual = manual
         self.live = True
@@ -59,7 +71,7 @@ class Lockstep(RuleBasedStateMachine):
         assert outs[0] == outs[1], f"{what}: {self.backends[0].name}={outs[0]!r} {self.backends[1].name}={outs[1]!r}"
         return outs[0]
 
-    @rule(p=pages, value=st.integers(1, 2**40))
+    @rule(p=pages, value=values)
     def guest_write(self, p, value):
         self._same("guest_write", lambda b, m: [a.exit for a in b.guest_write([GPA + i * 4096 for i in p], value).accesses])
 
@@ -77,9 +89,9 @@ class Lockstep(RuleBasedStateMachine):
         self._same("clear_dirty_log", lambda b, m: b.clear_dirty_log(1, chunk * 64, 64).errno)
 
     @precondition(lambda self: self.live)
-    @rule(first=st.integers(0, NPAGES - 1), n=st.integers(1, 8))
-    def dontneed(self, first, n):
-        n = min(n, NPAGES - first)
+    @rule(r=page_ranges(NPAGES))
+    def dontneed(self, r):
+        first, n = r
         self._same("madvise", lambda b, m: b.host_madvise(m, Madv.MADV_DONTNEED, first * 4096, n * 4096).errno)
 
     @precondition(lambda self: self.live)
@@ -90,7 +102,7 @@ class Lockstep(RuleBasedStateMachine):
         self._same("mprotect", lambda b, m: b.host_mprotect(m, prot).errno)
 
     @precondition(lambda self: self.live)
-    @rule(page=st.integers(0, NPAGES - 1), value=st.integers(1, 2**40))
+    @rule(page=page_index(NPAGES), value=values)
     def host_write(self, page, value):
         self._same("host_write", lambda b, m: b.host_write(m, page * 4096, value.to_bytes(8, "little")).signal)
 
@@ -110,6 +122,20 @@ class Lockstep(RuleBasedStateMachine):
             assert sorted(self.backends[0].memslots()) == sorted(self.backends[1].memslots())
 
 
-Lockstep.TestCase.settings = settings(max_examples=int(os.environ.get("KVMSIM_LOCKSTEP_EXAMPLES", "300")),
-                                      stateful_step_count=12, deadline=None)
-TestLockstep = Lockstep.TestCase
+class PolicyAgreement(Lockstep):
+    """Model-series against model-legacy: the same guest- and host-visible results."""
+
+    @staticmethod
+    def second():
+        return model_backend("legacy")
+
+
+_SETTINGS = settings(max_examples=int(os.environ.get("KVMSIM_LOCKSTEP_EXAMPLES", "300")),
+                     stateful_step_count=12, deadline=None)
+Lockstep.TestCase.settings = _SETTINGS
+PolicyAgreement.TestCase.settings = _SETTINGS
+
+_KVM_OK, _KVM_WHY = kvm_available()
+TestLockstep = pytest.mark.skipif(not _KVM_OK and real_kvm_mode() != "force",      # forced: _real() fails
+                                  reason=f"real /dev/kvm not usable: {_KVM_WHY}")(Lockstep.TestCase)
+TestPolicyAgreement = PolicyAgreement.TestCase

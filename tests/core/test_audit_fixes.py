@@ -13,14 +13,14 @@ from kvmsim.kvm.pfncache import GfnToPfnCache
 from kvmsim.mm.gup import FOLL, get_user_page_fast_only, get_user_pages_unlocked
 from kvmsim.mm.vma import Pte, VmaKind
 
-from .conftest import make_vm
+from tests.helpers import make_vm
 
 MB = 1 << 20
 
 
 def test_fatal_signal_fails_slow_gup_even_for_a_present_page():
     """__get_user_pages() checks fatal_signal_pending() before every page, whatever the flags."""
-    host, kvm = make_vm("series")
+    host, kvm, _, _ = make_vm("series")
     vma = host.mm.mmap(4 * 4096, VmaKind.ANON)
     host.mm.host_access(vma.start, True, 1)                    # present and writable
     host.mm.signal_pending = True
@@ -34,7 +34,7 @@ def test_fatal_signal_fails_slow_gup_even_for_a_present_page():
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_fatal_signal_gives_sigpending_on_the_nowait_attempt(policy):
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = host.mm.mmap(4 * 4096, VmaKind.ANON)
     host.mm.signal_pending = True
     kfp = KvmFollowPfn(None, 0, flags=FOLL.WRITE | FOLL.NOWAIT, hva=vma.start, caller="t")
@@ -43,7 +43,7 @@ def test_fatal_signal_gives_sigpending_on_the_nowait_attempt(policy):
 
 def test_slow_gup_touches_the_folio_not_the_pte():
     """follow_page_pte() FOLL_TOUCH: mark_page_accessed (and SetPageDirty) but no pte_mkyoung."""
-    host, kvm = make_vm("series")
+    host, kvm, _, _ = make_vm("series")
     vma = host.mm.mmap(4 * 4096, VmaKind.ANON)
     host.mm.host_access(vma.start, True, 1)
     vma.pte[0] = int(vma.pte[0]) & ~(int(Pte.YOUNG) | int(Pte.DIRTY))   # aged and cleaned since
@@ -56,7 +56,7 @@ def test_slow_gup_touches_the_folio_not_the_pte():
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_pfncache_refuses_a_read_only_memslot_without_touching_the_page(policy):
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = host.mm.mmap(MB, VmaKind.ANON)
     host.mm.host_access(vma.start, True, 1)
     pfn = host.mm.pte_of(vma.start)[1]
@@ -72,7 +72,7 @@ def test_pfncache_refuses_a_read_only_memslot_without_touching_the_page(policy):
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_pfncache_keeps_a_valid_mapping_across_a_memslot_generation(policy):
     """__kvm_gpc_refresh(): a new generation with the same hva and a valid cache does no GUP."""
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = host.mm.mmap(MB, VmaKind.ANON)
     kvm.set_user_memory_region(0, 0, MB, vma.start)
     gpc = GfnToPfnCache(kvm)
@@ -89,7 +89,7 @@ def test_pfncache_keeps_a_valid_mapping_across_a_memslot_generation(policy):
 def test_legacy_vcpu_map_always_resolves_for_write():
     """v6.12 kvm_vcpu_map() used gfn_to_pfn() (write); a read-only map came with patch 34."""
     for policy, ok in (("legacy", False), ("series", True)):
-        host, kvm = make_vm(policy)
+        host, kvm, _, _ = make_vm(policy)
         vma = host.mm.mmap(MB, VmaKind.ANON)
         kvm.set_user_memory_region(0, 0, MB, vma.start, KVM_MEM.READONLY)
         vcpu = kvm.create_vcpu()
@@ -103,7 +103,7 @@ def test_legacy_vcpu_map_always_resolves_for_write():
 
 def test_series_release_asserts_mmu_lock_even_without_a_page():
     """kvm_release_faultin_page(): lockdep_assert_once(held || unused) comes before the NULL check."""
-    host, kvm = make_vm("series")
+    host, kvm, _, _ = make_vm("series")
     kfp = KvmFollowPfn(None, 0, caller="t")                        # nothing refcounted (e.g. PFNMAP)
     kvm.policy.release_faultin(kvm, 0x1234, kfp, unused=False, dirty=False, caller="t")
     assert kvm.journal.counters["lockdep_warnings"] == 1
@@ -114,7 +114,7 @@ def test_series_release_asserts_mmu_lock_even_without_a_page():
 def test_truncating_a_dirty_folio_is_not_a_warning_but_dirtying_it_during_truncation_is():
     """truncate_cleanup_folio() cancels dirty; filemap_unaccount_folio() WARNs only if it is dirty again."""
     from kvmsim.mm.reclaim import remove_from_cache, truncate_cleanup_folios
-    host, kvm = make_vm("series")
+    host, kvm, _, _ = make_vm("series")
     vma = host.mm.mmap(2 * 4096, VmaKind.FILE)
     host.mm.host_access(vma.start, True, 1)
     host.mm.host_access(vma.start + 4096, True, 2)

@@ -13,14 +13,14 @@ from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.kvm.pfncache import GfnToPfnCache
 from kvmsim.mm.vma import VmaKind
 
-from .conftest import make_vm
+from tests.helpers import make_vm
 
 MB = 1 << 20
 
 
 @pytest.fixture
 def vm():
-    host, kvm = make_vm("series")
+    host, kvm, _, _ = make_vm("series")
     vma = host.mm.mmap(4 * MB, VmaKind.ANON_SHARED)
     return host, kvm, vma
 
@@ -103,7 +103,7 @@ def test_pfncache_follows_invalidation(vm):
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_pfncache_on_pfnmap_needs_writable_pte(policy):
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     drv = host.add_driver("perf", 2, "driver_refcounted", pte_write="on_write_fault")
     vma = host.mm.mmap(2 * 4096, VmaKind.PFNMAP, driver=drv)
     kvm.set_user_memory_region(0, 0, 2 * 4096, vma.start)

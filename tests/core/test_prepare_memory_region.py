@@ -16,7 +16,7 @@ from kvmsim.kvm.memslot import KVM_MEM, KvmMrChange
 from kvmsim.mm.host import Host
 from kvmsim.mm.vma import VmaKind
 
-from .conftest import make_vm
+from tests.helpers import make_vm
 
 MB = 1 << 20
 PAGE = 4096
@@ -30,7 +30,7 @@ def _errno(fn, *a, **kw):
 
 
 def _logged_vm(arch, policy="series", execution="hardware", manual=0):
-    host, kvm = make_vm(policy, arch=arch, execution=execution)
+    host, kvm, _, _ = make_vm(policy, arch=arch, execution=execution, size=0)
     if manual:
         enable_manual_protect(kvm, manual)
     vma = host.mm.mmap(MB, VmaKind.ANON_SHARED)
@@ -66,7 +66,7 @@ def test_move_that_stops_logging_drops_the_bitmap():
 
 def test_move_that_starts_logging_gets_a_fresh_bitmap_initially_set():
     """No old bitmap: ``kvm_alloc_dirty_bitmap()``, all ones under KVM_DIRTY_LOG_INITIALLY_SET."""
-    host, kvm = make_vm("series", arch="x86")
+    host, kvm, _, _ = make_vm("series", arch="x86", size=0)
     enable_manual_protect(kvm, 3)
     vma = host.mm.mmap(MB, VmaKind.ANON_SHARED)
     kvm.set_user_memory_region(1, GPA, MB, vma.start, 0)
@@ -88,7 +88,7 @@ def test_flags_only_toggle_keeps_then_reallocates():
 
 
 def test_dirty_ring_vm_gets_no_bitmap_on_move():
-    host, kvm = make_vm("series", arch="x86")
+    host, kvm, _, _ = make_vm("series", arch="x86", size=0)
     enable_dirty_ring(kvm, 1 << 16)
     vma = host.mm.mmap(MB, VmaKind.ANON_SHARED)
     kvm.set_user_memory_region(1, GPA, MB, vma.start, KVM_MEM.LOG_DIRTY_PAGES)

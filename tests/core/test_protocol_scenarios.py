@@ -11,13 +11,13 @@ from kvmsim.kvm.stage2 import RET_PF
 from kvmsim.mm.vma import VmaKind
 from kvmsim.sched import run_interleaved
 
-from .conftest import make_vm
+from tests.helpers import make_vm
 
 GPA = 1 << 30
 
 
 def _pfnmap_vm(policy, cls="driver_refcounted", **kw):
-    host, kvm = make_vm(policy, **kw)
+    host, kvm, _, _ = make_vm(policy, **kw)
     drv = host.add_driver("gpu", 4, cls)
     vma = host.mm.mmap(4 * 4096, VmaKind.PFNMAP, driver=drv)
     kvm.set_user_memory_region(1, GPA, 4 * 4096, vma.start)
@@ -36,7 +36,7 @@ def _fault_then_teardown(policy):
     # the vCPU resolves the pfn (legacy: kvm_try_get_pfn takes a reference), then the driver frees
     results = run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, GPA, True),
                                "driver": _teardown(host, drv)},
-                              ["vcpu", "vcpu", "driver"])
+                              ["vcpu", "vcpu", "driver"], sched=kvm.sched)
     return host, kvm, checker, results
 
 
@@ -91,7 +91,7 @@ def test_vcpu_map_pfnmap_series_allow_unsafe_mappings():
 
 
 def test_vcpu_map_series_pins_normal_memory():
-    host, kvm = make_vm("series")
+    host, kvm, _, _ = make_vm("series")
     vma = host.mm.mmap(4 * 4096, VmaKind.ANON_SHARED)
     kvm.set_user_memory_region(0, 0, 4 * 4096, vma.start)
     vcpu = kvm.create_vcpu()
@@ -107,14 +107,14 @@ def test_vcpu_map_series_pins_normal_memory():
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_fault_racing_invalidation_retries(policy):
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = host.mm.mmap(4 * 4096, VmaKind.ANON)
     kvm.set_user_memory_region(0, 0, 4 * 4096, vma.start)
     vcpu = kvm.create_vcpu()
     checker = Checker(kvm)
     results = run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, 0x1000, True),
                                "host": host.mm.munmap.steps(vma.start, 4 * 4096)},
-                              ["vcpu", "vcpu", "host", "host", "host", "host"])
+                              ["vcpu", "vcpu", "host", "host", "host", "host"], sched=kvm.sched)
     assert results["vcpu"] == RET_PF.RETRY
     assert list(kvm.arch.leaves()) == []                  # no SPTE for the invalidated range (INV-5)
     assert not kvm.host_refs
@@ -132,7 +132,7 @@ def test_fault_racing_invalidation_retries(policy):
 
 
 def test_fault_completes_end_to_end(policy):
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = host.mm.mmap(4 * 4096, VmaKind.MEMFD)
     kvm.set_user_memory_region(0, 0, 4 * 4096, vma.start)
     vcpu = kvm.create_vcpu()

@@ -7,7 +7,7 @@ from kvmsim.kvm.pfn import KVM_PFN_ERR_FAULT, _kvm_faultin_pfn, kvm_release_faul
 from kvmsim.mm.gup import FOLL
 from kvmsim.mm.vma import VmaKind
 
-from .conftest import make_vm
+from tests.helpers import make_vm
 
 GPA = 1 << 30
 
@@ -67,7 +67,7 @@ def _backing(host, name):
 @pytest.mark.parametrize("write", [False, True], ids=["read", "write"])
 @pytest.mark.parametrize("backing", list(BACKINGS))
 def test_resolution_row(backing, write, policy):
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = _backing(host, backing)
     kvm.set_user_memory_region(1, GPA, vma.end - vma.start, vma.start)
     slot = kvm.gfn_to_memslot(GPA >> 12)
@@ -108,7 +108,7 @@ def test_resolution_row(backing, write, policy):
 
 def test_refcount_untouched_under_series_for_driver_pages():
     for backing in ("pfnmap-nonrefcounted-tail", "pfnmap-driver_refcounted", "pfnmap-compound-tail"):
-        host, kvm = make_vm("series")
+        host, kvm, _, _ = make_vm("series")
         vma = _backing(host, backing)
         kvm.set_user_memory_region(1, GPA, vma.end - vma.start, vma.start)
         vcpu = kvm.create_vcpu()

@@ -5,12 +5,12 @@ import pytest
 from kvmsim.check import check_all
 from kvmsim.mm.vma import VmaKind
 
-from .conftest import make_vm
+from tests.helpers import make_vm
 
 
 @pytest.mark.parametrize("arch", ["generic", "x86"])
 def test_process_exit_release_zaps_everything(policy, arch):
-    host, kvm = make_vm(policy, arch=arch)
+    host, kvm, _, _ = make_vm(policy, arch=arch, size=0)
     vma = host.mm.mmap(16 * 4096, VmaKind.MEMFD)
     kvm.set_user_memory_region(0, 0, 16 * 4096, vma.start)
     vcpu = kvm.create_vcpu()
@@ -27,7 +27,7 @@ def test_process_exit_release_zaps_everything(policy, arch):
 
 def test_vm_destroy_unmaps_host_maps_and_drops_references(policy):
     from kvmsim.kvm.host_map import kvm_vcpu_map
-    host, kvm = make_vm(policy)
+    host, kvm, _, _ = make_vm(policy)
     vma = host.mm.mmap(4 * 4096, VmaKind.ANON_SHARED)
     kvm.set_user_memory_region(0, 0, 4 * 4096, vma.start)
     vcpu = kvm.create_vcpu()

@@ -19,11 +19,6 @@ GPA = 1 << 30
 LOG, RO = KVM_MEM.LOG_DIRTY_PAGES, KVM_MEM.READONLY
 
 
-@pytest.fixture(params=["legacy", "series"])
-def policy(request):
-    return request.param
-
-
 def _errno(fn, *a, **kw):
     with pytest.raises(ModelError) as e:
         fn(*a, **kw)

@@ -147,13 +147,13 @@ def test_the_bulk_fault_does_not_spin_on_a_held_mmu_lock():
     made ``for _ in mmu._lock(): pass`` spin forever.  Now the bulk path leaves the pages to the
     scalar fault, which reports the deadlock as the scalar path alone does."""
     from kvmsim.errors import KvmBug
-    from kvmsim.sched import set_current_thread
     sc = (Scenario.builder("held").vma("ram", kind="anon", size=100 * PAGE).vm(policy="series")
           .memslot(id=0, gpa=0, size=100 * PAGE, vma="ram").build())
     env = build(sc, "series")
-    prev = set_current_thread("other")
+    sched = env.kvm.sched
+    prev, sched.active = sched.active, "other"
     env.kvm.mmu_lock.write_lock()
-    set_current_thread(prev)
+    sched.active = prev
     with pytest.raises(KvmBug, match="deadlock"):
         env.kvm.arch.guest_access_range(env.kvm.vcpus[0], 0, 100, True, None)
 

@@ -7,7 +7,8 @@ from kvmsim.kvm.vcpu import Exit
 from kvmsim.mm.reclaim import folio_referenced
 from kvmsim.mm.vma import VmaKind
 from kvmsim.trace import Src
-from tests.x86.conftest import LOG, make_vm
+from tests.helpers import make_vm
+from tests.x86.conftest import LOG
 
 
 def spte_facts(h, kind=None):
@@ -15,7 +16,7 @@ def spte_facts(h, kind=None):
 
 
 def test_spte_sourced_struct_page_ops_only_under_legacy(policy):
-    h, vma, kvm, v = make_vm(policy, size=1 << 20, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm(policy, size=1 << 20, kind=VmaKind.ANON, page_size=4096, arch="x86")
     for g in range(16):
         assert v.write(g << 12, g).ok
     kvm.set_user_memory_region(0, 0, 1 << 20, vma.start, LOG)           # clear D / wrprot
@@ -34,7 +35,7 @@ def test_spte_sourced_struct_page_ops_only_under_legacy(policy):
 
 
 def test_dirty_count_at_disable_2m(policy):
-    h, vma, kvm, v = make_vm(policy, size=2 << 20, flags=LOG)
+    h, kvm, vma, v = make_vm(policy, size=2 << 20, flags=LOG, arch="x86")
     kvm.arch.populate(v, 0, 512, True)
     assert kvm.arch.stats()["pages_4k"] == 512
     head = h.phys.folio(int(kvm.memslots[0].by_id[0].arch["x86"].pfn[0]))
@@ -45,7 +46,7 @@ def test_dirty_count_at_disable_2m(policy):
 
 
 def test_dirty_count_at_disable_1g(policy):
-    h, vma, kvm, v = make_vm(policy, size=1 << 30, page_size=1 << 30, flags=LOG, recording=False)
+    h, kvm, vma, v = make_vm(policy, size=1 << 30, page_size=1 << 30, flags=LOG, recording=False, arch="x86")
     kvm.arch.populate(v, 0, 1 << 18, True)
     assert kvm.arch.stats() == {"pages_4k": 262144, "pages_2m": 0, "pages_1g": 0}
     before = kvm.journal.snapshot()
@@ -57,7 +58,7 @@ def test_dirty_count_at_disable_1g(policy):
 
 
 def test_accessed_survives_zap_only_under_legacy(policy):
-    h, vma, kvm, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     assert v.write(0, 7).ok
     pfn = int(vma.pte_pfn[0])
     vma.pte[0] &= ~np.uint8(4)                                           # host young bit cleared (Pte.YOUNG)
@@ -70,7 +71,7 @@ def test_accessed_survives_zap_only_under_legacy(policy):
 
 
 def test_aging_reports_young_and_clears_a(policy):
-    h, vma, kvm, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     assert v.read(0).ok
     assert kvm.notifier.test_young(vma.start)
     assert kvm.notifier.clear_young(vma.start, vma.start + 4096)
@@ -79,7 +80,7 @@ def test_aging_reports_young_and_clears_a(policy):
 
 
 def test_ad_disabled_aging_marks_dirty_only_under_legacy(policy):
-    h, vma, kvm, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, ad_enabled=False)
+    h, kvm, vma, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, ad_enabled=False, arch="x86")
     assert v.write(0, 1).ok
     n0 = len(h.journal.facts)
     assert kvm.notifier.clear_young(vma.start, vma.start + 4096)
@@ -92,7 +93,7 @@ def test_ad_disabled_aging_marks_dirty_only_under_legacy(policy):
 
 def test_flush_on_age_elided_with_613_other():
     for other, flushes in ((False, 1), (True, 0)):
-        h, vma, kvm, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096, v613_other=other)
+        h, kvm, vma, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096, v613_other=other, arch="x86")
         assert v.read(0).ok
         before = kvm.journal.snapshot()
         assert kvm.notifier.clear_flush_young(vma.start, vma.end)
@@ -100,7 +101,7 @@ def test_flush_on_age_elided_with_613_other():
 
 
 def test_mmio_and_readonly():
-    h, vma, kvm, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     assert v.read(1 << 30).exit == Exit.MMIO
     before = kvm.journal.snapshot()
     assert v.read(1 << 30).exit == Exit.MMIO

@@ -6,16 +6,17 @@ from hypothesis import given, settings, strategies as st
 from kvmsim.kvm.dirty import kvm_get_dirty_log
 from kvmsim.mm.vma import VmaKind
 from kvmsim.x86.spte import HW, P, W, spte_write
-from tests.x86.conftest import LOG, make_vm
+from tests.helpers import make_vm
+from tests.strategies import policies, x86_access_ops
+from tests.x86.conftest import LOG
 
 KEYS = ("page_fault", "fast_page_fault", "spte_write", "tlb_flush", "mark_page_dirty_in_slot")
 
-ops = st.lists(st.tuples(st.sampled_from(["read", "write", "log_on", "log_off", "getlog", "age"]),
-                         st.integers(0, 1023), st.integers(1, 600)), min_size=1, max_size=8)
+ops = x86_access_ops(1024, 600)
 
 
 def run(policy, seq, bulk, kind, page_size):
-    h, vma, kvm, v = make_vm(policy, size=4 << 20, kind=kind, page_size=page_size)
+    h, kvm, vma, v = make_vm(policy, size=4 << 20, kind=kind, page_size=page_size, arch="x86")
     flags = 0
     for op, g, n in seq:
         n = min(n, 1024 - g)
@@ -43,7 +44,7 @@ def run(policy, seq, bulk, kind, page_size):
 
 
 @settings(max_examples=30, deadline=None)
-@given(policy=st.sampled_from(["legacy", "series"]), seq=ops, huge=st.booleans())
+@given(policy=policies, seq=ops, huge=st.booleans())
 def test_scalar_and_bulk_agree(policy, seq, huge):
     kind, ps = (VmaKind.HUGETLB, 1 << 21) if huge else (VmaKind.ANON, 4096)
     a = run(policy, seq, False, kind, ps)
@@ -58,7 +59,7 @@ def test_scalar_and_bulk_agree(policy, seq, huge):
 
 
 def test_inv11_fires_on_a_broken_spte():
-    h, vma, kvm, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm("series", size=64 << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     assert v.write(0, 1).ok
     slot = kvm.memslots[0].by_id[0]
     assert not [f for f in h.journal.facts if f.kind == "inv11"]
@@ -70,7 +71,7 @@ def test_inv11_fires_on_a_broken_spte():
 
 
 def test_shadow_prefetch_neighbours(policy):
-    h, vma, kvm, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, mmu="shadow")
+    h, kvm, vma, v = make_vm(policy, size=64 << 12, kind=VmaKind.ANON, page_size=4096, mmu="shadow", arch="x86")
     for g in range(16):
         h.mm.host_access(vma.start + (g << 12), True, g)                      # host PTEs present
     assert v.read(3 << 12).ok

@@ -9,7 +9,8 @@ from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.vcpu import Exit
 from kvmsim.mm.host import Host
 from kvmsim.mm.vma import VmaKind
-from tests.x86.conftest import LOG, make_vm
+from tests.helpers import make_vm
+from tests.x86.conftest import LOG
 
 NP = 256
 
@@ -48,7 +49,7 @@ def test_dirty_log_reports_exactly_the_written_pages(policy, mode, pml, shadow, 
 
 
 def test_page_splitting_at_enable(policy):
-    h, vma, kvm, v = make_vm(policy, size=1 << 30, page_size=1 << 30, recording=False)
+    h, kvm, vma, v = make_vm(policy, size=1 << 30, page_size=1 << 30, recording=False, arch="x86")
     kvm.arch.populate(v, 0, 1 << 18, True)
     assert kvm.arch.stats() == {"pages_4k": 0, "pages_2m": 0, "pages_1g": 1}
     kvm.set_user_memory_region(0, 0, 1 << 30, vma.start, LOG)
@@ -81,7 +82,7 @@ def test_page_splitting_at_first_clear_with_initially_set():
 
 def test_613_other_recovers_in_place_with_one_flush():
     for other in (False, True):
-        h, vma, kvm, v = make_vm("series", size=8 << 20, page_size=1 << 21, v613_other=other)
+        h, kvm, vma, v = make_vm("series", size=8 << 20, page_size=1 << 21, v613_other=other, arch="x86")
         kvm.arch.populate(v, 0, 2048, True)
         kvm.set_user_memory_region(0, 0, 8 << 20, vma.start, LOG)
         assert kvm.arch.stats()["pages_4k"] == 2048
@@ -97,7 +98,7 @@ def test_613_other_recovers_in_place_with_one_flush():
 
 
 def test_mmu_stress_readonly_vma_and_teardown(policy):
-    h, vma, kvm, v = make_vm(policy, size=4 << 20, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm(policy, size=4 << 20, kind=VmaKind.ANON, page_size=4096, arch="x86")
     kvm.arch.populate(v, 0, 1024, True)
     h.mm.mprotect(vma.start, 4 << 20, "r")
     a = v.write(0x5000, 1)

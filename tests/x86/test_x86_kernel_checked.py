@@ -9,7 +9,8 @@ from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get
 from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.vma import VmaKind
 from kvmsim.x86.spte import D, MW, P, W, tables
-from tests.x86.conftest import LOG, make_vm
+from tests.helpers import make_vm
+from tests.x86.conftest import LOG
 
 NP = 1024                                   # 4 MiB: two 2 MiB regions
 
@@ -20,13 +21,13 @@ def _counter(kvm, prefix):
 
 def test_enabling_logging_always_flushes():
     """"Unconditionally flush the TLBs after enabling dirty logging" (nothing mapped, no eager split)."""
-    h, vma, kvm, v = make_vm(eager_split=False)
+    h, kvm, vma, v = make_vm(eager_split=False, arch="x86")
     kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
     assert kvm.journal.counters["tlb_flush:enable_dirty_logging"] == 1
 
 
 def test_read_only_slot_logging_changes_no_spte_but_faults_map_4k():
-    h, vma, kvm, v = make_vm(flags=int(KVM_MEM.READONLY))
+    h, kvm, vma, v = make_vm(flags=int(KVM_MEM.READONLY), arch="x86")
     kvm.arch.populate(v, 0, NP, False)
     t = tables(kvm.memslots[0].by_id[0])
     assert (t.level == 2).all()
@@ -42,7 +43,7 @@ def test_read_only_slot_logging_changes_no_spte_but_faults_map_4k():
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_pml_enable_clears_d_on_huge_leaves_too(policy):
-    h, vma, kvm, v = make_vm(policy, eager_split=False)
+    h, kvm, vma, v = make_vm(policy, eager_split=False, arch="x86")
     kvm.arch.populate(v, 0, NP, True)
     dirty0 = _counter(kvm, "set_dirty:")
     kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
@@ -54,7 +55,7 @@ def test_pml_enable_clears_d_on_huge_leaves_too(policy):
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_clear_log_without_pml_dirties_each_reprotected_page_under_legacy(policy):
-    h, vma, kvm, v = make_vm(policy, pml=False)
+    h, kvm, vma, v = make_vm(policy, pml=False, arch="x86")
     enable_manual_protect(kvm, 1)
     kvm.arch.populate(v, 0, NP, True)
     kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)            # split + write-protect
@@ -72,7 +73,7 @@ def test_clear_log_without_pml_dirties_each_reprotected_page_under_legacy(policy
 def test_initially_set_write_protect_clears_mmu_writable():
     """write_protect_gfn(): without eager split the first CLEAR leaves a huge leaf that only the slow
     path can make writable again."""
-    h, vma, kvm, v = make_vm(eager_split=False)
+    h, kvm, vma, v = make_vm(eager_split=False, arch="x86")
     enable_manual_protect(kvm, 3)
     kvm.arch.populate(v, 0, NP, True)
     kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
@@ -83,7 +84,7 @@ def test_initially_set_write_protect_clears_mmu_writable():
 
 
 def test_shadow_mmu_has_no_eager_split_and_flushes_once_per_slot():
-    h, vma, kvm, v = make_vm(mmu="shadow", v613_other=True, size=8 << 20)
+    h, kvm, vma, v = make_vm(mmu="shadow", v613_other=True, size=8 << 20, arch="x86")
     kvm.arch.populate(v, 0, 2048, True)
     kvm.set_user_memory_region(0, 0, 8 << 20, vma.start, LOG)
     t = tables(kvm.memslots[0].by_id[0])
@@ -100,7 +101,7 @@ def test_shadow_mmu_has_no_eager_split_and_flushes_once_per_slot():
 
 def test_tdp_fault_splits_a_huge_leaf_in_the_way_without_a_flush():
     """kvm_tdp_mmu_map() → tdp_mmu_split_huge_page(): the siblings stay mapped, no TLB flush."""
-    h, vma, kvm, v = make_vm(eager_split=False)
+    h, kvm, vma, v = make_vm(eager_split=False, arch="x86")
     kvm.arch.populate(v, 0, NP, True)
     kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)            # huge leaves write-protected
     t = tables(kvm.memslots[0].by_id[0])
@@ -115,7 +116,7 @@ def test_tdp_fault_splits_a_huge_leaf_in_the_way_without_a_flush():
 
 
 def test_shadow_fault_still_drops_the_huge_leaf():
-    h, vma, kvm, v = make_vm(mmu="shadow")
+    h, kvm, vma, v = make_vm(mmu="shadow", arch="x86")
     kvm.arch.populate(v, 0, NP, True)
     kvm.set_user_memory_region(0, 0, NP << 12, vma.start, LOG)
     t = tables(kvm.memslots[0].by_id[0])
@@ -125,7 +126,7 @@ def test_shadow_fault_still_drops_the_huge_leaf():
 
 def test_access_tracking_restores_w_only_on_a_write():
     """SHADOW_ACC_TRACK_SAVED_BITS_MASK holds R/X: a read after aging gets a read-only SPTE."""
-    h, vma, kvm, v = make_vm(ad_enabled=False, size=NP << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm(ad_enabled=False, size=NP << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     kvm.arch.populate(v, 0, 4, True)
     t = tables(kvm.memslots[0].by_id[0])
     assert (t.bits[:4] & W).all()
@@ -136,7 +137,7 @@ def test_access_tracking_restores_w_only_on_a_write():
 
 
 def test_shadow_prefetch_skips_while_an_invalidation_is_in_progress():
-    h, vma, kvm, v = make_vm(mmu="shadow", size=64 << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm(mmu="shadow", size=64 << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     for g in range(16):
         h.mm.host_access(vma.start + (g << 12), True, g)
     kvm.mmu_invalidate_in_progress = 1                                     # a range elsewhere is invalidating
@@ -149,7 +150,7 @@ def test_shadow_prefetch_skips_while_an_invalidation_is_in_progress():
 
 @pytest.mark.parametrize("zap_all,other_left", [(True, 0), (False, 4)])
 def test_deleting_a_slot_zaps_every_slot_under_the_default_quirk(zap_all, other_left):
-    h, vma, kvm, v = make_vm(size=4 << 12, kind=VmaKind.ANON, page_size=4096, slot_zap_all=zap_all)
+    h, kvm, vma, v = make_vm(size=4 << 12, kind=VmaKind.ANON, page_size=4096, slot_zap_all=zap_all, arch="x86")
     other = h.mm.mmap(4 << 12, VmaKind.ANON)
     kvm.set_user_memory_region(1, 1 << 30, 4 << 12, other.start, 0)
     kvm.arch.populate(v, 0, 4, True)
@@ -162,7 +163,7 @@ def test_deleting_a_slot_zaps_every_slot_under_the_default_quirk(zap_all, other_
 
 def test_shadow_prefetch_run_past_the_slot_end_prefetches_nothing():
     """kvm_prefetch_pages(): "if (entry < nr_pages) return 0;" for a run that leaves the slot."""
-    h, vma, kvm, v = make_vm(mmu="shadow", size=6 << 12, kind=VmaKind.ANON, page_size=4096)
+    h, kvm, vma, v = make_vm(mmu="shadow", size=6 << 12, kind=VmaKind.ANON, page_size=4096, arch="x86")
     for g in range(6):
         h.mm.host_access(vma.start + (g << 12), True, g)
     assert v.read(0).ok                                                    # group 0..7: run 1..7 leaves the slot

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from kvmsim.check import Checker, Violation
-from kvmsim.errors import KvmBug, ModelError, UsageError
-from kvmsim.sched import Wait, set_current_thread
+from kvmsim.errors import UsageError
+from kvmsim.sched import Thread
 
 
 def format_schedule(names: list[str]) -> str:
@@ -87,19 +87,29 @@ def count_preemptions(steps: list[Step]) -> int:
 
 def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bool = False,
             chooser: Callable[[list[str], str | None], str] | None = None) -> Run:
-    """Fresh setup, then the schedule, then the non-preemptive (or ``chooser``) continuation."""
+    """Fresh setup, then the schedule, then the non-preemptive (or ``chooser``) continuation.
+
+    The explorer is a strategy of the world's :class:`~kvmsim.sched.Scheduler`: it only picks the
+    next thread; the scheduler resumes it."""
     world = scenario.build(policy, mutations)
     checker = Checker(world.kvm)
     checker.run(quiescent=False)                       # the setup's own state is not the race
-    threads = dict(world.threads)
-    order = list(threads)
-    pending: dict[str, object] = {}
+    names = list(world.threads)
     run = Run()
-    current: str | None = None
+    i = 0
 
-    def runnable() -> list[str]:
-        return [t for t in order if t in threads
-                and not (isinstance(pending.get(t), Wait) and not pending[t].ready())]
+    def choose(ready: list[str], current: str | None) -> str:
+        nonlocal i
+        while i < len(schedule):
+            want = schedule[i]
+            i += 1
+            if want in ready:
+                return want
+            if strict:
+                raise UsageError(f"schedule step {i} names {want!r}, which is "
+                                 + ("blocked or finished" if want in names else "not a thread of this scenario")
+                                 + f"; runnable: {', '.join(ready)}")
+        return chooser(ready, current) if chooser else (current if current in ready else ready[0])
 
     def check(quiescent: bool) -> bool:
         for v in checker.run(quiescent=quiescent):
@@ -108,43 +118,15 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
                 return True
         return False
 
-    i = 0
-    while threads:
-        ready = runnable()
-        if not ready:
-            raise KvmBug(f"deadlock: {sorted(threads)} all blocked")
-        name = None
-        while i < len(schedule) and name is None:
-            want = schedule[i]
-            i += 1
-            if want in ready:
-                name = want
-            elif strict:
-                raise UsageError(f"schedule step {i} names {want!r}, which is "
-                                 + ("blocked or finished" if want in order else "not a thread of this scenario")
-                                 + f"; runnable: {', '.join(ready)}")
-        if name is None:
-            name = chooser(ready, current) if chooser else (current if current in ready else ready[0])
-        prev = set_current_thread(name)
-        try:
-            item = threads[name].send(None) if name in pending else next(threads[name])
-            pending[name] = item
-            label = item.label + " (blocked)" if isinstance(item, Wait) else str(item)
-        except StopIteration as stop:
-            label = f"returns {stop.value!r}"
-            del threads[name]
-        except ModelError as e:                        # the path failed cleanly (e.g. -EFAULT)
-            label = f"fails: {e}"
-            del threads[name]
-        finally:
-            set_current_thread(prev)
-        run.steps.append(Step(name, label, tuple(ready)))
-        current = name
+    def after(th: Thread, label: str, ready: tuple[str, ...]) -> bool:
+        run.steps.append(Step(th.name, label, ready))
         world.kvm.journal.step = len(run.steps)
-        if check(quiescent=False):
-            return run
-    scenario.final(world)
-    check(quiescent=True)
+        return check(quiescent=False)
+
+    world.kvm.sched.run(world.threads, choose, after)
+    if run.violation is None:
+        scenario.final(world)
+        check(quiescent=True)
     return run
 
 

@@ -29,43 +29,45 @@ from kvmsim.kvm.memslot import (KVM_MEM, KvmMemorySlot, KvmMemslots, KvmMrChange
                                 kvm_prepare_memory_region, new_memslot, validate_region)
 from kvmsim.mm.notifier import MmuNotifierRange
 from kvmsim.policies import DEFAULT_POLICY, Policy, get_policy
-from kvmsim.sched import Steps, Wait, current_thread, kpath
+from kvmsim.sched import DEFAULT_SCHEDULER, Scheduler, Steps, Wait, kpath
 from kvmsim.types import PAGE_SHIFT
 
 
 class MmuLock:
-    """``kvm->mmu_lock`` as an rwlock that records its holders by thread name."""
+    """``kvm->mmu_lock`` as an rwlock that records its holders by thread name (the world's
+    scheduler's active thread)."""
 
-    def __init__(self, name: str = "mmu_lock"):
+    def __init__(self, name: str = "mmu_lock", sched: Scheduler = DEFAULT_SCHEDULER):
         self.name = name
+        self.sched = sched
         self.writer: str | None = None
         self.readers: list[str] = []
 
     def held(self, thread: str | None = None) -> bool:
-        t = thread or current_thread()
+        t = thread or self.sched.active
         return self.writer == t or (bool(self.readers) and t in self.readers)
 
     @kpath
     def write_lock(self) -> Steps:
         while self.writer is not None or self.readers:
             yield Wait(f"write_lock({self.name})", lambda: self.writer is None and not self.readers)
-        self.writer = current_thread()
+        self.writer = self.sched.active
         yield f"write_lock({self.name}) acquired"
 
     @kpath
     def read_lock(self) -> Steps:
         while self.writer is not None:
             yield Wait(f"read_lock({self.name})", lambda: self.writer is None)
-        self.readers.append(current_thread())
+        self.readers.append(self.sched.active)
         yield f"read_lock({self.name}) acquired"
 
     def write_unlock(self) -> None:
-        if self.writer != current_thread():
-            raise KvmBug(f"write_unlock({self.name}) by {current_thread()}, held by {self.writer}")
+        if self.writer != self.sched.active:
+            raise KvmBug(f"write_unlock({self.name}) by {self.sched.active}, held by {self.writer}")
         self.writer = None
 
     def read_unlock(self) -> None:
-        self.readers.remove(current_thread())
+        self.readers.remove(self.sched.active)
 
 
 class KvmMmuNotifier:
@@ -163,7 +165,8 @@ class Kvm:
         self.has_private_mem = has_private_mem
         self.nr_memslot_as_ids = 1
         self.memslots = [KvmMemslots() for _ in range(self.nr_memslot_as_ids)]
-        self.mmu_lock = MmuLock()
+        self.sched: Scheduler = host.sched          # the world's scheduler (one per host)
+        self.mmu_lock = MmuLock(sched=self.sched)
         self.mmu_invalidate_seq = 0
         self.mmu_invalidate_in_progress = 0
         self.mmu_invalidate_range_start = -1

@@ -8,6 +8,7 @@ from __future__ import annotations
 from kvmsim.mm.driver import Driver
 from kvmsim.mm.mm import Mm
 from kvmsim.mm.page import PfnClass, PhysMem
+from kvmsim.sched import Scheduler
 from kvmsim.trace import Journal
 
 
@@ -15,9 +16,10 @@ class Host:
     """A host machine with one VMM process."""
 
     def __init__(self, *, recording: bool = True, hugetlb_pool_pages: int | None = None):
+        self.sched = Scheduler()          # the world's scheduler: active thread, the only resume
         self.journal = Journal(recording=recording)
         self.phys = PhysMem(self.journal)
-        self.mm = Mm(self.phys, self.journal)
+        self.mm = Mm(self.phys, self.journal, sched=self.sched)
         self.drivers: dict[str, Driver] = {}
         self.hugetlb_pool_pages = hugetlb_pool_pages
 

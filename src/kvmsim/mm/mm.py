@@ -18,7 +18,7 @@ from kvmsim.errors import ModelError
 from kvmsim.mm.notifier import MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.page import PG, PfnClass, PhysMem
 from kvmsim.mm.vma import VM, AddressSpace, AnonVma, Pte, Vma, VmaKind
-from kvmsim.sched import Steps, Wait, current_thread, kpath
+from kvmsim.sched import DEFAULT_SCHEDULER, Scheduler, Steps, Wait, kpath
 from kvmsim.trace import Journal
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PMD_SIZE
 
@@ -37,7 +37,8 @@ class MmapLock:
     steps of an uncontended operation are unchanged; a contended one yields :class:`Wait`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, sched: Scheduler = DEFAULT_SCHEDULER) -> None:
+        self.sched = sched                # holders are named by the world's active thread
         self.writer: str | None = None
         self.readers: list[str] = []
 
@@ -45,13 +46,13 @@ class MmapLock:
     def mmap_write_lock(self) -> Steps:
         while self.writer is not None or self.readers:
             yield Wait("mmap_write_lock", lambda: self.writer is None and not self.readers)
-        self.writer = current_thread()
+        self.writer = self.sched.active
 
     @kpath
     def mmap_read_lock(self) -> Steps:
         while self.writer is not None:
             yield Wait("mmap_read_lock", lambda: self.writer is None)
-        self.readers.append(current_thread())
+        self.readers.append(self.sched.active)
 
     def mmap_write_unlock(self) -> None:
         self.writer = None
@@ -64,7 +65,7 @@ class MmapLock:
 class Mm:
     """Model of ``struct mm_struct``: the VMM process's address space."""
 
-    def __init__(self, phys: PhysMem, journal: Journal, name: str = "vmm"):
+    def __init__(self, phys: PhysMem, journal: Journal, name: str = "vmm", sched: Scheduler = DEFAULT_SCHEDULER):
         self.phys = phys
         self.journal = journal
         self.name = name
@@ -75,7 +76,8 @@ class Mm:
         self._next_vma_id = 1
         self.signal_pending = False          # a fatal signal is pending for the VMM thread
         self.mmap_lock_contended = False     # makes the killable mmap lock fail (GUP -EAGAIN)
-        self.mmap_lock = MmapLock()
+        self.sched = sched
+        self.mmap_lock = MmapLock(sched)
 
     # ---- VMA tree ---------------------------------------------------------------------------
     def _insert(self, vma: Vma) -> Vma:
@@ -328,7 +330,7 @@ class Mm:
                 raise ModelError(errno.EINVAL, "MADV_REMOVE needs a shared file mapping")
         if advice not in ("DONTNEED", "REMOVE"):
             raise ModelError(errno.EINVAL, f"madvise advice {advice!r} is not modelled (DONTNEED, REMOVE)")
-        me = current_thread()
+        me = self.sched.active
         yield from self.mmap_lock.mmap_read_lock.steps()
         try:
             parts = list(self._clip(start, length))              # again: the VMAs may have changed
@@ -367,7 +369,7 @@ class Mm:
 
     def fork(self) -> "Mm":
         """``fork()``: private anonymous memory becomes copy-on-write in both processes."""
-        child = Mm(self.phys, self.journal, name=f"{self.name}-child")
+        child = Mm(self.phys, self.journal, name=f"{self.name}-child", sched=self.sched)
         child._next_addr = self._next_addr
         for vma in self.vmas:
             if vma.flags & VM.DONTCOPY:

@@ -3,7 +3,7 @@
 ``OP_ARGS`` is the schema the loader checks a ``[[step]]`` against; ``OPS`` maps an op to a
 generator function ``(env, args) -> Res``.  Ops whose kernel path can race (``fault``, ``munmap``,
 ``writeback`` of one folio, ``pfncache_refresh``, ...) yield at the model's preemption points, so
-an ``interleave`` step can run them against each other with :func:`kvmsim.sched.run_interleaved`;
+an ``interleave`` step can run them against each other with :meth:`kvmsim.sched.Scheduler.run_interleaved`;
 every other op runs to completion in one scheduling step.
 """
 
@@ -351,14 +351,13 @@ def guarded(gen):
 
 
 def op_interleave(env, a):
-    from kvmsim.sched import run_interleaved
     ops = [st.op for st in a["threads"].values()]
     if "vm_destroy" in ops and any(op not in HOST_OPS for op in ops if op != "vm_destroy") or ops.count("vm_destroy") > 1:
         # kvm_destroy_vm() runs when the last reference to the VM goes: never while an ioctl on it runs
         raise ModelError(errno.EINVAL, "vm_destroy cannot run while another thread uses the VM "
                                        "(kvm_destroy_vm() runs after the last VM and vCPU fd is closed)")
     threads = {name: guarded(make_gen(env, st.op, st.args)) for name, st in a["threads"].items()}
-    results = run_interleaved(threads, a["order"])
+    results = env.host.sched.run_interleaved(threads, a["order"])
     parts = [f"{n}:{results[n].result}" for n in a["threads"]]
     err = next((results[n].errno for n in a["threads"] if results[n].errno), 0)
     yield from ()

@@ -15,11 +15,10 @@ from typing import Any
 from kvmsim.errors import KvmsimError, ModelError, errno_name
 from kvmsim.scenarios.ops import Env, Res, guarded, make_gen
 from kvmsim.scenarios.spec import FinalExpect, Scenario, Step
-from kvmsim.sched import drive
 
 #: Counters the compare table shows (when non-zero), in this order.
 KEY_COUNTERS = ("kvm_get", "kvm_put", "kvm_pin", "kvm_unpin", "kvm_set_dirty", "kvm_mark_accessed",
-                "spte_write", "spte_zap", "fault_retry")
+                "spte_write", "spte_zap", "fault_retry", "guest_livelock")
 
 
 @dataclass
@@ -246,7 +245,7 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
         before = journal.snapshot()
         nfacts = len(journal.facts)
         try:
-            res = drive(guarded(make_gen(env, step.op, step.args)))
+            res = host.sched.drive(guarded(make_gen(env, step.op, step.args)))
         except ModelError as e:                                # a KVM_BUG_ON in a scripted interleaving
             res = Res("error", e.errno, value=str(e))
         except Exception as e:                                 # the model itself broke: report, stop  # noqa: BLE001

@@ -31,7 +31,7 @@ DERIVED_COUNTERS = ("kvm_get", "kvm_put", "kvm_pin", "kvm_unpin", "kvm_set_dirty
 #: Fixed-name counters the model's journal keeps (``journal.count(name)``).
 MODEL_COUNTERS = frozenset({
     # stage-2 faults and SPTEs (kvm/stage2.py, x86/, arm64/, riscv/)
-    "page_fault", "fault_retry", "fast_page_fault", "spurious", "mmio", "spte_write", "spte_zap",
+    "page_fault", "fault_retry", "guest_livelock", "fast_page_fault", "spurious", "mmio", "spte_write", "spte_zap",
     "spte_relax_perms", "access_flag_fault", "io_mem_abort", "prefetch", "split", "recover",
     "zap_collapsible", "mmu_zap_all_fast", "range_access_exit", "inv11", "emulated_mmio_fallback",
     "kvm_riscv_vcpu_mmio_store", "kvm_riscv_vcpu_mmio_load", "tlb_flush", "lockdep_warnings", "guest_livelock",

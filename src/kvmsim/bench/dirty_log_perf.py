@@ -33,17 +33,11 @@ import numpy as np
 
 from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass, write_masks
 from kvmsim.errors import KvmsimError, UsageError
-from kvmsim.kvm.dirty import (
-    KVM_DIRTY_LOG_INITIALLY_SET,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    enable_manual_protect,
-    kvm_clear_dirty_log,
-    kvm_get_dirty_log,
-)
+from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
 from kvmsim.kvm.kvm import Kvm
-from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
 from kvmsim.types import PAGE_SHIFT
+from kvmsim.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM
 from kvmsim.x86.dirty_log import gfn_aligned_pieces
 
 #: The cost columns: struct-page operations by kind, then the MMU's own work.

@@ -21,13 +21,13 @@ from typing import Any, Callable
 
 from kvmsim.errors import UsageError
 from kvmsim.kvm.kvm import Kvm
-from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
 from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.reclaim import reclaim, remove_from_cache, truncate_cleanup_folios, writeback_folio
 from kvmsim.mm.vma import VmaKind
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SIZE
+from kvmsim.uapi import KVM_MEM
 
 GPA = 0
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from kvmsim.errors import ModelError
 from kvmsim.mm.notifier import MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent
-from kvmsim.mm.page import PfnClass, PhysMem
+from kvmsim.mm.page import PG, PfnClass, PhysMem
 from kvmsim.mm.vma import VM, AddressSpace, AnonVma, Pte, Vma, VmaKind
 from kvmsim.sched import DEFAULT_SCHEDULER, Scheduler, Steps, Wait, kpath
 from kvmsim.trace import Journal
@@ -25,6 +25,7 @@ from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PMD_SI
 _P, _W, _Y, _D, _S, _SW = (int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY),
                            int(Pte.SPECIAL), int(Pte.SWAP))
 MMAP_BASE = 0x7F00_0000_0000
+_PG_DIRTY = int(PG.dirty)
 
 
 class MmapLock:
@@ -213,7 +214,7 @@ class Mm:
         if vma.mapping is not None and dirty.any():
             # zap_pte_range: a dirty PTE of a file page makes the folio dirty before unmapping
             for pfn in np.unique(pfns[dirty]):
-                self.phys.flags[self.phys.head[pfn]] |= 1          # PG.dirty, folio_mark_dirty()
+                self.phys.flags[self.phys.head[pfn]] |= _PG_DIRTY  # folio_mark_dirty()
         if drop_anon and vma.anon is not None:
             owned = present & (pfns != self.phys.zero_pfn) & ((vma.pte[lo:hi] & _S) == 0)
             if vma.kind == VmaKind.HUGETLB or (vma.pte_level[lo:hi] > 1).any():

@@ -46,8 +46,6 @@ KNOWN_PENDING = {
     "policies/legacy.py",   # seam-core: rc == -4
     "policies/series.py",   # seam-core: rc in (-4, -11)
     "x86/tdp_mmu.py",       # seam-core: vma.pte & 1 (twice)
-    "scenarios/ops.py",     # seam-sched: ModelError(22, ...) x3, {14: ..., 4: ..., 133: ...}.get(-r)
-    "check.py",             # seam-sched: hbits & 1, vma.pte & 1
 }
 
 

@@ -31,7 +31,7 @@ from kvmsim.backend.base import (Access, DirtyGfn, DirtyLogOutcome, Exit, Falloc
                                  GuestMemfdFlags, GuestMemfdOutcome, HostAccess, HostMapping, Madv, MapOutcome,
                                  MappingKind, MemoryRegion, MemoryRegionApi, Outcome, Prot, PvclockOutcome,
                                  PvclockVcpuTimeInfo, VmOptions)
-from kvmsim.errors import ModelError, UsageError
+from kvmsim.errors import BackendError, ModelError, UsageError
 from kvmsim.mm.host import Host
 from kvmsim.policies import DEFAULT_POLICY
 from kvmsim.mm.vma import Pte, VmaKind
@@ -300,6 +300,10 @@ class ModelBackend:
                 raise UsageError("the model keeps one 8-byte value per page: guest accesses at page offset 0 only")
             v = int(np.int64(np.uint64(values[i] & (2**64 - 1)))) if write else None
             r = self.vcpu.access(gpa, write, v)
+            if r.exit is Exit.LIVELOCK:
+                # KVM_RUN would re-enter the guest forever: no exit a VMM could be shown
+                raise BackendError(f"guest {'write' if write else 'read'} at gpa {gpa:#x} livelocks: KVM_RUN "
+                                   f"would never return (every re-entry retries the same stage-2 fault)")
             ex = _EXITS[r.exit]
             val = (values[i] if write else (int(np.uint64(np.int64(r.value))) if r.value is not None else None))
             if ex is Exit.MMIO and not write:

@@ -13,7 +13,7 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
-from kvmsim.errors import ModelError
+from kvmsim.errors import EHWPOISON, ModelError
 from kvmsim.kvm.stage2 import RET_PF
 from kvmsim.scenarios.loader import (
     MAX_BYTES,
@@ -151,7 +151,7 @@ def op_fault(env: Env, a: dict):
     r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"])
     r = int(r)
     if r < 0:
-        return Res({14: "efault", 4: "eintr", 133: "hwpoison"}.get(-r, "error"), -r)
+        return Res({errno.EFAULT: "efault", errno.EINTR: "eintr", EHWPOISON: "hwpoison"}.get(-r, "error"), -r)
     return Res(RET_PF(r).name.lower())
 
 
@@ -159,7 +159,7 @@ def op_store(env: Env, a: dict):
     """A guest store as a steppable path: through the SPTE (fast page fault, hardware D) or a fault."""
     from kvmsim.explore.scenarios import guest_write
     if not hasattr(env.kvm.arch, "_tables"):
-        raise ModelError(22, "store is a steppable guest store for arch = \"generic\"; use write otherwise")
+        raise ModelError(errno.EINVAL, "store is a steppable guest store for arch = \"generic\"; use write otherwise")
     vcpu = env.vcpu(a["vcpu"])
     if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
         yield from _done("guest: no memslot")              # kvm_handle_noslot_fault(): an MMIO exit
@@ -172,7 +172,7 @@ def op_zap(env: Env, a: dict):
     """``kvm_zap_gfn_range()`` of one gfn under mmu_lock, outside the mmu_notifier."""
     from kvmsim.explore.scenarios import kvm_zap_gfn_range
     if not hasattr(env.kvm.arch, "zap_leaf"):
-        raise ModelError(22, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
+        raise ModelError(errno.EINVAL, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
     if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
         yield from _done("kvm_zap_gfn_range: no memslot")  # nothing mapped there, nothing to zap
         return Res("ok")
@@ -254,7 +254,7 @@ def op_vcpu_map(env, a):
 
 def _named(table: dict, name: str, what: str):
     if name not in table:
-        raise ModelError(22, f"no {what} named {name!r}")
+        raise ModelError(errno.EINVAL, f"no {what} named {name!r}")
     return table[name]
 
 

@@ -138,6 +138,18 @@ class RealSide(Side):
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         return probes.page_flag_counts(m.hva, npages)
 
+    def vm_flags(self, m: HostMapping) -> str:
+        cur = None
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and ":" not in head:
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    cur = lo <= m.hva < hi
+                elif cur and line.startswith("VmFlags:"):
+                    return line.split(":", 1)[1].strip()
+        return ""
+
 
 def run_cases(names: list[str] | None = None) -> dict:
     from kvmsim.backend.oracle.cases import CASES
@@ -170,7 +182,8 @@ def run_cases(names: list[str] | None = None) -> dict:
                 side.end()
             except Exception as e:               # noqa: BLE001
                 rec["error"] = rec["error"] or f"close: {e}"
-        rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts} for p in side.phases]
+        rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts, "info": p.info}
+                          for p in side.phases]
         nrec, warns = probes.new_problems(nrec)
         rec["warnings"] = warns
         rec["seconds"] = round(time.monotonic() - tc, 4)

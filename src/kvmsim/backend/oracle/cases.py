@@ -551,6 +551,7 @@ def pfncache_perf_ring(s: Side) -> None:
     s.begin()
     with s.phase("map"):
         m = s.map(MappingKind.PERF_RING, 8 * 4096)
+        s.info("vm_flags", s.vm_flags(m))
         s.note("slot", s.slot(m, size=8 * 4096))
     with s.phase("guest write"):
         s.write(page_gpas(GPA, 1), 5)
@@ -565,6 +566,7 @@ def pfncache_io_uring_ring(s: Side) -> None:
     s.begin()
     with s.phase("map"):
         m = s.map(MappingKind.IO_URING_RING, 4 * 4096)
+        s.info("vm_flags", s.vm_flags(m))
         s.note("slot", s.slot(m))
     with s.phase("kvmclock"):
         s.note("errno", s.b.kvmclock_enable(GPA).errno)

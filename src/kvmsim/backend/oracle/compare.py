@@ -52,7 +52,8 @@ def run_model_case(case: Case, policy: str, release: str | None = None) -> dict:
             side.end()
         except Exception:               # noqa: BLE001
             pass
-    rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts} for p in side.phases]
+    rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts, "info": p.info}
+                      for p in side.phases]
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
 

@@ -269,6 +269,10 @@ class ModelSide(Side):
             kvm.journal.counters["page_fault"] = taken
         return 0
 
+    def vm_flags(self, m: HostMapping) -> str:
+        vma = self.b._maps[m.id][1]
+        return f"{vma.kind.value} {vma.flags!r}"
+
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         from kvmsim.mm.page import PG
         mm, phys = self.b.host.mm, self.b.host.phys

@@ -552,6 +552,8 @@ def pfncache_perf_ring(s: Side) -> None:
     with s.phase("map"):
         m = s.map(MappingKind.PERF_RING, 8 * 4096)
         s.info("vm_flags", s.vm_flags(m))
+        s.require_vm_flag(m, "pf", "the perf ring of this kernel is not VM_PFNMAP (perf_mmap() serves "
+                                   "struct pages from perf_mmap_fault(), so KVM uses GUP, not hva_to_pfn_remapped)")
         s.note("slot", s.slot(m, size=8 * 4096))
     with s.phase("guest write"):
         s.write(page_gpas(GPA, 1), 5)

@@ -75,6 +75,13 @@ class Side:
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         raise NotImplementedError
 
+    def require_vm_flag(self, m: HostMapping, flag: str, why: str) -> None:
+        """Skip the case where the real mapping lacks a smaps VmFlags flag (e.g. ``pf``); the model's
+        mapping kinds have fixed flags, so only the real side checks."""
+        flags = self.vm_flags(m)
+        if flags and flag not in flags.split():
+            raise CaseSkipped(f"{why} (VmFlags: {flags})")
+
     def vm_flags(self, m: HostMapping) -> str:
         """The VMA flags behind ``m`` (smaps ``VmFlags`` on the real side), for the record."""
         return ""

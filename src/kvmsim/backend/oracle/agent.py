@@ -157,6 +157,16 @@ class RealSide(Side):
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         return probes.page_flag_counts(m.hva, npages)
 
+    def idle_after(self, m: HostMapping, npages: int, touch) -> dict | None:
+        if not probes.PageIdle.available():
+            touch()
+            return None
+        pfns = [p for p in probes.pagemap_pfns(m.hva, npages) if p]
+        probes.PageIdle.mark_idle(pfns)
+        before = probes.PageIdle.still_idle(pfns)
+        touch()
+        return {"pages": len(pfns), "idle_before": before, "idle_after": probes.PageIdle.still_idle(pfns)}
+
     def vm_flags(self, m: HostMapping) -> str:
         cur = None
         with open("/proc/self/smaps") as f:

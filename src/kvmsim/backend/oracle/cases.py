@@ -270,6 +270,10 @@ def page_flags_after_write(s: Side) -> None:
     m, gpas = _written(s, MappingKind.ANON_PRIVATE, 64)
     with s.phase("flags"):
         s.note("flags", {k: v for k, v in s.page_flags(m, 64).items() if k in ("present", "pg_dirty")})
+    with s.phase("page_idle, guest reads half"):
+        # recorded only: the model has no page_idle; the kernel ages SPTEs through the notifier
+        # (mm/page_idle.c → folio_referenced() → mmu_notifier_clear_young → kvm_age_gfn)
+        s.info("idle", s.idle_after(m, 64, lambda: s.read(gpas[:32])))
 
 
 # ---- dirty logging --------------------------------------------------------------------------------------

@@ -75,6 +75,12 @@ class Side:
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         raise NotImplementedError
 
+    def idle_after(self, m: HostMapping, npages: int, touch) -> dict | None:
+        """Mark the mapping's pages idle (/sys/kernel/mm/page_idle), run ``touch()``, count the pages
+        still idle; None where page_idle is not available (the model: recorded, not compared)."""
+        touch()
+        return None
+
     def require_vm_flag(self, m: HostMapping, flag: str, why: str) -> None:
         """Skip the case where the real mapping lacks a smaps VmFlags flag (e.g. ``pf``); the model's
         mapping kinds have fixed flags, so only the real side checks."""

@@ -91,7 +91,7 @@ def compare_case(case: Case, model: dict, real: dict | None) -> Row:
         mv, rv = {}, {}
         for key in case.compare:
             m, r = _value(mp, key, False), _value(rp, key, True)
-            if key != "out" and m == 0 and r == 0:
+            if key != "out" and m == 0 and r in (0, ABSENT):
                 continue
             mv[key], rv[key] = m, r
             if m == r or (r == ABSENT and m == 0):

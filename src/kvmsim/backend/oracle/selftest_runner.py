@@ -6,8 +6,8 @@ snapshotted at each phase line the selftest prints.
 Splitting counts per phase from outside the selftest: the runner reads the selftest's stdout (the
 selftests make stdout unbuffered, ``kvm_selftest_init()`` in lib/kvm_util.c: one ``write()`` per
 ``pr_info()``) and runs as ``SCHED_FIFO`` on the guest's single CPU.  A real-time task woken by the
-pipe write preempts the selftest before it returns to user space, so the snapshot is taken before the
-selftest can start the next phase: a phase's counts are exactly what happened between two printed
+pipe write preempts the selftest before it returns to user space (both are pinned to one CPU when the
+guest has more), so the snapshot is taken before the selftest can start the next phase: a phase's counts are exactly what happened between two printed
 lines.  The segment after the last phase line up to the selftest's exit is ``teardown`` (joining
 the vCPU threads and destroying the VM).
 
@@ -89,6 +89,9 @@ def run_one(run: dict, present: dict[str, str]) -> dict:
     for cmd in run.get("setup", []):
         subprocess.run(cmd, shell=True, check=False)
     snaps = [{"line": None, "t": 0.0, "counts": snapshot(present)}]
+    cpus = os.sched_getaffinity(0)
+    if phase_re is not None and len(cpus) > 1:
+        os.sched_setaffinity(0, {min(cpus)})       # the selftest inherits it: one CPU for both
     t0 = time.monotonic()
     proc = subprocess.Popen(run["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -130,6 +133,7 @@ def run_one(run: dict, present: dict[str, str]) -> dict:
         timer.cancel()
         if rt:
             os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+        os.sched_setaffinity(0, cpus)
     snaps.append({"line": None, "t": time.monotonic() - t0, "counts": snapshot(present)})
     return {"name": run["name"], "argv": run["argv"], "returncode": rc, "timed_out": timed_out.is_set(),
             "seconds": time.monotonic() - t0, "output": out, "snapshots": snaps, "realtime": rt}

@@ -436,6 +436,16 @@ def _huge_logging(s: Side, kind, size: int, stride: int, manual: bool) -> None:
 
 
 @case("dirty")
+def logging_thp_first_write(s: Side) -> None:
+    """A dirty-logged slot over THP: faults map 4K only (no huge page while logging), every write logged."""
+    m, gpas = _logged(s, MappingKind.THP_ANON, npages=1024)
+    with s.phase("write"):
+        s.write(gpas[::64], 1)
+    with s.phase("GET"):
+        s.note("log", _bits(s.b.get_dirty_log(1)))
+
+
+@case("dirty")
 def disable_logging_thp(s: Side) -> None:
     """Dirty logging over THP: split to 4K while logging, huge pages recovered after logging stops."""
     _huge_logging(s, MappingKind.THP_ANON, 2 * M2, 512, False)

@@ -35,9 +35,9 @@ class Row:
                 "agree": self.agree, "diffs": [list(d) for d in self.diffs], "note": self.note}
 
 
-def run_model_case(case: Case, policy: str) -> dict:
+def run_model_case(case: Case, policy: str, release: str | None = None) -> dict:
     """One case on a fresh model side: the same record shape the agent writes."""
-    side = ModelSide(policy)
+    side = ModelSide(policy, release)
     rec = {"phases": [], "error": None, "skipped": None, "warnings": []}
     t0 = time.perf_counter()
     try:
@@ -109,6 +109,6 @@ def compare_kernel(real_results: dict, policy: str | None = None, cases: list[Ca
     rows = []
     for case in cases or CASES:
         real = real_results["cases"].get(case.name)
-        model = run_model_case(case, policy) if real is not None and not real.get("skipped") else {}
+        model = run_model_case(case, policy, real_results.get("release")) if real is not None and not real.get("skipped") else {}
         rows.append(compare_case(case, model, real))
     return rows

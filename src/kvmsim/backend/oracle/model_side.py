@@ -139,17 +139,21 @@ CALL_MAPS = {"legacy": legacy_calls, "series": series_calls}
 
 class OracleModelBackend(ModelBackend):
     """``ModelBackend`` in hardware mode with the x86 MMU configured as KVM runs on AMD SVM with NPT:
-    TDP MMU, no PML (dirty logging write-protects), A/D bits, eager page splitting on."""
+    TDP MMU, no PML (dirty logging write-protects), A/D bits, eager page splitting on; for a v6.13
+    kernel also the model's "[6.13-other]" MMU changes (``v613_other``: huge pages recovered in place
+    when logging stops, no TLB flush on aging), which v6.13 has besides the series."""
 
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, v613_other: bool = False):
         super().__init__(policy, "hardware", hugetlb_pages=64)
+        self.v613_other = v613_other
 
     def create_vm(self, options: VmOptions = VmOptions()) -> None:
         from kvmsim.kvm.dirty import enable_dirty_ring, enable_manual_protect
         from kvmsim.kvm.kvm import Kvm
         if self.kvm is not None:
             self.kvm.destroy()
-        self.kvm = Kvm(self.host, policy=self.policy, arch=self.arch, execution=self.execution, pml=False)
+        self.kvm = Kvm(self.host, policy=self.policy, arch=self.arch, execution=self.execution, pml=False,
+                       v613_other=self.v613_other)
         try:
             if options.dirty_ring_entries:
                 enable_dirty_ring(self.kvm, options.dirty_ring_entries * 16)
@@ -168,13 +172,17 @@ class ModelSide(Side):
 
     name = "model"
 
-    def __init__(self, policy: str):
+    def __init__(self, policy: str, release: str | None = None):
+        from kvmsim.backend.oracle.kernels import parse_release
         super().__init__()
         self.policy = policy
         self._calls = CALL_MAPS[policy]
+        if release is None:
+            release = "6.13" if policy == "series" else "6.12"
+        self.v613_other = parse_release(release)[:2] >= (6, 13)
 
     def new_backend(self, options: VmOptions) -> OracleModelBackend:
-        return OracleModelBackend(self.policy)
+        return OracleModelBackend(self.policy, self.v613_other)
 
     def begin(self, options: VmOptions = VmOptions()) -> None:
         self.kprobes = ModelKprobes(self.policy).__enter__()

@@ -80,6 +80,7 @@ class Side:
     # ---- case API ---------------------------------------------------------------------------------
     def begin(self, options: VmOptions = VmOptions()) -> None:
         self.phases = []
+        self._zap_all_pending = False
         self.b = self.new_backend(options)
         self.b.create_vm(options)
         self.settle()
@@ -88,9 +89,11 @@ class Side:
         """Bring the VM to a state where the case's first phase counts only its own work."""
 
     def resettle(self) -> None:
-        """Before each phase: map the boot slot again wherever a zap removed it (a slot delete zaps
-        every SPTE), so that a phase counts the case's memory only, never the guest's own code,
-        page tables and address lists faulting back in (which the model does not execute)."""
+        """Map the boot slot again wherever a zap removed it, so that a phase counts the case's memory
+        only, never the guest's own code, page tables and address lists faulting back in (which the
+        model does not execute).  Called before a phase that follows a memslot delete or move:
+        KVM_X86_QUIRK_SLOT_ZAP_ALL (on by default) makes those zap every SPTE of the VM
+        (arch/x86/kvm/mmu/mmu.c ``kvm_arch_flush_shadow_memslot()`` → ``kvm_mmu_zap_all_fast()``)."""
 
     def end(self) -> None:
         if getattr(self, "b", None) is not None:
@@ -100,7 +103,10 @@ class Side:
     @contextlib.contextmanager
     def phase(self, name: str):
         ph = Phase(name)
-        self.resettle()
+        if self._zap_all_pending:
+            self.resettle()
+            self._zap_all_pending = False
+        slots = {k: r.guest_phys_addr for k, r in self.b.memslots().items()}
         before = self.counts()
         self._cur = ph
         try:
@@ -110,6 +116,8 @@ class Side:
             after = self.counts()
             ph.counts = _delta(after, before)
             self.phases.append(ph)
+            now = {k: r.guest_phys_addr for k, r in self.b.memslots().items()}
+            self._zap_all_pending = any(now.get(k) != g for k, g in slots.items())
 
     def note(self, key: str, value) -> None:
         if self._cur is None:

@@ -60,7 +60,7 @@ def selftests_cmd(kernels, only, as_json) -> None:
         if as_json:
             click.echo(json.dumps({"error": str(e)}))
         else:
-            click.echo(f"kvmsim selftests: {e}", err=True)
+            click.echo(f"kvmsim {'oracle ' if _parent is not cli else ''}selftests: {e}", err=True)
         sys.exit(2)
     if as_json:
         click.echo(json.dumps({"kernels": [r.to_json() for r in results]}, indent=1))

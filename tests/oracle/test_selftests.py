@@ -147,43 +147,38 @@ def test_explain_verdicts():
     assert explain("populate", "kvm_set_pfn_dirty", None, 5, 29)[0] == "DISAGREE"
 
 
+_SLOT0_POPULATE = {"legacy": ("kvm_release_pfn_clean", "kvm_release_page_clean", "get_user_pages_fast_only",
+                               "mark_page_accessed", "folio_mark_accessed"),
+                    "series": ("kvm_release_page_dirty", "get_user_pages_fast_only", "mark_page_accessed",
+                               "folio_mark_accessed")}
+_SLOT0_TEARDOWN = {"legacy": ("kvm_set_pfn_dirty", "kvm_set_pfn_accessed", "mark_page_accessed", "folio_mark_accessed"),
+                   "series": ()}
+
+
 def _fake_real(policy, run, slot0=7, bump=None):
-    """A runner result built from the model's own phases plus ``slot0`` extra faults/leaves (what the
-    selftest's memslot 0 adds), optionally with one count bumped."""
-    from kvmsim.backend.oracle.selftests import PHASE_LINE  # noqa: F401  (the lines below must parse)
+    """A runner result built from the model's own phases plus what a memslot 0 of ``slot0`` pages adds
+    (a fault, a release and an accessed mark each; zapped with the VM), optionally one count bumped."""
     from kvmsim.bench.report import phase_label
-    cum = {}
-    snaps = [{"line": None, "counts": {}}]
-    pages = 0
+    cum = {"stat.pf_taken": 0, "stat.pf_fixed": 0, "stat.pf_fast": 0}
+    snaps = [{"line": None, "counts": dict(cum, **{"stat.pages_4k": 0, "stat.pages_2m": 0, "stat.pages_1g": 0})}]
     for p in run.phases:
-        calls = model_calls(policy, p.counters)
-        c = {k: v for k, v in calls.items() if v is not None}
-        if p.name == "populate":
-            for k in ("kvm_release_pfn_clean", "kvm_release_page_clean", "get_user_pages_fast_only",
-                      "mark_page_accessed", "folio_mark_accessed") if policy == "legacy" else \
-                    ("kvm_release_page_dirty", "get_user_pages_fast_only", "mark_page_accessed", "folio_mark_accessed"):
-                c[k] += slot0
-        if p.name == "teardown" and policy == "legacy":
-            for k in ("kvm_set_pfn_dirty", "kvm_set_pfn_accessed", "mark_page_accessed", "folio_mark_accessed"):
-                c[k] += slot0
+        c = {k: v for k, v in model_calls(policy, p.counters).items() if v is not None}
+        extra = {"populate": _SLOT0_POPULATE, "teardown": _SLOT0_TEARDOWN}.get(p.name, {}).get(policy, ())
+        for k in extra:
+            c[k] += slot0
         if bump and bump[0] == (p.name, p.iteration):
             c[bump[1]] += 1
         for k, v in c.items():
             cum[k] = cum.get(k, 0) + v
-        counts = dict(cum)
-        if p.name != "teardown":
-            pf = p.counters.get("page_fault", 0) + (slot0 if p.name == "populate" else 0)
-            cum["stat.pf_taken"] = cum.get("stat.pf_taken", 0) + pf
-            cum["stat.pf_fixed"] = cum["stat.pf_taken"]
-            cum["stat.pf_fast"] = cum.get("stat.pf_fast", 0) + p.counters.get("fast_page_fault", 0)
-            pages = p.stats["pages_4k"] + slot0
-            counts = dict(cum, **{"stat.pages_4k": pages, "stat.pages_2m": p.stats["pages_2m"],
-                                  "stat.pages_1g": p.stats["pages_1g"]})
-            snaps.append({"line": f"{phase_label(p.name, p.iteration)} time: 0.1s", "counts": counts})
-        else:
-            snaps.append({"line": None, "counts": {k: v for k, v in counts.items() if not k.startswith("stat.")}})
-    for s in snaps:
-        s["counts"] = {k: v for k, v in s["counts"].items()}
+        if p.name == "teardown":
+            snaps.append({"line": None, "counts": {k: v for k, v in cum.items() if not k.startswith("stat.")}})
+            continue
+        cum["stat.pf_taken"] += p.counters.get("page_fault", 0) + (slot0 if p.name == "populate" else 0)
+        cum["stat.pf_fixed"] = cum["stat.pf_taken"]
+        cum["stat.pf_fast"] += p.counters.get("fast_page_fault", 0)
+        gauges = {"stat.pages_4k": p.stats["pages_4k"] + slot0, "stat.pages_2m": p.stats["pages_2m"],
+                  "stat.pages_1g": p.stats["pages_1g"]}
+        snaps.append({"line": f"{phase_label(p.name, p.iteration)} time: 0.1s", "counts": dict(cum, **gauges)})
     return {"returncode": 0, "snapshots": snaps, "output": []}
 
 

@@ -12,7 +12,7 @@ lines.  The segment after the last phase line up to the selftest's exit is ``tea
 the vCPU threads and destroying the VM).
 
 Usage (inside the guest): ``python -m kvmsim.backend.oracle.selftest_runner SPEC.json OUT.json``;
-SPEC is ``{"probes": [fn, ...], "runs": [{"name", "argv", "phase_re", "timeout", "setup"}]}``.
+SPEC is ``{"probes": [fn, ...], "runs": [{"name", "argv", "phase_re", "timeout", "setup", "drop_caps"}]}``.
 Standard library only: it runs with whatever Python the host root has.
 """
 
@@ -41,6 +41,20 @@ def _write(path: str, text: str, append: bool = False) -> None:
         os.write(fd, text.encode())
     finally:
         os.close(fd)
+
+
+CAPS = {"CAP_SYS_BOOT": 22}           # include/uapi/linux/capability.h
+PR_CAPBSET_DROP = 24
+
+
+def _drop_caps(caps) -> None:
+    """In the child before exec: drop ``caps`` from the bounding set, so root's exec does not get them
+    (kernel/capability.c: a root exec's permitted set is the bounding set)."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    for c in caps:
+        if libc.prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), f"prctl(PR_CAPBSET_DROP, {c})")
 
 
 def setup_probes(functions) -> tuple[dict[str, str], dict[str, str]]:
@@ -93,8 +107,9 @@ def run_one(run: dict, present: dict[str, str]) -> dict:
     if phase_re is not None and len(cpus) > 1:
         os.sched_setaffinity(0, {min(cpus)})       # the selftest inherits it: one CPU for both
     t0 = time.monotonic()
+    drop = [CAPS[c] for c in run.get("drop_caps", [])]
     proc = subprocess.Popen(run["argv"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=(lambda: _drop_caps(drop)) if drop else None)
     timed_out = threading.Event()
 
     def _expire() -> None:

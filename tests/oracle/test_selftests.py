@@ -102,7 +102,7 @@ def test_runner_kills_at_the_timeout(tmp_path):
 
 def test_the_set_covers_the_shipped_binaries():
     names = {t.binary for t in SELFTESTS}
-    assert {"dirty_log_perf_test", "dirty_log_test", "dirty_log_page_splitting_test", "access_tracking_perf_test",
+    assert {"dirty_log_perf_test", "dirty_log_test -M dirty-ring", "dirty_log_page_splitting_test", "access_tracking_perf_test",
             "max_guest_memory_test", "memslot_perf_test", "memslot_modification_stress_test", "demand_paging_test",
             "kvm_page_table_test", "nx_huge_pages_test", "set_memory_region_test", "guest_memfd_test",
             "pre_fault_memory_test"} <= names
@@ -208,7 +208,7 @@ def test_bench_oracle_rejects_what_the_selftest_cannot_do():
 
 # ---- boots: one per kernel for the module --------------------------------------------------------------
 
-BOOT_TESTS = ("dirty_log_perf_test", "dirty_log_page_splitting_test", "set_memory_region_test",
+BOOT_TESTS = ("dirty_log_test -M dirty-ring", "dirty_log_page_splitting_test", "set_memory_region_test",
               "pre_fault_memory_test", "guest_memfd_test")
 BENCH_RUNS = (("anonymous", 16 << 20, 2), ("anonymous_hugetlb_2mb", 16 << 20, 2))
 
@@ -238,21 +238,24 @@ def booted():
     from kvmsim.backend.oracle.kernels import find_kernels
     from kvmsim.backend.oracle.selftests import classify, run_batch, selftest_dir_for
     from kvmsim.bench.oracle import PROBES, real_runs
-    out = {}
-    for k in find_kernels():
-        if k.release not in ("6.12.0", "6.13.7"):
-            continue
+
+    def one(k):
         d, _ = selftest_dir_for(k)
         if d is None:
-            continue
-        tests = [t for t in SELFTESTS if t.name in BOOT_TESTS and t.name != "dirty_log_perf_test"]
+            return None
+        tests = [t for t in SELFTESTS if t.name in BOOT_TESTS]
         specs = real_runs(d, BENCH_RUNS) + [t.runner_spec(d) for t in tests]
         result, _ = run_batch(k, specs, PROBES, config=BootConfig(timeout=400, hugepages_2m=64, hugepages_1g=0))
         by = {r["name"]: r for r in result["runs"]}
         bench = [compare(k.policy, b, s, i, by[b], result["absent"]) for b, s, i in BENCH_RUNS]
         outcomes = {t.name: classify(t.name, by[t.name]["returncode"], by[t.name]["output"],
                                      by[t.name]["timed_out"]) for t in tests}
-        out[k.release] = (k.policy, bench, outcomes, result)
+        return k.release, (k.policy, bench, outcomes, result)
+
+    from concurrent.futures import ThreadPoolExecutor
+    kernels = [k for k in find_kernels() if k.release in ("6.12.0", "6.13.7")]
+    with ThreadPoolExecutor(2) as pool:                    # the two boots side by side
+        out = dict(r for r in pool.map(one, kernels) if r)
     if not out:
         pytest.skip("no selftest builds beside the 6.12.0/6.13.7 kernels")
     return out
@@ -286,7 +289,7 @@ def test_huge_pages_come_back_only_in_613(booted):
         assert rows[("disable", None, "pages_2m")].real == (0 if policy == "legacy" else 8)
 
 
-@pytest.mark.parametrize("name", [n for n in BOOT_TESTS if n != "dirty_log_perf_test"])
+@pytest.mark.parametrize("name", BOOT_TESTS)
 def test_selftest_assertions_hold(booted, name):
     for release, (_, _, outcomes, _) in booted.items():
         o = outcomes[name]

@@ -182,6 +182,17 @@ def _fake_real(policy, run, slot0=7, bump=None):
     return {"returncode": 0, "snapshots": snaps, "output": []}
 
 
+def test_g_flow_has_no_clear_phase_and_write_protects_at_enable():
+    """-g (no manual protect): enabling logging write-protects every SPTE, so the first dirty pass
+    faults; GET_DIRTY_LOG write-protects again (legacy marks dirty there)."""
+    run = model_phases("legacy", "anonymous", 4 << 20, 2, manual_protect=False)
+    names = [(p.name, p.iteration) for p in run.phases]
+    assert ("clear", 1) not in names and ("get", 1) in names
+    by = {(p.name, p.iteration): p for p in run.phases}
+    assert by[("dirty", 1)].counters.get("page_fault", 0) == 1024
+    assert model_calls("legacy", by[("get", 2)].counters)["kvm_set_pfn_dirty"] == 1024
+
+
 @pytest.mark.parametrize("policy", ["legacy", "series"])
 def test_compare_agrees_with_itself_and_catches_one_call(policy, model_runs):
     run = model_runs[policy]

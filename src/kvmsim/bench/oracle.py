@@ -106,6 +106,7 @@ class BackingResult:
     vcpu_memory: int
     iterations: int
     rows: list[Row] = field(default_factory=list)
+    manual_protect: bool = True         # not -g: MANUAL_PROTECT_ENABLE | INITIALLY_SET
     returncode: int | None = None
     seconds: float | None = None
     error: str = ""
@@ -161,36 +162,38 @@ def explain(phase: str, counter: str, model: int | None, real: int | None, slot0
     return "DISAGREE", f"real - model = {diff:+,}"
 
 
-def real_runs(selftest_dir, runs) -> list[dict]:
-    """Runner specs for ``dirty_log_perf_test -b SIZE -i N -s BACKING``, phase lines split."""
+def real_runs(selftest_dir, runs, manual_protect: bool = True) -> list[dict]:
+    """Runner specs for ``dirty_log_perf_test -b SIZE -i N -s BACKING [-g]``, phase lines split."""
     from kvmsim.backend.oracle.selftests import PHASE_LINE
     from kvmsim.bench.report import size_name
     return [{"name": backing, "argv": [f"{selftest_dir}/dirty_log_perf_test", "-b", size_name(size), "-i", str(it),
-                                       "-s", backing],
+                                       "-s", backing, *(() if manual_protect else ("-g",))],
              "phase_re": PHASE_LINE.pattern, "timeout": 300 if size >= 1 << 30 else 120}
             for backing, size, it in runs]
 
 
-def model_phases(policy: str, backing: str, size: int, iterations: int):
+def model_phases(policy: str, backing: str, size: int, iterations: int, manual_protect: bool = True):
     """The model's run of the same flow: AMD SVM (no PML), v6.13's other MMU changes for the series,
     the VM's destruction as ``teardown``, leaf counts per phase."""
     from kvmsim.bench.dirty_log_perf import Options, run_model
     opts = Options(vcpu_memory=size, iterations=iterations, backing=backing, pml=False, teardown=True,
-                   phase_stats=True, v613_other=policy == "series")
+                   phase_stats=True, v613_other=policy == "series", manual_protect=manual_protect)
     return run_model(opts, policy)
 
 
-def compare(policy: str, backing: str, size: int, iterations: int, real: dict, absent: dict) -> BackingResult:
+def compare(policy: str, backing: str, size: int, iterations: int, real: dict, absent: dict,
+            manual_protect: bool = True) -> BackingResult:
     """One backing: the model's phases against the real run's (the runner's JSON for that selftest)."""
     from kvmsim.backend.oracle.selftests import split_phases
-    res = BackingResult(backing, size, iterations, returncode=real.get("returncode"), seconds=real.get("seconds"))
+    res = BackingResult(backing, size, iterations, returncode=real.get("returncode"), seconds=real.get("seconds"),
+                        manual_protect=manual_protect)
     if real.get("timed_out") or real.get("returncode") != 0:
         tail = "\n".join(real.get("output", [])[-15:])
         res.error = f"dirty_log_perf_test exited {real.get('returncode')}" + \
             (" (timed out)" if real.get("timed_out") else "") + f":\n{tail}"
         return res
     reals = {(p.name, p.iteration): p for p in split_phases(real["snapshots"], absent)}
-    model = model_phases(policy, backing, size, iterations)
+    model = model_phases(policy, backing, size, iterations, manual_protect)
     leaves0 = 0                        # slot 0's leaves in the real VM at the end of the last phase
     for mp in model.phases:
         rp = reals.get((mp.name, mp.iteration))
@@ -252,7 +255,7 @@ class KernelBench:
         return d
 
 
-def run_oracle_bench(kernel, runs=DEFAULT_RUNS, *, config=None) -> KernelBench:
+def run_oracle_bench(kernel, runs=DEFAULT_RUNS, *, manual_protect: bool = True, config=None) -> KernelBench:
     """One boot of ``kernel`` running dirty_log_perf_test once per backing, then the model's runs."""
     from kvmsim.backend.oracle.boot import BootConfig, OracleError
     from kvmsim.backend.oracle.selftests import run_batch, selftest_dir_for
@@ -261,7 +264,7 @@ def run_oracle_bench(kernel, runs=DEFAULT_RUNS, *, config=None) -> KernelBench:
     if d is None:
         out.error = note
         return out
-    specs = real_runs(d, runs)
+    specs = real_runs(d, runs, manual_protect)
     cfg = config or BootConfig(timeout=sum(s["timeout"] for s in specs) + 120)
     try:
         result, res = run_batch(kernel, specs, PROBES, config=cfg)
@@ -275,7 +278,7 @@ def run_oracle_bench(kernel, runs=DEFAULT_RUNS, *, config=None) -> KernelBench:
         if real is None:
             out.backings.append(BackingResult(backing, size, it, error="not run"))
             continue
-        out.backings.append(compare(kernel.policy, backing, size, it, real, out.absent))
+        out.backings.append(compare(kernel.policy, backing, size, it, real, out.absent, manual_protect))
     return out
 
 
@@ -313,7 +316,7 @@ def backing_table(kb: KernelBench, b: BackingResult):
 
     from kvmsim.bench.report import short_label, size_name
     cols = _COLUMNS[kb.policy]
-    t = Table(title=f"{kb.release} ({kb.policy}), -s {b.backing} -b {size_name(b.vcpu_memory)} -i {b.iterations}: "
+    t = Table(title=f"{kb.release} ({kb.policy}), -s {b.backing} -b {size_name(b.vcpu_memory)} -i {b.iterations}{'' if b.manual_protect else ' -g'}: "
                     f"model vs real dirty_log_perf_test", title_justify="left", pad_edge=False, padding=(0, 1))
     t.add_column("phase", no_wrap=True)
     for c in cols:
@@ -345,7 +348,7 @@ def notes(b: BackingResult) -> list[str]:
     return out
 
 
-_UNSUPPORTED = {"vcpus": "-v", "write_percent": "-w", "slots": "-x", "no_manual_protect": "-g",
+_UNSUPPORTED = {"vcpus": "-v", "write_percent": "-w", "slots": "-x",
                 "run_while_disabling": "-e", "plot_path": "--plot", "v613_other": "--v613-other",
                 "policy": "--policy (the kernel decides: legacy before v6.13)", "seed": "-r"}
 
@@ -363,7 +366,7 @@ def oracle_runs(ctx) -> tuple:
     bad = [flag for name, flag in _UNSUPPORTED.items() if given(name)]
     if bad:
         raise UsageError(f"{', '.join(bad)}: not supported with --backend oracle (the real selftest runs "
-                         f"one vCPU, one memslot, 100% writes, manual protect)")
+                         f"one vCPU, one memslot, 100% writes)")
     p = ctx.params
     sizes = p["vcpu_memory"]
     if given("vcpu_memory") and len(sizes) != 1:
@@ -407,7 +410,7 @@ def oracle_main(ctx, kernels=(), as_json: bool = False) -> int:
         for k in found:
             console.print(f"booting {k.path.name} ({k.release}, {k.policy}): dirty_log_perf_test on "
                           f"{', '.join(b for b, _, _ in runs)} ...", highlight=False)
-            results.append(run_oracle_bench(k, runs))
+            results.append(run_oracle_bench(k, runs, manual_protect=not ctx.params["no_manual_protect"]))
     except KvmsimError as e:
         if as_json:
             click.echo(json.dumps({"error": str(e)}))

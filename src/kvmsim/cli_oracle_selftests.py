@@ -20,7 +20,7 @@ except ImportError:
 _group = cli.commands.get("oracle")
 _parent = _group if isinstance(_group, click.Group) else cli
 
-_STYLE = {"pass": "green", "skip": "yellow", "fail": "red", "timeout": "red", "missing": "yellow"}
+_STYLE = {"pass": "green", "skip": "yellow", "fail": "red", "timeout": "red", "missing": "yellow", "not run": "red"}
 
 
 @_parent.command("selftests")
@@ -76,8 +76,8 @@ def selftests_cmd(kernels, only, as_json) -> None:
                 console.print(f"[red]{r.release}: {r.error}[/red]")
             if r.note:
                 console.print(f"note: {r.note}", highlight=False)
-            if r.boot_seconds is not None:
-                console.print(f"{r.release}: one boot, {r.boot_seconds:.1f} s wall, guest uptime "
-                              f"{r.uptime or 0:.1f} s", highlight=False)
-    bad = any(r.error or any(o.outcome in ("fail", "timeout") for o in r.outcomes) for r in results)
+            for b in r.boots:
+                console.print(f"{r.release}: {b['cpus']}-CPU boot, {b['seconds']:.1f} s wall, guest uptime "
+                              f"{b['uptime'] or 0:.1f} s ({len(b['selftests'])} selftests)", highlight=False)
+    bad = any(r.error or any(o.outcome in ("fail", "timeout", "not run") for o in r.outcomes) for r in results)
     sys.exit(1 if bad else 0)

@@ -154,10 +154,31 @@ def run_one(run: dict, present: dict[str, str]) -> dict:
             "seconds": time.monotonic() - t0, "output": out, "snapshots": snaps, "realtime": rt}
 
 
+KVM_CREATE_VM, KVM_CREATE_IRQCHIP, KVM_CREATE_VCPU = 0xAE01, 0xAE60, 0xAE41   # include/uapi/linux/kvm.h
+
+
+def hold_vm() -> list[int]:
+    """Create a VM with an in-kernel irqchip and one vCPU and keep it for the whole boot.
+
+    KVM flips static keys whose count goes 0 <-> 1 as VMs and vCPUs come and go (``preempt_notifier_inc()``
+    in kvm_create_vm(), the lapic's ``apic_sw_disabled``/``apic_hw_disabled``), and every flip patches
+    kernel text (``text_poke_bp()``: an int3, then the new instruction).  Under TCG with two vCPUs a CPU
+    can run the stale int3 after the patch is done ("Oops: int3" in ``__schedule()`` /
+    ``finish_task_switch()``, seen in 2 of 3 two-CPU boots); with this VM held the counts never
+    return to 0 and the selftests' own VMs patch nothing."""
+    import fcntl
+    kvm = os.open("/dev/kvm", os.O_RDWR)
+    vm = fcntl.ioctl(kvm, KVM_CREATE_VM, 0)
+    fcntl.ioctl(vm, KVM_CREATE_IRQCHIP, 0)
+    vcpu = fcntl.ioctl(vm, KVM_CREATE_VCPU, 0)
+    return [kvm, vm, vcpu]
+
+
 def main(argv: list[str]) -> int:
     spec_path, out_path = argv[1], argv[2]
     with open(spec_path) as f:
         spec = json.load(f)
+    held = hold_vm() if spec.get("hold_vm") else []     # noqa: F841 (kept open until exit)
     present, absent = setup_probes(spec.get("probes", []))
     with open("/proc/sys/kernel/osrelease") as f:
         release = f.read().strip()

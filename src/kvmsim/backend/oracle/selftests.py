@@ -114,7 +114,7 @@ def selftest_dir_for(kernel: OracleKernel) -> tuple[Path | None, str]:
 
 def run_batch(kernel: OracleKernel, runs: list[dict], probes: tuple[str, ...] = (), *,
               config: BootConfig | None = None, results_dir: str | Path | None = None,
-              python: str | None = None) -> tuple[dict, BootResult]:
+              python: str | None = None, hold_vm: bool = False) -> tuple[dict, BootResult]:
     """Boot ``kernel`` once and run ``runs`` (runner specs: name, argv, phase_re, timeout, setup) with
     ``probes`` counted; returns the runner's result JSON and the boot result.
 
@@ -124,7 +124,7 @@ def run_batch(kernel: OracleKernel, runs: list[dict], probes: tuple[str, ...] = 
     out = Path(tempfile.mkdtemp(prefix="kvmsim-selftests-")) if own_tmp else Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        (out / "spec.json").write_text(json.dumps({"probes": list(probes), "runs": runs}))
+        (out / "spec.json").write_text(json.dumps({"probes": list(probes), "runs": runs, "hold_vm": hold_vm}))
         (out / "result.json").unlink(missing_ok=True)
         py = python or sys.executable
         cmd = f"{py} -S {RUNNER} $OUT/spec.json $OUT/result.json"
@@ -159,6 +159,7 @@ class Selftest:
     timeout: float = 120.0
     phased: bool = False
     drop_caps: tuple[str, ...] = ()
+    cpus: int = 1                      # guest CPUs the selftest needs (one boot per distinct count)
 
     def runner_spec(self, directory: Path) -> dict:
         spec = {"name": self.name, "argv": [str(directory / self.binary), *self.args],
@@ -183,9 +184,10 @@ SELFTESTS: tuple[Selftest, ...] = (
              "pages_4k/2m after enabling logging (eager split), after disabling (huge pages back)"),
     Selftest("access_tracking_perf_test", "access_tracking_perf_test", ("-b", "16M"),
              "page_idle: guest accesses clear the idle bit through the mmu notifier's young checks"),
+    # calc_default_nr_vcpus() runs before the options: 3/4 of one CPU is no vCPU ("Uh, no CPUs?")
     Selftest("max_guest_memory_test", "max_guest_memory_test", ("-c", "1", "-m", "1", "-s", "1"),
              "a 1 GiB memslot faulted twice, slots deleted and memory unmapped while vCPUs hold SPTEs",
-             timeout=300),
+             timeout=300, cpus=2),
     Selftest("memslot_modification_stress_test", "memslot_modification_stress_test",
              ("-b", "16M", "-i", "5"), "memslots added and deleted while vCPUs fault"),
     # one test of six (-f 3 -e 3): each takes ~17 s under TCG, and the RW test (5) dies on its own alarm
@@ -270,47 +272,50 @@ class KernelSelftests:
     uptime: float | None = None
     note: str = ""
     error: str = ""
-    runner: dict = field(default_factory=dict, repr=False)
+    boots: list[dict] = field(default_factory=list)
 
     def to_json(self) -> dict:
         from dataclasses import asdict
-        d = asdict(self)
-        d.pop("runner")
-        return d
+        return asdict(self)
 
 
 def run_selftests(kernel: OracleKernel, tests: tuple[Selftest, ...] = SELFTESTS, *,
                   config: BootConfig | None = None) -> KernelSelftests:
-    """Boot ``kernel`` once and run ``tests`` from its own selftest build.  Two guest CPUs:
-    max_guest_memory_test sizes its vCPUs from the CPU count (``calc_default_nr_vcpus()``: 3/4 of
-    one CPU is none); phase splitting pins the runner and a phased selftest to CPU 0."""
+    """Boot ``kernel`` once per guest CPU count the ``tests`` need (one CPU for all but
+    max_guest_memory_test) and run them from the kernel's own selftest build.  A two-CPU boot holds a
+    VM open for its whole run (selftest_runner.hold_vm: TCG and kernel text patching)."""
     d, note = selftest_dir_for(kernel)
     out = KernelSelftests(kernel.release, kernel.policy, str(d) if d else None, note=note)
     if d is None:
         out.error = note
         return out
-    runs, missing = [], []
-    for t in tests:
-        if (d / t.binary).is_file():
-            runs.append(t.runner_spec(d))
-        else:
-            missing.append(t)
-    timeout = sum(t.timeout for t in tests) + 120
-    cfg = config or BootConfig(timeout=timeout, cpus=2, hugepages_2m=64, hugepages_1g=0)
-    try:
-        result, res = run_batch(kernel, runs, config=cfg)
-    except OracleError as e:
-        out.error = str(e)
-        return out
-    out.boot_seconds, out.uptime, out.runner = res.seconds, res.uptime, result
-    by_name = {r["name"]: r for r in result["runs"]}
+    by_name: dict[str, dict] = {}
+    out.boot_seconds = out.uptime = 0.0
+    for cpus in sorted({t.cpus for t in tests}):
+        group = [t for t in tests if t.cpus == cpus and (d / t.binary).is_file()]
+        if not group:
+            continue
+        cfg = config or BootConfig(timeout=sum(t.timeout for t in group) + 120, cpus=cpus, hugepages_2m=64,
+                                   hugepages_1g=0)
+        try:
+            result, res = run_batch(kernel, [t.runner_spec(d) for t in group], config=cfg, hold_vm=cpus > 1)
+        except OracleError as e:
+            out.error += (f"{cpus}-CPU boot: " if len({t.cpus for t in tests}) > 1 else "") + str(e) + "\n"
+            continue
+        out.boot_seconds += res.seconds
+        out.uptime += res.uptime or 0.0
+        out.boots.append({"cpus": cpus, "seconds": res.seconds, "uptime": res.uptime,
+                          "selftests": [t.name for t in group]})
+        by_name.update({r["name"]: r for r in result["runs"]})
     for t in tests:
         r = by_name.get(t.name)
         if r is None:
-            out.outcomes.append(SelftestOutcome(t.name, "missing", None, 0.0,
-                                                f"no {t.binary} in {d}" if t in missing else "not run"))
+            missing = not (d / t.binary).is_file()
+            out.outcomes.append(SelftestOutcome(t.name, "missing" if missing else "not run", None, 0.0,
+                                                f"no {t.binary} in {d}" if missing else "its boot failed"))
             continue
         o = classify(t.name, r["returncode"], r["output"], r.get("timed_out", False), r.get("seconds", 0.0))
         o.tail = r["output"][-25:]
         out.outcomes.append(o)
+    out.error = out.error.strip()
     return out

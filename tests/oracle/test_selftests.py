@@ -312,7 +312,7 @@ def test_selftest_assertions_hold(booted, name):
             assert o.outcome == "pass", (release, name, o.detail)
 
 
-def test_no_console_noise_from_the_runner(booted):
+def test_runner_ran_realtime_for_phase_splitting(booted):
     for release, (_, _, _, result) in booted.items():
         assert all(r["realtime"] for r in result["runs"] if r.get("snapshots") and len(r["snapshots"]) > 2), \
             f"{release}: the runner could not take SCHED_FIFO, phases may be misattributed"

@@ -85,6 +85,7 @@ def run_cmd(kernels: tuple[str, ...], as_json: bool, save: str | None, recorded:
                    "pass --kernel IMAGE or set KVMSIM_ORACLE_KERNELS", err=True)
         sys.exit(2)
     console = Console(stderr=as_json)
+    console.width = max(console.width, 160)
     runs, failed = [], []
     for k in found:
         rec = None

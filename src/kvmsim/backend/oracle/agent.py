@@ -16,6 +16,7 @@ import ctypes
 import errno
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -96,11 +97,29 @@ class RealSide(Side):
         err = self.pre_fault(0, int(BOOT_GPA_END))
         if err:
             raise CaseSkipped(f"KVM_PRE_FAULT_MEMORY of the boot slot failed: errno {err}")
+        self._touch_boot()
+
+    def _touch_boot(self) -> None:
+        """A guest read of every boot page: pre-faulted SPTEs are made without the Accessed bit
+        (prefetch), the model's read faults set it; after this every boot SPTE is accessed on both
+        sides, so a zap-all marks the same pages (legacy ``kvm_set_pfn_accessed``)."""
+        vm = self.b.vm
+        out: list = []
+        done, detail = vm._run_chunk(list(range(0, int(BOOT_GPA_END), 4096)), None, out)
+        if not done:
+            raise CaseSkipped(f"reading the boot slot from the guest failed: {detail}")
 
     def resettle(self) -> None:
+        """One guest entry first: after kvm_mmu_zap_all_fast() the vCPU's root is obsolete, and
+        KVM_PRE_FAULT_MEMORY on v6.12/v6.13 only retries against it (kvm_tdp_map_page() loops on
+        RET_PF_RETRY from is_page_fault_stale(); kvm_mmu_reload() does not free obsolete roots):
+        KVM_RUN processes KVM_REQ_MMU_FREE_OBSOLETE_ROOTS and loads a new root."""
+        vm = self.b.vm
+        vm.vcpu.run_program(vm.entries["hlt"], 0)
         err = self.pre_fault(0, int(BOOT_GPA_END))
         if err:
             raise CaseSkipped(f"KVM_PRE_FAULT_MEMORY of the boot slot failed: errno {err}")
+        self._touch_boot()
 
     def counts(self) -> dict:
         out = dict(probes.pick_stats(self.b.stats()))
@@ -138,6 +157,39 @@ class RealSide(Side):
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         return probes.page_flag_counts(m.hva, npages)
 
+    def idle_after(self, m: HostMapping, npages: int, touch) -> dict | None:
+        if not probes.PageIdle.available():
+            touch()
+            return None
+        pfns = [p for p in probes.pagemap_pfns(m.hva, npages) if p]
+        probes.PageIdle.mark_idle(pfns)
+        before = probes.PageIdle.still_idle(pfns)
+        touch()
+        return {"pages": len(pfns), "idle_before": before, "idle_after": probes.PageIdle.still_idle(pfns)}
+
+    def vm_flags(self, m: HostMapping) -> str:
+        cur = None
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()[0]
+                if "-" in head and ":" not in head:
+                    lo, hi = (int(x, 16) for x in head.split("-"))
+                    cur = lo <= m.hva < hi
+                elif cur and line.startswith("VmFlags:"):
+                    return line.split(":", 1)[1].strip()
+        return ""
+
+
+CASE_TIMEOUT = 240          # seconds of guest time per case before the agent gives up on it
+
+
+class CaseTimeout(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout(f"the case did not finish within {CASE_TIMEOUT} s")
+
 
 def run_cases(names: list[str] | None = None) -> dict:
     from kvmsim.backend.oracle.cases import CASES
@@ -157,7 +209,10 @@ def run_cases(names: list[str] | None = None) -> dict:
         if names and case.name not in names:
             continue
         tc = time.monotonic()
+        print(f"agent: {case.name}", flush=True)             # progress, in $OUT/cmd.log
         rec = {"phases": [], "error": None, "skipped": None, "warnings": []}
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(CASE_TIMEOUT)
         try:
             case.fn(side)
         except CaseSkipped as e:
@@ -166,11 +221,13 @@ def run_cases(names: list[str] | None = None) -> dict:
             rec["error"] = f"{type(e).__name__}: {e}"
             rec["traceback"] = traceback.format_exc()
         finally:
+            signal.alarm(0)
             try:
                 side.end()
             except Exception as e:               # noqa: BLE001
                 rec["error"] = rec["error"] or f"close: {e}"
-        rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts} for p in side.phases]
+        rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts, "info": p.info}
+                          for p in side.phases]
         nrec, warns = probes.new_problems(nrec)
         rec["warnings"] = warns
         rec["seconds"] = round(time.monotonic() - tc, 4)

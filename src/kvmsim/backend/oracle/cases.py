@@ -270,6 +270,10 @@ def page_flags_after_write(s: Side) -> None:
     m, gpas = _written(s, MappingKind.ANON_PRIVATE, 64)
     with s.phase("flags"):
         s.note("flags", {k: v for k, v in s.page_flags(m, 64).items() if k in ("present", "pg_dirty")})
+    with s.phase("page_idle, guest reads half"):
+        # recorded only: the model has no page_idle; the kernel ages SPTEs through the notifier
+        # (mm/page_idle.c → folio_referenced() → mmu_notifier_clear_young → kvm_age_gfn)
+        s.info("idle", s.idle_after(m, 64, lambda: s.read(gpas[:32])))
 
 
 # ---- dirty logging --------------------------------------------------------------------------------------
@@ -551,6 +555,9 @@ def pfncache_perf_ring(s: Side) -> None:
     s.begin()
     with s.phase("map"):
         m = s.map(MappingKind.PERF_RING, 8 * 4096)
+        s.info("vm_flags", s.vm_flags(m))
+        s.require_vm_flag(m, "pf", "the perf ring of this kernel is not VM_PFNMAP (perf_mmap() serves "
+                                   "struct pages from perf_mmap_fault(), so KVM uses GUP, not hva_to_pfn_remapped)")
         s.note("slot", s.slot(m, size=8 * 4096))
     with s.phase("guest write"):
         s.write(page_gpas(GPA, 1), 5)
@@ -565,6 +572,7 @@ def pfncache_io_uring_ring(s: Side) -> None:
     s.begin()
     with s.phase("map"):
         m = s.map(MappingKind.IO_URING_RING, 4 * 4096)
+        s.info("vm_flags", s.vm_flags(m))
         s.note("slot", s.slot(m))
     with s.phase("kvmclock"):
         s.note("errno", s.b.kvmclock_enable(GPA).errno)

@@ -52,7 +52,8 @@ def run_model_case(case: Case, policy: str, release: str | None = None) -> dict:
             side.end()
         except Exception:               # noqa: BLE001
             pass
-    rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts} for p in side.phases]
+    rec["phases"] = [{"name": p.name, "out": p.out, "counts": p.counts, "info": p.info}
+                      for p in side.phases]
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     return rec
 
@@ -90,7 +91,7 @@ def compare_case(case: Case, model: dict, real: dict | None) -> Row:
         mv, rv = {}, {}
         for key in case.compare:
             m, r = _value(mp, key, False), _value(rp, key, True)
-            if key != "out" and m == 0 and r == 0:
+            if key != "out" and m == 0 and r in (0, ABSENT):
                 continue
             mv[key], rv[key] = m, r
             if m == r or (r == ABSENT and m == 0):

@@ -41,6 +41,7 @@ class Phase:
     name: str
     out: dict = field(default_factory=dict)
     counts: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)          # recorded, never compared
 
 
 class Side:
@@ -74,8 +75,22 @@ class Side:
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         raise NotImplementedError
 
-    def disable_dirty_logging_quirk(self) -> None:
-        """Nothing: both sides use the kernel defaults."""
+    def idle_after(self, m: HostMapping, npages: int, touch) -> dict | None:
+        """Mark the mapping's pages idle (/sys/kernel/mm/page_idle), run ``touch()``, count the pages
+        still idle; None where page_idle is not available (the model: recorded, not compared)."""
+        touch()
+        return None
+
+    def require_vm_flag(self, m: HostMapping, flag: str, why: str) -> None:
+        """Skip the case where the real mapping lacks a smaps VmFlags flag (e.g. ``pf``); the model's
+        mapping kinds have fixed flags, so only the real side checks."""
+        flags = self.vm_flags(m)
+        if flags and flag not in flags.split():
+            raise CaseSkipped(f"{why} (VmFlags: {flags})")
+
+    def vm_flags(self, m: HostMapping) -> str:
+        """The VMA flags behind ``m`` (smaps ``VmFlags`` on the real side), for the record."""
+        return ""
 
     # ---- case API ---------------------------------------------------------------------------------
     def begin(self, options: VmOptions = VmOptions()) -> None:
@@ -123,6 +138,12 @@ class Side:
         if self._cur is None:
             raise RuntimeError("note() outside a phase")
         self._cur.out[key] = value
+
+    def info(self, key: str, value) -> None:
+        """Record ``value`` in the current phase without comparing it."""
+        if self._cur is None:
+            raise RuntimeError("info() outside a phase")
+        self._cur.info[key] = value
 
     # ---- helpers used by many cases ---------------------------------------------------------------
     def map(self, kind, size: int) -> HostMapping:

@@ -6,9 +6,9 @@ PML (arch/x86/kvm/svm has none, so dirty logging write-protects) and, for v6.13,
 (in-place huge page recovery when logging is disabled, ``kvm_mmu_recover_huge_pages()``).
 
 The model's counters become kernel-function calls as :mod:`kvmsim.backend.oracle.model_side` maps
-them; the bench's bulk paths count releases by caller (``put_page:kvm_release_pfn_clean``,
-``set_dirty:kvm_release_faultin_page``, ...) instead of through the model's release helpers, so the
-release columns are rebuilt here from those counters (:func:`model_calls`).
+them; the bench's bulk paths count by caller (``put_page:kvm_release_pfn_clean``,
+``set_dirty:kvm_release_faultin_page``, ``set_dirty:clear_dirty_pt_masked``, ...) instead of calling the
+model's helpers, so the calls are rebuilt here from those counters (:func:`model_calls`).
 
 Every compared count either agrees or carries the reason it differs (:func:`explain`):
 
@@ -41,41 +41,57 @@ DEFAULT_RUNS = (("anonymous", 64 << 20, 3), ("anonymous_thp", 64 << 20, 3),
                 ("anonymous_hugetlb_2mb", 64 << 20, 3), ("anonymous_hugetlb_1gb", 1 << 30, 2))
 
 
+_PAGE_HELPERS = ("kvm_release_page_dirty", "kvm_release_page_clean", "kvm_vcpu_unmap")
+_HOST_CALLERS = ("follow_page_pte:FOLL_TOUCH", "folio_mark_dirty")
+_GUP_TOUCH = "follow_page_pte:FOLL_TOUCH"
+
+
+def _sum(c: dict[str, int], prefix: str, keep) -> int:
+    return sum(v for k, v in c.items() if k.startswith(prefix) and keep(k[len(prefix):]))
+
+
 def model_calls(policy: str, c: dict[str, int]) -> dict[str, int | None]:
-    """Kernel-function calls from one phase's journal counters (module docstring).
+    """Kernel-function calls from one phase's journal counters (the mapping of
+    :mod:`kvmsim.backend.oracle.model_side`, rebuilt from counters: the bench's bulk paths count by
+    caller instead of calling the model's release helpers).
 
     v6.12 (virt/kvm/kvm_main.c): ``kvm_release_pfn_clean()`` calls ``kvm_release_page_clean()``,
     ``kvm_release_pfn_dirty()`` calls ``kvm_release_page_dirty()``, which calls
-    ``kvm_release_page_clean()``.  v6.13: ``kvm_release_faultin_page()`` (include/linux/kvm_host.h,
-    static inline) calls ``kvm_release_page_dirty()`` for a write fault, ``kvm_release_page_clean()``
-    for a read, ``kvm_release_page_unused()`` when the fault is abandoned; v6.13.7's build inlines
-    ``kvm_release_page_clean()`` into ``kvm_release_page_dirty()`` (model_side.INLINED).
+    ``kvm_release_page_clean()``; ``kvm_set_pfn_dirty``/``kvm_set_pfn_accessed`` are every KVM dirty /
+    accessed mark not made by those helpers (SPTE zaps, write-protection, splits).  v6.13:
+    ``kvm_release_faultin_page()`` (include/linux/kvm_host.h, static inline) calls
+    ``kvm_release_page_dirty()`` for a writable mapping, ``kvm_release_page_clean()`` otherwise,
+    ``kvm_release_page_unused()`` (also an inline) when the fault is abandoned; v6.13.7's build
+    inlines ``kvm_release_page_clean()`` into ``kvm_release_page_dirty()`` (model_side.INLINED).
     ``mark_page_accessed()`` is ``folio_mark_accessed()``'s page wrapper (mm/folio-compat.c); v6.12's
     ``follow_page_pte()`` calls the wrapper, v6.13's the folio function."""
-    from kvmsim.backend.oracle.model_side import CALL_MAPS
 
     def g(k: str) -> int:
         return c.get(k, 0)
 
+    all_marks = _sum(c, "mark_accessed:", lambda k: True)
     if policy == "legacy":
         pfn_clean, pfn_dirty = g("put_page:kvm_release_pfn_clean"), g("put_page:kvm_release_pfn_dirty")
-        calls = {"kvm_release_pfn_clean": pfn_clean, "kvm_release_pfn_dirty": pfn_dirty,
-                 "kvm_release_page_dirty": pfn_dirty + g("set_dirty:kvm_release_page_dirty"),
-                 "kvm_release_page_clean": pfn_clean + pfn_dirty + g("mark_accessed:kvm_release_page_clean")}
-        out = CALL_MAPS["legacy"](c, calls)
-        out["kvm_release_page_unused"] = None                     # added by the series
-        out["folio_mark_accessed"] = out["mark_page_accessed"]
+        out: dict[str, int | None] = {
+            "kvm_release_pfn_clean": pfn_clean, "kvm_release_pfn_dirty": pfn_dirty,
+            "kvm_release_page_dirty": pfn_dirty + g("set_dirty:kvm_release_page_dirty"),
+            "kvm_release_page_clean": pfn_clean + pfn_dirty + g("mark_accessed:kvm_release_page_clean"),
+            "kvm_release_page_unused": None,                                  # added by the series
+            "kvm_set_pfn_dirty": _sum(c, "set_dirty:", lambda k: k not in _PAGE_HELPERS + _HOST_CALLERS),
+            "kvm_set_pfn_accessed": _sum(c, "mark_accessed:", lambda k: k not in _PAGE_HELPERS + _HOST_CALLERS
+                                         + ("kvm_release_pfn_clean", "kvm_release_pfn_dirty")),
+            "mark_page_accessed": all_marks, "folio_mark_accessed": all_marks}
     else:
         released = g("put_page:kvm_release_faultin_page") + g("unpin:kvm_release_faultin_page")
         dirty = g("set_dirty:kvm_release_faultin_page")
         accessed = g("mark_accessed:kvm_release_faultin_page")
-        calls = {"kvm_release_page_dirty": dirty + g("set_dirty:kvm_release_page_dirty"),
-                 "kvm_release_page_clean": accessed - dirty + g("mark_accessed:kvm_release_page_clean"),
-                 "kvm_release_page_unused": released - accessed}
-        out = CALL_MAPS["series"](c, calls)
-        for fn in ("kvm_release_pfn_clean", "kvm_release_pfn_dirty", "kvm_set_pfn_dirty", "kvm_set_pfn_accessed"):
-            out[fn] = None                                        # removed by the series
-        out["folio_mark_accessed"] = sum(v for k, v in c.items() if k.startswith("mark_accessed:"))
+        out = {"kvm_release_pfn_clean": None, "kvm_release_pfn_dirty": None,          # removed by the series
+               "kvm_set_pfn_dirty": None, "kvm_set_pfn_accessed": None,
+               "kvm_release_page_dirty": dirty + g("set_dirty:kvm_release_page_dirty"),
+               "kvm_release_page_clean": accessed - dirty + g("mark_accessed:kvm_release_page_clean"),
+               "kvm_release_page_unused": released - accessed,
+               "mark_page_accessed": all_marks - g(f"mark_accessed:{_GUP_TOUCH}"),
+               "folio_mark_accessed": all_marks}
     out["get_user_pages_fast_only"] = g("gup_fast")
     out["get_user_pages_unlocked"] = g("gup_slow")
     return out

@@ -31,10 +31,6 @@ KNOWN: dict[tuple[str | None, str], str] = {
         "madvise_cold_or_pageout_pte_range() → reclaim_pages()), unmaps shmem folios (try_to_unmap → "
         "notifier zap) and keeps them in the page cache without swap; the model's aging reclaim keeps "
         "pages KVM accessed",
-    ("legacy", "disable-logging-hugetlb-1g"):
-        "eager splitting splits 1G → 2M → 4K (arch/x86/kvm/mmu/tdp_mmu.c tdp_mmu_split_huge_pages_root() "
-        "splits each level in turn) and v6.12 handle_changed_spte() calls kvm_set_pfn_dirty/accessed for "
-        "each huge leaf replaced (1 + 512); the model splits 1G straight to 4K (1 mark)",
     ("legacy", "delete-slot-live"):
         "v6.12 releases KVM_PFN_NOSLOT after a fault that installs an MMIO SPTE (kvm_handle_noslot_fault() "
         "returns RET_PF_CONTINUE, then kvm_release_pfn_clean(fault->pfn), a no-op): one probe hit; the "

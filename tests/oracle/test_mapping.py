@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from kvmsim.backend.base import KvmMemFlags, Madv, MappingKind, page_gpas, update_memory_region_flags
+from kvmsim.uapi import KVM_MEM
+from kvmsim.backend.base import Madv, MappingKind, page_gpas, update_memory_region_flags
 from kvmsim.backend.oracle.cases import GPA
 from kvmsim.backend.oracle.model_side import ModelKprobes, ModelSide
 
 
-def _side(policy: str, kind=MappingKind.ANON_SHARED, npages: int = 32, flags=KvmMemFlags(0)):
+def _side(policy: str, kind=MappingKind.ANON_SHARED, npages: int = 32, flags=KVM_MEM(0)):
     s = ModelSide(policy)
     s.begin()
     with s.phase("map"):
@@ -69,7 +70,7 @@ def test_zap_marks_kvm_set_pfn_dirty_and_accessed_only_under_legacy(policy, dirt
 
 @pytest.mark.parametrize("policy, dirty", [("legacy", 32), ("series", 0)])
 def test_get_dirty_log_write_protection_marks_dirty_only_under_legacy(policy, dirty):
-    s, m, gpas = _side(policy, flags=KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES)
+    s, m, gpas = _side(policy, flags=KVM_MEM.LOG_DIRTY_PAGES)
     with s.phase("write"):
         s.write(gpas, 1)
     with s.phase("GET"):
@@ -99,9 +100,9 @@ def test_v613_model_recovers_huge_pages_in_place():
         with s.phase("touch"):
             s.write([GPA], 1)
         with s.phase("log on"):
-            update_memory_region_flags(s.b, 1, KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES)
+            update_memory_region_flags(s.b, 1, KVM_MEM.LOG_DIRTY_PAGES)
         with s.phase("log off"):
-            update_memory_region_flags(s.b, 1, KvmMemFlags(0))
+            update_memory_region_flags(s.b, 1, KVM_MEM(0))
         got[policy] = s.phases[-1].counts["pages_2m"]
         s.end()
     assert got == {"legacy": 0, "series": 1}

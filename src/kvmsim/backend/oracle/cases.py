@@ -19,11 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from kvmsim.backend.base import KvmMemFlags, MappingKind, page_gpas
+from kvmsim.uapi import KVM_MEM
+from kvmsim.backend.base import MappingKind, page_gpas
 from kvmsim.backend.oracle.side import HUGETLB_1G, Side
 
 GPA = 1 << 30
-LOG = KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES
+LOG = KVM_MEM.LOG_DIRTY_PAGES
 M2 = 2 << 20
 G1 = 1 << 30
 MADV_PAGEOUT = 21

@@ -5,7 +5,8 @@ eager splitting and huge-page recovery in arch/x86/kvm/x86.c ``kvm_mmu_slot_appl
 
 from __future__ import annotations
 
-from kvmsim.backend.base import (KvmMemFlags, ManualProtect, MappingKind, VmOptions, page_gpas,
+from kvmsim.uapi import KVM_MEM
+from kvmsim.backend.base import (ManualProtect, MappingKind, VmOptions, page_gpas,
                                  update_memory_region_flags)
 from kvmsim.backend.oracle.cases import G1, GPA, LOG, M2, case
 from kvmsim.backend.oracle.side import HUGETLB_1G, Side
@@ -166,7 +167,7 @@ def _huge_logging(s: Side, kind, size: int, stride: int, manual: bool) -> None:
     with s.phase("write all 4K pages"):
         s.write(page_gpas(GPA, npages), 2)
     with s.phase("disable logging"):
-        s.note("errno", update_memory_region_flags(s.b, 1, KvmMemFlags(0)).errno)
+        s.note("errno", update_memory_region_flags(s.b, 1, KVM_MEM(0)).errno)
     with s.phase("touch again"):
         s.write(page_gpas(GPA, npages)[::stride], 3)
 

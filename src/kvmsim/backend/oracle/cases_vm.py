@@ -5,7 +5,8 @@
 
 from __future__ import annotations
 
-from kvmsim.backend.base import (KvmMemFlags, Madv, MappingKind, delete_memory_region, move_memory_region,
+from kvmsim.uapi import KVM_MEM
+from kvmsim.backend.base import (Madv, MappingKind, delete_memory_region, move_memory_region,
                                  page_gpas, update_memory_region_flags)
 from kvmsim.backend.oracle.cases import DEFAULT_COMPARE, GPA, LOG, TABLE_CASE, case
 from kvmsim.backend.oracle.side import Side
@@ -55,7 +56,7 @@ def readonly_slot(s: Side) -> None:
     with s.phase("map"):
         m = s.map(MappingKind.ANON_SHARED, 64 * 4096)
         s.note("host write", s.b.host_write(m, 0, (7).to_bytes(8, "little")).signal)
-        s.note("slot", s.slot(m, flags=KvmMemFlags.KVM_MEM_READONLY))
+        s.note("slot", s.slot(m, flags=KVM_MEM.READONLY))
     with s.phase("read"):
         s.read(page_gpas(GPA, 64))
     with s.phase("write"):
@@ -71,7 +72,7 @@ def overlap_and_bad_args(s: Side) -> None:
         s.note("first", s.slot(m))
         s.note("overlap", s.slot(m, slot=2, gpa=GPA + 4096 * 8))
         s.note("misaligned gpa", s.slot(m, slot=3, gpa=GPA * 3 + 8))
-        s.note("bad flags", s.slot(m, slot=4, gpa=GPA * 4, flags=KvmMemFlags(1 << 8)))
+        s.note("bad flags", s.slot(m, slot=4, gpa=GPA * 4, flags=KVM_MEM(1 << 8)))
 
 
 # ---- pfncache (kvmclock) ------------------------------------------------------------------------------

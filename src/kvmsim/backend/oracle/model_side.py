@@ -317,11 +317,12 @@ class ModelSide(Side):
 
     def page_flags(self, m: HostMapping, npages: int) -> dict:
         from kvmsim.mm.page import PG
+        from kvmsim.mm.vma import Pte
         mm, phys = self.b.host.mm, self.b.host.phys
         present = dirty = ref = 0
         for i in range(npages):
             _, pfn, bits, _ = mm.pte_of(int(m.hva) + i * PAGE_SIZE)
-            if pfn < 0 or not bits & 1:
+            if pfn < 0 or not bits & Pte.PRESENT:
                 continue
             present += 1
             head = int(phys.head[pfn])

@@ -15,8 +15,9 @@ import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+from kvmsim.uapi import KVM_MEM
 from kvmsim.backend.base import (Backend, GuestAccessOutcome, HostMapping, MappingKind, MemoryRegion,
-                                 KvmMemFlags, VmOptions)
+                                 VmOptions)
 from kvmsim.types import Gpa
 
 HUGETLB_1G = "hugetlb-1G"        # a kind the Backend protocol lacks: memfd(MFD_HUGETLB|MFD_HUGE_1GB)
@@ -29,7 +30,7 @@ class CaseSkipped(Exception):
 def summarize(o: GuestAccessOutcome) -> dict:
     """Exits and values of guest accesses, as counters (compact and order-free) plus completeness."""
     exits = Counter(a.exit.value for a in o.accesses)
-    vals = Counter(str(a.value) for a in o.accesses if not a.is_write)
+    vals = Counter(str(a.value) for a in o.accesses if not a.write)
     out = {"exits": dict(sorted(exits.items())), "complete": o.complete}
     if vals:
         out["values"] = dict(sorted(vals.items()))
@@ -154,9 +155,9 @@ class Side:
             raise CaseSkipped(f"mmap {kind.value} of {size} bytes failed with errno {r.errno}")
         return r.mapping
 
-    def slot(self, m: HostMapping, slot: int = 1, gpa: int = 1 << 30, flags: KvmMemFlags = KvmMemFlags(0),
+    def slot(self, m: HostMapping, slot: int = 1, gpa: int = 1 << 30, flags: KVM_MEM = KVM_MEM(0),
              size: int | None = None) -> int:
-        r = self.b.set_memory_region(MemoryRegion(slot, Gpa(gpa), size or m.size, m.hva, KvmMemFlags(flags)))
+        r = self.b.set_memory_region(MemoryRegion(slot, Gpa(gpa), size or m.size, m.hva, KVM_MEM(flags)))
         return r.errno
 
     def write(self, gpas, value: int, key: str = "write") -> dict:

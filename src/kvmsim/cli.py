@@ -4,7 +4,13 @@
 ``kvmsim.cli_*`` module, imported at the bottom of this file (a missing one is skipped).
 
 Exit codes: 0 every run matched what its scenario states, 1 a mismatch, 2 bad input (a malformed
-scenario file is reported as ``file:line: [key] message``, never with a traceback).
+scenario file is reported as ``file:line: [key] message``, never with a traceback).  A well-formed
+file whose set-up the modelled kernel refuses (a memslot ioctl returning an errno) is a run whose
+verdict is ``error``: a mismatch (1) unless the scenario states ``verdict = "error"`` (0).
+
+Text from a scenario file (names, descriptions, values) is never read as rich markup, and control
+characters in it are shown escaped (``\x1b``), never sent to the terminal.  When stdout is not a
+terminal (a pipe, a file) tables are as wide as their content: nothing is cut at 80 columns.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ from __future__ import annotations
 import functools
 import importlib
 import json
+import os
+import re
 import sys
 
 import click
@@ -21,9 +29,42 @@ EXIT_BAD_INPUT = 2
 JSON_VIOLATION_CAP = 1000
 
 
+#: Width of a console that is not a terminal: wide enough that no table row is ever cut.
+PIPE_WIDTH = 1 << 14
+
+# C0/C1 controls, DEL, line/paragraph separators and the bidi overrides ("trojan source")
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def safe(text: object) -> str:
+    """``text`` with every control character escaped (``\\x1b``, ``\\u202e``): safe to print."""
+    def esc(m: re.Match) -> str:
+        c = ord(m.group())
+        return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+    return _UNSAFE.sub(esc, str(text))
+
+
 def _console(stderr: bool = False):
+    """A rich console that reads no markup or emoji codes in what it is given unless told to, and does
+    not truncate when it is not writing to a terminal."""
     from rich.console import Console
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    stream = sys.stderr if stderr else sys.stdout
+    width = None
+    if not stream.isatty() and not os.environ.get("COLUMNS"):
+        width = PIPE_WIDTH
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, emoji=False, width=width)
+
+
+def _text(*parts):
+    """A rich ``Text`` from ``(text, style)`` pairs and plain strings; every part is :func:`safe`."""
+    from rich.text import Text
+    out = Text()
+    for p in parts:
+        if isinstance(p, tuple):
+            out.append(safe(p[0]), style=p[1])
+        else:
+            out.append(safe(p))
+    return out
 
 
 def handle_errors(fn):
@@ -34,7 +75,7 @@ def handle_errors(fn):
         try:
             return fn(*args, **kwargs)
         except KvmsimError as e:
-            click.echo(f"kvmsim: error: {e}", err=True)
+            click.echo(f"kvmsim: error: {safe(e)}", err=True)
             sys.exit(EXIT_BAD_INPUT)
     return wrapper
 
@@ -42,7 +83,16 @@ def handle_errors(fn):
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="kvmsim")
 def cli() -> None:
-    """kvmsim: how KVM maps guest memory, legacy (v6.12) vs series (v6.13)."""
+    """kvmsim: how KVM maps guest memory, legacy (v6.12) vs series (v6.13).
+
+    \b
+    Exit status of list, show, run and compare:
+      0  every run matched what its scenario states
+      1  a mismatch (a set-up the modelled kernel refuses is a run with
+         verdict "error": a mismatch unless the file states verdict = "error")
+      2  bad input: a scenario file that is malformed, unreadable or names
+         something it does not define, reported as file:line: [key] message
+    """
 
 
 # ---- helpers -----------------------------------------------------------------------------------------
@@ -69,6 +119,7 @@ def run_json(rr) -> dict:
 
 def _runs(pairs, *, show_progress: bool):
     """Run (scenario, policy) pairs with a progress bar on stderr; returns RunResults."""
+    from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from kvmsim.scenarios.runner import run
@@ -77,7 +128,7 @@ def _runs(pairs, *, show_progress: bool):
                   TimeElapsedColumn(), console=_console(stderr=True), transient=True,
                   disable=not show_progress) as progress:
         for sc, policy in pairs:
-            task = progress.add_task(f"{sc.name} [{policy}]", total=len(sc.steps))
+            task = progress.add_task(escape(safe(f"{sc.name} [{policy}]")), total=len(sc.steps))
             out.append(run(sc, policy, progress=lambda i, n, t=task: progress.update(t, completed=i)))
             progress.remove_task(task)
     return out
@@ -102,7 +153,8 @@ def list_cmd() -> None:
     t = Table(Column("scenario", no_wrap=True, min_width=28), Column("policies", no_wrap=True, min_width=22), "steps",
               Column("what it shows", no_wrap=True, overflow="ellipsis"), box=None, header_style="bold")
     for sc in library():
-        t.add_row(sc.name, ",".join(sc.policies), str(len(sc.steps)), " ".join(sc.description.split()))
+        t.add_row(_text(sc.name), _text(",".join(sc.policies)), str(len(sc.steps)),
+                  _text(" ".join(sc.description.split())))
     _console().print(t)
 
 
@@ -114,30 +166,63 @@ def show(scenario: str) -> None:
     from kvmsim.scenarios import load_scenario
     sc = load_scenario(scenario)
     con = _console()
-    con.print(f"[bold]{sc.name}[/bold]" + (f"  ({sc.file})" if sc.file else ""))
-    con.print(" ".join(sc.description.split()))
+    out = lambda *parts: con.print(_text(*parts))                     # noqa: E731
+    out((sc.name, "bold"), f"  ({sc.file})" if sc.file else "")
+    out(" ".join(sc.description.split()))
     if sc.source:
-        con.print(f"[dim]source:[/dim] {sc.source}")
+        out(("source:", "dim"), f" {sc.source}")
     if sc.requires:
-        con.print(f"[dim]requires:[/dim] {', '.join(sc.requires)}")
+        out(("requires:", "dim"), f" {', '.join(sc.requires)}")
     for d in sc.drivers:
-        con.print(f"  driver {d.name}: {d.pfn_class} order={d.order} compound={d.compound} prefault={d.prefault} "
-                  f"pte_write={d.pte_write} free_rule={d.free_rule}")
+        out(f"  driver {d.name}: {d.pfn_class} order={d.order} compound={d.compound} prefault={d.prefault} "
+            f"pte_write={d.pte_write} free_rule={d.free_rule}" + (f" size={d.size:#x}" if d.size else ""))
     for v in sc.vmas:
-        con.print(f"  vma {v.name}: {v.kind} {v.size:#x} page_size={v.page_size:#x} prot={v.prot}"
-                  + (f" driver={v.driver}" if v.driver else ""))
+        out(f"  vma {v.name}: {v.kind} {v.size:#x} page_size={v.page_size:#x} prot={v.prot}"
+            + (f" driver={v.driver}" if v.driver else ""))
     vm = sc.vm
-    con.print(f"  vm: policies={','.join(vm.policies)} arch={vm.arch} mmu={vm.mmu} execution={vm.execution}"
-              + (f" mutations={','.join(vm.mutations)}" if vm.mutations else ""))
+    out(f"  vm: policies={','.join(vm.policies)} arch={vm.arch} mmu={vm.mmu} execution={vm.execution} "
+        f"vcpus={vm.vcpus}" + (f" mutations={','.join(vm.mutations)}" if vm.mutations else ""))
     for s in sc.memslots:
-        con.print(f"  memslot {s.id}: gpa={s.gpa:#x} size={s.size:#x} vma={s.vma}+{s.offset:#x} "
-                  f"flags={','.join(s.flags) or '-'}")
+        out(f"  memslot {s.id}: gpa={s.gpa:#x} size={s.size:#x} vma={s.vma}+{s.offset:#x} "
+            f"flags={','.join(s.flags) or '-'}")
     for i, st in enumerate(sc.steps, 1):
-        con.print(f"  {i:>2}. {st.describe()}")
+        out(f"  {i:>2}. {st.describe()}")
+        for name, th in st.args.get("threads", {}).items() if st.op == "interleave" else ():
+            out(f"        thread {name}: {th.describe()}")
         for who, exp in st.expect.items():
-            con.print(f"        expect{'' if who == '*' else ' ' + who}: {exp}")
+            out(f"        expect{'' if who == '*' else '.' + who}: {_expect_text(exp)}")
     for p, fe in sc.expect.items():
-        con.print(f"  [expect.{p}] verdict={fe.verdict} violations={list(fe.violations or {})} counters={fe.counters}")
+        fields = {"verdict": fe.verdict, "violations": fe.violations, "counters": fe.counters or None}
+        out(f"  [expect.{p}] {_expect_text(fields)}")
+
+
+def _expect_text(exp: dict) -> str:
+    """Expectations as the file writes them: ``exit = "ok", violations = [], counters = { ... }``."""
+    def key(k: str) -> str:
+        return k if re.fullmatch(r"[A-Za-z0-9_]+", k) else json.dumps(k, ensure_ascii=False)
+
+    def val(v) -> str:
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{key(k)} = {val(w)}" for k, w in v.items()) + " }" if v else "{}"
+        if isinstance(v, bool):
+            return str(v).lower()
+        return f"{v:#x}" if isinstance(v, int) and v > 255 else str(v)
+
+    def violations(v: dict) -> str:
+        if all(w == {"min": 1} for w in v.values()):                 # the list form: ["INV-1", ...]
+            return "[" + ", ".join(json.dumps(k) for k in v) + "]"
+        return val(v)
+    def field(k: str, v) -> str:
+        if k == "violations":
+            return violations(v)
+        if k == "value" and isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+            return f"{v:#x}"                                            # as the step line shows values
+        return val(v)
+    return ", ".join(f"{k} = {field(k, v)}" for k, v in exp.items() if v is not None) or "-"
 
 
 # ---- run ---------------------------------------------------------------------------------------------
@@ -163,36 +248,35 @@ def _fact_line(f) -> str:
 
 
 def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
-    from rich.markup import escape
-    mark = "[green]✓ matches[/green]" if rr.expected_match else "[red]✗ MISMATCH[/red]"
+    out = lambda *parts: con.print(_text(*parts))                     # noqa: E731
+    mark = ("✓ matches", "green") if rr.expected_match else ("✗ MISMATCH", "red")
     if not rr.stated:
-        mark = "[dim](no stated outcome)[/dim]"
-    con.print(f"[bold]{rr.scenario}[/bold] under [bold]{rr.policy}[/bold]: {rr.verdict} "
-              f"{_inv_summary(rr.by_invariant())}  {mark}")
+        mark = ("(no stated outcome)", "dim")
+    out((rr.scenario, "bold"), " under ", (rr.policy, "bold"), f": {rr.verdict} {_inv_summary(rr.by_invariant())}  ",
+        mark)
     for s in rr.steps:
         err = f" {s.res.errno_name}" if s.res.errno else ""
         val = f" value={s.res.value:#x}" if isinstance(s.res.value, int) and not isinstance(s.res.value, bool) else ""
-        con.print(f"  {s.index:>2}. {s.text}  → {s.res.result}{err}{val}", markup=False)
+        out(f"  {s.index:>2}. {s.text}  → {s.res.result}{err}{val}")
         if trace:
             interesting = [f for f in s.facts if f.kind not in ("read", "write")]
             for f in interesting[:max_facts]:
-                con.print(f"        · {_fact_line(f)}", markup=False)
+                out(f"        · {_fact_line(f)}")
             if len(interesting) > max_facts:
-                con.print(f"        · … {len(interesting) - max_facts} more facts")
+                out(f"        · … {len(interesting) - max_facts} more facts")
             cs = {k: v for k, v in s.counters.items() if ":" not in k}
             if cs:
-                con.print("        counters: " + " ".join(f"{k}+{v}" for k, v in sorted(cs.items())), markup=False)
+                out("        counters: " + " ".join(f"{k}+{v}" for k, v in sorted(cs.items())))
         shown = {}
         for v in s.violations:
             shown.setdefault(v.invariant, []).append(v)
         for vs in shown.values():
-            con.print(f"        [yellow]{escape(str(vs[0]))}[/yellow]"
-                      + (f" (+{len(vs) - 1} more)" if len(vs) > 1 else ""))
+            out("        ", (str(vs[0]), "yellow"), f" (+{len(vs) - 1} more)" if len(vs) > 1 else "")
     for m in rr.mismatches:
-        con.print(f"  [red]mismatch:[/red] {escape(m)}")
+        out("  ", ("mismatch:", "red"), f" {m}")
     if rr.error:
-        con.print(f"  [red]error:[/red] {escape(rr.error)}")
-    con.print("  counters: " + _key_counters(rr.counters))
+        out("  ", ("error:", "red"), f" {rr.error}")
+    out("  counters: " + _key_counters(rr.counters))
 
 
 @cli.command("run")
@@ -209,11 +293,11 @@ def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool) -> No
     sc = load_scenario(scenario)
     why = missing_requirement(sc)
     if why:
-        click.echo(f"kvmsim: {sc.name}: skipped: {why}", err=True)
+        click.echo(f"kvmsim: {safe(sc.name)}: skipped: {why}", err=True)
         if as_json:
             click.echo(json.dumps([]))
         return
-    results = _runs([(sc, p) for p in _policies(sc, policy)], show_progress=not as_json or sys.stderr.isatty())
+    results = _runs([(sc, p) for p in _policies(sc, policy)], show_progress=sys.stderr.isatty())
     if as_json:
         out = [run_json(r) for r in results]
         click.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
@@ -243,30 +327,30 @@ def compare(as_json: bool) -> None:
             skipped.append((sc.name, why))
             continue
         pairs += [(sc, p) for p in sc.policies]
-    results = _runs(pairs, show_progress=True)
+    results = _runs(pairs, show_progress=sys.stderr.isatty())
     for name, why in skipped:
-        click.echo(f"kvmsim: {name}: skipped: {why}", err=True)
+        click.echo(f"kvmsim: {safe(name)}: skipped: {why}", err=True)
     if as_json:
         click.echo(json.dumps([run_json(r) for r in results], indent=2))
     else:
         t = Table("scenario", "policy", "verdict", "violations", "key counters", "match", header_style="bold")
         last = None
         for r in results:
-            verdict = {"clean": "[green]clean[/green]", "violations": "[yellow]violations[/yellow]"}
-            t.add_row(r.scenario if r.scenario != last else "", r.policy,
-                      verdict.get(r.verdict, "[red]error[/red]"),
-                      _inv_summary(r.by_invariant()), _key_counters(r.counters),
-                      "[green]✓[/green]" if r.expected_match else "[red]✗[/red]")
+            verdict = {"clean": ("clean", "green"), "violations": ("violations", "yellow")}
+            t.add_row(_text(r.scenario if r.scenario != last else ""), r.policy,
+                      _text(verdict.get(r.verdict, ("error", "red"))),
+                      _inv_summary(r.by_invariant()), _text(_key_counters(r.counters)),
+                      _text(("✓", "green") if r.expected_match else ("✗", "red")))
             last = r.scenario
         for name, why in skipped:
-            t.add_row(name, "-", "[dim]skipped[/dim]", why, "", "-")
+            t.add_row(_text(name), "-", _text(("skipped", "dim")), _text(why), "", "-")
         con = _console()
         con.print(t)
         bad = [r for r in results if not r.expected_match]
         for r in bad:
             for m in r.mismatches:
-                con.print(f"{r.scenario} [{r.policy}]: {m}", markup=False, style="red")
-        con.print(f"{len(results) - len(bad)}/{len(results)} runs match their stated outcome")
+                con.print(_text((f"{r.scenario} [{r.policy}]: {m}", "red")))
+        con.print(f"{len(results) - len(bad)}/{len(results)} runs match their stated outcome", markup=False)
     if not all(r.expected_match for r in results):
         sys.exit(EXIT_MISMATCH)
 

@@ -1,10 +1,16 @@
 """``kvmsim bench``: benchmarks of the model; ``kvmsim bench dirty-log`` is dirty_log_perf_test
-(tools/testing/selftests/kvm/dirty_log_perf_test.c) on the model, the real /dev/kvm, or both."""
+(tools/testing/selftests/kvm/dirty_log_perf_test.c) on the model, the real /dev/kvm, or both.
+
+Everything is checked before the first run: the options, the ``--plot`` path and format, and the
+memory each run needs against MemAvailable.  Exit status: 0 done, 2 bad input or a run that failed
+cleanly, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM); the worker process is stopped either way.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 
 import click
 
@@ -37,8 +43,9 @@ def bench() -> None:
 @bench.command("dirty-log")
 @click.option("-b", "vcpu_memory", default="1G", callback=_sizes, show_default=True,
               help="Guest memory per vCPU ([0-9]+[kmgt]); a comma-separated list runs each size.")
-@click.option("-v", "vcpus", default=1, show_default=True, type=click.IntRange(1), help="vCPUs.")
-@click.option("-i", "iterations", default=2, show_default=True, type=click.IntRange(2),
+@click.option("-v", "vcpus", default=1, show_default=True, type=click.IntRange(1, 4096),
+              help="vCPUs (1..KVM_MAX_VCPUS, 4096 on x86).")
+@click.option("-i", "iterations", default=2, show_default=True, type=click.IntRange(2, 2**31 - 1),
               help="Dirty/get/clear iterations (>= 2).")
 @click.option("-s", "backing", default="anonymous", show_default=True, type=click.Choice(BACKINGS),
               help="Backing source.")
@@ -49,55 +56,111 @@ def bench() -> None:
               help="Do not enable KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 (default: ENABLE|INITIALLY_SET).")
 @click.option("-e", "run_while_disabling", is_flag=True,
               help="vCPUs keep dirtying memory while dirty logging is disabled.")
-@click.option("-r", "seed", default=1, show_default=True, type=int, help="Random seed (for -w < 100).")
+@click.option("-r", "seed", default=1, show_default=True, type=click.IntRange(1, 2**31 - 1),
+              help="Random seed (for -w < 100), positive as the selftest's atoi_positive.")
 @click.option("--policy", type=click.Choice(["legacy", "series", "both"]), default="both", show_default=True)
 @click.option("--v613-other", is_flag=True,
               help="Also the other 6.13 MMU changes (batched flush, in-place huge page recovery, ...).")
 @click.option("--backend", type=click.Choice(["model", "kvm", "both"]), default="model", show_default=True,
               help="The model, the real /dev/kvm (<= 1 GiB: every guest write is emulated), or both.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every run.")
-@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG of phase times and counters.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a plot of phase times and counters; the extension picks the format (.png, .svg, .pdf).")
+@click.option("--progress/--no-progress", default=None,
+              help="Per-phase progress on stderr (default: when stderr is a terminal and not --json).")
 @click.option("--no-isolate", is_flag=True, help="Run model runs in this process (peak RSS is then shared).")
 @click.option("--no-warmup", is_flag=True,
               help="Skip writing the run's memory once before it (on a VM host, first touches then count).")
 def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
-                  run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, no_isolate,
-                  no_warmup) -> None:
+                  run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,
+                  no_isolate, no_warmup) -> None:
     """dirty_log_perf_test on the model: phase times plus struct-page, SPTE, TLB and fault counts."""
-    from rich.console import Console
+    try:
+        _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
+                   run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,
+                   no_isolate, no_warmup)
+    except KeyboardInterrupt:
+        click.echo("\nkvmsim bench dirty-log: interrupted; the worker was stopped", err=True)
+        sys.exit(130)
 
-    from kvmsim.bench.dirty_log_perf import Options, run_model, run_model_isolated
-    from kvmsim.bench.real import run_real
-    from kvmsim.bench.report import compare_table, cost_table, plot, scaling_table, selftest_lines, size_name
+
+class PhaseProgress:
+    """Per-phase progress on stderr.  On a terminal the running phase stays on one line (rewritten);
+    every finished phase gets its own line with its time."""
+
+    def __init__(self, stream=None):
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def run(self, tag: str):
+        from kvmsim.bench.report import phase_label
+
+        def report(name: str, iteration: int | None, seconds: float | None) -> None:
+            label = "warming up memory" if name == "warm-up" else phase_label(name, iteration)
+            if seconds is None:
+                if self.tty:
+                    self.stream.write(f"\r\x1b[K{tag}: {label} ...")
+                    self.stream.flush()
+                return
+            self.stream.write(("\r\x1b[K" if self.tty else "") + f"{tag}: {label} {seconds:.3f} s\n")
+            self.stream.flush()
+        return report
+
+    def note(self, text: str) -> None:
+        self.stream.write(("\r\x1b[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+
+def _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
+               run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,
+               no_isolate, no_warmup) -> None:
+    from kvmsim.bench.dirty_log_perf import (BASE_BYTES, Options, check_memory, estimate_bytes, run_model,
+                                             run_model_isolated)
+    from kvmsim.bench.real import check_real, real_estimate_bytes, run_real
+    from kvmsim.bench.report import (check_plot_path, compare_table, cost_table, plot, scaling_table,
+                                     selftest_lines, size_name)
+    from kvmsim.console import make_console
 
     sizes = vcpu_memory
     all_opts = [Options(b, vcpus, iterations, backing, write_percent, slots, not no_manual_protect,
                         run_while_disabling, seed, v613_other) for b in sizes]
     policies = ["legacy", "series"] if policy == "both" else [policy]
-    out = sys.stderr if as_json else sys.stdout
-    console = Console(stderr=as_json, width=None if out.isatty() else 150)   # whole tables in logs
+    console = make_console(stderr=as_json)           # whole tables when piped
+    if progress is None:
+        progress = sys.stderr.isatty() and not as_json
+    shown = PhaseProgress() if progress else None
     results, reals, real_errors = [], {}, {}
-    if plot_path:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            click.echo("kvmsim bench dirty-log: --plot needs matplotlib: pip install 'kvmsim[plot]'", err=True)
-            sys.exit(2)
     try:
-        for opts in all_opts:
+        if plot_path:
+            check_plot_path(plot_path)
+        for opts in all_opts:                          # everything is checked before the first run
             opts.check()
+            what = f"-b {size_name(opts.vcpu_memory)} -v {opts.vcpus}"
+            if backend in ("model", "both"):
+                check_memory(estimate_bytes(opts) + (0 if no_isolate else BASE_BYTES), f"the model run {what}")
+            if backend == "kvm" or (backend == "both" and _real_ok(check_real, opts, real_errors)):
+                check_real(opts)
+                check_memory(real_estimate_bytes(opts), f"the real /dev/kvm run {what}")
         for opts in all_opts:
-            if backend in ("kvm", "both"):
+            sz = f" -b {size_name(opts.vcpu_memory)}"
+            if backend in ("kvm", "both") and opts.vcpu_memory not in real_errors:
+                t0 = time.perf_counter()
                 try:
-                    reals[opts.vcpu_memory] = run_real(opts)
+                    reals[opts.vcpu_memory] = run_real(opts, progress=shown and shown.run(f"kvm{sz}"))
                 except KvmsimError as e:
                     real_errors[opts.vcpu_memory] = str(e)
                     if backend == "kvm":
                         raise
+                if shown:
+                    shown.note(f"kvm{sz}: done in {time.perf_counter() - t0:.2f} s")
             if backend in ("model", "both"):
                 for p in policies:
-                    results.append(run_model(opts, p) if no_isolate
-                                   else run_model_isolated(opts, p, warm=not no_warmup))
+                    t0 = time.perf_counter()
+                    report = shown and shown.run(f"model {p}{sz}")
+                    results.append(run_model(opts, p, report) if no_isolate
+                                   else run_model_isolated(opts, p, warm=not no_warmup, progress=report))
+                    if shown:
+                        shown.note(f"model {p}{sz}: done in {time.perf_counter() - t0:.2f} s")
     except KvmsimError as e:
         if as_json:
             click.echo(json.dumps({"error": str(e)}))
@@ -140,7 +203,17 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
     if plot_path:
         try:
             plot(everything, plot_path)
-        except UsageError as e:
-            click.echo(f"kvmsim bench dirty-log: {e}", err=True)
+        except (UsageError, OSError, ValueError) as e:
+            click.echo(f"kvmsim bench dirty-log: --plot {plot_path}: {e}", err=True)
             sys.exit(2)
+
+
+def _real_ok(check_real, opts, real_errors) -> bool:
+    """``--backend both``: a size the real side cannot run is noted and skipped, not an error."""
+    try:
+        check_real(opts)
+        return True
+    except KvmsimError as e:
+        real_errors[opts.vcpu_memory] = str(e)
+        return False
 

@@ -11,21 +11,41 @@ import click
 from kvmsim.cli import cli
 
 
-def _fmt(v) -> str:
-    s = repr(v) if not isinstance(v, str) else v
-    return s if len(s) <= 60 else s[:57] + "..."
+def known_groups() -> list[str]:
+    """The case groups, in suite order."""
+    from kvmsim.backend.conformance import CASES
+    return list(dict.fromkeys(c.group for c in CASES))
+
+
+def _groups(ctx, param, value: tuple[str, ...]) -> set[str]:
+    """``--group a --group b`` or ``--group a,b``; an unknown name is a usage error (exit 2)."""
+    known = known_groups()
+    out: set[str] = set()
+    for part in (p.strip() for v in value for p in v.split(",")):
+        if not part:
+            raise click.BadParameter(f"empty group name in {','.join(value)!r}; known groups: {', '.join(known)}")
+        if part not in known:
+            raise click.BadParameter(f"unknown group {part!r}; known groups: {', '.join(known)}")
+        out.add(part)
+    return out
 
 
 @cli.command("conform")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object: host, capabilities, rows.")
-@click.option("--group", multiple=True, help="Only these case groups (memslot, access, dirty, ring, hostop, pfncache, gmem).")
-def conform_cmd(as_json: bool, group: tuple[str, ...]) -> None:
-    """Run the conformance suite on the model and the real /dev/kvm and compare."""
-    from rich.console import Console
+@click.option("--group", multiple=True, callback=_groups, metavar="GROUP[,GROUP...]",
+              help="Only these case groups (memslot, access, dirty, ring, hostop, pfncache, gmem); "
+                   "repeat the option or give a comma-separated list.")
+def conform_cmd(as_json: bool, group: set[str]) -> None:
+    """Run the conformance suite on the model and the real /dev/kvm and compare.
+
+    Values are printed readably: errnos by name (``ok`` for 0), guest exits by name, ``yes``/``no``.
+    Exit status: 0 every case agrees, 1 a disagreement, 2 bad input or no usable /dev/kvm."""
+    from rich.markup import escape
     from rich.progress import Progress
     from rich.table import Table
 
-    from kvmsim.backend.conformance import CASES, model_backend, real_backend, run_suite
+    from kvmsim.backend.conformance import CASES, format_value, json_value, model_backend, real_backend, run_suite
+    from kvmsim.console import make_console
 
     real, why = real_backend()
     if real is None:
@@ -38,7 +58,7 @@ def conform_cmd(as_json: bool, group: tuple[str, ...]) -> None:
     cases = [c for c in CASES if not group or c.group in group]
     model = model_backend(real.policy if real.policy in ("legacy", "series") else "series")
     caps = getattr(real, "capabilities", lambda: {})()
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     try:
         with Progress(console=console, transient=True, disable=as_json) as prog:
             task = prog.add_task("conformance", total=len(cases))
@@ -53,8 +73,8 @@ def conform_cmd(as_json: bool, group: tuple[str, ...]) -> None:
         click.echo(json.dumps({
             "host": platform.release(), "policy": real.policy, "capabilities": caps,
             "cases": len(rows), "agree": len(ran) - len(bad), "disagree": len(bad),
-            "rows": [{"case": r.case, "group": r.group, "model": repr(r.results[model.name]),
-                      "real": repr(r.results[real.name]), "agree": r.agree} for r in rows],
+            "rows": [{"case": r.case, "group": r.group, "model": json_value(r.results[model.name]),
+                      "real": json_value(r.results[real.name]), "agree": r.agree} for r in rows],
         }, default=str))
     else:
         console.print(f"host kernel {platform.release()}, policy {real.policy} (from the kernel version; "
@@ -62,11 +82,13 @@ def conform_cmd(as_json: bool, group: tuple[str, ...]) -> None:
         if caps:
             console.print("capabilities: " + ", ".join(f"{k}={v}" for k, v in caps.items()))
         t = Table("case", "model", "real", "agree")
+        t.columns[0].no_wrap = True
         for r in rows:
             mark = "[green]yes[/]" if r.agree else ("[yellow]skip[/]" if r.agree is None else "[red]NO[/]")
-            t.add_row(r.case, _fmt(r.results[model.name]), _fmt(r.results[real.name]), mark)
+            t.add_row(escape(r.case), escape(format_value(r.results[model.name])),
+                      escape(format_value(r.results[real.name])), mark)
         console.print(t)
         console.print(f"{len(ran)} cases run, {len(ran) - len(bad)} agree, {len(bad)} disagree, {len(skipped)} skipped")
         for r in skipped:
-            console.print(f"  skipped {r.case}: {r.results[real.name]}")
+            console.print(f"  skipped {escape(r.case)}: {escape(str(r.results[real.name]))}", soft_wrap=True)
     sys.exit(1 if bad else 0)

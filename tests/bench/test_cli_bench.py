@@ -8,6 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 import kvmsim.cli_bench  # noqa: F401  (registers the command on the group)
+from kvmsim.bench.dirty_log_perf import Options
+from kvmsim.errors import UsageError
 from kvmsim.cli import cli
 
 SMALL = ["bench", "dirty-log", "-b", "8M", "-v", "2", "--no-isolate"]
@@ -108,3 +110,80 @@ def test_plot_of_one_size(tmp_path):
     r = invoke("--plot", str(out))
     assert r.exit_code == 0, r.output
     assert out.stat().st_size > 1000
+
+
+# ---- checked before the first run ---------------------------------------------------------------------
+
+@pytest.fixture
+def no_run(monkeypatch):
+    """Fail the test if any run starts: every refusal below must come before anything is allocated."""
+    from kvmsim.bench import dirty_log_perf, real
+
+    def boom(*a, **k):
+        raise AssertionError("a run started")
+    for mod, name in ((dirty_log_perf, "run_model"), (dirty_log_perf, "run_model_isolated"), (real, "run_real")):
+        monkeypatch.setattr(mod, name, boom)
+
+
+def test_a_run_that_cannot_fit_is_refused_with_the_size_it_needs(monkeypatch, no_run):
+    from kvmsim.bench import dirty_log_perf as dlp
+    monkeypatch.setattr(dlp, "mem_available", lambda: 1 << 30)
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", "64G", "-v", "2", "--policy", "series"])
+    assert r.exit_code == 2, r.output
+    need = (128 << 30 >> 12) * dlp.BYTES_PER_GUEST_PAGE + 2 * dlp.BASE_BYTES
+    assert f"needs about {need / 2**30:,.2f} GiB" in r.output and "MemAvailable is 1.00 GiB" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_estimate_is_the_per_page_footprint_times_pages():
+    from kvmsim.bench import dirty_log_perf as dlp
+    o = Options(vcpu_memory=1 << 30, vcpus=3)
+    assert dlp.estimate_bytes(o) == 3 * 262144 * dlp.BYTES_PER_GUEST_PAGE + dlp.BASE_BYTES
+    dlp.check_memory(dlp.estimate_bytes(o), "x", available=dlp.estimate_bytes(o))      # exactly fits
+    with pytest.raises(UsageError, match="needs about"):
+        dlp.check_memory(dlp.estimate_bytes(o), "x", available=dlp.estimate_bytes(o) - 1)
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["-v", "100000"], "'-v': 100000 is not in the range 1<=x<=4096"),
+    (["-v", "0"], "'-v'"), (["-r", "0"], "'-r'"), (["-r", "-5"], "'-r'"), (["-r", "x"], "'-r'"),
+    (["-i", "1"], "-i"), (["-w", "101"], "'-w'"), (["-b", "0"], "-b"), (["-x", "0"], "'-x'"),
+    (["--plot", "/nonexistent-dir/x.png"], "does not exist"),
+    (["--plot", "PLOTDIR/x.xyz"], "format 'xyz' is not supported"),
+    (["--plot", "PLOTDIR/noext"], "name the format with an extension"),
+    (["--plot", "PLOTDIR"], "is a directory"),
+])
+def test_bad_options_exit_2_before_any_run(args, msg, tmp_path, no_run):
+    if any("PLOTDIR" in a for a in args):
+        pytest.importorskip("matplotlib")
+    args = [a.replace("PLOTDIR", str(tmp_path)) for a in args]
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", "4M", *args])
+    assert r.exit_code == 2, r.output
+    assert msg in r.output and "Traceback" not in r.output
+
+
+def test_progress_reports_every_phase_on_stderr():
+    r = CliRunner().invoke(cli, [*SMALL, "--policy", "series", "--progress", "--json"], catch_exceptions=False)
+    assert r.exit_code == 0
+    json.loads(r.stdout)                                       # stdout is still pure JSON
+    err = r.stderr.splitlines()
+    for label in ("Populate memory", "Enabling dirty logging", "Iteration 2 clear dirty log",
+                  "Disabling dirty logging"):
+        assert any(line.startswith(f"model series -b 8M: {label} ") and line.endswith(" s") for line in err), label
+    assert err[-1].startswith("model series -b 8M: done in")
+
+
+def test_progress_is_off_when_not_a_terminal_and_from_the_worker_when_isolated():
+    r = CliRunner().invoke(cli, [*SMALL, "--policy", "series"], catch_exceptions=False)
+    assert r.exit_code == 0 and "done in" not in r.stderr
+    r = CliRunner().invoke(cli, ["bench", "dirty-log", "-b", "4M", "--policy", "legacy", "--progress", "--json"],
+                           catch_exceptions=False)                     # isolated: phases come over the pipe
+    assert r.exit_code == 0
+    assert "model legacy -b 4M: Iteration 1 dirty memory" in r.stderr
+
+
+def test_tables_are_whole_when_piped():
+    r = invoke("--policy", "series")
+    table = [line for line in r.output.splitlines() if line.startswith("│populate")]
+    assert table and all("…" not in line for line in table)
+    assert "fast PF" in r.output

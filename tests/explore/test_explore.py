@@ -157,3 +157,74 @@ def test_cli_replay_and_bad_input():
         r = CliRunner().invoke(cli, args)
         assert r.exit_code == 2, (args, r.output)
         assert "Traceback" not in r.output
+
+
+# ---- completeness ------------------------------------------------------------------------------------
+
+def test_dfs_that_runs_out_of_schedules_is_complete():
+    res = run("fault-vs-munmap", "series", bound=2)
+    assert res.violating is None and res.complete and res.coverage.value == "complete"
+    assert res.pending == 0 and res.explored > 3
+
+
+def test_dfs_stopped_by_the_cap_is_truncated_not_a_clean_bound():
+    full = run("fault-vs-munmap", "series", bound=2)
+    res = run("fault-vs-munmap", "series", bound=2, max_schedules=3)
+    assert res.violating is None and not res.complete
+    assert res.coverage.value == "truncated" and res.explored == 3 and res.pending > 0
+    assert res.explored < full.explored
+    assert "incomplete" in res.why() and "3" in res.why()
+    # a cap exactly at the space's size still finishes it: complete, not truncated
+    exact = run("fault-vs-munmap", "series", bound=2, max_schedules=full.explored)
+    assert exact.complete and exact.explored == full.explored
+
+
+def test_cli_truncated_search_says_so_and_exits_3():
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--policy", "series", "--max-schedules", "3"])
+    assert r.exit_code == 3, r.output
+    assert "no violation up to bound" not in r.output
+    assert "search incomplete" in r.output and "schedule cap (3)" in r.output
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--policy", "series", "--max-schedules", "3",
+                                    "--json"])
+    assert r.exit_code == 3
+    (d,) = json.loads(r.stdout)
+    assert d["coverage"] == "truncated" and d["complete"] is False and d["explored"] == 3
+    assert d["unexplored_prefixes"] > 0 and d["violation"] is None
+
+
+def test_cli_complete_search_says_so_and_exits_0():
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--policy", "series", "--json"])
+    assert r.exit_code == 0
+    (d,) = json.loads(r.output)
+    assert d["coverage"] == "complete" and d["complete"] is True
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--policy", "series"])
+    assert r.exit_code == 0 and "no violation up to bound 2 (search complete)" in r.output
+
+
+def test_cli_violation_found_under_a_cap_is_still_exit_0():
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--mutate", "skip-retry", "--policy", "series",
+                                    "--json", "--max-schedules", "50"])
+    assert r.exit_code == 0
+    (d,) = json.loads(r.output)
+    assert d["violation"]["invariant"] == "INV-5" and d["coverage"] == "stopped"
+
+
+def test_cli_list_names_every_race_with_its_description():
+    r = CliRunner().invoke(_cli(), ["explore", "--list"])
+    assert r.exit_code == 0
+    for s in SCENARIOS.values():
+        assert any(line.startswith(s.name + " ") and s.doc in line for line in r.output.splitlines()), s.name
+    r = CliRunner().invoke(_cli(), ["explore", "--list", "--json"])
+    assert {d["name"] for d in json.loads(r.output)} == set(SCENARIOS)
+    r = CliRunner().invoke(_cli(), ["explore"])
+    assert r.exit_code == 2 and "--list" in r.output
+
+
+def test_cli_bad_max_schedules_is_a_usage_error():
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--max-schedules", "0"])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+def test_cli_absurd_replay_count_is_a_usage_error_not_memoryerror():
+    r = CliRunner().invoke(_cli(), ["explore", "fault-vs-munmap", "--replay", "vcpu0*99999999999"])
+    assert r.exit_code == 2 and "at most" in r.output and "Traceback" not in r.output

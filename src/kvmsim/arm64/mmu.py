@@ -43,10 +43,12 @@ import errno
 
 import numpy as np
 
+from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin,
                             kvm_set_pfn_dirty)
 from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2
 from kvmsim.mm.gup import FOLL
+from kvmsim.mm.vma import VM
 from kvmsim.sched import Steps, kpath
 from kvmsim.trace import Src
 from kvmsim.types import PAGE_SHIFT
@@ -67,6 +69,33 @@ class Arm64Mmu(GenericStage2):
     There is no dirty bit: KVM does not use DBM at stage 2."""
 
     name = "arm64"
+
+    def __init__(self, kvm, *, ipa_bits: int = 40, **opts):
+        super().__init__(kvm, **opts)
+        if not 32 <= ipa_bits <= 52:
+            raise UsageError(f"ipa_bits must be in [32, 52] (KVM_VM_TYPE_ARM_IPA_SIZE), not {ipa_bits}")
+        #: The VM's IPA size: ``kvm_phys_size(&kvm->arch.mmu)`` is ``1 << ipa_bits``; a VM type of 0
+        #: gets the default 40 bits (KVM_PHYS_SHIFT), KVM_VM_TYPE_ARM_IPA_SIZE(n) asks for n.
+        self.ipa_bits = ipa_bits
+
+    def prepare_memory_region(self, old, new, change) -> None:
+        """Mirrors ``kvm_arch_prepare_memory_region()`` (arch/arm64/kvm/mmu.c, v6.12 and v6.13).
+
+        CREATE, MOVE and FLAGS_ONLY only: a slot ending past the IPA space is EFAULT
+        (``base_gfn + npages > kvm_phys_size() >> PAGE_SHIFT``); then each VMA the region overlaps
+        (``find_vma_intersection()``, holes skipped): a VM_PFNMAP one with LOG_DIRTY_PAGES is EINVAL,
+        "IO region dirty page logging not allowed" (VM_PFNMAP only: a VM_IO-only VMA passes).  The MTE
+        check (``kvm_vma_mte_allowed()``) is not modelled.
+        """
+        from kvmsim.kvm.memslot import KvmMrChange, vmas_of_region
+        if change not in (KvmMrChange.CREATE, KvmMrChange.MOVE, KvmMrChange.FLAGS_ONLY):
+            return
+        if new.base_gfn + new.npages > (1 << self.ipa_bits) >> PAGE_SHIFT:
+            raise ModelError(errno.EFAULT, f"slot {new.id}: gfn range ends past the {self.ipa_bits}-bit IPA space")
+        for vma in vmas_of_region(self.kvm.mm, new):
+            if vma.flags & VM.PFNMAP and new.logging:
+                raise ModelError(errno.EINVAL, f"slot {new.id}: IO region dirty page logging not allowed "
+                                               f"(VM_PFNMAP VMA at {vma.start:#x})")
 
     # ---- kvm_handle_guest_abort ------------------------------------------------------------------
     @kpath

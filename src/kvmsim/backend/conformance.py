@@ -19,12 +19,50 @@ from dataclasses import dataclass, field
 from kvmsim.backend.base import (BOOT_GPA_END, Exit, Falloc, GuestMemfdFlags, Madv, ManualProtect, MappingKind,
                                  MemoryRegion, MemoryRegionApi, Prot, VmOptions, delete_memory_region,
                                  move_memory_region, page_gpas, update_memory_region_flags)
-from kvmsim.errors import KvmsimError
+from kvmsim.errors import KvmsimError, errno_name
 from kvmsim.types import Gpa
 
 F_LOG, F_RO, F_GMEM = 1, 2, 4
 GPA = 1 << 30
 MB = 1 << 20
+
+
+class Errno(int):
+    """An errno observable: equal to the number, printed as its name (``EFAULT``; 0 as ``ok``)."""
+
+    def __repr__(self) -> str:
+        return "ok" if self == 0 else errno_name(int(self))
+
+    __str__ = __repr__
+
+
+def format_value(v, top: bool = True) -> str:
+    """An observable as a reader wants it: errno names, exit names, ``yes``/``no``, ``-`` for None,
+    bytes as hex; a case's tuple as ``a, b, c`` with nested tuples in parentheses, space-separated."""
+    if isinstance(v, Errno):
+        return repr(v)
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None:
+        return "-"
+    if isinstance(v, (bytes, bytearray)):
+        return "0x" + bytes(v).hex() if len(v) <= 16 else f"0x{bytes(v[:16]).hex()}... ({len(v)} bytes)"
+    if isinstance(v, (tuple, list, frozenset, set)):
+        items = sorted(v) if isinstance(v, (frozenset, set)) else v
+        parts = [format_value(x, False) for x in items]
+        return ", ".join(parts) if top else "(" + " ".join(parts) + ")"
+    return str(v)
+
+
+def json_value(v):
+    """An observable as JSON: errnos by name, tuples as lists, bytes as hex."""
+    if isinstance(v, Errno):
+        return repr(v)
+    if isinstance(v, (bytes, bytearray)):
+        return bytes(v).hex()
+    if isinstance(v, (tuple, list, frozenset, set)):
+        return [json_value(x) for x in (sorted(v) if isinstance(v, (frozenset, set)) else v)]
+    return v
 
 
 class Skip(Exception):
@@ -66,14 +104,14 @@ class _Vm:
         if out.errno:
             if kind in (MappingKind.HUGETLB_2M, MappingKind.IO_URING_RING, MappingKind.PERF_RING):
                 raise Skip(f"{kind.value} mapping not available here ({errno.errorcode.get(out.errno)})")
-            raise Skip(f"mmap {kind.value}: errno {out.errno}")
+            raise Skip(f"mmap {kind.value}: {errno_name(out.errno)}")
         self.maps.append(out.mapping)
         return out.mapping
 
     def slot(self, slot: int, gpa: int, m, flags: int = 0, size: int | None = None, offset: int = 0,
              api: MemoryRegionApi = MemoryRegionApi.V2) -> int:
-        return self.b.set_memory_region(MemoryRegion(slot, Gpa(gpa), size if size is not None else m.size - offset,
-                                                     m.at(offset), flags), api).errno
+        return Errno(self.b.set_memory_region(MemoryRegion(slot, Gpa(gpa), size if size is not None else m.size - offset,
+                                                           m.at(offset), flags), api).errno)
 
     def __exit__(self, *exc):
         for m in self.maps:
@@ -94,7 +132,8 @@ def _errno_case(name: str, setup: Callable, doc: str):
     def fn(b):
         with _Vm(b) as vm:
             m = vm.map(MappingKind.ANON_SHARED, 4 * MB)
-            return setup(vm, m)
+            out = setup(vm, m)                   # every number a memslot case returns is an errno
+            return tuple(map(Errno, out)) if isinstance(out, tuple) else Errno(out)
     fn.__doc__ = doc
     case(f"memslot-{name}", "memslot")(fn)
 
@@ -129,6 +168,31 @@ _errno_case("delete-recreate", lambda vm, m: (vm.slot(1, GPA, m, size=MB), delet
             "a deleted slot id can be reused")
 
 
+
+@case("memslot-move-keeps-dirty-log", "memslot")
+def _move_dirty(b):
+    """KVM_MR_MOVE of a logged slot keeps its dirty bitmap (kvm_prepare_memory_region reuses old->dirty_bitmap)"""
+    with _Vm(b) as vm:
+        m = vm.map(MappingKind.ANON_SHARED, MB)
+        vm.slot(1, GPA, m, flags=F_LOG)
+        b.guest_write([GPA + p * 4096 for p in (3, 17, 100)], 1)
+        moved = Errno(move_memory_region(b, 1, 2 * GPA).errno)
+        kept = b.get_dirty_log(1)
+        b.guest_write([2 * GPA + 5 * 4096], 2)
+        after = b.get_dirty_log(1)
+        return moved, Errno(kept.errno), tuple(sorted(kept.dirty)), tuple(sorted(after.dirty))
+
+
+@case("memslot-gpa-width", "memslot")
+def _gpa_width(b):
+    """a slot may end at 2^52 (x86 kvm_mmu_max_gfn() without TDP); one page further, or at 2^57, is EINVAL"""
+    with _Vm(b) as vm:
+        m = vm.map(MappingKind.ANON_SHARED, MB)
+        out = []
+        for gpa in ((1 << 52) - MB + 4096, 1 << 57, (1 << 52) - MB):
+            out.append(vm.slot(1, gpa, m))
+        return tuple(out)
+
 # ---- guest accesses and read-only slots -------------------------------------------------------------
 
 @case("guest-rw-roundtrip", "access")
@@ -151,6 +215,18 @@ def _ro(b):
         b.host_write(m, 0, (7).to_bytes(8, "little"))
         vm.slot(1, GPA, m, flags=F_RO)
         return _exits(b.guest_write([GPA], 1)), tuple(b.guest_read([GPA]).values)
+
+
+@case("pfnmap-readonly-pte-guest-write", "access")
+def _ro_pfnmap_write(b):
+    """guest writes to a perf ring's read-only VM_PFNMAP PTEs: perf_mmap_pfn_mkwrite() accepts the user page
+    (the store lands) and refuses the data pages (KVM_EXIT_MMIO)"""
+    with _Vm(b) as vm:
+        m = vm.map(MappingKind.PERF_RING, 2 * 4096)
+        vm.slot(1, GPA, m, size=2 * 4096)
+        gp = page_gpas(GPA, 2)
+        w = b.guest_write(gp, 0x77)
+        return _exits(w), tuple(b.guest_read(gp).values)
 
 
 @case("no-slot-mmio", "access")
@@ -208,7 +284,9 @@ def _clear_align(b):
     with _Vm(b, VmOptions(manual_protect=ManualProtect.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)) as vm:
         m = vm.map(MappingKind.ANON_SHARED, MB)
         vm.slot(1, GPA, m, flags=F_LOG)
-        return tuple(b.clear_dirty_log(1, f, n).errno for f, n in ((1, 64), (0, 63), (64, 64), (192, 64), (0, 256)))
+        return tuple(Errno(b.clear_dirty_log(1, f, n).errno)
+                     for f, n in ((1, 64), (0, 63), (64, 64), (192, 64), (0, 256),
+                                  (32, 64), (0, 32), (0, 96), (64, 192), (64, 200)))
 
 
 @case("clear-log-partial", "dirty")
@@ -230,7 +308,7 @@ def _nolog(b):
     with _Vm(b) as vm:
         m = vm.map(MappingKind.ANON_SHARED, MB)
         vm.slot(1, GPA, m)
-        return b.get_dirty_log(1).errno
+        return Errno(b.get_dirty_log(1).errno)
 
 
 @case("dirty-ring-exact", "ring")
@@ -243,7 +321,7 @@ def _ring(b):
         b.guest_write([GPA + p * 4096 for p in pages], 1)
         got = b.dirty_ring_harvest()
         n = b.dirty_ring_reset()
-        return tuple(sorted({g.offset for g in got})) == tuple(pages), len(got) == n, b.get_dirty_log(1).errno
+        return tuple(sorted({g.offset for g in got})) == tuple(pages), len(got) == n, Errno(b.get_dirty_log(1).errno)
 
 
 # ---- host operations under a live slot ------------------------------------------------------------------
@@ -255,7 +333,7 @@ def _host_op_case(name: str, kind: MappingKind, op: Callable, doc: str):
             vm.slot(1, GPA, m)
             gp = page_gpas(GPA, 4)
             b.guest_write(gp, 0x11)
-            res = op(vm, m)
+            res = Errno(op(vm, m))
             r = b.guest_read(gp)
             w = b.guest_write([GPA + 4096], 0x22)
             return res, _exits(r), tuple(r.values), _exits(w)
@@ -333,7 +411,7 @@ def _pv_case(name: str, kind: MappingKind, between: Callable | None, doc: str, p
                 b.guest_write([GPA], 0)
             b.kvmclock_enable(Gpa(GPA))
             first = b.kvmclock_update().written
-            extra = between(vm, m) if between else None
+            extra = Errno(between(vm, m)) if between else None
             second = b.kvmclock_update().written
             return first, extra, second
     fn.__doc__ = doc
@@ -359,7 +437,7 @@ _pv_case("io-uring", MappingKind.IO_URING_RING, None, "io_uring ring (VM_MIXEDMA
 for _flags in (0, 1, 3, 2, 4):
     def _gmem(b, flags=_flags):
         with _Vm(b):
-            return b.create_guest_memfd(2 * MB, GuestMemfdFlags(flags)).errno
+            return Errno(b.create_guest_memfd(2 * MB, GuestMemfdFlags(flags)).errno)
     _gmem.__doc__ = f"KVM_CREATE_GUEST_MEMFD flags {_flags:#x}"
     case(f"gmem-create-flags-{_flags}", "gmem")(_gmem)
 
@@ -372,7 +450,7 @@ def _gmem_log(b):
         m = vm.map(MappingKind.ANON_SHARED, 2 * MB)
         out = []
         for fl in (F_GMEM | F_LOG, F_GMEM | F_RO):
-            out.append(b.set_memory_region(MemoryRegion(1, Gpa(GPA), 2 * MB, m.hva, fl, g)).errno)
+            out.append(Errno(b.set_memory_region(MemoryRegion(1, Gpa(GPA), 2 * MB, m.hva, fl, g)).errno))
         return tuple(out)
 
 

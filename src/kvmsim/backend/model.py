@@ -161,7 +161,8 @@ class ModelBackend:
                 vma = mm.mmap(size, VmaKind.ANON, thp=True, addr=addr)
             elif kind is MappingKind.PERF_RING:
                 drv = self.host.add_driver(f"perf{self._next_id}", size // PAGE_SIZE, "driver_refcounted",
-                                           pte_write="on_write_fault")
+                                           pte_write="on_write_fault",
+                                           pfn_mkwrite=lambda pgoff: pgoff == 0)   # perf_mmap_pfn_mkwrite()
                 vma = mm.mmap(size, VmaKind.PFNMAP, driver=drv, addr=addr)
             elif kind is MappingKind.VVAR:
                 drv = self.host.add_driver(f"vvar{self._next_id}", size // PAGE_SIZE, "reserved", pte_write="never")

@@ -12,19 +12,27 @@ and one pass just after (the faults that re-create huge mappings after zapping c
 gone with in-place recovery).  The printed disable time is the ioctls' alone, as in the selftest.
 
 vCPUs run one after another (the model has no parallelism); a phase's time is the sum.
+
+Before anything is allocated, :func:`check_memory` refuses a run whose estimated footprint
+(:data:`BYTES_PER_GUEST_PAGE` per guest page plus :data:`BASE_BYTES`) exceeds ``MemAvailable``.
+Model runs go to a forked worker (:func:`run_model_isolated`) that reports each phase back as it
+starts and ends; SIGTERM or SIGINT to the parent stops the worker, and the worker dies with the
+parent (``PR_SET_PDEATHSIG``) even if the parent is killed outright.
 """
 
 from __future__ import annotations
 
 import os
 import resource
+import signal
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 import numpy as np
 
 from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass, write_masks
-from kvmsim.errors import UsageError
+from kvmsim.errors import KvmsimError, UsageError
 from kvmsim.kvm.dirty import (
     KVM_DIRTY_LOG_INITIALLY_SET,
     KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
@@ -42,6 +50,23 @@ from kvmsim.x86.dirty_log import gfn_aligned_pieces
 STRUCT_PAGE_KINDS = ("set_dirty", "mark_accessed", "get_page", "put_page", "pin", "unpin")
 MMU_COUNTERS = ("spte_write", "tlb_flush", "page_fault", "fast_page_fault")
 COLUMNS = STRUCT_PAGE_KINDS + MMU_COUNTERS
+
+#: ``KVM_MAX_VCPUS`` on x86 (arch/x86/include/asm/kvm_host.h, v6.12 and v6.13): the largest ``-v``;
+#: dirty_log_perf_test refuses more than ``KVM_CAP_MAX_VCPUS`` the same way.
+KVM_MAX_VCPUS = 4096
+#: ``-r`` is read with ``atoi_positive("Random seed", optarg)`` into a ``uint32_t``: 1 .. INT_MAX.
+SEED_MAX = 2**31 - 1
+
+#: Peak RSS per guest 4 KiB page of the flow (mem_map, host PTEs, SPTEs, bitmaps, per-GiB
+#: temporaries), above :data:`BASE_BYTES`.  Measured with ``kvmsim bench dirty-log --json``
+#: (``peak_rss_bytes``, both policies): 62 B/page anonymous at 2, 8 and 32 GiB; 68 THP; 70 shmem with
+#: ``-v 4 -x 4``; 78 hugetlb-2M with ``-e``; rounded up.  Sizes the memory check and the warm-up.
+BYTES_PER_GUEST_PAGE = 80
+#: The interpreter, numpy and the model's fixed structures (~82 MiB measured), rounded up.
+BASE_BYTES = 96 << 20
+
+#: A phase's progress: ``(name, iteration, seconds)``, seconds None when the phase starts.
+Progress = Callable[[str, "int | None", "float | None"], None]
 
 
 @dataclass
@@ -62,8 +87,10 @@ class Options:
     def check(self) -> None:
         if self.iterations < 2:
             raise UsageError("-i: iterations must be >= 2 (dirty_log_perf_test's rule)")
-        if self.vcpus < 1:
-            raise UsageError("-v: at least one vCPU")
+        if not 1 <= self.vcpus <= KVM_MAX_VCPUS:
+            raise UsageError(f"-v: invalid number of vcpus, must be between 1 and {KVM_MAX_VCPUS}")
+        if not 1 <= self.seed <= SEED_MAX:
+            raise UsageError(f"-r: the random seed must be in 1..{SEED_MAX} (atoi_positive)")
         if not 0 <= self.write_percent <= 100:
             raise UsageError("-w: write percent must be in 0..100")
         if self.vcpu_memory <= 0 or self.vcpu_memory % 4096:
@@ -128,14 +155,16 @@ def summarize(counters: dict[str, int]) -> dict[str, int]:
 
 
 class _Clock:
-    def __init__(self, journal, phases: list[Phase]):
-        self.journal, self.phases = journal, phases
+    def __init__(self, journal, phases: list[Phase], progress: Progress | None = None):
+        self.journal, self.phases, self.progress = journal, phases, progress
 
     def __call__(self, name: str, iteration: int | None = None):
         clock = self
 
         class _Ctx:
             def __enter__(self):
+                if clock.progress:
+                    clock.progress(name, iteration, None)
                 self.before = clock.journal.snapshot()
                 self.t0 = time.perf_counter_ns()
 
@@ -144,11 +173,14 @@ class _Clock:
                 if exc[0] is None:
                     clock.phases.append(Phase(name, iteration, dt / 1e9, clock.journal.since(self.before),
                                               peak_rss()))
+                    if clock.progress:
+                        clock.progress(name, iteration, dt / 1e9)
         return _Ctx()
 
 
-def run_model(opts: Options, policy: str) -> RunResult:
-    """Run the whole flow on a fresh host and VM under ``policy``; returns timings and counters."""
+def run_model(opts: Options, policy: str, progress: Progress | None = None) -> RunResult:
+    """Run the whole flow on a fresh host and VM under ``policy``; returns timings and counters.
+    ``progress`` is called as each phase starts and ends."""
     opts.check()
     t_start = time.perf_counter()
     host = Host(recording=False)
@@ -161,7 +193,7 @@ def run_model(opts: Options, policy: str) -> RunResult:
     per = opts.vcpu_memory >> PAGE_SHIFT
     rng = np.random.default_rng(opts.seed)
     phases: list[Phase] = []
-    clock = _Clock(kvm.journal, phases)
+    clock = _Clock(kvm.journal, phases, progress)
 
     def all_vcpus(value: int, percent: int) -> None:
         for k, v in enumerate(vcpus):
@@ -245,9 +277,31 @@ def reset_peak_rss() -> bool:
         return False
 
 
-#: Peak RSS per guest 4 KiB page of the flow (mem_map, host PTEs, SPTEs, bitmaps), measured at 64 GiB
-#: (1.12 GiB / 16 Mi pages), rounded up; sizes the warm-up.
-BYTES_PER_GUEST_PAGE = 72
+def estimate_bytes(opts: Options) -> int:
+    """The model run's peak RSS, estimated before anything is allocated."""
+    return (opts.total >> PAGE_SHIFT) * BYTES_PER_GUEST_PAGE + BASE_BYTES
+
+
+def mem_available() -> int | None:
+    """``MemAvailable`` from /proc/meminfo in bytes, or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+def check_memory(need: int, what: str, available: int | None = None) -> None:
+    """Refuse (``UsageError``) a run that needs more than ``MemAvailable``, before it allocates."""
+    avail = mem_available() if available is None else available
+    if avail is not None and need > avail:
+        raise UsageError(f"{what} needs about {_gib(need)} of memory ({BYTES_PER_GUEST_PAGE} B per guest "
+                         f"4 KiB page plus {BASE_BYTES >> 20} MiB), but MemAvailable is {_gib(avail)}; "
+                         "use a smaller -b or -v")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**40:,.1f} TiB" if n >= 2**40 else f"{n / 2**30:,.2f} GiB"
 
 
 def warm_memory(nbytes: int) -> None:
@@ -258,12 +312,9 @@ def warm_memory(nbytes: int) -> None:
     back (free page reporting), so a warm-up at the start of a session decays.  Warming right before
     each run makes the numbers measure the model (kvm-on-these-machines.md §2: benchmarks must warm
     up).  Capped at three quarters of MemAvailable."""
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    avail = mem_available()
+    if avail is not None:
         nbytes = min(nbytes, avail * 3 // 4)
-    except (OSError, StopIteration, ValueError):
-        pass
     if nbytes >= 8:
         buf = np.ones(nbytes // 8, dtype=np.int64)
         del buf
@@ -287,25 +338,119 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def _run_warm(opts: Options, policy: str, warm: bool) -> RunResult:
+def _run_warm(opts: Options, policy: str, warm: bool, progress: Progress | None = None) -> RunResult:
     if warm:
         keep_freed_memory()
         if os.access("/proc/self/clear_refs", os.W_OK):  # else the warm-up would count as the run's peak
-            warm_memory((opts.total >> PAGE_SHIFT) * BYTES_PER_GUEST_PAGE + (64 << 20))
+            if progress:
+                progress("warm-up", None, None)
+            warm_memory(estimate_bytes(opts))
             reset_peak_rss()
-    return run_model(opts, policy)
+    return run_model(opts, policy, progress)
 
 
-def run_model_isolated(opts: Options, policy: str, *, warm: bool = True) -> RunResult:
+class WorkerError(KvmsimError):
+    """The forked benchmark worker failed or died; the message carries what it reported."""
+
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """``prctl(PR_SET_PDEATHSIG, SIGKILL)``: the kernel kills this worker when the parent exits, even
+    by SIGKILL; if the parent is already gone, exit now."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _worker(conn, parent: int, opts: Options, policy: str, warm: bool) -> None:
+    """The forked child: run, send ``("phase", ...)`` as phases go and ``("result", r)`` or an error."""
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides; it stops us with SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)   # blocked by the parent around fork
+    try:
+        res = _run_warm(opts, policy, warm, lambda *a: conn.send(("phase", a)))
+        conn.send(("result", res))
+    except UsageError as e:
+        conn.send(("usage", str(e)))
+    except KvmsimError as e:
+        conn.send(("error", str(e)))
+    except MemoryError:
+        conn.send(("error", f"the model run ran out of memory (estimated {estimate_bytes(opts) >> 20} MiB)"))
+    except BaseException:                               # a model bug: keep its traceback
+        import traceback
+        conn.send(("crash", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+#: Held off while the worker is forked, so a signal never lands between fork() and Process knowing
+#: its child (a KeyboardInterrupt there left a started child that ``Process`` could not join).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run_model_isolated(opts: Options, policy: str, *, warm: bool = True,
+                       progress: Progress | None = None) -> RunResult:
     """:func:`run_model` in a forked child, so its peak RSS is its own (in-process without fork).
 
     ``warm``: the child first makes malloc keep freed temporaries (:func:`keep_freed_memory`), writes
     and frees as much memory as the run will use (:func:`warm_memory`) and resets its peak RSS,
-    all outside the timed flow."""
+    all outside the timed flow.  ``progress`` is called in this process as the child's phases start
+    and end.  SIGTERM to this process (turned into ``SystemExit(143)`` while the child runs) and
+    SIGINT (``KeyboardInterrupt``) terminate the child before they propagate."""
     import multiprocessing as mp
     try:
         ctx = mp.get_context("fork")
     except ValueError:
-        return run_model(opts, policy)
-    with ctx.Pool(1) as pool:
-        return pool.apply(_run_warm, (opts, policy, warm))
+        return run_model(opts, policy, progress)
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_worker, args=(send, os.getpid(), opts, policy, warm), daemon=True)
+    old_term = None
+    try:
+        old_term = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:                                  # not the main thread: leave SIGTERM alone
+        pass
+    try:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            proc.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)     # a pending signal is raised here
+        send.close()
+        while True:
+            try:
+                kind, payload = recv.recv()
+            except EOFError:
+                proc.join()
+                raise WorkerError(f"the benchmark worker died without a result (exit code {proc.exitcode})") from None
+            if kind == "phase":
+                if progress:
+                    progress(*payload)
+            elif kind == "result":
+                return payload
+            elif kind == "usage":
+                raise UsageError(payload)
+            elif kind == "error":
+                raise WorkerError(payload)
+            else:
+                raise RuntimeError("the benchmark worker crashed:\n" + payload)
+    finally:
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+        proc.join()
+        recv.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)

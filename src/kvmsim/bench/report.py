@@ -138,6 +138,25 @@ def _pyplot():
     return plt
 
 
+def check_plot_path(path: str) -> None:
+    """Refuse a ``--plot`` path before the run: matplotlib present, the directory exists and is
+    writable, the extension names a format matplotlib writes."""
+    import os
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    d = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(d):
+        raise UsageError(f"--plot {path}: directory {d} does not exist")
+    if not os.access(d, os.W_OK):
+        raise UsageError(f"--plot {path}: directory {d} is not writable")
+    ext = os.path.splitext(path)[1].lstrip(".").lower()
+    if not ext:
+        raise UsageError(f"--plot {path}: name the format with an extension ({', '.join(formats)})")
+    if ext not in formats:
+        raise UsageError(f"--plot {path}: format {ext!r} is not supported; use one of {', '.join(formats)}")
+
+
 def plot(results: list[RunResult], path: str) -> None:
     """One size: phase times and cost counters, one bar group per phase, one bar per run.  Several
     sizes: wall time and the flow's counters against the guest size, one line per backend:policy."""

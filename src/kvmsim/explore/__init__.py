@@ -5,10 +5,10 @@ Scenarios (:mod:`.scenarios`) race kernel paths written as ``@kpath`` generators
 printed schedule; :mod:`.mutations` switches off one safety mechanism at a time.
 """
 
-from kvmsim.explore.engine import (Result, Run, execute, explore, format_schedule, parse_schedule,
-                                   shrink)
+from kvmsim.explore.engine import (MAX_SCHEDULES, Coverage, Result, Run, execute, explore, format_schedule,
+                                   parse_schedule, shrink)
 from kvmsim.explore.mutations import MUTATIONS, Mutations
 from kvmsim.explore.scenarios import SCENARIOS, Scenario
 
-__all__ = ["MUTATIONS", "Mutations", "Result", "Run", "SCENARIOS", "Scenario", "execute", "explore",
+__all__ = ["MAX_SCHEDULES", "Coverage", "MUTATIONS", "Mutations", "Result", "Run", "SCENARIOS", "Scenario", "execute", "explore",
            "format_schedule", "parse_schedule", "shrink"]

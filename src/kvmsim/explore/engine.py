@@ -6,10 +6,16 @@ runs out, or names a thread that is blocked or done (that entry is skipped), the
 without preemption: the current thread while it can run, else the first runnable one.  Generators
 cannot be cloned, so every schedule re-executes from a fresh setup.  Printed as one argument,
 run-length encoded: ``vcpu0*2,host*3,vcpu0``.
+
+Completeness: a DFS that ran out of schedules to try is *complete* (no violation up to the bound is
+a proof over the model); one that hit ``max_schedules`` first is *truncated* and says so, with the
+number explored and how many prefixes were still queued.  Random and replay runs cover only what they
+ran (*sampled*, *replay*).
 """
 
 from __future__ import annotations
 
+import enum
 import random
 import time
 from dataclasses import dataclass, field
@@ -32,13 +38,20 @@ def format_schedule(names: list[str]) -> str:
     return ",".join(out)
 
 
+#: Longest schedule ``--replay`` takes: far beyond any built-in race's step count.
+MAX_SCHEDULE_STEPS = 10_000
+
+
 def parse_schedule(text: str) -> list[str]:
     out: list[str] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, n = part.partition("*")
         if not name or (n and not n.isdigit()):
             raise UsageError(f"bad schedule element {part!r}: expected THREAD or THREAD*COUNT")
-        out.extend([name] * (int(n) if n else 1))
+        count = int(n) if n else 1
+        if len(out) + count > MAX_SCHEDULE_STEPS:
+            raise UsageError(f"schedule element {part!r}: a schedule has at most {MAX_SCHEDULE_STEPS:,} steps")
+        out.extend([name] * count)
     return out
 
 
@@ -137,24 +150,63 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
 
 # ---- schedulers ------------------------------------------------------------------------------------
 
+#: Default cap on the schedules one DFS executes (``kvmsim explore --max-schedules``).
+MAX_SCHEDULES = 100_000
+
+
+class Coverage(enum.Enum):
+    """How much of the schedule space a search covered."""
+
+    COMPLETE = "complete"        # DFS: every schedule within the preemption bound was run
+    TRUNCATED = "truncated"      # DFS: stopped at max_schedules with schedules left to try
+    STOPPED = "stopped"          # stopped at the first violation (the rest was not searched)
+    SAMPLED = "sampled"          # random: the N schedules asked for
+    REPLAY = "replay"            # one given schedule
+
+
 @dataclass
 class Result:
     explored: int = 0
     elapsed: float = 0.0
     violating: Run | None = None
     shortest: list[str] | None = None
-    complete: bool = True
+    coverage: Coverage = Coverage.COMPLETE
+    pending: int = 0             # prefixes still queued when a DFS was truncated
+    max_schedules: int | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True when no violation means none exists within the bound (a finished DFS)."""
+        return self.coverage is Coverage.COMPLETE
+
+    def why(self) -> str:
+        """One line on the coverage, for a human."""
+        if self.coverage is Coverage.TRUNCATED:
+            return (f"search incomplete: stopped at the schedule cap ({self.max_schedules:,}) after "
+                    f"{self.explored:,} schedules, {self.pending:,} unexplored prefixes left; "
+                    "raise --max-schedules or lower --bound")
+        return {Coverage.COMPLETE: "search complete", Coverage.STOPPED: "search stopped at the first violation",
+                Coverage.SAMPLED: f"{self.explored:,} random schedules (a sample, not a proof)",
+                Coverage.REPLAY: "one replayed schedule"}[self.coverage]
 
     @property
     def rate(self) -> float:
         return self.explored / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def dfs(scenario, policy, mutations, bound: int, limit: int = 100_000) -> Iterator[Run]:
-    """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes)."""
+def dfs(scenario, policy, mutations, bound: int, limit: int = MAX_SCHEDULES,
+        result: Result | None = None) -> Iterator[Run]:
+    """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes).
+
+    Stops after ``limit`` schedules; if prefixes were still queued then, ``result`` (when given) is
+    marked :attr:`Coverage.TRUNCATED` with their number."""
     stack: list[list[str]] = [[]]
     n = 0
-    while stack and n < limit:
+    while stack:
+        if n >= limit:
+            if result is not None:
+                result.coverage, result.pending = Coverage.TRUNCATED, len(stack)
+            return
         prefix = stack.pop()
         run = execute(scenario, policy, mutations, prefix)
         n += 1
@@ -198,22 +250,29 @@ def shrink(scenario, policy, mutations, schedule: list[str], invariant: str) -> 
 
 
 def explore(scenario, policy, mutations, *, bound: int | None = None, random_n: int | None = None,
-            seed: int = 0, replay: list[str] | None = None,
+            seed: int = 0, replay: list[str] | None = None, max_schedules: int = MAX_SCHEDULES,
             progress: Callable[[int], None] | None = None) -> Result:
-    res = Result()
+    """Run a scheduler over ``scenario``; the result says what it found and how much it covered."""
+    if max_schedules < 1:
+        raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
+    res = Result(max_schedules=max_schedules)
     t0 = time.perf_counter()
     if replay is not None:
+        res.coverage = Coverage.REPLAY
         runs: Iterator[Run] = iter([execute(scenario, policy, mutations, replay, strict=True)])
     elif random_n is not None:
+        res.coverage = Coverage.SAMPLED
         runs = random_runs(scenario, policy, mutations, random_n, seed)
     else:
-        runs = dfs(scenario, policy, mutations, 2 if bound is None else bound)
+        runs = dfs(scenario, policy, mutations, 2 if bound is None else bound, max_schedules, res)
     for run in runs:
         res.explored += 1
         if progress:
             progress(res.explored)
         if run.violation is not None:
             res.violating = run
+            if res.coverage is Coverage.COMPLETE:
+                res.coverage = Coverage.STOPPED
             break
     res.elapsed = time.perf_counter() - t0
     if res.violating is not None:

@@ -24,11 +24,9 @@ from __future__ import annotations
 
 import errno
 
-import numpy as np
-
 from kvmsim.errors import KvmBug, ModelError
 from kvmsim.kvm.memslot import (KVM_MEM, KvmMemorySlot, KvmMemslots, KvmMrChange, KvmUserspaceMemoryRegion2,
-                                validate_region)
+                                kvm_prepare_memory_region, new_memslot, validate_region)
 from kvmsim.mm.notifier import MmuNotifierRange
 from kvmsim.policies import DEFAULT_POLICY, Policy, get_policy
 from kvmsim.sched import Steps, Wait, current_thread, kpath
@@ -264,18 +262,16 @@ class Kvm:
         change, old = validate_region(self, mem, v1)
         if change is None:
             return None
+        new = None if change == KvmMrChange.DELETE else new_memslot(mem, old, change)
+        if new is not None and change == KvmMrChange.CREATE and int(flags) & KVM_MEM.GUEST_MEMFD:
+            from kvmsim.kvm.gmem import kvm_gmem_bind
+            kvm_gmem_bind(self, guest_memfd, guest_memfd_offset, memory_size >> PAGE_SHIFT)
+            new.gmem_file = guest_memfd
+        kvm_prepare_memory_region(self, old, new, change)        # raises before anything is committed
         self.journal.count(f"memslot_{change.value}")
         if change == KvmMrChange.DELETE:
             self._delete_slot(old)
         elif change == KvmMrChange.CREATE:
-            if int(flags) & KVM_MEM.GUEST_MEMFD:
-                from kvmsim.kvm.gmem import kvm_gmem_bind
-                kvm_gmem_bind(self, guest_memfd, guest_memfd_offset, memory_size >> PAGE_SHIFT)
-            new = KvmMemorySlot(slot & 0xFFFF, slot >> 16, guest_phys_addr >> PAGE_SHIFT, memory_size >> PAGE_SHIFT,
-                                userspace_addr, KVM_MEM(int(flags)), gmem_file=guest_memfd,
-                                gmem_pgoff=guest_memfd_offset >> PAGE_SHIFT)
-            if new.logging:
-                self._alloc_dirty_bitmap(new)
             self.memslots[new.as_id].install(new)
             self.arch.slot_apply_flags(None, new, change)
         elif change == KvmMrChange.MOVE:
@@ -285,29 +281,17 @@ class Kvm:
             self.mmu_lock.write_unlock()
             old.flags &= ~KVM_MEM.INVALID
             self.memslots[old.as_id].remove(old.id)
-            old.base_gfn = guest_phys_addr >> PAGE_SHIFT
-            old.flags = KVM_MEM(int(flags))
-            if old.logging:
-                self._alloc_dirty_bitmap(old)
+            old.base_gfn = new.base_gfn
+            old.flags = new.flags
+            old.dirty_bitmap = new.dirty_bitmap               # the old bitmap when logging stays on
             self.memslots[old.as_id].install(old)
         else:
             before = KvmMemorySlot(old.id, old.as_id, old.base_gfn, old.npages, old.userspace_addr, old.flags)
-            old.flags = KVM_MEM(int(flags))
-            if old.logging and old.dirty_bitmap is None:
-                self._alloc_dirty_bitmap(old)
-            elif not old.logging:
-                old.dirty_bitmap = None
+            old.flags = new.flags
+            old.dirty_bitmap = new.dirty_bitmap
             self.memslots[old.as_id].generation += 2
             self.arch.slot_apply_flags(before, old, change)
         return change
-
-    def _alloc_dirty_bitmap(self, slot: KvmMemorySlot) -> None:
-        if self.dirty_ring_size:
-            slot.dirty_bitmap = None
-            return
-        slot.dirty_bitmap = np.zeros(slot.npages, dtype=bool)
-        if self.manual_dirty_log_protect & 2:          # KVM_DIRTY_LOG_INITIALLY_SET
-            slot.dirty_bitmap[:] = True
 
     def _delete_slot(self, old: KvmMemorySlot) -> None:
         old.flags |= KVM_MEM.INVALID

@@ -1,14 +1,15 @@
 """Memslots and ``KVM_SET_USER_MEMORY_REGION(2)`` (virt/kvm/kvm_main.c ``__kvm_set_memory_region``, v6.13).
 
 Validation returns the kernel's errno in the kernel's order, so a model result compares directly
-with the real ioctl.
+with the real ioctl: the generic checks (:func:`validate_region`), then ``kvm_prepare_memory_region()``
+(the dirty bitmap, then the arch's ``kvm_arch_prepare_memory_region()``), before anything is committed.
 """
 
 from __future__ import annotations
 
 import bisect
 import errno
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, IntFlag
 
 import numpy as np
@@ -196,3 +197,54 @@ def validate_region(kvm, mem: KvmUserspaceMemoryRegion2, v1: bool) -> tuple[KvmM
     if change in (KvmMrChange.CREATE, KvmMrChange.MOVE) and slots.overlapping(base_gfn, base_gfn + npages, sid):
         raise ModelError(errno.EEXIST, f"slot {sid}: gfn range [{base_gfn:#x}, {base_gfn + npages:#x}) overlaps another slot")
     return change, old
+
+
+def new_memslot(mem: KvmUserspaceMemoryRegion2, old: KvmMemorySlot | None, change: KvmMrChange) -> KvmMemorySlot:
+    """The ``new`` slot ``__kvm_set_memory_region()`` builds for CREATE, MOVE and FLAGS_ONLY (for MOVE and
+    FLAGS_ONLY a copy of ``old`` with the new gpa and flags; nothing is installed yet)."""
+    flags = KVM_MEM(int(mem.flags))
+    if change == KvmMrChange.CREATE:
+        return KvmMemorySlot(mem.slot & 0xFFFF, mem.slot >> 16, mem.guest_phys_addr >> PAGE_SHIFT,
+                             mem.memory_size >> PAGE_SHIFT, mem.userspace_addr, flags,
+                             gmem_pgoff=mem.guest_memfd_offset >> PAGE_SHIFT)
+    return replace(old, base_gfn=mem.guest_phys_addr >> PAGE_SHIFT, flags=flags, dirty_bitmap=None)
+
+
+def kvm_use_dirty_bitmap(kvm) -> bool:
+    """``kvm_use_dirty_bitmap()``: no dirty ring (the ring-with-bitmap mode is not modelled)."""
+    return not kvm.dirty_ring_size
+
+
+def kvm_alloc_dirty_bitmap(kvm, slot: KvmMemorySlot) -> None:
+    """``kvm_alloc_dirty_bitmap()`` plus the ``bitmap_set()`` of KVM_DIRTY_LOG_INITIALLY_SET."""
+    slot.dirty_bitmap = np.zeros(slot.npages, dtype=bool)
+    if kvm.manual_dirty_log_protect & 2:                    # kvm_dirty_log_manual_protect_and_init_set()
+        slot.dirty_bitmap[:] = True
+
+
+def kvm_prepare_memory_region(kvm, old: KvmMemorySlot | None, new: KvmMemorySlot | None,
+                              change: KvmMrChange) -> None:
+    """Mirrors ``kvm_prepare_memory_region()`` (virt/kvm/kvm_main.c, v6.12 and v6.13, unchanged by the series).
+
+    The dirty bitmap of ``new``: none without LOG_DIRTY_PAGES; the *same* bitmap as ``old`` if the old
+    slot had one ("If logging is enabled in both old and new, reuse the existing bitmap"), so a
+    KVM_MR_MOVE of a logged slot keeps the pages dirtied before the move; otherwise a fresh one (all
+    set under KVM_DIRTY_LOG_INITIALLY_SET) unless the dirty ring is in use.  Then
+    ``kvm_arch_prepare_memory_region()``, which raises ``ModelError`` with the arch's errno; on failure
+    the kernel frees a bitmap it allocated here, the model simply drops ``new``.
+    """
+    if change != KvmMrChange.DELETE:
+        if not new.logging:
+            new.dirty_bitmap = None
+        elif old is not None and old.dirty_bitmap is not None:
+            new.dirty_bitmap = old.dirty_bitmap
+        elif kvm_use_dirty_bitmap(kvm):
+            kvm_alloc_dirty_bitmap(kvm, new)
+    kvm.arch.prepare_memory_region(old, new, change)
+
+
+def vmas_of_region(mm, new: KvmMemorySlot):
+    """The ``find_vma_intersection(current->mm, hva, reg_end)`` walk of the arm64 and RISC-V
+    ``kvm_arch_prepare_memory_region()``: each VMA overlapping ``[userspace_addr, +npages pages)`` in
+    address order, holes skipped."""
+    return sorted(mm.vmas_in(new.userspace_addr, new.hva_end), key=lambda v: v.start)

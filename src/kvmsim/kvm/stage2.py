@@ -285,6 +285,9 @@ class GenericStage2:
             for slot in slots:
                 self._zap(slot, 0, slot.npages, "flush_shadow_all")
 
+    def prepare_memory_region(self, old, new, change) -> None:
+        """``kvm_arch_prepare_memory_region()``: the generic stage-2 refuses nothing."""
+
     def slot_apply_flags(self, old, new, change) -> None:
         if new is not None and new.logging and (old is None or not old.logging) and "s2" in new.arch:
             _, bits = self._tables(new)

@@ -34,7 +34,7 @@ class Driver:
 
     def __init__(self, phys: PhysMem, name: str, npages: int, pfn_class: PfnClass, *, order: int = 0,
                  compound: bool = True, prefault: bool = True, pte_write: str = "always",
-                 mixed: bool = False, free_rule: str = "free"):
+                 mixed: bool = False, free_rule: str = "free", pfn_mkwrite=None):
         if pte_write not in ("always", "on_write_fault", "never"):
             raise ValueError(f"pte_write must be always, on_write_fault or never, not {pte_write!r}")
         if free_rule not in ("free", "put"):
@@ -46,6 +46,10 @@ class Driver:
         self.pte_write = pte_write
         self.mixed = mixed
         self.free_rule = free_rule
+        #: The driver's ``vm_ops->pfn_mkwrite`` as ``pgoff -> accepted``, asked on a write fault to a
+        #: present read-only PTE (mm/memory.c ``wp_pfn_shared()``); None accepts as ``pte_write`` says.
+        #: perf's ``perf_mmap_pfn_mkwrite()`` accepts only the user page, pgoff 0.
+        self.pfn_mkwrite = pfn_mkwrite
         self.owner_id = phys.register_owner(self)
         self.torn_down = False
         self.vmas: list[Vma] = []
@@ -87,6 +91,8 @@ class Driver:
         index = vma.pgoff + i
         if index >= len(self.pfns):
             return errno.EFAULT
+        if write and int(vma.pte[i]) & _P and self.pfn_mkwrite is not None and not self.pfn_mkwrite(index):
+            return errno.EFAULT                                  # pfn_mkwrite: VM_FAULT_SIGBUS
         bits = self._pte_bits(vma, write)
         if write and not bits & _W:
             return errno.EFAULT

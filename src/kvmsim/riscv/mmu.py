@@ -53,11 +53,13 @@ import errno
 
 import numpy as np
 
+from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, Hold, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_release_faultin,
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.stage2 import RET_PF, S2, GenericStage2
 from kvmsim.mm.gup import FOLL
+from kvmsim.mm.vma import VM
 from kvmsim.sched import Steps, kpath
 from kvmsim.trace import Src
 from kvmsim.types import PAGE_SHIFT
@@ -77,11 +79,48 @@ class RiscvMmu(GenericStage2):
 
     name = "riscv"
 
-    def __init__(self, kvm, **opts):
+    def __init__(self, kvm, *, gstage_pgd_levels: int = 3, **opts):
         super().__init__(kvm, **opts)
+        if gstage_pgd_levels not in (3, 4, 5):
+            raise UsageError(f"gstage_pgd_levels must be 3 (Sv39x4), 4 (Sv48x4) or 5 (Sv57x4), "
+                             f"not {gstage_pgd_levels}")
+        #: ``gstage_pgd_levels``: 3 (Sv39x4) is the kernel's static default, which
+        #: ``kvm_riscv_gstage_mode_detect()`` raises to 4 or 5 when HGATP accepts Sv48x4 / Sv57x4.
+        self.gstage_pgd_levels = gstage_pgd_levels
         #: Model-only fault injection: the next ``gstage_set_pte()`` returns this -errno (``-EEXIST`` for a
         #: block leaf in the way, ``-ENOMEM`` for an empty page cache), then it resets to 0.
         self.inject_set_pte_error = 0
+
+    @property
+    def gstage_gpa_bits(self) -> int:
+        """``gstage_gpa_bits``: HGATP_PAGE_SHIFT + levels * gstage_index_bits (9) + gstage_pgd_xbits (2)."""
+        return PAGE_SHIFT + self.gstage_pgd_levels * 9 + 2
+
+    def prepare_memory_region(self, old, new, change) -> None:
+        """Mirrors ``kvm_arch_prepare_memory_region()`` (arch/riscv/kvm/mmu.c, v6.12 and v6.13: the same code).
+
+        CREATE, MOVE and FLAGS_ONLY only.  ``base_gfn + npages >= gstage_gpa_size >> PAGE_SHIFT`` is
+        EFAULT (note ``>=``: the last page of the G-stage space cannot be in a slot).  Then the VMAs the
+        region overlaps, in address order, holes skipped (``find_vma(mm, hva)`` until ``vm_start >=
+        reg_end``): a writable slot (no KVM_MEM_READONLY) over a VMA without VM_WRITE is EPERM ("Mapping
+        a read-only VMA is only allowed if the memory region is configured as read-only"), checked
+        first; a VM_PFNMAP VMA with LOG_DIRTY_PAGES is EINVAL.  The first failing VMA decides.  The
+        eager ``kvm_riscv_gstage_ioremap()`` of VM_PFNMAP ranges is not modelled.
+        """
+        from kvmsim.kvm.memslot import KvmMrChange, vmas_of_region
+        if change not in (KvmMrChange.CREATE, KvmMrChange.MOVE, KvmMrChange.FLAGS_ONLY):
+            return
+        if new.base_gfn + new.npages >= (1 << self.gstage_gpa_bits) >> PAGE_SHIFT:
+            raise ModelError(errno.EFAULT, f"slot {new.id}: gfn range reaches past the {self.gstage_gpa_bits}-bit "
+                                           f"G-stage space")
+        writable = not new.readonly
+        for vma in vmas_of_region(self.kvm.mm, new):
+            if writable and not vma.flags & VM.WRITE:
+                raise ModelError(errno.EPERM, f"slot {new.id}: writable memslot over a VMA without VM_WRITE "
+                                              f"at {vma.start:#x}")
+            if vma.flags & VM.PFNMAP and new.logging:
+                raise ModelError(errno.EINVAL, f"slot {new.id}: IO region dirty page logging not allowed "
+                                               f"(VM_PFNMAP VMA at {vma.start:#x})")
 
     # ---- gstage_page_fault (vcpu_exit.c) ---------------------------------------------------------
     @kpath

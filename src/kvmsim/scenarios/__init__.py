@@ -9,9 +9,8 @@
 
 from __future__ import annotations
 
+import os
 from importlib import resources
-from pathlib import Path
-
 from kvmsim.errors import ScenarioError
 from kvmsim.scenarios.spec import Scenario
 
@@ -32,7 +31,11 @@ def load_scenario(name_or_file: str) -> Scenario:
     if name_or_file in library_names():
         p = library_path(name_or_file)
         return loads(p.read_text(encoding="utf-8"), file=f"library/{name_or_file}.toml")
-    if Path(name_or_file).exists() or name_or_file.endswith(".toml"):
+    try:
+        is_path = os.path.lexists(name_or_file)
+    except ValueError:                                  # an embedded NUL: no such file
+        is_path = False
+    if is_path or name_or_file.endswith(".toml") or os.sep in name_or_file:
         return load(name_or_file)
     raise ScenarioError(f"no bundled scenario or file named {name_or_file!r}; "
                         f"bundled: {', '.join(library_names())}")

@@ -9,7 +9,9 @@ scenario file") and by the bundled library (``kvmsim show NAME``).
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 import tomllib
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +30,24 @@ from kvmsim.scenarios.spec import (
     VmaSpec,
     VmSpec,
 )
+from kvmsim.scenarios.validate import (
+    c_counters,
+    c_errno,
+    c_exit,
+    c_result,
+    c_violations,
+    check_final,
+    check_steps,
+)
 from kvmsim.types import parse_size
 
 POLICIES = ("legacy", "series", "pre-5.13")
 REQUIRED = object()
 MEM_FLAGS = {"log_dirty_pages": 1, "readonly": 2}
-EXITS = ("ok", "mmio", "efault", "eintr", "hwpoison", "dirty_ring_full")
+#: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).
+REQUIREMENTS = ("x86_mmu",)
+#: Largest scenario file read (bytes); the bundled ones are under 4 KiB.
+MAX_FILE_BYTES = 1 << 20
 
 
 # ---- positions in the source --------------------------------------------------------------------
@@ -96,7 +110,7 @@ class SourceLines:
         for key in rest:
             if isinstance(key, int):
                 continue
-            pat = re.compile(r"(^|[{,\s])" + re.escape(str(key)) + r"\s*=")
+            pat = re.compile(r"(^|[{,.\s\"])" + re.escape(str(key)) + r"\"?\s*[=.]")
             for n in range(best or start, end):
                 line = self.lines[n - 1]
                 if pat.search(line.split("#", 1)[0]):
@@ -200,10 +214,18 @@ def _array(ctx: _Ctx, path: tuple, value: Any) -> list:
     return value
 
 
+def c_requires(v: Any) -> list[str]:
+    names = c_strlist(v)
+    for n in names:
+        if n not in REQUIREMENTS:
+            raise ValueError(f"unknown requirement {n!r}; expected one of: {', '.join(REQUIREMENTS)}")
+    return names
+
+
 # ---- sections -------------------------------------------------------------------------------------
 
 TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, ""),
-       "requires": (c_strlist, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
+       "requires": (c_requires, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
        "memslot": (c_any, []), "step": (c_any, []), "expect": (c_any, {})}
 
 DRIVER = {"name": (c_str, REQUIRED),
@@ -264,52 +286,8 @@ MEMSLOT = {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED),
            "offset": (c_size, 0), "flags": (c_memflags, ())}
 
 
-def c_bounds(v: Any) -> Any:
-    """A counter or violation-count expectation: an exact integer or ``{min = , max = }``."""
-    if isinstance(v, int) and not isinstance(v, bool):
-        return v
-    if isinstance(v, dict) and v and set(v) <= {"min", "max"} and all(
-            isinstance(x, int) and not isinstance(x, bool) for x in v.values()):
-        return dict(v)
-    raise ValueError(f"expected an integer or a table {{min = N, max = M}}, got {v!r}")
-
-
-def c_violations(v: Any) -> dict[str, Any]:
-    """``["INV-1", ...]`` (exactly these invariants, any count) or ``{"INV-1" = 2, ...}``."""
-    if isinstance(v, list):
-        out: dict[str, Any] = {}
-        for x in v:
-            if not isinstance(x, str) or not re.fullmatch(r"INV-(1[0-2]|[1-9])", x):
-                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {x!r}")
-            out[x] = {"min": 1}
-        return out
-    if isinstance(v, dict):
-        for k, n in v.items():
-            if not re.fullmatch(r"INV-(1[0-2]|[1-9])", k):
-                raise ValueError(f"expected invariant ids INV-1 .. INV-12, got {k!r}")
-            c_bounds(n)
-        return dict(v)
-    raise ValueError(f"expected a list of invariants or a table invariant = count, got {v!r}")
-
-
-def c_counters(v: Any) -> dict[str, Any]:
-    if not isinstance(v, dict):
-        raise ValueError(f"expected a table counter = N or counter = {{min, max}}, got {v!r}")  # noqa: TRY004
-    for n in v.values():
-        c_bounds(n)
-    return dict(v)
-
-
-def c_exit(v: Any) -> Any:
-    if isinstance(v, list):
-        return [c_exit(x) for x in v]
-    if not isinstance(v, str):
-        raise ValueError(f"expected a result string or a list of them, got {v!r}")  # noqa: TRY004
-    return v.lower()
-
-
-STEP_EXPECT = {"exit": (c_exit, None), "result": (c_exit, None), "errno": (c_str, None), "value": (c_any, None),
-               "violations": (c_violations, None), "counters": (c_counters, {})}
+STEP_EXPECT = {"exit": (c_exit, None), "result": (c_result, None), "errno": (c_errno, None), "value": (c_any, None),
+               "violations": (c_violations, None), "counters": (c_counters, None)}
 FINAL_EXPECT = {"verdict": (c_choice("clean", "violations", "error"), None), "violations": (c_violations, None),
                 "counters": (c_counters, {})}
 
@@ -320,10 +298,10 @@ def _step_expect(ctx: _Ctx, path: tuple, value: Any) -> dict[str, dict[str, Any]
     common = {k: v for k, v in value.items() if k not in POLICIES}
     out: dict[str, dict[str, Any]] = {}
     if common:
-        out["*"] = {k: v for k, v in _table(ctx, path, common, STEP_EXPECT).items() if v not in (None, {})}
+        out["*"] = {k: v for k, v in _table(ctx, path, common, STEP_EXPECT).items() if v is not None}
     for p in POLICIES:
         if p in value:
-            out[p] = {k: v for k, v in _table(ctx, path + (p,), value[p], STEP_EXPECT).items() if v not in (None, {})}
+            out[p] = {k: v for k, v in _table(ctx, path + (p,), value[p], STEP_EXPECT).items() if v is not None}
     return out
 
 
@@ -351,6 +329,9 @@ def _step(ctx: _Ctx, path: tuple, raw: Any, *, nested: bool = False) -> Step:
         if not isinstance(threads, dict) or not threads:
             raise ctx.error(path + ("threads",), "expected a table of named threads, each {op = ..., ...}")
         args["threads"] = {name: _step(ctx, path + ("threads", name), t, nested=True) for name, t in threads.items()}
+        if not args["order"]:
+            raise ctx.error(path + ("order",), "expected at least one thread name: order = [] schedules nothing, "
+                                               "so the threads would just run one after the other")
         for i, name in enumerate(args["order"]):
             if name not in args["threads"]:
                 raise ctx.error(path + ("order",), f"order[{i}] names {name!r}, not one of the threads "
@@ -367,23 +348,32 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
                   requires=tuple(top["requires"]), file=file)
     for i, d in enumerate(_array(ctx, ("driver",), top["driver"])):
         t = _table(ctx, ("driver", i), d, DRIVER)
+        if t["name"] in {x.name for x in sc.drivers}:
+            raise ctx.error(("driver", i, "name"), f"a second [[driver]] named {t['name']!r}: names must be unique")
+        if t["size"] is not None and t["size"] % 4096:
+            raise ctx.error(("driver", i, "size"), f"expected a multiple of 4K, got {t['size']:#x}")
         sc.drivers.append(DriverSpec(**t, line=ctx.src.find(("driver", i))))
     drivers = {d.name for d in sc.drivers}
     for i, v in enumerate(_array(ctx, ("vma",), top["vma"])):
         t = _table(ctx, ("vma", i), v, VMA)
+        if t["name"] in {x.name for x in sc.vmas}:
+            raise ctx.error(("vma", i, "name"), f"a second [[vma]] named {t['name']!r}: names must be unique")
         if t["kind"] in ("pfnmap", "mixedmap") and t["driver"] is None:
             raise ctx.error(("vma", i), f"a {t['kind']} VMA needs driver = \"<name of a [[driver]]>\"")
         if t["driver"] is not None and t["driver"] not in drivers:
             raise ctx.error(("vma", i, "driver"), f"no [[driver]] named {t['driver']!r} (have: "
                                                   f"{', '.join(sorted(drivers)) or 'none'})")
-        if t["size"] <= 0 or t["size"] % t["page_size"]:
-            raise ctx.error(("vma", i, "size"), f"expected a positive multiple of page_size {t['page_size']:#x}")
         if t["page_size"] not in (4096, 1 << 21, 1 << 30):
-            raise ctx.error(("vma", i, "page_size"), "expected 4K, 2M or 1G")
+            raise ctx.error(("vma", i, "page_size"), f"expected 4K, 2M or 1G, got {t['page_size']:#x}")
+        if (t["kind"] == "hugetlb") != (t["page_size"] != 4096):
+            raise ctx.error(("vma", i, "page_size") if "page_size" in v else ("vma", i, "kind"),
+                            "a hugetlb VMA has 2M or 1G pages (page_size = \"2M\" or \"1G\"), every other kind 4K "
+                            f"(THP: thp = true); got kind = {t['kind']!r} with page_size {t['page_size']:#x}")
+        if t["size"] <= 0 or t["size"] % t["page_size"]:
+            raise ctx.error(("vma", i, "size"), f"expected a positive multiple of page_size {t['page_size']:#x}, "
+                                                f"got {t['size']:#x}")
         sc.vmas.append(VmaSpec(**t, line=ctx.src.find(("vma", i))))
     names = [v.name for v in sc.vmas]
-    if len(set(names)) != len(names):
-        raise ctx.error(("vma",), f"VMA names must be unique: {names}")
     vm = _table(ctx, ("vm",), top["vm"], VM)
     sc.vm = VmSpec(policies=vm.pop("policy"), **vm)
     for i, s in enumerate(_array(ctx, ("memslot",), top["memslot"])):
@@ -391,6 +381,16 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
         if t["vma"] not in names:
             raise ctx.error(("memslot", i, "vma"),
                             f"no [[vma]] named {t['vma']!r} (have: {', '.join(names) or 'none'})")
+        for k in ("gpa", "size", "offset"):
+            if t[k] % 4096:
+                raise ctx.error(("memslot", i, k), f"expected a multiple of 4K, got {t[k]:#x} "
+                                                   "(KVM_SET_USER_MEMORY_REGION refuses it with EINVAL)")
+        if not 0 <= t["id"] < 1 << 32:
+            raise ctx.error(("memslot", i, "id"), f"expected a slot number 0 .. 0xffffffff (as_id << 16 | id), "
+                                                  f"got {t['id']}")
+        if t["id"] in {m.id for m in sc.memslots}:
+            raise ctx.error(("memslot", i, "id"), f"a second [[memslot]] with id = {t['id']}: ids must be unique "
+                                                  "(change a slot with a memslot_* step)")
         sc.memslots.append(SlotSpec(**t, line=ctx.src.find(("memslot", i))))
     for i, s in enumerate(_array(ctx, ("step",), top["step"])):
         sc.steps.append(_step(ctx, ("step", i), s))
@@ -401,7 +401,11 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
         if p not in POLICIES:
             raise ctx.error(("expect", p), f"unknown policy {p!r}; expected one of: {', '.join(POLICIES)}")
         t = _table(ctx, ("expect", p), e, FINAL_EXPECT)
+        why = check_final(t["verdict"], t["violations"])
+        if why:
+            raise ctx.error(("expect", p, "verdict"), why)
         sc.expect[p] = FinalExpect(**t, line=ctx.src.find(("expect", p)))
+    check_steps(sc, ctx.error)
     return sc
 
 
@@ -419,11 +423,28 @@ def loads(text: str, file: str = "<string>") -> Scenario:
     return scenario_from_dict(doc, file=file, text=text)
 
 
-def load(path: str | Path) -> Scenario:
-    """Read and parse a scenario file."""
+def read_text(path: str | Path) -> str:
+    """The text of scenario file ``path``: at most :data:`MAX_FILE_BYTES`, UTF-8, a file (not a directory)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ScenarioError(f"cannot read scenario file: {e}", file=str(p)) from None
-    return loads(text, file=str(p))
+        with open(p, "rb") as f:
+            if stat.S_ISDIR(os.fstat(f.fileno()).st_mode):
+                raise ScenarioError("is a directory, not a scenario file", file=str(p))
+            data = f.read(MAX_FILE_BYTES + 1)
+    except IsADirectoryError:
+        raise ScenarioError("is a directory, not a scenario file", file=str(p)) from None
+    except OSError as e:
+        raise ScenarioError(f"cannot read scenario file: {e.strerror or e}", file=str(p)) from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ScenarioError(f"larger than {MAX_FILE_BYTES >> 10} KiB: not a scenario file", file=str(p))
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ScenarioError(f"not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start})", file=str(p),
+                            line=line) from None
+
+
+def load(path: str | Path) -> Scenario:
+    """Read and parse a scenario file."""
+    return loads(read_text(path), file=str(path))

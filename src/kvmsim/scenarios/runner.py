@@ -19,7 +19,7 @@ from kvmsim.sched import drive
 
 #: Counters the compare table shows (when non-zero), in this order.
 KEY_COUNTERS = ("kvm_get", "kvm_put", "kvm_pin", "kvm_unpin", "kvm_set_dirty", "kvm_mark_accessed",
-                "spte_write", "spte_zap", "fault_retry", "dirty_marks")
+                "spte_write", "spte_zap", "fault_retry")
 
 
 @dataclass

@@ -21,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 
+from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.pfn import Hold, kvm_release_faultin
@@ -33,6 +34,26 @@ from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_acc
                              make_spte_bits, spte_write, tables)
 
 
+def x86_emulate_instruction(vcpu, gpa: int, write: bool, value: int | None) -> Access:
+    """What ``x86_emulate_instruction()`` does with the guest load/store that faulted with RET_PF_EMULATE
+    (arch/x86/kvm/x86.c, v6.12 and v6.13; the series does not touch it).
+
+    ``kvm_mmu_page_fault()`` emulates on RET_PF_EMULATE: no memslot, a write to a READONLY slot, and
+    ``kvm_handle_error_pfn()``'s KVM_PFN_ERR_RO_FAULT -- a write to a VM_PFNMAP page whose host PTE is
+    present but read-only (``hva_to_pfn_remapped()`` does not try a write fault then).  The emulator's
+    ``emulator_read_write_onepage()`` first tries ``emulator_{read,write}_phys()`` →
+    ``kvm_vcpu_{read,write}_guest()`` → ``__copy_{from,to}_user()`` on the memslot's hva
+    (``gfn_to_hva_memslot()``: an error hva for no slot or a READONLY write).  That uaccess takes a
+    host write fault like any user store: ``do_wp_page()`` → ``wp_pfn_shared()`` calls the driver's
+    ``->pfn_mkwrite`` (mm/memory.c), so a driver that accepts write faults makes the PTE writable and
+    the store lands (``mark_page_dirty_in_slot()`` follows).  Only if the copy fails does
+    ``vcpu_mmio_write()`` find no in-kernel device and the access become KVM_EXIT_MMIO
+    (``complete_emulated_mmio``, ``is_write`` = the access).  This is the uaccess path the model's
+    ``execution="emulated"`` takes for every access (:class:`kvmsim.kvm.vcpu.KvmVcpu`).
+    """
+    return vcpu._emulated_access(gpa, write, value)
+
+
 class X86Mmu:
     """Model of the x86 ``struct kvm_mmu`` machinery for one VM (TDP MMU; see :class:`ShadowMmu`)."""
 
@@ -43,8 +64,18 @@ class X86Mmu:
     zap_caller = "tdp_mmu_zap_leafs"
 
     def __init__(self, kvm, *, mmu: str = "tdp", pml: bool = True, ad_enabled: bool = True,
-                 eager_split: bool = True, slot_zap_all: bool = True, **opts):
+                 eager_split: bool = True, slot_zap_all: bool = True, maxphyaddr: int = 46,
+                 tdp_enabled: bool | None = None, **opts):
+        if not 32 <= maxphyaddr <= 52:
+            raise UsageError(f"maxphyaddr must be in [32, 52] (CPUID.0x80000008:EAX[7:0]), not {maxphyaddr}")
         self.kvm = kvm
+        #: ``kvm_host.maxphyaddr``: the host's MAXPHYADDR (CPUID.0x80000008:EAX[7:0]); 46 is a common
+        #: Intel server value (the development machines report 48).
+        self.maxphyaddr = maxphyaddr
+        #: ``tdp_enabled`` (EPT/NPT in use).  Defaults to the execution mode: ``emulated`` models the
+        #: development machines' kvm_pvm, which runs without TDP -- measured there: CPUID says 48 physical
+        #: bits, yet a slot ending at 2^52 is accepted and one page further is EINVAL, the non-TDP 52.
+        self.tdp_enabled = (kvm.execution == "hardware") if tdp_enabled is None else tdp_enabled
         self.pml = pml
         self.ad_enabled = ad_enabled
         self.eager_split = eager_split
@@ -206,6 +237,8 @@ class X86Mmu:
                         return Access(Exit.OK, gpa, True, value)
                     return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
             r = self.page_fault(vcpu, gpa, write)
+            if r == RET_PF.EMULATE:
+                return x86_emulate_instruction(vcpu, gpa, write, value)
             out = ret_to_access(int(r), gpa, write, value)
             if out is not None:
                 return out
@@ -261,6 +294,22 @@ class X86Mmu:
             for slot in slots:
                 tdp_mmu.zap_range(self.kvm, slot, 0, slot.npages, "kvm_mmu_zap_all")
         self.mmio_sptes.clear()
+
+    # ---- memslots -------------------------------------------------------------------------------------
+    def kvm_mmu_max_gfn(self) -> int:
+        """Mirrors ``kvm_mmu_max_gfn()`` (arch/x86/kvm/mmu.h, v6.12 and v6.13): the host MAXPHYADDR with
+        TDP ("EPT/NPT cannot support GPAs that would exceed host.MAXPHYADDR"), else 52."""
+        max_gpa_bits = self.maxphyaddr if self.tdp_enabled else 52
+        return (1 << (max_gpa_bits - PAGE_SHIFT)) - 1
+
+    def prepare_memory_region(self, old, new, change) -> None:
+        """Mirrors ``kvm_arch_prepare_memory_region()`` (arch/x86/kvm/x86.c, v6.12 and v6.13): a created
+        or moved slot whose last gfn is past ``kvm_mmu_max_gfn()`` is EINVAL.  (The KVMGT external
+        page-tracker refusal of a move is not modelled.)"""
+        from kvmsim.kvm.memslot import KvmMrChange
+        if change in (KvmMrChange.CREATE, KvmMrChange.MOVE) and new.base_gfn + new.npages - 1 > self.kvm_mmu_max_gfn():
+            raise ModelError(errno.EINVAL, f"slot {new.id}: last gfn {new.base_gfn + new.npages - 1:#x} is past "
+                                           f"kvm_mmu_max_gfn() {self.kvm_mmu_max_gfn():#x}")
 
     # ---- dirty logging (kvmsim.x86.dirty_log) ---------------------------------------------------------
     def slot_apply_flags(self, old, new, change) -> None:

@@ -57,7 +57,7 @@ def kvm_capabilities(kvm_fd: int) -> dict:
         "vcpu_mmap_size": ioctls.ioctl(kvm_fd, ioctls.KVM_GET_VCPU_MMAP_SIZE),
     }
     caps.update({name: check_extension(kvm_fd, cap) for name, cap in _DEV_CAPS.items()})
-    vm_fd = ioctls.ioctl(kvm_fd, ioctls.KVM_CREATE_VM, 0)
+    vm_fd = ioctls.kvm_create_vm(kvm_fd)
     try:
         caps.update({name: check_extension(vm_fd, cap) for name, cap in _VM_CAPS.items()})
     finally:

@@ -7,6 +7,7 @@ headers do; tests/backend/test_uapi.py asserts them against the values a C compi
 from __future__ import annotations
 
 import ctypes
+import errno
 from ctypes import sizeof
 
 from kvmsim.backend.kvm import uapi
@@ -107,3 +108,21 @@ def errno_of(fn, *args) -> int:
         return e.errno or 0
     return 0
 
+
+
+def kvm_create_vm(kvm_fd: int, vm_type: int = 0) -> int:
+    """``KVM_CREATE_VM`` on ``/dev/kvm``, retried while it fails with EINTR; the new VM fd.
+
+    ``kvm_create_vm()`` (virt/kvm/kvm_main.c) registers the VM's mmu_notifier, and
+    ``__mmu_notifier_register()`` (mm/mmu_notifier.c) takes ``mm_take_all_locks()``, which gives up
+    with -EINTR when a signal is pending.  Nothing was created, so the call is simply repeated, as
+    QEMU's ``kvm_init()`` does (``do { ret = kvm_ioctl(s, KVM_CREATE_VM, type); } while (ret ==
+    -EINTR);``).  A pending Python signal handler (Ctrl-C) still runs between two attempts.  Any
+    other error raises ``KvmIoctlError("KVM_CREATE_VM", errno)``.
+    """
+    while True:
+        ret, err = raw_ioctl(kvm_fd, KVM_CREATE_VM, vm_type)
+        if ret >= 0:
+            return ret
+        if err != errno.EINTR:
+            raise KvmIoctlError("KVM_CREATE_VM", err)

@@ -33,6 +33,7 @@ class KvmVm:
     def __init__(self, kvm_fd: int, options: VmOptions, caps: dict):
         self._closer = libc.Closer()
         self._finalizer = weakref.finalize(self, self._closer.close)
+        self._stats: dict[str, StatsFd] = {}   # before anything can fail: close() clears it
         try:
             self._setup(kvm_fd, options, caps)
         except BaseException:
@@ -41,7 +42,7 @@ class KvmVm:
 
     def _setup(self, kvm_fd: int, options: VmOptions, caps: dict) -> None:
         self.options = options
-        self.fd = self._closer.fd(ioctls.ioctl(kvm_fd, ioctls.KVM_CREATE_VM, 0))
+        self.fd = self._closer.fd(ioctls.kvm_create_vm(kvm_fd))
         self.boot_slot = caps["nr_memslots"] - 1
         self._ring = None
         self.ring_entries = 0
@@ -50,7 +51,6 @@ class KvmVm:
         self._ring_reset_pending = 0
         self._ring_budget_used = 0
         self.kvmclock_gpa: int | None = None
-        self._stats: dict[str, StatsFd] = {}
         if options.manual_protect:
             self.enable_cap(uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, int(options.manual_protect))
         if options.dirty_ring_entries is not None:

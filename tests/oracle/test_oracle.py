@@ -18,19 +18,6 @@ pytestmark = pytest.mark.oracle
 
 # (policy or None for both, case) → why the model disagrees with the kernel (reported to the lead).
 KNOWN: dict[tuple[str | None, str], str] = {
-    (None, "first-read-thp"):
-        "no huge zero page in the model: a read fault on THP memory maps the huge zero folio read-only "
-        "(mm/huge_memory.c do_huge_pmd_anonymous_page(), transparent_hugepage_use_zero_page()), so KVM "
-        "releases it clean and the first write faults again; the model allocates a THP on the read",
-    (None, "thp-split"):
-        "MADV_DONTNEED of 4 KiB inside a PMD-mapped THP splits the PMD (mm/memory.c zap_pmd_range(): "
-        "next - addr != HPAGE_PMD_SIZE → __split_huge_pmd()), so KVM re-maps 4K; the model keeps the "
-        "2M host mapping and maps 2M again",
-    (None, "pageout-memfd"):
-        "the model has no MADV_PAGEOUT: the kernel reclaims ignoring references (mm/madvise.c "
-        "madvise_cold_or_pageout_pte_range() → reclaim_pages()), unmaps shmem folios (try_to_unmap → "
-        "notifier zap) and keeps them in the page cache without swap; the model's aging reclaim keeps "
-        "pages KVM accessed",
     ("legacy", "disable-logging-hugetlb-1g"):
         "eager splitting splits 1G → 2M → 4K (arch/x86/kvm/mmu/tdp_mmu.c tdp_mmu_split_huge_pages_root() "
         "splits each level in turn) and v6.12 handle_changed_spte() calls kvm_set_pfn_dirty/accessed for "

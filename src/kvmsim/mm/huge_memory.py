@@ -52,7 +52,6 @@ def do_huge_pmd_anonymous_page(mm, vma: Vma, i: int, write: bool) -> int:
         vma.pte_pfn[sl] = np.arange(zero, zero + PAGES_PER_PMD)
         vma.pte[sl] = _P | _Y                                    # mk_pmd(zero, vm_page_prot): no write
         vma.pte_level[sl] = PG_LEVEL_2M
-        mm.journal.count("host_huge_zero_map")
         return 0
     head = mm.phys.alloc(9, owner=vma.anon.owner_id, index=vma.pgoff + lo)
     _map_anon_folio_pmd(vma, lo, head)

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from kvmsim.errors import ModelError
-from kvmsim.mm.huge_memory import do_huge_zero_wp_pmd
+from kvmsim.mm.huge_memory import do_huge_zero_wp_pmd, pmd_index, split_huge_pmd
 from kvmsim.mm.notifier import MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.page import PfnClass, PhysMem
 from kvmsim.mm.vma import VM, AddressSpace, AnonVma, Pte, Vma, VmaKind
@@ -208,7 +208,6 @@ class Mm:
         """``zap_pmd_range()`` (mm/memory.c): a THP (or huge zero) PMD the range ``[lo, hi)`` covers only
         in part is split first (``next - addr != HPAGE_PMD_SIZE`` → ``__split_huge_pmd()``), so only
         the covered PTEs go."""
-        from kvmsim.mm.huge_memory import pmd_index, split_huge_pmd
         if vma.kind == VmaKind.HUGETLB:
             return
         for edge in (lo, hi - 1):

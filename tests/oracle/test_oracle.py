@@ -18,19 +18,6 @@ pytestmark = pytest.mark.oracle
 
 # (policy or None for both, case) → why the model disagrees with the kernel (reported to the lead).
 KNOWN: dict[tuple[str | None, str], str] = {
-    (None, "first-read-thp"):
-        "no huge zero page in the model: a read fault on THP memory maps the huge zero folio read-only "
-        "(mm/huge_memory.c do_huge_pmd_anonymous_page(), transparent_hugepage_use_zero_page()), so KVM "
-        "releases it clean and the first write faults again; the model allocates a THP on the read",
-    (None, "thp-split"):
-        "MADV_DONTNEED of 4 KiB inside a PMD-mapped THP splits the PMD (mm/memory.c zap_pmd_range(): "
-        "next - addr != HPAGE_PMD_SIZE → __split_huge_pmd()), so KVM re-maps 4K; the model keeps the "
-        "2M host mapping and maps 2M again",
-    (None, "pageout-memfd"):
-        "the model has no MADV_PAGEOUT: the kernel reclaims ignoring references (mm/madvise.c "
-        "madvise_cold_or_pageout_pte_range() → reclaim_pages()), unmaps shmem folios (try_to_unmap → "
-        "notifier zap) and keeps them in the page cache without swap; the model's aging reclaim keeps "
-        "pages KVM accessed",
     ("legacy", "delete-slot-live"):
         "v6.12 releases KVM_PFN_NOSLOT after a fault that installs an MMIO SPTE (kvm_handle_noslot_fault() "
         "returns RET_PF_CONTINUE, then kvm_release_pfn_clean(fault->pfn), a no-op): one probe hit; the "

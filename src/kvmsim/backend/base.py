@@ -119,6 +119,8 @@ class Madv(enum.IntEnum):
     MADV_DONTNEED = 4
     MADV_REMOVE = 9
     MADV_HUGEPAGE = 14
+    MADV_COLD = 20
+    MADV_PAGEOUT = 21
     MADV_POPULATE_WRITE = 23
     MADV_COLLAPSE = 25
 

@@ -221,7 +221,7 @@ class ModelBackend:
         vma = self._vma_of(m)
         start, n = int(m.hva) + offset, length or m.size - offset
         try:
-            if advice in (Madv.MADV_DONTNEED, Madv.MADV_REMOVE):
+            if advice in (Madv.MADV_DONTNEED, Madv.MADV_REMOVE, Madv.MADV_COLD, Madv.MADV_PAGEOUT):
                 self.host.mm.madvise(start, n, advice.name)
             elif advice is Madv.MADV_HUGEPAGE:
                 from kvmsim.mm.vma import VM

@@ -15,6 +15,7 @@ from typing import Any
 
 from kvmsim.errors import EHWPOISON, ModelError
 from kvmsim.kvm.stage2 import RET_PF
+from kvmsim.mm.mm import MADVISE_ADVICE
 from kvmsim.scenarios.loader import (
     MAX_BYTES,
     MAX_COUNT,
@@ -53,6 +54,8 @@ from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 _COUNT = c_bounded(c_int, 1, MAX_COUNT, "a page count")
 _GUEST = {"gpa": (c_size, REQUIRED), "count": (_COUNT, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0)}
 _RANGE = {"vma": (c_str, REQUIRED), "offset": (c_size, 0), "size": (c_size, None)}
+# the advice Mm.madvise() models, as "dontneed" or "madv_dontneed"
+_MADVISE_ADVICE = tuple(p + a.lower() for a in MADVISE_ADVICE for p in ("", "madv_"))
 _AT = {"vma": (c_str, REQUIRED), "offset": (c_size, 0)}
 
 OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
@@ -65,7 +68,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     # host
     "munmap": _RANGE,
     "mprotect": {**_RANGE, "prot": (c_choice("rw", "r", "w", "none"), REQUIRED)},
-    "madvise": {**_RANGE, "advice": (c_choice("dontneed", "remove", "madv_dontneed", "madv_remove"), REQUIRED)},
+    "madvise": {**_RANGE, "advice": (c_choice(*_MADVISE_ADVICE), REQUIRED)},
     "mremap": {"vma": (c_str, REQUIRED)},
     "fork": {},
     "writeback": {"vma": (c_str, REQUIRED), "offset": (c_size, None)},

@@ -182,9 +182,13 @@ class OracleModelBackend(ModelBackend):
     kernel also the model's "[6.13-other]" MMU changes (``v613_other``: huge pages recovered in place
     when logging stops, no TLB flush on aging), which v6.13 has besides the series."""
 
-    def __init__(self, policy: str, v613_other: bool = False):
+    def __init__(self, policy: str, v613_other: bool = False, release: tuple[int, int] = (6, 13)):
+        from kvmsim.mm.huge_memory import set_host_kernel
         super().__init__(policy, "hardware", hugetlb_pages=64)
         self.v613_other = v613_other
+        # the booted kernel's host mm (the huge zero PMD write fault), and the oracle guest has no swap
+        set_host_kernel(self.host.mm, release)
+        self.host.mm.total_swap_pages = 0
 
     def create_vm(self, options: VmOptions = VmOptions()) -> None:
         from kvmsim.kvm.dirty import enable_dirty_ring, enable_manual_protect
@@ -218,10 +222,11 @@ class ModelSide(Side):
         self._calls = CALL_MAPS[policy]
         if release is None:
             release = "6.13" if policy == "series" else "6.12"
-        self.v613_other = parse_release(release)[:2] >= (6, 13)
+        self.release = tuple(parse_release(release)[:2])
+        self.v613_other = self.release >= (6, 13)
 
     def new_backend(self, options: VmOptions) -> OracleModelBackend:
-        return OracleModelBackend(self.policy, self.v613_other)
+        return OracleModelBackend(self.policy, self.v613_other, self.release)
 
     def begin(self, options: VmOptions = VmOptions()) -> None:
         self.kprobes = ModelKprobes(self.policy).__enter__()
@@ -275,21 +280,12 @@ class ModelSide(Side):
             if advice == 25:                                  # MADV_COLLAPSE
                 for a in range(start, start + n, 2 << 20):
                     thp_collapse(self.b.host.mm, a)
-            elif advice == 21:                                # MADV_PAGEOUT: see docs/oracle.md
-                return self._pageout(m, start, n)
+            elif advice in (20, 21):                          # MADV_COLD, MADV_PAGEOUT
+                self.b.host.mm.madvise(start, n, "COLD" if advice == 20 else "PAGEOUT")
             else:
                 return errno.EINVAL
         except ModelError as e:
             return e.errno
-        return 0
-
-    def _pageout(self, m: HostMapping, start: int, n: int) -> int:
-        """The oracle guest has no swap: private anon pages cannot be reclaimed (add_to_swap fails,
-        mm/vmscan.c ``shrink_folio_list``); shmem pages are reclaimed by the model's ``reclaim``."""
-        if m.kind in (MappingKind.ANON_PRIVATE, MappingKind.THP_ANON):
-            return 0
-        from kvmsim.mm.reclaim import reclaim
-        reclaim(self.b.host.mm, start, n)
         return 0
 
     def pre_fault(self, gpa: int, size: int) -> int:

@@ -50,7 +50,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvmsim.mm.page import PG
+from kvmsim.mm.vma import Pte
 from kvmsim.trace import Fact, FactKind, Src
+
+_PTE_PRESENT = int(Pte.PRESENT)
 
 INVARIANTS = {
     "INV-1": "acquire/release pairing",
@@ -272,7 +275,7 @@ def check_state(kvm, *, quiescent: bool = True) -> list[Violation]:
         if m.pinned_page is not None:
             continue
         _, hpfn, hbits, _ = mm.pte_of(m.hva)
-        if phys.is_poisoned(m.pfn) or not hbits & 1 or hpfn != m.pfn:
+        if phys.is_poisoned(m.pfn) or not hbits & _PTE_PRESENT or hpfn != m.pfn:
             out.append(Violation("INV-6", "kvm_host_map without a pin outlived its mapping "
                                  + ("(pfn freed)" if phys.is_poisoned(m.pfn) else "(host no longer maps it)"),
                                  step, m.pfn, m.gfn, {"remapped": m.remapped}))
@@ -300,7 +303,7 @@ def _host_pfns(mm, slot, idx: np.ndarray) -> np.ndarray:
         inside = (hva >= vma.start) & (hva < vma.end)
         if inside.any():
             j = (hva[inside] - vma.start) >> 12
-            out[inside] = np.where((vma.pte[j] & 1) != 0, vma.pte_pfn[j], -1)
+            out[inside] = np.where((vma.pte[j] & _PTE_PRESENT) != 0, vma.pte_pfn[j], -1)
     return out
 
 

@@ -360,7 +360,8 @@ def main() -> None:
 
 
 # ---- subcommands from other modules --------------------------------------------------------------------
-for _name in ("kvmsim.cli_conform", "kvmsim.cli_bench", "kvmsim.cli_explore"):
+for _name in ("kvmsim.cli_conform", "kvmsim.cli_bench", "kvmsim.cli_explore", "kvmsim.cli_oracle",
+              "kvmsim.cli_oracle_selftests"):
     try:
         importlib.import_module(_name)
     except ImportError:

@@ -61,8 +61,11 @@ def bench() -> None:
 @click.option("--policy", type=click.Choice(["legacy", "series", "both"]), default="both", show_default=True)
 @click.option("--v613-other", is_flag=True,
               help="Also the other 6.13 MMU changes (batched flush, in-place huge page recovery, ...).")
-@click.option("--backend", type=click.Choice(["model", "kvm", "both"]), default="model", show_default=True,
-              help="The model, the real /dev/kvm (<= 1 GiB: every guest write is emulated), or both.")
+@click.option("--backend", type=click.Choice(["model", "kvm", "both", "oracle"]), default="model", show_default=True,
+              help="The model, the real /dev/kvm (<= 1 GiB: every guest write is emulated), or both; oracle: "
+                   "the real dirty_log_perf_test in each oracle kernel (QEMU/TCG), kprobes per phase beside the model.")
+@click.option("--kernel", "kernels", multiple=True, type=click.Path(dir_okay=False),
+              help="--backend oracle: a bzImage (repeatable; default: every shipped oracle kernel).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object with every run.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Write a plot of phase times and counters; the extension picks the format (.png, .svg, .pdf).")
@@ -73,8 +76,11 @@ def bench() -> None:
               help="Skip writing the run's memory once before it (on a VM host, first touches then count).")
 def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
                   run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,
-                  no_isolate, no_warmup) -> None:
+                  no_isolate, no_warmup, kernels) -> None:
     """dirty_log_perf_test on the model: phase times plus struct-page, SPTE, TLB and fault counts."""
+    if backend == "oracle":
+        from kvmsim.bench.oracle import oracle_main
+        sys.exit(oracle_main(click.get_current_context(), kernels, as_json))
     try:
         _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
                    run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,

@@ -85,9 +85,13 @@ class ExploreError(KvmsimError):
     """The interleaving explorer was given something it cannot run."""
 
 
+# include/uapi/asm-generic/errno.h: ``#define EHWPOISON 133 /* Memory page has hardware error */``.
+# Python's errno module has no EHWPOISON; every other errno in kvmsim comes from ``errno``.
+EHWPOISON = 133
+
+
 def errno_name(err: int) -> str:
     """``errno.errorcode`` with a fallback, e.g. ``errno_name(14) == "EFAULT"``."""
+    if err == EHWPOISON:
+        return "EHWPOISON"
     return _errno.errorcode.get(err, str(err))
-
-
-EHWPOISON = getattr(_errno, "EHWPOISON", 133)   # Linux's errno 133; Python's errno module lacks it

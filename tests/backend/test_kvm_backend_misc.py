@@ -11,7 +11,7 @@ import threading
 import pytest
 
 from kvmsim.backend.base import (
-    Backend, Exit, GuestMemfdFlags, KvmMemFlags, MappingKind, MemoryRegion, VmOptions, page_gpas,
+    Backend, Exit, GuestMemfdFlags, KVM_MEM, MappingKind, MemoryRegion, VmOptions, page_gpas,
 )
 from kvmsim.backend.kvm import KvmBackend
 from kvmsim.backend.kvm.settings import host_settings, read_host_settings
@@ -74,7 +74,7 @@ def _busy(b: KvmBackend) -> None:
         assert b.host_mmap(kind, 4 * 4096 if kind is not MappingKind.THP_ANON else 2 << 20).errno == 0
     g = b.create_guest_memfd(1 << 20, GuestMemfdFlags(3)).gmem
     gm = b.host_mmap(MappingKind.GUEST_MEMFD, 1 << 20, gmem=g).mapping
-    b.set_memory_region(MemoryRegion(1, Gpa(G), gm.size, gm.hva, KvmMemFlags.KVM_MEM_GUEST_MEMFD, g))
+    b.set_memory_region(MemoryRegion(1, Gpa(G), gm.size, gm.hva, KVM_MEM.GUEST_MEMFD, g))
     b.guest_write([G], 1)
     b.stats()
     b.host_fork()

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from kvmsim.backend.base import (
-    DirtyGfn, KvmMemFlags, ManualProtect, MappingKind, MemoryRegion, VmOptions, page_gpas,
+    DirtyGfn, KVM_MEM, ManualProtect, MappingKind, MemoryRegion, VmOptions, page_gpas,
 )
 from kvmsim.errors import UsageError
 from kvmsim.types import Gpa
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.kvm
 
 G = 1 << 30
 NPAGES = 1024                      # a 4 MiB slot
-LOG = KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES
+LOG = KVM_MEM.LOG_DIRTY_PAGES
 MANUAL = ManualProtect.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 INITIALLY_SET = ManualProtect.KVM_DIRTY_LOG_INITIALLY_SET
 

@@ -8,7 +8,7 @@ import signal
 import pytest
 
 from kvmsim.backend.base import (
-    Exit, GuestMemfdFlags, KvmMemFlags, Madv, MappingKind, MemoryRegion, Prot, page_gpas,
+    Exit, GuestMemfdFlags, KVM_MEM, Madv, MappingKind, MemoryRegion, Prot, page_gpas,
 )
 from kvmsim.backend.kvm.caps import meminfo
 from kvmsim.backend.kvm.settings import host_settings, read_host_settings
@@ -26,7 +26,7 @@ GMEM_SHARED = GuestMemfdFlags.GUEST_MEMFD_FLAG_INIT_SHARED
 
 def _live(kvm, kind, npages=16, flags=0):
     m = kvm.host_mmap(kind, npages * 4096).mapping
-    assert kvm.set_memory_region(MemoryRegion(1, Gpa(G), m.size, m.hva, KvmMemFlags(flags))).errno == 0
+    assert kvm.set_memory_region(MemoryRegion(1, Gpa(G), m.size, m.hva, KVM_MEM(flags))).errno == 0
     return m
 
 
@@ -64,9 +64,9 @@ def test_munmap_then_remap_same_address(kvm):
     m = _filled(kvm, MappingKind.ANON_SHARED)
     assert kvm.host_munmap(m).errno == 0
     r = kvm.guest_read(page_gpas(G, 2))
-    assert [(a.exit, a.is_write) for a in r.accesses] == [(Exit.MMIO, False)] * 2
+    assert [(a.exit, a.write) for a in r.accesses] == [(Exit.MMIO, False)] * 2
     w = kvm.guest_write([G + 8], 1)
-    assert [(a.exit, a.gpa, a.is_write) for a in w.accesses] == [(Exit.MMIO, G + 8, True)]
+    assert [(a.exit, a.gpa, a.write) for a in w.accesses] == [(Exit.MMIO, G + 8, True)]
     with pytest.raises(UsageError, match="not one of"):
         kvm.host_read(m, 0)                                       # the handle died with munmap
     n = kvm.host_mmap(MappingKind.ANON_SHARED, m.size, hva=m.hva).mapping
@@ -167,7 +167,7 @@ def test_perf_ring_pfnmap(kvm):
 
 def test_vvar_read_only_pfnmap(kvm):
     v = kvm.host_mmap(MappingKind.VVAR, 0).mapping
-    ro = KvmMemFlags.KVM_MEM_READONLY
+    ro = KVM_MEM.READONLY
     assert kvm.set_memory_region(MemoryRegion(1, Gpa(G), v.size, v.hva, ro)).errno == 0
     host = [kvm.host_read(v, off).signal for off in range(0, v.size, 4096)]
     guest = kvm.guest_read(page_gpas(G, v.size // 4096)).exits
@@ -198,7 +198,7 @@ def test_guest_memfd_creation_and_mmap(kvm):
     shared = kvm.create_guest_memfd(MB, GMEM_MMAP | GMEM_SHARED).gmem
     sm = kvm.host_mmap(MappingKind.GUEST_MEMFD, MB, gmem=shared).mapping
     kvm.host_write(sm, 0, (0x77).to_bytes(8, "little"))
-    gm = KvmMemFlags.KVM_MEM_GUEST_MEMFD
+    gm = KVM_MEM.GUEST_MEMFD
     assert kvm.set_memory_region(MemoryRegion(1, Gpa(G), MB, sm.hva, gm, shared)).errno == 0
     assert kvm.guest_read([G]).values == [0x77]                       # userspace_addr decides
     assert kvm.guest_write([G + 8], 5).exits == [Exit.OK]

@@ -7,7 +7,7 @@ import errno
 import pytest
 
 from kvmsim.backend.base import (
-    APIC_GPA, BOOT_GPA_END, Exit, GuestMemfdFlags, KvmMemFlags, MappingKind, MemoryRegion,
+    APIC_GPA, BOOT_GPA_END, Exit, GuestMemfdFlags, KVM_MEM, MappingKind, MemoryRegion,
     MemoryRegionApi, delete_memory_region, move_memory_region, page_gpas, update_memory_region_flags,
 )
 from kvmsim.errors import UsageError
@@ -17,13 +17,13 @@ pytestmark = pytest.mark.kvm
 
 G = 1 << 30
 MB = 1 << 20
-LOG, RO, GMEM = (KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES, KvmMemFlags.KVM_MEM_READONLY,
-                 KvmMemFlags.KVM_MEM_GUEST_MEMFD)
+LOG, RO, GMEM = (KVM_MEM.LOG_DIRTY_PAGES, KVM_MEM.READONLY,
+                 KVM_MEM.GUEST_MEMFD)
 
 
 def _slot(kvm, slot, gpa, m, flags=0, size=None, offset=0, api=MemoryRegionApi.V2):
     size = m.size - offset if size is None else size
-    return kvm.set_memory_region(MemoryRegion(slot, Gpa(gpa), size, m.at(offset), KvmMemFlags(flags)), api).errno
+    return kvm.set_memory_region(MemoryRegion(slot, Gpa(gpa), size, m.at(offset), KVM_MEM(flags)), api).errno
 
 
 @pytest.mark.parametrize("api", list(MemoryRegionApi))
@@ -47,7 +47,7 @@ def test_readonly_slot_write_is_mmio_exit(kvm):
     assert _slot(kvm, 1, G, m, RO) == 0
     w = kvm.guest_write([G + 4096], 99)
     (a,) = w.accesses
-    assert (a.exit, a.gpa, a.is_write) == (Exit.MMIO, G + 4096, True)
+    assert (a.exit, a.gpa, a.write) == (Exit.MMIO, G + 4096, True)
     assert kvm.guest_read([G + 4096]).values == [7]            # the write never landed
     assert kvm.host_read(m, 4096).data == (7).to_bytes(8, "little")
 
@@ -81,7 +81,7 @@ def test_memslot_errnos(kvm, case, expected):
     elif case == "unaligned-uaddr":
         got = kvm.set_memory_region(MemoryRegion(1, Gpa(G), MB, m.at(0x10))).errno
     elif case == "unknown-flag":
-        got = _slot(kvm, 1, G, m, KvmMemFlags(1 << 9))
+        got = _slot(kvm, 1, G, m, KVM_MEM(1 << 9))
     elif case == "toggle-readonly":
         assert _slot(kvm, 1, G, m) == 0
         got = update_memory_region_flags(kvm, 1, RO).errno

@@ -10,7 +10,7 @@ from ctypes import sizeof
 
 import pytest
 
-from kvmsim.backend.kvm import ioctls, uapi
+from kvmsim.backend.kvm import abi, ioctls
 
 SIZES = {
     "kvm_userspace_memory_region": 32,
@@ -36,36 +36,36 @@ SIZES = {
 
 @pytest.mark.parametrize("name,size", sorted(SIZES.items()))
 def test_struct_sizes(name, size):
-    assert sizeof(getattr(uapi, name)) == size
+    assert sizeof(getattr(abi, name)) == size
 
 
 def test_kvm_run_layout():
-    run = uapi.kvm_run
+    run = abi.kvm_run
     assert run.immediate_exit.offset == 1
     assert run.exit_reason.offset == 8
     assert run.u.offset == 32
     assert run.kvm_valid_regs.offset == 32 + 256
     assert run.s.offset == 304
     # KVM_EXIT_IO: direction, size, port, count, data_offset
-    io = uapi._kvm_run_io
+    io = abi._kvm_run_io
     assert [io.direction.offset, io.size.offset, io.port.offset, io.count.offset,
             io.data_offset.offset] == [0, 1, 2, 4, 8]
     # KVM_EXIT_MMIO: phys_addr, data[8], len, is_write
-    mmio = uapi._kvm_run_mmio
+    mmio = abi._kvm_run_mmio
     assert [mmio.phys_addr.offset, mmio.data.offset, mmio.len.offset, mmio.is_write.offset] == [0, 8, 16, 20]
     # KVM_EXIT_MEMORY_FAULT: flags, gpa, size
-    assert uapi._kvm_run_memory_fault.gpa.offset == 8
+    assert abi._kvm_run_memory_fault.gpa.offset == 8
 
 
 def test_region2_and_friends_offsets():
-    r2 = uapi.kvm_userspace_memory_region2
+    r2 = abi.kvm_userspace_memory_region2
     assert [r2.guest_phys_addr.offset, r2.userspace_addr.offset, r2.guest_memfd_offset.offset,
             r2.guest_memfd.offset, r2.pad2.offset] == [8, 24, 32, 40, 48]
-    assert uapi.kvm_clear_dirty_log.first_page.offset == 8
-    assert uapi.kvm_dirty_gfn.offset.offset == 8
-    assert uapi.kvm_sregs.cr0.offset == 8 * 24 + 2 * 16
-    assert uapi.kvm_regs.rip.offset == 16 * 8
-    assert sizeof(uapi.kvm_msrs_with(3)) == 8 + 3 * 16
+    assert abi.kvm_clear_dirty_log.first_page.offset == 8
+    assert abi.kvm_dirty_gfn.offset.offset == 8
+    assert abi.kvm_sregs.cr0.offset == 8 * 24 + 2 * 16
+    assert abi.kvm_regs.rip.offset == 16 * 8
+    assert sizeof(abi.kvm_msrs_with(3)) == 8 + 3 * 16
 
 
 IOCTLS = {
@@ -102,10 +102,10 @@ def test_ioctl_numbers(name, value):
 
 def test_ioctl_helpers_encode_direction_and_size():
     assert ioctls._IO(0xAE, 0x80) == 0xAE80
-    assert ioctls._IOR(0xAE, 0x7C, uapi.kvm_clock_data) >> 30 == 2
-    assert ioctls._IOW(0xAE, 0x7B, uapi.kvm_clock_data) >> 30 == 1
-    assert ioctls._IOWR(0xAE, 0xC0, uapi.kvm_clear_dirty_log) >> 30 == 3
-    assert (ioctls._IOW(0xAE, 0x49, uapi.kvm_userspace_memory_region2) >> 16) & 0x3FFF == 160
+    assert ioctls._IOR(0xAE, 0x7C, abi.kvm_clock_data) >> 30 == 2
+    assert ioctls._IOW(0xAE, 0x7B, abi.kvm_clock_data) >> 30 == 1
+    assert ioctls._IOWR(0xAE, 0xC0, abi.kvm_clear_dirty_log) >> 30 == 3
+    assert (ioctls._IOW(0xAE, 0x49, abi.kvm_userspace_memory_region2) >> 16) & 0x3FFF == 160
 
 
 def test_failed_ioctl_raises_with_name_and_errno():

@@ -36,9 +36,13 @@ def test_a_lock_blocks_the_other_thread_until_released():
 
 def test_a_script_stepping_a_blocked_thread_is_refused():
     _, kvm, _, _ = make_vm()
-    with pytest.raises(KvmBug, match="schedule steps b while it blocks at 'write_lock\\(mmu_lock\\)'"):
-        kvm.sched.run_interleaved({"a": _holder(kvm.mmu_lock, []), "b": _holder(kvm.mmu_lock, [])},
+    seen = []
+    with pytest.raises(KvmBug, match="schedule step 4 steps b while it blocks at 'write_lock\\(mmu_lock\\)'"):
+        kvm.sched.run_interleaved({"a": _holder(kvm.mmu_lock, seen), "b": _holder(kvm.mmu_lock, seen)},
                                   ["a", "a", "b", "b"])
+    # The impossible script is reported only after every thread ran to its end: no lock left held.
+    assert seen == [("a", True), ("b", True)]
+    assert kvm.mmu_lock.writer is None and not kvm.mmu_lock.readers
 
 
 def test_deadlock_is_reported_not_spun():

@@ -127,7 +127,8 @@ def _fault_racing_munmap(policy, mutations):
     vma = host.mm.mmap(4 * 4096, VmaKind.ANON_SHARED)
     kvm.set_user_memory_region(0, 0, 4 * 4096, vma.start)
     vcpu = kvm.create_vcpu()
-    kvm.mutations = mutations
+    from kvmsim.explore.mutations import install
+    install(kvm, mutations)
     run_interleaved({"vcpu": kvm.arch.page_fault.steps(vcpu, 0x1000, True),
                      "host": host.mm.munmap.steps(vma.start, 4 * 4096)},
                     ["vcpu", "vcpu", "host", "host", "host", "host"], sched=kvm.sched)

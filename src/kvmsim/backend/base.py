@@ -39,7 +39,7 @@ Every operation returns a plain value; two backends agree when those values are 
   in order.  Each access is an 8-byte load or store at an 8-byte aligned gpa, made by the guest's
   instruction stream (on the development hosts: KVM's instruction emulator).  ``Access.exit`` is
   ``Exit.OK`` (value read or written), ``Exit.MMIO`` (KVM reported ``KVM_EXIT_MMIO`` for that gpa with
-  ``is_write``; a read then returns ``value is None`` and the guest goes on with the next address) or a
+  ``write``; a read then returns ``value is None`` and the guest goes on with the next address) or a
   terminal exit (``EFAULT`` from KVM_RUN, ``MEMORY_FAULT``, ``SHUTDOWN``, ``INTERNAL_ERROR``,
   ``EXCEPTION``) after which the remaining accesses are not made (``outcome.complete`` is false).
   Addresses below ``BOOT_GPA_END`` and in the APIC page ``APIC_GPA`` are outside the contract (refused
@@ -72,6 +72,7 @@ from dataclasses import dataclass, field, replace
 from typing import Protocol, runtime_checkable
 
 from kvmsim.types import PAGE_SIZE, Gpa, Hva
+from kvmsim.uapi import KVM_MEM, Access, Exit, GuestMemfdFlags, ManualProtect  # noqa: F401 (the backend API)
 
 # The backend's own boot memslot (code, page tables, IDT, buffers) occupies guest physical
 # [0, BOOT_GPA_END); user memslots must stay above it (KVM returns EEXIST otherwise).
@@ -81,28 +82,6 @@ BOOT_GPA_END = Gpa(0x400000)
 APIC_GPA = Gpa(0xFEE00000)
 # Guest accesses are identity-mapped below this address (one PML4 entry of 2 MiB pages).
 GUEST_GPA_LIMIT = Gpa(1 << 39)
-
-
-class KvmMemFlags(enum.IntFlag):
-    """``KVM_MEM_*`` flags of ``struct kvm_userspace_memory_region{,2}`` (include/uapi/linux/kvm.h)."""
-
-    KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-    KVM_MEM_READONLY = 1 << 1
-    KVM_MEM_GUEST_MEMFD = 1 << 2
-
-
-class ManualProtect(enum.IntFlag):
-    """Arguments of ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``."""
-
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
-    KVM_DIRTY_LOG_INITIALLY_SET = 1 << 1
-
-
-class GuestMemfdFlags(enum.IntFlag):
-    """``GUEST_MEMFD_FLAG_*`` of ``struct kvm_create_guest_memfd``."""
-
-    GUEST_MEMFD_FLAG_MMAP = 1 << 0
-    GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
 
 class MemoryRegionApi(enum.Enum):
@@ -140,6 +119,8 @@ class Madv(enum.IntEnum):
     MADV_DONTNEED = 4
     MADV_REMOVE = 9
     MADV_HUGEPAGE = 14
+    MADV_COLD = 20
+    MADV_PAGEOUT = 21
     MADV_POPULATE_WRITE = 23
     MADV_COLLAPSE = 25
 
@@ -149,18 +130,6 @@ class Falloc(enum.IntFlag):
 
     FALLOC_FL_KEEP_SIZE = 0x01
     FALLOC_FL_PUNCH_HOLE = 0x02
-
-
-class Exit(enum.Enum):
-    """What happened to one guest access."""
-
-    OK = "ok"
-    MMIO = "mmio"                      # KVM_EXIT_MMIO for this gpa (resumed)
-    EFAULT = "efault"                  # KVM_RUN returned -EFAULT (terminal)
-    MEMORY_FAULT = "memory-fault"      # KVM_EXIT_MEMORY_FAULT (terminal)
-    SHUTDOWN = "shutdown"              # KVM_EXIT_SHUTDOWN, triple fault (terminal)
-    INTERNAL_ERROR = "internal-error"  # KVM_EXIT_INTERNAL_ERROR (terminal)
-    EXCEPTION = "exception"            # the guest took an exception (terminal)
 
 
 TERMINAL_EXITS = frozenset({Exit.EFAULT, Exit.MEMORY_FAULT, Exit.SHUTDOWN, Exit.INTERNAL_ERROR,
@@ -197,7 +166,7 @@ class MemoryRegion:
     guest_phys_addr: Gpa
     memory_size: int
     userspace_addr: Hva
-    flags: KvmMemFlags = KvmMemFlags(0)
+    flags: KVM_MEM = KVM_MEM(0)
     guest_memfd: GuestMemfd | None = None
     guest_memfd_offset: int = 0
 
@@ -246,16 +215,6 @@ class HostAccess:
 
     data: bytes | None
     signal: int = 0
-
-
-@dataclass(frozen=True)
-class Access:
-    """One 8-byte guest access: ``value`` written, or read (``None`` if the read was not satisfied)."""
-
-    gpa: Gpa
-    is_write: bool
-    exit: Exit
-    value: int | None
 
 
 @dataclass(frozen=True)
@@ -402,10 +361,10 @@ def move_memory_region(b: Backend, slot: int, guest_phys_addr: int) -> Outcome:
     return b.set_memory_region(replace(old, guest_phys_addr=Gpa(guest_phys_addr)))
 
 
-def update_memory_region_flags(b: Backend, slot: int, flags: KvmMemFlags) -> Outcome:
+def update_memory_region_flags(b: Backend, slot: int, flags: KVM_MEM) -> Outcome:
     """Change only the flags of ``slot`` (KVM_MR_FLAGS_ONLY)."""
     old = _installed(b, slot)
-    return b.set_memory_region(replace(old, flags=KvmMemFlags(flags)))
+    return b.set_memory_region(replace(old, flags=KVM_MEM(flags)))
 
 
 def _installed(b: Backend, slot: int) -> MemoryRegion:

@@ -21,8 +21,9 @@ from kvmsim.backend.base import (BOOT_GPA_END, Exit, Falloc, GuestMemfdFlags, Ma
                                  move_memory_region, page_gpas, update_memory_region_flags)
 from kvmsim.errors import KvmsimError, errno_name
 from kvmsim.types import Gpa
+from kvmsim.uapi import KVM_MEM, KVM_USER_MEM_SLOTS
 
-F_LOG, F_RO, F_GMEM = 1, 2, 4
+F_LOG, F_RO, F_GMEM = KVM_MEM.LOG_DIRTY_PAGES, KVM_MEM.READONLY, KVM_MEM.GUEST_MEMFD
 GPA = 1 << 30
 MB = 1 << 20
 
@@ -156,7 +157,8 @@ _errno_case("resize", lambda vm, m: (vm.slot(1, GPA, m, size=MB), vm.slot(1, GPA
             "changing npages of a live slot gives EINVAL")
 _errno_case("change-uaddr", lambda vm, m: (vm.slot(1, GPA, m, size=MB), vm.slot(1, GPA, m, size=MB, offset=MB)),
             "changing userspace_addr of a live slot gives EINVAL")
-_errno_case("too-many-slots", lambda vm, m: vm.slot(32764, GPA, m), "slot id 32764 is past KVM_USER_MEM_SLOTS")
+_errno_case("too-many-slots", lambda vm, m: vm.slot(KVM_USER_MEM_SLOTS, GPA, m),
+            f"slot id {KVM_USER_MEM_SLOTS} is past KVM_USER_MEM_SLOTS")
 _errno_case("delete-missing", lambda vm, m: vm.b.set_memory_region(MemoryRegion(7, Gpa(0), 0, m.hva)).errno,
             "deleting a slot that does not exist gives EINVAL")
 _errno_case("flags-only-log", lambda vm, m: (vm.slot(1, GPA, m), update_memory_region_flags(vm.b, 1, F_LOG).errno),

@@ -31,18 +31,18 @@ from kvmsim.backend.base import (Access, DirtyGfn, DirtyLogOutcome, Exit, Falloc
                                  GuestMemfdFlags, GuestMemfdOutcome, HostAccess, HostMapping, Madv, MapOutcome,
                                  MappingKind, MemoryRegion, MemoryRegionApi, Outcome, Prot, PvclockOutcome,
                                  PvclockVcpuTimeInfo, VmOptions)
-from kvmsim.errors import ModelError, UsageError
-from kvmsim.kvm.vcpu import Exit as ModelExit
+from kvmsim.errors import BackendError, ModelError, UsageError
 from kvmsim.mm.host import Host
 from kvmsim.policies import DEFAULT_POLICY
-from kvmsim.mm.vma import VmaKind
+from kvmsim.mm.vma import Pte, VmaKind
 from kvmsim.types import PAGE_SIZE, Gpa, Hva
 
 BOOT_SLOT = getattr(base, "BOOT_SLOT", 0)
 
-_EXITS = {ModelExit.OK: Exit.OK, ModelExit.MMIO: Exit.MMIO, ModelExit.EFAULT: Exit.EFAULT,
-          ModelExit.EINTR: Exit.EFAULT, ModelExit.HWPOISON: Exit.EFAULT,
-          ModelExit.DIRTY_RING_FULL: Exit.EFAULT}
+# What KVM_RUN shows a VMM for each exit of the model's vCPU: EINTR, HWPOISON and a full dirty ring
+# end the run with an error, which the backend contract reports as EFAULT.
+_EXITS = {Exit.OK: Exit.OK, Exit.MMIO: Exit.MMIO, Exit.EFAULT: Exit.EFAULT,
+          Exit.EINTR: Exit.EFAULT, Exit.HWPOISON: Exit.EFAULT, Exit.DIRTY_RING_FULL: Exit.EFAULT}
 
 
 class _Child:
@@ -221,7 +221,7 @@ class ModelBackend:
         vma = self._vma_of(m)
         start, n = int(m.hva) + offset, length or m.size - offset
         try:
-            if advice in (Madv.MADV_DONTNEED, Madv.MADV_REMOVE):
+            if advice in (Madv.MADV_DONTNEED, Madv.MADV_REMOVE, Madv.MADV_COLD, Madv.MADV_PAGEOUT):
                 self.host.mm.madvise(start, n, advice.name)
             elif advice is Madv.MADV_HUGEPAGE:
                 from kvmsim.mm.vma import VM
@@ -300,11 +300,15 @@ class ModelBackend:
                 raise UsageError("the model keeps one 8-byte value per page: guest accesses at page offset 0 only")
             v = int(np.int64(np.uint64(values[i] & (2**64 - 1)))) if write else None
             r = self.vcpu.access(gpa, write, v)
+            if r.exit is Exit.LIVELOCK:
+                # KVM_RUN would re-enter the guest forever: no exit a VMM could be shown
+                raise BackendError(f"guest {'write' if write else 'read'} at gpa {gpa:#x} livelocks: KVM_RUN "
+                                   f"would never return (every re-entry retries the same stage-2 fault)")
             ex = _EXITS[r.exit]
             val = (values[i] if write else (int(np.uint64(np.int64(r.value))) if r.value is not None else None))
             if ex is Exit.MMIO and not write:
                 val = None
-            out.append(Access(Gpa(gpa), write, ex, val))
+            out.append(Access(ex, Gpa(gpa), write, val))
             if ex in base.TERMINAL_EXITS:
                 break
         return GuestAccessOutcome(tuple(out), len(gpas))
@@ -367,7 +371,7 @@ class ModelBackend:
         if slot is None:
             return None
         _, pfn, bits, _ = self.host.mm.pte_of(slot.gfn_to_hva(gfn))
-        if pfn < 0 or not bits & 1:
+        if pfn < 0 or not bits & Pte.PRESENT:
             return PvclockVcpuTimeInfo(0, 0, 0, 0, 0, 0)
         v = self.host.phys.read(pfn, "pvclock probe")
         return PvclockVcpuTimeInfo(v if 0 <= v < 1 << 32 else 0, 0, 0, 0, 0, 0)

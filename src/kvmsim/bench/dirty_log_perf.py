@@ -33,17 +33,11 @@ import numpy as np
 
 from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass, write_masks
 from kvmsim.errors import KvmsimError, UsageError
-from kvmsim.kvm.dirty import (
-    KVM_DIRTY_LOG_INITIALLY_SET,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-    enable_manual_protect,
-    kvm_clear_dirty_log,
-    kvm_get_dirty_log,
-)
+from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
 from kvmsim.kvm.kvm import Kvm
-from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
 from kvmsim.types import PAGE_SHIFT
+from kvmsim.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM
 from kvmsim.x86.dirty_log import gfn_aligned_pieces
 
 #: The cost columns: struct-page operations by kind, then the MMU's own work.
@@ -83,6 +77,9 @@ class Options:
     run_while_disabling: bool = False   # -e
     seed: int = 1                       # -r
     v613_other: bool = False
+    pml: bool = True                    # False: AMD SVM (no PML), dirty logging write-protects
+    teardown: bool = False              # also time the VM's destruction (kvm_destroy_vm), as "teardown"
+    phase_stats: bool = False           # record pages_4k/2m/1g at the end of every phase
 
     def check(self) -> None:
         if self.iterations < 2:
@@ -110,6 +107,7 @@ class Phase:
     seconds: float
     counters: dict[str, int] = field(default_factory=dict)
     peak_rss_bytes: int = 0            # the process's peak RSS when the phase ended
+    stats: dict[str, int] = field(default_factory=dict)   # leaf counts at its end (Options.phase_stats)
 
     def summary(self) -> dict[str, int]:
         return summarize(self.counters)
@@ -155,8 +153,8 @@ def summarize(counters: dict[str, int]) -> dict[str, int]:
 
 
 class _Clock:
-    def __init__(self, journal, phases: list[Phase], progress: Progress | None = None):
-        self.journal, self.phases, self.progress = journal, phases, progress
+    def __init__(self, journal, phases: list[Phase], progress: Progress | None = None, stats_of=None):
+        self.journal, self.phases, self.progress, self.stats_of = journal, phases, progress, stats_of
 
     def __call__(self, name: str, iteration: int | None = None):
         clock = self
@@ -172,7 +170,7 @@ class _Clock:
                 dt = time.perf_counter_ns() - self.t0
                 if exc[0] is None:
                     clock.phases.append(Phase(name, iteration, dt / 1e9, clock.journal.since(self.before),
-                                              peak_rss()))
+                                              peak_rss(), clock.stats_of() if clock.stats_of else {}))
                     if clock.progress:
                         clock.progress(name, iteration, dt / 1e9)
         return _Ctx()
@@ -185,7 +183,7 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
     t_start = time.perf_counter()
     host = Host(recording=False)
     reserve_mem_map(host, opts.total >> PAGE_SHIFT)
-    kvm = Kvm(host, policy=policy, arch="x86", mmu="tdp", v613_other=opts.v613_other)
+    kvm = Kvm(host, policy=policy, arch="x86", mmu="tdp", v613_other=opts.v613_other, pml=opts.pml)
     if opts.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET)
     slots = create_test_slots(kvm, opts.total, opts.backing, opts.slots)
@@ -193,7 +191,7 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
     per = opts.vcpu_memory >> PAGE_SHIFT
     rng = np.random.default_rng(opts.seed)
     phases: list[Phase] = []
-    clock = _Clock(kvm.journal, phases, progress)
+    clock = _Clock(kvm.journal, phases, progress, (lambda: leaf_stats(kvm)) if opts.phase_stats else None)
 
     def all_vcpus(value: int, percent: int) -> None:
         for k, v in enumerate(vcpus):
@@ -228,6 +226,9 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
         with clock("after-disable", opts.iterations + 2):
             all_vcpus(opts.iterations + 2, opts.write_percent)
     stats = leaf_stats(kvm)
+    if opts.teardown:
+        with clock("teardown"):
+            kvm.destroy()
     wall = time.perf_counter() - t_start
     return RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
 

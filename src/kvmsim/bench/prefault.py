@@ -95,11 +95,17 @@ def _fault_vma(kvm, vma, idx: np.ndarray) -> bool:
     return _fault_anon_4k(kvm, vma, idx)
 
 
-def _touch(kvm, pfns: np.ndarray) -> None:
-    """``get_user_pages_unlocked()``'s accounting for each fault: ``gup_slow``, ``FOLL_TOUCH``."""
+def _touch(kvm, pfns: np.ndarray, huge: bool = False) -> None:
+    """``get_user_pages_unlocked()``'s accounting for each fault: ``gup_slow``, ``FOLL_TOUCH``.
+
+    ``huge``: the pages are mapped by a PMD/PUD, which ``follow_huge_pmd()``/``follow_huge_pud()``
+    only make young (``touch_pmd()``), with no ``mark_page_accessed()`` (mm/gup.c); the entries
+    are already young and dirty from the fault."""
     j = kvm.journal
     j.count("gup_slow", len(pfns))
     j.count("host_page_fault", len(pfns))
+    if huge:
+        return
     j.count(f"mark_accessed:{_FOLL_TOUCH}", len(pfns))
     kvm.phys.flags[kvm.phys.head[pfns]] |= int(PG.referenced)          # an OR: repeats are harmless
 
@@ -135,7 +141,7 @@ def _fault_anon_huge(kvm, vma, idx: np.ndarray, level: int) -> bool:
         vma.pte[s:s + m] = _P | _Y | _W | _D
         vma.pte_level[s:s + m] = level
     kvm.journal.count("host_huge_alloc", len(starts))
-    _touch(kvm, vma.pte_pfn[leaders])
+    _touch(kvm, vma.pte_pfn[leaders], huge=True)
     return True
 
 
@@ -180,5 +186,5 @@ def _fault_shared(kvm, vma, idx: np.ndarray) -> bool:
         vma.pte_level[sl] = vma.huge_level
     heads = asp.pages[starts]
     phys.flags[heads] |= int(PG.uptodate)
-    _touch(kvm, vma.pte_pfn[leaders])
+    _touch(kvm, vma.pte_pfn[leaders], huge=vma.huge_level > 1)
     return True

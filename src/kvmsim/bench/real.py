@@ -58,7 +58,7 @@ REAL_BACKINGS = ("anonymous", "anonymous_thp", "shmem", "shared_hugetlb")
 def run_real(opts: Options, backend=None, progress: Progress | None = None) -> RunResult:
     """The selftest flow on the real backend: populate, enable, iterations of dirty/get/clear, disable."""
     from kvmsim.backend.base import (
-        KvmMemFlags,
+        KVM_MEM,
         ManualProtect,
         MappingKind,
         MemoryRegion,
@@ -106,7 +106,7 @@ def run_real(opts: Options, backend=None, progress: Progress | None = None) -> R
 
     gpas = page_gpas(base, npages)
     timed("populate", None, lambda: backend.guest_write(gpas, 0))
-    flags = lambda on: KvmMemFlags.KVM_MEM_LOG_DIRTY_PAGES if on else KvmMemFlags(0)
+    flags = lambda on: KVM_MEM.LOG_DIRTY_PAGES if on else KVM_MEM(0)
     timed("enable", None, lambda: [update_memory_region_flags(backend, r.slot, flags(True)) for r in regions])
     for it in range(1, opts.iterations + 1):
         timed("dirty", it, lambda it=it: backend.guest_write(gpas, it))

@@ -23,12 +23,12 @@ from kvmsim.errors import UsageError
 from kvmsim.explore.mutations import install
 from kvmsim.x86.mmu import kvm_zap_gfn_range
 from kvmsim.kvm.kvm import Kvm
-from kvmsim.kvm.memslot import KVM_MEM
 from kvmsim.mm.host import Host
 from kvmsim.mm.reclaim import reclaim, truncate_page, writeback_folio
 from kvmsim.mm.vma import VmaKind
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SIZE
+from kvmsim.uapi import KVM_MEM
 
 GPA = 0
 

@@ -10,9 +10,9 @@ import errno
 import numpy as np
 
 from kvmsim.errors import ModelError
+from kvmsim.uapi import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,  # noqa: F401 (re-exported)
+                         KVM_USER_MEM_SLOTS)
 
-KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1
-KVM_DIRTY_LOG_INITIALLY_SET = 2
 KVM_DIRTY_RING_RSVD_ENTRIES = 64          # kvm_dirty_ring_get_rsvd_entries() without PML quirks
 KVM_DIRTY_GFN_SIZE = 16                   # sizeof(struct kvm_dirty_gfn)
 
@@ -66,7 +66,7 @@ def _slot_for_log(kvm, slot_id: int):
     if kvm.dirty_ring_size:
         raise ModelError(errno.ENXIO, "dirty-log bitmap ioctls are disabled while the dirty ring is on")
     as_id, sid = slot_id >> 16, slot_id & 0xFFFF
-    if as_id >= kvm.nr_memslot_as_ids or sid >= 32764:
+    if as_id >= kvm.nr_memslot_as_ids or sid >= KVM_USER_MEM_SLOTS:
         raise ModelError(errno.EINVAL, f"slot {slot_id:#x} out of range")
     slot = kvm.memslots[as_id].by_id.get(sid)
     if slot is None or slot.dirty_bitmap is None:

@@ -11,11 +11,10 @@ import errno
 
 import numpy as np
 
-from kvmsim.errors import ModelError
+from kvmsim.errors import EHWPOISON, ModelError
 from kvmsim.kvm.pfn import Hold, KvmFollowPfn, kvm_acquired
+from kvmsim.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
 
-GUEST_MEMFD_FLAG_MMAP = 1 << 0
-GUEST_MEMFD_FLAG_INIT_SHARED = 1 << 1
 
 
 class GuestMemfd:
@@ -49,7 +48,7 @@ def kvm_gmem_get_pfn(kvm, slot, gfn: int) -> tuple[int, KvmFollowPfn]:
     gmem = slot.gmem_file
     index = slot.gmem_pgoff + (gfn - slot.base_gfn)
     if index in gmem.hwpoison:
-        raise ModelError(133, f"guest_memfd index {index} is poisoned")
+        raise ModelError(EHWPOISON, f"guest_memfd index {index} is poisoned")
     pfn = int(gmem.pages[index])
     if pfn < 0:
         pfn = kvm.phys.alloc(owner=gmem.owner_id, index=index)

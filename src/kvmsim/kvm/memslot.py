@@ -10,36 +10,16 @@ from __future__ import annotations
 import bisect
 import errno
 from dataclasses import dataclass, field, replace
-from enum import Enum, IntFlag
 
 import numpy as np
 
 from kvmsim.errors import ModelError
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
-
-
-class KVM_MEM(IntFlag):
-    """``KVM_MEM_*`` memslot flags (include/uapi/linux/kvm.h) and the internal INVALID flag."""
-
-    LOG_DIRTY_PAGES = 1 << 0
-    READONLY = 1 << 1
-    GUEST_MEMFD = 1 << 2
-    INVALID = 1 << 16          # KVM_MEMSLOT_INVALID (internal)
-
+from kvmsim.uapi import (KVM_DIRTY_LOG_INITIALLY_SET, KVM_MEM, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES,  # noqa: F401
+                         KVM_MEM_READONLY, KVM_MEMSLOT_INVALID, KVM_USER_MEM_SLOTS, KvmMrChange)  # KVM_MEM, KvmMrChange re-exported
 
 KVM_SET_USER_MEMORY_REGION_V1_FLAGS = KVM_MEM.LOG_DIRTY_PAGES | KVM_MEM.READONLY
-KVM_USER_MEM_SLOTS = 32764              # x86: KVM_MEM_SLOTS_NUM (SHRT_MAX) - KVM_INTERNAL_MEM_SLOTS (3)
-KVM_MEM_MAX_NR_PAGES = (1 << 31) - 1
 HOST_TASK_SIZE = 1 << 47                # access_ok() limit for the userspace address
-
-
-class KvmMrChange(str, Enum):
-    """``enum kvm_mr_change``."""
-
-    CREATE = "create"
-    DELETE = "delete"
-    MOVE = "move"
-    FLAGS_ONLY = "flags_only"
 
 
 @dataclass
@@ -72,16 +52,16 @@ class KvmMemorySlot:
 
     @property
     def readonly(self) -> bool:
-        return bool(int(self.flags) & 2)            # KVM_MEM_READONLY
+        return bool(int(self.flags) & KVM_MEM_READONLY)
 
     @property
     def invalid(self) -> bool:
-        return bool(int(self.flags) & 0x10000)      # KVM_MEMSLOT_INVALID
+        return bool(int(self.flags) & KVM_MEMSLOT_INVALID)
 
     @property
     def logging(self) -> bool:
         """``kvm_slot_dirty_track_enabled()`` for the LOG_DIRTY_PAGES part."""
-        return bool(int(self.flags) & 1)            # KVM_MEM_LOG_DIRTY_PAGES
+        return bool(int(self.flags) & KVM_MEM_LOG_DIRTY_PAGES)
 
     def contains(self, gfn: int) -> bool:
         return self.base_gfn <= gfn < self.base_gfn + self.npages
@@ -218,7 +198,7 @@ def kvm_use_dirty_bitmap(kvm) -> bool:
 def kvm_alloc_dirty_bitmap(kvm, slot: KvmMemorySlot) -> None:
     """``kvm_alloc_dirty_bitmap()`` plus the ``bitmap_set()`` of KVM_DIRTY_LOG_INITIALLY_SET."""
     slot.dirty_bitmap = np.zeros(slot.npages, dtype=bool)
-    if kvm.manual_dirty_log_protect & 2:                    # kvm_dirty_log_manual_protect_and_init_set()
+    if kvm.manual_dirty_log_protect & KVM_DIRTY_LOG_INITIALLY_SET:  # kvm_dirty_log_manual_protect_and_init_set()
         slot.dirty_bitmap[:] = True
 
 

@@ -11,37 +11,10 @@ A guest access runs in one of two host-execution modes (``Kvm.execution``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import Enum
-
 from kvmsim.errors import ModelError
 from kvmsim.kvm.pfn import gfn_to_hva_memslot_prot
 from kvmsim.types import PAGE_SHIFT
-
-
-class Exit(str, Enum):
-    """How a guest access ended, in KVM_RUN terms."""
-
-    OK = "ok"
-    MMIO = "mmio"                  # KVM_EXIT_MMIO (no slot, RO slot write, emulated fault)
-    EFAULT = "efault"              # KVM_RUN returned -EFAULT
-    EINTR = "eintr"                # signal pending
-    HWPOISON = "hwpoison"          # SIGBUS to the VMM
-    DIRTY_RING_FULL = "dirty_ring_full"
-    LIVELOCK = "livelock"          # model-only: the guest re-entered RETRY_LIVELOCK_BOUND times, no progress
-
-
-@dataclass
-class Access:
-    exit: Exit
-    gpa: int
-    write: bool
-    value: int | None = None
-    errno: int = 0
-
-    @property
-    def ok(self) -> bool:
-        return self.exit == Exit.OK
+from kvmsim.uapi import Access, Exit  # noqa: F401 (re-exported: the model's guest accesses)
 
 
 class KvmVcpu:

@@ -1,4 +1,5 @@
-"""The host page-fault handler, ``handle_mm_fault()`` (mm/memory.c, mm/hugetlb.c, mm/huge_memory.c).
+"""The host page-fault handler, ``handle_mm_fault()`` (mm/memory.c, mm/hugetlb.c; THP faults in
+kvmsim.mm.huge_memory, mirroring mm/huge_memory.c).
 
 Returns 0 on success or the errno the access would see (EFAULT for SIGSEGV/SIGBUS, EHWPOISON).
 """
@@ -10,6 +11,7 @@ import errno
 import numpy as np
 
 from kvmsim.errors import EHWPOISON
+from kvmsim.mm.huge_memory import do_huge_pmd_anonymous_page
 from kvmsim.mm.page import PG
 from kvmsim.mm.vma import VM, Pte, Vma, VmaKind
 from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PG_LEVEL_2M
@@ -47,6 +49,8 @@ def _anon_fault(mm, vma: Vma, i: int, write: bool) -> int:
         if not write or bits & _W:
             vma.pte[i] |= _Y
             return 0
+        if vma.pte_level[i] == PG_LEVEL_2M and phys.is_huge_zero_pfn(int(vma.pte_pfn[i])):
+            return mm.huge_zero_wp_fault(mm, vma, i)        # do_huge_pmd_wp_page(): host-kernel specific
         return _wp_page(mm, vma, i)
     key = (vma.id, vma.pgoff + i)
     if bits & _SW or key in vma.anon.swap:                       # swap-in (do_swap_page)
@@ -58,12 +62,14 @@ def _anon_fault(mm, vma: Vma, i: int, write: bool) -> int:
         return 0
     huge = vma.huge_level if vma.kind == VmaKind.HUGETLB else (
         PG_LEVEL_2M if vma.flags & VM.HUGEPAGE and _thp_fits(vma, i) else 1)
+    if huge > 1 and vma.kind != VmaKind.HUGETLB:
+        return do_huge_pmd_anonymous_page(mm, vma, i, write)
     if huge > 1:
         n = 1 << (9 * (huge - 1))
         lo = i // n * n
         head = phys.alloc(9 * (huge - 1), owner=vma.anon.owner_id, index=vma.pgoff + lo)
         vma.pte_pfn[lo:lo + n] = np.arange(head, head + n)
-        vma.pte[lo:lo + n] = _P | _Y | _W | _D                    # anon THP/hugetlb are mapped writable+dirty
+        vma.pte[lo:lo + n] = _P | _Y | _W | _D                    # private hugetlb is mapped writable+dirty
         vma.pte_level[lo:lo + n] = huge
         mm.journal.count("host_huge_alloc")
         return 0

@@ -65,8 +65,8 @@ def get_user_page_fast_only(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
 def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool = True) -> tuple[int, int | None]:
     """``get_user_pages_unlocked()`` / ``pin_user_pages_unlocked()`` for one page: (rc, pfn).
 
-    Implies FOLL_TOUCH: marks the folio accessed and, for FOLL_WRITE, dirty if neither the PTE nor
-    the folio was.
+    Implies FOLL_TOUCH: through a PTE (follow_page_pte) it marks the folio accessed and, for FOLL_WRITE,
+    dirty if neither the PTE nor the folio was; through a huge PMD/PUD only the entry is made young/dirty.
     """
     flags = int(flags)
     mm.journal.count("gup_slow")
@@ -101,7 +101,14 @@ def get_user_pages_unlocked(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
         return -errno.EFAULT, None
     phys = mm.phys
     phys.try_grab_folio(pfn, bool(flags & _FPIN), caller, kvm=kvm)
-    if pfn != phys.zero_pfn:          # FOLL_TOUCH: the folio only ("pte_mkyoung() would be more correct")
+    level = int(vma.pte_level[i])
+    if level > 1:
+        # follow_huge_pmd()/follow_huge_pud() (mm/gup.c): FOLL_TOUCH is touch_pmd()/touch_pud(), the
+        # PMD/PUD made young (and dirty for FOLL_WRITE), never mark_page_accessed() on the folio.
+        n = 1 << (9 * (level - 1))
+        s = i - ((hva >> 12) & (n - 1))
+        vma.pte[max(s, 0):s + n] |= _Y | (_D if flags & _FW else 0)
+    elif pfn != phys.zero_pfn:        # FOLL_TOUCH: the folio only ("pte_mkyoung() would be more correct")
         if flags & _FW and not bits & _D and not phys.folio_test_dirty(pfn):
             phys.SetPageDirty(pfn, "follow_page_pte:FOLL_TOUCH")
         phys.mark_page_accessed(pfn, "follow_page_pte:FOLL_TOUCH")

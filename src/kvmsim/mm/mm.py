@@ -15,8 +15,9 @@ from collections.abc import Iterator
 import numpy as np
 
 from kvmsim.errors import ModelError
+from kvmsim.mm.huge_memory import do_huge_zero_wp_pmd, pmd_index, split_huge_pmd
 from kvmsim.mm.notifier import MmuNotifierOps, MmuNotifierRange, MmuNotifyEvent
-from kvmsim.mm.page import PfnClass, PhysMem
+from kvmsim.mm.page import PG, PfnClass, PhysMem
 from kvmsim.mm.vma import VM, AddressSpace, AnonVma, Pte, Vma, VmaKind
 from kvmsim.sched import DEFAULT_SCHEDULER, Scheduler, Steps, Wait, kpath
 from kvmsim.trace import Journal
@@ -25,6 +26,7 @@ from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT, PAGE_SIZE, PG_LEVEL_2M, PMD_SI
 _P, _W, _Y, _D, _S, _SW = (int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY),
                            int(Pte.SPECIAL), int(Pte.SWAP))
 MMAP_BASE = 0x7F00_0000_0000
+_PG_DIRTY = int(PG.dirty)
 
 
 class MmapLock:
@@ -59,6 +61,8 @@ class MmapLock:
     def mmap_read_unlock(self, holder: str) -> None:
         """Release ``holder``'s read hold (named: an abandoned thread's generator is closed from another)."""
         self.readers.remove(holder)
+# the madvise() advice the model implements (include/uapi/asm-generic/mman-common.h names, no MADV_)
+MADVISE_ADVICE = ("DONTNEED", "REMOVE", "COLD", "PAGEOUT")
 
 
 class Mm:
@@ -77,6 +81,12 @@ class Mm:
         self.mmap_lock_contended = False     # makes the killable mmap lock fail (GUP -EAGAIN)
         self.sched = sched
         self.mmap_lock = MmapLock(sched)
+        # host-kernel settings: /sys/kernel/mm/transparent_hugepage/use_zero_page, total_swap_pages
+        # (the model's swap is unbounded; 0 = no swap), and the write fault on a huge zero PMD, whose
+        # behaviour changed in v6.13 (kvmsim.mm.huge_memory.set_host_kernel; default v6.13)
+        self.thp_use_zero_page = True
+        self.total_swap_pages = 1 << 40
+        self.huge_zero_wp_fault = do_huge_zero_wp_pmd
 
     # ---- VMA tree ---------------------------------------------------------------------------
     def _insert(self, vma: Vma) -> Vma:
@@ -213,9 +223,11 @@ class Mm:
         if vma.mapping is not None and dirty.any():
             # zap_pte_range: a dirty PTE of a file page makes the folio dirty before unmapping
             for pfn in np.unique(pfns[dirty]):
-                self.phys.flags[self.phys.head[pfn]] |= 1          # PG.dirty, folio_mark_dirty()
+                self.phys.flags[self.phys.head[pfn]] |= _PG_DIRTY  # folio_mark_dirty()
         if drop_anon and vma.anon is not None:
             owned = present & (pfns != self.phys.zero_pfn) & ((vma.pte[lo:hi] & _S) == 0)
+            if self.phys.huge_zero_pfn >= 0:
+                owned &= self.phys.head[np.where(present, pfns, 0)] != self.phys.huge_zero_pfn
             if vma.kind == VmaKind.HUGETLB or (vma.pte_level[lo:hi] > 1).any():
                 heads = np.unique(self.phys.head[pfns[owned]])
                 for h in heads:
@@ -228,6 +240,19 @@ class Mm:
         vma.pte_pfn[lo:hi] = -1
         vma.pte[lo:hi] = 0
         vma.pte_level[lo:hi] = 1
+
+    def _split_straddled_pmds(self, vma: Vma, lo: int, hi: int) -> None:
+        """``zap_pmd_range()`` (mm/memory.c): a THP (or huge zero) PMD the range ``[lo, hi)`` covers only
+        in part is split first (``next - addr != HPAGE_PMD_SIZE`` → ``__split_huge_pmd()``), so only
+        the covered PTEs go."""
+        if vma.kind == VmaKind.HUGETLB:
+            return
+        for edge in (lo, hi - 1):
+            if not 0 <= edge < vma.npages or vma.pte_level[edge] != PG_LEVEL_2M or not vma.pte[edge] & _P:
+                continue
+            first = pmd_index(vma, edge)
+            if first < lo or first + LEVEL_PAGES[PG_LEVEL_2M] > hi:
+                split_huge_pmd(self, vma, edge, reason="zap_pmd_range")
 
     def hva_range_of(self, vma: Vma, lo: int, hi: int) -> tuple[int, int]:
         return vma.start + (lo << PAGE_SHIFT), vma.start + (hi << PAGE_SHIFT)
@@ -251,6 +276,7 @@ class Mm:
             rng = MmuNotifierRange(start, end, MmuNotifyEvent.UNMAP, reason="munmap")
             yield from self.invalidate_range_start.steps(rng)
             for vma, lo, hi in list(self._clip(start, end - start)):
+                self._split_straddled_pmds(vma, lo, hi)
                 self._zap_ptes(vma, lo, hi, drop_anon=True)
                 self._split_out(vma, lo, hi)
             yield "munmap: PTEs zapped, VMAs removed"
@@ -317,25 +343,34 @@ class Mm:
 
     @kpath
     def madvise(self, start: int, length: int, advice: str) -> Steps:
-        """``madvise()`` DONTNEED or REMOVE."""
+        """``madvise()`` DONTNEED, REMOVE, COLD or PAGEOUT (:data:`MADVISE_ADVICE`)."""
         advice = advice.upper().removeprefix("MADV_")
         parts = list(self._clip(start, length))
         if not parts:
             raise ModelError(errno.ENOMEM, f"madvise({start:#x}): no mapping")
+        if advice not in MADVISE_ADVICE:
+            raise ModelError(errno.EINVAL, f"madvise advice {advice!r} is not modelled ({', '.join(MADVISE_ADVICE)})")
         for vma, _, _ in parts:
             if vma.flags & VM.PFNMAP:
                 raise ModelError(errno.EINVAL, "madvise on a VM_PFNMAP mapping")
             if advice == "REMOVE" and (not vma.flags & VM.SHARED or vma.mapping is None):
                 raise ModelError(errno.EINVAL, "MADV_REMOVE needs a shared file mapping")
-        if advice not in ("DONTNEED", "REMOVE"):
-            raise ModelError(errno.EINVAL, f"madvise advice {advice!r} is not modelled (DONTNEED, REMOVE)")
+            if advice in ("COLD", "PAGEOUT") and vma.flags & VM.HUGETLB:     # can_madv_lru_vma()
+                raise ModelError(errno.EINVAL, f"MADV_{advice} on a VM_HUGETLB mapping")
         me = self.sched.active
         yield from self.mmap_lock.mmap_read_lock.steps()
         try:
             parts = list(self._clip(start, length))              # again: the VMAs may have changed
+            if advice in ("COLD", "PAGEOUT"):
+                # no notifier around the walk: only try_to_unmap() of each reclaimed folio fires one
+                from kvmsim.mm.reclaim import madvise_cold_or_pageout
+                n = madvise_cold_or_pageout(self, parts, pageout=advice == "PAGEOUT")
+                yield f"madvise {advice}: {n} folios reclaimed"
+                return
             rng = MmuNotifierRange(start, start + length, MmuNotifyEvent.CLEAR, reason=f"madvise {advice}")
             yield from self.invalidate_range_start.steps(rng)
             for vma, lo, hi in parts:
+                self._split_straddled_pmds(vma, lo, hi)
                 self._zap_ptes(vma, lo, hi, drop_anon=True)
                 if advice == "REMOVE":
                     from kvmsim.mm.reclaim import remove_from_cache
@@ -384,6 +419,8 @@ class Mm:
                 cvma.pte[:] = vma.pte
                 cvma.pte_level[:] = vma.pte_level
                 owned = present & (vma.pte_pfn != self.phys.zero_pfn)
+                if self.phys.huge_zero_pfn >= 0:
+                    owned &= self.phys.head[np.where(present, vma.pte_pfn, 0)] != self.phys.huge_zero_pfn
                 for head in np.unique(self.phys.head[vma.pte_pfn[owned]]) if owned.any() else []:
                     self.phys.get_page(int(head), "copy_page_range")
                 self.invalidate_range_end(rng)

@@ -89,6 +89,7 @@ class PhysMem:
         self._grow(capacity)
         self.zero_pfn = self.alloc(cls=PfnClass.ZERO, reserved=True, owner=self.register_owner("zero page"))
         self.refcount[self.zero_pfn] = 1
+        self.huge_zero_pfn = -1           # allocated on first use (mm_get_huge_zero_folio)
 
     # ---- storage --------------------------------------------------------------------------
     def reserve(self, npages: int) -> None:
@@ -254,6 +255,18 @@ class PhysMem:
 
     def is_zero_pfn(self, pfn: int) -> bool:
         return pfn == self.zero_pfn
+
+    def mm_get_huge_zero_folio(self) -> int:
+        """``mm_get_huge_zero_folio()`` (mm/huge_memory.c): the huge zero folio's head, allocated on
+        first use.  Unlike the 4K zero page it is an ordinary (not reserved) order-9 compound page, so
+        GUP takes references on it and KVM's release helpers treat it as a normal page."""
+        if self.huge_zero_pfn < 0:
+            self.huge_zero_pfn = self.alloc(9, owner=self.register_owner("huge zero folio"))
+        return self.huge_zero_pfn
+
+    def is_huge_zero_pfn(self, pfn: int) -> bool:
+        """``is_huge_zero_folio(page_folio(pfn_to_page(pfn)))``."""
+        return self.huge_zero_pfn >= 0 and 0 <= pfn < self.nr and self.head.item(pfn) == self.huge_zero_pfn
 
     def is_zone_device(self, pfn: int) -> bool:
         return bool(self.flags.item(pfn) & _ZONE_DEVICE)

@@ -1,5 +1,6 @@
 """Writeback, truncation, reclaim, migration and THP split/collapse (mm/page-writeback.c, mm/rmap.c,
-mm/truncate.c, mm/vmscan.c, mm/migrate.c, mm/huge_memory.c, mm/khugepaged.c).
+mm/truncate.c, mm/vmscan.c, mm/migrate.c, mm/huge_memory.c, mm/khugepaged.c), and MADV_COLD/MADV_PAGEOUT
+(mm/madvise.c).
 
 Each fires the mmu_notifier the way the kernel does, so KVM zaps its stage-2 mappings; writeback
 is a kernel path with a yield between ``folio_mkclean()`` and clearing PG_dirty, the window of the
@@ -15,7 +16,7 @@ import numpy as np
 from kvmsim.errors import ModelError
 from kvmsim.mm.notifier import MmuNotifierRange, MmuNotifyEvent
 from kvmsim.mm.page import PG
-from kvmsim.mm.vma import VM, AddressSpace, Pte, Vma
+from kvmsim.mm.vma import VM, AddressSpace, AnonVma, Pte, Vma
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE, PAGES_PER_PMD, PG_LEVEL_2M
 
@@ -176,7 +177,7 @@ def reclaim(mm, start: int, length: int) -> dict[str, int]:
     for vma, lo, hi in parts:
         for i in range(lo, hi):
             pfn = int(vma.pte_pfn[i])
-            if pfn < 0 or not vma.pte[i] & _P or vma.pte[i] & _S:
+            if pfn < 0 or not vma.pte[i] & _P or vma.pte[i] & _S or phys.is_huge_zero_pfn(pfn):
                 continue
             if not _on_lru(mm, vma, pfn):
                 continue                                         # a driver page or the zero page
@@ -228,6 +229,96 @@ def _on_lru(mm, vma: Vma, pfn: int) -> bool:
     return owner is not None and (owner is vma.anon or owner is vma.mapping)
 
 
+def madvise_cold_or_pageout(mm, parts: list[tuple[Vma, int, int]], pageout: bool) -> int:
+    """Mirrors ``madvise_cold_or_pageout_pte_range()`` (mm/madvise.c, v6.12/v6.13) over ``(vma, lo, hi)``
+    page ranges, then, for MADV_PAGEOUT, ``reclaim_pages()``; returns the folios reclaimed.
+
+    Each PTE-mapped normal folio not mapped elsewhere (``folio_likely_mapped_shared()``) is made old:
+    the host PTE's young bit is cleared without the mmu_notifier (``ptep_get_and_clear_full()`` +
+    ``pte_mkold()``, so KVM keeps its accessed bits), then ``folio_clear_referenced()``.  MADV_COLD
+    stops there (``folio_deactivate()``; the model keeps no LRU lists).  PMD-mapped THPs are left alone
+    (the kernel pages them out whole or splits them; not modelled)."""
+    phys = mm.phys
+    folios: list[int] = []
+    for vma, lo, hi in parts:
+        for i in range(lo, hi):
+            pfn, bits = int(vma.pte_pfn[i]), int(vma.pte[i])
+            if pfn < 0 or not bits & _P or bits & _S or vma.pte_level[i] > 1:
+                continue                                      # vm_normal_folio(): NULL for the zero page
+            head = phys.folio(pfn)
+            if len(rmap_walk(mm, head)) > 1:                  # folio_likely_mapped_shared()
+                continue
+            vma.pte[i] &= ~np.uint8(_Y)
+            phys.folio_test_clear_referenced(head)
+            if pageout and head not in folios:
+                folios.append(head)                           # folio_isolate_lru()
+    if not pageout:
+        return 0
+    return reclaim_pages(mm, folios)
+
+
+def reclaim_pages(mm, folios: list[int]) -> int:
+    """Mirrors ``reclaim_pages()`` (mm/vmscan.c): ``shrink_folio_list()`` with ``ignore_references``."""
+    n = sum(1 for head in folios if _shrink_folio(mm, head))
+    mm.journal.count("reclaimed", n)
+    return n
+
+
+def _try_to_unmap(mm, head: int) -> None:
+    """``try_to_unmap()`` → ``try_to_unmap_one()``: per mapping, an ``MMU_NOTIFY_CLEAR`` over the page,
+    the PTE cleared and a dirty PTE moved to the folio (``folio_mark_dirty()``)."""
+    phys = mm.phys
+    for vma, i in rmap_walk(mm, head):
+        rng = _notify(mm, vma, i, 1, MmuNotifyEvent.CLEAR, "try_to_unmap")
+        mm.invalidate_range_start(rng)
+        if vma.pte[i] & _D:
+            phys.flags[head] |= int(PG.dirty)
+        vma.pte[i] = 0
+        vma.pte_pfn[i] = -1
+        mm.invalidate_range_end(rng)
+
+
+def _shrink_folio(mm, head: int) -> bool:
+    """One folio of ``shrink_folio_list()`` (mm/vmscan.c) when references are ignored; True if freed.
+
+    Private anon: ``add_to_swap()`` first, which fails without swap (``total_swap_pages`` 0): the folio
+    stays mapped (``activate_locked``).  Otherwise ``try_to_unmap()``; a dirty folio then: of a regular
+    file stays cached (direct reclaim does not write file folios: ``activate_locked``), of shmem is
+    written to swap, or without swap re-dirtied and kept (``shmem_writepage()``: ``goto redirty``,
+    ``AOP_WRITEPAGE_ACTIVATE``).  A folio with references beyond the page cache's stays
+    (``__remove_mapping()``'s ``folio_ref_freeze()`` fails)."""
+    phys = mm.phys
+    owner = phys.owners.get(int(phys.owner[head]))
+    if isinstance(owner, AnonVma):
+        maps = rmap_walk(mm, head)
+        if not mm.total_swap_pages or len(maps) != 1 or phys.page_count(head) > 1:
+            return False
+        vma, i = maps[0]
+        rng = _notify(mm, vma, i, 1, MmuNotifyEvent.CLEAR, "try_to_unmap")
+        mm.invalidate_range_start(rng)
+        vma.anon.swap[(vma.id, vma.pgoff + i)] = int(phys.data[head])
+        vma.pte[i] = _SW
+        vma.pte_pfn[i] = -1
+        phys.put_page(head, "shrink_folio_list")
+        mm.invalidate_range_end(rng)
+        return True
+    if not isinstance(owner, AddressSpace):
+        return False
+    asp, index = owner, int(phys.index[head])
+    _try_to_unmap(mm, head)
+    if phys.folio_test_dirty(head):
+        if asp.can_writeback or not mm.total_swap_pages:
+            return False
+        asp.disk[index] = int(phys.data[head])                 # shmem_writepage(): to swap
+        phys.folio_clear_dirty(head)
+    if phys.page_count(head) > 1:
+        return False
+    asp.pages[index] = -1
+    asp.needs_io.add(index)
+    phys.put_page(head, "shrink_folio_list")
+    return True
+
+
 def migrate_page(mm, hva: int) -> int:
     """``migrate_pages()`` of the page at ``hva``: new pfn, same data; -EAGAIN if someone holds an
     extra reference (a GUP pin or KVM's FOLL_GET).  Returns the new pfn."""
@@ -257,26 +348,13 @@ def migrate_page(mm, hva: int) -> int:
 
 
 def thp_split(mm, hva: int) -> None:
-    """``split_huge_pmd`` + ``split_folio``: the PMD becomes 512 PTEs and the folio 512 small folios."""
-    phys = mm.phys
+    """``split_huge_pmd`` + ``split_folio``: the PMD becomes 512 PTEs and the folio 512 small folios
+    (kvmsim.mm.huge_memory.split_huge_pmd; a huge zero PMD becomes 512 zero-page PTEs)."""
+    from kvmsim.mm.huge_memory import split_huge_pmd
     vma, pfn, bits, level = mm.pte_of(hva)
     if vma is None or level != PG_LEVEL_2M or vma.mapping is not None:
         raise ModelError(errno.EINVAL, f"thp split at {hva:#x}: not an anonymous PMD mapping")
-    i = vma.idx(hva) // PAGES_PER_PMD * PAGES_PER_PMD
-    rng = _notify(mm, vma, i, PAGES_PER_PMD, MmuNotifyEvent.CLEAR, "split_huge_pmd")
-    mm.invalidate_range_start(rng)
-    head = phys.folio(pfn)
-    extra = phys.page_count(head) - 1
-    vma.pte_level[i:i + PAGES_PER_PMD] = 1
-    sl = slice(head, head + PAGES_PER_PMD)
-    phys.head[sl] = np.arange(head, head + PAGES_PER_PMD)
-    phys.order[head] = 0
-    phys.flags[sl] &= ~np.uint16(int(PG.head) | int(PG.tail))
-    phys.flags[sl] |= phys.flags[head] & int(PG.dirty)
-    phys.refcount[sl] = 1
-    phys.refcount[head] += extra
-    mm.invalidate_range_end(rng)
-    mm.journal.count("thp_split")
+    split_huge_pmd(mm, vma, vma.idx(hva))
 
 
 def thp_collapse(mm, hva: int) -> int:
@@ -292,13 +370,13 @@ def thp_collapse(mm, hva: int) -> int:
     old = vma.pte_pfn[i:i + PAGES_PER_PMD].copy()
     present = (vma.pte[i:i + PAGES_PER_PMD] & _P) != 0
     for pfn in old[present]:
-        if int(pfn) != phys.zero_pfn and phys.page_count(int(pfn)) > 1:
+        if int(pfn) != phys.zero_pfn and not phys.is_huge_zero_pfn(int(pfn)) and phys.page_count(int(pfn)) > 1:
             raise ModelError(errno.EAGAIN, f"collapse: pfn {int(pfn):#x} has extra references")
     rng = _notify(mm, vma, i, PAGES_PER_PMD, MmuNotifyEvent.CLEAR, "collapse_huge_page")
     mm.invalidate_range_start(rng)
     head = phys.alloc(9, owner=vma.anon.owner_id, index=vma.pgoff + i)
     for k in range(PAGES_PER_PMD):
-        if present[k] and old[k] != phys.zero_pfn:
+        if present[k] and old[k] != phys.zero_pfn and not phys.is_huge_zero_pfn(int(old[k])):
             phys.data[head + k] = phys.data[int(old[k])]
             phys.put_page(int(old[k]), "collapse_huge_page")
     vma.pte_pfn[i:i + PAGES_PER_PMD] = np.arange(head, head + PAGES_PER_PMD)

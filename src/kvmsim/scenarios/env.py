@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +45,7 @@ class Env:
 
     def vma(self, name: str) -> dict:
         if name not in self.vmas:
-            raise ModelError(22, f"no VMA named {name!r}")
+            raise ModelError(errno.EINVAL, f"no VMA named {name!r}")
         return self.vmas[name]
 
     def hva(self, name: str, offset: int = 0) -> int:
@@ -57,19 +58,19 @@ class Env:
 
     def vcpu(self, i: int):
         if not 0 <= i < len(self.kvm.vcpus):
-            raise ModelError(22, f"no vCPU {i} (the VM has {len(self.kvm.vcpus)})")
+            raise ModelError(errno.EINVAL, f"no vCPU {i} (the VM has {len(self.kvm.vcpus)})")
         return self.kvm.vcpus[i]
 
     def slot(self, sid: int):
         s = self.kvm.memslots[0].by_id.get(sid)
         if s is None:
-            raise ModelError(22, f"no memslot {sid}")
+            raise ModelError(errno.EINVAL, f"no memslot {sid}")
         return s
 
     def mapping(self, name: str):
         asp = self.vma(name)["mapping"]
         if asp is None:
-            raise ModelError(22, f"VMA {name!r} has no file mapping (anon or driver memory)")
+            raise ModelError(errno.EINVAL, f"VMA {name!r} has no file mapping (anon or driver memory)")
         return asp
 
 

@@ -6,6 +6,8 @@ Each op is a generator (a step of an ``interleave`` thread) returning a :class:`
 
 from __future__ import annotations
 
+import errno
+
 from kvmsim.errors import ModelError
 from kvmsim.scenarios.env import Res, _done
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
@@ -110,7 +112,7 @@ def op_punch_hole(env, a):
 def op_driver_teardown(env, a):
     drv = env.host.drivers.get(a["driver"])
     if drv is None:
-        raise ModelError(22, f"no driver named {a['driver']!r}")
+        raise ModelError(errno.EINVAL, f"no driver named {a['driver']!r}")
     drv.teardown(env.mm)
     yield from _done("driver teardown: unmap_mapping_range + free pages")
     return Res("ok")

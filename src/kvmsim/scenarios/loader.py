@@ -40,10 +40,11 @@ from kvmsim.scenarios.validate import (
     check_steps,
 )
 from kvmsim.types import parse_size
+from kvmsim.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
 POLICIES = ("legacy", "series", "pre-5.13")
 REQUIRED = object()
-MEM_FLAGS = {"log_dirty_pages": 1, "readonly": 2}
+MEM_FLAGS = {"log_dirty_pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}  # the names a scenario may use
 #: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).
 REQUIREMENTS = ("x86_mmu",)
 #: Largest scenario file read (bytes); the bundled ones are under 4 KiB.

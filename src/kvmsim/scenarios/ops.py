@@ -13,8 +13,9 @@ import errno
 from collections.abc import Callable
 from typing import Any
 
-from kvmsim.errors import ModelError
+from kvmsim.errors import EHWPOISON, ModelError
 from kvmsim.kvm.fault import FaultRet
+from kvmsim.mm.mm import MADVISE_ADVICE
 from kvmsim.scenarios.loader import (
     MAX_BYTES,
     MAX_COUNT,
@@ -53,6 +54,8 @@ from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 _COUNT = c_bounded(c_int, 1, MAX_COUNT, "a page count")
 _GUEST = {"gpa": (c_size, REQUIRED), "count": (_COUNT, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0)}
 _RANGE = {"vma": (c_str, REQUIRED), "offset": (c_size, 0), "size": (c_size, None)}
+# the advice Mm.madvise() models, as "dontneed" or "madv_dontneed"
+_MADVISE_ADVICE = tuple(p + a.lower() for a in MADVISE_ADVICE for p in ("", "madv_"))
 _AT = {"vma": (c_str, REQUIRED), "offset": (c_size, 0)}
 
 OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
@@ -65,7 +68,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     # host
     "munmap": _RANGE,
     "mprotect": {**_RANGE, "prot": (c_choice("rw", "r", "w", "none"), REQUIRED)},
-    "madvise": {**_RANGE, "advice": (c_choice("dontneed", "remove", "madv_dontneed", "madv_remove"), REQUIRED)},
+    "madvise": {**_RANGE, "advice": (c_choice(*_MADVISE_ADVICE), REQUIRED)},
     "mremap": {"vma": (c_str, REQUIRED)},
     "fork": {},
     "writeback": {"vma": (c_str, REQUIRED), "offset": (c_size, None)},
@@ -151,7 +154,7 @@ def op_fault(env: Env, a: dict):
     r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"])
     r = int(r)
     if r < 0:
-        return Res({14: "efault", 4: "eintr", 133: "hwpoison"}.get(-r, "error"), -r)
+        return Res({errno.EFAULT: "efault", errno.EINTR: "eintr", EHWPOISON: "hwpoison"}.get(-r, "error"), -r)
     return Res(FaultRet(r).name.lower())
 
 
@@ -159,7 +162,7 @@ def op_store(env: Env, a: dict):
     """A guest store as a steppable path: through the SPTE (fast page fault, hardware D) or a fault."""
     from kvmsim.explore.scenarios import guest_write
     if not hasattr(env.kvm.arch, "_tables"):
-        raise ModelError(22, "store is a steppable guest store for arch = \"generic\"; use write otherwise")
+        raise ModelError(errno.EINVAL, "store is a steppable guest store for arch = \"generic\"; use write otherwise")
     vcpu = env.vcpu(a["vcpu"])
     if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
         yield from _done("guest: no memslot")              # kvm_handle_noslot_fault(): an MMIO exit
@@ -172,7 +175,7 @@ def op_zap(env: Env, a: dict):
     """``kvm_zap_gfn_range()`` of one gfn under mmu_lock, outside the mmu_notifier."""
     from kvmsim.x86.mmu import kvm_zap_gfn_range
     if not hasattr(env.kvm.arch, "zap_leaf"):
-        raise ModelError(22, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
+        raise ModelError(errno.EINVAL, "zap needs an arch with a steppable zap_leaf (arch = \"generic\")")
     if env.kvm.gfn_to_memslot(a["gpa"] >> PAGE_SHIFT) is None:
         yield from _done("kvm_zap_gfn_range: no memslot")  # nothing mapped there, nothing to zap
         return Res("ok")
@@ -254,7 +257,7 @@ def op_vcpu_map(env, a):
 
 def _named(table: dict, name: str, what: str):
     if name not in table:
-        raise ModelError(22, f"no {what} named {name!r}")
+        raise ModelError(errno.EINVAL, f"no {what} named {name!r}")
     return table[name]
 
 

@@ -90,13 +90,9 @@ def missing_requirement(sc: Scenario) -> str | None:
 
 def build(sc: Scenario, policy: str) -> Env:
     """A fresh Host with the scenario's drivers and VMAs, and a VM with its capabilities and memslots."""
-    from kvmsim.kvm.dirty import (
-        KVM_DIRTY_LOG_INITIALLY_SET,
-        KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-        enable_dirty_ring,
-        enable_manual_protect,
-    )
+    from kvmsim.kvm.dirty import enable_dirty_ring, enable_manual_protect
     from kvmsim.kvm.kvm import Kvm
+    from kvmsim.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
     from kvmsim.mm.host import Host
     from kvmsim.mm.vma import VmaKind
     from kvmsim.scenarios.ops import _flags

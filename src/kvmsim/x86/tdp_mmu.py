@@ -177,7 +177,8 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
 def split_range(kvm, slot, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_page", to_level: int = 1) -> int:
     """``kvm_tdp_mmu_try_split_huge_pages()`` (to 4 KiB) or the fault path's ``tdp_mmu_split_huge_page()``
     (to ``to_level``): children inherit the huge SPTE's bits and consecutive pfns, no TLB flush;
-    legacy reports the old huge leaf's A/D once (its SPTE became a page table)."""
+    legacy reports the A/D of each huge leaf that becomes a page table, the intermediate 2 MiB
+    leaves of a split 1 GiB page included."""
     t = slot.arch.get("x86")
     if t is None:
         return 0
@@ -186,9 +187,15 @@ def split_range(kvm, slot, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_p
     nhuge = int(np.count_nonzero(t.level[reps] > to_level))
     if not nhuge:
         return 0
-    lvl = t.level[lo:hi]
-    new = np.where(lvl > to_level, to_level, lvl).astype(np.uint8)
-    spte_write(kvm, slot, lo, hi, t.bits[lo:hi].copy(), None, new, caller=caller)
+    # Pre-order, one level at a time (tdp_mmu_split_huge_pages_root(): "splitting a 1GB to 512 2MB
+    # pages, and then splitting each of those to 512 4KB pages"): each 2 MiB child inherits the 1 GiB
+    # leaf's A/D bits and is itself a huge leaf that becomes a page table, so legacy reports 1 + 512.
+    for step in range(int(t.level[lo:hi].max()) - 1, to_level - 1, -1):
+        lvl = t.level[lo:hi]
+        if not (lvl > step).any():
+            continue
+        new = np.where(lvl > step, step, lvl).astype(np.uint8)
+        spte_write(kvm, slot, lo, hi, t.bits[lo:hi].copy(), None, new, caller=caller)
     kvm.journal.count("split", nhuge)
     return nhuge
 

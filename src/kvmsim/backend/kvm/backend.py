@@ -20,7 +20,7 @@ from kvmsim.backend.base import (
     MemoryRegion, MemoryRegionApi, Outcome, Prot, PvclockOutcome, PvclockVcpuTimeInfo, VmOptions,
 )
 from kvmsim.backend.kvm import caps as _caps
-from kvmsim.backend.kvm import libc, uapi
+from kvmsim.backend.kvm import abi, libc
 from kvmsim.backend.kvm.host import HostMemory, KvmForkedChild
 from kvmsim.backend.kvm.vm import KvmVm
 from kvmsim.errors import BackendUnavailable, UsageError
@@ -202,13 +202,13 @@ class KvmBackend:
         return PvclockOutcome(before, self._read_pvclock(vm.kvmclock_gpa), ex)
 
     def _read_pvclock(self, gpa: int) -> PvclockVcpuTimeInfo | None:
-        size = ctypes.sizeof(uapi.pvclock_vcpu_time_info)
+        size = ctypes.sizeof(abi.pvclock_vcpu_time_info)
         for r in self._slots.values():
             if r.guest_phys_addr <= gpa < r.guest_phys_addr + r.memory_size:
                 got = self.host.read_hva(r.userspace_addr + gpa - r.guest_phys_addr, size)
                 if got is None or got.data is None:
                     return None
-                p = uapi.pvclock_vcpu_time_info.from_buffer_copy(got.data)
+                p = abi.pvclock_vcpu_time_info.from_buffer_copy(got.data)
                 return PvclockVcpuTimeInfo(p.version, p.tsc_timestamp, p.system_time,
                                            p.tsc_to_system_mul, p.tsc_shift, p.flags)
         return None

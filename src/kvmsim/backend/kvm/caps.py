@@ -12,7 +12,8 @@ from __future__ import annotations
 import os
 import re
 
-from kvmsim.backend.kvm import ioctls, uapi
+from kvmsim import uapi
+from kvmsim.backend.kvm import ioctls
 from kvmsim.errors import UsageError
 from kvmsim.policies.legacy import LegacyPolicy
 from kvmsim.policies.series import SeriesPolicy

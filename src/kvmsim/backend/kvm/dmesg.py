@@ -12,6 +12,7 @@ The real-KVM tests assert that it is empty: kvmsim must never make the host kern
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -33,7 +34,7 @@ def read_kmsg() -> list[tuple[int, str, int]]:
             except BlockingIOError:
                 break
             except OSError as e:
-                if e.errno == 32:           # EPIPE: records overwritten while reading; keep going
+                if e.errno == errno.EPIPE:  # records overwritten while reading; keep going
                     continue
                 raise
             if not rec:

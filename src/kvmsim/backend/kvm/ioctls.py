@@ -10,7 +10,7 @@ import ctypes
 import errno
 from ctypes import sizeof
 
-from kvmsim.backend.kvm import uapi
+from kvmsim.backend.kvm import abi
 from kvmsim.errors import KvmIoctlError
 
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
@@ -51,24 +51,24 @@ KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
 KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)
 # VM
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
-KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, uapi.kvm_dirty_log)
-KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, uapi.kvm_userspace_memory_region)
-KVM_SET_USER_MEMORY_REGION2 = _IOW(KVMIO, 0x49, uapi.kvm_userspace_memory_region2)
-KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, uapi.kvm_clock_data)
-KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, uapi.kvm_clock_data)
-KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, uapi.kvm_enable_cap)
-KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, uapi.kvm_clear_dirty_log)
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, abi.kvm_dirty_log)
+KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, abi.kvm_userspace_memory_region)
+KVM_SET_USER_MEMORY_REGION2 = _IOW(KVMIO, 0x49, abi.kvm_userspace_memory_region2)
+KVM_SET_CLOCK = _IOW(KVMIO, 0x7B, abi.kvm_clock_data)
+KVM_GET_CLOCK = _IOR(KVMIO, 0x7C, abi.kvm_clock_data)
+KVM_ENABLE_CAP = _IOW(KVMIO, 0xA3, abi.kvm_enable_cap)
+KVM_CLEAR_DIRTY_LOG = _IOWR(KVMIO, 0xC0, abi.kvm_clear_dirty_log)
 KVM_RESET_DIRTY_RINGS = _IO(KVMIO, 0xC7)
 KVM_GET_STATS_FD = _IO(KVMIO, 0xCE)
-KVM_CREATE_GUEST_MEMFD = _IOWR(KVMIO, 0xD4, uapi.kvm_create_guest_memfd)
+KVM_CREATE_GUEST_MEMFD = _IOWR(KVMIO, 0xD4, abi.kvm_create_guest_memfd)
 # vCPU
 KVM_RUN = _IO(KVMIO, 0x80)
-KVM_GET_REGS = _IOR(KVMIO, 0x81, uapi.kvm_regs)
-KVM_SET_REGS = _IOW(KVMIO, 0x82, uapi.kvm_regs)
-KVM_GET_SREGS = _IOR(KVMIO, 0x83, uapi.kvm_sregs)
-KVM_SET_SREGS = _IOW(KVMIO, 0x84, uapi.kvm_sregs)
-KVM_GET_MSRS = _IOWR(KVMIO, 0x88, uapi.kvm_msrs)
-KVM_SET_MSRS = _IOW(KVMIO, 0x89, uapi.kvm_msrs)
+KVM_GET_REGS = _IOR(KVMIO, 0x81, abi.kvm_regs)
+KVM_SET_REGS = _IOW(KVMIO, 0x82, abi.kvm_regs)
+KVM_GET_SREGS = _IOR(KVMIO, 0x83, abi.kvm_sregs)
+KVM_SET_SREGS = _IOW(KVMIO, 0x84, abi.kvm_sregs)
+KVM_GET_MSRS = _IOWR(KVMIO, 0x88, abi.kvm_msrs)
+KVM_SET_MSRS = _IOW(KVMIO, 0x89, abi.kvm_msrs)
 
 IOCTL_NAMES = {v: k for k, v in list(globals().items()) if k.startswith("KVM_") and isinstance(v, int)}
 

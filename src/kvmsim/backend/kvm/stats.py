@@ -12,7 +12,7 @@ import ctypes
 import os
 import struct
 
-from kvmsim.backend.kvm import ioctls, uapi
+from kvmsim.backend.kvm import abi, ioctls
 from kvmsim.backend.kvm.libc import close_quietly
 
 
@@ -28,18 +28,18 @@ class StatsFd:
             raise
 
     def _parse_descriptors(self) -> None:
-        raw = os.pread(self.fd, ctypes.sizeof(uapi.kvm_stats_header), 0)
-        hdr = uapi.kvm_stats_header.from_buffer_copy(raw)
+        raw = os.pread(self.fd, ctypes.sizeof(abi.kvm_stats_header), 0)
+        hdr = abi.kvm_stats_header.from_buffer_copy(raw)
         self.id = os.pread(self.fd, hdr.name_size, hdr.id_offset).split(b"\0")[0].decode()
-        desc_len = ctypes.sizeof(uapi.kvm_stats_desc) + hdr.name_size
+        desc_len = ctypes.sizeof(abi.kvm_stats_desc) + hdr.name_size
         blob = os.pread(self.fd, desc_len * hdr.num_desc, hdr.desc_offset)
         self._data_offset = hdr.data_offset
         self.layout: dict[str, tuple[int, int]] = {}       # name -> (offset, size)
         end = 0
         for i in range(hdr.num_desc):
             chunk = blob[i * desc_len:(i + 1) * desc_len]
-            d = uapi.kvm_stats_desc.from_buffer_copy(chunk)
-            name = chunk[ctypes.sizeof(uapi.kvm_stats_desc):].split(b"\0")[0].decode()
+            d = abi.kvm_stats_desc.from_buffer_copy(chunk)
+            name = chunk[ctypes.sizeof(abi.kvm_stats_desc):].split(b"\0")[0].decode()
             self.layout[name] = (d.offset, d.size)
             end = max(end, d.offset + 8 * d.size)
         self._data_size = end

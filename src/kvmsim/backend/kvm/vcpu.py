@@ -16,8 +16,9 @@ import errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from kvmsim import uapi
 from kvmsim.backend.base import Exit
-from kvmsim.backend.kvm import guest, ioctls, libc, uapi
+from kvmsim.backend.kvm import abi, guest, ioctls, libc
 from kvmsim.errors import BackendError, KvmIoctlError
 
 
@@ -38,13 +39,13 @@ class RunResult:
     terminal: RunEvent | None = None
 
 
-def _code_segment() -> uapi.kvm_segment:
-    return uapi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=guest.SEL_CODE, type=0xB, present=1,
+def _code_segment() -> abi.kvm_segment:
+    return abi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=guest.SEL_CODE, type=0xB, present=1,
                             dpl=0, db=0, s=1, l=1, g=1)
 
 
-def _data_segment() -> uapi.kvm_segment:
-    return uapi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=guest.SEL_DATA, type=0x3, present=1,
+def _data_segment() -> abi.kvm_segment:
+    return abi.kvm_segment(base=0, limit=0xFFFFFFFF, selector=guest.SEL_DATA, type=0x3, present=1,
                             dpl=0, db=1, s=1, l=0, g=1)
 
 
@@ -59,7 +60,7 @@ class KvmVcpu:
             raise KvmIoctlError("mmap(vcpu fd)", err, "mapping struct kvm_run")
         closer.mapping(addr, mmap_size)
         libc.madvise(addr, mmap_size, libc.MADV_DONTFORK)   # a fork child must not pin the vCPU
-        self.run = uapi.kvm_run.from_address(addr)
+        self.run = abi.kvm_run.from_address(addr)
         self._run_addr = addr
         self.needs_reset = True         # sregs must be (re)loaded before the next program
         self.needs_completion = False   # an exit is pending completion
@@ -67,7 +68,7 @@ class KvmVcpu:
     # --- registers ------------------------------------------------------------------------------
     def setup_long_mode(self) -> None:
         """Load the 64-bit segment/paging state of the boot image (guest.py)."""
-        sregs = uapi.kvm_sregs()
+        sregs = abi.kvm_sregs()
         ioctls.ioctl(self.fd, ioctls.KVM_GET_SREGS, sregs)
         sregs.cs = _code_segment()
         for name in ("ds", "es", "fs", "gs", "ss"):
@@ -75,31 +76,31 @@ class KvmVcpu:
         sregs.gdt.base, sregs.gdt.limit = guest.BOOT_GDT, 3 * 8 - 1
         sregs.idt.base, sregs.idt.limit = guest.BOOT_IDT, 256 * 16 - 1
         sregs.cr3 = guest.BOOT_PML4
-        sregs.cr4 = uapi.X86_CR4_PAE
-        sregs.cr0 = uapi.X86_CR0_PE | uapi.X86_CR0_PG
-        sregs.efer = uapi.EFER_LME | uapi.EFER_LMA
+        sregs.cr4 = abi.X86_CR4_PAE
+        sregs.cr0 = abi.X86_CR0_PE | abi.X86_CR0_PG
+        sregs.efer = abi.EFER_LME | abi.EFER_LMA
         ioctls.ioctl(self.fd, ioctls.KVM_SET_SREGS, sregs)
         self.needs_reset = False
 
     def set_regs(self, rip: int, **values: int) -> None:
-        regs = uapi.kvm_regs(rip=rip, rflags=2, rsp=guest.BOOT_STACK_TOP)
+        regs = abi.kvm_regs(rip=rip, rflags=2, rsp=guest.BOOT_STACK_TOP)
         for name, v in values.items():
             setattr(regs, name, v)
         ioctls.ioctl(self.fd, ioctls.KVM_SET_REGS, regs)
 
-    def get_regs(self) -> uapi.kvm_regs:
-        regs = uapi.kvm_regs()
+    def get_regs(self) -> abi.kvm_regs:
+        regs = abi.kvm_regs()
         ioctls.ioctl(self.fd, ioctls.KVM_GET_REGS, regs)
         return regs
 
     def cr2(self) -> int:
-        sregs = uapi.kvm_sregs()
+        sregs = abi.kvm_sregs()
         ioctls.ioctl(self.fd, ioctls.KVM_GET_SREGS, sregs)
         return sregs.cr2
 
     def set_msr(self, index: int, data: int) -> int:
         """KVM_SET_MSRS with one entry; returns the number of MSRs KVM accepted (0 or 1)."""
-        msrs = uapi.kvm_msrs_with(1)()
+        msrs = abi.kvm_msrs_with(1)()
         msrs.nmsrs = 1
         msrs.entries[0].index = index
         msrs.entries[0].data = data

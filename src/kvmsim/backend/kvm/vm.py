@@ -14,11 +14,12 @@ import errno
 import weakref
 from collections.abc import Iterable, Sequence
 
+from kvmsim import uapi
 from kvmsim.backend.base import (
     APIC_GPA, BOOT_GPA_END, GUEST_GPA_LIMIT, Access, DirtyGfn, Exit, GuestAccessOutcome,
     MemoryRegionApi, VmOptions,
 )
-from kvmsim.backend.kvm import guest, ioctls, libc, uapi
+from kvmsim.backend.kvm import abi, guest, ioctls, libc
 from kvmsim.backend.kvm.stats import StatsFd
 from kvmsim.backend.kvm.vcpu import KvmVcpu
 from kvmsim.errors import KvmIoctlError, UsageError
@@ -58,14 +59,14 @@ class KvmVm:
         self._setup_boot_memory()
         self.vcpu = KvmVcpu(self.fd, caps["vcpu_mmap_size"], self._closer)
         if self.ring_entries:
-            size = self.ring_entries * ctypes.sizeof(uapi.kvm_dirty_gfn)
+            size = self.ring_entries * ctypes.sizeof(abi.kvm_dirty_gfn)
             addr, err = libc.mmap(None, size, libc.PROT_READ | libc.PROT_WRITE, libc.MAP_SHARED,
                                   self.vcpu.fd, uapi.KVM_DIRTY_LOG_PAGE_OFFSET * PAGE_SIZE)
             if addr < 0:
                 raise KvmIoctlError("mmap(dirty ring)", err)
             self._closer.mapping(addr, size)
             libc.madvise(addr, size, libc.MADV_DONTFORK)
-            self._ring = (uapi.kvm_dirty_gfn * self.ring_entries).from_address(addr)
+            self._ring = (abi.kvm_dirty_gfn * self.ring_entries).from_address(addr)
 
     def close(self) -> None:
         self._stats.clear()                 # their fds belong to the closer
@@ -73,7 +74,7 @@ class KvmVm:
 
     # --- setup ----------------------------------------------------------------------------------
     def enable_cap(self, cap: int, *args: int) -> int:
-        ec = uapi.kvm_enable_cap(cap=cap)
+        ec = abi.kvm_enable_cap(cap=cap)
         for i, a in enumerate(args):
             ec.args[i] = a
         ret, err = ioctls.raw_ioctl(self.fd, ioctls.KVM_ENABLE_CAP, ec)
@@ -85,7 +86,7 @@ class KvmVm:
 
     def _enable_dirty_ring(self, entries: int, caps: dict) -> None:
         max_bytes = caps.get("dirty_log_ring_acq_rel") or caps.get("dirty_log_ring") or 0
-        nbytes = entries * ctypes.sizeof(uapi.kvm_dirty_gfn)
+        nbytes = entries * ctypes.sizeof(abi.kvm_dirty_gfn)
         if not max_bytes:
             raise UsageError("this host's KVM has no dirty ring (KVM_CAP_DIRTY_LOG_RING is 0)")
         if entries < MIN_DIRTY_RING_ENTRIES or entries & (entries - 1) or nbytes > max_bytes:
@@ -136,11 +137,11 @@ class KvmVm:
     def set_user_memory_region(self, slot: int, gpa: int, size: int, uaddr: int, flags: int,
                                api: MemoryRegionApi, gmem_fd: int = 0, gmem_offset: int = 0) -> int:
         if api is MemoryRegionApi.V1:
-            r = uapi.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=gpa,
+            r = abi.kvm_userspace_memory_region(slot=slot, flags=flags, guest_phys_addr=gpa,
                                                  memory_size=size, userspace_addr=uaddr)
             req = ioctls.KVM_SET_USER_MEMORY_REGION
         else:
-            r = uapi.kvm_userspace_memory_region2(slot=slot, flags=flags, guest_phys_addr=gpa,
+            r = abi.kvm_userspace_memory_region2(slot=slot, flags=flags, guest_phys_addr=gpa,
                                                   memory_size=size, userspace_addr=uaddr,
                                                   guest_memfd_offset=gmem_offset, guest_memfd=gmem_fd)
             req = ioctls.KVM_SET_USER_MEMORY_REGION2
@@ -149,7 +150,7 @@ class KvmVm:
 
     def create_guest_memfd(self, size: int, flags: int) -> tuple[int, int]:
         """``(fd, 0)`` or ``(-1, errno)``; the fd is owned by the VM's closer."""
-        arg = uapi.kvm_create_guest_memfd(size=size, flags=flags)
+        arg = abi.kvm_create_guest_memfd(size=size, flags=flags)
         ret, err = ioctls.raw_ioctl(self.fd, ioctls.KVM_CREATE_GUEST_MEMFD, arg)
         if ret < 0:
             return -1, err
@@ -159,7 +160,7 @@ class KvmVm:
     def get_dirty_log(self, slot: int, npages: int | None) -> tuple[int, frozenset[int]]:
         """KVM_GET_DIRTY_LOG; ``npages is None`` (a slot kvmsim never installed) passes a NULL bitmap."""
         buf = (ctypes.c_uint64 * max(1, ((npages or 0) + 63) // 64))()
-        log = uapi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(buf) if npages else 0)
+        log = abi.kvm_dirty_log(slot=slot, dirty_bitmap=ctypes.addressof(buf) if npages else 0)
         _, err = ioctls.raw_ioctl(self.fd, ioctls.KVM_GET_DIRTY_LOG, log)
         if err:
             return err, frozenset()
@@ -175,7 +176,7 @@ class KvmVm:
                 raise UsageError(f"page {off + first_page} is outside the CLEAR range "
                                  f"[{first_page}, {first_page + num_pages})")
             buf[off // 64] |= 1 << (off % 64)
-        log = uapi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
+        log = abi.kvm_clear_dirty_log(slot=slot, num_pages=num_pages, first_page=first_page,
                                        dirty_bitmap=ctypes.addressof(buf))
         _, err = ioctls.raw_ioctl(self.fd, ioctls.KVM_CLEAR_DIRTY_LOG, log)
         return err
@@ -266,21 +267,21 @@ class KvmVm:
         read_back = (ctypes.c_uint64 * n).from_address(self.boot + guest.BOOT_VALS)
         for i in range(stop):
             if i in mmio:
-                out.append(Access(Gpa(gpas[i]), vals is not None, Exit.MMIO,
+                out.append(Access(Exit.MMIO, Gpa(gpas[i]), vals is not None,
                                   vals[i] if vals is not None else None))
             else:
-                out.append(Access(Gpa(gpas[i]), vals is not None, Exit.OK,
+                out.append(Access(Exit.OK, Gpa(gpas[i]), vals is not None,
                                   vals[i] if vals is not None else int(read_back[i])))
         if res.terminal is not None:
             if stop < n:
-                out.append(Access(Gpa(gpas[stop]), vals is not None, res.terminal.exit, None))
+                out.append(Access(res.terminal.exit, Gpa(gpas[stop]), vals is not None, None))
             return False, res.terminal.detail
         return True, ""
 
     # --- kvmclock -------------------------------------------------------------------------------
     def kvmclock_enable(self, gpa: int) -> int:
         """Write ``MSR_KVM_SYSTEM_TIME_NEW = gpa | 1``; EINVAL when KVM accepted no MSR."""
-        accepted = self.vcpu.set_msr(uapi.MSR_KVM_SYSTEM_TIME_NEW, gpa | 1)
+        accepted = self.vcpu.set_msr(abi.MSR_KVM_SYSTEM_TIME_NEW, gpa | 1)
         if accepted != 1:
             return errno.EINVAL
         self.kvmclock_gpa = gpa
@@ -289,9 +290,9 @@ class KvmVm:
     def kvmclock_update(self) -> Exit:
         """KVM_GET_CLOCK + KVM_SET_CLOCK (KVM_REQ_CLOCK_UPDATE on every vCPU), then one guest entry."""
         self._charge_ring(2)                # the pvclock write marks its page dirty
-        data = uapi.kvm_clock_data()
+        data = abi.kvm_clock_data()
         ioctls.ioctl(self.fd, ioctls.KVM_GET_CLOCK, data)
-        ioctls.ioctl(self.fd, ioctls.KVM_SET_CLOCK, uapi.kvm_clock_data(clock=data.clock))
+        ioctls.ioctl(self.fd, ioctls.KVM_SET_CLOCK, abi.kvm_clock_data(clock=data.clock))
         res = self.vcpu.run_program(self.entries["hlt"], 0,
                                     self._on_ring_full if self._ring is not None else None)
         return Exit.OK if res.terminal is None else res.terminal.exit

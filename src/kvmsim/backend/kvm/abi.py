@@ -1,58 +1,15 @@
-"""ctypes mirrors of the KVM uapi (include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h, v6.18).
+"""ctypes mirrors of the KVM uapi structs (include/uapi/linux/kvm.h, arch/x86/include/uapi/asm/kvm.h, v6.18).
 
-Struct and constant names are the C names: they are the ABI.  Only what kvmsim drives is mirrored.
-Layouts are asserted in tests/backend/test_uapi.py (e.g. ``sizeof(kvm_userspace_memory_region2) == 160``).
+Struct names are the C names: they are the ABI.  Only what kvmsim drives is mirrored.  The uapi's
+constants (``KVM_CAP_*``, ``KVM_EXIT_*``, ``KVM_MEM_*``, ...) are defined once, in :mod:`kvmsim.uapi`;
+only the x86 register bits the backend's guest setup needs are here.  Layouts are asserted in
+tests/backend/test_uapi.py (e.g. ``sizeof(kvm_userspace_memory_region2) == 160``).
 """
 
 from __future__ import annotations
 
 import ctypes
 from ctypes import c_char, c_int8, c_int16, c_uint8, c_uint16, c_uint32, c_uint64
-
-# --- capabilities (KVM_CAP_*) -------------------------------------------------------------------
-KVM_CAP_USER_MEMORY = 3
-KVM_CAP_NR_VCPUS = 9
-KVM_CAP_NR_MEMSLOTS = 10
-KVM_CAP_SYNC_MMU = 16
-KVM_CAP_ADJUST_CLOCK = 39
-KVM_CAP_MAX_VCPUS = 66
-KVM_CAP_READONLY_MEM = 81
-KVM_CAP_CHECK_EXTENSION_VM = 105
-KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
-KVM_CAP_DIRTY_LOG_RING = 192
-KVM_CAP_BINARY_STATS_FD = 203
-KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223
-KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP = 225
-KVM_CAP_USER_MEMORY2 = 231
-KVM_CAP_MEMORY_FAULT_INFO = 232
-KVM_CAP_MEMORY_ATTRIBUTES = 233
-KVM_CAP_GUEST_MEMFD = 234
-KVM_CAP_VM_TYPES = 235
-KVM_CAP_PRE_FAULT_MEMORY = 236
-KVM_CAP_GUEST_MEMFD_FLAGS = 244
-
-# --- exit reasons (KVM_EXIT_*) ------------------------------------------------------------------
-KVM_EXIT_UNKNOWN = 0
-KVM_EXIT_EXCEPTION = 1
-KVM_EXIT_IO = 2
-KVM_EXIT_HYPERCALL = 3
-KVM_EXIT_DEBUG = 4
-KVM_EXIT_HLT = 5
-KVM_EXIT_MMIO = 6
-KVM_EXIT_SHUTDOWN = 8
-KVM_EXIT_FAIL_ENTRY = 9
-KVM_EXIT_INTR = 10
-KVM_EXIT_INTERNAL_ERROR = 17
-KVM_EXIT_SYSTEM_EVENT = 24
-KVM_EXIT_DIRTY_RING_FULL = 31
-KVM_EXIT_MEMORY_FAULT = 39
-KVM_EXIT_IO_IN = 0
-KVM_EXIT_IO_OUT = 1
-
-# --- dirty ring (struct kvm_dirty_gfn.flags) ----------------------------------------------------
-KVM_DIRTY_GFN_F_DIRTY = 1 << 0
-KVM_DIRTY_GFN_F_RESET = 1 << 1
-KVM_DIRTY_LOG_PAGE_OFFSET = 64          # x86: the ring is mmapped at vcpu fd offset 64 * PAGE_SIZE
 
 # --- x86 MSRs and control bits ------------------------------------------------------------------
 MSR_KVM_SYSTEM_TIME_NEW = 0x4B564D01
@@ -61,8 +18,6 @@ X86_CR0_PG = 1 << 31
 X86_CR4_PAE = 1 << 5
 EFER_LME = 1 << 8
 EFER_LMA = 1 << 10
-
-KVM_STATS_NAME_SIZE = 48
 
 
 class kvm_userspace_memory_region(ctypes.Structure):

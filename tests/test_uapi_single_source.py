@@ -38,15 +38,7 @@ SENTINELS = frozenset({1})
 
 # Files owned by seam-core / seam-sched while issue 12 is in flight; the lead empties this list after
 # merging their branches and converting what the tests below report for them.
-KNOWN_PENDING = {
-    "kvm/stage2.py",        # seam-core: return -133, r == -133, Access(..., 133)
-    "kvm/pfn.py",           # seam-core: rc == -133
-    "arm64/mmu.py",         # seam-core: return -133
-    "riscv/mmu.py",         # seam-core: return -133
-    "policies/legacy.py",   # seam-core: rc == -4
-    "policies/series.py",   # seam-core: rc in (-4, -11)
-    "x86/tdp_mmu.py",       # seam-core: vma.pte & 1 (twice)
-}
+KNOWN_PENDING: set[str] = set()     # seam-core converted its files (kvm/, x86/, arm64/, riscv/, policies/)
 
 
 def _rel(p: Path) -> str:

@@ -31,6 +31,7 @@ import errno
 from dataclasses import dataclass
 from enum import IntEnum
 
+from kvmsim.errors import EHWPOISON
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
                             Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_pfn_to_refcounted_page,
                             kvm_release_page_clean, kvm_release_page_dirty, kvm_release_page_unused, kvm_release_pfn,
@@ -41,7 +42,6 @@ from kvmsim.sched import Steps, kpath
 from kvmsim.trace import Src
 from kvmsim.types import PAGE_SHIFT
 
-EHWPOISON = 133
 
 
 class FaultRet(IntEnum):

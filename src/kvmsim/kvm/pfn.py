@@ -13,6 +13,7 @@ import errno
 from dataclasses import dataclass
 from enum import Enum
 
+from kvmsim.errors import EHWPOISON
 from kvmsim.mm.gup import (FOLL, FollowPfnmapArgs, fixup_user_fault, follow_pfnmap_end, follow_pfnmap_start,
                            get_user_page_fast_only, get_user_pages_unlocked)
 from kvmsim.mm.fault import access_permitted
@@ -159,7 +160,7 @@ def hva_to_pfn(kvm, kfp: KvmFollowPfn) -> int:
     mapped = kvm.policy.gup_error_pfn(rc)
     if mapped is not None:
         return mapped
-    if rc == -133:                                      # -EHWPOISON
+    if rc == -EHWPOISON:
         return KVM_PFN_ERR_HWPOISON
     vma = mm.vma_lookup(hva)
     if vma is None:

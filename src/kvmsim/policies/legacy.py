@@ -5,6 +5,8 @@ Every hook names the series patch that removed the behaviour it models.
 
 from __future__ import annotations
 
+import errno
+
 from kvmsim.kvm.fault import (gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map,
                               kvm_release_pfn_clean_guess, release_pfn_clean_after_unlock,
                               user_mem_abort_v612_after_unlock)
@@ -24,7 +26,7 @@ class LegacyPolicy:
 
     def gup_error_pfn(self, rc):
         """Before patch 14 "KVM: Return ERR_SIGPENDING from hva_to_pfn() if GUP returns -EGAIN" only -EINTR became SIGPENDING; -EAGAIN fell through to the VMA lookup."""
-        if rc == -4:
+        if rc == -errno.EINTR:
             return KVM_PFN_ERR_SIGPENDING
         return None
 

@@ -5,6 +5,8 @@ Series: "KVM: Stop grabbing references to PFNMAP'd pages" (v13, 85 patches, merg
 
 from __future__ import annotations
 
+import errno
+
 from kvmsim.kvm.fault import kvm_release_faultin_page, release_faultin_page_locked
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, kvm_release_page_clean,
                             kvm_release_page_dirty, kvm_release_page_unused)
@@ -20,7 +22,7 @@ class SeriesPolicy:
 
     def gup_error_pfn(self, rc):
         """patch 14 "KVM: Return ERR_SIGPENDING from hva_to_pfn() if GUP returns -EGAIN": -EINTR and -EAGAIN."""
-        if rc in (-4, -11):
+        if rc in (-errno.EINTR, -errno.EAGAIN):
             return KVM_PFN_ERR_SIGPENDING
         return None
 

@@ -25,7 +25,7 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
     for vma in kvm.mm.vmas_in(h0, h1):
         a, b = max(h0, vma.start), min(h1, vma.end)
         i0, i1 = vma.idx(a), vma.idx(b)
-        present = (vma.pte[i0:i1] & 1).astype(bool) & (vma.pte_pfn[i0:i1] >= 0)
+        present = ((vma.pte[i0:i1] & _PTE_PRESENT) != 0) & (vma.pte_pfn[i0:i1] >= 0)
         o = (a - h0) >> PAGE_SHIFT
         out[o:o + i1 - i0] = np.where(present, vma.pte_level[i0:i1], 1)
     return out
@@ -212,7 +212,7 @@ def _host_at(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         inside = (hva >= vma.start) & (hva < vma.end)
         j = (hva[inside] - vma.start) >> PAGE_SHIFT
         p = vma.pte_pfn[j]
-        present = ((vma.pte[j] & 1) != 0) & (p >= 0)
+        present = ((vma.pte[j] & _PTE_PRESENT) != 0) & (p >= 0)
         level[inside] = np.where(present, vma.pte_level[j], 1)
         pfn[inside] = p
     return level, pfn

@@ -220,6 +220,7 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
     yield labels[1]
     journal = kvm.journal
     ops = kvm.ops
+    read = mmu.fault_lock_read
     if mmu.fault_faultin_nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, fault.gfn):
         journal.releasing += 1
         try:
@@ -230,7 +231,7 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
         journal.count("fault_retry")
         return FaultRet.RETRY
     lock = kvm.mmu_lock
-    yield from (lock.read_lock if mmu.fault_lock_read else lock.write_lock).steps()
+    yield from (lock.read_lock if read else lock.write_lock).steps()
     if (mmu.fault_stale_invalid_slot and fault.slot.invalid) or \
             (kvm.mmu_invalidate_retry_gfn(fault.mmu_seq, fault.gfn) if mmu.fault_retry_per_gfn
              else kvm.mmu_invalidate_retry(fault.mmu_seq)):
@@ -242,7 +243,7 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
         fault.result = mmu.fault_map(fault)
     if ops.fault_release_locked is not None:
         _release(journal, ops.fault_release_locked, kvm, mmu, fault)
-    if mmu.fault_lock_read:
+    if read:
         lock.read_unlock()
     else:
         lock.write_unlock()

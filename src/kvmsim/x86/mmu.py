@@ -239,7 +239,7 @@ class X86Mmu:
 
     def fault_unused(self, fault: KvmPageFault) -> bool:
         """``kvm_mmu_finish_page_fault()``: ``r == RET_PF_RETRY``."""
-        return fault.result == RET_PF.RETRY
+        return fault.retry
 
     @staticmethod
     def emulate(vcpu, gpa: int, write: bool, value: int | None) -> Access:

@@ -259,13 +259,17 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         if "map" not in w.maps:
             return None
         if op == "vcpu_unmap":
+            w.maps.discard("map")                   # released: later steps may not name it (the loader refuses)
             return {"dirty": draw(st.booleans())}
         return {"write": draw(st.booleans()), "value": draw(st.integers(0, 255))}
     if op == "gfn_to_page":
         w.pages.add("page")
         return {"gpa": _gpa(draw, w), "write": draw(st.booleans())}
     if op == "release_page":
-        return {"dirty": draw(st.booleans())} if "page" in w.pages else None
+        if "page" not in w.pages:
+            return None
+        w.pages.discard("page")
+        return {"dirty": draw(st.booleans())}
     if op == "pfncache_activate":
         w.gpcs.add("gpc")
         return {"gpa": _gpa(draw, w) + draw(st.sampled_from([0, 8, 4088])),
@@ -302,6 +306,9 @@ def steps(draw, w: _World) -> list[dict]:
             for th in threads.values():
                 {"vcpu_map": w.maps, "gfn_to_page": w.pages, "pfncache_activate": w.gpcs}.get(th["op"], set()).add(
                     {"vcpu_map": "map", "gfn_to_page": "page", "pfncache_activate": "gpc"}.get(th["op"], ""))
+            for th in threads.values():           # a handle a thread releases is gone for the later steps
+                {"vcpu_unmap": w.maps, "release_page": w.pages}.get(th["op"], set()).discard(
+                    {"vcpu_unmap": "map", "release_page": "page"}.get(th["op"], ""))
             # mostly a schedule the threads can follow (a one-step op takes two turns: to its yield,
             # then to its end); sometimes any sequence, which may name a finished or blocked thread
             if draw(st.integers(0, 4)):

@@ -18,12 +18,6 @@ pytestmark = pytest.mark.oracle
 
 # (policy or None for both, case) → why the model disagrees with the kernel (reported to the lead).
 KNOWN: dict[tuple[str | None, str], str] = {
-    ("legacy", "delete-slot-live"):
-        "v6.12 releases KVM_PFN_NOSLOT after a fault that installs an MMIO SPTE (kvm_handle_noslot_fault() "
-        "returns RET_PF_CONTINUE, then kvm_release_pfn_clean(fault->pfn), a no-op): one probe hit; the "
-        "model returns before faultin and makes no release call",
-    ("legacy", "move-slot-live"): "as delete-slot-live: kvm_release_pfn_clean(KVM_PFN_NOSLOT) after an MMIO fault",
-    ("legacy", "pre-fault-no-slot"): "as delete-slot-live: kvm_release_pfn_clean(KVM_PFN_NOSLOT) in the pre-fault",
 }
 
 RELEASES = [k.release for k in find_kernels()] or ["(no kernel)"]

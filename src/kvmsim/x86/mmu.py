@@ -26,7 +26,7 @@ from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.fault import (KvmPageFault, kvm_faultin_pfn, kvm_guest_access, kvm_handle_error_pfn,
                               kvm_stage2_fault)
-from kvmsim.kvm.pfn import Hold
+from kvmsim.kvm.pfn import KVM_PFN_NOSLOT, Hold
 from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
@@ -73,6 +73,12 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
     if slot is None:                                    # kvm_handle_noslot_fault(): cache an MMIO SPTE
         mmio_sptes[gfn] = gen
         kvm.journal.count("mmio")
+        # The fault then ends like any other: v6.12 kvm_release_pfn_clean(fault->pfn) on KVM_PFN_NOSLOT (a
+        # call that returns at is_error_noslot_pfn(), yet a kprobe counts it), v6.13
+        # kvm_mmu_finish_page_fault() -> kvm_release_faultin_page() with a NULL refcounted_page.  No page
+        # is involved, so it is passed as unused: nothing to assert about mmu_lock, nothing to mark.
+        kvm.ops.release_faultin(kvm, KVM_PFN_NOSLOT, None, unused=True, dirty=False,
+                                caller="kvm_mmu_finish_page_fault", gfn=gfn)
         return RET_PF.EMULATE
     mmio_sptes.pop(gfn, None)
     if slot.invalid:

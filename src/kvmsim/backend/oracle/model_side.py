@@ -296,6 +296,9 @@ class ModelSide(Side):
         try:
             for g in range(gpa, gpa + size, PAGE_SIZE):
                 if kvm.gfn_to_memslot(g >> 12) is None:
+                    # kvm_tdp_map_page(): the fault runs and ends as any noslot fault does (v6.12 releases
+                    # KVM_PFN_NOSLOT); its RET_PF_EMULATE is -ENOENT
+                    kvm.arch.page_fault(self.b.vcpu, g, False)
                     return errno.ENOENT
                 self.b.vcpu.access(g, False)
         finally:

@@ -91,30 +91,18 @@ class Fact:
     detail: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
     #: Recorded by a stage-2 fault's release of the page it resolved (see :meth:`Journal.fault_release`).
-    #: ``None``: the recording site predates the marker (see ``_PRE_MARKER_RELEASE_CALLERS``).
-    fault_release: bool | None = None
+    fault_release: bool = False
 
     def __post_init__(self) -> None:
         kind = _KINDS.get(self.kind)
         if kind is None:
             raise ValueError(f"unknown fact kind {self.kind!r}: add it to kvmsim.trace.FactKind")
         self.kind = kind
-        if self.fault_release is None:
-            self.fault_release = self.caller in _PRE_MARKER_RELEASE_CALLERS or None
 
     @property
     def by_fault_release(self) -> bool:
         """Whether a stage-2 fault's release did this (the INV-3 / INV-7 sites)."""
         return bool(self.fault_release)
-
-
-#: Transitional: the functions that release (or, arm64 v6.12 ``user_mem_abort()``, dirty; RISC-V v6.12
-#: ``kvm_riscv_gstage_map()``, dirty and mark accessed) the page a stage-2 fault resolved, for recording
-#: sites not yet inside ``journal.fault_release()``.  Once every release site uses the marker this set
-#: goes and ``fault_release`` defaults to False; no validator reads caller names.
-_PRE_MARKER_RELEASE_CALLERS = frozenset({
-    "kvm_release_pfn_clean", "kvm_release_faultin_page", "kvm_faultin_pfn", "kvm_mmu_finish_page_fault",
-    "user_mem_abort", "kvm_riscv_gstage_map"})
 
 
 class _FaultRelease:

@@ -4,7 +4,7 @@
 Same SPTE tables as the TDP MMU, but faults map under ``mmu_lock`` held for write, and a fault
 prefetches up to 8 neighbouring gfns (``PTE_PREFETCH_NUM``) with ``kvm_prefetch_pages()``.  A
 prefetch never overwrites a present SPTE (``__direct_pte_prefetch`` skips them in both kernels), so
-no policy hook is needed there; the page is released with ``policy.release_prefetched``.
+no policy hook is needed there; the page is released by the policy's ``release_prefetched()`` hook.
 """
 
 from __future__ import annotations

@@ -127,7 +127,7 @@ def handle_changed_spte(kvm, slot, lo: int, old_bits, old_pfn, old_level, new_bi
 
     For each old leaf (its representative entry) whose dirty or accessed state the write loses
     (zapped, replaced by another level, pfn changed, or the bit cleared), hand the old pfn to
-    ``policy.spte_ad_lost_bulk``: legacy ``kvm_set_pfn_dirty/accessed``, the series nothing.
+    ``kvm.ops.spte_ad_lost_bulk`` (the VM's resolved hook): legacy ``kvm_set_pfn_dirty/accessed``, the series nothing.
     """
     rep = ((old_bits & P) != 0) & ((old_bits & MMIO) == 0)
     if not rep.any():

@@ -80,12 +80,17 @@ class ModelBackend:
         self._boot = self.host.mm.mmap(int(base.BOOT_GPA_END), VmaKind.ANON_SHARED)
 
     # ---- VM ------------------------------------------------------------------------------------
+    def _kvm_options(self) -> dict:
+        """Extra ``Kvm(...)`` options a subclass sets (the oracle's: no PML, the other 6.13 changes)."""
+        return {}
+
     def create_vm(self, options: VmOptions = VmOptions()) -> None:
         from kvmsim.kvm.dirty import enable_dirty_ring, enable_manual_protect
         from kvmsim.kvm.kvm import Kvm
         if self.kvm is not None:
             self.kvm.destroy()
-        self.kvm = Kvm(self.host, policy=self.policy, arch=self.arch, execution=self.execution)
+        self.kvm = Kvm(self.host, policy=self.policy, arch=self.arch, execution=self.execution,
+                       **self._kvm_options())
         try:
             if options.dirty_ring_entries:
                 enable_dirty_ring(self.kvm, options.dirty_ring_entries * 16)

@@ -35,7 +35,7 @@ from kvmsim.backend import base
 from kvmsim.backend.base import HostMapping, MappingKind, VmOptions
 from kvmsim.backend.model import ModelBackend
 from kvmsim.backend.oracle.side import CaseSkipped, Side
-from kvmsim.errors import ModelError, UsageError
+from kvmsim.errors import ModelError
 from kvmsim.types import PAGE_SIZE, Hva
 
 _PAGE_HELPERS = ("kvm_release_page_dirty", "kvm_release_page_clean", "kvm_vcpu_unmap")
@@ -190,24 +190,9 @@ class OracleModelBackend(ModelBackend):
         set_host_kernel(self.host.mm, release)
         self.host.mm.total_swap_pages = 0
 
-    def create_vm(self, options: VmOptions = VmOptions()) -> None:
-        from kvmsim.kvm.dirty import enable_dirty_ring, enable_manual_protect
-        from kvmsim.kvm.kvm import Kvm
-        if self.kvm is not None:
-            self.kvm.destroy()
-        self.kvm = Kvm(self.host, policy=self.policy, arch=self.arch, execution=self.execution, pml=False,
-                       v613_other=self.v613_other)
-        try:
-            if options.dirty_ring_entries:
-                enable_dirty_ring(self.kvm, options.dirty_ring_entries * 16)
-            if options.manual_protect:
-                enable_manual_protect(self.kvm, int(options.manual_protect))
-        except ModelError as e:
-            raise UsageError(f"create_vm: {e}") from None
-        self.vcpu = self.kvm.create_vcpu()
-        self._slots = {}
-        self._gpc = None
-        self.kvm.set_user_memory_region(0, 0, int(base.BOOT_GPA_END), self._boot.start)
+    def _kvm_options(self) -> dict:
+        """Hardware mode as under SVM/TCG: no PML; 6.13 kernels also get the other 6.13 MMU changes."""
+        return {"pml": False, "v613_other": self.v613_other}
 
 
 class ModelSide(Side):

@@ -184,24 +184,9 @@ _PROBLEM = re.compile(r"WARNING:|BUG:|kernel BUG|Oops|general protection fault|U
 
 
 def kmsg_records() -> list[str]:
-    out = []
-    fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        while True:
-            try:
-                rec = os.read(fd, 8192)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno == 32:
-                    continue
-                raise
-            if not rec:
-                break
-            out.append(rec.decode(errors="replace").split(";", 1)[-1].rstrip())
-    finally:
-        os.close(fd)
-    return out
+    """The first line of every record in the kernel log (:func:`kvmsim.backend.kvm.dmesg.read_kmsg`)."""
+    from kvmsim.backend.kvm.dmesg import read_kmsg
+    return [text for _, text, _ in read_kmsg()]
 
 
 def new_problems(before: int) -> tuple[int, list[str]]:

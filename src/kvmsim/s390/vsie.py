@@ -341,14 +341,13 @@ def vsie_exit(vcpu, vsie_page: VsiePage) -> None:
 
 @kpath
 def kvm_s390_handle_vsie(vcpu, scb_addr: int, scb: ScbFields) -> Steps:
-    """Mirrors ``kvm_s390_handle_vsie()``: :func:`vsie_enter`, guest 3 in ``vsie_run()`` (a preemption
-    point: the blocks stay pinned while it runs), :func:`vsie_exit`.  Returns a :class:`VsieResult`."""
+    """Mirrors ``kvm_s390_handle_vsie()``: :func:`vsie_enter`, guest 3 in ``vsie_run()`` (the one
+    preemption point, also on a failed entry, so an interleaving's order fits both versions: the blocks
+    stay pinned while guest 3 runs), :func:`vsie_exit`.  Returns a :class:`VsieResult`."""
     res, vsie_page = vsie_enter(vcpu, scb_addr, scb)
-    yield "kvm_s390_handle_vsie: pin_scb, pin_blocks done"
-    if vsie_page is None:
-        return res
-    yield "vsie_run: guest 3 in SIE (sie64a)"
-    vsie_exit(vcpu, vsie_page)
+    yield "kvm_s390_handle_vsie: pin_scb, pin_blocks done; vsie_run: guest 3 in SIE (sie64a)"
+    if vsie_page is not None:
+        vsie_exit(vcpu, vsie_page)
     return res
 
 

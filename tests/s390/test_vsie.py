@@ -40,9 +40,10 @@ LOG = int(KVM_MEM.LOG_DIRTY_PAGES)
 
 
 def s390_vm(policy: str, pfn_class: str | None = "driver_refcounted", *, ram_pages: int = 16, dev_pages: int = 4,
-            **drv_kw):
+            kind: VmaKind = VmaKind.PFNMAP, **drv_kw):
     """An s390 VM with RAM (anonymous, slot 0 at gpa 0) and, if ``pfn_class``, a driver's VM_PFNMAP|VM_IO
-    memory (slot 1 at 1 GiB), both dirty-logged, and one vCPU."""
+    memory (or ``kind`` MIXEDMAP: VM_MIXEDMAP|VM_IO with special PTEs) at slot 1, 1 GiB, both
+    dirty-logged, and one vCPU."""
     host = Host()
     kvm = Kvm(host, policy=policy, arch="s390")
     ram = host.mm.mmap(ram_pages * PAGE, VmaKind.ANON)
@@ -50,7 +51,7 @@ def s390_vm(policy: str, pfn_class: str | None = "driver_refcounted", *, ram_pag
     drv = None
     if pfn_class is not None:
         drv = host.add_driver("gpu", dev_pages, pfn_class, **drv_kw)
-        bar = host.mm.mmap(dev_pages * PAGE, VmaKind.PFNMAP, driver=drv)
+        bar = host.mm.mmap(dev_pages * PAGE, kind, driver=drv, **({"io": True} if kind == VmaKind.MIXEDMAP else {}))
         kvm.set_user_memory_region(1, DEV_GPA, dev_pages * PAGE, bar.start, LOG)
     return host, kvm, kvm.create_vcpu(), drv
 
@@ -99,10 +100,14 @@ def test_guest_access_goes_through_the_host_page_tables_without_touching_struct_
 
 # ---- patch 85: the SCB in driver memory ------------------------------------------------------------------
 
-def test_legacy_pins_a_driver_scb_with_a_reference_it_does_not_own_and_dirties_it():
+DRIVER_KINDS = pytest.mark.parametrize("kind", [VmaKind.PFNMAP, VmaKind.MIXEDMAP], ids=["pfnmap", "mixedmap-io"])
+
+
+@DRIVER_KINDS
+def test_legacy_pins_a_driver_scb_with_a_reference_it_does_not_own_and_dirties_it(kind):
     """v6.12: hva_to_pfn_remapped() → kvm_try_get_pfn() (+1, Src.REMAPPED), gfn_to_page() returns the
     guessed page, unpin: kvm_release_pfn_dirty() = SetPageDirty, mark accessed, put; mark_page_dirty()."""
-    host, kvm, vcpu, drv = s390_vm("legacy")
+    host, kvm, vcpu, drv = s390_vm("legacy", kind=kind)
     page = int(drv.pfns[0])
     ref = host.phys.page_count(page)
     r = vsie(vcpu, DEV_GPA)
@@ -118,10 +123,11 @@ def test_legacy_pins_a_driver_scb_with_a_reference_it_does_not_own_and_dirties_i
     assert {"INV-1", "INV-8"} <= invariants(kvm)
 
 
-def test_series_refuses_a_driver_scb_pin_scb_injects_an_addressing_exception():
+@DRIVER_KINDS
+def test_series_refuses_a_driver_scb_pin_scb_injects_an_addressing_exception(kind):
     """v6.13: gfn_to_page() is NULL for the remapped pfn → pin_guest_page() -EINVAL → pin_scb():
     kvm_s390_inject_program_int(vcpu, PGM_ADDRESSING); nothing pinned, marked, stored or logged."""
-    host, kvm, vcpu, drv = s390_vm("series")
+    host, kvm, vcpu, drv = s390_vm("series", kind=kind)
     page = int(drv.pfns[0])
     ref = host.phys.page_count(page)
     r = vsie(vcpu, DEV_GPA)

@@ -3,7 +3,8 @@
 Generic code (memslots, the mmu_notifier, dirty logging, vCPU accesses) calls only these methods;
 :mod:`kvmsim.kvm.stage2` is a minimal 4 KiB implementation, :mod:`kvmsim.x86` the full x86 MMU,
 :mod:`kvmsim.arm64` arm64's ``user_mem_abort()`` and :mod:`kvmsim.riscv` RISC-V's
-``kvm_riscv_gstage_map()``, both on 4 KiB leaves.
+``kvm_riscv_gstage_map()``, both on 4 KiB leaves; :mod:`kvmsim.s390` has no stage-2 tables (the
+gmap uses the host page tables) and models the vSIE's pinning of guest 2's control blocks.
 """
 
 from __future__ import annotations

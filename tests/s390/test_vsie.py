@@ -22,6 +22,7 @@ from kvmsim.errors import UsageError
 from kvmsim.kvm.arch import make_arch
 from kvmsim.kvm.kvm import Kvm
 from kvmsim.kvm.memslot import KVM_MEM
+from kvmsim.kvm.pfn import Hold
 from kvmsim.mm.host import Host
 from kvmsim.mm.page import PG
 from kvmsim.mm.vma import VmaKind
@@ -157,6 +158,30 @@ def test_remapped_scb_without_a_refcounted_page_fails_in_both_by_different_route
         assert not kvm_facts(kvm, "get") and kvm.host_refs == {} and dirty_gfns(kvm, 1) == []
 
 
+def test_a_gupd_reserved_scb_leaks_in_legacy_and_is_pinned_by_the_series():
+    """VM_MIXEDMAP (no VM_IO), PG_reserved pages with normal PTEs: GUP takes a reference in both.  v6.12
+    gfn_to_page(): kvm_pfn_to_refcounted_page() NULL → KVM_ERR_PTR_BAD_PAGE, the reference leaks;
+    v6.13 (patch 75): refcounted_page, pinned, released by kvm_release_page_dirty() without a mark."""
+    for policy in ("legacy", "series"):
+        host = Host()
+        kvm = Kvm(host, policy=policy, arch="s390")
+        drv = host.add_driver("fw", 1, "reserved", mixed=True)
+        vma = host.mm.mmap(PAGE, VmaKind.MIXEDMAP, driver=drv)
+        kvm.set_user_memory_region(1, DEV_GPA, PAGE, vma.start, LOG)
+        r = vsie(kvm.create_vcpu(), DEV_GPA)
+        page = int(drv.pfns[0])
+        assert [f.source for f in kvm_facts(kvm, "get")] == [Src.HELD]
+        if policy == "legacy":
+            assert (r.outcome, r.code, r.errno) == (VsieOutcome.PROGRAM, Pgm.ADDRESSING, errno.EINVAL)
+            assert kvm.host_refs == {(page, Hold.GET): 1} and kvm_facts(kvm, "put") == []
+            assert invariants(kvm) == {"INV-1"} and dirty_gfns(kvm, 1) == []
+        else:
+            assert r.outcome == VsieOutcome.RAN and kvm.host_refs == {}
+            assert [f.caller for f in kvm_facts(kvm, "put")] == ["kvm_release_page_dirty"]
+            assert kvm_facts(kvm, "set_dirty") == [] and kvm_facts(kvm, "mark_accessed") == []
+            assert invariants(kvm) == set() and dirty_gfns(kvm, 1) == [DEV_GPA >> 12]
+
+
 # ---- patch 85: a satellite block in driver memory ----------------------------------------------------------
 
 @pytest.mark.parametrize("block,gpa,reason", [("sca", DEV_GPA, 0x0034), ("itdba", DEV_GPA, 0x0080),
@@ -288,7 +313,7 @@ def test_driver_teardown_while_guest_3_runs_is_a_use_after_free_only_in_legacy()
 # ---- scenarios and the CLI ------------------------------------------------------------------------------------------
 
 S390_SCENARIOS = ["s390-vsie-scb-driver-pfnmap", "s390-vsie-sca-driver-pfnmap", "s390-vsie-driver-teardown",
-                  "s390-vsie-unpin-release"]
+                  "s390-vsie-unpin-release", "s390-vsie-scb-reserved-mixedmap"]
 
 
 @pytest.mark.parametrize("name", S390_SCENARIOS)

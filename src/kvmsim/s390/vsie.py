@@ -29,7 +29,10 @@ it does not own (INV-1, INV-8), dirtied and put at unpin; v6.13 refuses it and t
 a PGM_ADDRESSING program interrupt for the SCB (``pin_scb()``), a validity intercept for a satellite
 block (reason 0x0034 SCA, 0x0080 ITDB, 0x1310 GVRD, 0x0043 RICCB, 0x10b0 SDNX).  A refcount-0
 remapped page (TTM non-compound tails) fails in both: v6.12 because ``get_page_unless_zero()`` fails
-(KVM_PFN_ERR_FAULT → KVM_ERR_PTR_BAD_PAGE), v6.13 because the page is NULL.  Patch 80 releases the
+(KVM_PFN_ERR_FAULT → KVM_ERR_PTR_BAD_PAGE), v6.13 because the page is NULL.  The other way round, a
+PG_reserved page GUP accepts (VM_MIXEDMAP without VM_IO, normal PTEs) is refused by v6.12's guess
+after GUP took a reference, which leaks, and pinned by v6.13, which returns the page it got (patch 75
+"KVM: Convert gfn_to_page() to use kvm_follow_pfn()").  Patch 80 releases the
 same page (``kvm_pfn_to_refcounted_page()`` of a page ``gfn_to_page()`` returned is that page), so
 its difference is the path, not the effect: v6.12's marks come from the guess (``Src.GUESS``,
 ``kvm_release_pfn_dirty``), v6.13's from the page held (``Src.HELD``, ``kvm_release_page_dirty``).

@@ -181,6 +181,28 @@ def _lost_dirty_bit(policy, mutations, arch) -> World:
     return w
 
 
+def _vsie_vs_driver_teardown(policy, mutations, arch) -> World:
+    """s390: guest 2's SCB at gpa 0 in a driver's VM_PFNMAP memory (refcounted pages it frees by its own
+    rule); ``kvm_s390_handle_vsie()`` (pinned while guest 3 runs) against the driver's teardown."""
+    from kvmsim.s390.vsie import ScbFields, kvm_s390_handle_vsie
+    host = Host()
+    kvm = Kvm(host, policy=policy, arch=arch)
+    install(kvm, mutations)
+    drv = host.add_driver("gpu", 1, "driver_refcounted", free_rule="free")
+    vma = host.mm.mmap(PAGE_SIZE, VmaKind.PFNMAP, driver=drv)
+    kvm.set_user_memory_region(0, GPA, PAGE_SIZE, vma.start, 0)
+    w = World(host, kvm, kvm.create_vcpu(), vma)
+    w.threads = {"vcpu0": kvm_s390_handle_vsie.steps(w.vcpu, GPA, ScbFields()), "driver": _teardown.steps(host, drv)}
+    return w
+
+
+@kpath
+def _teardown(host, drv) -> Steps:
+    """The driver's teardown (zap, then free by its rule), one step."""
+    drv.teardown(host.mm)
+    yield "driver: unmap_mapping_range + free its pages"
+
+
 def _writeback_and_reclaim(w: World) -> None:
     """The end of the story: write the file back, then reclaim the page (until it goes)."""
     mm = w.host.mm
@@ -210,4 +232,6 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              _lost_dirty_bit,
              lambda v: v.invariant == "INV-4" and v.objects.get("caller") == "shrink_folio_list",
              _writeback_and_reclaim, arches=("generic",)),
+    Scenario("vsie-vs-driver-teardown", "s390 vSIE with guest 2's SCB in driver memory races the driver's teardown",
+             _vsie_vs_driver_teardown, _invs("INV-3", "INV-5"), arches=("s390",), arch="s390"),
 )}

@@ -41,6 +41,7 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
+    def vsie_unpin_release(self) -> Callable: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,8 @@ class KvmOps:
     fault_release_bulk_caller: str
     spte_ad_lost: Callable
     spte_ad_lost_bulk: Callable
+    #: ``(kvm, hpa, gfn)``: s390 ``unpin_guest_page()``'s release (patch 80, :mod:`kvmsim.s390.vsie`).
+    vsie_unpin_release: Callable | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -81,7 +84,8 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_locked=bulk_fn if bulk_under_lock else _no_bulk_release,
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
-                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk)
+                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
+                  vsie_unpin_release=policy.vsie_unpin_release())
 
 
 def get_policy(name: str) -> Policy:

@@ -110,6 +110,12 @@ class LegacyPolicy:
         """The caller decided ``dirty`` at unmap time before patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()"."""
         return False
 
+    def vsie_unpin_release(self):
+        """s390 ``unpin_guest_page()``: ``kvm_release_pfn_dirty(hpa >> PAGE_SHIFT)`` by guess, until patch 80
+        "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"."""
+        from kvmsim.s390.vsie import unpin_guest_page_release_v612
+        return unpin_guest_page_release_v612
+
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """x86 pushed A/D from SPTE bits to the pfn when zapping/modifying/aging (removed by patch 8
         "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and patch 82

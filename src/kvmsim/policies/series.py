@@ -91,6 +91,12 @@ class SeriesPolicy:
         """patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()": the map's ``writable`` decides at map time."""
         return True
 
+    def vsie_unpin_release(self):
+        """s390 ``unpin_guest_page()``: patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct
+        page" memory": ``kvm_release_page_dirty(pfn_to_page(hpa >> PAGE_SHIFT))``."""
+        from kvmsim.s390.vsie import unpin_guest_page_release_v613
+        return unpin_guest_page_release_v613
+
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young": no struct page is touched from a stage-2 PTE's pfn."""
         return None

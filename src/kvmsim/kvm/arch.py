@@ -60,7 +60,13 @@ def make_arch(kvm, name: str, **opts) -> ArchMmu:
     if name == "riscv":
         from kvmsim.riscv import RiscvMmu
         return RiscvMmu(kvm, **opts)
+    if name == "loongarch":
+        from kvmsim.loongarch import LoongArchMmu
+        return LoongArchMmu(kvm, **opts)
+    if name == "mips":
+        from kvmsim.mips import MipsMmu
+        return MipsMmu(kvm, **opts)
     if name == "generic":
         from kvmsim.kvm.stage2 import GenericStage2
         return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, generic)")
+    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, loongarch, mips, generic)")

@@ -32,3 +32,14 @@ def test_cli_explore_arch_loongarch():
     r = CliRunner().invoke(cli, ["explore", "loongarch-fast-dirty-vs-truncate", "--arch", "loongarch", "--json"])
     assert r.exit_code == 0, r.output
     assert {(o["arch"], o["policy"]) for o in json.loads(r.output)} >= {("loongarch", "series")}
+
+
+def test_run_trace_shows_the_loongarch_fault_paths():
+    r = CliRunner().invoke(cli, ["run", "loongarch-fast-path-dirty", "--policy", "legacy", "--trace"])
+    assert r.exit_code == 0, r.output
+    for n in ("kvm_set_pte", "kvm_release_pfn_clean", "get pfn", "by kvm_map_page_fast"):
+        assert n in r.output
+    r = CliRunner().invoke(cli, ["run", "loongarch-fast-path-dirty", "--policy", "series", "--trace"])
+    assert r.exit_code == 0, r.output
+    assert "kvm_release_faultin_page" in r.output and "kvm_map_page_fast+1" in r.output   # the fast path ran
+    assert "by kvm_map_page_fast" not in r.output                                         # and touched no page

@@ -39,3 +39,15 @@ def test_cli_explore_arch_mips():
     assert r.exit_code == 0, r.output
     (out,) = json.loads(r.output)
     assert out["arch"] == "mips" and out["policy"] == "legacy"
+
+
+@pytest.mark.parametrize("policy,names,absent", [
+    ("legacy", ["kvm_mips_map_page", "set_pte", "kvm_release_pfn_clean", "mark_page_accessed on a freed page"],
+     "kvm_release_faultin_page"),
+    ("series", ["set_pte", "kvm_release_faultin_page"], "kvm_release_pfn_clean")])
+def test_run_trace_shows_the_mips_fault_path(policy, names, absent):
+    r = CliRunner().invoke(cli, ["run", "mips-accessed-after-put", "--policy", policy, "--trace"])
+    assert r.exit_code == 0, r.output
+    for n in names:
+        assert n in r.output
+    assert absent not in r.output

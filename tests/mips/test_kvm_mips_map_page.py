@@ -291,3 +291,19 @@ def test_unmap_always_asks_for_a_flush_and_marks_nothing():
         before = _marks(kvm)
         host.mm.munmap(vma.start, PAGE)
         assert _leaf(kvm) is None and _marks(kvm) == before
+
+
+@pytest.mark.parametrize("arch", ["loongarch", "mips"])
+def test_every_resolved_hook_cites_its_patch(arch):
+    """Each release the seam resolves for LoongArch / MIPS cites a series patch by number and exact title."""
+    from tests.core.test_policy_seam import _titles, citations
+    titles = _titles()
+    for policy in (LegacyPolicy(), SeriesPolicy()):
+        ops = resolve(policy, arch)
+        for hook in (ops.fault_release_locked, ops.fault_release_unlocked, ops.fault_dirty_before_map,
+                     ops.fast_path_get_page, ops.spte_ad_lost):
+            if hook is None:
+                continue
+            cited = citations(hook.__doc__ or "")
+            assert cited and all(titles.get(n) == t for n, t in cited), (policy.name, arch, hook)
+            assert any(65 <= n <= 72 or n in (40, 41, 48, 49, 56, 59) for n, _ in cited), (policy.name, arch, hook)

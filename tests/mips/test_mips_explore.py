@@ -51,3 +51,12 @@ def test_run_trace_shows_the_mips_fault_path(policy, names, absent):
     for n in names:
         assert n in r.output
     assert absent not in r.output
+
+
+def test_cli_explore_defaults_to_the_races_own_arch():
+    r = CliRunner().invoke(cli, ["explore", "mips-fast-accessed-vs-munmap", "--policy", "series", "--json"])
+    assert r.exit_code == 0, r.output
+    (out,) = json.loads(r.output)
+    assert out["arch"] == "mips"
+    r = CliRunner().invoke(cli, ["explore", "mips-fast-accessed-vs-munmap", "--arch", "arm64"])
+    assert r.exit_code == 2 and "runs on mips" in r.output

@@ -43,3 +43,13 @@ def test_run_trace_shows_the_loongarch_fault_paths():
     assert r.exit_code == 0, r.output
     assert "kvm_release_faultin_page" in r.output and "kvm_map_page_fast+1" in r.output   # the fast path ran
     assert "by kvm_map_page_fast" not in r.output                                         # and touched no page
+
+
+def test_fault_vs_truncate_finds_the_v612_slow_path_dirty_after_unlock():
+    """v6.12 ``kvm_map_page()``: ``spin_unlock(); ... kvm_set_pfn_dirty(pfn);`` (patch 65 moved it under
+    the lock); the common race finds it on LoongArch under legacy only."""
+    sc = SCENARIOS["fault-vs-truncate"].on("loongarch")
+    res = explore(sc, "legacy", Mutations(), bound=2)
+    assert res.violating is not None and "after its mapping was truncated" in res.violating.violation.detail
+    assert "kvm_map_page: spin_unlock(mmu_lock)" in [s.label for s in res.violating.steps]
+    assert explore(sc, "series", Mutations(), bound=2).violating is None

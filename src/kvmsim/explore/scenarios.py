@@ -7,6 +7,9 @@ arm64's ``user_mem_abort()`` (:class:`kvmsim.arm64.mmu.Arm64Mmu`), whose v6.12 o
 after ``read_unlock()`` without any mutation: ``fault-vs-truncate`` finds INV-3 there under legacy.
 On RISC-V's ``kvm_riscv_gstage_map()`` (:class:`kvmsim.riscv.mmu.RiscvMmu`) it finds INV-3 under the
 series instead: a retried fault counts as used, and dirties the truncated folio under ``mmu_lock``.
+On LoongArch's ``kvm_map_page()`` it finds INV-3 under legacy (``kvm_set_pfn_dirty()`` after
+``spin_unlock()``); the LoongArch and MIPS fast-path and accessed-after-put races are their own
+scenarios (``loongarch-*``, ``mips-*``: :mod:`kvmsim.loongarch.mmu`, :mod:`kvmsim.mips.mmu`).
 Threads are kernel paths (``@kpath`` generators): the vCPU's ``page_fault``, the host's
 ``munmap``/``mprotect``/``writeback_folio``, a truncate, a pfncache refresh, or a guest write through
 the SPTE (:func:`guest_write`).  ``watch`` picks the
@@ -50,7 +53,7 @@ class Scenario:
     setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
-    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv")
+    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv", "loongarch", "mips")
     arch: str = "generic"
 
     def build(self, policy: str, mutations) -> World:

@@ -64,7 +64,13 @@ def make_arch(kvm, name: str, **opts) -> ArchMmu:
     if name == "s390":
         from kvmsim.s390 import S390Gmap
         return S390Gmap(kvm, **opts)
+    if name == "loongarch":
+        from kvmsim.loongarch import LoongArchMmu
+        return LoongArchMmu(kvm, **opts)
+    if name == "mips":
+        from kvmsim.mips import MipsMmu
+        return MipsMmu(kvm, **opts)
     if name == "generic":
         from kvmsim.kvm.stage2 import GenericStage2
         return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, s390, generic)")
+    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, loongarch, mips, s390, generic)")

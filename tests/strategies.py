@@ -22,7 +22,8 @@ from kvmsim.mm.vma import VmaKind
 
 PAGE = 4096
 POLICIES = ("legacy", "series", "pre-5.13")
-ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"))
+ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"),
+          ("loongarch", "tdp"), ("mips", "tdp"))
 PFN_CLASSES = ("normal", "zero", "zone_device", "reserved", "nonrefcounted", "driver_refcounted", "no_page")
 FILE_KINDS = ("anon_shared", "memfd", "file", "hugetlb")        # VMAs with a file mapping
 SLOT_STRIDE = 1 << 30                                            # memslot i lives at i GiB

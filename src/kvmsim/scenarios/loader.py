@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmsim.errors import ScenarioError
+from kvmsim.kvm.arch import ARCH_NAMES
 from kvmsim.mm.page import PfnClass
 from kvmsim.mm.vma import VmaKind
 from kvmsim.scenarios.spec import (
@@ -267,7 +268,7 @@ def c_mutations(v: Any) -> tuple[str, ...]:
 
 
 VM = {"policy": (c_policies, ("legacy", "series")),
-      "arch": (c_choice("x86", "arm64", "riscv", "loongarch", "mips", "s390", "generic"), "x86"),
+      "arch": (c_choice(*ARCH_NAMES), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),

@@ -65,6 +65,12 @@ class KvmOps:
     fault_release_bulk_caller: str
     spte_ad_lost: Callable
     spte_ad_lost_bulk: Callable
+    #: arm64 ``transparent_hugepage_adjust()``: ``(kvm, fault, head)`` under the read lock (v6.12's refcount
+    #: transfer to the THP head page); None: nothing.
+    thp_adjust_refcount: Callable | None = None
+    #: arm64 ``kvm_vm_ioctl_mte_copy_tags()``: the page of one gfn, ``.get(kvm, gfn, write)`` and
+    #: ``.put(kvm, token, dirty, gfn)`` (kvmsim.arm64.mte).
+    mte_tag_page: object = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -81,7 +87,8 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_locked=bulk_fn if bulk_under_lock else _no_bulk_release,
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
-                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk)
+                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
+                  thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page)
 
 
 def get_policy(name: str) -> Policy:

@@ -368,8 +368,10 @@ class Arm64Mmu(GenericStage2):
             self._zap(slot, lo, hi, "kvm_pgtable_stage2_map: break-before-make")
         self.set_leaf(slot, i, pfn, level, _P | _A | ((_W | _HW) if writable else 0) | (_H if held else 0))
         kvm.journal.count("spte_write")
-        if level > 1:
-            kvm.journal.count(f"stage2_block_map:{'2M' if level == PG_LEVEL_2M else '1G'}")
+        if level == PG_LEVEL_2M:
+            kvm.journal.count("stage2_block_pmd")
+        elif level == PG_LEVEL_1G:
+            kvm.journal.count("stage2_block_pud")
         kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="kvm_pgtable_stage2_map",
                          locked=kvm.mmu_lock.held(), extra={"writable": writable, "host_writable": writable,
                                                              "level": level})

@@ -172,7 +172,6 @@ def kvm_vm_ioctl_mte_copy_tags(kvm, guest_ipa: int, length: int, flags: int, tag
         else:
             out.append(tags.get(page, 0))              # mte_copy_tags_to_user(), or clear_user() if untagged
             kvm.journal.count("mte_copy_tags_to_user")
-        kvm.journal.count(f"mte_tags_page:{kvm.phys.pfn_class(page).name.lower()}")
         ops.put(kvm, token, write, gfn)
         gfn += 1
         left -= PAGE_SIZE

@@ -244,8 +244,10 @@ class RiscvMmu(GenericStage2):
             return EEXIST
         self.set_leaf(slot, i, pfn, level, _P | _A | _D | (0 if page_rdonly else _W | _HW) | (_H if held else 0))
         kvm.journal.count("spte_write")
-        if level > 1:
-            kvm.journal.count(f"gstage_block_map:{'2M' if level == 2 else '1G'}")
+        if level == 2:
+            kvm.journal.count("gstage_block_pmd")
+        elif level == 3:
+            kvm.journal.count("gstage_block_pud")
         kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="gstage_set_pte", locked=kvm.mmu_lock.held(),
                          extra={"writable": not page_rdonly, "host_writable": not page_rdonly, "level": level})
         kvm.flush_remote_tlbs("gstage_remote_tlb_flush")

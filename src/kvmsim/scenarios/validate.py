@@ -35,6 +35,10 @@ MODEL_COUNTERS = frozenset({
     "spte_relax_perms", "access_flag_fault", "io_mem_abort", "prefetch", "split", "recover",
     "zap_collapsible", "mmu_zap_all_fast", "range_access_exit", "inv11", "emulated_mmio_fallback",
     "kvm_riscv_vcpu_mmio_store", "kvm_riscv_vcpu_mmio_load", "tlb_flush", "lockdep_warnings",
+    # stage-2 blocks and MTE (arm64/, riscv/)
+    "stage2_block_pmd", "stage2_block_pud", "thp_adjust", "gstage_block_pmd", "gstage_block_pud",
+    "gstage_block_fault", "kvm_vm_ioctl_mte_copy_tags", "mte_clear_page_tags", "mte_copy_tags_to_user",
+    "mte_copy_tags_from_user",
     # generic KVM (kvm/)
     "hva_to_pfn", "kvm_vcpu_map", "host_map_access", "gpc_invalidate", "gpc_refresh", "gpc_refresh_kept",
     "gpc_refresh_error", "gpc_refresh_retry", "mark_page_dirty_in_slot", "get_dirty_log", "clear_dirty_log",

@@ -70,7 +70,7 @@ from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.fault import FaultRet, KvmPageFault, abort_error_pfn, kvm_stage2_fault
 from kvmsim.kvm.pfn import Hold, kvm_acquired, kvm_release_pfn
 from kvmsim.kvm.stage2 import LEAF_PAGES, S2, GenericStage2
-from kvmsim.mm.vma import VM
+from kvmsim.mm.vma import VM, Pte
 from kvmsim.sched import Steps, kpath
 from kvmsim.trace import Src
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE, PMD_SHIFT, PMD_SIZE, PUD_SHIFT, PUD_SIZE, PG_LEVEL_1G, PG_LEVEL_2M
@@ -141,7 +141,7 @@ def get_user_mapping_size(kvm, hva: int) -> int:
     :meth:`kvmsim.mm.mm.Mm.pte_of`); -EAGAIN when the leaf is not valid ("the userspace PTs are gone...
     Replay the fault")."""
     vma, pfn, bits, level = kvm.mm.pte_of(hva)
-    if vma is None or pfn < 0 or not bits & 1:
+    if vma is None or pfn < 0 or not bits & Pte.PRESENT:
         return EAGAIN
     return int(LEAF_PAGES[level]) * PAGE_SIZE
 

@@ -185,6 +185,8 @@ def _check_refs(sc: Scenario, err, path: tuple, step: Step, names: _Names, extra
     vmas = {v.name: v for v in sc.vmas}
     if "vma" in a and a["vma"] not in vmas:
         raise err(path + ("vma",), f"no [[vma]] named {a['vma']!r} (have: {', '.join(vmas) or 'none'})")
+    if a.get("to") is not None and a["to"] not in vmas:
+        raise err(path + ("to",), f"no [[vma]] named {a['to']!r} (have: {', '.join(vmas) or 'none'})")
     if step.op in NEEDS_MAPPING and vmas[a["vma"]].kind not in MAPPED_KINDS:
         raise err(path + ("vma",), f"{step.op} needs a VMA with a file mapping (kind {', '.join(sorted(MAPPED_KINDS))}); "
                                    f"{a['vma']!r} is {vmas[a['vma']].kind}")

@@ -90,6 +90,8 @@ def vm_section(draw) -> dict:
         vm["allow_unsafe_mappings"] = draw(st.booleans())
     if draw(st.integers(0, 5)) == 0:
         vm["execution"] = "emulated"
+    if arch == "arm64" and draw(st.integers(0, 3)) == 0:
+        vm["mte"] = True
     dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))
     if dirty in ("manual", "manual_set"):
         vm["manual_protect"] = True
@@ -156,7 +158,7 @@ HOST_OPS = ("munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "rec
             "age")
 KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "get_dirty_log", "clear_dirty_log",
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
-           "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy")
+           "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy", "mte_copy_tags")
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
 ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS
 
@@ -197,7 +199,13 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {**_vma_range(draw, w, draw(st.sampled_from(vma_names))),
                 "how": draw(st.sampled_from(["clear_young", "clear_flush_young", "test_young"]))}
     if op == "mremap":
-        return {"vma": draw(st.sampled_from(vma_names))}
+        a = {"vma": draw(st.sampled_from(vma_names))}
+        if draw(st.integers(0, 3)) == 0:
+            a["to"] = draw(st.sampled_from(vma_names))
+        return a
+    if op == "mte_copy_tags":
+        return {"gpa": _gpa(draw, w), "size": draw(st.integers(1, 3)) * PAGE,
+                "direction": draw(st.sampled_from(["to_guest", "from_guest"])), "tag": draw(st.integers(0, 15))}
     if op in ("fork", "ring_reset", "vm_destroy"):
         return {}
     if op in ("migrate", "thp_split", "thp_collapse", "host_read"):
@@ -357,6 +365,8 @@ def scenario_docs(draw) -> dict:
             flags.remove("log_dirty_pages")
         if vm["arch"] == "riscv" and "w" not in v.get("prot", "rw") and "readonly" not in flags:
             flags.append("readonly")
+        if vm.get("mte") and v["kind"] not in ("anon", "anon_shared", "memfd"):
+            continue                        # an MTE VM refuses a memslot over a VMA without VM_MTE_ALLOWED
         slots.append({"id": i, "gpa": i * SLOT_STRIDE, "size": size * PAGE, "vma": v["name"], "offset": off * PAGE,
                       "flags": flags})
     for d in drv:                           # a driver owns enough memory for every VMA that maps it

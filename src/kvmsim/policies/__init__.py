@@ -72,6 +72,12 @@ class KvmOps:
     #: ``(kvm, pfn, caller)`` under ``mmu_lock`` in a fast path that changed a PTE: the page it took a
     #: transient reference on (v6.12 LoongArch ``kvm_map_page_fast()``), or None.
     fast_path_get_page: Callable = lambda kvm, pfn, caller: None
+    #: arm64 ``transparent_hugepage_adjust()``: ``(kvm, fault, head)`` under the read lock (v6.12's refcount
+    #: transfer to the THP head page); None: nothing.
+    thp_adjust_refcount: Callable | None = None
+    #: arm64 ``kvm_vm_ioctl_mte_copy_tags()``: the page of one gfn, ``.get(kvm, gfn, write)`` and
+    #: ``.put(kvm, token, dirty, gfn)`` (kvmsim.arm64.mte).
+    mte_tag_page: object = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -90,7 +96,8 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_caller=bulk_caller,
                   spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
                   vsie_unpin_release=policy.vsie_unpin_release(),
-                  fast_path_get_page=policy.fast_path_get_page)
+                  fast_path_get_page=policy.fast_path_get_page,
+                  thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page)
 
 
 def get_policy(name: str) -> Policy:

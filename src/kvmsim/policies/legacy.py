@@ -14,11 +14,21 @@ from kvmsim.kvm.pfn import (KVM_PFN_ERR_FAULT, KVM_PFN_ERR_SIGPENDING, Hold, kvm
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.pfn import kvm_dropped
 from kvmsim.trace import Src
+from kvmsim.arm64.mmu import transparent_hugepage_adjust_v612_transfer
+from kvmsim.arm64.mte import MteTagPageV612
 
 
 class LegacyPolicy:
     name = "legacy"
     title = "v6.12: kvm_pfn_to_refcounted_page guesses, A/D pushed from SPTEs"
+
+    #: arm64 ``transparent_hugepage_adjust()`` moved the fault's reference to the THP head page (release
+    #: the tail pfn, get the head) until
+    #: patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts".
+    thp_adjust_refcount = staticmethod(transparent_hugepage_adjust_v612_transfer)
+    #: arm64 MTE tag copy through ``gfn_to_pfn_prot()`` + ``pfn_to_online_page()`` until
+    #: patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags to/from userspace".
+    mte_tag_page = MteTagPageV612
 
     def reported_page(self, kfp):
         """No page output before patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn"."""

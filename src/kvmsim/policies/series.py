@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 
+from kvmsim.arm64.mte import MteTagPageV613
 from kvmsim.kvm.fault import kvm_release_faultin_page, release_faultin_page_locked
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, kvm_release_page_clean,
                             kvm_release_page_dirty, kvm_release_page_unused)
@@ -15,6 +16,12 @@ from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, 
 class SeriesPolicy:
     name = "series"
     title = "v6.13: kvm_follow_pfn + kvm_release_faultin_page"
+
+    #: patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts": THP adjustment moves only
+    #: the pfn; the faulted-in page is released as is.
+    thp_adjust_refcount = None
+    #: patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags to/from userspace".
+    mte_tag_page = MteTagPageV613
 
     def reported_page(self, kfp):
         """patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn": the page KVM holds, or NULL."""

@@ -273,7 +273,8 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       "initially_set": (c_bool, False),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
-      "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ())}
+      "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ()),
+      "mte": (c_bool, False)}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:
@@ -378,6 +379,8 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
         sc.vmas.append(VmaSpec(**t, line=ctx.src.find(("vma", i))))
     names = [v.name for v in sc.vmas]
     vm = _table(ctx, ("vm",), top["vm"], VM)
+    if vm["mte"] and vm["arch"] != "arm64":
+        raise ctx.error(("vm", "mte"), f"mte = true (KVM_CAP_ARM_MTE) needs arch = \"arm64\", not {vm['arch']!r}")
     sc.vm = VmSpec(policies=vm.pop("policy"), **vm)
     for i, s in enumerate(_array(ctx, ("memslot",), top["memslot"])):
         t = _table(ctx, ("memslot", i), s, MEMSLOT)

@@ -49,6 +49,7 @@ from kvmsim.scenarios.host_ops import (  # noqa: F401
     op_folio_referenced,
 )
 from kvmsim.scenarios.ops_s390 import S390_OP_ARGS, S390_OPS
+from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -70,7 +71,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "munmap": _RANGE,
     "mprotect": {**_RANGE, "prot": (c_choice("rw", "r", "w", "none"), REQUIRED)},
     "madvise": {**_RANGE, "advice": (c_choice(*_MADVISE_ADVICE), REQUIRED)},
-    "mremap": {"vma": (c_str, REQUIRED)},
+    "mremap": {"vma": (c_str, REQUIRED), "to": (c_str, None)},
     "fork": {},
     "writeback": {"vma": (c_str, REQUIRED), "offset": (c_size, None)},
     "reclaim": _RANGE,
@@ -107,6 +108,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "vm_destroy": {},
     "interleave": {"threads": (c_any, REQUIRED), "order": (c_strlist, REQUIRED)},
     **S390_OP_ARGS,
+    **ARM64_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -387,6 +389,7 @@ OPS: dict[str, Callable] = {
     "pfncache_refresh": op_pfncache_refresh, "pfncache_write": op_pfncache_write,
     "pfncache_check": op_pfncache_check, "age": op_age, "vm_destroy": op_vm_destroy, "interleave": op_interleave,
     **S390_OPS,
+    **ARM64_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 

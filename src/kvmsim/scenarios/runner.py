@@ -126,6 +126,9 @@ def build(sc: Scenario, policy: str) -> Env:
     if vm.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                               | (KVM_DIRTY_LOG_INITIALLY_SET if vm.initially_set else 0))
+    if vm.mte:
+        from kvmsim.arm64.mte import kvm_vm_ioctl_enable_cap_mte
+        kvm_vm_ioctl_enable_cap_mte(kvm)
     for _ in range(vm.vcpus):
         kvm.create_vcpu()
     for s in sc.memslots:

@@ -74,6 +74,7 @@ class VmSpec:
     execution: str = "hardware"
     vcpus: int = 1
     mutations: tuple[str, ...] = ()    # kvmsim.explore mutation switches (a safety mechanism turned off)
+    mte: bool = False                  # arm64 KVM_ENABLE_CAP(KVM_CAP_ARM_MTE) before the vCPUs
 
 
 @dataclass

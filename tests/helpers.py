@@ -23,6 +23,9 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "x86": {"size": 4 << 20, "kind": VmaKind.HUGETLB, "page_size": 1 << 21},
     "arm64": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
     "riscv": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
+    "ppc-book3s-hv": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
+    "ppc-book3s-radix": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
+    "ppc-book3s-pr": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
 }
 
 _UNSET: Any = object()

@@ -60,7 +60,11 @@ def make_arch(kvm, name: str, **opts) -> ArchMmu:
     if name == "riscv":
         from kvmsim.riscv import RiscvMmu
         return RiscvMmu(kvm, **opts)
+    if name in ("ppc-book3s-hv", "ppc-book3s-radix", "ppc-book3s-pr"):
+        from kvmsim.ppc import Book3sHvMmu, Book3sPrMmu, Book3sRadixMmu
+        return {"ppc-book3s-hv": Book3sHvMmu, "ppc-book3s-radix": Book3sRadixMmu,
+                "ppc-book3s-pr": Book3sPrMmu}[name](kvm, **opts)
     if name == "generic":
         from kvmsim.kvm.stage2 import GenericStage2
         return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, generic)")
+    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, ppc-book3s-hv, ppc-book3s-radix, ppc-book3s-pr, generic)")

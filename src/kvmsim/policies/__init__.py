@@ -41,6 +41,7 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
+    def arch_ops(self, arch: str) -> object | None: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,8 @@ class KvmOps:
     fault_release_locked: Callable | None
     #: ``(kvm, mmu, fault)`` after dropping it (v6.12's per-arch order); None: nothing.
     fault_release_unlocked: Callable | None
-    #: ``(kvm, fault)`` under the lock, before the map (v6.12 RISC-V ``kvm_set_pfn_dirty()``); None: nothing.
+    #: ``(kvm, fault)`` before the map, where the arch calls it (v6.12 RISC-V ``kvm_set_pfn_dirty()`` under the
+    #: lock, v6.12 Book3S PR ``kvm_set_pfn_accessed/dirty()`` before taking it); None: nothing.
     fault_dirty_before_map: Callable | None
     #: ``(kvm, pfn, kfp, *, unused, dirty, caller, gfn)``: a faulted-in page released outside a fault's end.
     release_faultin: Callable
@@ -65,6 +67,9 @@ class KvmOps:
     fault_release_bulk_caller: str
     spte_ad_lost: Callable
     spte_ad_lost_bulk: Callable
+    #: An arch's own per-policy callables (a namespace the arch defines, e.g. PowerPC Book3S's
+    #: :class:`kvmsim.ppc.book3s.Book3sOps`); None for an arch that needs none.
+    arch_ops: object | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -81,7 +86,8 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_locked=bulk_fn if bulk_under_lock else _no_bulk_release,
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
-                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk)
+                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
+                  arch_ops=policy.arch_ops(arch))
 
 
 def get_policy(name: str) -> Policy:

@@ -66,7 +66,7 @@ def uv_page_in(kvm, pfn: int, gfn: int) -> int:
     (counted, and whether the pfn has a struct page; the model's Ultravisor accepts any pfn)."""
     kvm.journal.count("uv_page_in")
     if not kvm.phys.pfn_valid(pfn):
-        kvm.journal.count("uv_page_in:no struct page")
+        kvm.journal.count("uv_page_in_no_struct_page")
     return U_SUCCESS
 
 

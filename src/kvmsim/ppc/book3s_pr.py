@@ -52,7 +52,7 @@ import errno
 
 import numpy as np
 
-from kvmsim.errors import ModelError
+from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.fault import (RETRY_LIVELOCK_BOUND, FaultRet, KvmPageFault, _held_src, kvm_stage2_fault,
                               livelock_access, ret_to_access)
 from kvmsim.kvm.pfn import Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_set_pfn_accessed, \
@@ -94,7 +94,7 @@ class Book3sPrMmu(Book3sMmu):
     def __init__(self, kvm, *, host_bits: int = 64, **opts):
         super().__init__(kvm, **opts)
         if host_bits not in (32, 64):
-            raise ModelError(errno.EINVAL, f"host_bits must be 32 or 64 (a Book3S PR host), not {host_bits}")
+            raise UsageError(f"host_bits must be 32 or 64 (a Book3S PR host), not {host_bits}")
         self.host_bits = host_bits
         #: ``vcpu3s->hpte_cache_count``: shadow HPTEs in the cache.
         self.hpte_cache_count = 0
@@ -148,7 +148,7 @@ class Book3sPrMmu(Book3sMmu):
             self.kvmppc_mmu_pte_flush_all()
         if self.hpte_cache_alloc_failures:
             self.hpte_cache_alloc_failures -= 1
-            self.kvm.journal.count("kvmppc_mmu_hpte_cache_next:NULL")
+            self.kvm.journal.count("hpte_cache_alloc_failed")
             return False
         return True
 
@@ -222,7 +222,7 @@ class Book3sPrMmu(Book3sMmu):
         pfn, kfp = self.kvmppc_gpa_to_pfn(fault.vcpu, fault.gfn << PAGE_SHIFT, fault.write)
         fault.pfn, fault.kfp = pfn, kfp
         if is_error_noslot_pfn(pfn):
-            self.kvm.journal.count("kvmppc_mmu_map_page: Couldn't get guest page")
+            self.kvm.journal.count("kvmppc_mmu_map_page_no_pfn")
             return -errno.EINVAL
         fault.map_writable = kfp.map_writable
         return None

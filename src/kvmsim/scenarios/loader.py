@@ -266,12 +266,15 @@ def c_mutations(v: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "arm64", "riscv", "generic"), "x86"),
+VM = {"policy": (c_policies, ("legacy", "series")),
+      "arch": (c_choice("x86", "arm64", "riscv", "ppc-book3s-hv", "ppc-book3s-radix", "ppc-book3s-pr", "generic"),
+               "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
-      "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ())}
+      "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ()),
+      "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit")}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:

@@ -58,7 +58,8 @@ def _list_races(as_json: bool) -> None:
 @click.option("--random", "random_n", type=click.IntRange(min=1), default=None, help="N random schedules")
 @click.option("--replay", default=None, help='a printed schedule, e.g. "vcpu0*4,host"')
 @click.option("--mutate", multiple=True, type=click.Choice(list(MUTATIONS)), help="switch a safety mechanism off")
-@click.option("--arch", type=click.Choice(["generic", "x86", "arm64", "riscv"]), default="generic", show_default=True,
+@click.option("--arch", type=click.Choice(["generic", "x86", "arm64", "riscv", "ppc-book3s-hv", "ppc-book3s-radix",
+                                          "ppc-book3s-pr"]), default="generic", show_default=True,
               help="stage-2 MMU the race runs on")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def explore_cmd(name, list_races, policy, bound, max_schedules, seed, random_n, replay, mutate, arch,

@@ -159,7 +159,8 @@ HOST_OPS = ("munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "rec
 KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "get_dirty_log", "clear_dirty_log",
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
            "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy")
-PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail")
+PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
+                  "xive_queue_config", "xive_queue_reset")
 ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + PPC_BOOK3S_OPS
 
 
@@ -290,6 +291,10 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"gpa": _gpa(draw, w), "may_write": draw(st.booleans())}
     if op == "hpte_cache_fail":
         return {"count": draw(st.integers(1, 3))}
+    if op == "xive_queue_config":
+        return {"gpa": _gpa(draw, w), "server": draw(st.integers(0, 1))}
+    if op == "xive_queue_reset":
+        return {"server": draw(st.integers(0, 1))}
     raise AssertionError(f"no argument strategy for op {op!r}")
 
 

@@ -149,3 +149,32 @@ def test_uvmem_ops_need_radix():
     host, kvm, _, _ = make_vm("series", arch="ppc-book3s-pr")
     with pytest.raises(ModelError, match="ppc-book3s-radix"):
         next(op_uv_share(Env(host, kvm, {}), {"gpa": 0}))
+
+
+# ---- the XIVE queue page (gfn_to_page, patch 85) ---------------------------------------------------------
+
+@pytest.mark.parametrize("policy,ret", [("legacy", 0), ("series", -errno.EINVAL)])
+def test_xive_queue_on_pfnmap_memory_is_taken_by_v612_refused_by_v613(policy, ret):
+    """``kvmppc_xive_native_set_queue_config()``: v6.12 ``gfn_to_page()`` returns the driver's page it
+    grabbed (INV-8); v6.13 returns NULL for remapped memory: -EINVAL, nothing held."""
+    from kvmsim.ppc.book3s_xive_native import kvmppc_xive_native_cleanup_queue, kvmppc_xive_native_set_queue_config
+    host, kvm = _uv_vm(policy, PfnClass.DRIVER_REFCOUNTED)
+    assert kvmppc_xive_native_set_queue_config(kvm, 0, 0) == ret
+    assert bool(kvm.arch.xive_queues) is (policy == "legacy")
+    assert bool([v for v in check_all(kvm) if v.invariant == "INV-8"]) is (policy == "legacy")
+    kvmppc_xive_native_cleanup_queue(kvm, 0)
+    assert kvm.host_refs == {} and kvm.page_refs_out == {}
+
+
+def test_xive_queue_page_is_held_until_the_queue_is_reset():
+    from kvmsim.ppc.book3s_xive_native import kvmppc_xive_native_cleanup_queue, kvmppc_xive_native_set_queue_config
+    host, kvm, vma, vcpu = make_vm("series", arch="ppc-book3s-hv")
+    host.mm.host_access(vma.start, True, 1)
+    pfn = host.mm.pte_of(vma.start)[1]
+    n = host.phys.page_count(pfn)
+    assert kvmppc_xive_native_set_queue_config(kvm, 0, 0) == 0
+    assert host.phys.page_count(pfn) == n + 1 and check_all(kvm) == []
+    assert kvmppc_xive_native_set_queue_config(kvm, 0, 0) == 0      # reconfigured: the old page is put first
+    assert host.phys.page_count(pfn) == n + 1
+    kvmppc_xive_native_cleanup_queue(kvm, 0)
+    assert host.phys.page_count(pfn) == n and kvm.host_refs == {}

@@ -76,6 +76,16 @@ def put_page(kvm, page: int, caller: str) -> None:
     kvm.phys.put_page(page, caller, kvm=True, source=Src.HELD)
 
 
+def put_gfn_to_page(kvm, page: int, caller: str) -> None:
+    """``put_page()`` of a page ``gfn_to_page()`` returned: its reference leaves ``kvm->page_refs_out``."""
+    n = kvm.page_refs_out.get(page, 0)
+    if n <= 1:
+        kvm.page_refs_out.pop(page, None)
+    else:
+        kvm.page_refs_out[page] = n - 1
+    put_page(kvm, page, caller)
+
+
 def set_page_dirty_lock(kvm, page: int, gfn: int) -> None:
     """Mirrors ``set_page_dirty_lock()`` (mm/page-writeback.c): ``folio_lock()``, ``folio_mark_dirty()``,
     ``folio_unlock()``, on a page the caller holds (module docstring: not a fault-release mark)."""
@@ -162,6 +172,11 @@ class Book3sHvFault(Book3sMmu):
     after the lock (module docstring)."""
 
     handle_error_pfn = staticmethod(kvmppc_error_pfn)
+
+    def __init__(self, kvm, **opts):
+        super().__init__(kvm, **opts)
+        #: XIVE native event queues: server → the queue page (:mod:`kvmsim.ppc.book3s_xive_native`).
+        self.xive_queues: dict[int, int] = {}
 
     @kpath
     def page_fault(self, vcpu, gpa: int, write: bool, exec: bool = False) -> Steps:

@@ -282,7 +282,7 @@ def kvmppc_patch_dcbz_v612(vcpu, gpa: int) -> None:
     to fix page refcount leak"), and the write dirties neither the page nor the gfn (patch 74 "KVM: PPC:
     Use kvm_vcpu_map() to map guest memory to patch dcbz instructions")."""
     from kvmsim.kvm.pfn import gfn_to_page
-    from kvmsim.ppc.book3s import put_page
+    from kvmsim.ppc.book3s import put_gfn_to_page
     kvm = vcpu.kvm
     hpage = gfn_to_page(kvm, gpa >> PAGE_SHIFT)
     if hpage is None:                                     # is_error_page(hpage)
@@ -290,12 +290,7 @@ def kvmppc_patch_dcbz_v612(vcpu, gpa: int) -> None:
     get_page(kvm, hpage, "kvmppc_patch_dcbz")
     word = kvm.phys.read(hpage, "kvmppc_patch_dcbz", kvm=True)
     kvm.phys.write(hpage, _patched(word), "kvmppc_patch_dcbz", kvm=True)
-    n = kvm.page_refs_out.get(hpage, 0)                   # the put returns gfn_to_page()'s reference
-    if n <= 1:
-        kvm.page_refs_out.pop(hpage, None)
-    else:
-        kvm.page_refs_out[hpage] = n - 1
-    put_page(kvm, hpage, "kvmppc_patch_dcbz")
+    put_gfn_to_page(kvm, hpage, "kvmppc_patch_dcbz")
 
 
 def kvmppc_patch_dcbz(vcpu, gpa: int) -> None:

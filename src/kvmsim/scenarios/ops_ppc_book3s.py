@@ -1,5 +1,5 @@
 """Scenario ops of the PowerPC Book3S profiles (:mod:`kvmsim.ppc`): dcbz patching, Ultravisor page-in,
-the PR magic page, a guest PTE's write permission and an HPTE cache that runs out.
+the PR magic page, a guest PTE's write permission, an HPTE cache that runs out, the XIVE queue page.
 
 Merged into :data:`kvmsim.scenarios.ops.OP_ARGS` / ``OPS`` with one line each.
 """
@@ -20,6 +20,8 @@ PPC_BOOK3S_OP_ARGS = {
     "ppc_magic_page": {"gpa": (c_size, REQUIRED), "vcpu": (c_int, 0)},
     "ppc_guest_pte": {"gpa": (c_size, REQUIRED), "may_write": (c_bool, True)},
     "hpte_cache_fail": {"count": (c_bounded(c_int, 1, MAX_COUNT, "a count"), 1)},
+    "xive_queue_config": {"gpa": (c_size, REQUIRED), "server": (c_int, 0)},
+    "xive_queue_reset": {"server": (c_int, 0)},
 }
 
 
@@ -85,6 +87,25 @@ def op_hpte_cache_fail(env: Env, a: dict):
     return Res("ok")
 
 
+def op_xive_queue_config(env: Env, a: dict):
+    """``KVM_DEV_XIVE_GRP_EQ_CONFIG``: ``kvmppc_xive_native_set_queue_config()`` with the queue page at ``gpa``."""
+    from kvmsim.ppc.book3s_xive_native import kvmppc_xive_native_set_queue_config
+    _arch(env, "xive_queue_config", "ppc-book3s-hv", "ppc-book3s-radix")
+    ret = kvmppc_xive_native_set_queue_config(env.kvm, a["server"], a["gpa"])
+    yield from _done("kvmppc_xive_native_set_queue_config done")
+    return Res("ok") if ret == 0 else Res("einval", -ret)
+
+
+def op_xive_queue_reset(env: Env, a: dict):
+    """The queue reset (``kvmppc_xive_native_cleanup_queue()``): the queue page is put."""
+    from kvmsim.ppc.book3s_xive_native import kvmppc_xive_native_cleanup_queue
+    _arch(env, "xive_queue_reset", "ppc-book3s-hv", "ppc-book3s-radix")
+    kvmppc_xive_native_cleanup_queue(env.kvm, a["server"])
+    yield from _done("kvmppc_xive_native_cleanup_queue done")
+    return Res("ok")
+
+
 PPC_BOOK3S_OPS = {"dcbz_patch": op_dcbz_patch, "uv_share": op_uv_share, "uv_page_in": op_uv_page_in,
                   "ppc_magic_page": op_ppc_magic_page, "ppc_guest_pte": op_ppc_guest_pte,
-                  "hpte_cache_fail": op_hpte_cache_fail}
+                  "hpte_cache_fail": op_hpte_cache_fail, "xive_queue_config": op_xive_queue_config,
+                  "xive_queue_reset": op_xive_queue_reset}

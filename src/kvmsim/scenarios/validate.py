@@ -47,7 +47,7 @@ MODEL_COUNTERS = frozenset({
     # PowerPC Book3S (ppc/)
     "kvmppc_hv_emulate_mmio", "kvmppc_core_queue_data_storage", "kvmppc_emulate_mmio", "hpte_cache_alloc_failed",
     "kvmppc_mmu_pte_flush_all", "kvmppc_mmu_map_page_no_pfn", "uv_page_in", "uv_page_in_no_struct_page",
-    "kvmppc_gfn_shared",
+    "kvmppc_gfn_shared", "kvmppc_xive_native_set_queue_config_no_page",
 }) | frozenset(DERIVED_COUNTERS)
 
 #: Counter families ``<prefix>:<kernel function or reason>``.

@@ -49,3 +49,16 @@ def test_the_optional_template_hooks_exist_only_on_book3s_pr():
     for cls in (X86Mmu, Arm64Mmu, RiscvMmu, Book3sHvMmu, Book3sRadixMmu):
         assert not hasattr(cls, "fault_faultin") and not hasattr(cls, "fault_before_lock"), cls
     assert callable(Book3sPrMmu.fault_faultin) and callable(Book3sPrMmu.fault_before_lock)
+
+
+@pytest.mark.parametrize("name,fn", [("ppc-book3s-hv-zero-page-leak", "kvmppc_book3s_hv_page_fault"),
+                                     ("ppc-book3s-radix-zero-page-leak", "kvmppc_book3s_instantiate_page"),
+                                     ("ppc-book3s-pr-marks-before-lock", "kvmppc_mmu_map_page"),
+                                     ("ppc-book3s-pr-dcbz-leak", "kvmppc_patch_dcbz")])
+def test_run_trace_shows_the_book3s_fault_path(name, fn):
+    from click.testing import CliRunner
+
+    from kvmsim.cli import cli
+    r = CliRunner().invoke(cli, ["run", name, "--trace"], terminal_width=200)
+    assert r.exit_code == 0, r.output
+    assert f"by {fn}" in r.output and "✓ matches" in r.output and "MISMATCH" not in r.output

@@ -23,7 +23,8 @@ from kvmsim.mm.vma import VmaKind
 PAGE = 4096
 POLICIES = ("legacy", "series", "pre-5.13")
 ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"),
-          ("loongarch", "tdp"), ("mips", "tdp"))
+          ("loongarch", "tdp"), ("mips", "tdp"),
+          ("ppc-book3s-hv", "tdp"), ("ppc-book3s-radix", "tdp"), ("ppc-book3s-pr", "tdp"))
 PFN_CLASSES = ("normal", "zero", "zone_device", "reserved", "nonrefcounted", "driver_refcounted", "no_page")
 FILE_KINDS = ("anon_shared", "memfd", "file", "hugetlb")        # VMAs with a file mapping
 SLOT_STRIDE = 1 << 30                                            # memslot i lives at i GiB
@@ -84,6 +85,8 @@ def vm_section(draw) -> dict:
     if mmu != "tdp":
         vm["mmu"] = mmu
     vm["vcpus"] = draw(st.integers(1, 2))
+    if arch == "ppc-book3s-pr" and draw(st.booleans()):
+        vm["ppc_pr_host"] = "32-bit"
     if draw(st.booleans()):
         vm["pml"] = draw(st.booleans())
         vm["v613_other"] = draw(st.booleans())
@@ -160,7 +163,9 @@ KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "ge
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
            "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy", "mte_copy_tags")
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS
+PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
+                  "xive_queue_config", "xive_queue_reset")
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -290,6 +295,18 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"value": draw(st.integers(0, 255))} if "gpc" in w.gpcs else None
     if op in S390_OPS:
         return _vsie_args(draw, w, op)
+    if op in ("dcbz_patch", "ppc_magic_page"):
+        return {"gpa": _gpa(draw, w), **_vcpu(draw, w)}
+    if op in ("uv_share", "uv_page_in"):
+        return {"gpa": _gpa(draw, w)}
+    if op == "ppc_guest_pte":
+        return {"gpa": _gpa(draw, w), "may_write": draw(st.booleans())}
+    if op == "hpte_cache_fail":
+        return {"count": draw(st.integers(1, 3))}
+    if op == "xive_queue_config":
+        return {"gpa": _gpa(draw, w), "server": draw(st.integers(0, 1))}
+    if op == "xive_queue_reset":
+        return {"server": draw(st.integers(0, 1))}
     raise AssertionError(f"no argument strategy for op {op!r}")
 
 

@@ -53,7 +53,7 @@ class Scenario:
     setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
-    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv", "loongarch", "mips")
+    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv", "loongarch", "mips", "ppc-book3s-hv", "ppc-book3s-radix", "ppc-book3s-pr")
     arch: str = "generic"
 
     def build(self, policy: str, mutations) -> World:

@@ -55,6 +55,9 @@ ARCH_PROFILES: dict[str, tuple[str, str]] = {
     "loongarch": ("kvmsim.loongarch", "LoongArchMmu"),
     "mips": ("kvmsim.mips", "MipsMmu"),
     "s390": ("kvmsim.s390", "S390Gmap"),
+    "ppc-book3s-hv": ("kvmsim.ppc", "Book3sHvMmu"),
+    "ppc-book3s-radix": ("kvmsim.ppc", "Book3sRadixMmu"),
+    "ppc-book3s-pr": ("kvmsim.ppc", "Book3sPrMmu"),
     "generic": ("kvmsim.kvm.stage2", "GenericStage2"),
 }
 ARCH_NAMES = tuple(ARCH_PROFILES)

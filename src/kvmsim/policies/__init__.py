@@ -43,6 +43,7 @@ class Policy(Protocol):
                      gfn: int | None = None, n: int = 1) -> None: ...
     def vsie_unpin_release(self) -> Callable: ...
     def fast_path_get_page(self, kvm, pfn: int, caller: str) -> int | None: ...
+    def arch_ops(self, arch: str) -> object | None: ...
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,8 @@ class KvmOps:
     fault_release_locked: Callable | None
     #: ``(kvm, mmu, fault)`` after dropping it (v6.12's per-arch order); None: nothing.
     fault_release_unlocked: Callable | None
-    #: ``(kvm, fault)`` under the lock, before the map (v6.12 RISC-V ``kvm_set_pfn_dirty()``); None: nothing.
+    #: ``(kvm, fault)`` before the map, where the arch calls it (v6.12 RISC-V ``kvm_set_pfn_dirty()`` under the
+    #: lock, v6.12 Book3S PR ``kvm_set_pfn_accessed/dirty()`` before taking it); None: nothing.
     fault_dirty_before_map: Callable | None
     #: ``(kvm, pfn, kfp, *, unused, dirty, caller, gfn)``: a faulted-in page released outside a fault's end.
     release_faultin: Callable
@@ -78,6 +80,9 @@ class KvmOps:
     #: arm64 ``kvm_vm_ioctl_mte_copy_tags()``: the page of one gfn, ``.get(kvm, gfn, write)`` and
     #: ``.put(kvm, token, dirty, gfn)`` (kvmsim.arm64.mte).
     mte_tag_page: object = None
+    #: An arch's own per-policy callables (a namespace the arch defines, e.g. PowerPC Book3S's
+    #: :class:`kvmsim.ppc.book3s.Book3sOps`); None for an arch that needs none.
+    arch_ops: object | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -97,7 +102,8 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
                   vsie_unpin_release=policy.vsie_unpin_release(),
                   fast_path_get_page=policy.fast_path_get_page,
-                  thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page)
+                  thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page,
+                  arch_ops=policy.arch_ops(arch))
 
 
 def get_policy(name: str) -> Policy:

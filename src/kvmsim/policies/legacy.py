@@ -69,7 +69,9 @@ class LegacyPolicy:
         mmu_lock"); LoongArch and MIPS in their folders (patch 65 "KVM: LoongArch: Mark "struct page" pfns
         dirty only in "slow" page fault path", patch 67 "KVM: LoongArch: Mark "struct page" pfn accessed
         before dropping mmu_lock", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page
-        fault path", patch 71 "KVM: MIPS: Mark "struct page" pfns accessed prior to dropping mmu_lock")."""
+        fault path", patch 71 "KVM: MIPS: Mark "struct page" pfns accessed prior to dropping mmu_lock"); Book3S PR accessed + dirty before taking
+        the lock and ``kvm_release_pfn_clean()`` after it (patch 63 "KVM: PPC: Book3S: Mark "struct page" pfns dirty/accessed after installing PTE");
+        Book3S HV / Radix release by themselves (:meth:`arch_ops`)."""
         if arch == "arm64":
             return None, user_mem_abort_v612_after_unlock, None
         if arch == "riscv":
@@ -80,6 +82,11 @@ class LegacyPolicy:
         if arch == "mips":              # patches 69, 71, 72 (kvmsim.mips.mmu)
             from kvmsim.mips.mmu import kvm_mips_map_page_v612_after_unlock, kvm_mips_map_page_v612_dirty_before_map
             return None, kvm_mips_map_page_v612_after_unlock, kvm_mips_map_page_v612_dirty_before_map
+        if arch in ("ppc-book3s-hv", "ppc-book3s-radix"):
+            return None, None, None        # set_page_dirty_lock() + put_page() after the unlock: arch_ops
+        if arch == "ppc-book3s-pr":
+            from kvmsim.ppc.book3s_pr import kvmppc_mmu_map_page_v612_marks
+            return None, release_pfn_clean_after_unlock, kvmppc_mmu_map_page_v612_marks
         return None, release_pfn_clean_after_unlock, None
 
     def fast_path_get_page(self, kvm, pfn, caller):
@@ -106,7 +113,9 @@ class LegacyPolicy:
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused, gfn=gfn)
 
     def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
-        """pfncache before patch 29 "KVM: pfncache: Precisely track refcounted pages": ``kvm_release_pfn_clean(pfn)`` on retry and on success."""
+        """pfncache before patch 29 "KVM: pfncache: Precisely track refcounted pages" (and Book3S PR on a
+        32-bit host before patch 64 "KVM: PPC: Use kvm_faultin_pfn() to handle page faults on Book3s PR"):
+        ``kvm_release_pfn_clean(pfn)`` on retry and on success."""
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused)
 
     def release_prefetched(self, kvm, pfn, caller):
@@ -141,6 +150,18 @@ class LegacyPolicy:
         "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"."""
         from kvmsim.s390.vsie import unpin_guest_page_release_v612
         return unpin_guest_page_release_v612
+
+    def arch_ops(self, arch):
+        """PowerPC Book3S v6.12: HV / Radix never put a PG_reserved page (patch 60 "KVM: PPC: Use
+        __kvm_faultin_pfn() to handle page faults on Book3s HV", patch 61 "KVM: PPC: Use __kvm_faultin_pfn()
+        to handle page faults on Book3s Radix"), dcbz patching leaks a reference and dirties nothing (patch
+        73 "KVM: PPC: Remove extra get_page() to fix page refcount leak", patch 74 "KVM: PPC: Use
+        kvm_vcpu_map() to map guest memory to patch dcbz instructions"), uvmem takes any pfn (patch 78
+        "KVM: PPC: Explicitly require struct page memory for Ultravisor sharing")."""
+        if arch.startswith("ppc-book3s-"):
+            from kvmsim.ppc.book3s_ops import BOOK3S_V612
+            return BOOK3S_V612
+        return None
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """x86 pushed A/D from SPTE bits to the pfn when zapping/modifying/aging (removed by patch 8

@@ -50,7 +50,11 @@ class SeriesPolicy:
         x86/mmu: Add helper to "finish" handling a guest page fault", arm64 patch 56 "KVM: arm64: Use
         __kvm_faultin_pfn() to handle memory aborts", RISC-V patch 59 "KVM: RISC-V: Use kvm_faultin_pfn()
         when mapping pfns into the guest", LoongArch patch 68 "KVM: LoongArch: Use kvm_faultin_pfn() to map pfns
-        into the guest", MIPS patch 72 "KVM: MIPS: Use kvm_faultin_pfn() to map pfns into the guest"."""
+        into the guest", MIPS patch 72 "KVM: MIPS: Use kvm_faultin_pfn() to map pfns into the guest", Book3S PR patch 64 "KVM: PPC: Use
+        kvm_faultin_pfn() to handle page faults on Book3s PR".  Book3S HV / Radix keep their own ``set_page_dirty_lock()`` + ``put_page()``
+        after the unlock, on the refcounted page (:meth:`arch_ops`)."""
+        if arch in ("ppc-book3s-hv", "ppc-book3s-radix"):
+            return None, None, None
         return release_faultin_page_locked, None, None
 
     def fast_path_get_page(self, kvm, pfn, caller):
@@ -72,7 +76,8 @@ class SeriesPolicy:
                                  hold=kfp.hold if kfp is not None else Hold.NONE, caller=caller, gfn=gfn)
 
     def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
-        """pfncache / APIC page: patch 29 "KVM: pfncache: Precisely track refcounted pages"."""
+        """pfncache / APIC page: patch 29 "KVM: pfncache: Precisely track refcounted pages"; Book3S PR on a
+        32-bit host: patch 64 "KVM: PPC: Use kvm_faultin_pfn() to handle page faults on Book3s PR"."""
         page = kfp.refcounted_page if kfp is not None else None
         if unused:
             kvm_release_page_unused(kvm, page, kfp.hold if kfp else Hold.NONE, caller)
@@ -109,6 +114,17 @@ class SeriesPolicy:
         page" memory": ``kvm_release_page_dirty(pfn_to_page(hpa >> PAGE_SHIFT))``."""
         from kvmsim.s390.vsie import unpin_guest_page_release_v613
         return unpin_guest_page_release_v613
+
+    def arch_ops(self, arch):
+        """PowerPC Book3S v6.13: HV / Radix put the refcounted page (patch 60 "KVM: PPC: Use
+        __kvm_faultin_pfn() to handle page faults on Book3s HV", patch 61 "KVM: PPC: Use __kvm_faultin_pfn()
+        to handle page faults on Book3s Radix"), dcbz patching maps with kvm_vcpu_map() (patch 74 "KVM:
+        PPC: Use kvm_vcpu_map() to map guest memory to patch dcbz instructions"), uvmem needs a struct page
+        (patch 78 "KVM: PPC: Explicitly require struct page memory for Ultravisor sharing")."""
+        if arch.startswith("ppc-book3s-"):
+            from kvmsim.ppc.book3s_ops import BOOK3S_V613
+            return BOOK3S_V613
+        return None
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young", patch 65 "KVM: LoongArch: Mark "struct page" pfns dirty only in "slow" page fault path", patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page fault path" and patch 70 "KVM: MIPS: Mark "struct page" pfns accessed only in "slow" page fault path": no struct page is touched from a stage-2 PTE's pfn."""

@@ -274,7 +274,8 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
       "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ()),
-      "mte": (c_bool, False)}
+      "mte": (c_bool, False),
+      "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit")}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:

@@ -50,6 +50,7 @@ from kvmsim.scenarios.host_ops import (  # noqa: F401
 )
 from kvmsim.scenarios.ops_s390 import S390_OP_ARGS, S390_OPS
 from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
+from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -109,6 +110,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "interleave": {"threads": (c_any, REQUIRED), "order": (c_strlist, REQUIRED)},
     **S390_OP_ARGS,
     **ARM64_OP_ARGS,
+    **PPC_BOOK3S_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -390,6 +392,7 @@ OPS: dict[str, Callable] = {
     "pfncache_check": op_pfncache_check, "age": op_age, "vm_destroy": op_vm_destroy, "interleave": op_interleave,
     **S390_OPS,
     **ARM64_OPS,
+    **PPC_BOOK3S_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 

@@ -60,7 +60,10 @@ def make_arch(kvm, name: str, **opts) -> ArchMmu:
     if name == "riscv":
         from kvmsim.riscv import RiscvMmu
         return RiscvMmu(kvm, **opts)
+    if name == "ppc-e500":
+        from kvmsim.ppc import E500Mmu
+        return E500Mmu(kvm, **opts)
     if name == "generic":
         from kvmsim.kvm.stage2 import GenericStage2
         return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, generic)")
+    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, ppc-e500, generic)")

@@ -9,6 +9,8 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``legacy``  - Linux v6.12 (:mod:`kvmsim.policies.legacy`)
 * ``series``  - Linux v6.13 (:mod:`kvmsim.policies.series`)
 * ``pre-5.13`` - Linux <= v5.12, before CVE-2021-22543 was fixed (:mod:`kvmsim.policies.pre513`)
+* ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
+  whose patch 54 passed a NULL ``writable`` (:mod:`kvmsim.policies.series_rc1`)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
+    def arch_faultin(self, arch: str) -> Callable | None: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,8 @@ class KvmOps:
     fault_release_bulk_caller: str
     spte_ad_lost: Callable
     spte_ad_lost_bulk: Callable
+    #: ``(kvm, mmu, fault) -> (pfn, kfp)`` in place of the template's ``__kvm_faultin_pfn()`` (PPC e500); None: the template's.
+    arch_faultin: Callable | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -73,7 +78,7 @@ def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
 
 def resolve(policy: Policy, arch: str) -> KvmOps:
     """The (policy × arch) choice, made once per VM.  ``arch`` is the MMU family: ``x86``, ``arm64``,
-    ``riscv`` or ``generic``."""
+    ``riscv``, ``ppc-e500`` or ``generic``."""
     locked, unlocked, before_map = policy.fault_release(arch)
     bulk_fn, bulk_under_lock, bulk_caller = policy.fault_release_bulk()
     return KvmOps(fault_release_locked=locked, fault_release_unlocked=unlocked, fault_dirty_before_map=before_map,
@@ -81,20 +86,22 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_locked=bulk_fn if bulk_under_lock else _no_bulk_release,
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
-                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk)
+                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
+                  arch_faultin=policy.arch_faultin(arch))
 
 
 def get_policy(name: str) -> Policy:
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
+    from kvmsim.policies.series_rc1 import SeriesRc1Policy
 
-    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy}
+    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy}
     try:
         return table[name]()
     except KeyError:
         raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(table)}") from None
 
 
-POLICY_NAMES = ("legacy", "series", "pre-5.13")
+POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1")
 DEFAULT_POLICY = "series"

@@ -56,12 +56,27 @@ class LegacyPolicy:
         "struct page" pfns accessed/dirty before dropping mmu_lock"); RISC-V dirty before the map (patch 57
         "KVM: RISC-V: Mark "struct page" pfns dirty iff a stage-2 PTE is installed") and accessed + release
         after the unlock (patch 58 "KVM: RISC-V: Mark "struct page" pfns accessed before dropping
-        mmu_lock")."""
+        mmu_lock"); PPC e500 ``kvmppc_e500_ref_setup()`` marks accessed and (guest-writable) dirty under
+        the lock and ``kvm_release_pfn_clean()`` follows the unlock (patch 52 "KVM: PPC: e500: Mark
+        "struct page" dirty in kvmppc_e500_shadow_map()", patch 53 "KVM: PPC: e500: Mark "struct page"
+        pfn accessed before dropping mmu_lock")."""
         if arch == "arm64":
             return None, user_mem_abort_v612_after_unlock, None
         if arch == "riscv":
             return None, gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_ref_setup_v612, kvmppc_e500_shadow_map_v612_after_unlock
+            return None, kvmppc_e500_shadow_map_v612_after_unlock, kvmppc_e500_ref_setup_v612
         return None, release_pfn_clean_after_unlock, None
+
+    def arch_faultin(self, arch):
+        """PPC e500's v6.12 pfn lookup: the TLB1 VM_PFNMAP bypass, else ``gfn_to_pfn_memslot()`` without
+        asking for the host's writability (replaced by patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn()
+        to handle page faults"); every other arch takes the template's."""
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin_v612
+            return kvmppc_e500_shadow_map_faultin_v612
+        return None
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases after unlocking, by ``kvm_release_pfn_clean()`` (patch 40 "KVM:

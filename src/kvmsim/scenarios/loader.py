@@ -42,7 +42,7 @@ from kvmsim.scenarios.validate import (
 from kvmsim.types import parse_size
 from kvmsim.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
-POLICIES = ("legacy", "series", "pre-5.13")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
 REQUIRED = object()
 MEM_FLAGS = {"log_dirty_pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}  # the names a scenario may use
 #: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).
@@ -266,7 +266,7 @@ def c_mutations(v: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "arm64", "riscv", "generic"), "x86"),
+VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "arm64", "riscv", "ppc-e500", "generic"), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),

@@ -168,7 +168,7 @@ class E500PageFault(KvmPageFault):
 def shadow_map_error_pfn(kvm):
     """``if (is_error_noslot_pfn(pfn)) { pr_err("%s: real page not found for gfn %lx\\n"); return -EINVAL; }``"""
     def handle(pfn: int) -> int:
-        kvm.journal.count("pr_err:real page not found")
+        kvm.journal.count("kvm_err:real page not found")
         return EINVAL
     return handle
 
@@ -207,7 +207,7 @@ class E500Mmu(GenericStage2):
         kvm = self.kvm
         vma, _, pte, level = kvm.mm.pte_of(fault.hva)               # find_linux_pte(pgdir, hva, NULL, &psize)
         if vma is not None and not pte & Pte.PRESENT:
-            kvm.journal.count("pr_err:pte not present")
+            kvm.journal.count("kvm_err:pte not present")
             fault.ret = EINVAL
             return EINVAL
         if fault.tsize is None:

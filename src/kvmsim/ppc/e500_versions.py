@@ -52,7 +52,7 @@ def kvmppc_e500_shadow_map_faultin_rc1(kvm, mmu, fault):
     bypass = mmu.kvmppc_e500_tlb1_pfnmap(fault)
     if bypass is not None:
         return bypass
-    kvm.journal.count("WARN_ON_ONCE:__kvm_faultin_pfn")
+    kvm.journal.count("WARN_ON:__kvm_faultin_pfn")
     return KVM_PFN_ERR_FAULT, KvmFollowPfn(fault.slot, fault.gfn, flags=FOLL.WRITE, caller="__kvm_faultin_pfn")
 
 

@@ -48,6 +48,7 @@ from kvmsim.scenarios.host_ops import (  # noqa: F401
     op_host_access,
     op_folio_referenced,
 )
+from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -105,6 +106,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "age": {**_RANGE, "how": (c_choice("clear_young", "clear_flush_young", "test_young"), "clear_young")},
     "vm_destroy": {},
     "interleave": {"threads": (c_any, REQUIRED), "order": (c_strlist, REQUIRED)},
+    **PPC_E500_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -384,13 +386,14 @@ OPS: dict[str, Callable] = {
     "release_page": op_release_page, "pfncache_activate": op_pfncache_activate,
     "pfncache_refresh": op_pfncache_refresh, "pfncache_write": op_pfncache_write,
     "pfncache_check": op_pfncache_check, "age": op_age, "vm_destroy": op_vm_destroy, "interleave": op_interleave,
+    **PPC_E500_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 
 
 #: Ops that run inside ``srcu_read_lock(&kvm->srcu)`` across their preemption points (a vCPU fault
 #: holds its memslot): KVM_SET_USER_MEMORY_REGION's ``synchronize_srcu_expedited()`` waits for them.
-SRCU_READERS = frozenset({"fault", "store"})
+SRCU_READERS = frozenset({"fault", "store", "tlbwe"})
 #: Ops that change the memslots and so wait for every SRCU reader (``kvm_swap_active_memslots()``).
 MEMSLOT_UPDATES = frozenset({"memslot_set", "memslot_delete", "memslot_move", "memslot_flags"})
 

@@ -204,7 +204,7 @@ def test_rc1_still_takes_the_tlb1_pfnmap_bypass():
     _, kvm, _, vcpu, _ = _pfnmap_vm("series-rc1")
     assert _tlbwe(kvm, vcpu, tlbsel=1, esel=0, gpa=0, tsize=4) == 0
     assert kvm.journal.counters["WARN_ON:__kvm_faultin_pfn"] == 0
-    assert kvm.journal.counters["kvmppc_e500_shadow_map:tlb1_pfnmap"] == 1
+    assert kvm.journal.counters["kvmppc_e500_tlb1_pfnmap"] == 1
     assert _marks(kvm) == {} and check_all(kvm) == []
 
 
@@ -217,7 +217,7 @@ def test_legacy_tlb1_pfnmap_puts_a_page_it_never_got():
     pfn = int(drv.pfns[0])
     before = host.phys.page_count(pfn)
     assert _tlbwe(kvm, vcpu, tlbsel=1, esel=0, gpa=0, tsize=4) == 0
-    assert kvm.journal.counters["kvmppc_e500_shadow_map:tlb1_pfnmap"] == 1
+    assert kvm.journal.counters["kvmppc_e500_tlb1_pfnmap"] == 1
     assert _facts(kvm, "release_without_acquire")[0].pfn == pfn
     assert host.phys.page_count(pfn) == before - 1
     assert {x.detail for x in _inv(kvm, "INV-1")} >= {"kvm_release_pfn_clean: KVM releases (get) a page it holds no reference on"}
@@ -229,7 +229,7 @@ def test_series_maps_pfnmap_through_faultin_without_a_reference():
     host, kvm, vma, vcpu, drv = _pfnmap_vm("series")
     before = host.phys.page_count(int(drv.pfns[0]))
     assert _tlbwe(kvm, vcpu, tlbsel=1, esel=0, gpa=0, tsize=4) == 0
-    assert kvm.journal.counters["kvmppc_e500_shadow_map:tlb1_pfnmap"] == 0
+    assert kvm.journal.counters["kvmppc_e500_tlb1_pfnmap"] == 0
     assert host.phys.page_count(int(drv.pfns[0])) == before and _marks(kvm) == {}
     assert check_all(kvm) == [] and vcpu.write(0, 3).ok
 

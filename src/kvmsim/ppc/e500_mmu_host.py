@@ -258,7 +258,7 @@ class E500Mmu(GenericStage2):
             fault.tsize, pfn = tsize_fit(fault.gtlbe.tsize, gfn, pfn, lo, hi)
             kfp = KvmFollowPfn(slot, gfn, flags=FOLL.WRITE, hva=fault.hva, caller="kvmppc_e500_shadow_map")
             kfp.remapped, kfp.map_writable = True, True     # host permissions ignored
-            self.kvm.journal.count("kvmppc_e500_shadow_map:tlb1_pfnmap")
+            self.kvm.journal.count("kvmppc_e500_tlb1_pfnmap")
             return pfn, kfp
         if vma is not None and vma.flags & VM.HUGETLB:
             tsize = min(vma.page_size.bit_length() - 1 - 10, fault.gtlbe.tsize)
@@ -331,7 +331,7 @@ class E500Mmu(GenericStage2):
         maps the faulting page (``kvmppc_e500_tlb1_map()``).  The kernel ignores the result; the model
         returns the shadow map's."""
         if gtlbe.tlbsel == 0 and gtlbe.ref.flags & E500_TLB.VALID:
-            self.kvm.journal.count("kvmppc_mmu_map:ref_valid")
+            self.kvm.journal.count("kvmppc_mmu_map_ref_valid")
             yield "kvmppc_mmu_map: shadow reference still valid"
             return 0
         if gtlbe.tlbsel == 0:
@@ -363,11 +363,11 @@ class E500Mmu(GenericStage2):
         mask = (1 << (size + 10)) - 1
         gtlbe = Gtlbe(tlbsel, esel, eaddr & ~mask, raddr & ~mask, size, MAS3(mas3))
         self.gtlb[(tlbsel, esel)] = gtlbe
-        self.kvm.journal.count(f"tlbwe:tlb{tlbsel}")
+        self.kvm.journal.count("tlbwe")
         if not self.tlbe_is_host_safe(gtlbe):
             yield "kvmppc_e500_emul_tlbwe: not RAM, no premap"
             return 0
-        r = yield from self.kvmppc_mmu_map.steps(vcpu, gtlbe, raddr)
+        r = yield from self.kvmppc_mmu_map.steps(vcpu, gtlbe, gtlbe.raddr)   # get_tlb_raddr(gtlbe)
         return r
 
     def kvmppc_e500_tlb_search(self, gpa: int) -> Gtlbe | None:
@@ -399,7 +399,7 @@ class E500Mmu(GenericStage2):
         else:
             r = yield from self.kvmppc_mmu_map.steps(vcpu, gtlbe, gpa)
         if r or (write and not self._leaf_allows(vcpu, slot, (gpa >> PAGE_SHIFT) - slot.base_gfn, True)):
-            kvm.journal.count("fault_retry" if r == EAGAIN else "kvmppc_mmu_map:no_shadow")
+            kvm.journal.count("fault_retry" if r == EAGAIN else "kvmppc_mmu_map_no_shadow")
             return FaultRet.RETRY
         return FaultRet.FIXED
 

@@ -35,6 +35,7 @@ MODEL_COUNTERS = frozenset({
     "spte_relax_perms", "access_flag_fault", "io_mem_abort", "prefetch", "split", "recover",
     "zap_collapsible", "mmu_zap_all_fast", "range_access_exit", "inv11", "emulated_mmio_fallback",
     "kvm_riscv_vcpu_mmio_store", "kvm_riscv_vcpu_mmio_load", "tlb_flush", "lockdep_warnings",
+    "tlbwe", "guest_dsi", "kvmppc_e500_tlb1_pfnmap", "kvmppc_mmu_map_no_shadow", "kvmppc_mmu_map_ref_valid",  # ppc/
     # generic KVM (kvm/)
     "hva_to_pfn", "kvm_vcpu_map", "host_map_access", "gpc_invalidate", "gpc_refresh", "gpc_refresh_kept",
     "gpc_refresh_error", "gpc_refresh_retry", "mark_page_dirty_in_slot", "get_dirty_log", "clear_dirty_log",

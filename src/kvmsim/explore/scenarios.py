@@ -50,7 +50,7 @@ class Scenario:
     setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
-    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv")
+    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv", "ppc-e500")
     arch: str = "generic"
 
     def build(self, policy: str, mutations) -> World:
@@ -192,6 +192,16 @@ def _writeback_and_reclaim(w: World) -> None:
             break
 
 
+def _tlbwe_vs_truncate(policy, mutations, arch) -> World:
+    """PPC e500: a guest ``tlbwe`` premaps a file page (``kvmppc_e500_shadow_map()``) while it is truncated."""
+    from kvmsim.ppc.e500_mmu_host import BOOK3E_PAGESZ_4K, MAS3_ALL
+    w = _world(policy, mutations, arch, VmaKind.FILE)
+    writeback_folio(w.host.mm, _file_page(w, 1))
+    w.threads = {"vcpu0": w.kvm.arch.kvmppc_e500_emul_tlbwe.steps(w.vcpu, 0, 0, GPA, GPA, BOOK3E_PAGESZ_4K, MAS3_ALL),
+                 "host": truncate_page.steps(w.host.mm, w.vma, w.vma.pgoff)}
+    return w
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fault-vs-munmap", "vCPU write fault on anon memory races munmap of that memory",
              _fault_vs_munmap, _invs("INV-5", "INV-6")),
@@ -210,4 +220,6 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              _lost_dirty_bit,
              lambda v: v.invariant == "INV-4" and v.objects.get("caller") == "shrink_folio_list",
              _writeback_and_reclaim, arches=("generic",)),
+    Scenario("tlbwe-vs-truncate", "e500 tlbwe premap races truncate: v6.12 ages the retried, unused page after unlock",
+             _tlbwe_vs_truncate, _invs("INV-5", "INV-7"), arches=("ppc-e500",), arch="ppc-e500"),
 )}

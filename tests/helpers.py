@@ -28,6 +28,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "ppc-book3s-hv": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
     "ppc-book3s-radix": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
     "ppc-book3s-pr": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
+    "ppc-e500": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
 }
 
 _UNSET: Any = object()

@@ -1,5 +1,5 @@
 """Shared Hypothesis strategies: well-formed kvmsim scenarios over every op, VMA kind, driver class,
-arch (x86 TDP and shadow, arm64, RISC-V, generic) and policy, interleaves included.
+arch (x86 TDP and shadow, arm64, RISC-V, PPC e500, generic) and policy, interleaves included.
 
 :func:`scenario_docs` draws a scenario document (the dict a TOML file parses to) whose names all
 refer to things the scenario defines: VMAs, drivers, memslots, vCPUs, and the ``map`` / ``page`` /
@@ -21,10 +21,10 @@ from kvmsim.backend.base import MappingKind
 from kvmsim.mm.vma import VmaKind
 
 PAGE = 4096
-POLICIES = ("legacy", "series", "pre-5.13")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
 ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"),
           ("loongarch", "tdp"), ("mips", "tdp"),
-          ("ppc-book3s-hv", "tdp"), ("ppc-book3s-radix", "tdp"), ("ppc-book3s-pr", "tdp"))
+          ("ppc-book3s-hv", "tdp"), ("ppc-book3s-radix", "tdp"), ("ppc-book3s-pr", "tdp"), ("ppc-e500", "tdp"))
 PFN_CLASSES = ("normal", "zero", "zone_device", "reserved", "nonrefcounted", "driver_refcounted", "no_page")
 FILE_KINDS = ("anon_shared", "memfd", "file", "hugetlb")        # VMAs with a file mapping
 SLOT_STRIDE = 1 << 30                                            # memslot i lives at i GiB
@@ -155,7 +155,7 @@ def _vcpu(draw, w: _World) -> dict:
     return {"vcpu": draw(st.integers(0, w.vcpus - 1))} if w.vcpus > 1 and draw(st.booleans()) else {}
 
 
-GUEST_OPS = ("read", "write", "fault", "store", "zap")
+GUEST_OPS = ("read", "write", "fault", "store", "zap", "tlbwe")
 HOST_OPS = ("munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "reclaim", "migrate", "thp_split",
             "thp_collapse", "truncate", "punch_hole", "driver_teardown", "host_write", "host_read", "folio_referenced",
             "age")
@@ -192,6 +192,13 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"gpa": _gpa(draw, w), "value": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     if op == "zap":
         return {"gpa": _gpa(draw, w)}
+    if op == "tlbwe":                                   # an e500 guest TLB write (an error on other arches)
+        a = {"tlb": draw(st.integers(0, 1)), "esel": draw(st.integers(0, 3)), "gpa": _gpa(draw, w), **_vcpu(draw, w)}
+        if draw(st.booleans()):
+            a["size"] = draw(st.sampled_from([PAGE, 4 * PAGE, 16 * PAGE, 1 << 20, 3 * PAGE]))
+        if draw(st.booleans()):
+            a["mas3"] = draw(st.lists(st.sampled_from(["SR", "SW", "SX", "UR", "UW", "UX"]), unique=True, max_size=6))
+        return a
     if op in ("munmap", "reclaim"):
         return _vma_range(draw, w, draw(st.sampled_from(vma_names)))
     if op == "mprotect":

@@ -58,6 +58,7 @@ ARCH_PROFILES: dict[str, tuple[str, str]] = {
     "ppc-book3s-hv": ("kvmsim.ppc", "Book3sHvMmu"),
     "ppc-book3s-radix": ("kvmsim.ppc", "Book3sRadixMmu"),
     "ppc-book3s-pr": ("kvmsim.ppc", "Book3sPrMmu"),
+    "ppc-e500": ("kvmsim.ppc", "E500Mmu"),
     "generic": ("kvmsim.kvm.stage2", "GenericStage2"),
 }
 ARCH_NAMES = tuple(ARCH_PROFILES)

@@ -24,6 +24,11 @@ supplies the hooks (class attributes and methods of its MMU):
   page itself), and ``fault_before_lock(fault)``, what the arch does between the faultin and taking
   ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``).
 
+One resolved hook replaces the generic pfn lookup where the lookup itself is a protocol difference:
+``kvm.ops.arch_faultin(kvm, mmu, fault) -> (pfn, kfp)`` (None on every arch but PPC e500, whose
+``kvmppc_e500_shadow_map()`` bypassed ``__kvm_faultin_pfn()`` for TLB1 over VM_PFNMAP in v6.12 and
+v6.13-rc1, and called it with a NULL ``writable`` in v6.13-rc1).
+
 The legacy / series difference is not here: the VM's ``kvm.ops`` (:func:`kvmsim.policies.resolve`,
 one set of callables per policy × architecture) releases under the lock, after it, or marks the page
 before mapping (a hook that is None does nothing at its point).
@@ -183,7 +188,10 @@ def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
-    if nowait:
+    arch_faultin = kvm.ops.arch_faultin
+    if arch_faultin is not None:           # PPC e500: the pfn lookup itself differs per protocol
+        pfn, kfp = arch_faultin(kvm, mmu, fault)
+    elif nowait:
         pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_NOWAIT[write], caller="kvm_faultin_pfn")
         if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
             pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_INTERRUPTIBLE[write], caller="kvm_faultin_pfn")

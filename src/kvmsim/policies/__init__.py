@@ -9,6 +9,8 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``legacy``  - Linux v6.12 (:mod:`kvmsim.policies.legacy`)
 * ``series``  - Linux v6.13 (:mod:`kvmsim.policies.series`)
 * ``pre-5.13`` - Linux <= v5.12, before CVE-2021-22543 was fixed (:mod:`kvmsim.policies.pre513`)
+* ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
+  whose patch 54 passed a NULL ``writable`` (:mod:`kvmsim.policies.series_rc1`)
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Policy(Protocol):
     def vsie_unpin_release(self) -> Callable: ...
     def fast_path_get_page(self, kvm, pfn: int, caller: str) -> int | None: ...
     def arch_ops(self, arch: str) -> object | None: ...
+    def arch_faultin(self, arch: str) -> Callable | None: ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,8 @@ class KvmOps:
     #: An arch's own per-policy callables (a namespace the arch defines, e.g. PowerPC Book3S's
     #: :class:`kvmsim.ppc.book3s.Book3sOps`); None for an arch that needs none.
     arch_ops: object | None = None
+    #: ``(kvm, mmu, fault) -> (pfn, kfp)`` in place of the template's ``__kvm_faultin_pfn()`` (PPC e500); None: the template's.
+    arch_faultin: Callable | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -91,7 +96,7 @@ def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
 
 def resolve(policy: Policy, arch: str) -> KvmOps:
     """The (policy × arch) choice, made once per VM.  ``arch`` is the MMU family: ``x86``, ``arm64``,
-    ``riscv``, ``loongarch``, ``mips`` or ``generic``."""
+    ``riscv``, ``loongarch``, ``mips``, ``s390``, ``ppc-*`` or ``generic``."""
     locked, unlocked, before_map = policy.fault_release(arch)
     bulk_fn, bulk_under_lock, bulk_caller = policy.fault_release_bulk()
     return KvmOps(fault_release_locked=locked, fault_release_unlocked=unlocked, fault_dirty_before_map=before_map,
@@ -103,20 +108,22 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   vsie_unpin_release=policy.vsie_unpin_release(),
                   fast_path_get_page=policy.fast_path_get_page,
                   thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page,
-                  arch_ops=policy.arch_ops(arch))
+                  arch_ops=policy.arch_ops(arch),
+                  arch_faultin=policy.arch_faultin(arch))
 
 
 def get_policy(name: str) -> Policy:
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
+    from kvmsim.policies.series_rc1 import SeriesRc1Policy
 
-    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy}
+    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy}
     try:
         return table[name]()
     except KeyError:
         raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(table)}") from None
 
 
-POLICY_NAMES = ("legacy", "series", "pre-5.13")
+POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1")
 DEFAULT_POLICY = "series"

@@ -71,7 +71,11 @@ class LegacyPolicy:
         before dropping mmu_lock", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page
         fault path", patch 71 "KVM: MIPS: Mark "struct page" pfns accessed prior to dropping mmu_lock"); Book3S PR accessed + dirty before taking
         the lock and ``kvm_release_pfn_clean()`` after it (patch 63 "KVM: PPC: Book3S: Mark "struct page" pfns dirty/accessed after installing PTE");
-        Book3S HV / Radix release by themselves (:meth:`arch_ops`)."""
+        Book3S HV / Radix release by themselves (:meth:`arch_ops`);
+        PPC e500 ``kvmppc_e500_ref_setup()`` marks accessed and (guest-writable) dirty under
+        the lock and ``kvm_release_pfn_clean()`` follows the unlock (patch 52 "KVM: PPC: e500: Mark
+        "struct page" dirty in kvmppc_e500_shadow_map()", patch 53 "KVM: PPC: e500: Mark "struct page"
+        pfn accessed before dropping mmu_lock")."""
         if arch == "arm64":
             return None, user_mem_abort_v612_after_unlock, None
         if arch == "riscv":
@@ -87,6 +91,9 @@ class LegacyPolicy:
         if arch == "ppc-book3s-pr":
             from kvmsim.ppc.book3s_pr import kvmppc_mmu_map_page_v612_marks
             return None, release_pfn_clean_after_unlock, kvmppc_mmu_map_page_v612_marks
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_ref_setup_v612, kvmppc_e500_shadow_map_v612_after_unlock
+            return None, kvmppc_e500_shadow_map_v612_after_unlock, kvmppc_e500_ref_setup_v612
         return None, release_pfn_clean_after_unlock, None
 
     def fast_path_get_page(self, kvm, pfn, caller):
@@ -95,6 +102,15 @@ class LegacyPolicy:
         page fault path")."""
         from kvmsim.loongarch.mmu import kvm_map_page_fast_v612_get_page
         return kvm_map_page_fast_v612_get_page(kvm, pfn, caller)
+
+    def arch_faultin(self, arch):
+        """PPC e500's v6.12 pfn lookup: the TLB1 VM_PFNMAP bypass, else ``gfn_to_pfn_memslot()`` without
+        asking for the host's writability (replaced by patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn()
+        to handle page faults"); every other arch takes the template's."""
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin_v612
+            return kvmppc_e500_shadow_map_faultin_v612
+        return None
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases after unlocking, by ``kvm_release_pfn_clean()`` (patch 40 "KVM:

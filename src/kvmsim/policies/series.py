@@ -62,6 +62,15 @@ class SeriesPolicy:
         path takes no reference."""
         return None
 
+    def arch_faultin(self, arch):
+        """PPC e500's v6.13 pfn lookup: ``__kvm_faultin_pfn(slot, gfn, FOLL_WRITE, &writable, &page)`` for
+        every guest entry (patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" with
+        the v6.13-rc7 fixes 03b755b2aa48 and 55f4db79c4d9); every other arch takes the template's."""
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin
+            return kvmppc_e500_shadow_map_faultin
+        return None
+
     def fault_release_bulk(self):
         """The x86 bulk fault releases under ``mmu_lock`` (patch 40 "KVM: x86/mmu: Add helper to "finish"
         handling a guest page fault")."""

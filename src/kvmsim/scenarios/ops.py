@@ -51,6 +51,7 @@ from kvmsim.scenarios.host_ops import (  # noqa: F401
 from kvmsim.scenarios.ops_s390 import S390_OP_ARGS, S390_OPS
 from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
 from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
+from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -111,6 +112,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     **S390_OP_ARGS,
     **ARM64_OP_ARGS,
     **PPC_BOOK3S_OP_ARGS,
+    **PPC_E500_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -393,13 +395,14 @@ OPS: dict[str, Callable] = {
     **S390_OPS,
     **ARM64_OPS,
     **PPC_BOOK3S_OPS,
+    **PPC_E500_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 
 
 #: Ops that run inside ``srcu_read_lock(&kvm->srcu)`` across their preemption points (a vCPU fault
 #: holds its memslot): KVM_SET_USER_MEMORY_REGION's ``synchronize_srcu_expedited()`` waits for them.
-SRCU_READERS = frozenset({"fault", "store"})
+SRCU_READERS = frozenset({"fault", "store", "tlbwe"})
 #: Ops that change the memslots and so wait for every SRCU reader (``kvm_swap_active_memslots()``).
 MEMSLOT_UPDATES = frozenset({"memslot_set", "memslot_delete", "memslot_move", "memslot_flags"})
 

@@ -41,6 +41,7 @@ MODEL_COUNTERS = frozenset({
     "stage2_block_pmd", "stage2_block_pud", "thp_adjust", "gstage_block_pmd", "gstage_block_pud",
     "gstage_block_fault", "kvm_vm_ioctl_mte_copy_tags", "mte_clear_page_tags", "mte_copy_tags_to_user",
     "mte_copy_tags_from_user",
+    "tlbwe", "guest_dsi", "kvmppc_e500_tlb1_pfnmap", "kvmppc_mmu_map_no_shadow", "kvmppc_mmu_map_ref_valid",  # ppc/
     # generic KVM (kvm/)
     "hva_to_pfn", "kvm_vcpu_map", "host_map_access", "gpc_invalidate", "gpc_refresh", "gpc_refresh_kept",
     "gpc_refresh_error", "gpc_refresh_retry", "mark_page_dirty_in_slot", "get_dirty_log", "clear_dirty_log",

@@ -98,9 +98,9 @@ def test_series_releases_the_faulted_in_page_under_the_lock_without_a_transfer()
 
 def test_the_thp_transfer_is_the_resolved_v612_hook_and_absent_in_v613():
     """A guard against an arch silently taking the other policy's path."""
-    assert make_vm("legacy", arch="arm64", size=0).kvm.ops.thp_adjust_refcount is \
+    assert make_vm("legacy", arch="arm64", size=0).kvm.ops.arch_ops.thp_adjust_refcount is \
         transparent_hugepage_adjust_v612_transfer
-    assert make_vm("series", arch="arm64", size=0).kvm.ops.thp_adjust_refcount is None
+    assert make_vm("series", arch="arm64", size=0).kvm.ops.arch_ops.thp_adjust_refcount is None
 
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])

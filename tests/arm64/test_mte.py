@@ -85,8 +85,8 @@ def test_series_gfn_to_page_is_null_for_pfnmap_so_the_ioctl_is_efault(pfn_class)
 
 def test_the_tag_page_is_the_resolved_per_policy_choice():
     """A guard against the arch taking the other policy's path."""
-    assert make_vm("legacy", arch="arm64", size=0).kvm.ops.mte_tag_page is MteTagPageV612
-    assert make_vm("series", arch="arm64", size=0).kvm.ops.mte_tag_page is MteTagPageV613
+    assert make_vm("legacy", arch="arm64", size=0).kvm.ops.arch_ops.mte_tag_page is MteTagPageV612
+    assert make_vm("series", arch="arm64", size=0).kvm.ops.arch_ops.mte_tag_page is MteTagPageV613
 
 
 # ---- both versions on ordinary memory --------------------------------------------------------------------

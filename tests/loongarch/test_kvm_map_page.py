@@ -87,9 +87,9 @@ def test_legacy_resolves_the_v612_loongarch_release_and_the_series_the_common_on
     assert legacy.fault_release_unlocked is kvm_map_page_v612_after_unlock and legacy.fault_release_locked is None
     assert series.fault_release_locked is release_faultin_page_locked and series.fault_release_unlocked is None
     assert legacy.fault_dirty_before_map is None and series.fault_dirty_before_map is None
-    _, kvm, _, _ = make_vm("series", arch="loongarch")
-    assert series.fast_path_get_page(kvm, 1, "x") is None
-    assert LegacyPolicy.fast_path_get_page.__doc__ and "kvm_map_page_fast" in LegacyPolicy.fast_path_get_page.__doc__
+    from kvmsim.loongarch.mmu import kvm_map_page_fast_v612_get_page
+    assert series.arch_ops.fast_path_get_page is None
+    assert legacy.arch_ops.fast_path_get_page is kvm_map_page_fast_v612_get_page
 
 
 # ---- slow path (patches 65, 67, 68) --------------------------------------------------------------------------

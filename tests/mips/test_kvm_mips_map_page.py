@@ -300,8 +300,9 @@ def test_every_resolved_hook_cites_its_patch(arch):
     titles = _titles()
     for policy in (LegacyPolicy(), SeriesPolicy()):
         ops = resolve(policy, arch)
+        arch_hooks = [getattr(ops.arch_ops, f) for f in vars(ops.arch_ops)] if ops.arch_ops is not None else []
         for hook in (ops.fault_release_locked, ops.fault_release_unlocked, ops.fault_dirty_before_map,
-                     ops.fast_path_get_page, ops.spte_ad_lost):
+                     ops.spte_ad_lost, *arch_hooks):
             if hook is None:
                 continue
             cited = citations(hook.__doc__ or "")

@@ -33,22 +33,26 @@ def test_every_resolved_book3s_callable_cites_its_patch(policy, arch):
 
 def test_the_other_arches_resolve_no_arch_ops_and_keep_their_releases():
     for policy in (LegacyPolicy(), SeriesPolicy()):
-        for arch in ("x86", "arm64", "riscv", "generic"):
+        for arch in ("x86", "riscv", "generic", "mips"):
             assert resolve(policy, arch).arch_ops is None
     assert resolve(LegacyPolicy(), "x86").fault_release_unlocked is template.release_pfn_clean_after_unlock
     assert resolve(SeriesPolicy(), "arm64").fault_release_locked is template.release_faultin_page_locked
 
 
-def test_the_optional_template_hooks_exist_only_on_book3s_pr():
-    """``fault_faultin`` / ``fault_before_lock`` are read with a default: x86, arm64 and RISC-V do not
-    define them, so their faults run exactly the generic faultin and take the lock straight away."""
+def test_the_optional_template_hooks_are_set_only_where_the_kernel_differs():
+    """``fault_pfn_lookup`` / ``fault_before_lock`` are None on x86, arm64, RISC-V, LoongArch, MIPS and
+    Book3S HV / Radix, so their faults run exactly the generic faultin and take the lock straight away;
+    Book3S PR (``kvmppc_gpa_to_pfn()``, the HPTE cache) and e500 (the resolved lookup) set them."""
     from kvmsim.arm64 import Arm64Mmu
-    from kvmsim.ppc import Book3sHvMmu, Book3sPrMmu, Book3sRadixMmu
+    from kvmsim.loongarch import LoongArchMmu
+    from kvmsim.mips import MipsMmu
+    from kvmsim.ppc import Book3sHvMmu, Book3sPrMmu, Book3sRadixMmu, E500Mmu
     from kvmsim.riscv import RiscvMmu
     from kvmsim.x86.mmu import X86Mmu
-    for cls in (X86Mmu, Arm64Mmu, RiscvMmu, Book3sHvMmu, Book3sRadixMmu):
-        assert not hasattr(cls, "fault_faultin") and not hasattr(cls, "fault_before_lock"), cls
-    assert callable(Book3sPrMmu.fault_faultin) and callable(Book3sPrMmu.fault_before_lock)
+    for cls in (X86Mmu, Arm64Mmu, RiscvMmu, LoongArchMmu, MipsMmu, Book3sHvMmu, Book3sRadixMmu):
+        assert cls.fault_pfn_lookup is None and cls.fault_before_lock is None, cls
+    assert callable(Book3sPrMmu.fault_pfn_lookup) and callable(Book3sPrMmu.fault_before_lock)
+    assert callable(E500Mmu.fault_pfn_lookup) and E500Mmu.fault_before_lock is None
 
 
 @pytest.mark.parametrize("name,fn", [("ppc-book3s-hv-zero-page-leak", "kvmppc_book3s_hv_page_fault"),

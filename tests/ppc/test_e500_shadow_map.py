@@ -69,12 +69,12 @@ def test_each_protocol_resolves_its_own_e500_lookup_and_release():
     and rc1 release is the same kvm_release_faultin_page() under the lock."""
     from kvmsim.kvm.fault import release_faultin_page_locked
     ops = {p: resolve(get_policy(p), "ppc-e500") for p in ("legacy", "series-rc1", "series")}
-    assert ops["legacy"].arch_faultin is v.kvmppc_e500_shadow_map_faultin_v612
+    assert ops["legacy"].arch_ops.faultin is v.kvmppc_e500_shadow_map_faultin_v612
     assert ops["legacy"].fault_release_unlocked is v.kvmppc_e500_shadow_map_v612_after_unlock
     assert ops["legacy"].fault_dirty_before_map is v.kvmppc_e500_ref_setup_v612
     assert ops["legacy"].fault_release_locked is None
-    assert ops["series-rc1"].arch_faultin is v.kvmppc_e500_shadow_map_faultin_rc1
-    assert ops["series"].arch_faultin is v.kvmppc_e500_shadow_map_faultin
+    assert ops["series-rc1"].arch_ops.faultin is v.kvmppc_e500_shadow_map_faultin_rc1
+    assert ops["series"].arch_ops.faultin is v.kvmppc_e500_shadow_map_faultin
     for p in ("series-rc1", "series"):
         assert ops[p].fault_release_locked is release_faultin_page_locked
         assert ops[p].fault_release_unlocked is None and ops[p].fault_dirty_before_map is None
@@ -83,7 +83,7 @@ def test_each_protocol_resolves_its_own_e500_lookup_and_release():
 @pytest.mark.parametrize("arch", ["x86", "arm64", "riscv", "generic"])
 def test_series_rc1_is_the_series_on_every_other_arch(arch):
     a, b = resolve(get_policy("series-rc1"), arch), resolve(get_policy("series"), arch)
-    assert a.arch_faultin is None and b.arch_faultin is None
+    assert a.arch_ops is b.arch_ops
     assert (a.fault_release_locked, a.fault_release_unlocked, a.fault_dirty_before_map) == \
         (b.fault_release_locked, b.fault_release_unlocked, b.fault_dirty_before_map)
 
@@ -252,14 +252,14 @@ def test_series_maps_read_only_when_the_host_pte_is_not_writable():
     and ``writable = tlbe_is_writable(stlbe)`` is the release's dirty witness.  Reached here by a
     lookup that reports a read-only page (FOLL_WRITE makes that impossible through GUP)."""
     _, kvm, _, vcpu = make_vm("series", arch="ppc-e500")
-    real = kvm.ops.arch_faultin
+    real = kvm.ops.arch_ops.faultin
 
     def read_only(kvm_, mmu, fault):
         pfn, kfp = real(kvm_, mmu, fault)
         kfp.map_writable = False
         return pfn, kfp
     import dataclasses
-    kvm.ops = dataclasses.replace(kvm.ops, arch_faultin=read_only)
+    kvm.ops = dataclasses.replace(kvm.ops, arch_ops=dataclasses.replace(kvm.ops.arch_ops, faultin=read_only))
     assert _tlbwe(kvm, vcpu) == 0
     assert kvm.journal.counters["set_dirty:kvm_release_faultin_page"] == 0
     g = kvm.arch.gtlb[(0, 0)]

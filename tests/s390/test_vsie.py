@@ -78,7 +78,7 @@ def invariants(kvm) -> set[str]:
 
 def test_s390_is_an_arch_with_no_kvm_leaves_and_listed_in_the_error():
     host, kvm, _, _ = s390_vm("series", None)
-    assert isinstance(kvm.arch, S390Gmap) and kvm.ops.vsie_unpin_release is unpin_guest_page_release_v613
+    assert isinstance(kvm.arch, S390Gmap) and kvm.ops.arch_ops.unpin_guest_page_release is unpin_guest_page_release_v613
     assert list(kvm.arch.leaves()) == []
     with pytest.raises(UsageError, match="s390"):
         make_arch(kvm, "sparc")
@@ -224,7 +224,7 @@ def test_unpin_release_path_is_the_policys_and_the_effect_the_same(policy, calle
     satellites), each dirtied, aged, put and logged the same way in both; only the path differs."""
     host, kvm, vcpu, _ = s390_vm(policy, None)
     want = unpin_guest_page_release_v613 if policy == "series" else unpin_guest_page_release_v612
-    assert kvm.ops.vsie_unpin_release is want
+    assert kvm.ops.arch_ops.unpin_guest_page_release is want
     r = vsie(vcpu, 0x2000, sca=0x3000, itdba=0x4000, gvrd=0x5000, riccbd=0x6000, sdnxo=0x7006)
     assert r.outcome == VsieOutcome.RAN
     pinned = [f.pfn for f in kvm_facts(kvm, "gfn_to_page")]

@@ -40,7 +40,7 @@ Where the two versions differ (checked against the v13 series mails):
   56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts" dropped the transfer: only
   ``fault->pfn`` moves to the head, and ``kvm_release_faultin_page()`` releases the page
   ``__kvm_faultin_pfn()`` returned (the tail, whose folio is the same).  The resolved hook is
-  ``kvm.ops.thp_adjust_refcount`` (:func:`transparent_hugepage_adjust_v612_transfer`).
+  ``kvm.ops.arch_ops.thp_adjust_refcount`` (:func:`transparent_hugepage_adjust_v612_transfer`).
 
 The v6.12 order is an INV-3 violation (kvm-semantics.md §3, locking.rst form)::
 
@@ -275,7 +275,7 @@ class Arm64Mmu(GenericStage2):
         """Mirrors ``transparent_hugepage_adjust()`` (v6.12 and v6.13): if a PMD block fits the memslot
         here and the host maps the hva with at least a PMD (``get_user_mapping_size()``; a negative
         size is returned as the error), align the IPA and the pfn down to the PMD and return PMD_SIZE.
-        v6.12's refcount transfer to the head page is the resolved ``kvm.ops.thp_adjust_refcount``."""
+        v6.12's refcount transfer to the head page is the resolved ``kvm.ops.arch_ops.thp_adjust_refcount``."""
         if not fault_supports_stage2_huge_mapping(fault.slot, fault.hva, PMD_SIZE):
             return PAGE_SIZE
         sz = get_user_mapping_size(self.kvm, fault.hva)
@@ -285,7 +285,7 @@ class Arm64Mmu(GenericStage2):
             return PAGE_SIZE
         fault.map_gfn = fault.gfn & ~(_PTRS_PER_PMD - 1)
         head = fault.pfn & ~(_PTRS_PER_PMD - 1)
-        transfer = self.kvm.ops.thp_adjust_refcount
+        transfer = self.kvm.ops.arch_ops.thp_adjust_refcount
         if transfer is not None:
             transfer(self.kvm, fault, head)
         fault.pfn = head

@@ -8,7 +8,7 @@ mapping and (on the v6.12 host) hugetlbfs are not.
 
 ``kvm_vm_ioctl_mte_copy_tags()`` is one loop in both versions; what differs is how it gets the page
 of each gfn and how it lets it go, patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags
-to/from userspace" (the resolved ``kvm.ops.mte_tag_page``):
+to/from userspace" (the resolved ``kvm.ops.arch_ops.mte_tag_page``):
 
 * v6.12 (:class:`MteTagPageV612`): ``gfn_to_pfn_prot(kvm, gfn, write, NULL)``, then
   ``pfn_to_online_page(pfn)``.  A VM_PFNMAP / VM_IO pfn of online RAM passes: its tags are read or
@@ -137,7 +137,7 @@ class MteTagPageV613:
 
 def kvm_vm_ioctl_mte_copy_tags(kvm, guest_ipa: int, length: int, flags: int, tag: int = 0) -> tuple[int, list]:
     """Mirrors ``kvm_vm_ioctl_mte_copy_tags()`` (arch/arm64/kvm/guest.c, v6.12 and v6.13; the page of
-    each gfn is ``kvm.ops.mte_tag_page``, module docstring).
+    each gfn is ``kvm.ops.arch_ops.mte_tag_page``, module docstring).
 
     To the guest (``flags`` 0) every page's tags become ``tag``; from the guest (KVM_ARM_TAGS_FROM_GUEST)
     the tags are read (0 for a page that is not PG_mte_tagged).  Returns (bytes of guest memory
@@ -156,7 +156,7 @@ def kvm_vm_ioctl_mte_copy_tags(kvm, guest_ipa: int, length: int, flags: int, tag
     if write and any(s.dirty_bitmap is not None for slots in kvm.memslots for s in slots):
         raise ModelError(errno.EBUSY, "KVM_ARM_MTE_COPY_TAGS: a memslot logs dirty pages "
                                       "(kvm->nr_memslots_dirty_logging)")
-    ops = kvm.ops.mte_tag_page
+    ops = kvm.ops.arch_ops.mte_tag_page
     tags = kvm.arch.mte_tags
     gfn = guest_ipa >> PAGE_SHIFT
     left, out, ret = length, [], 0

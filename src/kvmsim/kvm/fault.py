@@ -19,15 +19,14 @@ supplies the hooks (class attributes and methods of its MMU):
   (x86 ``is_page_fault_stale()`` also retries on an obsolete root, a memslot being deleted or moved);
 * ``handle_error_pfn(pfn)``, ``fault_map(fault)``, ``fault_unused(fault)``, ``fault_after_unlock(fault)``
   (None: nothing after the unlock);
-* optional, absent on x86 / arm64 / RISC-V: ``fault_faultin(fault)``, the arch's own pfn resolution in
-  place of :func:`kvm_faultin_pfn` (PowerPC Book3S PR ``kvmppc_gpa_to_pfn()``, which serves the magic
-  page itself), and ``fault_before_lock(fault)``, what the arch does between the faultin and taking
+* ``fault_pfn_lookup(fault) -> (pfn, kfp)``: the arch's own pfn lookup in place of the generic
+  ``__kvm_faultin_pfn()`` attempts (None on x86, arm64, RISC-V, LoongArch, MIPS, Book3S HV / Radix):
+  PowerPC Book3S PR ``kvmppc_gpa_to_pfn()``, which serves the magic page itself, and PowerPC e500,
+  whose lookup is a protocol difference of its own (v6.12 and v6.13-rc1 bypass ``__kvm_faultin_pfn()``
+  for TLB1 over VM_PFNMAP, v6.13-rc1 calls it with a NULL ``writable``: the resolved
+  ``kvm.ops.arch_ops.faultin``);
+* ``fault_before_lock(fault)`` (None: nothing): what the arch does between the faultin and taking
   ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``).
-
-One resolved hook replaces the generic pfn lookup where the lookup itself is a protocol difference:
-``kvm.ops.arch_faultin(kvm, mmu, fault) -> (pfn, kfp)`` (None on every arch but PPC e500, whose
-``kvmppc_e500_shadow_map()`` bypassed ``__kvm_faultin_pfn()`` for TLB1 over VM_PFNMAP in v6.12 and
-v6.13-rc1, and called it with a NULL ``writable`` in v6.13-rc1).
 
 The legacy / series difference is not here: the VM's ``kvm.ops`` (:func:`kvmsim.policies.resolve`,
 one set of callables per policy × architecture) releases under the lock, after it, or marks the page
@@ -188,9 +187,9 @@ def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
-    arch_faultin = kvm.ops.arch_faultin
-    if arch_faultin is not None:           # PPC e500: the pfn lookup itself differs per protocol
-        pfn, kfp = arch_faultin(kvm, mmu, fault)
+    lookup = mmu.fault_pfn_lookup
+    if lookup is not None:                 # the arch's own lookup (PPC e500, Book3S PR)
+        pfn, kfp = lookup(fault)
     elif nowait:
         pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_NOWAIT[write], caller="kvm_faultin_pfn")
         if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
@@ -226,8 +225,7 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
     labels = mmu.fault_labels
     fault.mmu_seq = kvm.mmu_invalidate_seq
     yield labels[0]
-    faultin = getattr(mmu, "fault_faultin", None)
-    r = kvm_faultin_pfn(mmu, fault) if faultin is None else faultin(fault)
+    r = kvm_faultin_pfn(mmu, fault)
     if r is not None:
         return r
     yield labels[1]
@@ -243,7 +241,7 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
             journal.releasing -= 1
         journal.count("fault_retry")
         return FaultRet.RETRY
-    before_lock = getattr(mmu, "fault_before_lock", None)
+    before_lock = mmu.fault_before_lock
     if before_lock is not None:
         before_lock(fault)
     lock = kvm.mmu_lock

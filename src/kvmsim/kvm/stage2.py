@@ -129,6 +129,8 @@ class GenericStage2:
     fault_retry_per_gfn = True
     fault_stale_invalid_slot = False
     handle_error_pfn = staticmethod(kvm_handle_error_pfn)
+    fault_pfn_lookup = None           # the generic __kvm_faultin_pfn() attempts
+    fault_before_lock = None
     fault_after_unlock = None
     emulate = None
 

@@ -24,7 +24,7 @@ Where v6.12 and v6.13 differ (the "-" / "+" sides of the v13 series patches):
   "KVM: LoongArch: Mark "struct page" pfns dirty only in "slow" page fault path" dropped the
   ``kvm_set_pfn_dirty()``, patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page
   fault path" the get/accessed/put: v6.13 only marks the memslot dirty log.  The pfn comes from the PTE
-  (``kvm_pte_pfn(new)``): the policy's ``fast_path_get_page`` and ``spte_ad_lost`` hooks;
+  (``kvm_pte_pfn(new)``): the resolved ``kvm.ops.arch_ops.fast_path_get_page`` and ``kvm.ops.spte_ad_lost``;
 * ``kvm_map_page()``: v6.12 after ``spin_unlock()``: ``if (prot_bits & _PAGE_DIRTY) {
   mark_page_dirty_in_slot(); kvm_set_pfn_dirty(pfn); }`` (a write fault only) then
   ``kvm_release_pfn_clean(pfn)``; on ``mmu_invalidate_retry_gfn()`` ``kvm_release_pfn_clean(pfn)`` marks
@@ -58,7 +58,9 @@ the vCPU TLB flush requests and ifetch faults (``kvm_handle_rdwr_fault()`` raise
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 from enum import IntFlag
+from typing import Callable
 
 import numpy as np
 
@@ -228,7 +230,7 @@ class LoongArchMmu(GenericStage2):
     def kvm_map_page_fast(self, vcpu, gpa: int, write: bool) -> Steps:
         """Mirrors ``kvm_map_page_fast()``: under ``mmu_lock``, no present PTE (or a store to a PTE without
         ``_PAGE_WRITE``) is -EFAULT; else ``kvm_pte_mkyoung()`` and, for a store, ``kvm_pte_mkdirty()``.
-        If the PTE changed: the policy's ``fast_path_get_page`` (v6.12 ``get_page()`` on the
+        If the PTE changed: the resolved ``arch_ops.fast_path_get_page`` (v6.12 ``get_page()`` on the
         guessed page) under the lock; after the unlock its ``spte_ad_lost`` (v6.12
         ``kvm_set_pfn_accessed()`` / ``kvm_set_pfn_dirty()``), the ``put_page()``, and
         ``mark_page_dirty()`` when the dirty bit changed (both versions)."""
@@ -251,7 +253,8 @@ class LoongArchMmu(GenericStage2):
         if changed:
             bits[i] = new
             kvm.journal.count("kvm_map_page_fast")
-            page = kvm.ops.fast_path_get_page(kvm, pfn, "kvm_map_page_fast")
+            get = kvm.ops.arch_ops.fast_path_get_page
+            page = get(kvm, pfn, "kvm_map_page_fast") if get is not None else None
         kvm.mmu_lock.write_unlock()
         yield "kvm_map_page_fast: spin_unlock(mmu_lock)"
         if changed:
@@ -317,3 +320,16 @@ def kvm_map_page_fast_v612_get_page(kvm, pfn: int, caller: str) -> int | None:
     kvm_acquired(kvm, page, Hold.GET, caller)
     kvm.phys.get_page(page, caller, kvm=True, source=Src.SPTE)
     return page
+
+
+@dataclass(frozen=True)
+class LoongArchOps:
+    """LoongArch's per-policy callables (``kvm.ops.arch_ops``)."""
+
+    #: ``(kvm, pfn, caller) -> page | None`` under ``mmu_lock`` in ``kvm_map_page_fast()`` when it changed
+    #: a PTE: v6.12's transient reference (patch 66); None: no reference.
+    fast_path_get_page: Callable | None
+
+
+LOONGARCH_V612 = LoongArchOps(fast_path_get_page=kvm_map_page_fast_v612_get_page)
+LOONGARCH_V613 = LoongArchOps(fast_path_get_page=None)

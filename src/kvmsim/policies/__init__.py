@@ -43,10 +43,7 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
-    def vsie_unpin_release(self) -> Callable: ...
-    def fast_path_get_page(self, kvm, pfn: int, caller: str) -> int | None: ...
     def arch_ops(self, arch: str) -> object | None: ...
-    def arch_faultin(self, arch: str) -> Callable | None: ...
 
 
 @dataclass(frozen=True)
@@ -72,22 +69,10 @@ class KvmOps:
     fault_release_bulk_caller: str
     spte_ad_lost: Callable
     spte_ad_lost_bulk: Callable
-    #: ``(kvm, hpa, gfn)``: s390 ``unpin_guest_page()``'s release (patch 80, :mod:`kvmsim.s390.vsie`).
-    vsie_unpin_release: Callable | None = None
-    #: ``(kvm, pfn, caller)`` under ``mmu_lock`` in a fast path that changed a PTE: the page it took a
-    #: transient reference on (v6.12 LoongArch ``kvm_map_page_fast()``), or None.
-    fast_path_get_page: Callable = lambda kvm, pfn, caller: None
-    #: arm64 ``transparent_hugepage_adjust()``: ``(kvm, fault, head)`` under the read lock (v6.12's refcount
-    #: transfer to the THP head page); None: nothing.
-    thp_adjust_refcount: Callable | None = None
-    #: arm64 ``kvm_vm_ioctl_mte_copy_tags()``: the page of one gfn, ``.get(kvm, gfn, write)`` and
-    #: ``.put(kvm, token, dirty, gfn)`` (kvmsim.arm64.mte).
-    mte_tag_page: object = None
-    #: An arch's own per-policy callables (a namespace the arch defines, e.g. PowerPC Book3S's
-    #: :class:`kvmsim.ppc.book3s.Book3sOps`); None for an arch that needs none.
+    #: The arch's own per-policy callables: a namespace its folder defines (arm64 ``Arm64Ops``, LoongArch
+    #: ``LoongArchOps``, s390 ``S390Ops``, PowerPC ``E500Ops`` / ``Book3sOps``), resolved by the policy's
+    #: ``arch_ops(arch)``; None for an arch with no difference of its own beyond the fault's release.
     arch_ops: object | None = None
-    #: ``(kvm, mmu, fault) -> (pfn, kfp)`` in place of the template's ``__kvm_faultin_pfn()`` (PPC e500); None: the template's.
-    arch_faultin: Callable | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -105,11 +90,18 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
                   spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
-                  vsie_unpin_release=policy.vsie_unpin_release(),
-                  fast_path_get_page=policy.fast_path_get_page,
-                  thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page,
-                  arch_ops=policy.arch_ops(arch),
-                  arch_faultin=policy.arch_faultin(arch))
+                  arch_ops=policy.arch_ops(arch))
+
+
+def load_arch_ops(table: dict[str, str], arch: str) -> object | None:
+    """The namespace ``table`` names for ``arch`` (``"module:NAME"``, imported on first use: an arch
+    folder imports the model, which imports the policies), or None."""
+    import importlib
+    ref = table.get(arch)
+    if ref is None:
+        return None
+    module, name = ref.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def get_policy(name: str) -> Policy:

@@ -13,22 +13,13 @@ from kvmsim.kvm.fault import (gstage_map_v612_after_unlock, gstage_map_v612_dirt
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_FAULT, KVM_PFN_ERR_SIGPENDING, Hold, kvm_pfn_to_refcounted_page,
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.pfn import kvm_dropped
+from kvmsim.policies import load_arch_ops
 from kvmsim.trace import Src
-from kvmsim.arm64.mmu import transparent_hugepage_adjust_v612_transfer
-from kvmsim.arm64.mte import MteTagPageV612
 
 
 class LegacyPolicy:
     name = "legacy"
     title = "v6.12: kvm_pfn_to_refcounted_page guesses, A/D pushed from SPTEs"
-
-    #: arm64 ``transparent_hugepage_adjust()`` moved the fault's reference to the THP head page (release
-    #: the tail pfn, get the head) until
-    #: patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts".
-    thp_adjust_refcount = staticmethod(transparent_hugepage_adjust_v612_transfer)
-    #: arm64 MTE tag copy through ``gfn_to_pfn_prot()`` + ``pfn_to_online_page()`` until
-    #: patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags to/from userspace".
-    mte_tag_page = MteTagPageV612
 
     def reported_page(self, kfp):
         """No page output before patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn"."""
@@ -96,22 +87,6 @@ class LegacyPolicy:
             return None, kvmppc_e500_shadow_map_v612_after_unlock, kvmppc_e500_ref_setup_v612
         return None, release_pfn_clean_after_unlock, None
 
-    def fast_path_get_page(self, kvm, pfn, caller):
-        """v6.12 LoongArch ``kvm_map_page_fast()``: ``get_page(kvm_pfn_to_refcounted_page(pfn))`` under
-        ``mmu_lock`` (removed by patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow"
-        page fault path")."""
-        from kvmsim.loongarch.mmu import kvm_map_page_fast_v612_get_page
-        return kvm_map_page_fast_v612_get_page(kvm, pfn, caller)
-
-    def arch_faultin(self, arch):
-        """PPC e500's v6.12 pfn lookup: the TLB1 VM_PFNMAP bypass, else ``gfn_to_pfn_memslot()`` without
-        asking for the host's writability (replaced by patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn()
-        to handle page faults"); every other arch takes the template's."""
-        if arch == "ppc-e500":
-            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin_v612
-            return kvmppc_e500_shadow_map_faultin_v612
-        return None
-
     def fault_release_bulk(self):
         """The x86 bulk fault releases after unlocking, by ``kvm_release_pfn_clean()`` (patch 40 "KVM:
         x86/mmu: Add helper to "finish" handling a guest page fault" moved it under the lock)."""
@@ -161,23 +136,30 @@ class LegacyPolicy:
         """The caller decided ``dirty`` at unmap time before patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()"."""
         return False
 
-    def vsie_unpin_release(self):
-        """s390 ``unpin_guest_page()``: ``kvm_release_pfn_dirty(hpa >> PAGE_SHIFT)`` by guess, until patch 80
-        "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"."""
-        from kvmsim.s390.vsie import unpin_guest_page_release_v612
-        return unpin_guest_page_release_v612
+    #: Each arch's own v6.12 callables (``kvm.ops.arch_ops``), beyond the fault's release.
+    ARCH_OPS = {
+        "arm64": "kvmsim.arm64.versions:ARM64_V612",
+        "loongarch": "kvmsim.loongarch.mmu:LOONGARCH_V612",
+        "s390": "kvmsim.s390.vsie:S390_V612",
+        "ppc-e500": "kvmsim.ppc.e500_versions:E500_V612",
+        "ppc-book3s-hv": "kvmsim.ppc.book3s_ops:BOOK3S_V612",
+        "ppc-book3s-radix": "kvmsim.ppc.book3s_ops:BOOK3S_V612",
+        "ppc-book3s-pr": "kvmsim.ppc.book3s_ops:BOOK3S_V612",
+    }
 
     def arch_ops(self, arch):
-        """PowerPC Book3S v6.12: HV / Radix never put a PG_reserved page (patch 60 "KVM: PPC: Use
-        __kvm_faultin_pfn() to handle page faults on Book3s HV", patch 61 "KVM: PPC: Use __kvm_faultin_pfn()
-        to handle page faults on Book3s Radix"), dcbz patching leaks a reference and dirties nothing (patch
-        73 "KVM: PPC: Remove extra get_page() to fix page refcount leak", patch 74 "KVM: PPC: Use
-        kvm_vcpu_map() to map guest memory to patch dcbz instructions"), uvmem takes any pfn (patch 78
-        "KVM: PPC: Explicitly require struct page memory for Ultravisor sharing")."""
-        if arch.startswith("ppc-book3s-"):
-            from kvmsim.ppc.book3s_ops import BOOK3S_V612
-            return BOOK3S_V612
-        return None
+        """The arch's v6.12 namespace from :attr:`ARCH_OPS`: arm64's THP refcount transfer (patch 56 "KVM:
+        arm64: Use __kvm_faultin_pfn() to handle memory aborts") and MTE tag pages (patch 77 "KVM: arm64: Use
+        __gfn_to_page() when copying MTE tags to/from userspace"), LoongArch's fast-path reference (patch 66
+        "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path"), s390's vSIE unpin
+        (patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"), PPC e500's pfn
+        lookup (patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults"), PPC Book3S's
+        HV / Radix release (patch 60 "KVM: PPC: Use __kvm_faultin_pfn() to handle page faults on Book3s HV",
+        patch 61 "KVM: PPC: Use __kvm_faultin_pfn() to handle page faults on Book3s Radix"), dcbz patching
+        (patch 73 "KVM: PPC: Remove extra get_page() to fix page refcount leak", patch 74 "KVM: PPC: Use
+        kvm_vcpu_map() to map guest memory to patch dcbz instructions") and uvmem (patch 78 "KVM: PPC:
+        Explicitly require struct page memory for Ultravisor sharing")."""
+        return load_arch_ops(self.ARCH_OPS, arch)
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """x86 pushed A/D from SPTE bits to the pfn when zapping/modifying/aging (removed by patch 8

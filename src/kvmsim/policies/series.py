@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import errno
 
-from kvmsim.arm64.mte import MteTagPageV613
 from kvmsim.kvm.fault import kvm_release_faultin_page, release_faultin_page_locked
+from kvmsim.policies import load_arch_ops
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, kvm_release_page_clean,
                             kvm_release_page_dirty, kvm_release_page_unused)
 
@@ -16,12 +16,6 @@ from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, 
 class SeriesPolicy:
     name = "series"
     title = "v6.13: kvm_follow_pfn + kvm_release_faultin_page"
-
-    #: patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts": THP adjustment moves only
-    #: the pfn; the faulted-in page is released as is.
-    thp_adjust_refcount = None
-    #: patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags to/from userspace".
-    mte_tag_page = MteTagPageV613
 
     def reported_page(self, kfp):
         """patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn": the page KVM holds, or NULL."""
@@ -56,20 +50,6 @@ class SeriesPolicy:
         if arch in ("ppc-book3s-hv", "ppc-book3s-radix"):
             return None, None, None
         return release_faultin_page_locked, None, None
-
-    def fast_path_get_page(self, kvm, pfn, caller):
-        """patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path": the fast
-        path takes no reference."""
-        return None
-
-    def arch_faultin(self, arch):
-        """PPC e500's v6.13 pfn lookup: ``__kvm_faultin_pfn(slot, gfn, FOLL_WRITE, &writable, &page)`` for
-        every guest entry (patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" with
-        the v6.13-rc7 fixes 03b755b2aa48 and 55f4db79c4d9); every other arch takes the template's."""
-        if arch == "ppc-e500":
-            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin
-            return kvmppc_e500_shadow_map_faultin
-        return None
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases under ``mmu_lock`` (patch 40 "KVM: x86/mmu: Add helper to "finish"
@@ -118,22 +98,30 @@ class SeriesPolicy:
         """patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()": the map's ``writable`` decides at map time."""
         return True
 
-    def vsie_unpin_release(self):
-        """s390 ``unpin_guest_page()``: patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct
-        page" memory": ``kvm_release_page_dirty(pfn_to_page(hpa >> PAGE_SHIFT))``."""
-        from kvmsim.s390.vsie import unpin_guest_page_release_v613
-        return unpin_guest_page_release_v613
+    #: Each arch's own v6.13 callables (``kvm.ops.arch_ops``), beyond the fault's release.
+    ARCH_OPS = {
+        "arm64": "kvmsim.arm64.versions:ARM64_V613",
+        "loongarch": "kvmsim.loongarch.mmu:LOONGARCH_V613",
+        "s390": "kvmsim.s390.vsie:S390_V613",
+        "ppc-e500": "kvmsim.ppc.e500_versions:E500_V613",
+        "ppc-book3s-hv": "kvmsim.ppc.book3s_ops:BOOK3S_V613",
+        "ppc-book3s-radix": "kvmsim.ppc.book3s_ops:BOOK3S_V613",
+        "ppc-book3s-pr": "kvmsim.ppc.book3s_ops:BOOK3S_V613",
+    }
 
     def arch_ops(self, arch):
-        """PowerPC Book3S v6.13: HV / Radix put the refcounted page (patch 60 "KVM: PPC: Use
-        __kvm_faultin_pfn() to handle page faults on Book3s HV", patch 61 "KVM: PPC: Use __kvm_faultin_pfn()
-        to handle page faults on Book3s Radix"), dcbz patching maps with kvm_vcpu_map() (patch 74 "KVM:
-        PPC: Use kvm_vcpu_map() to map guest memory to patch dcbz instructions"), uvmem needs a struct page
-        (patch 78 "KVM: PPC: Explicitly require struct page memory for Ultravisor sharing")."""
-        if arch.startswith("ppc-book3s-"):
-            from kvmsim.ppc.book3s_ops import BOOK3S_V613
-            return BOOK3S_V613
-        return None
+        """The arch's v6.13 namespace from :attr:`ARCH_OPS`: arm64's THP refcount transfer (patch 56 "KVM:
+        arm64: Use __kvm_faultin_pfn() to handle memory aborts") and MTE tag pages (patch 77 "KVM: arm64: Use
+        __gfn_to_page() when copying MTE tags to/from userspace"), LoongArch's fast-path reference (patch 66
+        "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path"), s390's vSIE unpin
+        (patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"), PPC e500's pfn
+        lookup (patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults"), PPC Book3S's
+        HV / Radix release (patch 60 "KVM: PPC: Use __kvm_faultin_pfn() to handle page faults on Book3s HV",
+        patch 61 "KVM: PPC: Use __kvm_faultin_pfn() to handle page faults on Book3s Radix"), dcbz patching
+        (patch 73 "KVM: PPC: Remove extra get_page() to fix page refcount leak", patch 74 "KVM: PPC: Use
+        kvm_vcpu_map() to map guest memory to patch dcbz instructions") and uvmem (patch 78 "KVM: PPC:
+        Explicitly require struct page memory for Ultravisor sharing")."""
+        return load_arch_ops(self.ARCH_OPS, arch)
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young", patch 65 "KVM: LoongArch: Mark "struct page" pfns dirty only in "slow" page fault path", patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page fault path" and patch 70 "KVM: MIPS: Mark "struct page" pfns accessed only in "slow" page fault path": no struct page is touched from a stage-2 PTE's pfn."""

@@ -17,11 +17,6 @@ class SeriesRc1Policy(SeriesPolicy):
     name = "series-rc1"
     title = "v6.13-rc1..rc6: the series as posted (PPC e500 passes writable=NULL)"
 
-    def arch_faultin(self, arch):
-        """PPC e500 as posted in patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page
-        faults": ``__kvm_faultin_pfn(slot, gfn, FOLL_WRITE, NULL, &page)`` WARNs and fails; the TLB1
-        VM_PFNMAP bypass still skips it.  Every other arch: the series'."""
-        if arch == "ppc-e500":
-            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin_rc1
-            return kvmppc_e500_shadow_map_faultin_rc1
-        return super().arch_faultin(arch)
+    #: PPC e500 as posted (module docstring): ``__kvm_faultin_pfn(slot, gfn, FOLL_WRITE, NULL, &page)``
+    #: WARNs and fails; the TLB1 VM_PFNMAP bypass still skips it.  Every other arch: the series'.
+    ARCH_OPS = {**SeriesPolicy.ARCH_OPS, "ppc-e500": "kvmsim.ppc.e500_versions:E500_RC1"}

@@ -27,7 +27,7 @@ entry (the kernel writes the PTEG before ``kvmppc_mmu_hpte_cache_next()`` and le
 
 from __future__ import annotations
 
-from kvmsim.kvm.fault import FaultRet, KvmPageFault
+from kvmsim.kvm.fault import FaultRet, KvmPageFault, kvm_faultin_pfn
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SHIFT
 
@@ -38,7 +38,7 @@ def kvmppc_mmu_map_page_32(mmu, vcpu, gpa: int, slot, iswrite: bool) -> Steps:
     RETRY (-EAGAIN: no HPTE cache entry) or -EINVAL for an error pfn."""
     kvm = mmu.kvm
     fault = KvmPageFault(vcpu, gpa >> PAGE_SHIFT, slot, iswrite)
-    r = mmu.fault_faultin(fault)
+    r = kvm_faultin_pfn(mmu, fault)
     if r is not None:
         return r
     yield "kvmppc_mmu_map_page: pfn resolved"

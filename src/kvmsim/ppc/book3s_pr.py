@@ -216,16 +216,14 @@ class Book3sPrMmu(Book3sMmu):
         return r
 
     # ---- the fault template's hooks (kvmsim.kvm.fault) -----------------------------------------
-    def fault_faultin(self, fault: KvmPageFault) -> int | None:
-        """``pfn = kvmppc_gpa_to_pfn(vcpu, orig_pte->raddr, iswrite, &writable[, &page])``; an error pfn
-        is ``r = -EINVAL; goto out`` (nothing released)."""
-        pfn, kfp = self.kvmppc_gpa_to_pfn(fault.vcpu, fault.gfn << PAGE_SHIFT, fault.write)
-        fault.pfn, fault.kfp = pfn, kfp
-        if is_error_noslot_pfn(pfn):
-            self.kvm.journal.count("kvmppc_mmu_map_page_no_pfn")
-            return -errno.EINVAL
-        fault.map_writable = kfp.map_writable
-        return None
+    def fault_pfn_lookup(self, fault: KvmPageFault) -> tuple[int, KvmFollowPfn]:
+        """``pfn = kvmppc_gpa_to_pfn(vcpu, orig_pte->raddr, iswrite, &writable[, &page])``."""
+        return self.kvmppc_gpa_to_pfn(fault.vcpu, fault.gfn << PAGE_SHIFT, fault.write)
+
+    def handle_error_pfn(self, pfn: int) -> int:
+        """An error pfn is ``r = -EINVAL; goto out`` (nothing released)."""
+        self.kvm.journal.count("kvmppc_mmu_map_page_no_pfn")
+        return -errno.EINVAL
 
     def fault_before_lock(self, fault: KvmPageFault) -> None:
         """Between the faultin and ``spin_lock()``: the HPTE is writable iff ``orig_pte->may_write &&

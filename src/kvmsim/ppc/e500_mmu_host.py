@@ -8,7 +8,7 @@ reference: ``pfn``, ``E500_TLB_VALID`` and, from v6.13-rc7, ``E500_TLB_WRITABLE`
 entry into the host TLB.  ``kvmppc_e500_emul_tlbwe()`` premaps the new entry and a guest DTLB/ITLB
 miss on an entry the guest has calls ``kvmppc_mmu_map()``; both end in ``kvmppc_e500_shadow_map()``,
 which is the shared stage-2 template (:func:`kvmsim.kvm.fault.kvm_stage2_fault`) with the hooks below:
-``mmu_seq`` snapshot, the pfn (the resolved ``kvm.ops.arch_faultin``: the protocol decides how),
+``mmu_seq`` snapshot, the pfn (``fault_pfn_lookup``, the resolved ``kvm.ops.arch_ops.faultin``: the protocol decides how),
 ``spin_lock(&kvm->mmu_lock)`` (a spinlock: the model's write side), ``mmu_invalidate_retry(kvm,
 mmu_seq)`` for the whole VM (-EAGAIN), ``find_linux_pte()`` (the host PTE from the mm model's
 :meth:`~kvmsim.mm.mm.Mm.pte_of`: present or -EINVAL, and its page size), ``kvmppc_e500_ref_setup()`` and
@@ -195,6 +195,11 @@ class E500Mmu(GenericStage2):
     fault_retry_per_gfn = False       # mmu_invalidate_retry(): the whole VM
     fault_stale_invalid_slot = False
     fault_after_unlock = None
+
+    def fault_pfn_lookup(self, fault: E500PageFault):
+        """The shadow map's pfn lookup, which each protocol does its own way: the resolved
+        ``kvm.ops.arch_ops.faultin`` (:mod:`kvmsim.ppc.e500_versions`)."""
+        return self.kvm.ops.arch_ops.faultin(self.kvm, self, fault)
 
     def fault_unused(self, fault: KvmPageFault) -> bool:
         """``kvm_release_faultin_page(kvm, page, !!ret, writable)``: any error (retry, PTE gone) is unused."""

@@ -22,6 +22,9 @@ track host-writability of pages", 03b755b2aa48 "KVM: e500: map readonly host pag
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 from kvmsim.kvm.fault import KvmPageFault, _held_src, kvm_release_pfn_clean_guess
 from kvmsim.kvm.pfn import KVM_PFN_ERR_FAULT, KvmFollowPfn, _kvm_faultin_pfn, kvm_set_pfn_accessed, kvm_set_pfn_dirty
 from kvmsim.mm.gup import FOLL
@@ -84,3 +87,17 @@ def kvmppc_e500_shadow_map_v612_after_unlock(kvm, mmu, fault: KvmPageFault) -> N
     "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" made it the page it got)."""
     kvm_release_pfn_clean_guess(kvm, fault.pfn, fault.kfp, unused=fault.ret != 0, caller="kvm_release_pfn_clean",
                                 gfn=fault.gfn)
+
+
+@dataclass(frozen=True)
+class E500Ops:
+    """e500's per-policy callables (``kvm.ops.arch_ops``)."""
+
+    #: ``(kvm, mmu, fault) -> (pfn, kfp)``: the shadow map's pfn lookup (the template's
+    #: ``fault_pfn_lookup`` hook on :class:`~kvmsim.ppc.e500_mmu_host.E500Mmu`).
+    faultin: Callable
+
+
+E500_V612 = E500Ops(faultin=kvmppc_e500_shadow_map_faultin_v612)
+E500_RC1 = E500Ops(faultin=kvmppc_e500_shadow_map_faultin_rc1)
+E500_V613 = E500Ops(faultin=kvmppc_e500_shadow_map_faultin)

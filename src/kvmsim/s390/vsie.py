@@ -37,7 +37,7 @@ same page (``kvm_pfn_to_refcounted_page()`` of a page ``gfn_to_page()`` returned
 its difference is the path, not the effect: v6.12's marks come from the guess (``Src.GUESS``,
 ``kvm_release_pfn_dirty``), v6.13's from the page held (``Src.HELD``, ``kvm_release_page_dirty``).
 The policy picks one of :func:`unpin_guest_page_release_v612` / :func:`unpin_guest_page_release_v613`
-once per VM (``kvm.ops.vsie_unpin_release``).
+once per VM (:data:`S390_V612` / :data:`S390_V613`, the VM's ``kvm.ops.arch_ops``).
 
 In both versions a pinned page stays pinned while guest 3 runs, with no mmu_notifier protection;
 the mmu_notifier does not know about it::
@@ -72,6 +72,7 @@ from __future__ import annotations
 import errno
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Callable
 
 from kvmsim.errors import ModelError
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
@@ -165,14 +166,14 @@ def pin_guest_page(kvm, gpa: int, user: str) -> tuple[int, int]:
 
 
 def unpin_guest_page(kvm, gpa: int, hpa: int, vcpu=None) -> None:
-    """Mirrors ``unpin_guest_page()``: the release resolved for this VM (``kvm.ops.vsie_unpin_release``:
+    """Mirrors ``unpin_guest_page()``: the release resolved for this VM (``kvm.ops.arch_ops.unpin_guest_page_release``:
     v6.12 ``kvm_release_pfn_dirty(hpa >> PAGE_SHIFT)``, v6.13 ``kvm_release_page_dirty(pfn_to_page(hpa
     >> PAGE_SHIFT))``, patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page"
     memory"), then ``mark_page_dirty(kvm, gpa_to_gfn(gpa))`` "always as dirty for migration"
     (``vcpu``: the running vCPU, whose dirty ring gets the entry)."""
     gfn = gpa >> PAGE_SHIFT
     gfn_to_page_released(kvm, hpa >> PAGE_SHIFT)
-    kvm.ops.vsie_unpin_release(kvm, hpa, gfn)
+    kvm.ops.arch_ops.unpin_guest_page_release(kvm, hpa, gfn)
     mark_page_dirty_in_slot(kvm, kvm.gfn_to_memslot(gfn), gfn, vcpu)
 
 
@@ -188,6 +189,18 @@ def unpin_guest_page_release_v613(kvm, hpa: int, gfn: int) -> None:
     on the page ``gfn_to_page()`` returned (patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin
     "struct page" memory")."""
     kvm_release_page_dirty(kvm, hpa >> PAGE_SHIFT, Hold.GET, "kvm_release_page_dirty", gfn=gfn)
+
+
+@dataclass(frozen=True)
+class S390Ops:
+    """s390's per-policy callables (``kvm.ops.arch_ops``)."""
+
+    #: ``(kvm, hpa, gfn)``: ``unpin_guest_page()``'s release (patch 80).
+    unpin_guest_page_release: Callable
+
+
+S390_V612 = S390Ops(unpin_guest_page_release_v612)
+S390_V613 = S390Ops(unpin_guest_page_release_v613)
 
 
 # ---- the SCB and its satellite blocks -----------------------------------------------------------------

@@ -238,6 +238,8 @@ class X86Mmu:
     fault_retry_ret = 0
     fault_retry_per_gfn = True        # is_page_fault_stale(): mmu_invalidate_retry_gfn() ...
     fault_stale_invalid_slot = True   # ... or an obsolete root (the memslot is being deleted or moved)
+    fault_pfn_lookup = None           # __kvm_faultin_pfn(): FOLL_NOWAIT, then FOLL_INTERRUPTIBLE
+    fault_before_lock = None
     handle_error_pfn = staticmethod(kvm_handle_error_pfn)
     fault_after_unlock = None
 

@@ -47,6 +47,9 @@ class Policy(Protocol):
     def fast_path_get_page(self, kvm, pfn: int, caller: str) -> int | None: ...
     def arch_ops(self, arch: str) -> object | None: ...
     def arch_faultin(self, arch: str) -> Callable | None: ...
+    def apic_access_page_prefault(self) -> Callable | None: ...
+    def apic_access_release(self) -> tuple[Callable | None, Callable | None]: ...
+    def nested_apic_access_unmap_dirty(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,16 @@ class KvmOps:
     arch_ops: object | None = None
     #: ``(kvm, mmu, fault) -> (pfn, kfp)`` in place of the template's ``__kvm_faultin_pfn()`` (PPC e500); None: the template's.
     arch_faultin: Callable | None = None
+    #: ``(kvm, gfn)``: x86 ``kvm_alloc_apic_access_page()``'s fault-in of the new page (v6.12); None: none
+    #: (patch 36 "KVM: x86: Don't fault-in APIC access page during initial allocation"; kvmsim.x86.vmx).
+    apic_access_page_prefault: Callable | None = None
+    #: ``(kvm, pfn, kfp)``: ``vmx_set_apic_access_page_addr()``'s release before / after ``read_unlock()``
+    #: (patch 50 "KVM: VMX: Hold mmu_lock until page is released when updating APIC access page").
+    apic_access_release_locked: Callable | None = None
+    apic_access_release_unlocked: Callable | None = None
+    #: The ``dirty`` nested_put_vmcs12_pages() passes for vmcs12's APIC-access page (patch 32 "KVM: nVMX:
+    #: Mark vmcs12's APIC access page dirty when unmapping"; kvmsim.x86.nested).
+    nested_apic_access_unmap_dirty: bool = True
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -99,6 +112,7 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
     ``riscv``, ``loongarch``, ``mips``, ``s390``, ``ppc-*`` or ``generic``."""
     locked, unlocked, before_map = policy.fault_release(arch)
     bulk_fn, bulk_under_lock, bulk_caller = policy.fault_release_bulk()
+    apic_locked, apic_unlocked = policy.apic_access_release()
     return KvmOps(fault_release_locked=locked, fault_release_unlocked=unlocked, fault_dirty_before_map=before_map,
                   release_faultin=policy.release_faultin,
                   fault_release_bulk_locked=bulk_fn if bulk_under_lock else _no_bulk_release,
@@ -109,7 +123,10 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fast_path_get_page=policy.fast_path_get_page,
                   thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page,
                   arch_ops=policy.arch_ops(arch),
-                  arch_faultin=policy.arch_faultin(arch))
+                  arch_faultin=policy.arch_faultin(arch),
+                  apic_access_page_prefault=policy.apic_access_page_prefault(),
+                  apic_access_release_locked=apic_locked, apic_access_release_unlocked=apic_unlocked,
+                  nested_apic_access_unmap_dirty=policy.nested_apic_access_unmap_dirty())
 
 
 def get_policy(name: str) -> Policy:

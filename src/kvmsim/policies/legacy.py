@@ -161,6 +161,24 @@ class LegacyPolicy:
         """The caller decided ``dirty`` at unmap time before patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()"."""
         return False
 
+    def apic_access_page_prefault(self):
+        """x86 ``kvm_alloc_apic_access_page()`` faulted the new page in (``gfn_to_page()`` + ``put_page()``)
+        until patch 36 "KVM: x86: Don't fault-in APIC access page during initial allocation"."""
+        from kvmsim.x86.vmx import apic_access_page_prefault_v612
+        return apic_access_page_prefault_v612
+
+    def apic_access_release(self):
+        """``vmx_set_apic_access_page_addr()`` released the pfn (``kvm_release_pfn_clean()``) after
+        ``read_unlock()`` until patch 50 "KVM: VMX: Hold mmu_lock until page is released when updating
+        APIC access page"."""
+        from kvmsim.x86.vmx import apic_access_release_v612_unlocked
+        return None, apic_access_release_v612_unlocked
+
+    def nested_apic_access_unmap_dirty(self):
+        """``nested_put_vmcs12_pages()`` unmapped the APIC-access page with ``dirty=false`` until patch 32
+        "KVM: nVMX: Mark vmcs12's APIC access page dirty when unmapping"."""
+        return False
+
     def vsie_unpin_release(self):
         """s390 ``unpin_guest_page()``: ``kvm_release_pfn_dirty(hpa >> PAGE_SHIFT)`` by guess, until patch 80
         "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"."""

@@ -118,6 +118,23 @@ class SeriesPolicy:
         """patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()": the map's ``writable`` decides at map time."""
         return True
 
+    def apic_access_page_prefault(self):
+        """patch 36 "KVM: x86: Don't fault-in APIC access page during initial allocation": nothing; the
+        first ``vmx_set_apic_access_page_addr()`` faults the page in."""
+        return None
+
+    def apic_access_release(self):
+        """patch 50 "KVM: VMX: Hold mmu_lock until page is released when updating APIC access page" and
+        patch 51 "KVM: VMX: Use __kvm_faultin_page() to get APIC access page/pfn": ``kvm_release_page_clean()``
+        of the refcounted page before ``read_unlock()``, on the retry path too."""
+        from kvmsim.x86.vmx import apic_access_release_v613_locked
+        return apic_access_release_v613_locked, None
+
+    def nested_apic_access_unmap_dirty(self):
+        """patch 32 "KVM: nVMX: Mark vmcs12's APIC access page dirty when unmapping" (in v6.13 the map's
+        ``writable`` decides: patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()")."""
+        return True
+
     def vsie_unpin_release(self):
         """s390 ``unpin_guest_page()``: patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct
         page" memory": ``kvm_release_page_dirty(pfn_to_page(hpa >> PAGE_SHIFT))``."""

@@ -98,8 +98,8 @@ class KvmOps:
     #: (patch 50 "KVM: VMX: Hold mmu_lock until page is released when updating APIC access page").
     apic_access_release_locked: Callable | None = None
     apic_access_release_unlocked: Callable | None = None
-    #: The ``dirty`` nested_put_vmcs12_pages() passes for vmcs12's APIC-access page (patch 32 "KVM: nVMX:
-    #: Mark vmcs12's APIC access page dirty when unmapping"; kvmsim.x86.nested).
+    #: The ``dirty`` nested_put_vmcs12_pages() passes for vmcs12's APIC-access page
+    #: (patch 32 "KVM: nVMX: Mark vmcs12's APIC access page dirty when unmapping"; kvmsim.x86.nested).
     nested_apic_access_unmap_dirty: bool = True
 
 

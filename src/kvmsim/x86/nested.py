@@ -120,6 +120,9 @@ def nested_get_vmcs12_pages(vcpu) -> NestedEntry | None:
     (writable) and prepare the MSR bitmap.  Returns a failed :class:`NestedEntry`, or None on success."""
     n = to_nested(vcpu)
     v = n.vmcs12
+    # prepare_vmcs02() writes these controls afresh for every entry
+    n.apic_access_addr02 = n.virtual_apic_page_addr02 = None
+    n.posted_intr02 = n.use_msr_bitmaps02 = False
     if v.apic_access_addr is not None:
         n.apic_access_page_map, e = _map(vcpu, v.apic_access_addr)
         if n.apic_access_page_map is None:

@@ -202,7 +202,7 @@ def apic_access_release_v613_locked(kvm, pfn: int, kfp) -> None:
     page/pfn")."""
     from kvmsim.kvm.pfn import kvm_release_page_clean
     if kfp.refcounted_page is None:
-        kvm.journal.count("WARN_ON_ONCE(!refcounted_page)")
+        kvm.journal.count("WARN_ON:vmx_set_apic_access_page_addr")
         return
     kvm_release_page_clean(kvm, kfp.refcounted_page, kfp.hold, "vmx_set_apic_access_page_addr")
 

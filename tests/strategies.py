@@ -165,7 +165,7 @@ KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "ge
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
 PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
                   "xive_queue_config", "xive_queue_reset")
-X86_NESTED_OPS = ("nested_vmenter", "nested_vmexit", "apic_access_alloc", "apic_access_reload", "apic_access_migrate")
+X86_NESTED_OPS = ("nested_vmenter", "nested_vmexit", "nested_posted_interrupt", "apic_access_alloc", "apic_access_reload", "apic_access_migrate")
 ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS
 
 
@@ -332,6 +332,8 @@ def _x86_nested_args(draw, w: _World, op: str) -> dict:
         return {"mode": mode, "free": draw(st.booleans()), **_vcpu(draw, w)}
     if op == "apic_access_reload":
         return {"force": draw(st.booleans()), **_vcpu(draw, w)}
+    if op == "nested_posted_interrupt":
+        return {"vector": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     return {}
 
 

@@ -172,6 +172,27 @@ def test_a_readonly_map_that_took_the_write_path_would_fail():
     assert r.msr_bitmap == "intercept_all"
 
 
+# ---- patches 31 / 35 through the PI descriptor: a direct map of driver memory ------------------------------
+
+@pytest.mark.parametrize("policy", ["legacy", "series"])
+def test_pi_descriptor_in_driver_memory(policy):
+    """v6.12 maps the driver's VM_PFNMAP page and, after the driver frees it, posts interrupts into it;
+    v6.13 refuses the map (no pin possible), so L2 runs without posted interrupts."""
+    from kvmsim.x86.nested import vmx_deliver_nested_posted_interrupt
+    host = Host()
+    kvm = Kvm(host, policy=policy, arch="x86")
+    drv = host.add_driver("nic", 1, "driver_refcounted", free_rule="free")
+    bar = host.mm.mmap(PAGE, VmaKind.PFNMAP, driver=drv)
+    kvm.set_user_memory_region(1, 1 << 30, PAGE, bar.start)
+    vcpu = kvm.create_vcpu()
+    r = nested_vmx_enter_non_root_mode(vcpu, Vmcs12(posted_intr_desc_addr=1 << 30))
+    assert r.result == "entered" and r.posted_intr == (policy == "legacy")
+    drv.teardown(host.mm)
+    assert vmx_deliver_nested_posted_interrupt(vcpu, 0x40) == (policy == "legacy")
+    found = {v.invariant for v in check_all(kvm)}
+    assert ("INV-6" in found) == (policy == "legacy") and (found == set()) == (policy == "series")
+
+
 # ---- failures, eVMCS, guest mode ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("policy", ["legacy", "series"])
@@ -221,7 +242,7 @@ def test_bad_input_is_a_clear_error():
 # ---- bundled scenarios ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["x86-nested-apic-access-dirty", "x86-nested-msr-bitmap-readonly",
-                                  "x86-nested-svm-vmcb12-pin"])
+                                  "x86-nested-svm-vmcb12-pin", "x86-nested-pi-desc-driver-pfnmap"])
 def test_bundled_scenarios_match_and_differ(name):
     sc = load_scenario(LIBRARY / f"{name}.toml")
     runs = {p: run(sc, p) for p in ("legacy", "series")}

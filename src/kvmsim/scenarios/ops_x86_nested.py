@@ -11,6 +11,8 @@
   ``msr_bitmap=intercept_all``) and whether posted interrupts are on.
 * ``nested_vmexit``: L2 exits to L1 (``nested_vmx_vmexit()`` puts the vmcs12 pages;
   ``nested_svm_vmexit()`` writes the vmcb12); ``free`` (VMX) is VMXOFF, which also drops the eVMCS.
+* ``nested_posted_interrupt``: KVM posts ``vector`` to L2 by writing L1's PI descriptor through its
+  kernel mapping (``vmx_deliver_nested_posted_interrupt()``): ``posted`` or ``not_posted``.
 * ``apic_access_alloc``: ``kvm_alloc_apic_access_page()`` (APICv on: KVM's internal memslot at
   0xfee00000).  The value is the APIC page's pfn if the allocation faulted it in (v6.12), else -1.
 * ``apic_access_reload``: ``vcpu_enter_guest()`` handling KVM_REQ_APIC_PAGE_RELOAD
@@ -36,6 +38,7 @@ X86_NESTED_OP_ARGS = {
     "nested_vmenter": {"mode": (c_choice("vmx", "svm"), "vmx"), **{k: (c_size, None) for k in _NESTED_GPAS},
                        "vcpu": (c_int, 0)},
     "nested_vmexit": {"mode": (c_choice("vmx", "svm"), "vmx"), "free": (c_bool, False), "vcpu": (c_int, 0)},
+    "nested_posted_interrupt": {"vector": (c_int, 0x20), "vcpu": (c_int, 0)},
     "apic_access_alloc": {},
     "apic_access_reload": {"vcpu": (c_int, 0), "force": (c_bool, True)},
     "apic_access_migrate": {},
@@ -70,6 +73,13 @@ def op_nested_vmexit(env: Env, a: dict):
     return Res("ok")
 
 
+def op_nested_posted_interrupt(env: Env, a: dict):
+    from kvmsim.x86.nested import vmx_deliver_nested_posted_interrupt
+    posted = vmx_deliver_nested_posted_interrupt(env.vcpu(a["vcpu"]), a["vector"])
+    yield from _done("vmx_deliver_nested_posted_interrupt done")
+    return Res("posted" if posted else "not_posted")
+
+
 def _apic_pfn(env: Env) -> int:
     from kvmsim.x86.vmx import kvm_apic_access
     hva = kvm_apic_access(env.kvm).hva
@@ -101,5 +111,6 @@ def op_apic_access_migrate(env: Env, a: dict):
 
 
 X86_NESTED_OPS = {"nested_vmenter": op_nested_vmenter, "nested_vmexit": op_nested_vmexit,
+                  "nested_posted_interrupt": op_nested_posted_interrupt,
                   "apic_access_alloc": op_apic_access_alloc, "apic_access_reload": op_apic_access_reload,
                   "apic_access_migrate": op_apic_access_migrate}

@@ -56,7 +56,7 @@ MODEL_COUNTERS = frozenset({
     "kvmppc_mmu_pte_flush_all", "kvmppc_mmu_map_page_no_pfn", "uv_page_in", "uv_page_in_no_struct_page",
     "kvmppc_gfn_shared", "kvmppc_xive_native_set_queue_config_no_page",
     # x86 nested VMX/SVM and the VMX APIC-access page (x86/nested.py, x86/vmx.py)
-    "nested_vmenter", "nested_vmexit", "nested_map_failed", "apic_access_faultin", "apic_page_reload_requested",
+    "nested_vmenter", "nested_vmexit", "nested_map_failed", "nested_posted_interrupt", "apic_access_faultin", "apic_page_reload_requested",
 }) | frozenset(DERIVED_COUNTERS)
 
 #: Counter families ``<prefix>:<kernel function or reason>``.

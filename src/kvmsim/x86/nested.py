@@ -216,6 +216,19 @@ def nested_vmx_vmexit(vcpu, *, free: bool = False) -> None:
     vcpu.kvm.journal.count("nested_vmexit")
 
 
+def vmx_deliver_nested_posted_interrupt(vcpu, vector: int) -> bool:
+    """``vmx_deliver_nested_posted_interrupt()``: while L2 runs with posted interrupts, KVM sets the
+    vector in L1's PI descriptor through ``vmx->nested.pi_desc`` (the kernel mapping of the
+    ``pi_desc_map``).  False: not posted (no descriptor; the interrupt waits for a nested VM-Exit)."""
+    vmx = to_vmx(vcpu)
+    n = vmx.nested
+    if not vmx.guest_mode or n is None or not n.pi_desc or n.pi_desc_map is None:
+        return False
+    kvm_vcpu_map_access(n.pi_desc_map, write=True, value=vector)       # pi_test_and_set_pir()
+    vcpu.kvm.journal.count("nested_posted_interrupt")
+    return True
+
+
 # ---- SVM ------------------------------------------------------------------------------------------------
 
 @dataclass

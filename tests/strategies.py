@@ -165,7 +165,8 @@ KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "ge
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
 PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
                   "xive_queue_config", "xive_queue_reset")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS
+X86_NESTED_OPS = ("nested_vmenter", "nested_vmexit", "nested_posted_interrupt", "apic_access_alloc", "apic_access_reload", "apic_access_migrate")
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -314,7 +315,26 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"gpa": _gpa(draw, w), "server": draw(st.integers(0, 1))}
     if op == "xive_queue_reset":
         return {"server": draw(st.integers(0, 1))}
+    if op in X86_NESTED_OPS:
+        return _x86_nested_args(draw, w, op)
     raise AssertionError(f"no argument strategy for op {op!r}")
+
+
+def _x86_nested_args(draw, w: _World, op: str) -> dict:
+    """vmcs12 / vmcb12 addresses in (or outside) the memslots; the APIC-access page ops take nothing."""
+    mode = draw(st.sampled_from(["vmx", "svm"]))
+    if op == "nested_vmenter":
+        if mode == "svm":
+            return {"mode": mode, "vmcb12": _gpa(draw, w), **_vcpu(draw, w)}
+        return {"mode": mode, **{k: _gpa(draw, w) for k in ("apic_access", "virtual_apic", "pi_desc", "msr_bitmap",
+                                                             "evmcs") if draw(st.booleans())}, **_vcpu(draw, w)}
+    if op == "nested_vmexit":
+        return {"mode": mode, "free": draw(st.booleans()), **_vcpu(draw, w)}
+    if op == "apic_access_reload":
+        return {"force": draw(st.booleans()), **_vcpu(draw, w)}
+    if op == "nested_posted_interrupt":
+        return {"vector": draw(st.integers(0, 255)), **_vcpu(draw, w)}
+    return {}
 
 
 def _vsie_args(draw, w: _World, op: str) -> dict:

@@ -260,6 +260,39 @@ def _tlbwe_vs_truncate(policy, mutations, arch) -> World:
     return w
 
 
+def _apic_reload_vs_migrate(policy, mutations, arch) -> World:
+    """x86 VMX: KVM's APIC-access page (the internal memslot at 0xfee00000, faulted in by a first reload)
+    is migrated while a vCPU handles KVM_REQ_APIC_PAGE_RELOAD (``vmx_set_apic_access_page_addr()``):
+    v6.12 releases the page after ``read_unlock()`` (patch 50 "KVM: VMX: Hold mmu_lock until page is
+    released when updating APIC access page"), whatever the migration did; v6.13 before it."""
+    from kvmsim.x86.vmx import kvm_alloc_apic_access_page, kvm_vcpu_reload_apic_access_page
+    w = _world(policy, mutations, arch, VmaKind.ANON)
+    kvm_alloc_apic_access_page(w.kvm)
+    kvm_vcpu_reload_apic_access_page(w.vcpu)
+    w.threads = {"vcpu0": kvm_vcpu_reload_apic_access_page.steps(w.vcpu),
+                 "host": _migrate_apic_page.steps(w.host, w.kvm)}
+    return w
+
+
+@kpath
+def _migrate_apic_page(host, kvm) -> Steps:
+    """``migrate_pages()`` of the APIC-access page: -EAGAIN while KVM holds its reference."""
+    from kvmsim.errors import ModelError, errno_name
+    from kvmsim.mm.reclaim import migrate_page
+    from kvmsim.x86.vmx import kvm_apic_access
+    try:
+        migrate_page(host.mm, kvm_apic_access(kvm).hva)
+        yield "migrate: APIC-access page moved (invalidate → KVM_REQ_APIC_PAGE_RELOAD)"
+    except ModelError as e:
+        yield f"migrate: {errno_name(e.errno)} (KVM holds a reference)"
+
+
+def _apic_final(w: World) -> None:
+    """The vCPU's next entry handles a reload the migration requested."""
+    from kvmsim.x86.vmx import kvm_vcpu_reload_apic_access_page
+    kvm_vcpu_reload_apic_access_page(w.vcpu, force=False)
+
+
 def _freed_page_mark(v) -> bool:
     return v.invariant == "INV-3" and "on a freed page" in v.detail
 
@@ -296,4 +329,8 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              arches=("loongarch",), arch="loongarch"),
     Scenario("tlbwe-vs-truncate", "e500 tlbwe premap races truncate: v6.12 ages the retried, unused page after unlock",
              _tlbwe_vs_truncate, _invs("INV-5", "INV-7"), arches=("ppc-e500",), arch="ppc-e500"),
+    Scenario("apic-access-reload-vs-migrate", "VMX vmx_set_apic_access_page_addr() races a migration of the "
+             "APIC-access page; v6.12 releases it after read_unlock()", _apic_reload_vs_migrate,
+             lambda v: v.invariant in ("INV-3", "INV-5") and "vmx_set_apic_access_page_addr" in v.detail,
+             _apic_final, arches=("x86",), arch="x86"),
 )}

@@ -138,6 +138,7 @@ class LegacyPolicy:
 
     #: Each arch's own v6.12 callables (``kvm.ops.arch_ops``), beyond the fault's release.
     ARCH_OPS = {
+        "x86": "kvmsim.x86.versions:X86_V612",
         "arm64": "kvmsim.arm64.versions:ARM64_V612",
         "loongarch": "kvmsim.loongarch.mmu:LOONGARCH_V612",
         "s390": "kvmsim.s390.vsie:S390_V612",
@@ -148,7 +149,10 @@ class LegacyPolicy:
     }
 
     def arch_ops(self, arch):
-        """The arch's v6.12 namespace from :attr:`ARCH_OPS`: arm64's THP refcount transfer (patch 56 "KVM:
+        """The arch's v6.12 namespace from :attr:`ARCH_OPS`: x86's APIC-access page (patch 36 "KVM: x86: Don't
+        fault-in APIC access page during initial allocation", patch 50 "KVM: VMX: Hold mmu_lock until page is
+        released when updating APIC access page") and nested APIC-access unmap (patch 32 "KVM: nVMX: Mark
+        vmcs12's APIC access page dirty when unmapping"), arm64's THP refcount transfer (patch 56 "KVM:
         arm64: Use __kvm_faultin_pfn() to handle memory aborts") and MTE tag pages (patch 77 "KVM: arm64: Use
         __gfn_to_page() when copying MTE tags to/from userspace"), LoongArch's fast-path reference (patch 66
         "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path"), s390's vSIE unpin

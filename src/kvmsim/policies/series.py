@@ -100,6 +100,7 @@ class SeriesPolicy:
 
     #: Each arch's own v6.13 callables (``kvm.ops.arch_ops``), beyond the fault's release.
     ARCH_OPS = {
+        "x86": "kvmsim.x86.versions:X86_V613",
         "arm64": "kvmsim.arm64.versions:ARM64_V613",
         "loongarch": "kvmsim.loongarch.mmu:LOONGARCH_V613",
         "s390": "kvmsim.s390.vsie:S390_V613",
@@ -110,7 +111,11 @@ class SeriesPolicy:
     }
 
     def arch_ops(self, arch):
-        """The arch's v6.13 namespace from :attr:`ARCH_OPS`: arm64's THP refcount transfer (patch 56 "KVM:
+        """The arch's v6.13 namespace from :attr:`ARCH_OPS`: x86's APIC-access page (patch 36 "KVM: x86: Don't
+        fault-in APIC access page during initial allocation", patch 50 "KVM: VMX: Hold mmu_lock until page is
+        released when updating APIC access page", patch 51 "KVM: VMX: Use __kvm_faultin_page() to get APIC
+        access page/pfn") and nested APIC-access unmap (patch 32 "KVM: nVMX: Mark vmcs12's APIC access page
+        dirty when unmapping"), arm64's THP refcount transfer (patch 56 "KVM:
         arm64: Use __kvm_faultin_pfn() to handle memory aborts") and MTE tag pages (patch 77 "KVM: arm64: Use
         __gfn_to_page() when copying MTE tags to/from userspace"), LoongArch's fast-path reference (patch 66
         "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path"), s390's vSIE unpin

@@ -49,6 +49,7 @@ from kvmsim.scenarios.host_ops import (  # noqa: F401
     op_folio_referenced,
 )
 from kvmsim.scenarios.ops_s390 import S390_OP_ARGS, S390_OPS
+from kvmsim.scenarios.ops_x86_nested import X86_NESTED_OP_ARGS, X86_NESTED_OPS
 from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
 from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
 from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
@@ -113,6 +114,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     **ARM64_OP_ARGS,
     **PPC_BOOK3S_OP_ARGS,
     **PPC_E500_OP_ARGS,
+    **X86_NESTED_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -396,6 +398,7 @@ OPS: dict[str, Callable] = {
     **ARM64_OPS,
     **PPC_BOOK3S_OPS,
     **PPC_E500_OPS,
+    **X86_NESTED_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 

@@ -55,6 +55,8 @@ MODEL_COUNTERS = frozenset({
     "kvmppc_hv_emulate_mmio", "kvmppc_core_queue_data_storage", "kvmppc_emulate_mmio", "hpte_cache_alloc_failed",
     "kvmppc_mmu_pte_flush_all", "kvmppc_mmu_map_page_no_pfn", "uv_page_in", "uv_page_in_no_struct_page",
     "kvmppc_gfn_shared", "kvmppc_xive_native_set_queue_config_no_page",
+    # x86 nested VMX/SVM and the VMX APIC-access page (x86/nested.py, x86/vmx.py)
+    "nested_vmenter", "nested_vmexit", "nested_map_failed", "nested_posted_interrupt", "apic_access_faultin", "apic_page_reload_requested",
 }) | frozenset(DERIVED_COUNTERS)
 
 #: Counter families ``<prefix>:<kernel function or reason>``.

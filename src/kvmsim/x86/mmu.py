@@ -322,7 +322,10 @@ class X86Mmu:
     def unmap_gfn_range(self, slot, start: int, end: int, reason: str = "") -> bool:
         lo = max(start, slot.base_gfn) - slot.base_gfn
         hi = min(end, slot.base_gfn + slot.npages) - slot.base_gfn
-        return tdp_mmu.zap_range(self.kvm, slot, lo, hi, "kvm_unmap_gfn_range")
+        flush = tdp_mmu.zap_range(self.kvm, slot, lo, hi, "kvm_unmap_gfn_range")
+        from kvmsim.x86.vmx import kvm_apic_access_page_unmapped
+        kvm_apic_access_page_unmapped(self.kvm, slot)        # KVM_REQ_APIC_PAGE_RELOAD (kvmsim.x86.vmx)
+        return flush
 
     def age_gfn(self, slot, start: int, end: int) -> bool:
         return tdp_mmu.age_range(self.kvm, slot, start - slot.base_gfn, end - slot.base_gfn, clear=True)

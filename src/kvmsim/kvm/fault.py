@@ -19,6 +19,10 @@ supplies the hooks (class attributes and methods of its MMU):
   (x86 ``is_page_fault_stale()`` also retries on an obsolete root, a memslot being deleted or moved);
 * ``handle_error_pfn(pfn)``, ``fault_map(fault)``, ``fault_unused(fault)``, ``fault_after_unlock(fault)``
   (None: nothing after the unlock);
+* x86 only (the one arch with private memory): ``fault_private_mismatch(fault)``, the private vs shared
+  check of ``kvm_mmu_faultin_pfn()``, and ``fault_faultin_private(fault)``, ``kvm_mmu_faultin_pfn_private()``
+  (the pfn from guest_memfd), called only on a VM with memory attributes or a private fault
+  (:mod:`kvmsim.x86.private_mem`);
 * optional, absent on x86 / arm64 / RISC-V: ``fault_faultin(fault)``, the arch's own pfn resolution in
   place of :func:`kvm_faultin_pfn` (PowerPC Book3S PR ``kvmppc_gpa_to_pfn()``, which serves the magic
   page itself), and ``fault_before_lock(fault)``, what the arch does between the faultin and taking
@@ -78,6 +82,7 @@ class KvmPageFault:
     write: bool
     exec: bool = False
     perm: bool = False                  # arm64: a permission fault on a valid leaf
+    is_private: bool = False            # x86: PFERR_PRIVATE_ACCESS (kvmsim.x86.private_mem)
     mmu_seq: int = 0
     pfn: int = -1
     kfp: KvmFollowPfn | None = None
@@ -184,10 +189,14 @@ def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     error-pfn result and ``map_writable``.  None when the fault goes on."""
     kvm = mmu.kvm
     gfn, slot, write = fault.gfn, fault.slot, fault.write
+    if (fault.is_private or kvm.mem_attr_array) and mmu.fault_private_mismatch(fault):
+        return -errno.EFAULT               # x86 private memory: KVM_EXIT_MEMORY_FAULT (kvmsim.x86.private_mem)
     nowait = mmu.fault_faultin_nowait
     if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
+    if fault.is_private:
+        return mmu.fault_faultin_private(fault)      # x86 kvm_mmu_faultin_pfn_private(): guest_memfd
     arch_faultin = kvm.ops.arch_faultin
     if arch_faultin is not None:           # PPC e500: the pfn lookup itself differs per protocol
         pfn, kfp = arch_faultin(kvm, mmu, fault)

@@ -55,6 +55,9 @@ MODEL_COUNTERS = frozenset({
     "kvmppc_hv_emulate_mmio", "kvmppc_core_queue_data_storage", "kvmppc_emulate_mmio", "hpte_cache_alloc_failed",
     "kvmppc_mmu_pte_flush_all", "kvmppc_mmu_map_page_no_pfn", "uv_page_in", "uv_page_in_no_struct_page",
     "kvmppc_gfn_shared", "kvmppc_xive_native_set_queue_config_no_page",
+    # guest_memfd and memory attributes (kvm/gmem.py, kvm/memory_attributes.py, x86/private_mem.py)
+    "kvm_gmem_get_pfn", "kvm_gmem_punch_hole", "memory_fault_exit", "private_shared_mismatch", "set_memory_attributes",
+    "set_memory_attributes_noop", "kvm_arch_post_set_memory_attributes", "hugepage_mixed", "private_max_level",
 }) | frozenset(DERIVED_COUNTERS)
 
 #: Counter families ``<prefix>:<kernel function or reason>``.
@@ -81,7 +84,7 @@ def counter_problem(name: str) -> str | None:
 
 #: The exits the model's vCPU produces (the backend-only terminal exits of a whole run are not steps).
 EXITS = tuple(e.value for e in (Exit.OK, Exit.MMIO, Exit.EFAULT, Exit.EINTR, Exit.HWPOISON, Exit.DIRTY_RING_FULL,
-                                 Exit.LIVELOCK))
+                                 Exit.LIVELOCK, Exit.MEMORY_FAULT))
 ERRNO_NAMES = frozenset(_errno.errorcode.values()) | {"EHWPOISON"}
 
 

@@ -171,8 +171,13 @@ def kvm_mmu_max_mapping_level_attrs(mmu, slot, gfn: int, pfn: int, level: int) -
     if kvm_slot_can_be_private(slot) and kvm_mem_is_private(kvm, gfn):
         index = slot.gmem_pgoff + (gfn - slot.base_gfn)
         level = kvm_max_private_mapping_level(kvm, pfn, mmu.max_level, slot.gmem_file.folio_order(index))
-    while level > PG_LEVEL_4K and hugepage_test_mixed(kvm, gfn, level):
-        level -= 1
+        kvm.journal.count("private_max_level")
+    if level > PG_LEVEL_4K and kvm.mem_attr_array:
+        top = level
+        while level > PG_LEVEL_4K and hugepage_test_mixed(kvm, gfn, level):
+            level -= 1
+        if level != top:
+            kvm.journal.count("hugepage_mixed")
     return level
 
 

@@ -193,7 +193,7 @@ def _check_refs(sc: Scenario, err, path: tuple, step: Step, names: _Names, extra
     """Check one step's (or interleave thread's) references; ``extra``: handles a sibling thread makes."""
     a = step.args
     vmas = {v.name: v for v in sc.vmas}
-    if "vma" in a and a["vma"] not in vmas:
+    if a.get("vma") is not None and a["vma"] not in vmas:          # gmem_memslot_set: vma is optional
         raise err(path + ("vma",), f"no [[vma]] named {a['vma']!r} (have: {', '.join(vmas) or 'none'})")
     if a.get("to") is not None and a["to"] not in vmas:
         raise err(path + ("to",), f"no [[vma]] named {a['to']!r} (have: {', '.join(vmas) or 'none'})")

@@ -178,8 +178,8 @@ def op_fault(env: Env, a: dict):
     finally:
         vcpu.pferr_private = None
     r = int(r)
-    if r == -errno.EFAULT and vcpu.memory_fault is not None:     # KVM_EXIT_MEMORY_FAULT
-        return Res("memory-fault", errno.EFAULT, memory_fault_value(vcpu))
+    if r < 0 and vcpu.memory_fault is not None:                  # KVM_EXIT_MEMORY_FAULT
+        return Res("memory-fault", -r, memory_fault_value(vcpu))
     if r < 0:
         return Res({errno.EFAULT: "efault", errno.EINTR: "eintr", EHWPOISON: "hwpoison"}.get(-r, "error"), -r)
     return Res(FaultRet(r).name.lower())

@@ -130,8 +130,8 @@ def x86_guest_access(mmu, vcpu, gpa: int, write: bool, value: int | None) -> Acc
         acc = ret_to_access(int(mmu.page_fault(vcpu, gpa, write)), gpa, write, value)
     if acc is None:
         acc = kvm_guest_access(mmu, vcpu, gpa, write, value)
-    if acc.exit is Exit.EFAULT and vcpu.memory_fault is not None:
-        acc.exit = Exit.MEMORY_FAULT
+    if vcpu.memory_fault is not None and acc.exit in (Exit.EFAULT, Exit.HWPOISON):
+        acc.exit = Exit.MEMORY_FAULT       # -EFAULT, or kvm_gmem_get_pfn()'s -EHWPOISON: no SIGBUS, an exit
     return acc
 
 

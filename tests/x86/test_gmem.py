@@ -263,3 +263,17 @@ def test_a_conversion_of_the_faulting_gfn_retries_and_maps_nothing_private():
         next(gen)
     assert int(stop.value.value) == fault_mod.FaultRet.RETRY
     assert not present(kvm, 0) and not kvm_mem_is_private(kvm, 0)
+
+
+# ---- the race, explored ------------------------------------------------------------------------------
+
+def test_explore_finds_the_legacy_unused_folio_aged_by_a_punch_hole_race_and_the_series_clean():
+    from kvmsim.explore import SCENARIOS, Mutations, explore
+    sc = SCENARIOS["private-fault-vs-punch-hole"]
+    res = explore(sc, "legacy", Mutations(), bound=2)
+    assert res.violating is not None
+    v = res.violating.violation
+    assert v.invariant == "INV-7" and "RETRY" in v.detail
+    threads = [s.thread for s in res.violating.steps]
+    assert "host" in threads and threads.index("host") > 0     # the hole lands inside the fault
+    assert explore(sc, "series", Mutations(), bound=2).violating is None

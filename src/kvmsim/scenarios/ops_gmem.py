@@ -1,7 +1,9 @@
 """Scenario ops for guest_memfd and private memory (:mod:`kvmsim.kvm.gmem`,
 :mod:`kvmsim.kvm.memory_attributes`, :mod:`kvmsim.x86.private_mem`).
 
-* ``gmem_create``: KVM_CREATE_GUEST_MEMFD (``name``, ``size``, ``flags``);
+* ``gmem_create``: KVM_CREATE_GUEST_MEMFD (``name``, ``size``, ``flags``); at set-up a ``[[guest_memfd]]``
+  table does the same, and a ``[[memslot]]`` with ``guest_memfd = "<name>"`` (``guest_memfd_offset``)
+  binds it;
 * ``gmem_memslot_set``: KVM_SET_USER_MEMORY_REGION2 with KVM_MEM_GUEST_MEMFD (``id``, ``gpa``, ``size``,
   ``gmem`` = the file's name, ``gmem_offset``; ``vma`` and ``offset`` give the shared half's
   ``userspace_addr``, none: 0, where a shared access finds no memory);
@@ -41,10 +43,7 @@ GMEM_OP_ARGS = {
 
 
 def _gmems(env: Env) -> dict:
-    gmems = getattr(env, "gmems", None)
-    if gmems is None:
-        gmems = env.gmems = {}
-    return gmems
+    return env.gmems
 
 
 def _gmem(env: Env, name: str):

@@ -172,3 +172,44 @@ def test_fallocate_allocates_and_punches():
     assert [int(p) >= 0 for p in g.pages] == [True, True, False, False]
     kvm_gmem_fallocate(kvm, g, FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE, PAGE, 3 * PAGE)
     assert [int(p) >= 0 for p in g.pages] == [True, False, False, False]
+
+
+# ---- scenario set-up keys ----------------------------------------------------------------------------
+
+_SETUP = """
+name = "t"
+[[guest_memfd]]
+name = "g"
+size = "8K"
+[[vma]]
+name = "v"
+kind = "anon"
+size = "8K"
+[[memslot]]
+id = 1
+gpa = 0
+size = "8K"
+vma = "v"
+guest_memfd = "{gmem}"
+guest_memfd_offset = {offset}
+"""
+
+
+def test_a_memslot_names_its_guest_memfd_and_the_runner_binds_it():
+    from kvmsim.scenarios.loader import loads
+    from kvmsim.scenarios.runner import build
+    sc = loads(_SETUP.format(gmem="g", offset=0))
+    env = build(sc, "series")
+    slot = env.kvm.gfn_to_memslot(0)
+    assert slot.gmem_file is env.gmems["g"] and int(slot.flags) & GMEM
+    assert env.gmems["g"].bindings == [slot]
+
+
+@pytest.mark.parametrize("gmem,offset,what", [("h", 0, "no [[guest_memfd]] named 'h'"),
+                                              ("g", 100, "expected a multiple of 4K")])
+def test_bad_guest_memfd_keys_name_the_line(gmem, offset, what):
+    from kvmsim.errors import ScenarioError
+    from kvmsim.scenarios.loader import loads
+    with pytest.raises(ScenarioError) as e:
+        loads(_SETUP.format(gmem=gmem, offset=offset), "s.toml")
+    assert what in str(e.value) and "s.toml:" in str(e.value)

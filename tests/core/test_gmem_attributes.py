@@ -50,7 +50,8 @@ def test_set_memory_attributes_einval(address, size, attrs, flags):
     assert kvm.mem_attr_array == {}
 
 
-@pytest.mark.parametrize("arch,kw", [("arm64", {}), ("generic", {}), ("x86", {"has_private_mem": False})])
+@pytest.mark.parametrize("arch,kw", [("arm64", {}), ("generic", {}), ("x86", {"has_private_mem": False}),
+                                     ("x86", {"mmu": "shadow"})])
 def test_private_is_unsupported_without_private_memory(arch, kw):
     _, kvm = vm(arch, **kw)
     assert kvm_supported_mem_attributes(kvm) == 0

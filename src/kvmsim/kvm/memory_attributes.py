@@ -71,9 +71,11 @@ def kvm_slot_can_be_private(slot) -> bool:
 
 
 def kvm_supported_mem_attributes(kvm) -> int:
-    """Mirrors ``kvm_supported_mem_attributes()``: PRIVATE if ``kvm_arch_has_private_mem()``, else none
-    (only x86 has private memory in v6.12 / v6.13: its MMU supplies the attribute hooks)."""
-    has = kvm.has_private_mem and getattr(kvm.arch, "pre_set_memory_attributes", None) is not None
+    """Mirrors ``kvm_supported_mem_attributes()``: PRIVATE if ``kvm_arch_has_private_mem()``, else none.
+    Only x86 has private memory in v6.12 / v6.13 (its MMU supplies the attribute hooks), and only with the
+    TDP MMU: ``__kvm_is_vm_type_supported()`` offers KVM_X86_SW_PROTECTED_VM only if ``tdp_mmu_enabled``."""
+    has = kvm.has_private_mem and getattr(kvm.arch, "pre_set_memory_attributes", None) is not None \
+        and getattr(kvm.arch, "tdp_mmu_enabled", False)
     return KVM_MEMORY_ATTRIBUTE_PRIVATE if has else 0
 
 

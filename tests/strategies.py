@@ -166,7 +166,8 @@ S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
 PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
                   "xive_queue_config", "xive_queue_reset")
 X86_NESTED_OPS = ("nested_vmenter", "nested_vmexit", "nested_posted_interrupt", "apic_access_alloc", "apic_access_reload", "apic_access_migrate")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS
+GMEM_OPS = ("gmem_create", "gmem_memslot_set", "set_memory_attributes", "gmem_punch_hole", "gmem_fallocate")
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS + GMEM_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -186,9 +187,16 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
                 a["stride"] = 2 * PAGE
         if op == "write" and draw(st.booleans()):
             a["value"] = draw(st.integers(0, 255))
+        if draw(st.integers(0, 3)) == 0:
+            a["private"] = draw(st.booleans())      # the guest's C-bit / shared bit
         return a
     if op == "fault":
-        return {"gpa": _gpa(draw, w), "write": draw(st.booleans()), **_vcpu(draw, w)}
+        a = {"gpa": _gpa(draw, w), "write": draw(st.booleans()), **_vcpu(draw, w)}
+        if draw(st.integers(0, 3)) == 0:
+            a["private"] = draw(st.booleans())
+        return a
+    if op in GMEM_OPS:
+        return _gmem_args(draw, w, op)
     if op == "store":
         return {"gpa": _gpa(draw, w), "value": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     if op == "zap":
@@ -335,6 +343,30 @@ def _x86_nested_args(draw, w: _World, op: str) -> dict:
     if op == "nested_posted_interrupt":
         return {"vector": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     return {}
+
+
+def _gmem_args(draw, w: _World, op: str) -> dict:
+    """guest_memfd files (always named ``gmem``; a second create is EINVAL, a use before one EBADF: both
+    are results), their memslots at a fresh GiB, conversions over some pages, punch-holes."""
+    size = draw(st.sampled_from([1, 2, 4, 512])) * PAGE
+    if op == "gmem_create":
+        return {"size": size, **({"flags": draw(st.sampled_from([0, 2, 4]))} if draw(st.integers(0, 4)) == 0 else {})}
+    if op == "gmem_memslot_set":
+        a = {"id": draw(st.integers(0, 5)), "gpa": draw(st.integers(0, 6)) * SLOT_STRIDE, "size": size,
+             "gmem_offset": draw(st.sampled_from([0, 0, PAGE, 3]))}
+        if w.vmas and draw(st.booleans()):
+            a["vma"] = draw(st.sampled_from(sorted(w.vmas)))
+        return a
+    if op == "set_memory_attributes":
+        a = {"gpa": _gpa(draw, w) & ~(PAGE - 1) if draw(st.integers(0, 5)) else _gpa(draw, w) | 1,
+             "size": draw(st.sampled_from([0, PAGE, 2 * PAGE, 512 * PAGE])), "private": draw(st.booleans())}
+        if draw(st.integers(0, 6)) == 0:
+            a["flags" if draw(st.booleans()) else "attributes"] = draw(st.sampled_from([1, 8, 9]))
+        return a
+    off = draw(st.integers(0, 3)) * PAGE + (1 if draw(st.integers(0, 6)) == 0 else 0)
+    if op == "gmem_punch_hole":
+        return {"offset": off, "size": draw(st.integers(0, 3)) * PAGE}
+    return {"mode": draw(st.sampled_from([0, 1, 2, 3, 8])), "offset": off, "size": draw(st.integers(0, 3)) * PAGE}
 
 
 def _vsie_args(draw, w: _World, op: str) -> dict:

@@ -128,6 +128,12 @@ class GuestMemfdFlags(IntFlag):
 GUEST_MEMFD_FLAG_MMAP = int(GuestMemfdFlags.GUEST_MEMFD_FLAG_MMAP)
 GUEST_MEMFD_FLAG_INIT_SHARED = int(GuestMemfdFlags.GUEST_MEMFD_FLAG_INIT_SHARED)
 
+# --- memory attributes (struct kvm_memory_attributes, KVM_SET_MEMORY_ATTRIBUTES) --------------------
+KVM_MEMORY_ATTRIBUTE_PRIVATE = 1 << 3
+
+# struct kvm_run.memory_fault.flags (KVM_EXIT_MEMORY_FAULT)
+KVM_MEMORY_EXIT_FLAG_PRIVATE = 1 << 3
+
 # --- binary stats (KVM_GET_STATS_FD) --------------------------------------------------------------
 KVM_STATS_NAME_SIZE = 48
 

@@ -31,7 +31,7 @@ from kvmsim.mm.reclaim import reclaim, truncate_page, writeback_folio
 from kvmsim.mm.vma import VmaKind
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import PAGE_SIZE
-from kvmsim.uapi import KVM_MEM
+from kvmsim.uapi import KVM_MEM, KVM_MEMORY_ATTRIBUTE_PRIVATE
 
 GPA = 0
 
@@ -293,6 +293,26 @@ def _apic_final(w: World) -> None:
     kvm_vcpu_reload_apic_access_page(w.vcpu, force=False)
 
 
+def _private_fault_vs_punch_hole(policy, mutations, arch) -> World:
+    """x86 private write fault on a guest_memfd page races fallocate(PUNCH_HOLE) of that page
+    (kvm_gmem_punch_hole(): invalidate the binding, truncate the folio, end the invalidation)."""
+    from kvmsim.kvm.gmem import GuestMemfd, kvm_gmem_punch_hole
+    from kvmsim.kvm.memory_attributes import kvm_vm_ioctl_set_mem_attributes
+    host = Host()
+    kvm = Kvm(host, policy=policy, arch=arch)
+    install(kvm, mutations)
+    g = GuestMemfd(kvm, PAGE_SIZE)
+    kvm.set_user_memory_region(0, GPA, PAGE_SIZE, 0, KVM_MEM.GUEST_MEMFD, guest_memfd=g)
+    kvm_vm_ioctl_set_mem_attributes(kvm, GPA, PAGE_SIZE, KVM_MEMORY_ATTRIBUTE_PRIVATE)
+    w = World(host, kvm, kvm.create_vcpu(), None)
+
+    def punch() -> Steps:
+        kvm_gmem_punch_hole(kvm, g, 0, 1)
+        yield "kvm_gmem_punch_hole: invalidated and truncated"
+    w.threads = {"vcpu0": kvm.arch.page_fault.steps(w.vcpu, GPA, write=True), "host": punch()}
+    return w
+
+
 def _freed_page_mark(v) -> bool:
     return v.invariant == "INV-3" and "on a freed page" in v.detail
 
@@ -327,6 +347,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("loongarch-fast-dirty-vs-truncate", "LoongArch kvm_map_page_fast() store to a clean PTE races "
              "truncate; v6.12 dirties the folio after unlock", _loongarch_fast_vs_truncate, _truncated_dirty,
              arches=("loongarch",), arch="loongarch"),
+    Scenario("private-fault-vs-punch-hole", "x86 private (guest_memfd) write fault races fallocate(PUNCH_HOLE): "
+             "v6.12 ages the retried, unused folio (the hole's invalidation made the fault stale)",
+             _private_fault_vs_punch_hole, _invs("INV-5", "INV-7"), arches=("x86",), arch="x86"),
     Scenario("tlbwe-vs-truncate", "e500 tlbwe premap races truncate: v6.12 ages the retried, unused page after unlock",
              _tlbwe_vs_truncate, _invs("INV-5", "INV-7"), arches=("ppc-e500",), arch="ppc-e500"),
     Scenario("apic-access-reload-vs-migrate", "VMX vmx_set_apic_access_page_addr() races a migration of the "

@@ -26,7 +26,11 @@ supplies the hooks (class attributes and methods of its MMU):
   for TLB1 over VM_PFNMAP, v6.13-rc1 calls it with a NULL ``writable``: the resolved
   ``kvm.ops.arch_ops.faultin``);
 * ``fault_before_lock(fault)`` (None: nothing): what the arch does between the faultin and taking
-  ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``).
+  ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``);
+* x86 only (the one arch with private memory): ``fault_private_mismatch(fault)``, the private vs shared
+  check of ``kvm_mmu_faultin_pfn()``, and ``fault_faultin_private(fault)``, ``kvm_mmu_faultin_pfn_private()``
+  (the pfn from guest_memfd), called only on a VM with memory attributes or a private fault
+  (:mod:`kvmsim.x86.private_mem`).
 
 The legacy / series difference is not here: the VM's ``kvm.ops`` (:func:`kvmsim.policies.resolve`,
 one set of callables per policy × architecture) releases under the lock, after it, or marks the page
@@ -77,6 +81,7 @@ class KvmPageFault:
     write: bool
     exec: bool = False
     perm: bool = False                  # arm64: a permission fault on a valid leaf
+    is_private: bool = False            # x86: PFERR_PRIVATE_ACCESS (kvmsim.x86.private_mem)
     mmu_seq: int = 0
     pfn: int = -1
     kfp: KvmFollowPfn | None = None
@@ -183,10 +188,14 @@ def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     error-pfn result and ``map_writable``.  None when the fault goes on."""
     kvm = mmu.kvm
     gfn, slot, write = fault.gfn, fault.slot, fault.write
+    if (fault.is_private or kvm.mem_attr_array) and mmu.fault_private_mismatch(fault):
+        return -errno.EFAULT               # x86 private memory: KVM_EXIT_MEMORY_FAULT (kvmsim.x86.private_mem)
     nowait = mmu.fault_faultin_nowait
     if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
+    if fault.is_private:
+        return mmu.fault_faultin_private(fault)      # x86 kvm_mmu_faultin_pfn_private(): guest_memfd
     lookup = mmu.fault_pfn_lookup
     if lookup is not None:                 # the arch's own lookup (PPC e500, Book3S PR)
         pfn, kfp = lookup(fault)

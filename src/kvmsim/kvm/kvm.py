@@ -30,7 +30,6 @@ from kvmsim.kvm.memslot import (KVM_MEM, KvmMemorySlot, KvmMemslots, KvmMrChange
 from kvmsim.mm.notifier import MmuNotifierRange
 from kvmsim.policies import DEFAULT_POLICY, Policy, get_policy
 from kvmsim.sched import DEFAULT_SCHEDULER, Scheduler, Steps, Wait, kpath
-from kvmsim.types import PAGE_SHIFT
 
 
 class MmuLock:
@@ -163,6 +162,7 @@ class Kvm:
         self.allow_unsafe_mappings = allow_unsafe_mappings      # kvm.allow_unsafe_mappings (0444)
         self.v613_other = v613_other
         self.has_private_mem = has_private_mem
+        self.mem_attr_array: dict[int, int] = {}   # gfn → KVM_MEMORY_ATTRIBUTE_* (kvmsim.kvm.memory_attributes)
         self.nr_memslot_as_ids = 1
         self.memslots = [KvmMemslots() for _ in range(self.nr_memslot_as_ids)]
         self.sched: Scheduler = host.sched          # the world's scheduler (one per host)
@@ -279,9 +279,14 @@ class Kvm:
         new = None if change == KvmMrChange.DELETE else new_memslot(mem, old, change)
         if new is not None and change == KvmMrChange.CREATE and int(flags) & KVM_MEM.GUEST_MEMFD:
             from kvmsim.kvm.gmem import kvm_gmem_bind
-            kvm_gmem_bind(self, guest_memfd, guest_memfd_offset, memory_size >> PAGE_SHIFT)
-            new.gmem_file = guest_memfd
-        kvm_prepare_memory_region(self, old, new, change)        # raises before anything is committed
+            kvm_gmem_bind(self, new, guest_memfd, guest_memfd_offset)
+        try:
+            kvm_prepare_memory_region(self, old, new, change)    # raises before anything is committed
+        except ModelError:
+            if new is not None and new.gmem_file is not None and change == KvmMrChange.CREATE:
+                from kvmsim.kvm.gmem import kvm_gmem_unbind
+                kvm_gmem_unbind(new)                              # __kvm_set_memory_region(): out_unbind
+            raise
         self.journal.count(f"memslot_{change.value}")
         if change == KvmMrChange.DELETE:
             self._delete_slot(old)
@@ -314,6 +319,9 @@ class Kvm:
         self.mmu_lock.write_unlock()
         self.memslots[old.as_id].remove(old.id)
         self.gpc_invalidate_start(old.userspace_addr, old.hva_end)
+        if old.gmem_file is not None:
+            from kvmsim.kvm.gmem import kvm_gmem_unbind
+            kvm_gmem_unbind(old)                                 # kvm_free_memslot()
 
     # ---- pfncache hook ---------------------------------------------------------------------------
     def gpc_invalidate_start(self, start: int, end: int) -> None:

@@ -25,6 +25,12 @@ class KvmVcpu:
         self.vcpu_id = vcpu_id
         self.dirty_ring: list[tuple[int, int]] = []     # (slot id | as_id << 16, offset)
         self.dirty_ring_harvested = 0
+        #: The guest's private/shared bit for its accesses (SEV-SNP's C-bit, TDX's shared bit, through the
+        #: #NPF / EPT-violation error code's PFERR_PRIVATE_ACCESS); None: a KVM_X86_SW_PROTECTED_VM, where
+        #: ``kvm_mmu_page_fault()`` derives it from the gfn's current attributes.
+        self.pferr_private: bool | None = None
+        #: ``kvm_run.memory_fault`` of the last KVM_EXIT_MEMORY_FAULT (kvmsim.kvm.memory_attributes).
+        self.memory_fault = None
 
     def access(self, gpa: int, write: bool, value: int | None = None) -> Access:
         if self.kvm.execution == "emulated":

@@ -38,6 +38,7 @@ class Env:
         self.pages: dict[str, int | None] = {}
         self.gpcs: dict[str, Any] = {}
         self.children: list = []
+        self.gmems: dict[str, Any] = {}  # guest_memfd files by name (kvmsim.scenarios.ops_gmem)
 
     @property
     def mm(self):

@@ -25,6 +25,7 @@ from kvmsim.scenarios.spec import (
     POLICY_ALIASES,
     DriverSpec,
     FinalExpect,
+    GuestMemfdSpec,
     Scenario,
     SlotSpec,
     Step,
@@ -228,7 +229,7 @@ def c_requires(v: Any) -> list[str]:
 
 TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, ""),
        "requires": (c_requires, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
-       "memslot": (c_any, []), "step": (c_any, []), "expect": (c_any, {})}
+       "memslot": (c_any, []), "guest_memfd": (c_any, []), "step": (c_any, []), "expect": (c_any, {})}
 
 DRIVER = {"name": (c_str, REQUIRED),
           "pfn_class": (c_choice(*(c.name.lower() for c in PfnClass)), REQUIRED),
@@ -288,7 +289,10 @@ def c_memflags(v: Any) -> tuple[str, ...]:
 
 MEMSLOT = {"id": (c_int, REQUIRED), "gpa": (c_size, REQUIRED),
            "size": (c_bounded(c_size, 0, MAX_BYTES, "a memslot size"), REQUIRED), "vma": (c_str, REQUIRED),
-           "offset": (c_size, 0), "flags": (c_memflags, ())}
+           "offset": (c_size, 0), "flags": (c_memflags, ()), "guest_memfd": (c_str, None),
+           "guest_memfd_offset": (c_size, 0)}
+GUEST_MEMFD = {"name": (c_str, REQUIRED), "size": (c_bounded(c_size, 1, MAX_BYTES, "a guest_memfd size"), REQUIRED),
+               "flags": (c_int, 0)}
 
 
 STEP_EXPECT = {"exit": (c_exit, None), "result": (c_result, None), "errno": (c_errno, None), "value": (c_any, None),
@@ -383,12 +387,21 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
     if vm["mte"] and vm["arch"] != "arm64":
         raise ctx.error(("vm", "mte"), f"mte = true (KVM_CAP_ARM_MTE) needs arch = \"arm64\", not {vm['arch']!r}")
     sc.vm = VmSpec(policies=vm.pop("policy"), **vm)
+    for i, g in enumerate(_array(ctx, ("guest_memfd",), top["guest_memfd"])):
+        t = _table(ctx, ("guest_memfd", i), g, GUEST_MEMFD)
+        if t["name"] in {x.name for x in sc.guest_memfds}:
+            raise ctx.error(("guest_memfd", i, "name"), f"a second [[guest_memfd]] named {t['name']!r}: names must be unique")
+        sc.guest_memfds.append(GuestMemfdSpec(**t, line=ctx.src.find(("guest_memfd", i))))
+    gmems = [g.name for g in sc.guest_memfds]
     for i, s in enumerate(_array(ctx, ("memslot",), top["memslot"])):
         t = _table(ctx, ("memslot", i), s, MEMSLOT)
+        if t["guest_memfd"] is not None and t["guest_memfd"] not in gmems:
+            raise ctx.error(("memslot", i, "guest_memfd"), f"no [[guest_memfd]] named {t['guest_memfd']!r} "
+                                                           f"(have: {', '.join(gmems) or 'none'})")
         if t["vma"] not in names:
             raise ctx.error(("memslot", i, "vma"),
                             f"no [[vma]] named {t['vma']!r} (have: {', '.join(names) or 'none'})")
-        for k in ("gpa", "size", "offset"):
+        for k in ("gpa", "size", "offset", "guest_memfd_offset"):
             if t[k] % 4096:
                 raise ctx.error(("memslot", i, k), f"expected a multiple of 4K, got {t[k]:#x} "
                                                    "(KVM_SET_USER_MEMORY_REGION refuses it with EINVAL)")

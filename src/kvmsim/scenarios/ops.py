@@ -53,11 +53,13 @@ from kvmsim.scenarios.ops_x86_nested import X86_NESTED_OP_ARGS, X86_NESTED_OPS
 from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
 from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
 from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
+from kvmsim.scenarios.ops_gmem import GMEM_OP_ARGS, GMEM_OPS, memory_fault_value
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
 _COUNT = c_bounded(c_int, 1, MAX_COUNT, "a page count")
-_GUEST = {"gpa": (c_size, REQUIRED), "count": (_COUNT, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0)}
+_GUEST = {"gpa": (c_size, REQUIRED), "count": (_COUNT, 1), "stride": (c_size, PAGE_SIZE), "vcpu": (c_int, 0),
+          "private": (c_bool, None)}                # the guest's C-bit / shared bit (kvmsim.scenarios.ops_gmem)
 _RANGE = {"vma": (c_str, REQUIRED), "offset": (c_size, 0), "size": (c_size, None)}
 # the advice Mm.madvise() models, as "dontneed" or "madv_dontneed"
 _MADVISE_ADVICE = tuple(p + a.lower() for a in MADVISE_ADVICE for p in ("", "madv_"))
@@ -67,7 +69,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     # guest
     "read": _GUEST,
     "write": {**_GUEST, "value": (c_int, 1)},
-    "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0)},
+    "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0), "private": (c_bool, None)},
     "store": {"gpa": (c_size, REQUIRED), "value": (c_int, 1), "vcpu": (c_int, 0)},
     "zap": {"gpa": (c_size, REQUIRED)},
     # host
@@ -115,6 +117,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     **PPC_BOOK3S_OP_ARGS,
     **PPC_E500_OP_ARGS,
     **X86_NESTED_OP_ARGS,
+    **GMEM_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -134,8 +137,17 @@ BULK_THRESHOLD = 64
 
 def op_access(env: Env, a: dict, write: bool):
     vcpu = env.vcpu(a["vcpu"])
+    vcpu.pferr_private = a.get("private")
+    try:
+        return (yield from _op_access(env, a, write, vcpu))
+    finally:
+        vcpu.pferr_private = None
+
+
+def _op_access(env: Env, a: dict, write: bool, vcpu):
     bulk = getattr(env.kvm.arch, "guest_access_range", None)
-    if a["count"] > BULK_THRESHOLD and a["stride"] == PAGE_SIZE and bulk is not None:
+    if a["count"] > BULK_THRESHOLD and a["stride"] == PAGE_SIZE and bulk is not None and \
+            a.get("private") is None and not env.kvm.mem_attr_array:
         # the x86 MMU's vectorised path: same faults and bits, one numpy pass per round
         before = env.kvm.journal.counters["range_access_exit"]
         out = bulk(vcpu, a["gpa"], a["count"], write, a.get("value") if write else None)
@@ -161,8 +173,15 @@ def op_access(env: Env, a: dict, write: bool):
 
 
 def op_fault(env: Env, a: dict):
-    r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"])
+    vcpu = env.vcpu(a["vcpu"])
+    vcpu.pferr_private, vcpu.memory_fault = a.get("private"), None
+    try:
+        r = yield from env.kvm.arch.page_fault.steps(vcpu, a["gpa"], a["write"])
+    finally:
+        vcpu.pferr_private = None
     r = int(r)
+    if r < 0 and vcpu.memory_fault is not None:                  # KVM_EXIT_MEMORY_FAULT
+        return Res("memory-fault", -r, memory_fault_value(vcpu))
     if r < 0:
         return Res({errno.EFAULT: "efault", errno.EINTR: "eintr", EHWPOISON: "hwpoison"}.get(-r, "error"), -r)
     return Res(FaultRet(r).name.lower())
@@ -399,6 +418,7 @@ OPS: dict[str, Callable] = {
     **PPC_BOOK3S_OPS,
     **PPC_E500_OPS,
     **X86_NESTED_OPS,
+    **GMEM_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 

@@ -132,9 +132,17 @@ def build(sc: Scenario, policy: str) -> Env:
         kvm_vm_ioctl_enable_cap_mte(kvm)
     for _ in range(vm.vcpus):
         kvm.create_vcpu()
+    from kvmsim.kvm.gmem import GuestMemfd
+    from kvmsim.uapi import KVM_MEM
+    gmems = {g.name: GuestMemfd(kvm, g.size, g.flags) for g in sc.guest_memfds}
     for s in sc.memslots:
-        kvm.set_user_memory_region(s.id, s.gpa, s.size, vmas[s.vma]["start"] + s.offset, _flags(s.flags))
-    return Env(host, kvm, vmas)
+        g = gmems.get(s.guest_memfd) if s.guest_memfd is not None else None
+        kvm.set_user_memory_region(s.id, s.gpa, s.size, vmas[s.vma]["start"] + s.offset,
+                                   _flags(s.flags) | (int(KVM_MEM.GUEST_MEMFD) if g is not None else 0),
+                                   guest_memfd=g, guest_memfd_offset=s.guest_memfd_offset)
+    env = Env(host, kvm, vmas)
+    env.gmems.update(gmems)             # the files gmem_* steps name (kvmsim.scenarios.ops_gmem)
+    return env
 
 
 # ---- expectations ---------------------------------------------------------------------------------------

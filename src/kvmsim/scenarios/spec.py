@@ -55,6 +55,18 @@ class SlotSpec:
     vma: str
     offset: int = 0
     flags: tuple[str, ...] = ()
+    guest_memfd: str | None = None    # a [[guest_memfd]]'s name: KVM_MEM_GUEST_MEMFD with that file
+    guest_memfd_offset: int = 0
+    line: int | None = field(default=None, compare=False)
+
+
+@dataclass
+class GuestMemfdSpec:
+    """One ``KVM_CREATE_GUEST_MEMFD`` at set-up time (kvmsim.kvm.gmem)."""
+
+    name: str
+    size: int
+    flags: int = 0
     line: int | None = field(default=None, compare=False)
 
 
@@ -125,6 +137,7 @@ class Scenario:
     vmas: list[VmaSpec] = field(default_factory=list)
     vm: VmSpec = field(default_factory=VmSpec)
     memslots: list[SlotSpec] = field(default_factory=list)
+    guest_memfds: list[GuestMemfdSpec] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     expect: dict[str, FinalExpect] = field(default_factory=dict)
     file: str | None = None

@@ -57,6 +57,9 @@ MODEL_COUNTERS = frozenset({
     "kvmppc_gfn_shared", "kvmppc_xive_native_set_queue_config_no_page",
     # x86 nested VMX/SVM and the VMX APIC-access page (x86/nested.py, x86/vmx.py)
     "nested_vmenter", "nested_vmexit", "nested_map_failed", "nested_posted_interrupt", "apic_access_faultin", "apic_page_reload_requested",
+    # guest_memfd and memory attributes (kvm/gmem.py, kvm/memory_attributes.py, x86/private_mem.py)
+    "kvm_gmem_get_pfn", "kvm_gmem_punch_hole", "memory_fault_exit", "private_shared_mismatch", "set_memory_attributes",
+    "set_memory_attributes_noop", "kvm_arch_post_set_memory_attributes", "hugepage_mixed", "private_max_level",
 }) | frozenset(DERIVED_COUNTERS)
 
 #: Counter families ``<prefix>:<kernel function or reason>``.
@@ -83,7 +86,7 @@ def counter_problem(name: str) -> str | None:
 
 #: The exits the model's vCPU produces (the backend-only terminal exits of a whole run are not steps).
 EXITS = tuple(e.value for e in (Exit.OK, Exit.MMIO, Exit.EFAULT, Exit.EINTR, Exit.HWPOISON, Exit.DIRTY_RING_FULL,
-                                 Exit.LIVELOCK))
+                                 Exit.LIVELOCK, Exit.MEMORY_FAULT))
 ERRNO_NAMES = frozenset(_errno.errorcode.values()) | {"EHWPOISON"}
 
 
@@ -192,7 +195,7 @@ def _check_refs(sc: Scenario, err, path: tuple, step: Step, names: _Names, extra
     """Check one step's (or interleave thread's) references; ``extra``: handles a sibling thread makes."""
     a = step.args
     vmas = {v.name: v for v in sc.vmas}
-    if "vma" in a and a["vma"] not in vmas:
+    if a.get("vma") is not None and a["vma"] not in vmas:          # gmem_memslot_set: vma is optional
         raise err(path + ("vma",), f"no [[vma]] named {a['vma']!r} (have: {', '.join(vmas) or 'none'})")
     if a.get("to") is not None and a["to"] not in vmas:
         raise err(path + ("to",), f"no [[vma]] named {a['to']!r} (have: {', '.join(vmas) or 'none'})")

@@ -25,13 +25,17 @@ from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.fault import (KvmPageFault, kvm_faultin_pfn, kvm_guest_access, kvm_handle_error_pfn,
-                              kvm_stage2_fault)
+                              kvm_stage2_fault, ret_to_access)
 from kvmsim.kvm.pfn import KVM_PFN_NOSLOT, Hold
-from kvmsim.kvm.vcpu import Access
+from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
 from kvmsim.x86.mmu_internal import RET_PF
+from kvmsim.x86.private_mem import (kvm_arch_post_set_memory_attributes, kvm_arch_pre_set_memory_attributes,
+                                    kvm_mmu_fault_is_private, kvm_mmu_faultin_pfn_private,
+                                    kvm_mmu_private_access_faults, page_fault_can_be_fast,
+                                    kvm_mmu_max_mapping_level_attrs, kvm_mmu_private_mismatch)
 from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_accessed_spte, is_dirty_spte,
                              make_spte, spte_write, tables)
 
@@ -85,11 +89,13 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
         return RET_PF.RETRY
     if write and slot.readonly:
         return RET_PF.EMULATE                           # KVM_PFN_ERR_RO_FAULT → emulate
-    r = mmu.fast_page_fault(vcpu, slot, gfn, write)
+    is_private = kvm_mmu_fault_is_private(kvm, vcpu, gfn)
+    r = mmu.fast_page_fault(vcpu, slot, gfn, write) if page_fault_can_be_fast(kvm, is_private, gfn) else None
     if r is not None:
         return r
     yield "fast_page_fault: not fixed"
-    r = yield from kvm_tdp_page_fault(mmu, KvmPageFault(vcpu, gfn, slot, write, exec))
+    fault = KvmPageFault(vcpu, gfn, slot, write, exec, is_private=is_private)
+    r = yield from kvm_tdp_page_fault(mmu, fault)
     return r
 
 
@@ -106,8 +112,27 @@ def kvm_mmu_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     """Mirrors ``kvm_mmu_faultin_pfn()`` (arch/x86/kvm/mmu/mmu.c) between the template's ``mmu_seq``
     snapshot and its lockless re-check (:func:`kvmsim.kvm.fault.kvm_faultin_pfn` with x86's hooks):
     ``mmu_invalidate_retry_gfn_unsafe()``, ``__kvm_faultin_pfn()`` with FOLL_NOWAIT then
-    FOLL_INTERRUPTIBLE, ``kvm_handle_error_pfn()``.  None when the fault goes on."""
+    FOLL_INTERRUPTIBLE, ``kvm_handle_error_pfn()``.  None when the fault goes on.  First the private vs
+    shared check (-EFAULT with a KVM_EXIT_MEMORY_FAULT); a private fault takes its pfn from guest_memfd
+    (``kvm_mmu_faultin_pfn_private()``): :class:`X86Mmu`'s ``fault_private_mismatch`` and
+    ``fault_faultin_private`` hooks (:mod:`kvmsim.x86.private_mem`)."""
     return kvm_faultin_pfn(mmu, fault)
+
+
+def x86_guest_access(mmu, vcpu, gpa: int, write: bool, value: int | None) -> Access:
+    """A guest load/store (:func:`kvmsim.kvm.fault.kvm_guest_access`); KVM_RUN's -EFAULT is a
+    KVM_EXIT_MEMORY_FAULT when the fault prepared one (``vcpu->run->memory_fault``).  An access whose
+    declared private/shared bit disagrees with the gfn's attribute faults even over a present SPTE (a TDX
+    shared-bit alias has its own EPT; an SNP C-bit mismatch is an #NPF), so it exits."""
+    vcpu.memory_fault = None
+    acc = None
+    if vcpu.pferr_private is not None and kvm_mmu_private_access_faults(mmu.kvm, vcpu, gpa >> PAGE_SHIFT):
+        acc = ret_to_access(int(mmu.page_fault(vcpu, gpa, write)), gpa, write, value)
+    if acc is None:
+        acc = kvm_guest_access(mmu, vcpu, gpa, write, value)
+    if vcpu.memory_fault is not None and acc.exit in (Exit.EFAULT, Exit.HWPOISON):
+        acc.exit = Exit.MEMORY_FAULT       # -EFAULT, or kvm_gmem_get_pfn()'s -EHWPOISON: no SIGBUS, an exit
+    return acc
 
 
 def kvm_mmu_finish_page_fault(kvm, mmu, fault: KvmPageFault) -> None:
@@ -134,6 +159,8 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     t = tables(slot)
     i = gfn - slot.base_gfn
     level = tdp_mmu.max_mapping_level(kvm, slot, i, self.max_level)
+    if kvm.mem_attr_array or slot.gmem_file is not None:     # private gfns, mixed huge pages
+        level = kvm_mmu_max_mapping_level_attrs(self, slot, gfn, pfn, level)
     n = LEVEL_PAGES[level]
     lo = (gfn // n * n) - slot.base_gfn
     hi = lo + n
@@ -244,6 +271,8 @@ class X86Mmu:
     fault_after_unlock = None
 
     fault_map = kvm_tdp_mmu_map
+    fault_private_mismatch = kvm_mmu_private_mismatch
+    fault_faultin_private = kvm_mmu_faultin_pfn_private
 
     def fault_unused(self, fault: KvmPageFault) -> bool:
         """``kvm_mmu_finish_page_fault()``: ``r == RET_PF_RETRY``."""
@@ -293,7 +322,7 @@ class X86Mmu:
     # ---- guest accesses ----------------------------------------------------------------------------
     #: A guest load/store: :func:`kvmsim.kvm.fault.kvm_guest_access` (the one re-entry loop), with
     #: :meth:`leaf_access` and RET_PF_EMULATE → ``x86_emulate_instruction()``.
-    guest_access = kvm_guest_access
+    guest_access = x86_guest_access
 
     def leaf_access(self, vcpu, slot, i: int, write: bool) -> int | None:
         """Through the SPTEs: hardware sets A/D (PML logs a write that sets D on a dirty-logged slot) and
@@ -317,6 +346,10 @@ class X86Mmu:
         t.bits[lo:hi] |= np.uint16(want)                  # hardware A/D assist: not an SPTE write by KVM
         if write and not b & D and slot.logging and self.pml:
             mark_page_dirty_in_slot(self.kvm, slot, slot.base_gfn + i, vcpu)     # PML entry
+
+    # ---- memory attributes (kvmsim.kvm.memory_attributes) ---------------------------------------------
+    pre_set_memory_attributes = kvm_arch_pre_set_memory_attributes
+    post_set_memory_attributes = kvm_arch_post_set_memory_attributes
 
     # ---- ArchMmu: zapping, aging ---------------------------------------------------------------------
     def unmap_gfn_range(self, slot, start: int, end: int, reason: str = "") -> bool:

@@ -47,6 +47,10 @@ class Policy(Protocol):
     def fast_path_get_page(self, kvm, pfn: int, caller: str) -> int | None: ...
     def arch_ops(self, arch: str) -> object | None: ...
     def arch_faultin(self, arch: str) -> Callable | None: ...
+    def make_spte_skip_unsync(self, old_writable: bool, old_leaf: bool) -> bool: ...
+    def prefetch_present_spte(self, kvm, slot, gfn: int) -> int | None: ...
+    def make_spte_accessed(self, prefetch: bool, synchronizing: bool) -> bool: ...
+    def release_prefetched_gpte(self, kvm, pfn: int, kfp, caller: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -88,6 +92,15 @@ class KvmOps:
     arch_ops: object | None = None
     #: ``(kvm, mmu, fault) -> (pfn, kfp)`` in place of the template's ``__kvm_faultin_pfn()`` (PPC e500); None: the template's.
     arch_faultin: Callable | None = None
+    #: x86 ``make_spte()``: ``(old_writable, old_leaf) -> bool``, skip ``mmu_try_to_unsync_pages()`` and D (patch 4).
+    make_spte_skip_unsync: Callable = lambda old_writable, old_leaf: old_writable and old_leaf
+    #: x86 ``mmu_set_spte()`` / ``tdp_mmu_map_handle_target_level()`` on a present SPTE for a prefetch:
+    #: ``(kvm, slot, gfn) -> RET_PF_SPURIOUS or None`` (None: overwrite it; patch 5).
+    prefetch_present_spte: Callable = lambda kvm, slot, gfn: None
+    #: x86 ``make_spte()``: ``(prefetch, synchronizing) -> bool``, whether the new SPTE is Accessed (patch 7).
+    make_spte_accessed: Callable = lambda prefetch, synchronizing: not prefetch or synchronizing
+    #: x86 ``FNAME(prefetch_gpte)``'s release of its page: ``(kvm, pfn, kfp, caller)`` (patches 10, 41).
+    release_prefetched_gpte: Callable | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -109,7 +122,11 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fast_path_get_page=policy.fast_path_get_page,
                   thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page,
                   arch_ops=policy.arch_ops(arch),
-                  arch_faultin=policy.arch_faultin(arch))
+                  arch_faultin=policy.arch_faultin(arch),
+                  make_spte_skip_unsync=policy.make_spte_skip_unsync,
+                  prefetch_present_spte=policy.prefetch_present_spte,
+                  make_spte_accessed=policy.make_spte_accessed,
+                  release_prefetched_gpte=policy.release_prefetched_gpte)
 
 
 def get_policy(name: str) -> Policy:

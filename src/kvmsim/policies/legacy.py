@@ -209,3 +209,28 @@ class LegacyPolicy:
         release came only with patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()"."""
         from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk
         mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS, gfns)
+
+    # ---- x86 make_spte / mmu_set_spte / shadow paging (kvmsim.x86.mmu, kvmsim.x86.paging_tmpl) ----------------
+    def make_spte_skip_unsync(self, old_writable, old_leaf):
+        """v6.12 ``make_spte()``: ``if (is_writable_pte(old_spte)) goto out;`` -- any writable old SPTE,
+        a page-table (non-leaf) SPTE included, skips ``mmu_try_to_unsync_pages()`` and the D bit (changed by
+        patch 4 "KVM: x86/mmu: Skip the "try unsync" path iff the old SPTE was a leaf SPTE")."""
+        return old_writable
+
+    def prefetch_present_spte(self, kvm, slot, gfn):
+        """v6.12 ``mmu_set_spte()`` / ``tdp_mmu_map_handle_target_level()``: a prefetch (KVM_PRE_FAULT_MEMORY,
+        async #PF completion, FNAME(prefetch_gpte)) rewrites a present SPTE prefetch-style, A cleared (patch
+        5 "KVM: x86/mmu: Don't overwrite shadow-present MMU SPTEs when prefaulting" stopped it)."""
+        return None
+
+    def make_spte_accessed(self, prefetch, synchronizing):
+        """v6.12 ``make_spte()``: Accessed iff ``!prefetch``; ``FNAME(sync_spte)`` passes prefetch=true, so a
+        synchronized SPTE loses A (patch 7 "KVM: x86/mmu: Mark new SPTE as Accessed when synchronizing
+        existing SPTE")."""
+        return not prefetch
+
+    def release_prefetched_gpte(self, kvm, pfn, kfp, caller):
+        """v6.12 ``FNAME(prefetch_gpte)``: ``gfn_to_pfn_memslot_atomic()`` then ``kvm_release_pfn_clean(pfn)``
+        by guess, accessed + put (patch 10 "KVM: x86/mmu: Use gfn_to_page_many_atomic() when prefetching
+        indirect PTEs", then patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()")."""
+        kvm_release_pfn_clean_guess(kvm, pfn, kfp, unused=False, caller=caller)

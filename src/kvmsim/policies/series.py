@@ -150,3 +150,31 @@ class SeriesPolicy:
         from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk, set_page_dirty_bulk
         set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD, None if gfns is None else gfns[writable_mask])
         mark_page_accessed_bulk(kvm, pfns, caller, Src.HELD, gfns)
+
+    # ---- x86 make_spte / mmu_set_spte / shadow paging (kvmsim.x86.mmu, kvmsim.x86.paging_tmpl) ----------------
+    def make_spte_skip_unsync(self, old_writable, old_leaf):
+        """patch 4 "KVM: x86/mmu: Skip the "try unsync" path iff the old SPTE was a leaf SPTE": only a
+        writable *leaf* skips ``mmu_try_to_unsync_pages()`` and D; a huge leaf replacing a page table runs the
+        check and gets D."""
+        return old_writable and old_leaf
+
+    def prefetch_present_spte(self, kvm, slot, gfn):
+        """patch 5 "KVM: x86/mmu: Don't overwrite shadow-present MMU SPTEs when prefaulting": RET_PF_SPURIOUS,
+        the SPTE and the folio untouched."""
+        from kvmsim.x86.mmu_internal import RET_PF
+        kvm.journal.count("spurious")
+        kvm.journal.count("prefetch_present_spurious")
+        return RET_PF.SPURIOUS
+
+    def make_spte_accessed(self, prefetch, synchronizing):
+        """patch 7 "KVM: x86/mmu: Mark new SPTE as Accessed when synchronizing existing SPTE": Accessed iff
+        ``!prefetch || synchronizing``."""
+        return not prefetch or synchronizing
+
+    def release_prefetched_gpte(self, kvm, pfn, kfp, caller):
+        """``FNAME(prefetch_gpte)`` through ``kvm_mmu_prefetch_sptes()`` with n=1 (patch 10 "KVM: x86/mmu: Use
+        gfn_to_page_many_atomic() when prefetching indirect PTEs", patch 11 "KVM: Rename
+        gfn_to_page_many_atomic() to kvm_prefetch_pages()", patch 39 "KVM: x86/mmu: Add common helper to
+        handle prefetching SPTEs"): ``kvm_release_page_dirty()`` (patch 41 "KVM: x86/mmu: Mark pages/folios
+        dirty at the origin of make_spte()")."""
+        kvm_release_page_dirty(kvm, pfn, Hold.GET, caller)

@@ -32,7 +32,7 @@ def kvm_write_track_remove_gfn(kvm, slot, gfn: int) -> None:
     wt = _counts(slot)
     n = wt.get(gfn, 0)
     if n <= 0:                          # WARN_ON_ONCE(count < 0)
-        kvm.journal.count("warn:write_track_underflow")
+        kvm.journal.count("WARN_ON:__kvm_write_track_remove_gfn")
         return
     if n == 1:
         del wt[gfn]

@@ -90,7 +90,7 @@ def kvm_tdp_map_page(mmu, vcpu, gpa: int) -> Steps:
             return 0, (int(t.level[gfn - slot.base_gfn]) if b & P and not b & MMIO else 1)
         if r == RET_PF.EMULATE:
             return -errno.ENOENT, 1
-        kvm.journal.count("warn:kvm_tdp_map_page")   # WARN_ON_ONCE(r)
+        kvm.journal.count("WARN_ON:kvm_tdp_map_page")   # WARN_ON_ONCE(r)
         return -errno.EIO, 1
     kvm.journal.count("prefault_retry_livelock")
     return -errno.EINTR, 1

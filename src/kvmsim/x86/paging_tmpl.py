@@ -574,12 +574,21 @@ class IndirectShadowMmu(ShadowMmu):
             else Access(Exit.OK, gva, write, acc.value)
 
     def guest_access_range(self, vcpu, gva: int, npages: int, write: bool, values=None):
+        """``npages`` guest accesses by gva, one at a time (the TDP MMU's vectorised range is by gfn): the
+        values read/written, -1 where an access exited (counted as ``range_access_exit``)."""
         import numpy as np
-        out = []
+        kvm = self.kvm
+        vals = np.zeros(npages, dtype=np.int64) if values is None else \
+            np.broadcast_to(np.asarray(values, dtype=np.int64), (npages,))
+        out = np.zeros(npages, dtype=np.int64)
         for k in range(npages):
-            v = None if values is None else int(values[k])
-            out.append(self.guest_access(vcpu, gva + (k << PAGE_SHIFT), write, v).exit is Exit.OK)
-        return np.array(out, dtype=bool)
+            a = vcpu.access(gva + (k << PAGE_SHIFT), write, int(vals[k]) if write else None)
+            if a.exit is Exit.OK:
+                out[k] = int(a.value or 0)
+            else:
+                out[k] = -1
+                kvm.journal.count("range_access_exit")
+        return out
 
     # ---- zapping: the shadow pages forget SPTEs the notifier or a memslot change zapped -------------
     def flush_shadow_memslot(self, slot) -> None:

@@ -362,7 +362,6 @@ class X86Mmu:
         """Mirrors ``mmu_try_to_unsync_pages()`` (mmu.c) without shadow pages: -EPERM (write-protect the
         SPTE) iff the gfn is write-tracked (``kvm_gfn_is_write_tracked()``, :mod:`kvmsim.x86.page_track`)."""
         from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
-        self.kvm.journal.count("mmu_try_to_unsync_pages")
         return kvm_gfn_is_write_tracked(self.kvm, slot, gfn)
 
     # ---- guest accesses ----------------------------------------------------------------------------

@@ -207,3 +207,17 @@ def test_the_skip_is_the_resolved_hook():
     thp_collapse(host.mm, vma.start)
     kvm.arch.page_fault(v, 0, True)
     assert not _bits(kvm, 0) & D
+
+
+def test_a_second_legacy_prefault_builds_the_same_spte_and_is_spurious():
+    """v6.12 tdp_mmu_map_handle_target_level(): "if (new_spte == iter->old_spte) ret = RET_PF_SPURIOUS" --
+    a prefetch over a prefetch SPTE loses nothing, so nothing is marked from it."""
+    host, kvm, vma, v = _vm("legacy")
+    host.mm.host_access(vma.start, True, 1)
+    _prefault(v, 0, PAGE)
+    b = _bits(kvm, 0)
+    n0 = len(kvm.journal.facts)
+    s0 = kvm.journal.counters["spurious"]
+    assert _prefault(v, 0, PAGE)[0] == 0
+    assert _bits(kvm, 0) == b and kvm.journal.counters["spurious"] == s0 + 1
+    assert not [f for f in kvm.journal.facts[n0:] if f.source == Src.SPTE]

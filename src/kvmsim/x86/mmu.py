@@ -189,6 +189,9 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         bits &= ~MW                   # MMU-writable only with ACC_WRITE_MASK and no write-protection
     elif not dirty:
         bits &= ~D
+    if prefetch and b & P and not b & MMIO and old_level == level and old_pfn == pfn and not (bits ^ b) & ~HELD:
+        kvm.journal.count("spurious")                  # v6.12: "if (new_spte == iter->old_spte)"
+        return RET_PF.SPURIOUS
     # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
     # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
     if n == 1 and (not b & P or old_level == 1):             # the common 4K case, in plain integers

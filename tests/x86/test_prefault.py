@@ -209,13 +209,28 @@ def test_the_skip_is_the_resolved_hook():
     assert not _bits(kvm, 0) & D
 
 
-def test_a_second_legacy_prefault_builds_the_same_spte_and_is_spurious():
-    """v6.12 tdp_mmu_map_handle_target_level(): "if (new_spte == iter->old_spte) ret = RET_PF_SPURIOUS" --
-    a prefetch over a prefetch SPTE loses nothing, so nothing is marked from it."""
+def test_a_second_legacy_prefault_drops_d_of_a_writable_spte_but_not_of_a_read_only_one():
+    """v6.12 make_spte(): a writable old SPTE "goto out" skips D, so re-prefaulting a writable prefetch SPTE
+    rebuilds it without D and the capture marks the folio dirty from the SPTE; a read-only one (a read-only
+    VMA) comes out identical: "if (new_spte == iter->old_spte) ret = RET_PF_SPURIOUS", nothing marked."""
     host, kvm, vma, v = _vm("legacy")
     host.mm.host_access(vma.start, True, 1)
     _prefault(v, 0, PAGE)
+    assert _bits(kvm, 0) & (W | D) == W | D
+    n0 = len(kvm.journal.facts)
+    assert _prefault(v, 0, PAGE)[0] == 0
+    assert _bits(kvm, 0) & W and not _bits(kvm, 0) & D
+    assert [f.kind for f in kvm.journal.facts[n0:] if f.source == Src.SPTE] == [FactKind.SET_DIRTY]
+    host = Host()
+    kvm = Kvm(host, policy="legacy", arch="x86")
+    vma = host.mm.mmap(4 * PAGE, VmaKind.ANON)
+    host.mm.host_access(vma.start, True, 1)
+    host.mm.mprotect(vma.start, 4 * PAGE, "r")
+    kvm.set_user_memory_region(0, 0, 4 * PAGE, vma.start, 0)
+    v = kvm.create_vcpu()
+    _prefault(v, 0, PAGE)
     b = _bits(kvm, 0)
+    assert b & P and not b & W
     n0 = len(kvm.journal.facts)
     s0 = kvm.journal.counters["spurious"]
     assert _prefault(v, 0, PAGE)[0] == 0

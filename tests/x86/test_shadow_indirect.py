@@ -13,8 +13,8 @@ from kvmsim.mm.vma import VmaKind
 from kvmsim.policies.legacy import LegacyPolicy
 from kvmsim.policies.series import SeriesPolicy
 from kvmsim.trace import FactKind, Src
-from kvmsim.x86.paging_tmpl import (PT, IndirectShadowMmu, guest_pte_write, kvm_mmu_invalidate_addr,
-                                    kvm_mmu_sync_roots)
+from kvmsim.x86.paging_tmpl import PT, guest_pte_write, kvm_mmu_invalidate_addr, kvm_mmu_sync_roots
+from kvmsim.x86.shadow_mmu import IndirectShadowMmu
 from kvmsim.x86.spte import AT, A, D, MW, P, W, tables
 
 GVA = 0x200000

@@ -47,7 +47,7 @@ X86_SHADOW_OP_ARGS = {
 
 
 def _indirect(env: Env, op: str):
-    from kvmsim.x86.paging_tmpl import IndirectShadowMmu
+    from kvmsim.x86.shadow_mmu import IndirectShadowMmu
     mmu = env.kvm.arch
     if not isinstance(mmu, IndirectShadowMmu):
         raise ModelError(errno.EINVAL, f"{op} is x86 shadow paging: it needs mmu = \"shadow\" and "

@@ -18,7 +18,7 @@ def make_x86_mmu(kvm, *, mmu: str = "tdp", paging: str = "direct", **opts):
     if paging == "indirect":
         if mmu != "shadow":
             raise UsageError("paging = \"indirect\" is shadow paging: it needs mmu = \"shadow\"")
-        from kvmsim.x86.paging_tmpl import IndirectShadowMmu
+        from kvmsim.x86.shadow_mmu import IndirectShadowMmu
         return IndirectShadowMmu(kvm, mmu=mmu, **opts)
     if mmu == "tdp":
         return X86Mmu(kvm, mmu=mmu, **opts)

@@ -231,3 +231,20 @@ def test_sync_vs_munmap_marks_the_folio_only_under_legacy():
     assert legacy.violating.steps[0].thread == "vcpu0"
     series = explore(sc, "series", Mutations(), bound=2)
     assert series.violating is None and series.explored >= 3
+
+
+def test_an_externally_write_tracked_gfn_is_written_by_emulation_and_never_mapped_writable():
+    """kvm_write_track_add_gfn() (KVMGT's tracker): FNAME(page_fault)'s page_fault_handle_page_track() sends
+    the write to the emulator; a read maps it, and mmu_try_to_unsync_pages() keeps that SPTE read-only."""
+    from kvmsim.x86.page_track import kvm_gfn_is_write_tracked, kvm_write_track_add_gfn, kvm_write_track_remove_gfn
+    host, kvm, vma, v = _vm("series")
+    slot = kvm.gfn_to_memslot(5)
+    kvm_write_track_add_gfn(kvm, slot, 5)
+    guest_pte_write(kvm.arch, v, GVA, 0x5000, RW, PT_GPA)
+    assert v.write(GVA, 3).exit is Exit.OK and not _bits(kvm, 5) & P     # emulated: no SPTE
+    assert v.read(GVA).value == 3 and _bits(kvm, 5) & P and not _bits(kvm, 5) & (W | MW)
+    kvm_write_track_remove_gfn(kvm, slot, 5)
+    assert not kvm_gfn_is_write_tracked(kvm, slot, 5)
+    kvm_write_track_remove_gfn(kvm, slot, 5)                               # underflow: a WARN, no change
+    assert kvm.journal.counters["WARN_ON:__kvm_write_track_remove_gfn"] == 1
+    assert v.write(GVA, 4).exit is Exit.OK and _bits(kvm, 5) & W

@@ -245,7 +245,10 @@ def tdp_page_tables_update(slot, gfn: int, level: int, max_level: int) -> None:
     if level > 1:
         n = LEVEL_PAGES[level]
         base = gfn // n * n
-        pts.difference_update({e for e in pts if e[0] <= level and base <= e[1] < base + n})
+        pts.discard((level, base))
+        if level == 3:                                   # the 2 MiB page tables under a 1 GiB leaf
+            step = LEVEL_PAGES[2]
+            pts.difference_update([(2, g) for g in range(base, base + n, step)])
 
 
 def tdp_page_tables_free(slot) -> None:

@@ -13,7 +13,9 @@ prefaulting"; the VM's ``prefetch_present_spte`` hook in :func:`kvmsim.x86.mmu.m
 Errnos: -EINVAL (flags, unaligned gpa/size, a wrapping range), -EOPNOTSUPP (``vcpu->arch.mmu->page_fault !=
 kvm_tdp_page_fault``: shadow paging, i.e. TDP off), -ENOENT (RET_PF_EMULATE: no memslot, or MMIO),
 -EIO (an unexpected RET_PF_*), -EINTR (a signal pending, also while a fault keeps retrying), and the
-fault's own -EFAULT / -EHWPOISON.  Userspace sees 0 with ``range`` advanced if at least one page was
+fault's own -EFAULT / -EHWPOISON.  RET_PF_WRITE_PROTECTED is 0 like FIXED and SPURIOUS (an -EPERM for it was
+proposed in review and dropped before v6.12: "it was nevertheless prefaulted as much as possible"); a
+read prefault never meets it in the model.  (-EAGAIN for RET_PF_RETRY is a later kernel's, not v6.12/v6.13's.)  Userspace sees 0 with ``range`` advanced if at least one page was
 mapped, else the error.
 """
 
@@ -84,7 +86,7 @@ def kvm_tdp_map_page(mmu, vcpu, gpa: int) -> Steps:
                 break
             stuck = state
             continue
-        if r in (RET_PF.FIXED, RET_PF.SPURIOUS):
+        if r in (RET_PF.FIXED, RET_PF.SPURIOUS, RET_PF.WRITE_PROTECTED):
             t = slot.arch.get("x86")
             b = int(t.bits[gfn - slot.base_gfn]) if t is not None else 0
             return 0, (int(t.level[gfn - slot.base_gfn]) if b & P and not b & MMIO else 1)

@@ -84,6 +84,8 @@ def vm_section(draw) -> dict:
     vm: dict = {"policy": draw(st.sampled_from(POLICIES)), "arch": arch}
     if mmu != "tdp":
         vm["mmu"] = mmu
+    if mmu == "shadow" and draw(st.booleans()):
+        vm["paging"] = "indirect"                   # shadow paging, TDP off (kvmsim.x86.paging_tmpl)
     vm["vcpus"] = draw(st.integers(1, 2))
     if arch == "ppc-book3s-pr" and draw(st.booleans()):
         vm["ppc_pr_host"] = "32-bit"
@@ -167,7 +169,8 @@ PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc
                   "xive_queue_config", "xive_queue_reset")
 X86_NESTED_OPS = ("nested_vmenter", "nested_vmexit", "nested_posted_interrupt", "apic_access_alloc", "apic_access_reload", "apic_access_migrate")
 GMEM_OPS = ("gmem_create", "gmem_memslot_set", "set_memory_attributes", "gmem_punch_hole", "gmem_fallocate")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS + GMEM_OPS
+X86_SHADOW_OPS = ("guest_pte_write", "invlpg", "cr3_load", "pre_fault_memory")
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS + GMEM_OPS + X86_SHADOW_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -325,6 +328,24 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"server": draw(st.integers(0, 1))}
     if op in X86_NESTED_OPS:
         return _x86_nested_args(draw, w, op)
+    if op == "guest_pte_write":                     # an error unless paging = "indirect"
+        a = {"gva": _gpa(draw, w) & ~0xFFF, "gpa": _gpa(draw, w) & ~0xFFF,
+             "flags": draw(st.lists(st.sampled_from(["present", "writable", "user", "accessed", "dirty", "nx"]),
+                                    unique=True, max_size=6))}
+        if draw(st.integers(0, 3)):
+            a["pt"] = _gpa(draw, w) & ~0xFFF
+        return {**a, **_vcpu(draw, w)}
+    if op == "invlpg":
+        return {"gva": _gpa(draw, w), **_vcpu(draw, w)}
+    if op == "cr3_load":
+        return _vcpu(draw, w)
+    if op == "pre_fault_memory":
+        a = {"gpa": _gpa(draw, w) & (~0xFFF if draw(st.integers(0, 5)) else ~0)}
+        if draw(st.booleans()):
+            a["size"] = draw(st.sampled_from([PAGE, 4 * PAGE, 512 * PAGE, 3 * PAGE + 1, 0]))
+        if draw(st.integers(0, 7)) == 0:
+            a["flags"] = 1
+        return {**a, **_vcpu(draw, w)}
     raise AssertionError(f"no argument strategy for op {op!r}")
 
 

@@ -180,7 +180,8 @@ def show(scenario: str) -> None:
         out(f"  vma {v.name}: {v.kind} {v.size:#x} page_size={v.page_size:#x} prot={v.prot}"
             + (f" driver={v.driver}" if v.driver else ""))
     vm = sc.vm
-    out(f"  vm: policies={','.join(vm.policies)} arch={vm.arch} mmu={vm.mmu} execution={vm.execution} "
+    paging = f" paging={vm.paging}" if getattr(vm, "paging", "direct") != "direct" else ""
+    out(f"  vm: policies={','.join(vm.policies)} arch={vm.arch} mmu={vm.mmu}{paging} execution={vm.execution} "
         f"vcpus={vm.vcpus}" + (f" mutations={','.join(vm.mutations)}" if vm.mutations else ""))
     for s in sc.memslots:
         out(f"  memslot {s.id}: gpa={s.gpa:#x} size={s.size:#x} vma={s.vma}+{s.offset:#x} "

@@ -313,6 +313,35 @@ def _private_fault_vs_punch_hole(policy, mutations, arch) -> World:
     return w
 
 
+
+
+def _shadow_sync_vs_munmap(policy, mutations, arch) -> World:
+    """x86 shadow paging (:mod:`kvmsim.x86.paging_tmpl`): the guest wrote gva 0x200000 → gpa 0x5000, then made
+    the gPTE read-only (its store unsynced the shadow page); its INVLPG's ``FNAME(sync_spte)`` races a munmap
+    of that guest page.  When the sync runs first, v6.12 rebuilds the SPTE without A and D and
+    ``mmu_spte_update()`` marks the folio from the SPTE's pfn (patch 7 "KVM: x86/mmu: Mark new SPTE as
+    Accessed when synchronizing existing SPTE"; patch 8 and 82 removed the marks); when the munmap's zap
+    runs first there is nothing to sync."""
+    from kvmsim.x86.paging_tmpl import PT, guest_pte_write, kvm_mmu_invalidate_addr
+    host = Host()
+    kvm = Kvm(host, policy=policy, arch="x86", mmu="shadow", paging="indirect")
+    install(kvm, mutations)
+    vma = host.mm.mmap(4 << 20, VmaKind.ANON)
+    kvm.set_user_memory_region(0, GPA, 4 << 20, vma.start, 0)
+    w = World(host, kvm, kvm.create_vcpu(), vma)
+    flags = PT.PRESENT | PT.ACCESSED | PT.DIRTY
+    guest_pte_write(kvm.arch, w.vcpu, 0x200000, 0x5000, flags | PT.WRITABLE, 0x1000)
+    w.vcpu.write(0x200000, 7)
+    guest_pte_write(kvm.arch, w.vcpu, 0x200000, 0x5000, flags, None)
+    w.threads = {"vcpu0": kvm_mmu_invalidate_addr.steps(kvm.arch, w.vcpu, 0x200000),
+                 "host": host.mm.munmap.steps(vma.start + 0x5000, PAGE_SIZE)}
+    return w
+
+
+def _sync_marks(v) -> bool:
+    return v.invariant in ("INV-2", "INV-12") and v.objects.get("caller") == "mmu_spte_update"
+
+
 def _freed_page_mark(v) -> bool:
     return v.invariant == "INV-3" and "on a freed page" in v.detail
 
@@ -350,6 +379,9 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("private-fault-vs-punch-hole", "x86 private (guest_memfd) write fault races fallocate(PUNCH_HOLE): "
              "v6.12 ages the retried, unused folio (the hole's invalidation made the fault stale)",
              _private_fault_vs_punch_hole, _invs("INV-5", "INV-7"), arches=("x86",), arch="x86"),
+    Scenario("shadow-sync-vs-munmap", "x86 shadow paging: INVLPG's FNAME(sync_spte) of a CoW'd gPTE races munmap; "
+             "v6.12 marks the folio from the SPTE when the sync wins", _shadow_sync_vs_munmap, _sync_marks,
+             arches=("x86",), arch="x86"),
     Scenario("tlbwe-vs-truncate", "e500 tlbwe premap races truncate: v6.12 ages the retried, unused page after unlock",
              _tlbwe_vs_truncate, _invs("INV-5", "INV-7"), arches=("ppc-e500",), arch="ppc-e500"),
     Scenario("apic-access-reload-vs-migrate", "VMX vmx_set_apic_access_page_addr() races a migration of the "

@@ -195,3 +195,5 @@ class LegacyPolicy:
         release came only with patch 41 "KVM: x86/mmu: Mark pages/folios dirty at the origin of make_spte()"."""
         from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk
         mark_page_accessed_bulk(kvm, pfns, caller, Src.GUESS, gfns)
+
+    # ---- x86 make_spte / mmu_set_spte / shadow paging (kvmsim.x86.mmu, kvmsim.x86.paging_tmpl) ----------------

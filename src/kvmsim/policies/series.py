@@ -143,3 +143,5 @@ class SeriesPolicy:
         from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk, set_page_dirty_bulk
         set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD, None if gfns is None else gfns[writable_mask])
         mark_page_accessed_bulk(kvm, pfns, caller, Src.HELD, gfns)
+
+    # ---- x86 make_spte / mmu_set_spte / shadow paging (kvmsim.x86.mmu, kvmsim.x86.paging_tmpl) ----------------

@@ -270,7 +270,7 @@ def c_mutations(v: Any) -> tuple[str, ...]:
 
 VM = {"policy": (c_policies, ("legacy", "series")),
       "arch": (c_choice(*ARCH_NAMES), "x86"),
-      "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
+      "mmu": (c_choice("tdp", "shadow"), "tdp"), "paging": (c_choice("direct", "indirect"), "direct"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),

@@ -54,6 +54,7 @@ from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
 from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
 from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
 from kvmsim.scenarios.ops_gmem import GMEM_OP_ARGS, GMEM_OPS, memory_fault_value
+from kvmsim.scenarios.ops_x86_shadow import X86_SHADOW_OP_ARGS, X86_SHADOW_OPS
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -113,6 +114,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "vm_destroy": {},
     "interleave": {"threads": (c_any, REQUIRED), "order": (c_strlist, REQUIRED)},
     **S390_OP_ARGS,
+    **X86_SHADOW_OP_ARGS,
     **ARM64_OP_ARGS,
     **PPC_BOOK3S_OP_ARGS,
     **PPC_E500_OP_ARGS,
@@ -414,6 +416,7 @@ OPS: dict[str, Callable] = {
     "pfncache_refresh": op_pfncache_refresh, "pfncache_write": op_pfncache_write,
     "pfncache_check": op_pfncache_check, "age": op_age, "vm_destroy": op_vm_destroy, "interleave": op_interleave,
     **S390_OPS,
+    **X86_SHADOW_OPS,
     **ARM64_OPS,
     **PPC_BOOK3S_OPS,
     **PPC_E500_OPS,

@@ -117,6 +117,8 @@ def build(sc: Scenario, policy: str) -> Env:
                         "pgoff": vma.pgoff if vma.mapping is not None else 0}
     vm = sc.vm
     arch_opts = {"host_bits": int(vm.ppc_pr_host[:2])} if vm.arch == "ppc-book3s-pr" else {}
+    if vm.paging != "direct":
+        arch_opts["paging"] = vm.paging
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
               allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, **arch_opts)
     if vm.mutations:

@@ -77,6 +77,7 @@ class VmSpec:
     policies: tuple[str, ...] = ("legacy", "series")
     arch: str = "x86"
     mmu: str = "tdp"
+    paging: str = "direct"             # x86 shadow MMU: "indirect" is shadow paging with TDP off
     pml: bool = True
     manual_protect: bool = False
     initially_set: bool = False

@@ -42,6 +42,10 @@ MODEL_COUNTERS = frozenset({
     "gstage_block_fault", "kvm_vm_ioctl_mte_copy_tags", "mte_clear_page_tags", "mte_copy_tags_to_user",
     "mte_copy_tags_from_user",
     "tlbwe", "guest_dsi", "kvmppc_e500_tlb1_pfnmap", "kvmppc_mmu_map_no_shadow", "kvmppc_mmu_map_ref_valid",  # ppc/
+    # x86 shadow paging, write tracking, KVM_PRE_FAULT_MEMORY (x86/paging_tmpl.py, page_track.py, prefault.py)
+    "mmu_try_to_unsync_pages", "mmu_unsync", "sync_spte", "mmu_sync_page", "mmu_shadow_pages", "inject_page_fault",
+    "guest_page_fault", "make_spte:skip_unsync", "prefetch_present_spurious", "pre_fault_memory",
+    "prefault_retry_livelock", "write_track_add",
     # generic KVM (kvm/)
     "hva_to_pfn", "kvm_vcpu_map", "host_map_access", "gpc_invalidate", "gpc_refresh", "gpc_refresh_kept",
     "gpc_refresh_error", "gpc_refresh_retry", "mark_page_dirty_in_slot", "get_dirty_log", "clear_dirty_log",
@@ -86,7 +90,8 @@ def counter_problem(name: str) -> str | None:
 
 #: The exits the model's vCPU produces (the backend-only terminal exits of a whole run are not steps).
 EXITS = tuple(e.value for e in (Exit.OK, Exit.MMIO, Exit.EFAULT, Exit.EINTR, Exit.HWPOISON, Exit.DIRTY_RING_FULL,
-                                 Exit.LIVELOCK, Exit.MEMORY_FAULT))
+                                 Exit.LIVELOCK, Exit.MEMORY_FAULT,
+                                 Exit.EXCEPTION))     # EXCEPTION: a guest #PF (paging = "indirect")
 ERRNO_NAMES = frozenset(_errno.errorcode.values()) | {"EHWPOISON"}
 
 

@@ -40,6 +40,11 @@ from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_acc
                              make_spte, spte_write, tables)
 
 
+#: ``ACC_EXEC_MASK``, ``ACC_WRITE_MASK``, ``ACC_USER_MASK``, ``ACC_ALL`` (arch/x86/kvm/mmu/spte.h).
+ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK = 1, 2, 4
+ACC_ALL = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
+
+
 def x86_emulate_instruction(vcpu, gpa: int, write: bool, value: int | None) -> Access:
     """What ``x86_emulate_instruction()`` does with the guest load/store that faulted with RET_PF_EMULATE
     (arch/x86/kvm/x86.c, v6.12 and v6.13; the series does not touch it).
@@ -147,13 +152,23 @@ def kvm_tdp_mmu_map(mmu, fault: KvmPageFault) -> RET_PF:
     """Mirrors ``kvm_tdp_mmu_map()`` / ``tdp_mmu_map_handle_target_level()`` (the shadow MMU's
     ``direct_map()`` likewise): the template's ``fault_map`` hook on x86 -- install the fault's leaf
     through the MMU's :func:`mmu_set_spte` (which the shadow MMU follows with ``direct_pte_prefetch()``)."""
-    return mmu._map(fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write)
+    return mmu._map(fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write,
+                    prefetch=getattr(fault, "prefetch", False))
 
 
-def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False) -> RET_PF:
+def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False,
+                 pte_access: int = ACC_ALL) -> RET_PF:
     """Mirrors ``mmu_set_spte()`` / ``tdp_mmu_map_handle_target_level()``: pick the level
     (``kvm_mmu_hugepage_adjust()``), split a huge leaf above it (TDP MMU), zap a conflicting leaf (INV-11),
-    :func:`make_spte` and write it; RET_PF_SPURIOUS if the leaf is already there."""
+    :func:`make_spte` and write it; RET_PF_SPURIOUS if the leaf is already there.
+
+    ``pte_access`` is the shadow MMU's ``ACC_*`` from the guest PTE (:mod:`kvmsim.x86.paging_tmpl`; ACC_ALL
+    for direct and TDP maps).  A prefetch (``fault->prefetch``: KVM_PRE_FAULT_MEMORY, a prefetched gPTE)
+    over a shadow-present SPTE asks the VM's ``prefetch_present_spte`` hook (patch 5).  ``make_spte()``'s
+    write path asks ``make_spte_skip_unsync`` whether the old SPTE -- a page-table SPTE when a huge leaf
+    replaces a TDP MMU page table (:func:`tdp_page_table_present`) -- skips ``mmu_try_to_unsync_pages()``
+    and the D bit (patch 4); a write-protected result of a write fault is RET_PF_WRITE_PROTECTED, which
+    ``kvm_mmu_write_protect_fault()`` ends in emulation (RET_PF_EMULATE here)."""
     self = mmu
     kvm = self.kvm
     t = tables(slot)
@@ -172,14 +187,38 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         hl, hh = t.leaf_bounds(slot, i, i + 1)
         tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
         b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
-    if b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
+    old_pt = self.tdp_mmu_enabled and level > 1 and tdp_page_table_present(slot, gfn, level)
+    if prefetch and (b & P and not b & MMIO or old_pt):
+        r = kvm.ops.arch_ops.prefetch_present_spte(kvm, slot, gfn)       # patch 5: series RET_PF_SPURIOUS
+        if r is not None:
+            return r
+    elif b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
             not b & AT and (not write or b & W):
         kvm.journal.count("spurious")
         return RET_PF.SPURIOUS
     host_w = kfp.map_writable and not slot.readonly
-    writable = host_w        # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
+    # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
+    writable = host_w and bool(pte_access & ACC_WRITE_MASK)
+    dirty = True
+    wrprot = False
+    if writable:
+        old_writable = old_pt or bool(b & P and not b & MMIO and old_level == level and b & W)
+        # patch 4: "goto out", no D (a non-writable old SPTE never skips, under either protocol)
+        if old_writable and kvm.ops.arch_ops.make_spte_skip_unsync(old_writable, not old_pt):
+            dirty = False
+            kvm.journal.count("make_spte:skip_unsync")
+        elif self.mmu_try_to_unsync_pages(slot, gfn, False, prefetch):
+            writable = False
+            wrprot = True
     bits = make_spte(host_writable=host_w, writable=writable, prefetch=prefetch,
                           ad_disabled=not self.ad_enabled, held=kfp.hold is not Hold.NONE)
+    if not writable:
+        bits &= ~MW                   # MMU-writable only with ACC_WRITE_MASK and no write-protection
+    elif not dirty:
+        bits &= ~D
+    if prefetch and b & P and not b & MMIO and old_level == level and old_pfn == pfn and not (bits ^ b) & ~HELD:
+        kvm.journal.count("spurious")                  # v6.12: "if (new_spte == iter->old_spte)"
+        return RET_PF.SPURIOUS
     # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
     # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
     if n == 1 and (not b & P or old_level == 1):             # the common 4K case, in plain integers
@@ -195,16 +234,53 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         tdp_mmu.zap_range(kvm, slot, zlo, zhi, self.zap_caller)
         kvm.flush_remote_tlbs("kvm_tdp_mmu_map: zap")
     b = t.bits.item(i)
-    if b & P:
+    if b & P and not prefetch:
         bits |= b & (A | D)                              # same leaf: keep what the guest set
     spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
                caller=self.map_caller)
+    if self.tdp_mmu_enabled:
+        tdp_page_tables_update(slot, gfn, level, self.max_level)
     if kvm.journal.recording:
         kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
                          extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
     if writable and slot.logging:
         mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
+    if wrprot and write:
+        return RET_PF.EMULATE          # RET_PF_WRITE_PROTECTED → kvm_mmu_write_protect_fault() → emulate
     return RET_PF.FIXED
+
+
+def tdp_page_table_present(slot, gfn: int, level: int) -> bool:
+    """Whether the TDP MMU has a page-table (non-leaf) SPTE at ``level`` over ``gfn``: it created one to
+    map a smaller leaf there, and only a huge leaf in its place or freeing the roots / zapping collapsible
+    SPTEs removes it -- ``tdp_mmu_zap_leafs()`` (an mmu_notifier unmap) leaves it, empty."""
+    pts = slot.arch.get("x86-pt")
+    n = LEVEL_PAGES[level]
+    return pts is not None and (level, gfn // n * n) in pts
+
+
+def tdp_page_tables_update(slot, gfn: int, level: int, max_level: int) -> None:
+    """After a leaf at ``level``: page tables above it exist, the ones it replaced (at and below) are gone."""
+    pts = slot.arch.get("x86-pt")
+    if pts is None:
+        if level >= max_level:
+            return
+        pts = slot.arch["x86-pt"] = set()
+    for lv in range(level + 1, max_level + 1):
+        n = LEVEL_PAGES[lv]
+        pts.add((lv, gfn // n * n))
+    if level > 1:
+        n = LEVEL_PAGES[level]
+        base = gfn // n * n
+        pts.discard((level, base))
+        if level == 3:                                   # the 2 MiB page tables under a 1 GiB leaf
+            step = LEVEL_PAGES[2]
+            pts.difference_update([(2, g) for g in range(base, base + n, step)])
+
+
+def tdp_page_tables_free(slot) -> None:
+    """Root teardown, memslot flush or zapping collapsible SPTEs freed the slot's page tables."""
+    slot.arch.pop("x86-pt", None)
 
 
 @kpath
@@ -319,6 +395,12 @@ class X86Mmu:
 
     _map = mmu_set_spte
 
+    def mmu_try_to_unsync_pages(self, slot, gfn: int, synchronizing: bool, prefetch: bool) -> bool:
+        """Mirrors ``mmu_try_to_unsync_pages()`` (mmu.c) without shadow pages: -EPERM (write-protect the
+        SPTE) iff the gfn is write-tracked (``kvm_gfn_is_write_tracked()``, :mod:`kvmsim.x86.page_track`)."""
+        from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
+        return kvm_gfn_is_write_tracked(self.kvm, slot, gfn)
+
     # ---- guest accesses ----------------------------------------------------------------------------
     #: A guest load/store: :func:`kvmsim.kvm.fault.kvm_guest_access` (the one re-entry loop), with
     #: :meth:`leaf_access` and RET_PF_EMULATE → ``x86_emulate_instruction()``.
@@ -382,9 +464,11 @@ class X86Mmu:
                 every.append(slot)
             for s in every:
                 tdp_mmu.zap_range(kvm, s, 0, s.npages, "kvm_mmu_zap_all_fast")
+                tdp_page_tables_free(s)
             kvm.journal.count("mmu_zap_all_fast")
         elif tdp_mmu.zap_range(kvm, slot, 0, slot.npages, "kvm_mmu_zap_memslot"):
             kvm.flush_remote_tlbs("flush_shadow_memslot")
+        tdp_page_tables_free(slot)
         self.mmio_sptes.clear()
 
     def flush_shadow_all(self) -> None:
@@ -392,6 +476,7 @@ class X86Mmu:
         for slots in self.kvm.memslots:
             for slot in slots:
                 tdp_mmu.zap_range(self.kvm, slot, 0, slot.npages, "kvm_mmu_zap_all")
+                tdp_page_tables_free(slot)
         self.mmio_sptes.clear()
 
     # ---- memslots -------------------------------------------------------------------------------------
@@ -414,6 +499,8 @@ class X86Mmu:
     def slot_apply_flags(self, old, new, change) -> None:
         from kvmsim.x86.dirty_log import kvm_mmu_slot_apply_flags
         kvm_mmu_slot_apply_flags(self, old, new, change)
+        if old is not None and new is not None and old.logging and not new.logging:
+            tdp_page_tables_free(new)          # zap_collapsible / recover_huge_pages replaced the page tables
 
     def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None:
         from kvmsim.x86.dirty_log import kvm_arch_mmu_enable_log_dirty_pt_masked

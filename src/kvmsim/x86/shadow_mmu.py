@@ -1,5 +1,7 @@
-"""The shadow MMU in direct mode (arch/x86/kvm/mmu/mmu.c ``direct_map()``, ``mmu_set_spte()``,
-``mmu_spte_update()``, ``mmu_spte_clear_track_bits()``, ``direct_pte_prefetch()``, v6.13).
+"""The shadow MMU (arch/x86/kvm/mmu/mmu.c ``direct_map()``, ``mmu_set_spte()``, ``mmu_spte_update()``,
+``mmu_spte_clear_track_bits()``, ``direct_pte_prefetch()``, v6.13): :class:`ShadowMmu` in direct mode, and
+:class:`IndirectShadowMmu`, shadow paging of the guest's own page tables (its ``FNAME(...)`` functions are
+in :mod:`kvmsim.x86.paging_tmpl`).
 
 Same SPTE tables as the TDP MMU, but faults map under ``mmu_lock`` held for write, and a fault
 prefetches up to 8 neighbouring gfns (``PTE_PREFETCH_NUM``) with ``kvm_prefetch_pages()``.  A
@@ -11,12 +13,15 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvmsim.kvm.fault import RETRY_LIVELOCK_BOUND, FaultRet, livelock_access, ret_to_access, retry_state
 from kvmsim.kvm.pfn import Hold, KvmFollowPfn, kvm_prefetch_pages
+from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.types import PAGE_SHIFT
 from kvmsim.x86.mmu_internal import RET_PF
-from kvmsim.x86.mmu import X86Mmu
+from kvmsim.x86.mmu import X86Mmu, mmu_set_spte
+from kvmsim.x86.paging_tmpl import (PT64_ENT_PER_PAGE, PTE_PREFETCH_NUM, GuestPageTables, KvmMmuPage, paging64_fetch,
+                                    paging64_page_fault, paging64_walk_addr)
 from kvmsim.x86.spte import P, tables
-
-PTE_PREFETCH_NUM = 8
 
 
 class ShadowMmu(X86Mmu):
@@ -89,4 +94,148 @@ class ShadowMmu(X86Mmu):
         return done
 
 
-__all__ = ["ShadowMmu", "PTE_PREFETCH_NUM", "np"]
+class IndirectShadowMmu(ShadowMmu):
+    """Shadow paging with TDP off (``paging = "indirect"``): faults and accesses by gva through the guest's
+    page tables (:class:`GuestPageTables`), level-1 indirect shadow pages, unsync and sync."""
+
+    name = "x86-shadow-indirect"
+    max_level = 1                     # the guest maps 4 KiB pages only (model limit)
+    map_caller = "mmu_set_spte"
+
+    def __init__(self, kvm, **opts):
+        super().__init__(kvm, **opts)
+        self.tdp_enabled = False      # vcpu->arch.mmu->page_fault == FNAME(page_fault), not kvm_tdp_page_fault
+        self.guest_pt = GuestPageTables()
+        self.mmu_page_hash: dict[object, KvmMmuPage] = {}
+        self.rmap_owner: dict[int, int] = {}      # gfn → the gvn whose SPTE it is
+
+    fault_map = paging64_fetch
+    page_fault = paging64_page_fault
+    _map = mmu_set_spte
+
+    def sp_of(self, gvn: int) -> KvmMmuPage | None:
+        pt = self.guest_pt.table_gfn(gvn)
+        return self.mmu_page_hash.get(pt if pt is not None else ("boot", gvn // PT64_ENT_PER_PAGE))
+
+    def spte_present(self, gvn: int) -> bool:
+        """Whether ``gvn`` has a present SPTE (hardware would use it: stale or not)."""
+        sp = self.sp_of(gvn)
+        gfn = sp.spt.get(gvn) if sp is not None else None
+        if gfn is None or self.rmap_owner.get(gfn) != gvn:
+            return False
+        slot = self.kvm.gfn_to_memslot(gfn)
+        return slot is not None and "x86" in slot.arch and bool(int(tables(slot).bits[gfn - slot.base_gfn]) & P)
+
+    def mmu_try_to_unsync_pages(self, slot, gfn: int, synchronizing: bool, prefetch: bool) -> bool:
+        """Mirrors ``mmu_try_to_unsync_pages()``: -EPERM for a write-tracked gfn; for each shadow page of the
+        gfn, -EPERM when synchronizing (a sync never unsyncs), skip an unsync one, -EEXIST for a prefetch,
+        else ``kvm_unsync_page()``.  True: write-protect the new SPTE."""
+        from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
+        kvm = self.kvm
+        kvm.journal.count("mmu_try_to_unsync_pages")
+        if kvm_gfn_is_write_tracked(kvm, slot, gfn):
+            return True
+        sp = self.mmu_page_hash.get(gfn)
+        if sp is None:
+            return False
+        if synchronizing:
+            return True
+        if sp.unsync:
+            return False
+        if prefetch:
+            return True
+        sp.unsync = True
+        kvm.journal.count("mmu_unsync")
+        return False
+
+    # ---- guest accesses by gva -------------------------------------------------------------------------
+    def _translate(self, vcpu, gvn: int, write: bool) -> int | None:
+        """Through the (possibly stale) SPTE of ``gvn``, as hardware would: the pfn, or None for a #PF exit."""
+        sp = self.sp_of(gvn)
+        gfn = sp.spt.get(gvn) if sp is not None else None
+        if gfn is None or self.rmap_owner.get(gfn) != gvn:
+            return None
+        slot = self.kvm.gfn_to_memslot(gfn)
+        if slot is None or slot.invalid:
+            return None
+        return X86Mmu.leaf_access(self, vcpu, slot, gfn - slot.base_gfn, write)
+
+    def guest_access(self, vcpu, gva: int, write: bool, value: int | None) -> Access:
+        """A guest load/store at a gva: through its SPTE, else a guest #PF (Exit.EXCEPTION) when the guest's
+        own tables refuse it, else :func:`paging64_page_fault` and re-entry (the loop of
+        :func:`kvmsim.kvm.fault.kvm_guest_access`, by gva)."""
+        kvm = self.kvm
+        gvn = gva >> PAGE_SHIFT
+        stuck = None
+        for _ in range(RETRY_LIVELOCK_BOUND):
+            pfn = self._translate(vcpu, gvn, write)
+            if pfn is not None:
+                if write:
+                    kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
+                    return Access(Exit.OK, gva, True, value)
+                return Access(Exit.OK, gva, False, kvm.phys.read(pfn, "guest read", kvm=True))
+            if paging64_walk_addr(self, vcpu, gvn, write, update=False).fault:
+                kvm.journal.count("guest_page_fault")
+                return Access(Exit.EXCEPTION, gva, write, value)
+            r = self.page_fault(vcpu, gva, write)
+            if r == FaultRet.EMULATE:
+                return self.emulate(vcpu, gva, write, value)
+            out = ret_to_access(int(r), gva, write, value)
+            if out is not None:
+                return out
+            if r == FaultRet.RETRY:
+                state = retry_state(kvm)
+                if state == stuck:
+                    break
+                stuck = state
+        return livelock_access(kvm, gva, write, value)
+
+    def emulate(self, vcpu, gva: int, write: bool, value: int | None) -> Access:
+        """``x86_emulate_instruction()`` at a gva: the emulator walks the guest's tables, then the uaccess."""
+        w = paging64_walk_addr(self, vcpu, gva >> PAGE_SHIFT, write, update=False)
+        if w.fault:
+            return Access(Exit.EXCEPTION, gva, write, value)
+        gpa = (w.gfn << PAGE_SHIFT) | (gva & ((1 << PAGE_SHIFT) - 1))
+        acc = vcpu._emulated_access(gpa, write, value)
+        return Access(acc.exit, gva, acc.write, acc.value, acc.errno) if acc.exit is not Exit.OK \
+            else Access(Exit.OK, gva, write, acc.value)
+
+    def guest_access_range(self, vcpu, gva: int, npages: int, write: bool, values=None):
+        """``npages`` guest accesses by gva, one at a time (the TDP MMU's vectorised range is by gfn): the
+        values read/written, -1 where an access exited (counted as ``range_access_exit``)."""
+        import numpy as np
+        kvm = self.kvm
+        vals = np.zeros(npages, dtype=np.int64) if values is None else \
+            np.broadcast_to(np.asarray(values, dtype=np.int64), (npages,))
+        out = np.zeros(npages, dtype=np.int64)
+        for k in range(npages):
+            a = vcpu.access(gva + (k << PAGE_SHIFT), write, int(vals[k]) if write else None)
+            if a.exit is Exit.OK:
+                out[k] = int(a.value or 0)
+            else:
+                out[k] = -1
+                kvm.journal.count("range_access_exit")
+        return out
+
+    # ---- zapping: the shadow pages forget SPTEs the notifier or a memslot change zapped -------------
+    def flush_shadow_memslot(self, slot) -> None:
+        super().flush_shadow_memslot(slot)
+        self._forget_zapped()
+
+    def flush_shadow_all(self) -> None:
+        super().flush_shadow_all()
+        self.mmu_page_hash.clear()
+        self.rmap_owner.clear()
+
+    def _forget_zapped(self) -> None:
+        for gfn in list(self.rmap_owner):
+            slot = self.kvm.gfn_to_memslot(gfn)
+            if slot is None or not int(tables(slot).bits[gfn - slot.base_gfn]) & P:
+                gvn = self.rmap_owner.pop(gfn)
+                sp = self.sp_of(gvn)
+                if sp is not None:
+                    sp.spt.pop(gvn, None)
+                    sp.access.pop(gvn, None)
+
+
+__all__ = ["ShadowMmu", "IndirectShadowMmu", "PTE_PREFETCH_NUM", "np"]

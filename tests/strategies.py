@@ -95,12 +95,18 @@ def vm_section(draw) -> dict:
         vm["execution"] = "emulated"
     if arch == "arm64" and draw(st.integers(0, 3)) == 0:
         vm["mte"] = True
+    if arch == "x86" and draw(st.booleans()):       # the x86 MMU knobs (scenarios/ops_reach.py's keys)
+        for k in ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages"):
+            if draw(st.booleans()):
+                vm[k] = draw(st.booleans())
     dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))
     if dirty in ("manual", "manual_set"):
         vm["manual_protect"] = True
         vm["initially_set"] = dirty == "manual_set"
     elif dirty == "ring":
         vm["dirty_ring"] = draw(st.sampled_from([4096, 1 << 16]))
+        if draw(st.booleans()):
+            vm["dirty_ring_with_bitmap"] = True         # set-up fails (EINVAL) except on arm64
     if draw(st.integers(0, 9)) == 0:
         vm["mutations"] = draw(st.lists(st.sampled_from(["skip-retry", "nonatomic-spte", "mark-dirty-after-unlock"]),
                                         unique=True, min_size=1, max_size=2))
@@ -163,9 +169,10 @@ KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "ge
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
            "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy", "mte_copy_tags")
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
+REACH_OPS = ("memory_failure", "enable_dirty_ring", "enable_dirty_ring_with_bitmap")
 PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
                   "xive_queue_config", "xive_queue_reset")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + REACH_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -187,7 +194,18 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
             a["value"] = draw(st.integers(0, 255))
         return a
     if op == "fault":
-        return {"gpa": _gpa(draw, w), "write": draw(st.booleans()), **_vcpu(draw, w)}
+        a = {"gpa": _gpa(draw, w), "write": draw(st.booleans()), **_vcpu(draw, w)}
+        if draw(st.integers(0, 3)) == 0:
+            a["exec"] = True
+        if draw(st.integers(0, 3)) == 0:
+            a["signal_pending"] = True
+        return a
+    if op == "memory_failure":
+        return _vma_at(draw, w, draw(st.sampled_from(vma_names)))
+    if op == "enable_dirty_ring":
+        return {"size": draw(st.sampled_from([0, 1000, 4096, 1 << 16, 1 << 20, 1 << 21]))}
+    if op == "enable_dirty_ring_with_bitmap":
+        return {}
     if op == "store":
         return {"gpa": _gpa(draw, w), "value": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     if op == "zap":

@@ -361,7 +361,7 @@ def main() -> None:
 
 # ---- subcommands from other modules --------------------------------------------------------------------
 for _name in ("kvmsim.cli_conform", "kvmsim.cli_bench", "kvmsim.cli_explore", "kvmsim.cli_oracle",
-              "kvmsim.cli_oracle_selftests"):
+              "kvmsim.cli_oracle_selftests", "kvmsim.cli_patches"):
     try:
         importlib.import_module(_name)
     except ImportError:

@@ -47,6 +47,7 @@ class Policy(Protocol):
     def fast_path_get_page(self, kvm, pfn: int, caller: str) -> int | None: ...
     def arch_ops(self, arch: str) -> object | None: ...
     def arch_faultin(self, arch: str) -> Callable | None: ...
+    mmu_613_other: bool
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,9 @@ class KvmOps:
     arch_ops: object | None = None
     #: ``(kvm, mmu, fault) -> (pfn, kfp)`` in place of the template's ``__kvm_faultin_pfn()`` (PPC e500); None: the template's.
     arch_faultin: Callable | None = None
+    #: The kernel release's other 6.13 MMU changes (not the series): a VM takes them unless created with
+    #: ``v613_other`` set either way (``v613_other=False`` with the series policy: "series only").
+    mmu_613_other: bool = False
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -109,7 +113,8 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fast_path_get_page=policy.fast_path_get_page,
                   thp_adjust_refcount=policy.thp_adjust_refcount, mte_tag_page=policy.mte_tag_page,
                   arch_ops=policy.arch_ops(arch),
-                  arch_faultin=policy.arch_faultin(arch))
+                  arch_faultin=policy.arch_faultin(arch),
+                  mmu_613_other=policy.mmu_613_other)
 
 
 def get_policy(name: str) -> Policy:

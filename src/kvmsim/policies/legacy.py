@@ -29,6 +29,10 @@ class LegacyPolicy:
     #: arm64 MTE tag copy through ``gfn_to_pfn_prot()`` + ``pfn_to_online_page()`` until
     #: patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags to/from userspace".
     mte_tag_page = MteTagPageV612
+    #: The other MMU changes merged for v6.13, outside the series ("[6.13-other]": "KVM: x86/mmu: Don't
+    #: flush TLBs when aging SPTEs", huge pages recovered in place when dirty logging is disabled): v6.12
+    #: has none of them.
+    mmu_613_other = False
 
     def reported_page(self, kfp):
         """No page output before patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn"."""

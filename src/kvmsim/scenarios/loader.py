@@ -224,10 +224,24 @@ def c_requires(v: Any) -> list[str]:
     return names
 
 
+def c_patches(v: Any) -> tuple[int, ...]:
+    """``patches = [N, ...]``: the series patches (1..85, kvmsim.patches) whose difference this scenario shows."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in v):
+        raise ValueError(f"expected a list of patch numbers, got {v!r}")
+    for n in v:
+        if not 1 <= n <= 85:
+            raise ValueError(f"expected patch numbers 1..85 (the series' patches, `kvmsim patches`), got {n}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"a patch is listed twice: {v!r}")
+    return tuple(v)
+
+
 # ---- sections -------------------------------------------------------------------------------------
 
 TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, ""),
-       "requires": (c_requires, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
+       "patches": (c_patches, ()), "requires": (c_requires, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
        "memslot": (c_any, []), "step": (c_any, []), "expect": (c_any, {})}
 
 DRIVER = {"name": (c_str, REQUIRED),
@@ -271,11 +285,18 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       "arch": (c_choice(*ARCH_NAMES), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
-      "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
+      "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, None),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
       "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ()),
       "mte": (c_bool, False),
-      "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit")}
+      "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit"),
+      # x86 MMU knobs (kvm_intel/kvm_amd module parameters and a KVM_CAP_DISABLE_QUIRKS2 quirk)
+      "ad_enabled": (c_bool, True), "eager_split": (c_bool, True), "slot_zap_all": (c_bool, True),
+      "nx_huge_pages": (c_bool, False),
+      "dirty_ring_with_bitmap": (c_bool, False)}
+
+#: VM keys only the x86 MMU reads (the loader refuses them with another arch).
+X86_VM_KEYS = ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages")
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:
@@ -350,7 +371,7 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
     ctx = _Ctx(file, text)
     top = _table(ctx, (), doc, TOP)
     sc = Scenario(name=top["name"], description=top["description"], source=top["source"],
-                  requires=tuple(top["requires"]), file=file)
+                  patches=top["patches"], requires=tuple(top["requires"]), file=file)
     for i, d in enumerate(_array(ctx, ("driver",), top["driver"])):
         t = _table(ctx, ("driver", i), d, DRIVER)
         if t["name"] in {x.name for x in sc.drivers}:
@@ -382,6 +403,12 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
     vm = _table(ctx, ("vm",), top["vm"], VM)
     if vm["mte"] and vm["arch"] != "arm64":
         raise ctx.error(("vm", "mte"), f"mte = true (KVM_CAP_ARM_MTE) needs arch = \"arm64\", not {vm['arch']!r}")
+    for k in X86_VM_KEYS:
+        if vm["arch"] != "x86" and k in top["vm"] and vm[k] != VM[k][1]:
+            raise ctx.error(("vm", k), f"{k} = {str(vm[k]).lower()} is an x86 MMU option; arch is {vm['arch']!r}")
+    if vm["dirty_ring_with_bitmap"] and not vm["dirty_ring"]:
+        raise ctx.error(("vm", "dirty_ring_with_bitmap"), "dirty_ring_with_bitmap = true "
+                        "(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) needs dirty_ring = <size in bytes> as well")
     sc.vm = VmSpec(policies=vm.pop("policy"), **vm)
     for i, s in enumerate(_array(ctx, ("memslot",), top["memslot"])):
         t = _table(ctx, ("memslot", i), s, MEMSLOT)

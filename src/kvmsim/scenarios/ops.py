@@ -52,6 +52,7 @@ from kvmsim.scenarios.ops_s390 import S390_OP_ARGS, S390_OPS
 from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
 from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
 from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
+from kvmsim.scenarios.ops_reach import REACH_OP_ARGS, REACH_OPS, fatal_signal_pending
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -66,7 +67,8 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     # guest
     "read": _GUEST,
     "write": {**_GUEST, "value": (c_int, 1)},
-    "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0)},
+    "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0), "exec": (c_bool, False),
+              "signal_pending": (c_bool, False)},
     "store": {"gpa": (c_size, REQUIRED), "value": (c_int, 1), "vcpu": (c_int, 0)},
     "zap": {"gpa": (c_size, REQUIRED)},
     # host
@@ -113,6 +115,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     **ARM64_OP_ARGS,
     **PPC_BOOK3S_OP_ARGS,
     **PPC_E500_OP_ARGS,
+    **REACH_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -159,7 +162,8 @@ def op_access(env: Env, a: dict, write: bool):
 
 
 def op_fault(env: Env, a: dict):
-    r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"])
+    with fatal_signal_pending(env.mm, a["signal_pending"]):
+        r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"], a["exec"])
     r = int(r)
     if r < 0:
         return Res({errno.EFAULT: "efault", errno.EINTR: "eintr", EHWPOISON: "hwpoison"}.get(-r, "error"), -r)
@@ -396,6 +400,7 @@ OPS: dict[str, Callable] = {
     **ARM64_OPS,
     **PPC_BOOK3S_OPS,
     **PPC_E500_OPS,
+    **REACH_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 

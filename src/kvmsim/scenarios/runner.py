@@ -117,13 +117,19 @@ def build(sc: Scenario, policy: str) -> Env:
                         "pgoff": vma.pgoff if vma.mapping is not None else 0}
     vm = sc.vm
     arch_opts = {"host_bits": int(vm.ppc_pr_host[:2])} if vm.arch == "ppc-book3s-pr" else {}
+    if vm.arch == "x86":
+        arch_opts.update(slot_zap_all=vm.slot_zap_all, nx_huge_pages=vm.nx_huge_pages)
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
-              allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, **arch_opts)
+              allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, ad_enabled=vm.ad_enabled,
+              eager_split=vm.eager_split, **arch_opts)
     if vm.mutations:
         from kvmsim.explore.mutations import Mutations, install
         install(kvm, Mutations.parse(vm.mutations))
     if vm.dirty_ring:
         enable_dirty_ring(kvm, vm.dirty_ring)
+    if vm.dirty_ring_with_bitmap:
+        from kvmsim.kvm.dirty import enable_dirty_ring_with_bitmap
+        enable_dirty_ring_with_bitmap(kvm)
     if vm.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                               | (KVM_DIRTY_LOG_INITIALLY_SET if vm.initially_set else 0))

@@ -69,13 +69,18 @@ class VmSpec:
     manual_protect: bool = False
     initially_set: bool = False
     dirty_ring: int = 0
-    v613_other: bool = False
+    v613_other: bool | None = None     # None: the policy's own (legacy 6.12's, series 6.13's); False: "series only"
     allow_unsafe_mappings: bool = False
     execution: str = "hardware"
     vcpus: int = 1
     mutations: tuple[str, ...] = ()    # kvmsim.explore mutation switches (a safety mechanism turned off)
     mte: bool = False                  # arm64 KVM_ENABLE_CAP(KVM_CAP_ARM_MTE) before the vCPUs
     ppc_pr_host: str = "64-bit"        # Book3S PR: book3s_64_mmu_host.c or book3s_32_mmu_host.c
+    ad_enabled: bool = True            # kvm_intel.enable_ept_ad_bits / A/D bits in SPTEs
+    eager_split: bool = True           # kvm.eager_page_split
+    slot_zap_all: bool = True          # KVM_X86_QUIRK_SLOT_ZAP_ALL (KVM_CAP_DISABLE_QUIRKS2 clears it)
+    nx_huge_pages: bool = False        # kvm.nx_huge_pages: an exec fault maps 4K
+    dirty_ring_with_bitmap: bool = False   # KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (arm64)
 
 
 @dataclass
@@ -120,6 +125,7 @@ class Scenario:
     name: str
     description: str = ""
     source: str = ""
+    patches: tuple[int, ...] = ()       # the series patches it demonstrates (kvmsim.patches)
     requires: tuple[str, ...] = ()
     drivers: list[DriverSpec] = field(default_factory=list)
     vmas: list[VmaSpec] = field(default_factory=list)

@@ -66,6 +66,8 @@ def vmas(draw, driver_names: list[str]) -> list[dict]:
             v["size"] = npages * PAGE
         if kind in ("pfnmap", "mixedmap"):
             v["driver"] = draw(st.sampled_from(driver_names))
+            if kind == "mixedmap" and draw(st.booleans()):
+                v["io"] = True                          # VM_MIXEDMAP|VM_IO
         if draw(st.integers(0, 6)) == 0:
             v["prot"] = draw(st.sampled_from(["r", "w", "none"]))
         if kind == "file" and draw(st.integers(0, 3)) == 0:

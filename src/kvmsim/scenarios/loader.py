@@ -255,7 +255,7 @@ VMA = {"name": (c_str, REQUIRED), "kind": (c_choice(*(k.value for k in VmaKind))
        "size": (c_bounded(c_size, 1, MAX_BYTES, "a VMA size"), REQUIRED), "page_size": (c_size, 4096),
        "thp": (c_bool, False),
        "prot": (c_choice("rw", "r", "w", "none"), "rw"), "driver": (c_str, None),
-       "writenotify": (c_bool, None)}
+       "writenotify": (c_bool, None), "io": (c_bool, False)}
 
 
 def c_policies(v: Any) -> tuple[str, ...]:
@@ -389,6 +389,9 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
         if t["driver"] is not None and t["driver"] not in drivers:
             raise ctx.error(("vma", i, "driver"), f"no [[driver]] named {t['driver']!r} (have: "
                                                   f"{', '.join(sorted(drivers)) or 'none'})")
+        if t["io"] and t["kind"] != "mixedmap":
+            raise ctx.error(("vma", i, "io"), f"io = true (VM_IO) is for a mixedmap VMA (a pfnmap VMA always has "
+                                              f"VM_PFNMAP|VM_IO); got kind = {t['kind']!r}")
         if t["page_size"] not in (4096, 1 << 21, 1 << 30):
             raise ctx.error(("vma", i, "page_size"), f"expected 4K, 2M or 1G, got {t['page_size']:#x}")
         if (t["kind"] == "hugetlb") != (t["page_size"] != 4096):

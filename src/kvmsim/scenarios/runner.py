@@ -110,7 +110,7 @@ def build(sc: Scenario, policy: str) -> Env:
     for v in sc.vmas:
         prot = "" if v.prot == "none" else v.prot
         vma = host.mm.mmap(v.size, VmaKind(v.kind), prot=prot, page_size=v.page_size, thp=v.thp,
-                           driver=host.drivers[v.driver] if v.driver else None)
+                           driver=host.drivers[v.driver] if v.driver else None, io=v.io)
         if v.writenotify is not None:
             vma.writenotify = v.writenotify
         vmas[v.name] = {"start": vma.start, "size": v.size, "mapping": vma.mapping, "kind": v.kind,

@@ -26,6 +26,7 @@ class VmaSpec:
     prot: str = "rw"
     driver: str | None = None
     writenotify: bool | None = None   # override vma_wants_writenotify() (a file system without dirty accounting)
+    io: bool = False                  # VM_MIXEDMAP|VM_IO (kind = "mixedmap"): GUP refuses it, KVM follows the PTE
     line: int | None = field(default=None, compare=False)
 
 

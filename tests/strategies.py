@@ -98,7 +98,7 @@ def vm_section(draw) -> dict:
     if arch == "arm64" and draw(st.integers(0, 3)) == 0:
         vm["mte"] = True
     if arch == "x86" and draw(st.booleans()):       # the x86 MMU knobs (scenarios/ops_reach.py's keys)
-        for k in ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages"):
+        for k in ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf"):
             if draw(st.booleans()):
                 vm[k] = draw(st.booleans())
     dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))

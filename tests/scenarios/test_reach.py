@@ -215,3 +215,23 @@ def test_dirty_ring_with_bitmap_is_refused_on_x86_and_without_a_ring():
     step = run(_sc({"policy": "series", "arch": "arm64", "dirty_ring": 4096}, [("enable_dirty_ring_with_bitmap", {})]),
                "series")
     assert _steps(step) == [("error", "EINVAL")]                 # a memslot exists already
+
+
+# ---- async page faults (NEEDS_IO) -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy", ["legacy", "series"])
+def test_async_pf_turns_a_fault_on_a_page_that_needs_io_into_a_retry(policy):
+    vma = {"kind": "file", "size": "16K"}
+    # the first reclaim pass finds the page young (folio_referenced clears it), the second evicts it
+    steps = [("host_write", {"vma": "ram"}), ("reclaim", {"vma": "ram"}), ("reclaim", {"vma": "ram"}),
+             ("fault", {"gpa": 0, "write": True}), ("fault", {"gpa": 0, "write": True})]
+    def go(apf):
+        return run(_sc({"policy": policy, "async_pf": apf}, steps, vma=vma), policy)
+    on, off = go(True), go(False)
+    assert on.steps[2].counters["reclaimed"] == 1
+    # KVM_PFN_ERR_NEEDS_IO (v6.13) or *async (v6.12): with async #PF the fault retries and the worker reads
+    # the page in; without it the vCPU resolves again, blocking, and maps the page at once
+    assert _steps(on)[3:] == [("retry", None), ("fixed", None)]
+    assert on.steps[3].counters["async_pf"] == 1 and on.steps[3].counters.get("spte_write", 0) == 0
+    assert _steps(off)[3:] == [("fixed", None), ("spurious", None)]
+    assert off.steps[3].counters.get("async_pf", 0) == 0

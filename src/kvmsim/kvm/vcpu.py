@@ -25,6 +25,7 @@ class KvmVcpu:
         self.vcpu_id = vcpu_id
         self.dirty_ring: list[tuple[int, int]] = []     # (slot id | as_id << 16, offset)
         self.dirty_ring_harvested = 0
+        self.apf_enabled = False    # the guest wrote MSR_KVM_ASYNC_PF_EN (kvmsim.kvm.async_pf)
 
     def access(self, gpa: int, write: bool, value: int | None = None) -> Access:
         if self.kvm.execution == "emulated":

@@ -292,11 +292,11 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit"),
       # x86 MMU knobs (kvm_intel/kvm_amd module parameters and a KVM_CAP_DISABLE_QUIRKS2 quirk)
       "ad_enabled": (c_bool, True), "eager_split": (c_bool, True), "slot_zap_all": (c_bool, True),
-      "nx_huge_pages": (c_bool, False),
+      "nx_huge_pages": (c_bool, False), "async_pf": (c_bool, False),
       "dirty_ring_with_bitmap": (c_bool, False)}
 
 #: VM keys only the x86 MMU reads (the loader refuses them with another arch).
-X86_VM_KEYS = ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages")
+X86_VM_KEYS = ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf")
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:

@@ -137,7 +137,7 @@ def build(sc: Scenario, policy: str) -> Env:
         from kvmsim.arm64.mte import kvm_vm_ioctl_enable_cap_mte
         kvm_vm_ioctl_enable_cap_mte(kvm)
     for _ in range(vm.vcpus):
-        kvm.create_vcpu()
+        kvm.create_vcpu().apf_enabled = vm.async_pf
     for s in sc.memslots:
         kvm.set_user_memory_region(s.id, s.gpa, s.size, vmas[s.vma]["start"] + s.offset, _flags(s.flags))
     return Env(host, kvm, vmas)

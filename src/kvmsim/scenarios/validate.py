@@ -51,7 +51,7 @@ MODEL_COUNTERS = frozenset({
     "mmu_notifier_invalidate", "gup_fast", "gup_slow", "follow_pfnmap", "page_free", "premature_free",
     "uaf", "refcount_underflow", "writeback_folio", "data_lost", "reclaimed", "migrate_busy", "migrated",
     "thp_split", "thp_collapse",
-    "memory_failure",                                                       # scenarios/ops_reach.py
+    "memory_failure", "async_pf",                                  # scenarios/ops_reach.py, kvm/async_pf.py
     # PowerPC Book3S (ppc/)
     "kvmppc_hv_emulate_mmio", "kvmppc_core_queue_data_storage", "kvmppc_emulate_mmio", "hpte_cache_alloc_failed",
     "kvmppc_mmu_pte_flush_all", "kvmppc_mmu_map_page_no_pfn", "uv_page_in", "uv_page_in_no_struct_page",

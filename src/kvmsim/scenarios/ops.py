@@ -162,8 +162,8 @@ def op_access(env: Env, a: dict, write: bool):
 
 
 def op_fault(env: Env, a: dict):
-    with fatal_signal_pending(env.mm, a["signal_pending"]):
-        r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"], a["exec"])
+    with fatal_signal_pending(env.mm, a.get("signal_pending", False)):
+        r = yield from env.kvm.arch.page_fault.steps(env.vcpu(a["vcpu"]), a["gpa"], a["write"], a.get("exec", False))
     r = int(r)
     if r < 0:
         return Res({errno.EFAULT: "efault", errno.EINTR: "eintr", EHWPOISON: "hwpoison"}.get(-r, "error"), -r)

@@ -420,6 +420,9 @@ def scenario_docs(draw) -> dict:
     w = _World(drv, vm_list, slots, vm["vcpus"])
     doc = {"name": "fuzz", "description": "a random well-formed scenario", "driver": drv, "vma": vm_list,
            "vm": vm, "memslot": slots, "step": draw(steps(w))}
+    if draw(st.integers(0, 3)) == 0:                 # the host kernel's mm settings
+        doc["host"] = {"thp_zero_page": draw(st.booleans()), "swap": draw(st.booleans()),
+                       "kernel": draw(st.sampled_from(["6.12", "6.13"]))}
     return doc
 
 
@@ -448,6 +451,8 @@ def to_toml(doc: dict) -> str:
     for key in ("driver", "vma"):
         for item in doc.get(key, []):
             lines += ["", f"[[{key}]]"] + [f"{k} = {_val(v)}" for k, v in item.items()]
+    if "host" in doc:
+        lines += ["", "[host]"] + [f"{k} = {_val(v)}" for k, v in doc["host"].items()]
     if "vm" in doc:
         lines += ["", "[vm]"] + [f"{k} = {_val(v)}" for k, v in doc["vm"].items()]
     for item in doc.get("memslot", []):

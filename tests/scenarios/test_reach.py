@@ -235,3 +235,44 @@ def test_async_pf_turns_a_fault_on_a_page_that_needs_io_into_a_retry(policy):
     assert on.steps[3].counters["async_pf"] == 1 and on.steps[3].counters.get("spte_write", 0) == 0
     assert _steps(off)[3:] == [("fixed", None), ("spurious", None)]
     assert off.steps[3].counters.get("async_pf", 0) == 0
+
+
+# ---- [host]: the host kernel's mm settings ---------------------------------------------------------------
+
+def _host_sc(host: dict, steps: list, vma: dict) -> Scenario:
+    b = Scenario.builder("h").host(**host).vma("ram", **vma).vm(policy="series")
+    b.memslot(id=0, gpa=0, size=vma["size"], vma="ram")
+    for op, kw in steps:
+        b.step(op, **kw)
+    return b.build()
+
+
+THP = {"kind": "anon", "size": "4M", "thp": True}
+
+
+def test_host_thp_zero_page_off_allocates_a_thp_on_a_guest_read():
+    on, off = (run(_host_sc({"thp_zero_page": z}, [("read", {"gpa": 0})], THP), "series") for z in (True, False))
+    assert on.counters.get("host_huge_alloc", 0) == 0 and off.counters["host_huge_alloc"] == 1
+
+
+def test_host_kernel_612_splits_the_huge_zero_pmd_on_a_write():
+    steps = [("host_read", {"vma": "ram"}), ("host_write", {"vma": "ram"})]
+    old, new = (run(_host_sc({"kernel": k}, steps, THP), "series") for k in ("6.12", "6.13"))
+    assert old.steps[1].counters["thp_split"] == 1 and old.steps[1].counters.get("host_huge_alloc", 0) == 0
+    assert new.steps[1].counters["host_huge_alloc"] == 1 and new.steps[1].counters.get("thp_split", 0) == 0
+
+
+def test_host_without_swap_keeps_anonymous_memory_on_pageout():
+    steps = [("write", {"gpa": 0}), ("madvise", {"vma": "ram", "advice": "pageout"}), ("read", {"gpa": 0})]
+    on, off = (run(_host_sc({"swap": s}, steps, {"kind": "anon", "size": "16K"}), "series") for s in (True, False))
+    assert on.steps[1].counters["reclaimed"] == 1 and on.steps[2].counters["page_fault"] == 1
+    assert off.steps[1].counters.get("reclaimed", 0) == 0 and off.steps[2].counters.get("page_fault", 0) == 0
+
+
+def test_host_table_is_checked_with_file_and_line():
+    with pytest.raises(ScenarioError) as ei:
+        loader.loads('name = "x"\n\n[host]\nkernel = "6.11"\n', file="h.toml")
+    assert ei.value.line == 4 and "6.12, 6.13" in str(ei.value)
+    with pytest.raises(ScenarioError) as ei:
+        loader.loads('name = "x"\n\n[host]\nswapp = false\n', file="h.toml")
+    assert ei.value.line == 4 and "unknown key 'swapp'" in str(ei.value)

@@ -25,6 +25,7 @@ from kvmsim.scenarios.spec import (
     POLICY_ALIASES,
     DriverSpec,
     FinalExpect,
+    HostSpec,
     Scenario,
     SlotSpec,
     Step,
@@ -241,7 +242,7 @@ def c_patches(v: Any) -> tuple[int, ...]:
 # ---- sections -------------------------------------------------------------------------------------
 
 TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, ""),
-       "patches": (c_patches, ()), "requires": (c_requires, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
+       "patches": (c_patches, ()), "requires": (c_requires, []), "host": (c_any, {}), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
        "memslot": (c_any, []), "step": (c_any, []), "expect": (c_any, {})}
 
 DRIVER = {"name": (c_str, REQUIRED),
@@ -250,6 +251,11 @@ DRIVER = {"name": (c_str, REQUIRED),
           "order": (c_bounded(c_int, 0, 18, "an order"), 0), "compound": (c_bool, True), "prefault": (c_bool, True),
           "pte_write": (c_choice("always", "on_write_fault", "never"), "always"), "mixed": (c_bool, False),
           "free_rule": (c_choice("free", "put"), "free")}
+
+#: The host kernel's mm settings (``[host]``).
+HOST = {"thp_zero_page": (c_bool, True),        # /sys/kernel/mm/transparent_hugepage/use_zero_page
+        "swap": (c_bool, True),                 # a swap device (total_swap_pages > 0)
+        "kernel": (c_choice("6.12", "6.13"), "6.13")}   # the host mm's release (the huge zero PMD write fault)
 
 VMA = {"name": (c_str, REQUIRED), "kind": (c_choice(*(k.value for k in VmaKind)), REQUIRED),
        "size": (c_bounded(c_size, 1, MAX_BYTES, "a VMA size"), REQUIRED), "page_size": (c_size, 4096),
@@ -403,6 +409,7 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
                                                 f"got {t['size']:#x}")
         sc.vmas.append(VmaSpec(**t, line=ctx.src.find(("vma", i))))
     names = [v.name for v in sc.vmas]
+    sc.host = HostSpec(**_table(ctx, ("host",), top["host"], HOST))
     vm = _table(ctx, ("vm",), top["vm"], VM)
     if vm["mte"] and vm["arch"] != "arm64":
         raise ctx.error(("vm", "mte"), f"mte = true (KVM_CAP_ARM_MTE) needs arch = \"arm64\", not {vm['arch']!r}")

@@ -98,6 +98,12 @@ def build(sc: Scenario, policy: str) -> Env:
     from kvmsim.scenarios.ops import _flags
 
     host = Host()
+    if sc.host.kernel != "6.13":
+        from kvmsim.mm.huge_memory import set_host_kernel
+        set_host_kernel(host.mm, tuple(int(x) for x in sc.host.kernel.split(".")))
+    host.mm.thp_use_zero_page = sc.host.thp_zero_page
+    if not sc.host.swap:
+        host.mm.total_swap_pages = 0
     vma_size = {}
     for v in sc.vmas:
         if v.driver:

@@ -47,6 +47,15 @@ class DriverSpec:
 
 
 @dataclass
+class HostSpec:
+    """The host kernel's mm settings (``[host]``)."""
+
+    thp_zero_page: bool = True        # transparent_hugepage/use_zero_page: a read fault maps the huge zero page
+    swap: bool = True                 # without swap, reclaim keeps private anonymous folios
+    kernel: str = "6.13"              # host mm release: v6.13 do_huge_zero_wp_pmd(), v6.12 the PTE fallback
+
+
+@dataclass
 class SlotSpec:
     """One ``KVM_SET_USER_MEMORY_REGION`` at set-up time."""
 
@@ -131,6 +140,7 @@ class Scenario:
     requires: tuple[str, ...] = ()
     drivers: list[DriverSpec] = field(default_factory=list)
     vmas: list[VmaSpec] = field(default_factory=list)
+    host: HostSpec = field(default_factory=HostSpec)
     vm: VmSpec = field(default_factory=VmSpec)
     memslots: list[SlotSpec] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
@@ -173,6 +183,10 @@ class ScenarioBuilder:
 
     def vma(self, name: str, **kw: Any) -> ScenarioBuilder:
         return self._append("vma", {"name": name, **kw})
+
+    def host(self, **kw: Any) -> ScenarioBuilder:
+        self.doc.setdefault("host", {}).update(kw)
+        return self
 
     def driver(self, name: str, **kw: Any) -> ScenarioBuilder:
         return self._append("driver", {"name": name, **kw})

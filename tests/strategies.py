@@ -101,6 +101,8 @@ def vm_section(draw) -> dict:
         for k in ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf"):
             if draw(st.booleans()):
                 vm[k] = draw(st.booleans())
+        if draw(st.integers(0, 3)) == 0:
+            vm["maxphyaddr"] = draw(st.sampled_from([36, 39, 46, 52]))
     dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))
     if dirty in ("manual", "manual_set"):
         vm["manual_protect"] = True

@@ -107,3 +107,9 @@ def test_loader_reads_patches_key():
     assert loader.loads('name = "x"\npatches = [41, 48]\n').patches == (41, 48)
     assert loader.loads('name = "x"\npatches = 14\n').patches == (14,)
     assert loader.loads('name = "x"\n').patches == ()
+
+
+def test_show_names_the_patches_a_scenario_demonstrates():
+    res = CliRunner().invoke(cli, ["show", "fault-fatal-signal-during-gup"])
+    assert res.exit_code == 0
+    assert 'patch: 14 "KVM: Return ERR_SIGPENDING from hva_to_pfn() if GUP returns -EGAIN"' in res.output

@@ -171,6 +171,10 @@ def show(scenario: str) -> None:
     out(" ".join(sc.description.split()))
     if sc.source:
         out(("source:", "dim"), f" {sc.source}")
+    if sc.patches:
+        from kvmsim.patches import patch
+        for n in sc.patches:
+            out(("patch:", "dim"), f" {n} \"{patch(n).title}\"")
     if sc.requires:
         out(("requires:", "dim"), f" {', '.join(sc.requires)}")
     for d in sc.drivers:

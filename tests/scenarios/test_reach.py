@@ -276,3 +276,12 @@ def test_host_table_is_checked_with_file_and_line():
     with pytest.raises(ScenarioError) as ei:
         loader.loads('name = "x"\n\n[host]\nswapp = false\n', file="h.toml")
     assert ei.value.line == 4 and "unknown key 'swapp'" in str(ei.value)
+
+
+def test_maxphyaddr_bounds_a_memslot():
+    def go(bits):
+        b = Scenario.builder("m").vma("ram", kind="anon", size="16K").vm(policy="series", maxphyaddr=bits)
+        b.step("memslot_set", id=0, gpa=1 << 40, size="16K", vma="ram")
+        return _steps(run(b.build(), "series"))
+    assert go(36) == [("error", "EINVAL")]          # 1 TiB is past a 36-bit guest physical address space
+    assert go(46) == [("create", None)]

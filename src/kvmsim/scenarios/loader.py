@@ -299,10 +299,11 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       # x86 MMU knobs (kvm_intel/kvm_amd module parameters and a KVM_CAP_DISABLE_QUIRKS2 quirk)
       "ad_enabled": (c_bool, True), "eager_split": (c_bool, True), "slot_zap_all": (c_bool, True),
       "nx_huge_pages": (c_bool, False), "async_pf": (c_bool, False),
+      "maxphyaddr": (c_bounded(c_int, 32, 52, "a MAXPHYADDR (CPUID.0x80000008:EAX[7:0])"), 46),
       "dirty_ring_with_bitmap": (c_bool, False)}
 
 #: VM keys only the x86 MMU reads (the loader refuses them with another arch).
-X86_VM_KEYS = ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf")
+X86_VM_KEYS = ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf", "maxphyaddr")
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:

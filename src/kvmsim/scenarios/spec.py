@@ -91,6 +91,7 @@ class VmSpec:
     slot_zap_all: bool = True          # KVM_X86_QUIRK_SLOT_ZAP_ALL (KVM_CAP_DISABLE_QUIRKS2 clears it)
     nx_huge_pages: bool = False        # kvm.nx_huge_pages: an exec fault maps 4K
     async_pf: bool = False             # the guest enabled async #PF (MSR_KVM_ASYNC_PF_EN) on every vCPU
+    maxphyaddr: int = 46               # the host's MAXPHYADDR: bounds a memslot's guest physical addresses
     dirty_ring_with_bitmap: bool = False   # KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (arm64)
 
 

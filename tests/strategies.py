@@ -21,7 +21,7 @@ from kvmsim.backend.base import MappingKind
 from kvmsim.mm.vma import VmaKind
 
 PAGE = 4096
-POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
 ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"),
           ("loongarch", "tdp"), ("mips", "tdp"),
           ("ppc-book3s-hv", "tdp"), ("ppc-book3s-radix", "tdp"), ("ppc-book3s-pr", "tdp"), ("ppc-e500", "tdp"))

@@ -285,3 +285,15 @@ def test_maxphyaddr_bounds_a_memslot():
         return _steps(run(b.build(), "series"))
     assert go(36) == [("error", "EINVAL")]          # 1 TiB is past a 36-bit guest physical address space
     assert go(46) == [("create", None)]
+
+
+def test_series_only_policy_is_the_series_without_the_other_613_changes():
+    steps = [("write", {"gpa": 0}), ("age", {"vma": "ram", "size": "4K", "how": "clear_flush_young"})]
+    sc = _sc({"policy": ["legacy", "series-only", "series"]}, steps)
+    assert sc.policies == ("legacy", "series-only", "series")
+    legacy, only, full = (run(sc, p) for p in sc.policies)
+    flushes = [r.steps[1].counters.get("tlb_flush:clear_flush_young", 0) for r in (legacy, only, full)]
+    assert flushes == [1, 1, 0]                          # v6.12's aging flush stays in "series only"
+    # the struct-page protocol is the series' in both: the fault is released under mmu_lock, dirty
+    assert only.counters["set_dirty:kvm_release_faultin_page"] == full.counters["set_dirty:kvm_release_faultin_page"] == 1
+    assert "set_dirty:kvm_release_faultin_page" not in legacy.counters

@@ -9,6 +9,8 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``legacy``  - Linux v6.12 (:mod:`kvmsim.policies.legacy`)
 * ``series``  - Linux v6.13 (:mod:`kvmsim.policies.series`)
 * ``pre-5.13`` - Linux <= v5.12, before CVE-2021-22543 was fixed (:mod:`kvmsim.policies.pre513`)
+* ``series-only`` - the series on a v6.12 base: ``series`` without the other 6.13 MMU changes
+  (:mod:`kvmsim.policies.series_only`)
 * ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
   whose patch 54 passed a NULL ``writable`` (:mod:`kvmsim.policies.series_rc1`)
 """
@@ -121,14 +123,16 @@ def get_policy(name: str) -> Policy:
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
+    from kvmsim.policies.series_only import SeriesOnlyPolicy
     from kvmsim.policies.series_rc1 import SeriesRc1Policy
 
-    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy}
+    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
+             "series-only": SeriesOnlyPolicy}
     try:
         return table[name]()
     except KeyError:
         raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(table)}") from None
 
 
-POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1")
+POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
 DEFAULT_POLICY = "series"

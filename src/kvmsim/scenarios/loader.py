@@ -44,7 +44,7 @@ from kvmsim.scenarios.validate import (
 from kvmsim.types import parse_size
 from kvmsim.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
-POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
 REQUIRED = object()
 MEM_FLAGS = {"log_dirty_pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}  # the names a scenario may use
 #: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).

@@ -76,7 +76,9 @@ def op_enable_dirty_ring_with_bitmap(env: Env, a: dict):
 def fatal_signal_pending(mm, on: bool):
     """A fatal signal for the vCPU task arrives after KVM_RUN's entry check, before the fault's GUP:
     ``mmap_read_lock_killable()`` fails, so slow GUP returns -EAGAIN (legacy: KVM_PFN_ERR_FAULT; series,
-    patch 14: KVM_PFN_ERR_SIGPENDING).  GUP-fast does not take mmap_lock and still succeeds."""
+    patch 14: KVM_PFN_ERR_SIGPENDING).  GUP-fast does not take mmap_lock and still succeeds.  A fatal
+    signal goes to the whole thread group, so while the step runs (an ``interleave`` thread suspended
+    inside it too) every thread's slow GUP sees it."""
     if not on:
         yield
         return

@@ -103,6 +103,11 @@ def vm_section(draw) -> dict:
                 vm[k] = draw(st.booleans())
         if draw(st.integers(0, 3)) == 0:
             vm["maxphyaddr"] = draw(st.sampled_from([36, 39, 46, 52]))
+    if draw(st.integers(0, 3)) == 0:                 # the other arches' address widths
+        key, values = {"arm64": ("ipa_bits", [32, 40, 48]), "loongarch": ("cpu_vabits", [40, 48]),
+                       "riscv": ("gstage_pgd_levels", [3, 4, 5])}.get(arch, (None, None))
+        if key:
+            vm[key] = draw(st.sampled_from(values))
     dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))
     if dirty in ("manual", "manual_set"):
         vm["manual_protect"] = True
@@ -173,7 +178,7 @@ KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "ge
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
            "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy", "mte_copy_tags")
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
-REACH_OPS = ("memory_failure", "enable_dirty_ring", "enable_dirty_ring_with_bitmap")
+REACH_OPS = ("memory_failure", "enable_dirty_ring", "enable_dirty_ring_with_bitmap", "gstage_set_pte_error")
 PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
                   "xive_queue_config", "xive_queue_reset")
 ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + REACH_OPS
@@ -210,6 +215,8 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"size": draw(st.sampled_from([0, 1000, 4096, 1 << 16, 1 << 20, 1 << 21]))}
     if op == "enable_dirty_ring_with_bitmap":
         return {}
+    if op == "gstage_set_pte_error":                    # RISC-V only (EINVAL elsewhere)
+        return {"errno": draw(st.sampled_from(["enomem", "eexist"]))}
     if op == "store":
         return {"gpa": _gpa(draw, w), "value": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     if op == "zap":

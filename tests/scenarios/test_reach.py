@@ -92,6 +92,8 @@ def test_x86_only_keys_are_refused_for_another_arch_with_file_and_line():
     with pytest.raises(ScenarioError) as ei:
         loader.loads(text, file="k.toml")
     assert ei.value.line == 5 and "x86 MMU option" in str(ei.value) and "[vm.nx_huge_pages]" in str(ei.value)
+    with pytest.raises(ScenarioError, match="an arm64 MMU option"):
+        loader.loads('name = "x"\n\n[vm]\nipa_bits = 44\n', file="k.toml")
 
 
 # ---- the other 6.13 MMU changes as part of the protocol --------------------------------------------------
@@ -297,3 +299,28 @@ def test_series_only_policy_is_the_series_without_the_other_613_changes():
     # the struct-page protocol is the series' in both: the fault is released under mmu_lock, dirty
     assert only.counters["set_dirty:kvm_release_faultin_page"] == full.counters["set_dirty:kvm_release_faultin_page"] == 1
     assert "set_dirty:kvm_release_faultin_page" not in legacy.counters
+
+
+@pytest.mark.parametrize("arch, key, small, large, gpa, errno_name", [
+    ("arm64", "ipa_bits", 36, 44, 1 << 40, "EFAULT"),            # kvm_arch_prepare_memory_region(): past kvm_phys_size
+    ("loongarch", "cpu_vabits", 40, 48, 1 << 40, "ENOMEM"),       # past gpa_size = 1 << (cpu_vabits - 1)
+    ("riscv", "gstage_pgd_levels", 3, 4, 1 << 42, "EFAULT"),     # past Sv39x4's 41 bits
+])
+def test_arch_address_width_keys_bound_a_memslot(arch, key, small, large, gpa, errno_name):
+    def go(v):
+        b = Scenario.builder("w").vma("ram", kind="anon", size="16K").vm(policy="series", arch=arch, **{key: v})
+        b.step("memslot_set", id=0, gpa=gpa, size="16K", vma="ram")
+        return _steps(run(b.build(), "series"))
+    assert go(small) == [("error", errno_name)]
+    assert go(large) == [("create", None)]
+
+
+@pytest.mark.parametrize("err, errno_name", [("enomem", "ENOMEM"), ("eexist", "EEXIST")])
+def test_gstage_set_pte_error_fails_the_next_riscv_map(err, errno_name):
+    steps = [("host_write", {"vma": "ram"}), ("gstage_set_pte_error", {"errno": err}), ("write", {"gpa": 0}),
+             ("write", {"gpa": 0})]
+    rr = run(_sc({"policy": "series", "arch": "riscv"}, steps), "series")
+    assert _steps(rr)[2:] == [("efault", errno_name), ("ok", None)]          # one-shot
+    assert rr.steps[2].counters.get("spte_write", 0) == 0 and rr.steps[3].counters["spte_write"] == 1
+    other = run(_sc({"policy": "series"}, steps[1:2]), "series")
+    assert _steps(other) == [("error", "EINVAL")]                            # not RISC-V

@@ -300,10 +300,16 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       "ad_enabled": (c_bool, True), "eager_split": (c_bool, True), "slot_zap_all": (c_bool, True),
       "nx_huge_pages": (c_bool, False), "async_pf": (c_bool, False),
       "maxphyaddr": (c_bounded(c_int, 32, 52, "a MAXPHYADDR (CPUID.0x80000008:EAX[7:0])"), 46),
+      # the other arches' guest physical address widths
+      "ipa_bits": (c_bounded(c_int, 32, 52, "an IPA size (KVM_VM_TYPE_ARM_IPA_SIZE)"), 40),
+      "cpu_vabits": (c_bounded(c_int, 40, 48, "a CPUCFG1.VALEN"), 48),
+      "gstage_pgd_levels": (c_bounded(c_int, 3, 5, "G-stage levels (3 Sv39x4, 4 Sv48x4, 5 Sv57x4)"), 3),
       "dirty_ring_with_bitmap": (c_bool, False)}
 
-#: VM keys only the x86 MMU reads (the loader refuses them with another arch).
-X86_VM_KEYS = ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf", "maxphyaddr")
+#: VM keys only one arch's MMU reads (the loader refuses them with another arch).
+ARCH_VM_KEYS = {**dict.fromkeys(("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf",
+                                 "maxphyaddr"), "x86"),
+                "ipa_bits": "arm64", "cpu_vabits": "loongarch", "gstage_pgd_levels": "riscv"}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:
@@ -414,9 +420,9 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
     vm = _table(ctx, ("vm",), top["vm"], VM)
     if vm["mte"] and vm["arch"] != "arm64":
         raise ctx.error(("vm", "mte"), f"mte = true (KVM_CAP_ARM_MTE) needs arch = \"arm64\", not {vm['arch']!r}")
-    for k in X86_VM_KEYS:
-        if vm["arch"] != "x86" and k in top["vm"] and vm[k] != VM[k][1]:
-            raise ctx.error(("vm", k), f"{k} = {str(vm[k]).lower()} is an x86 MMU option; arch is {vm['arch']!r}")
+    for k, arch in ARCH_VM_KEYS.items():
+        if vm["arch"] != arch and k in top["vm"] and vm[k] != VM[k][1]:
+            raise ctx.error(("vm", k), f"{k} = {str(vm[k]).lower()} is an {arch} MMU option; arch is {vm['arch']!r}")
     if vm["dirty_ring_with_bitmap"] and not vm["dirty_ring"]:
         raise ctx.error(("vm", "dirty_ring_with_bitmap"), "dirty_ring_with_bitmap = true "
                         "(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) needs dirty_ring = <size in bytes> as well")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from kvmsim.errors import ModelError
 from kvmsim.scenarios.env import Env, Res, _done
-from kvmsim.scenarios.loader import REQUIRED, c_int, c_size, c_str
+from kvmsim.scenarios.loader import REQUIRED, c_choice, c_int, c_size, c_str
 
 REACH_OP_ARGS = {
     # memory_failure(pfn, 0) of the page mapped at vma + offset (madvise(MADV_HWPOISON) from the VMM)
@@ -24,6 +24,8 @@ REACH_OP_ARGS = {
     "enable_dirty_ring": {"size": (c_int, REQUIRED)},
     # KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)
     "enable_dirty_ring_with_bitmap": {},
+    # RISC-V fault injection: the next gstage_set_pte() fails (a page-table page allocation, a block leaf)
+    "gstage_set_pte_error": {"errno": (c_choice("enomem", "eexist"), REQUIRED)},
 }
 
 
@@ -72,6 +74,16 @@ def op_enable_dirty_ring_with_bitmap(env: Env, a: dict):
     return Res("ok")
 
 
+def op_gstage_set_pte_error(env: Env, a: dict):
+    """RISC-V: the next ``gstage_set_pte()`` returns -ENOMEM (``kvm_mmu_memory_cache_alloc()`` found the
+    cache empty) or -EEXIST (a block leaf is in the way) (:attr:`kvmsim.riscv.mmu.RiscvMmu.inject_set_pte_error`)."""
+    if not hasattr(env.kvm.arch, "inject_set_pte_error"):
+        raise ModelError(errno.EINVAL, "gstage_set_pte_error is a RISC-V G-stage injection (arch = \"riscv\")")
+    env.kvm.arch.inject_set_pte_error = -{"enomem": errno.ENOMEM, "eexist": errno.EEXIST}[a["errno"]]
+    yield from _done("gstage_set_pte() error armed")
+    return Res("ok")
+
+
 @contextmanager
 def fatal_signal_pending(mm, on: bool):
     """A fatal signal for the vCPU task arrives after KVM_RUN's entry check, before the fault's GUP:
@@ -91,4 +103,5 @@ def fatal_signal_pending(mm, on: bool):
 
 
 REACH_OPS = {"memory_failure": op_memory_failure, "enable_dirty_ring": op_enable_dirty_ring,
-             "enable_dirty_ring_with_bitmap": op_enable_dirty_ring_with_bitmap}
+             "enable_dirty_ring_with_bitmap": op_enable_dirty_ring_with_bitmap,
+             "gstage_set_pte_error": op_gstage_set_pte_error}

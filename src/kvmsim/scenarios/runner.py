@@ -125,6 +125,8 @@ def build(sc: Scenario, policy: str) -> Env:
     arch_opts = {"host_bits": int(vm.ppc_pr_host[:2])} if vm.arch == "ppc-book3s-pr" else {}
     if vm.arch == "x86":
         arch_opts.update(slot_zap_all=vm.slot_zap_all, nx_huge_pages=vm.nx_huge_pages, maxphyaddr=vm.maxphyaddr)
+    arch_opts.update({"arm64": {"ipa_bits": vm.ipa_bits}, "loongarch": {"cpu_vabits": vm.cpu_vabits},
+                      "riscv": {"gstage_pgd_levels": vm.gstage_pgd_levels}}.get(vm.arch, {}))
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
               allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, ad_enabled=vm.ad_enabled,
               eager_split=vm.eager_split, **arch_opts)

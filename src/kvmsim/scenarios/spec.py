@@ -92,6 +92,9 @@ class VmSpec:
     nx_huge_pages: bool = False        # kvm.nx_huge_pages: an exec fault maps 4K
     async_pf: bool = False             # the guest enabled async #PF (MSR_KVM_ASYNC_PF_EN) on every vCPU
     maxphyaddr: int = 46               # the host's MAXPHYADDR: bounds a memslot's guest physical addresses
+    ipa_bits: int = 40                 # arm64 KVM_VM_TYPE_ARM_IPA_SIZE
+    cpu_vabits: int = 48               # LoongArch CPUCFG1.VALEN: gpa_size = 1 << (cpu_vabits - 1)
+    gstage_pgd_levels: int = 3         # RISC-V G-stage mode: 3 Sv39x4, 4 Sv48x4, 5 Sv57x4
     dirty_ring_with_bitmap: bool = False   # KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (arm64)
 
 

@@ -21,7 +21,7 @@ from kvmsim.backend.base import MappingKind
 from kvmsim.mm.vma import VmaKind
 
 PAGE = 4096
-POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
 ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"),
           ("loongarch", "tdp"), ("mips", "tdp"),
           ("ppc-book3s-hv", "tdp"), ("ppc-book3s-radix", "tdp"), ("ppc-book3s-pr", "tdp"), ("ppc-e500", "tdp"))
@@ -66,6 +66,8 @@ def vmas(draw, driver_names: list[str]) -> list[dict]:
             v["size"] = npages * PAGE
         if kind in ("pfnmap", "mixedmap"):
             v["driver"] = draw(st.sampled_from(driver_names))
+            if kind == "mixedmap" and draw(st.booleans()):
+                v["io"] = True                          # VM_MIXEDMAP|VM_IO
         if draw(st.integers(0, 6)) == 0:
             v["prot"] = draw(st.sampled_from(["r", "w", "none"]))
         if kind == "file" and draw(st.integers(0, 3)) == 0:
@@ -97,12 +99,25 @@ def vm_section(draw) -> dict:
         vm["execution"] = "emulated"
     if arch == "arm64" and draw(st.integers(0, 3)) == 0:
         vm["mte"] = True
+    if arch == "x86" and draw(st.booleans()):       # the x86 MMU knobs (scenarios/ops_reach.py's keys)
+        for k in ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf"):
+            if draw(st.booleans()):
+                vm[k] = draw(st.booleans())
+        if draw(st.integers(0, 3)) == 0:
+            vm["maxphyaddr"] = draw(st.sampled_from([36, 39, 46, 52]))
+    if draw(st.integers(0, 3)) == 0:                 # the other arches' address widths
+        key, values = {"arm64": ("ipa_bits", [32, 40, 48]), "loongarch": ("cpu_vabits", [40, 48]),
+                       "riscv": ("gstage_pgd_levels", [3, 4, 5])}.get(arch, (None, None))
+        if key:
+            vm[key] = draw(st.sampled_from(values))
     dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))
     if dirty in ("manual", "manual_set"):
         vm["manual_protect"] = True
         vm["initially_set"] = dirty == "manual_set"
     elif dirty == "ring":
         vm["dirty_ring"] = draw(st.sampled_from([4096, 1 << 16]))
+        if draw(st.booleans()):
+            vm["dirty_ring_with_bitmap"] = True         # set-up fails (EINVAL) except on arm64
     if draw(st.integers(0, 9)) == 0:
         vm["mutations"] = draw(st.lists(st.sampled_from(["skip-retry", "nonatomic-spte", "mark-dirty-after-unlock"]),
                                         unique=True, min_size=1, max_size=2))
@@ -165,12 +180,14 @@ KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "ge
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
            "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy", "mte_copy_tags")
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
+REACH_OPS = ("memory_failure", "enable_dirty_ring", "enable_dirty_ring_with_bitmap", "gstage_set_pte_error")
 PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
                   "xive_queue_config", "xive_queue_reset")
 X86_NESTED_OPS = ("nested_vmenter", "nested_vmexit", "nested_posted_interrupt", "apic_access_alloc", "apic_access_reload", "apic_access_migrate")
 GMEM_OPS = ("gmem_create", "gmem_memslot_set", "set_memory_attributes", "gmem_punch_hole", "gmem_fallocate")
 X86_SHADOW_OPS = ("guest_pte_write", "invlpg", "cr3_load", "pre_fault_memory")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS + GMEM_OPS + X86_SHADOW_OPS
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS + X86_NESTED_OPS + GMEM_OPS + X86_SHADOW_OPS + \
+    REACH_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -197,9 +214,21 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         a = {"gpa": _gpa(draw, w), "write": draw(st.booleans()), **_vcpu(draw, w)}
         if draw(st.integers(0, 3)) == 0:
             a["private"] = draw(st.booleans())
+        if draw(st.integers(0, 3)) == 0:
+            a["exec"] = True
+        if draw(st.integers(0, 3)) == 0:
+            a["signal_pending"] = True
         return a
     if op in GMEM_OPS:
         return _gmem_args(draw, w, op)
+    if op == "memory_failure":
+        return _vma_at(draw, w, draw(st.sampled_from(vma_names)))
+    if op == "enable_dirty_ring":
+        return {"size": draw(st.sampled_from([0, 1000, 4096, 1 << 16, 1 << 20, 1 << 21]))}
+    if op == "enable_dirty_ring_with_bitmap":
+        return {}
+    if op == "gstage_set_pte_error":                    # RISC-V only (EINVAL elsewhere)
+        return {"errno": draw(st.sampled_from(["enomem", "eexist"]))}
     if op == "store":
         return {"gpa": _gpa(draw, w), "value": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     if op == "zap":
@@ -473,6 +502,9 @@ def scenario_docs(draw) -> dict:
     w = _World(drv, vm_list, slots, vm["vcpus"])
     doc = {"name": "fuzz", "description": "a random well-formed scenario", "driver": drv, "vma": vm_list,
            "vm": vm, "memslot": slots, "step": draw(steps(w))}
+    if draw(st.integers(0, 3)) == 0:                 # the host kernel's mm settings
+        doc["host"] = {"thp_zero_page": draw(st.booleans()), "swap": draw(st.booleans()),
+                       "kernel": draw(st.sampled_from(["6.12", "6.13"]))}
     return doc
 
 
@@ -501,6 +533,8 @@ def to_toml(doc: dict) -> str:
     for key in ("driver", "vma"):
         for item in doc.get(key, []):
             lines += ["", f"[[{key}]]"] + [f"{k} = {_val(v)}" for k, v in item.items()]
+    if "host" in doc:
+        lines += ["", "[host]"] + [f"{k} = {_val(v)}" for k, v in doc["host"].items()]
     if "vm" in doc:
         lines += ["", "[vm]"] + [f"{k} = {_val(v)}" for k, v in doc["vm"].items()]
     for item in doc.get("memslot", []):

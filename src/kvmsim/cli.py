@@ -171,6 +171,10 @@ def show(scenario: str) -> None:
     out(" ".join(sc.description.split()))
     if sc.source:
         out(("source:", "dim"), f" {sc.source}")
+    if sc.patches:
+        from kvmsim.patches import patch
+        for n in sc.patches:
+            out(("patch:", "dim"), f" {n} \"{patch(n).title}\"")
     if sc.requires:
         out(("requires:", "dim"), f" {', '.join(sc.requires)}")
     for d in sc.drivers:
@@ -282,7 +286,7 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
 
 @cli.command("run")
 @click.argument("scenario")
-@click.option("--policy", type=click.Choice(["legacy", "series", "pre-5.13", "series-rc1", "both", "all"]), default=None,
+@click.option("--policy", type=click.Choice(["legacy", "series", "pre-5.13", "series-rc1", "series-only", "both", "all"]), default=None,
               help="Policy to run under (default: every policy the scenario states).")
 @click.option("--trace", is_flag=True, help="Print each step's references, SPTEs and flags (journal facts).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run (a list if several).")
@@ -362,7 +366,7 @@ def main() -> None:
 
 # ---- subcommands from other modules --------------------------------------------------------------------
 for _name in ("kvmsim.cli_conform", "kvmsim.cli_bench", "kvmsim.cli_explore", "kvmsim.cli_oracle",
-              "kvmsim.cli_oracle_selftests"):
+              "kvmsim.cli_oracle_selftests", "kvmsim.cli_patches"):
     try:
         importlib.import_module(_name)
     except ImportError:

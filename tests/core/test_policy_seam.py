@@ -7,7 +7,7 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SRC = ROOT / "src" / "kvmsim"
-POLICY_NAMES = {"legacy", "series", "pre-5.13", "series-rc1"}
+POLICY_NAMES = {"legacy", "series", "pre-5.13", "series-rc1", "series-only"}
 
 
 def _model_files():

@@ -47,7 +47,7 @@ def test_pfncache_retry_releases_the_discarded_page(policy):
     sc = load_scenario(LIBRARY / "pfncache-refresh-retry-unused.toml")
     r = run(sc, policy)
     assert r.expected_match, r.mismatches
-    race = r.steps[3]
+    race = next(s for s in r.steps if s.op == "interleave")
     assert race.counters.get("gpc_refresh_retry", 0) >= 1
     marks = race.counters.get("mark_accessed:hva_to_pfn_retry", 0)
     if policy == "legacy":                # every discarded page and the kept one

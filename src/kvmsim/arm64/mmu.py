@@ -294,6 +294,8 @@ class Arm64Mmu(GenericStage2):
 
     # ---- the fault template's hooks (kvmsim.kvm.fault) -----------------------------------------
     family = "arm64"
+    #: arch/arm64/kvm/Kconfig "select NEED_KVM_DIRTY_RING_WITH_BITMAP" (vgic/ITS saves dirty no vCPU's ring)
+    need_dirty_ring_with_bitmap = True
     fault_labels = ("user_mem_abort: mmu_seq snapshot, mmap_read_unlock", "user_mem_abort: pfn resolved",
                     "user_mem_abort: read_unlock(mmu_lock)")
     fault_lock_read = True

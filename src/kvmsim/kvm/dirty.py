@@ -23,7 +23,7 @@ def mark_page_dirty_in_slot(kvm, slot, gfn: int, vcpu) -> None:
         return
     rel = gfn - slot.base_gfn
     kvm.journal.count("mark_page_dirty_in_slot")
-    if kvm.dirty_ring_size:
+    if kvm.dirty_ring_size and not (vcpu is None and kvm.dirty_ring_with_bitmap):
         if vcpu is None:
             vcpu = kvm.vcpus[0] if kvm.vcpus else None
         if vcpu is None:
@@ -44,15 +44,39 @@ def dirty_ring_soft_full(kvm, vcpu) -> bool:
     return len(vcpu.dirty_ring) >= entries - KVM_DIRTY_RING_RSVD_ENTRIES
 
 
+#: ``KVM_DIRTY_RING_MAX_ENTRIES``: the largest ring is 65536 entries (1 MiB).
+KVM_DIRTY_RING_MAX_ENTRIES = 65536
+
+
 def enable_dirty_ring(kvm, size: int) -> None:
-    """``KVM_CAP_DIRTY_LOG_RING``: before any vCPU exists; a power of two, >= a page, <= 1 MiB here."""
-    if kvm.vcpus:
-        raise ModelError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING must be enabled before KVM_CREATE_VCPU")
-    if size < 4096 or size & (size - 1) or size > (1 << 20):
-        raise ModelError(errno.EINVAL, f"dirty ring size {size} is not a power of two in [4K, 1M]")
+    """Mirrors ``kvm_vm_ioctl_enable_dirty_log_ring()`` (virt/kvm/kvm_main.c, v6.12/v6.13), in its order:
+    not a power of two, or smaller than a page or the reserved entries: EINVAL; larger than
+    ``KVM_DIRTY_RING_MAX_ENTRIES`` entries: E2BIG; already set: EINVAL; after KVM_CREATE_VCPU: EINVAL."""
+    if not size or size & (size - 1):
+        raise ModelError(errno.EINVAL, f"dirty ring size {size} is not a power of two")
+    if size < KVM_DIRTY_RING_RSVD_ENTRIES * KVM_DIRTY_GFN_SIZE or size < 4096:
+        raise ModelError(errno.EINVAL, f"dirty ring size {size} is smaller than a page")
+    if size > KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE:
+        raise ModelError(errno.E2BIG, f"dirty ring size {size} is larger than "
+                                      f"{KVM_DIRTY_RING_MAX_ENTRIES * KVM_DIRTY_GFN_SIZE} (KVM_DIRTY_RING_MAX_ENTRIES)")
     if kvm.dirty_ring_size:
         raise ModelError(errno.EINVAL, "dirty ring already enabled")
+    if kvm.vcpus:
+        raise ModelError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING must be enabled before KVM_CREATE_VCPU")
     kvm.dirty_ring_size = size
+
+
+def enable_dirty_ring_with_bitmap(kvm) -> None:
+    """``KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)`` (kvm_vm_ioctl_enable_cap_generic()):
+    EINVAL unless the arch selects NEED_KVM_DIRTY_RING_WITH_BITMAP (arm64: vgic/ITS tables are saved with
+    no running vCPU), the ring is on and no memslot exists yet.  Then every logging memslot gets a
+    bitmap too, KVM_GET_DIRTY_LOG works, and a dirtying with no running vCPU goes to the bitmap."""
+    if not getattr(kvm.arch, "need_dirty_ring_with_bitmap", False) or not kvm.dirty_ring_size:
+        raise ModelError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP needs an arch that selects it (arm64) "
+                                       "and KVM_CAP_DIRTY_LOG_RING enabled first")
+    if any(len(list(slots)) for slots in kvm.memslots):
+        raise ModelError(errno.EINVAL, "KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP must be enabled before any memslot")
+    kvm.dirty_ring_with_bitmap = True
 
 
 def enable_manual_protect(kvm, flags: int) -> None:
@@ -63,7 +87,8 @@ def enable_manual_protect(kvm, flags: int) -> None:
 
 
 def _slot_for_log(kvm, slot_id: int):
-    if kvm.dirty_ring_size:
+    from kvmsim.kvm.memslot import kvm_use_dirty_bitmap
+    if not kvm_use_dirty_bitmap(kvm):
         raise ModelError(errno.ENXIO, "dirty-log bitmap ioctls are disabled while the dirty ring is on")
     as_id, sid = slot_id >> 16, slot_id & 0xFFFF
     if as_id >= kvm.nr_memslot_as_ids or sid >= KVM_USER_MEM_SLOTS:

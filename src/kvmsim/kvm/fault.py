@@ -48,6 +48,7 @@ from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_NEEDS_IO, KVM_PFN_
                             Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_pfn_to_refcounted_page,
                             kvm_release_page_clean, kvm_release_page_dirty, kvm_release_page_unused, kvm_release_pfn,
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
+from kvmsim.kvm.async_pf import kvm_arch_setup_async_pf, kvm_can_do_async_pf
 from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.mm.gup import FOLL
 from kvmsim.sched import Steps, kpath
@@ -202,6 +203,8 @@ def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     elif nowait:
         pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_NOWAIT[write], caller="kvm_faultin_pfn")
         if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
+            if kvm_can_do_async_pf(fault.vcpu) and kvm_arch_setup_async_pf(fault.vcpu, fault):
+                return FaultRet.RETRY              # kvmsim.kvm.async_pf: "page not present" to the guest
             pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_INTERRUPTIBLE[write], caller="kvm_faultin_pfn")
     else:
         pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_BLOCKING[write])

@@ -148,7 +148,7 @@ class Kvm:
     """Model of ``struct kvm``."""
 
     def __init__(self, host, *, policy: str | Policy = DEFAULT_POLICY, arch: str = "x86", mmu: str = "tdp",
-                 allow_unsafe_mappings: bool = False, v613_other: bool = False, pml: bool = True,
+                 allow_unsafe_mappings: bool = False, v613_other: bool | None = None, pml: bool = True,
                  ad_enabled: bool = True, eager_split: bool = True, has_private_mem: bool = True,
                  execution: str = "hardware", **arch_opts):
         if execution not in ("hardware", "emulated"):
@@ -160,7 +160,9 @@ class Kvm:
         self.journal = host.journal
         self.policy: Policy = get_policy(policy) if isinstance(policy, str) else policy
         self.allow_unsafe_mappings = allow_unsafe_mappings      # kvm.allow_unsafe_mappings (0444)
-        self.v613_other = v613_other
+        #: The other 6.13 MMU changes (not the series): the policy's choice (``ops.mmu_613_other``) unless
+        #: given; ``False`` with the series policy is "series only", the 85 patches on a v6.12 base.
+        self.v613_other = bool(v613_other)
         self.has_private_mem = has_private_mem
         self.mem_attr_array: dict[int, int] = {}   # gfn → KVM_MEMORY_ATTRIBUTE_* (kvmsim.kvm.memory_attributes)
         self.nr_memslot_as_ids = 1
@@ -178,6 +180,7 @@ class Kvm:
         self.host_maps: list = []
         self.vcpus: list = []
         self.dirty_ring_size = 0
+        self.dirty_ring_with_bitmap = False        # KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (kvm.dirty)
         self.manual_dirty_log_protect = 0
         self.destroyed = False
         self.mutations = None               # a record of kvmsim.explore.mutations.install(); never read here
@@ -189,6 +192,8 @@ class Kvm:
         from kvmsim.policies import resolve
         #: The policy resolved for this arch, once (:class:`kvmsim.policies.KvmOps`).
         self.ops = resolve(self.policy, self.arch.family)
+        if v613_other is None:
+            self.v613_other = self.ops.mmu_613_other
 
     # ---- lookups ------------------------------------------------------------------------------
     def gfn_to_memslot(self, gfn: int, as_id: int = 0) -> KvmMemorySlot | None:

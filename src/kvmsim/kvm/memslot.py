@@ -191,8 +191,8 @@ def new_memslot(mem: KvmUserspaceMemoryRegion2, old: KvmMemorySlot | None, chang
 
 
 def kvm_use_dirty_bitmap(kvm) -> bool:
-    """``kvm_use_dirty_bitmap()``: no dirty ring (the ring-with-bitmap mode is not modelled)."""
-    return not kvm.dirty_ring_size
+    """``kvm_use_dirty_bitmap()``: no dirty ring, or the ring with KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP."""
+    return not kvm.dirty_ring_size or kvm.dirty_ring_with_bitmap
 
 
 def kvm_alloc_dirty_bitmap(kvm, slot: KvmMemorySlot) -> None:

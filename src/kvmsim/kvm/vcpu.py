@@ -31,6 +31,7 @@ class KvmVcpu:
         self.pferr_private: bool | None = None
         #: ``kvm_run.memory_fault`` of the last KVM_EXIT_MEMORY_FAULT (kvmsim.kvm.memory_attributes).
         self.memory_fault = None
+        self.apf_enabled = False    # the guest wrote MSR_KVM_ASYNC_PF_EN (kvmsim.kvm.async_pf)
 
     def access(self, gpa: int, write: bool, value: int | None = None) -> Access:
         if self.kvm.execution == "emulated":

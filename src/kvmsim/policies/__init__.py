@@ -9,6 +9,8 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``legacy``  - Linux v6.12 (:mod:`kvmsim.policies.legacy`)
 * ``series``  - Linux v6.13 (:mod:`kvmsim.policies.series`)
 * ``pre-5.13`` - Linux <= v5.12, before CVE-2021-22543 was fixed (:mod:`kvmsim.policies.pre513`)
+* ``series-only`` - the series on a v6.12 base: ``series`` without the other 6.13 MMU changes
+  (:mod:`kvmsim.policies.series_only`)
 * ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
   whose patch 54 passed a NULL ``writable`` (:mod:`kvmsim.policies.series_rc1`)
 """
@@ -44,6 +46,7 @@ class Policy(Protocol):
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
     def arch_ops(self, arch: str) -> object | None: ...
+    mmu_613_other: bool
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class KvmOps:
     #: ``LoongArchOps``, s390 ``S390Ops``, PowerPC ``E500Ops`` / ``Book3sOps``), resolved by the policy's
     #: ``arch_ops(arch)``; None for an arch with no difference of its own beyond the fault's release.
     arch_ops: object | None = None
+    #: The kernel release's other 6.13 MMU changes (not the series): a VM takes them unless created with
+    #: ``v613_other`` set either way (``v613_other=False`` with the series policy: "series only").
+    mmu_613_other: bool = False
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -90,7 +96,7 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
                   spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
-                  arch_ops=policy.arch_ops(arch))
+                  arch_ops=policy.arch_ops(arch), mmu_613_other=policy.mmu_613_other)
 
 
 def load_arch_ops(table: dict[str, str], arch: str) -> object | None:
@@ -108,14 +114,16 @@ def get_policy(name: str) -> Policy:
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
+    from kvmsim.policies.series_only import SeriesOnlyPolicy
     from kvmsim.policies.series_rc1 import SeriesRc1Policy
 
-    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy}
+    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
+             "series-only": SeriesOnlyPolicy}
     try:
         return table[name]()
     except KeyError:
         raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(table)}") from None
 
 
-POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1")
+POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
 DEFAULT_POLICY = "series"

@@ -21,6 +21,11 @@ class LegacyPolicy:
     name = "legacy"
     title = "v6.12: kvm_pfn_to_refcounted_page guesses, A/D pushed from SPTEs"
 
+    #: The other MMU changes merged for v6.13, outside the series ("[6.13-other]": "KVM: x86/mmu: Don't
+    #: flush TLBs when aging SPTEs", huge pages recovered in place when dirty logging is disabled): v6.12
+    #: has none of them.
+    mmu_613_other = False
+
     def reported_page(self, kfp):
         """No page output before patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn"."""
         return None

@@ -17,6 +17,11 @@ class SeriesPolicy:
     name = "series"
     title = "v6.13: kvm_follow_pfn + kvm_release_faultin_page"
 
+    #: v6.13 has the other MMU changes merged beside the series ("[6.13-other]": no TLB flush when aging
+    #: SPTEs, huge pages recovered in place when dirty logging is disabled).  A VM created with
+    #: ``v613_other=False`` runs the series alone on a v6.12 base ("series only").
+    mmu_613_other = True
+
     def reported_page(self, kfp):
         """patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn": the page KVM holds, or NULL."""
         return kfp.held

@@ -26,6 +26,7 @@ from kvmsim.scenarios.spec import (
     DriverSpec,
     FinalExpect,
     GuestMemfdSpec,
+    HostSpec,
     Scenario,
     SlotSpec,
     Step,
@@ -44,7 +45,7 @@ from kvmsim.scenarios.validate import (
 from kvmsim.types import parse_size
 from kvmsim.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
-POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
 REQUIRED = object()
 MEM_FLAGS = {"log_dirty_pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}  # the names a scenario may use
 #: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).
@@ -225,11 +226,26 @@ def c_requires(v: Any) -> list[str]:
     return names
 
 
+def c_patches(v: Any) -> tuple[int, ...]:
+    """``patches = [N, ...]``: the series patches (1..85, kvmsim.patches) whose difference this scenario shows."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(n, int) and not isinstance(n, bool) for n in v):
+        raise ValueError(f"expected a list of patch numbers, got {v!r}")
+    for n in v:
+        if not 1 <= n <= 85:
+            raise ValueError(f"expected patch numbers 1..85 (the series' patches, `kvmsim patches`), got {n}")
+    if len(set(v)) != len(v):
+        raise ValueError(f"a patch is listed twice: {v!r}")
+    return tuple(v)
+
+
 # ---- sections -------------------------------------------------------------------------------------
 
 TOP = {"name": (c_str, REQUIRED), "description": (c_str, ""), "source": (c_str, ""),
-       "requires": (c_requires, []), "driver": (c_any, []), "vma": (c_any, []), "vm": (c_any, {}),
-       "memslot": (c_any, []), "guest_memfd": (c_any, []), "step": (c_any, []), "expect": (c_any, {})}
+       "patches": (c_patches, ()), "requires": (c_requires, []), "host": (c_any, {}), "driver": (c_any, []),
+       "vma": (c_any, []), "vm": (c_any, {}), "memslot": (c_any, []), "guest_memfd": (c_any, []), "step": (c_any, []),
+       "expect": (c_any, {})}
 
 DRIVER = {"name": (c_str, REQUIRED),
           "pfn_class": (c_choice(*(c.name.lower() for c in PfnClass)), REQUIRED),
@@ -238,11 +254,16 @@ DRIVER = {"name": (c_str, REQUIRED),
           "pte_write": (c_choice("always", "on_write_fault", "never"), "always"), "mixed": (c_bool, False),
           "free_rule": (c_choice("free", "put"), "free")}
 
+#: The host kernel's mm settings (``[host]``).
+HOST = {"thp_zero_page": (c_bool, True),        # /sys/kernel/mm/transparent_hugepage/use_zero_page
+        "swap": (c_bool, True),                 # a swap device (total_swap_pages > 0)
+        "kernel": (c_choice("6.12", "6.13"), "6.13")}   # the host mm's release (the huge zero PMD write fault)
+
 VMA = {"name": (c_str, REQUIRED), "kind": (c_choice(*(k.value for k in VmaKind)), REQUIRED),
        "size": (c_bounded(c_size, 1, MAX_BYTES, "a VMA size"), REQUIRED), "page_size": (c_size, 4096),
        "thp": (c_bool, False),
        "prot": (c_choice("rw", "r", "w", "none"), "rw"), "driver": (c_str, None),
-       "writenotify": (c_bool, None)}
+       "writenotify": (c_bool, None), "io": (c_bool, False)}
 
 
 def c_policies(v: Any) -> tuple[str, ...]:
@@ -272,11 +293,25 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       "arch": (c_choice(*ARCH_NAMES), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "paging": (c_choice("direct", "indirect"), "direct"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
-      "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
+      "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, None),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
       "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ()),
       "mte": (c_bool, False),
-      "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit")}
+      "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit"),
+      # x86 MMU knobs (kvm_intel/kvm_amd module parameters and a KVM_CAP_DISABLE_QUIRKS2 quirk)
+      "ad_enabled": (c_bool, True), "eager_split": (c_bool, True), "slot_zap_all": (c_bool, True),
+      "nx_huge_pages": (c_bool, False), "async_pf": (c_bool, False),
+      "maxphyaddr": (c_bounded(c_int, 32, 52, "a MAXPHYADDR (CPUID.0x80000008:EAX[7:0])"), 46),
+      # the other arches' guest physical address widths
+      "ipa_bits": (c_bounded(c_int, 32, 52, "an IPA size (KVM_VM_TYPE_ARM_IPA_SIZE)"), 40),
+      "cpu_vabits": (c_bounded(c_int, 40, 48, "a CPUCFG1.VALEN"), 48),
+      "gstage_pgd_levels": (c_bounded(c_int, 3, 5, "G-stage levels (3 Sv39x4, 4 Sv48x4, 5 Sv57x4)"), 3),
+      "dirty_ring_with_bitmap": (c_bool, False)}
+
+#: VM keys only one arch's MMU reads (the loader refuses them with another arch).
+ARCH_VM_KEYS = {**dict.fromkeys(("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf",
+                                 "maxphyaddr"), "x86"),
+                "ipa_bits": "arm64", "cpu_vabits": "loongarch", "gstage_pgd_levels": "riscv"}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:
@@ -354,7 +389,7 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
     ctx = _Ctx(file, text)
     top = _table(ctx, (), doc, TOP)
     sc = Scenario(name=top["name"], description=top["description"], source=top["source"],
-                  requires=tuple(top["requires"]), file=file)
+                  patches=top["patches"], requires=tuple(top["requires"]), file=file)
     for i, d in enumerate(_array(ctx, ("driver",), top["driver"])):
         t = _table(ctx, ("driver", i), d, DRIVER)
         if t["name"] in {x.name for x in sc.drivers}:
@@ -372,6 +407,9 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
         if t["driver"] is not None and t["driver"] not in drivers:
             raise ctx.error(("vma", i, "driver"), f"no [[driver]] named {t['driver']!r} (have: "
                                                   f"{', '.join(sorted(drivers)) or 'none'})")
+        if t["io"] and t["kind"] != "mixedmap":
+            raise ctx.error(("vma", i, "io"), f"io = true (VM_IO) is for a mixedmap VMA (a pfnmap VMA always has "
+                                              f"VM_PFNMAP|VM_IO); got kind = {t['kind']!r}")
         if t["page_size"] not in (4096, 1 << 21, 1 << 30):
             raise ctx.error(("vma", i, "page_size"), f"expected 4K, 2M or 1G, got {t['page_size']:#x}")
         if (t["kind"] == "hugetlb") != (t["page_size"] != 4096):
@@ -383,9 +421,16 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
                                                 f"got {t['size']:#x}")
         sc.vmas.append(VmaSpec(**t, line=ctx.src.find(("vma", i))))
     names = [v.name for v in sc.vmas]
+    sc.host = HostSpec(**_table(ctx, ("host",), top["host"], HOST))
     vm = _table(ctx, ("vm",), top["vm"], VM)
     if vm["mte"] and vm["arch"] != "arm64":
         raise ctx.error(("vm", "mte"), f"mte = true (KVM_CAP_ARM_MTE) needs arch = \"arm64\", not {vm['arch']!r}")
+    for k, arch in ARCH_VM_KEYS.items():
+        if vm["arch"] != arch and k in top["vm"] and vm[k] != VM[k][1]:
+            raise ctx.error(("vm", k), f"{k} = {str(vm[k]).lower()} is an {arch} MMU option; arch is {vm['arch']!r}")
+    if vm["dirty_ring_with_bitmap"] and not vm["dirty_ring"]:
+        raise ctx.error(("vm", "dirty_ring_with_bitmap"), "dirty_ring_with_bitmap = true "
+                        "(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP) needs dirty_ring = <size in bytes> as well")
     sc.vm = VmSpec(policies=vm.pop("policy"), **vm)
     for i, g in enumerate(_array(ctx, ("guest_memfd",), top["guest_memfd"])):
         t = _table(ctx, ("guest_memfd", i), g, GUEST_MEMFD)

@@ -55,6 +55,7 @@ from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
 from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
 from kvmsim.scenarios.ops_gmem import GMEM_OP_ARGS, GMEM_OPS, memory_fault_value
 from kvmsim.scenarios.ops_x86_shadow import X86_SHADOW_OP_ARGS, X86_SHADOW_OPS
+from kvmsim.scenarios.ops_reach import REACH_OP_ARGS, REACH_OPS, fatal_signal_pending
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -70,7 +71,8 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     # guest
     "read": _GUEST,
     "write": {**_GUEST, "value": (c_int, 1)},
-    "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0), "private": (c_bool, None)},
+    "fault": {"gpa": (c_size, REQUIRED), "write": (c_bool, False), "vcpu": (c_int, 0), "private": (c_bool, None),
+              "exec": (c_bool, False), "signal_pending": (c_bool, False)},
     "store": {"gpa": (c_size, REQUIRED), "value": (c_int, 1), "vcpu": (c_int, 0)},
     "zap": {"gpa": (c_size, REQUIRED)},
     # host
@@ -120,6 +122,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     **PPC_E500_OP_ARGS,
     **X86_NESTED_OP_ARGS,
     **GMEM_OP_ARGS,
+    **REACH_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -178,7 +181,8 @@ def op_fault(env: Env, a: dict):
     vcpu = env.vcpu(a["vcpu"])
     vcpu.pferr_private, vcpu.memory_fault = a.get("private"), None
     try:
-        r = yield from env.kvm.arch.page_fault.steps(vcpu, a["gpa"], a["write"])
+        with fatal_signal_pending(env.mm, a.get("signal_pending", False)):
+            r = yield from env.kvm.arch.page_fault.steps(vcpu, a["gpa"], a["write"], a.get("exec", False))
     finally:
         vcpu.pferr_private = None
     r = int(r)
@@ -422,6 +426,7 @@ OPS: dict[str, Callable] = {
     **PPC_E500_OPS,
     **X86_NESTED_OPS,
     **GMEM_OPS,
+    **REACH_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 

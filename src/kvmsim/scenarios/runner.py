@@ -98,6 +98,12 @@ def build(sc: Scenario, policy: str) -> Env:
     from kvmsim.scenarios.ops import _flags
 
     host = Host()
+    if sc.host.kernel != "6.13":
+        from kvmsim.mm.huge_memory import set_host_kernel
+        set_host_kernel(host.mm, tuple(int(x) for x in sc.host.kernel.split(".")))
+    host.mm.thp_use_zero_page = sc.host.thp_zero_page
+    if not sc.host.swap:
+        host.mm.total_swap_pages = 0
     vma_size = {}
     for v in sc.vmas:
         if v.driver:
@@ -110,7 +116,7 @@ def build(sc: Scenario, policy: str) -> Env:
     for v in sc.vmas:
         prot = "" if v.prot == "none" else v.prot
         vma = host.mm.mmap(v.size, VmaKind(v.kind), prot=prot, page_size=v.page_size, thp=v.thp,
-                           driver=host.drivers[v.driver] if v.driver else None)
+                           driver=host.drivers[v.driver] if v.driver else None, io=v.io)
         if v.writenotify is not None:
             vma.writenotify = v.writenotify
         vmas[v.name] = {"start": vma.start, "size": v.size, "mapping": vma.mapping, "kind": v.kind,
@@ -119,13 +125,21 @@ def build(sc: Scenario, policy: str) -> Env:
     arch_opts = {"host_bits": int(vm.ppc_pr_host[:2])} if vm.arch == "ppc-book3s-pr" else {}
     if vm.paging != "direct":
         arch_opts["paging"] = vm.paging
+    if vm.arch == "x86":
+        arch_opts.update(slot_zap_all=vm.slot_zap_all, nx_huge_pages=vm.nx_huge_pages, maxphyaddr=vm.maxphyaddr)
+    arch_opts.update({"arm64": {"ipa_bits": vm.ipa_bits}, "loongarch": {"cpu_vabits": vm.cpu_vabits},
+                      "riscv": {"gstage_pgd_levels": vm.gstage_pgd_levels}}.get(vm.arch, {}))
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
-              allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, **arch_opts)
+              allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, ad_enabled=vm.ad_enabled,
+              eager_split=vm.eager_split, **arch_opts)
     if vm.mutations:
         from kvmsim.explore.mutations import Mutations, install
         install(kvm, Mutations.parse(vm.mutations))
     if vm.dirty_ring:
         enable_dirty_ring(kvm, vm.dirty_ring)
+    if vm.dirty_ring_with_bitmap:
+        from kvmsim.kvm.dirty import enable_dirty_ring_with_bitmap
+        enable_dirty_ring_with_bitmap(kvm)
     if vm.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                               | (KVM_DIRTY_LOG_INITIALLY_SET if vm.initially_set else 0))
@@ -133,7 +147,7 @@ def build(sc: Scenario, policy: str) -> Env:
         from kvmsim.arm64.mte import kvm_vm_ioctl_enable_cap_mte
         kvm_vm_ioctl_enable_cap_mte(kvm)
     for _ in range(vm.vcpus):
-        kvm.create_vcpu()
+        kvm.create_vcpu().apf_enabled = vm.async_pf
     from kvmsim.kvm.gmem import GuestMemfd
     from kvmsim.uapi import KVM_MEM
     gmems = {g.name: GuestMemfd(kvm, g.size, g.flags) for g in sc.guest_memfds}

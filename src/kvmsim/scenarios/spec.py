@@ -26,6 +26,7 @@ class VmaSpec:
     prot: str = "rw"
     driver: str | None = None
     writenotify: bool | None = None   # override vma_wants_writenotify() (a file system without dirty accounting)
+    io: bool = False                  # VM_MIXEDMAP|VM_IO (kind = "mixedmap"): GUP refuses it, KVM follows the PTE
     line: int | None = field(default=None, compare=False)
 
 
@@ -43,6 +44,15 @@ class DriverSpec:
     mixed: bool = False
     free_rule: str = "free"
     line: int | None = field(default=None, compare=False)
+
+
+@dataclass
+class HostSpec:
+    """The host kernel's mm settings (``[host]``)."""
+
+    thp_zero_page: bool = True        # transparent_hugepage/use_zero_page: a read fault maps the huge zero page
+    swap: bool = True                 # without swap, reclaim keeps private anonymous folios
+    kernel: str = "6.13"              # host mm release: v6.13 do_huge_zero_wp_pmd(), v6.12 the PTE fallback
 
 
 @dataclass
@@ -82,13 +92,23 @@ class VmSpec:
     manual_protect: bool = False
     initially_set: bool = False
     dirty_ring: int = 0
-    v613_other: bool = False
+    v613_other: bool | None = None     # None: the policy's own (legacy 6.12's, series 6.13's); False: "series only"
     allow_unsafe_mappings: bool = False
     execution: str = "hardware"
     vcpus: int = 1
     mutations: tuple[str, ...] = ()    # kvmsim.explore mutation switches (a safety mechanism turned off)
     mte: bool = False                  # arm64 KVM_ENABLE_CAP(KVM_CAP_ARM_MTE) before the vCPUs
     ppc_pr_host: str = "64-bit"        # Book3S PR: book3s_64_mmu_host.c or book3s_32_mmu_host.c
+    ad_enabled: bool = True            # kvm_intel.enable_ept_ad_bits / A/D bits in SPTEs
+    eager_split: bool = True           # kvm.eager_page_split
+    slot_zap_all: bool = True          # KVM_X86_QUIRK_SLOT_ZAP_ALL (KVM_CAP_DISABLE_QUIRKS2 clears it)
+    nx_huge_pages: bool = False        # kvm.nx_huge_pages: an exec fault maps 4K
+    async_pf: bool = False             # the guest enabled async #PF (MSR_KVM_ASYNC_PF_EN) on every vCPU
+    maxphyaddr: int = 46               # the host's MAXPHYADDR: bounds a memslot's guest physical addresses
+    ipa_bits: int = 40                 # arm64 KVM_VM_TYPE_ARM_IPA_SIZE
+    cpu_vabits: int = 48               # LoongArch CPUCFG1.VALEN: gpa_size = 1 << (cpu_vabits - 1)
+    gstage_pgd_levels: int = 3         # RISC-V G-stage mode: 3 Sv39x4, 4 Sv48x4, 5 Sv57x4
+    dirty_ring_with_bitmap: bool = False   # KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (arm64)
 
 
 @dataclass
@@ -133,9 +153,11 @@ class Scenario:
     name: str
     description: str = ""
     source: str = ""
+    patches: tuple[int, ...] = ()       # the series patches it demonstrates (kvmsim.patches)
     requires: tuple[str, ...] = ()
     drivers: list[DriverSpec] = field(default_factory=list)
     vmas: list[VmaSpec] = field(default_factory=list)
+    host: HostSpec = field(default_factory=HostSpec)
     vm: VmSpec = field(default_factory=VmSpec)
     memslots: list[SlotSpec] = field(default_factory=list)
     guest_memfds: list[GuestMemfdSpec] = field(default_factory=list)
@@ -179,6 +201,10 @@ class ScenarioBuilder:
 
     def vma(self, name: str, **kw: Any) -> ScenarioBuilder:
         return self._append("vma", {"name": name, **kw})
+
+    def host(self, **kw: Any) -> ScenarioBuilder:
+        self.doc.setdefault("host", {}).update(kw)
+        return self
 
     def driver(self, name: str, **kw: Any) -> ScenarioBuilder:
         return self._append("driver", {"name": name, **kw})

@@ -39,7 +39,7 @@ MODEL_COUNTERS = frozenset({
     "pte_mkyoung", "pte_mkdirty", "kvm_mips_emulate_load", "kvm_mips_emulate_store",  # mips/
     # stage-2 blocks and MTE (arm64/, riscv/)
     "stage2_block_pmd", "stage2_block_pud", "thp_adjust", "gstage_block_pmd", "gstage_block_pud",
-    "gstage_block_fault", "kvm_vm_ioctl_mte_copy_tags", "mte_clear_page_tags", "mte_copy_tags_to_user",
+    "gstage_block_fault", "nx_huge_page_disallowed", "kvm_vm_ioctl_mte_copy_tags", "mte_clear_page_tags", "mte_copy_tags_to_user",
     "mte_copy_tags_from_user",
     "tlbwe", "guest_dsi", "kvmppc_e500_tlb1_pfnmap", "kvmppc_mmu_map_no_shadow", "kvmppc_mmu_map_ref_valid",  # ppc/
     # x86 shadow paging, write tracking, KVM_PRE_FAULT_MEMORY (x86/paging_tmpl.py, page_track.py, prefault.py)
@@ -55,6 +55,7 @@ MODEL_COUNTERS = frozenset({
     "mmu_notifier_invalidate", "gup_fast", "gup_slow", "follow_pfnmap", "page_free", "premature_free",
     "uaf", "refcount_underflow", "writeback_folio", "data_lost", "reclaimed", "migrate_busy", "migrated",
     "thp_split", "thp_collapse",
+    "memory_failure", "async_pf",                                  # scenarios/ops_reach.py, kvm/async_pf.py
     # PowerPC Book3S (ppc/)
     "kvmppc_hv_emulate_mmio", "kvmppc_core_queue_data_storage", "kvmppc_emulate_mmio", "hpte_cache_alloc_failed",
     "kvmppc_mmu_pte_flush_all", "kvmppc_mmu_map_page_no_pfn", "uv_page_in", "uv_page_in_no_struct_page",

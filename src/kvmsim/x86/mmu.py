@@ -152,12 +152,17 @@ def kvm_tdp_mmu_map(mmu, fault: KvmPageFault) -> RET_PF:
     """Mirrors ``kvm_tdp_mmu_map()`` / ``tdp_mmu_map_handle_target_level()`` (the shadow MMU's
     ``direct_map()`` likewise): the template's ``fault_map`` hook on x86 -- install the fault's leaf
     through the MMU's :func:`mmu_set_spte` (which the shadow MMU follows with ``direct_pte_prefetch()``)."""
+    if fault.exec and mmu.nx_huge_pages and mmu.tdp_mmu_enabled:
+        # kvm_mmu_hugepage_adjust(): fault->huge_page_disallowed (exec && nx_huge_page_workaround_enabled)
+        # keeps goal_level at 4K; an NX huge leaf in the way is split (disallowed_hugepage_adjust())
+        mmu.kvm.journal.count("nx_huge_page_disallowed")
+        return mmu_set_spte(mmu, fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write, max_level=1)
     return mmu._map(fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write,
                     prefetch=getattr(fault, "prefetch", False))
 
 
 def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False,
-                 pte_access: int = ACC_ALL) -> RET_PF:
+                 pte_access: int = ACC_ALL, max_level: int | None = None) -> RET_PF:
     """Mirrors ``mmu_set_spte()`` / ``tdp_mmu_map_handle_target_level()``: pick the level
     (``kvm_mmu_hugepage_adjust()``), split a huge leaf above it (TDP MMU), zap a conflicting leaf (INV-11),
     :func:`make_spte` and write it; RET_PF_SPURIOUS if the leaf is already there.
@@ -173,7 +178,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     kvm = self.kvm
     t = tables(slot)
     i = gfn - slot.base_gfn
-    level = tdp_mmu.max_mapping_level(kvm, slot, i, self.max_level)
+    level = tdp_mmu.max_mapping_level(kvm, slot, i, self.max_level if max_level is None else max_level)
     if kvm.mem_attr_array or slot.gmem_file is not None:     # private gfns, mixed huge pages
         level = kvm_mmu_max_mapping_level_attrs(self, slot, gfn, pfn, level)
     n = LEVEL_PAGES[level]
@@ -306,8 +311,8 @@ class X86Mmu:
     zap_caller = "tdp_mmu_zap_leafs"
 
     def __init__(self, kvm, *, mmu: str = "tdp", pml: bool = True, ad_enabled: bool = True,
-                 eager_split: bool = True, slot_zap_all: bool = True, maxphyaddr: int = 46,
-                 tdp_enabled: bool | None = None, **opts):
+                 eager_split: bool = True, slot_zap_all: bool = True, nx_huge_pages: bool = False,
+                 maxphyaddr: int = 46, tdp_enabled: bool | None = None, **opts):
         if not 32 <= maxphyaddr <= 52:
             raise UsageError(f"maxphyaddr must be in [32, 52] (CPUID.0x80000008:EAX[7:0]), not {maxphyaddr}")
         self.kvm = kvm
@@ -322,6 +327,9 @@ class X86Mmu:
         self.ad_enabled = ad_enabled
         self.eager_split = eager_split
         self.slot_zap_all = slot_zap_all              # KVM_X86_QUIRK_SLOT_ZAP_ALL (default on)
+        #: kvm.nx_huge_pages (iTLB multihit mitigation; "auto" is on for affected Intel CPUs): an exec
+        #: fault maps 4K (the TDP MMU; not modelled for the shadow MMU)
+        self.nx_huge_pages = nx_huge_pages
         self.mmio_sptes: dict[int, int] = {}          # gfn → memslot generation of a cached MMIO SPTE
 
     # ---- locking ---------------------------------------------------------------------------------

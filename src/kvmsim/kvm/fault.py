@@ -33,7 +33,7 @@ from enum import IntEnum
 
 from kvmsim.errors import EHWPOISON
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
-                            Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_pfn_to_refcounted_page,
+                            Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn,
                             kvm_release_page_clean, kvm_release_page_dirty, kvm_release_page_unused, kvm_release_pfn,
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.vcpu import Access, Exit
@@ -106,6 +106,15 @@ def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
     if r < 0:
         return Access(Exit.EFAULT, gpa, write, value, -r)
     return None
+
+
+def kvm_fault_memslot(kvm, gpa: int) -> tuple[int, object]:
+    """The start of an arch's stage-2 fault handler: the fault counted (``page_fault``), its gfn and
+    ``gfn_to_memslot()`` (None: no memslot).  arm64 ``kvm_handle_guest_abort()`` and RISC-V
+    ``gstage_page_fault()`` then test ``gfn_to_hva_memslot_prot()`` for an MMIO exit."""
+    gfn = gpa >> PAGE_SHIFT
+    kvm.journal.count("page_fault")
+    return gfn, kvm.gfn_to_memslot(gfn)
 
 
 #: Guest re-entries for one access that make no progress before the model reports a livelock.  The
@@ -277,13 +286,10 @@ def kvm_release_faultin_page(kvm, page: int | None, unused: bool, dirty: bool, *
 
 
 def kvm_release_pfn_clean_guess(kvm, pfn: int, kfp, *, unused: bool, caller: str, gfn: int | None = None) -> None:
-    """v6.12 ``kvm_release_pfn_clean(pfn)``: guess the page with ``kvm_pfn_to_refcounted_page()``, mark
-    it accessed and put it; a page KVM holds that the guess calls not refcounted is journalled as a leak."""
-    page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
-    if page is None and kfp is not None and kfp.held is not None:
-        kvm.journal.fact("guess_mismatch", pfn=pfn, caller=caller, kvm=True,
-                         detail="kvm_pfn_to_refcounted_page() says not refcounted, but KVM holds a reference: leak")
-    kvm_release_pfn(kvm, pfn, False, caller, unused=unused, gfn=gfn)
+    """v6.12 ``kvm_release_pfn_clean(pfn)`` of a faulted-in pfn: guess the page with
+    ``kvm_pfn_to_refcounted_page()``, mark it accessed and put it; a page KVM holds that the guess
+    calls not refcounted is journalled as a leak."""
+    kvm_release_pfn(kvm, pfn, False, caller, unused=unused, gfn=gfn, kfp=kfp)
 
 
 def _held_src(kfp) -> Src:

@@ -317,12 +317,17 @@ def kvm_set_pfn_accessed(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, 
 
 
 def kvm_release_pfn(kvm, pfn: int, dirty: bool, caller: str, *, unused: bool = False,
-                    gfn: int | None = None) -> None:
-    """Legacy ``kvm_release_pfn_clean/dirty()``: guess the page from the pfn, then release it."""
+                    gfn: int | None = None, kfp: KvmFollowPfn | None = None) -> None:
+    """Legacy ``kvm_release_pfn_clean/dirty()``: guess the page from the pfn, then release it.  With
+    the fault's ``kfp`` (ghost state), a page KVM holds that the guess calls not refcounted is
+    journalled as a leak."""
     if is_error_noslot_pfn(pfn):
         return
     page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
     if page is None:
+        if kfp is not None and kfp.held is not None:
+            kvm.journal.fact("guess_mismatch", pfn=pfn, caller=caller, kvm=True,
+                             detail="kvm_pfn_to_refcounted_page() says not refcounted, but KVM holds a reference: leak")
         return
     if dirty:
         kvm_set_pfn_dirty(kvm, page, caller, source=Src.GUESS, gfn=gfn)

@@ -315,8 +315,8 @@ def release_pfn_clean_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:
     """v6.12 x86 (and the generic stage-2): ``kvm_release_pfn_clean(fault->pfn)`` after unlocking, on
     every outcome, RETRY included; never dirty (SPTE D bits carried that until patch 8 "KVM: x86/mmu: Mark
     folio dirty when creating SPTE, not when zapping/modifying")."""
-    kvm_release_pfn_clean_guess(kvm, fault.pfn, fault.kfp, unused=mmu.fault_unused(fault),
-                                caller="kvm_release_pfn_clean", gfn=fault.gfn)
+    kvm_release_pfn(kvm, fault.pfn, False, "kvm_release_pfn_clean", unused=mmu.fault_unused(fault), gfn=fault.gfn,
+                    kfp=fault.kfp)
 
 
 def user_mem_abort_v612_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:

@@ -23,6 +23,8 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "x86": {"size": 4 << 20, "kind": VmaKind.HUGETLB, "page_size": 1 << 21},
     "arm64": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
     "riscv": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
+    "loongarch": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
+    "mips": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
 }
 
 _UNSET: Any = object()

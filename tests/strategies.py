@@ -22,7 +22,7 @@ from kvmsim.mm.vma import VmaKind
 
 PAGE = 4096
 POLICIES = ("legacy", "series", "pre-5.13")
-ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"))
+ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"))
 PFN_CLASSES = ("normal", "zero", "zone_device", "reserved", "nonrefcounted", "driver_refcounted", "no_page")
 FILE_KINDS = ("anon_shared", "memfd", "file", "hugetlb")        # VMAs with a file mapping
 SLOT_STRIDE = 1 << 30                                            # memslot i lives at i GiB
@@ -156,7 +156,8 @@ HOST_OPS = ("munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "rec
 KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "get_dirty_log", "clear_dirty_log",
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
            "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS
+S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -278,7 +279,20 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {} if "gpc" in w.gpcs else None
     if op == "pfncache_write":
         return {"value": draw(st.integers(0, 255))} if "gpc" in w.gpcs else None
+    if op in S390_OPS:
+        return _vsie_args(draw, w, op)
     raise AssertionError(f"no argument strategy for op {op!r}")
+
+
+def _vsie_args(draw, w: _World, op: str) -> dict:
+    """An SCB address (mostly 512-byte aligned) and, for an entry, some satellite blocks."""
+    a = {"scb": _gpa(draw, w) & (~0x1FF if draw(st.integers(0, 5)) else ~0)}
+    if op == "vsie_exit":
+        return a
+    for block in ("sca", "itdba", "gvrd", "riccbd", "sdnxo"):
+        if draw(st.integers(0, 3)) == 0:
+            a[block] = _gpa(draw, w) | (draw(st.integers(0, 15)) if block == "sdnxo" else 0)
+    return a
 
 
 def _one_step(draw, w: _World, ops=ALL_OPS) -> dict:

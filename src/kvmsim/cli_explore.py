@@ -58,8 +58,8 @@ def _list_races(as_json: bool) -> None:
 @click.option("--random", "random_n", type=click.IntRange(min=1), default=None, help="N random schedules")
 @click.option("--replay", default=None, help='a printed schedule, e.g. "vcpu0*4,host"')
 @click.option("--mutate", multiple=True, type=click.Choice(list(MUTATIONS)), help="switch a safety mechanism off")
-@click.option("--arch", type=click.Choice(["generic", "x86", "arm64", "riscv"]), default="generic", show_default=True,
-              help="stage-2 MMU the race runs on")
+@click.option("--arch", type=click.Choice(["generic", "x86", "arm64", "riscv", "loongarch", "mips", "s390"]),
+              default=None, help="stage-2 MMU the race runs on  [default: the race's own: generic, or the one arch it lists]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def explore_cmd(name, list_races, policy, bound, max_schedules, seed, random_n, replay, mutate, arch,
                 as_json) -> None:
@@ -75,7 +75,8 @@ def explore_cmd(name, list_races, policy, bound, max_schedules, seed, random_n, 
     try:
         sched = parse_schedule(replay) if replay is not None else None
         muts = Mutations.parse(mutate)
-        scenario = SCENARIOS[name].on(arch)
+        scenario = SCENARIOS[name].on(arch or SCENARIOS[name].arch)
+        arch = scenario.arch
     except KvmsimError as e:
         raise click.UsageError(str(e)) from None
     mode = "replay" if sched is not None else f"random({random_n}, seed={seed})" if random_n else f"dfs(bound={bound})"

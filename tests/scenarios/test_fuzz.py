@@ -129,5 +129,5 @@ def test_the_strategies_cover_every_op_vma_kind_driver_class_and_arch():
     kinds = {"anon", "anon_shared", "memfd", "file", "hugetlb", "pfnmap", "mixedmap"}
     assert kinds == {k.value for k in VmaKind}
     archs = {a for a, _ in strategies.ARCHES}
-    assert archs == {"x86", "arm64", "riscv", "generic"}
+    assert archs == {"x86", "arm64", "riscv", "generic", "s390"}
     VM["arch"][0]("riscv")                                  # the loader takes each of them

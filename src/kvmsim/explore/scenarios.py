@@ -7,6 +7,9 @@ arm64's ``user_mem_abort()`` (:class:`kvmsim.arm64.mmu.Arm64Mmu`), whose v6.12 o
 after ``read_unlock()`` without any mutation: ``fault-vs-truncate`` finds INV-3 there under legacy.
 On RISC-V's ``kvm_riscv_gstage_map()`` (:class:`kvmsim.riscv.mmu.RiscvMmu`) it finds INV-3 under the
 series instead: a retried fault counts as used, and dirties the truncated folio under ``mmu_lock``.
+On LoongArch's ``kvm_map_page()`` it finds INV-3 under legacy (``kvm_set_pfn_dirty()`` after
+``spin_unlock()``); the LoongArch and MIPS fast-path and accessed-after-put races are their own
+scenarios (``loongarch-*``, ``mips-*``: :mod:`kvmsim.loongarch.mmu`, :mod:`kvmsim.mips.mmu`).
 Threads are kernel paths (``@kpath`` generators): the vCPU's ``page_fault``, the host's
 ``munmap``/``mprotect``/``writeback_folio``, a truncate, a pfncache refresh, or a guest write through
 the SPTE (:func:`guest_write`).  ``watch`` picks the
@@ -50,7 +53,7 @@ class Scenario:
     setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
-    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv")
+    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv", "loongarch", "mips")
     arch: str = "generic"
 
     def build(self, policy: str, mutations) -> World:
@@ -181,6 +184,28 @@ def _lost_dirty_bit(policy, mutations, arch) -> World:
     return w
 
 
+def _vsie_vs_driver_teardown(policy, mutations, arch) -> World:
+    """s390: guest 2's SCB at gpa 0 in a driver's VM_PFNMAP memory (refcounted pages it frees by its own
+    rule); ``kvm_s390_handle_vsie()`` (pinned while guest 3 runs) against the driver's teardown."""
+    from kvmsim.s390.vsie import ScbFields, kvm_s390_handle_vsie
+    host = Host()
+    kvm = Kvm(host, policy=policy, arch=arch)
+    install(kvm, mutations)
+    drv = host.add_driver("gpu", 1, "driver_refcounted", free_rule="free")
+    vma = host.mm.mmap(PAGE_SIZE, VmaKind.PFNMAP, driver=drv)
+    kvm.set_user_memory_region(0, GPA, PAGE_SIZE, vma.start, 0)
+    w = World(host, kvm, kvm.create_vcpu(), vma)
+    w.threads = {"vcpu0": kvm_s390_handle_vsie.steps(w.vcpu, GPA, ScbFields()), "driver": _teardown.steps(host, drv)}
+    return w
+
+
+@kpath
+def _teardown(host, drv) -> Steps:
+    """The driver's teardown (zap, then free by its rule), one step."""
+    drv.teardown(host.mm)
+    yield "driver: unmap_mapping_range + free its pages"
+
+
 def _writeback_and_reclaim(w: World) -> None:
     """The end of the story: write the file back, then reclaim the page (until it goes)."""
     mm = w.host.mm
@@ -192,6 +217,48 @@ def _writeback_and_reclaim(w: World) -> None:
             break
 
 
+def _mips_fault_vs_munmap(policy, mutations, arch) -> World:
+    """A MIPS write fault that takes the slow path (no GPA PTE yet) races munmap: v6.12
+    ``kvm_mips_map_page()`` puts its page and *then* calls ``kvm_set_pfn_accessed()``; when munmap ran
+    after ``spin_unlock()``, KVM's put frees the page and the mark lands on a freed page (patch 71)."""
+    return _fault_vs_munmap(policy, mutations, arch)
+
+
+def _mips_fast_vs_munmap(policy, mutations, arch) -> World:
+    """An old MIPS GPA PTE (mapped, then aged by ``clear_young``): the next guest load takes
+    ``_kvm_mips_map_page_fast()``, which makes it young and, in v6.12, calls ``kvm_set_pfn_accessed()``
+    after ``spin_unlock()`` holding no reference (patch 70); a munmap in that window frees the page."""
+    w = _world(policy, mutations, arch, VmaKind.ANON)
+    w.host.mm.host_access(w.vma.start, True, 1)
+    w.kvm.arch.page_fault(w.vcpu, GPA, write=False)
+    w.host.mm.clear_young(w.vma.start, w.vma.start + PAGE_SIZE)
+    w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=False),
+                 "host": w.host.mm.munmap.steps(w.vma.start, PAGE_SIZE)}
+    return w
+
+
+def _loongarch_fast_vs_truncate(policy, mutations, arch) -> World:
+    """A LoongArch GPA PTE with ``_PAGE_WRITE`` but not ``_PAGE_DIRTY`` (a read fault on a file page the
+    host maps writable): the guest store takes ``kvm_map_page_fast()``, which in v6.12
+    dirties the folio after ``spin_unlock()`` (holding a transient ``get_page()``, patch 65); a truncate
+    in that window leaves it dirtying a folio the page cache no longer has."""
+    w = _world(policy, mutations, arch, VmaKind.FILE)
+    _file_page(w, 1)                                      # a host store: the host PTE is writable
+    w.kvm.arch.page_fault(w.vcpu, GPA, write=False)      # a read fault: _PAGE_WRITE without _PAGE_DIRTY
+    w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
+                 "host": truncate_page.steps(w.host.mm, w.vma, w.vma.pgoff)}
+    return w
+
+
+def _freed_page_mark(v) -> bool:
+    return v.invariant == "INV-3" and "on a freed page" in v.detail
+
+
+def _truncated_dirty(v) -> bool:
+    return v.invariant == "INV-5" or v.invariant == "INV-3" and (
+        "after its mapping was truncated" in v.detail or "SetPageDirty" in v.detail and "after dropping" not in v.detail)
+
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fault-vs-munmap", "vCPU write fault on anon memory races munmap of that memory",
              _fault_vs_munmap, _invs("INV-5", "INV-6")),
@@ -200,14 +267,21 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("fault-vs-writeback", "vCPU write fault on a file folio races writeback (folio_mkclean)",
              _fault_vs_writeback, _invs("INV-4", "INV-5")),
     Scenario("fault-vs-truncate", "vCPU write fault on a file folio races truncate of that page",
-             _fault_vs_truncate,
-             lambda v: v.invariant == "INV-5" or v.invariant == "INV-3" and (
-                 "after its mapping was truncated" in v.detail or "SetPageDirty" in v.detail
-                 and "after dropping" not in v.detail)),
+             _fault_vs_truncate, _truncated_dirty),
     Scenario("pfncache-refresh-vs-munmap", "pfncache refresh races munmap; then KVM writes through the cache",
              _pfncache_vs_munmap, _invs("INV-5", "INV-6"), _pfncache_final),
     Scenario("lost-dirty-bit", "zap of a Host-writable SPTE races a guest store; then writeback + reclaim",
              _lost_dirty_bit,
              lambda v: v.invariant == "INV-4" and v.objects.get("caller") == "shrink_folio_list",
              _writeback_and_reclaim, arches=("generic",)),
+    Scenario("vsie-vs-driver-teardown", "s390 vSIE with guest 2's SCB in driver memory races the driver's teardown",
+             _vsie_vs_driver_teardown, _invs("INV-3", "INV-5"), arches=("s390",), arch="s390"),
+    Scenario("mips-accessed-after-put", "MIPS kvm_mips_map_page() write fault races munmap; v6.12 marks "
+             "accessed after its own put", _mips_fault_vs_munmap, _freed_page_mark, arches=("mips",), arch="mips"),
+    Scenario("mips-fast-accessed-vs-munmap", "MIPS _kvm_mips_map_page_fast() on an old PTE races munmap; v6.12 "
+             "marks accessed after unlock with no reference", _mips_fast_vs_munmap, _freed_page_mark,
+             arches=("mips",), arch="mips"),
+    Scenario("loongarch-fast-dirty-vs-truncate", "LoongArch kvm_map_page_fast() store to a clean PTE races "
+             "truncate; v6.12 dirties the folio after unlock", _loongarch_fast_vs_truncate, _truncated_dirty,
+             arches=("loongarch",), arch="loongarch"),
 )}

@@ -3,7 +3,8 @@
 Generic code (memslots, the mmu_notifier, dirty logging, vCPU accesses) calls only these methods;
 :mod:`kvmsim.kvm.stage2` is a minimal 4 KiB implementation, :mod:`kvmsim.x86` the full x86 MMU,
 :mod:`kvmsim.arm64` arm64's ``user_mem_abort()`` and :mod:`kvmsim.riscv` RISC-V's
-``kvm_riscv_gstage_map()``, both on 4 KiB leaves.
+``kvm_riscv_gstage_map()``, both on 4 KiB leaves; :mod:`kvmsim.s390` has no stage-2 tables (the
+gmap uses the host page tables) and models the vSIE's pinning of guest 2's control blocks.
 """
 
 from __future__ import annotations
@@ -60,7 +61,16 @@ def make_arch(kvm, name: str, **opts) -> ArchMmu:
     if name == "riscv":
         from kvmsim.riscv import RiscvMmu
         return RiscvMmu(kvm, **opts)
+    if name == "s390":
+        from kvmsim.s390 import S390Gmap
+        return S390Gmap(kvm, **opts)
+    if name == "loongarch":
+        from kvmsim.loongarch import LoongArchMmu
+        return LoongArchMmu(kvm, **opts)
+    if name == "mips":
+        from kvmsim.mips import MipsMmu
+        return MipsMmu(kvm, **opts)
     if name == "generic":
         from kvmsim.kvm.stage2 import GenericStage2
         return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, generic)")
+    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, loongarch, mips, s390, generic)")

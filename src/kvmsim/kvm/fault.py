@@ -305,7 +305,9 @@ def release_faultin_page_locked(kvm, mmu, fault: KvmPageFault) -> None:
     unused faultin pages as accessed"; arm64: patch 55 "KVM: arm64: Mark "struct page" pfns accessed/dirty
     before dropping mmu_lock", patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts";
     RISC-V: patch 58 "KVM: RISC-V: Mark "struct page" pfns accessed before dropping mmu_lock", patch 59
-    "KVM: RISC-V: Use kvm_faultin_pfn() when mapping pfns into the guest")."""
+    "KVM: RISC-V: Use kvm_faultin_pfn() when mapping pfns into the guest"; LoongArch: patch 68 "KVM: LoongArch:
+    Use kvm_faultin_pfn() to map pfns into the guest"; MIPS: patch 72 "KVM: MIPS: Use kvm_faultin_pfn() to map
+    pfns into the guest")."""
     kfp = fault.kfp
     kvm_release_faultin_page(kvm, kfp.refcounted_page, mmu.fault_unused(fault), fault.map_writable,
                              hold=kfp.hold, gfn=fault.gfn)

@@ -336,11 +336,12 @@ def kvm_release_pfn(kvm, pfn: int, dirty: bool, caller: str, *, unused: bool = F
 
 # ---- wrappers ---------------------------------------------------------------------------------------------
 
-def gfn_to_page(kvm, gfn: int, write: bool = True) -> int | None:
+def gfn_to_page(kvm, gfn: int, write: bool = True, *, user: str | None = None) -> int | None:
     """``__gfn_to_page(kvm, gfn, write)`` / legacy ``gfn_to_page()``: a page KVM holds a reference on, or None.
 
     Series returns ``refcounted_page`` (NULL for any remapped pfn, patches 1, 75, 76); legacy
     returns ``kvm_pfn_to_refcounted_page(pfn)`` (BAD_PAGE→None) and always resolves for write.
+    ``user`` names the caller in the fact (e.g. s390's ``pin_scb``).
     """
     slot = kvm.gfn_to_memslot(gfn)
     kfp = KvmFollowPfn(slot, gfn, flags=FOLL.WRITE if kvm.policy.gfn_to_page_write(write) else FOLL(0),
@@ -348,19 +349,24 @@ def gfn_to_page(kvm, gfn: int, write: bool = True) -> int | None:
     pfn = kvm_follow_pfn(kvm, kfp)
     page = kvm.policy.gfn_to_page_result(kvm, pfn, kfp)
     kvm.journal.fact("gfn_to_page", pfn=page, gfn=gfn, kvm=True, caller="gfn_to_page",
-                     extra={"remapped": kfp.remapped, "held": kfp.held, "pfn": pfn})
+                     extra={"remapped": kfp.remapped, "held": kfp.held, "pfn": pfn, **({"user": user} if user else {})})
     if page is not None:
         kvm.page_refs_out[page] = kvm.page_refs_out.get(page, 0) + 1
     return page
 
 
-def kvm_release_gfn_page(kvm, page: int, dirty: bool = False) -> None:
-    """What a ``gfn_to_page()`` user does when done: ``kvm_release_page_clean/dirty(page)``."""
+def gfn_to_page_released(kvm, page: int) -> None:
+    """Ghost ledger: a page ``gfn_to_page()`` handed out is being released by its user."""
     n = kvm.page_refs_out.get(page, 0)
     if n <= 1:
         kvm.page_refs_out.pop(page, None)
     else:
         kvm.page_refs_out[page] = n - 1
+
+
+def kvm_release_gfn_page(kvm, page: int, dirty: bool = False) -> None:
+    """What a ``gfn_to_page()`` user does when done: ``kvm_release_page_clean/dirty(page)``."""
+    gfn_to_page_released(kvm, page)
     if dirty:
         kvm_release_page_dirty(kvm, page, Hold.GET, "kvm_release_page_dirty")
     else:

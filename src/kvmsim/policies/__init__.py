@@ -41,6 +41,8 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
+    def vsie_unpin_release(self) -> Callable: ...
+    def fast_path_get_page(self, kvm, pfn: int, caller: str) -> int | None: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class KvmOps:
     fault_release_bulk_caller: str
     spte_ad_lost: Callable
     spte_ad_lost_bulk: Callable
+    #: ``(kvm, hpa, gfn)``: s390 ``unpin_guest_page()``'s release (patch 80, :mod:`kvmsim.s390.vsie`).
+    vsie_unpin_release: Callable | None = None
+    #: ``(kvm, pfn, caller)`` under ``mmu_lock`` in a fast path that changed a PTE: the page it took a
+    #: transient reference on (v6.12 LoongArch ``kvm_map_page_fast()``), or None.
+    fast_path_get_page: Callable = lambda kvm, pfn, caller: None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -73,7 +80,7 @@ def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
 
 def resolve(policy: Policy, arch: str) -> KvmOps:
     """The (policy × arch) choice, made once per VM.  ``arch`` is the MMU family: ``x86``, ``arm64``,
-    ``riscv`` or ``generic``."""
+    ``riscv``, ``loongarch``, ``mips`` or ``generic``."""
     locked, unlocked, before_map = policy.fault_release(arch)
     bulk_fn, bulk_under_lock, bulk_caller = policy.fault_release_bulk()
     return KvmOps(fault_release_locked=locked, fault_release_unlocked=unlocked, fault_dirty_before_map=before_map,
@@ -81,7 +88,9 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_locked=bulk_fn if bulk_under_lock else _no_bulk_release,
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
-                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk)
+                  spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
+                  vsie_unpin_release=policy.vsie_unpin_release(),
+                  fast_path_get_page=policy.fast_path_get_page)
 
 
 def get_policy(name: str) -> Policy:

@@ -56,12 +56,28 @@ class LegacyPolicy:
         "struct page" pfns accessed/dirty before dropping mmu_lock"); RISC-V dirty before the map (patch 57
         "KVM: RISC-V: Mark "struct page" pfns dirty iff a stage-2 PTE is installed") and accessed + release
         after the unlock (patch 58 "KVM: RISC-V: Mark "struct page" pfns accessed before dropping
-        mmu_lock")."""
+        mmu_lock"); LoongArch and MIPS in their folders (patch 65 "KVM: LoongArch: Mark "struct page" pfns
+        dirty only in "slow" page fault path", patch 67 "KVM: LoongArch: Mark "struct page" pfn accessed
+        before dropping mmu_lock", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page
+        fault path", patch 71 "KVM: MIPS: Mark "struct page" pfns accessed prior to dropping mmu_lock")."""
         if arch == "arm64":
             return None, user_mem_abort_v612_after_unlock, None
         if arch == "riscv":
             return None, gstage_map_v612_after_unlock, gstage_map_v612_dirty_before_map
+        if arch == "loongarch":         # patches 65, 67, 68 (kvmsim.loongarch.mmu)
+            from kvmsim.loongarch.mmu import kvm_map_page_v612_after_unlock
+            return None, kvm_map_page_v612_after_unlock, None
+        if arch == "mips":              # patches 69, 71, 72 (kvmsim.mips.mmu)
+            from kvmsim.mips.mmu import kvm_mips_map_page_v612_after_unlock, kvm_mips_map_page_v612_dirty_before_map
+            return None, kvm_mips_map_page_v612_after_unlock, kvm_mips_map_page_v612_dirty_before_map
         return None, release_pfn_clean_after_unlock, None
+
+    def fast_path_get_page(self, kvm, pfn, caller):
+        """v6.12 LoongArch ``kvm_map_page_fast()``: ``get_page(kvm_pfn_to_refcounted_page(pfn))`` under
+        ``mmu_lock`` (removed by patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow"
+        page fault path")."""
+        from kvmsim.loongarch.mmu import kvm_map_page_fast_v612_get_page
+        return kvm_map_page_fast_v612_get_page(kvm, pfn, caller)
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases after unlocking, by ``kvm_release_pfn_clean()`` (patch 40 "KVM:
@@ -111,12 +127,22 @@ class LegacyPolicy:
         """The caller decided ``dirty`` at unmap time before patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()"."""
         return False
 
+    def vsie_unpin_release(self):
+        """s390 ``unpin_guest_page()``: ``kvm_release_pfn_dirty(hpa >> PAGE_SHIFT)`` by guess, until patch 80
+        "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"."""
+        from kvmsim.s390.vsie import unpin_guest_page_release_v612
+        return unpin_guest_page_release_v612
+
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """x86 pushed A/D from SPTE bits to the pfn when zapping/modifying/aging (removed by patch 8
         "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and patch 82
         "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs"); arm64's
         ``handle_access_fault()`` marked the young PTE's pfn accessed after unlocking (removed by patch 83
-        "KVM: arm64: Don't mark "struct page" accessed when making SPTE young")."""
+        "KVM: arm64: Don't mark "struct page" accessed when making SPTE young"); the LoongArch and MIPS fast
+        paths marked the PTE's pfn (patch 65 "KVM: LoongArch: Mark "struct page" pfns dirty only in "slow"
+        page fault path", patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page
+        fault path", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page fault path",
+        patch 70 "KVM: MIPS: Mark "struct page" pfns accessed only in "slow" page fault path")."""
         for _ in range(n):
             if dirty:
                 kvm_set_pfn_dirty(kvm, pfn, caller, source=Src.SPTE, gfn=gfn)

@@ -42,8 +42,14 @@ class SeriesPolicy:
         """Every arch releases with ``kvm_release_faultin_page()`` under ``mmu_lock``: x86 patch 40 "KVM:
         x86/mmu: Add helper to "finish" handling a guest page fault", arm64 patch 56 "KVM: arm64: Use
         __kvm_faultin_pfn() to handle memory aborts", RISC-V patch 59 "KVM: RISC-V: Use kvm_faultin_pfn()
-        when mapping pfns into the guest"."""
+        when mapping pfns into the guest", LoongArch patch 68 "KVM: LoongArch: Use kvm_faultin_pfn() to map pfns
+        into the guest", MIPS patch 72 "KVM: MIPS: Use kvm_faultin_pfn() to map pfns into the guest"."""
         return release_faultin_page_locked, None, None
+
+    def fast_path_get_page(self, kvm, pfn, caller):
+        """patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path": the fast
+        path takes no reference."""
+        return None
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases under ``mmu_lock`` (patch 40 "KVM: x86/mmu: Add helper to "finish"
@@ -91,8 +97,14 @@ class SeriesPolicy:
         """patch 33 "KVM: Pass in write/dirty to kvm_vcpu_map(), not kvm_vcpu_unmap()": the map's ``writable`` decides at map time."""
         return True
 
+    def vsie_unpin_release(self):
+        """s390 ``unpin_guest_page()``: patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct
+        page" memory": ``kvm_release_page_dirty(pfn_to_page(hpa >> PAGE_SHIFT))``."""
+        from kvmsim.s390.vsie import unpin_guest_page_release_v613
+        return unpin_guest_page_release_v613
+
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
-        """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young": no struct page is touched from a stage-2 PTE's pfn."""
+        """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young", patch 65 "KVM: LoongArch: Mark "struct page" pfns dirty only in "slow" page fault path", patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page fault path" and patch 70 "KVM: MIPS: Mark "struct page" pfns accessed only in "slow" page fault path": no struct page is touched from a stage-2 PTE's pfn."""
         return None
 
     def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller):

@@ -266,7 +266,8 @@ def c_mutations(v: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-VM = {"policy": (c_policies, ("legacy", "series")), "arch": (c_choice("x86", "arm64", "riscv", "generic"), "x86"),
+VM = {"policy": (c_policies, ("legacy", "series")),
+      "arch": (c_choice("x86", "arm64", "riscv", "loongarch", "mips", "s390", "generic"), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),

@@ -48,6 +48,7 @@ from kvmsim.scenarios.host_ops import (  # noqa: F401
     op_host_access,
     op_folio_referenced,
 )
+from kvmsim.scenarios.ops_s390 import S390_OP_ARGS, S390_OPS
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -105,6 +106,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "age": {**_RANGE, "how": (c_choice("clear_young", "clear_flush_young", "test_young"), "clear_young")},
     "vm_destroy": {},
     "interleave": {"threads": (c_any, REQUIRED), "order": (c_strlist, REQUIRED)},
+    **S390_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -384,6 +386,7 @@ OPS: dict[str, Callable] = {
     "release_page": op_release_page, "pfncache_activate": op_pfncache_activate,
     "pfncache_refresh": op_pfncache_refresh, "pfncache_write": op_pfncache_write,
     "pfncache_check": op_pfncache_check, "age": op_age, "vm_destroy": op_vm_destroy, "interleave": op_interleave,
+    **S390_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 

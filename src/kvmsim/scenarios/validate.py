@@ -30,11 +30,13 @@ DERIVED_COUNTERS = ("kvm_get", "kvm_put", "kvm_pin", "kvm_unpin", "kvm_set_dirty
 
 #: Fixed-name counters the model's journal keeps (``journal.count(name)``).
 MODEL_COUNTERS = frozenset({
-    # stage-2 faults and SPTEs (kvm/stage2.py, x86/, arm64/, riscv/)
+    # stage-2 faults and SPTEs (kvm/stage2.py, x86/, arm64/, riscv/, loongarch/, mips/)
     "page_fault", "fault_retry", "guest_livelock", "fast_page_fault", "spurious", "mmio", "spte_write", "spte_zap",
     "spte_relax_perms", "access_flag_fault", "io_mem_abort", "prefetch", "split", "recover",
     "zap_collapsible", "mmu_zap_all_fast", "range_access_exit", "inv11", "emulated_mmio_fallback",
     "kvm_riscv_vcpu_mmio_store", "kvm_riscv_vcpu_mmio_load", "tlb_flush", "lockdep_warnings",
+    "kvm_map_page_fast", "kvm_emu_mmio_read", "kvm_emu_mmio_write",                  # loongarch/
+    "pte_mkyoung", "pte_mkdirty", "kvm_mips_emulate_load", "kvm_mips_emulate_store",  # mips/
     # generic KVM (kvm/)
     "hva_to_pfn", "kvm_vcpu_map", "host_map_access", "gpc_invalidate", "gpc_refresh", "gpc_refresh_kept",
     "gpc_refresh_error", "gpc_refresh_retry", "mark_page_dirty_in_slot", "get_dirty_log", "clear_dirty_log",

@@ -129,7 +129,7 @@ def test_policies_and_resolved_hooks_never_cite_a_patch_by_number_alone():
     bad = [f"policies/{p.name}: patch {n}" for p in sorted((SRC / "policies").glob("*.py"))
            for n in bare_patch_numbers(p.read_text())]
     for policy in (LegacyPolicy(), SeriesPolicy()):
-        for arch in ("x86", "arm64", "riscv", "generic"):
+        for arch in ("x86", "arm64", "riscv", "s390", "loongarch", "mips", "generic"):
             for hook in vars(resolve(policy, arch)).values():
                 if callable(hook) and getattr(hook, "__module__", "").startswith("kvmsim."):
                     bad += [f"{hook.__qualname__}: patch {n}" for n in bare_patch_numbers(hook.__doc__ or "")]

@@ -67,7 +67,8 @@ class KvmOps:
     fault_release_bulk_caller: str
     spte_ad_lost: Callable
     spte_ad_lost_bulk: Callable
-    #: ``(kvm, hpa, gfn)``: s390 ``unpin_guest_page()``'s release (patch 80, :mod:`kvmsim.s390.vsie`).
+    #: ``(kvm, hpa, gfn)``: s390 ``unpin_guest_page()``'s release (:mod:`kvmsim.s390.vsie`), changed by
+    #: patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory".
     vsie_unpin_release: Callable | None = None
     #: ``(kvm, pfn, caller)`` under ``mmu_lock`` in a fast path that changed a PTE: the page it took a
     #: transient reference on (v6.12 LoongArch ``kvm_map_page_fast()``), or None.

@@ -95,7 +95,8 @@ def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     PROT_NONE, and a valid page that is not freed.  Returns (ok, pfn)."""
     ok = ((pte & (_HP | _HW | _HS | _HPN)) == (_HP | _HW)) & (p > 0)
     ok[ok] &= (p[ok] < kvm.phys.nr)
-    ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
+    if kvm.phys.has_freed_pages():
+        ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
     return ok, p
 
 
@@ -198,7 +199,8 @@ def _guest_data(kvm, pfn: np.ndarray, k, write: bool, vals, out) -> None:
     phys = kvm.phys
     if not len(pfn):
         return
-    if pfn.min() > 0 and pfn.max() < phys.nr and not (phys.flags[pfn] & _POISONED).any():
+    if pfn.min() > 0 and pfn.max() < phys.nr and \
+            (not phys.has_freed_pages() or not (phys.flags[pfn] & _POISONED).any()):
         if write:
             phys.data[pfn] = vals[k]
         else:

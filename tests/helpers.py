@@ -25,6 +25,10 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
     "riscv": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
     "loongarch": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
     "mips": {"size": PAGE, "kind": VmaKind.FILE, "page_size": None},
+    "ppc-book3s-hv": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
+    "ppc-book3s-radix": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
+    "ppc-book3s-pr": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
+    "ppc-e500": {"size": PAGE, "kind": VmaKind.ANON, "page_size": None},
 }
 
 _UNSET: Any = object()

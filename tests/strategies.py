@@ -1,5 +1,5 @@
 """Shared Hypothesis strategies: well-formed kvmsim scenarios over every op, VMA kind, driver class,
-arch (x86 TDP and shadow, arm64, RISC-V, generic) and policy, interleaves included.
+arch (x86 TDP and shadow, arm64, RISC-V, PPC e500, generic) and policy, interleaves included.
 
 :func:`scenario_docs` draws a scenario document (the dict a TOML file parses to) whose names all
 refer to things the scenario defines: VMAs, drivers, memslots, vCPUs, and the ``map`` / ``page`` /
@@ -21,8 +21,10 @@ from kvmsim.backend.base import MappingKind
 from kvmsim.mm.vma import VmaKind
 
 PAGE = 4096
-POLICIES = ("legacy", "series", "pre-5.13")
-ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"))
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
+ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"),
+          ("loongarch", "tdp"), ("mips", "tdp"),
+          ("ppc-book3s-hv", "tdp"), ("ppc-book3s-radix", "tdp"), ("ppc-book3s-pr", "tdp"), ("ppc-e500", "tdp"))
 PFN_CLASSES = ("normal", "zero", "zone_device", "reserved", "nonrefcounted", "driver_refcounted", "no_page")
 FILE_KINDS = ("anon_shared", "memfd", "file", "hugetlb")        # VMAs with a file mapping
 SLOT_STRIDE = 1 << 30                                            # memslot i lives at i GiB
@@ -83,12 +85,16 @@ def vm_section(draw) -> dict:
     if mmu != "tdp":
         vm["mmu"] = mmu
     vm["vcpus"] = draw(st.integers(1, 2))
+    if arch == "ppc-book3s-pr" and draw(st.booleans()):
+        vm["ppc_pr_host"] = "32-bit"
     if draw(st.booleans()):
         vm["pml"] = draw(st.booleans())
         vm["v613_other"] = draw(st.booleans())
         vm["allow_unsafe_mappings"] = draw(st.booleans())
     if draw(st.integers(0, 5)) == 0:
         vm["execution"] = "emulated"
+    if arch == "arm64" and draw(st.integers(0, 3)) == 0:
+        vm["mte"] = True
     dirty = draw(st.sampled_from(["bitmap", "bitmap", "manual", "manual_set", "ring"]))
     if dirty in ("manual", "manual_set"):
         vm["manual_protect"] = True
@@ -149,15 +155,17 @@ def _vcpu(draw, w: _World) -> dict:
     return {"vcpu": draw(st.integers(0, w.vcpus - 1))} if w.vcpus > 1 and draw(st.booleans()) else {}
 
 
-GUEST_OPS = ("read", "write", "fault", "store", "zap")
+GUEST_OPS = ("read", "write", "fault", "store", "zap", "tlbwe")
 HOST_OPS = ("munmap", "mprotect", "madvise", "mremap", "fork", "writeback", "reclaim", "migrate", "thp_split",
             "thp_collapse", "truncate", "punch_hole", "driver_teardown", "host_write", "host_read", "folio_referenced",
             "age")
 KVM_OPS = ("memslot_set", "memslot_delete", "memslot_move", "memslot_flags", "get_dirty_log", "clear_dirty_log",
            "ring_harvest", "ring_reset", "vcpu_map", "vcpu_unmap", "map_access", "gfn_to_page", "release_page",
-           "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy")
+           "pfncache_activate", "pfncache_refresh", "pfncache_write", "pfncache_check", "vm_destroy", "mte_copy_tags")
 S390_OPS = ("vsie_run", "vsie_enter", "vsie_exit")
-ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS
+PPC_BOOK3S_OPS = ("dcbz_patch", "uv_share", "uv_page_in", "ppc_magic_page", "ppc_guest_pte", "hpte_cache_fail",
+                  "xive_queue_config", "xive_queue_reset")
+ALL_OPS = GUEST_OPS + HOST_OPS + KVM_OPS + S390_OPS + PPC_BOOK3S_OPS
 
 
 def _op_args(draw, w: _World, op: str) -> dict | None:
@@ -184,6 +192,13 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"gpa": _gpa(draw, w), "value": draw(st.integers(0, 255)), **_vcpu(draw, w)}
     if op == "zap":
         return {"gpa": _gpa(draw, w)}
+    if op == "tlbwe":                                   # an e500 guest TLB write (an error on other arches)
+        a = {"tlb": draw(st.integers(0, 1)), "esel": draw(st.integers(0, 3)), "gpa": _gpa(draw, w), **_vcpu(draw, w)}
+        if draw(st.booleans()):
+            a["size"] = draw(st.sampled_from([PAGE, 4 * PAGE, 16 * PAGE, 1 << 20, 3 * PAGE]))
+        if draw(st.booleans()):
+            a["mas3"] = draw(st.lists(st.sampled_from(["SR", "SW", "SX", "UR", "UW", "UX"]), unique=True, max_size=6))
+        return a
     if op in ("munmap", "reclaim"):
         return _vma_range(draw, w, draw(st.sampled_from(vma_names)))
     if op == "mprotect":
@@ -196,7 +211,13 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {**_vma_range(draw, w, draw(st.sampled_from(vma_names))),
                 "how": draw(st.sampled_from(["clear_young", "clear_flush_young", "test_young"]))}
     if op == "mremap":
-        return {"vma": draw(st.sampled_from(vma_names))}
+        a = {"vma": draw(st.sampled_from(vma_names))}
+        if draw(st.integers(0, 3)) == 0:
+            a["to"] = draw(st.sampled_from(vma_names))
+        return a
+    if op == "mte_copy_tags":
+        return {"gpa": _gpa(draw, w), "size": draw(st.integers(1, 3)) * PAGE,
+                "direction": draw(st.sampled_from(["to_guest", "from_guest"])), "tag": draw(st.integers(0, 15))}
     if op in ("fork", "ring_reset", "vm_destroy"):
         return {}
     if op in ("migrate", "thp_split", "thp_collapse", "host_read"):
@@ -281,6 +302,18 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
         return {"value": draw(st.integers(0, 255))} if "gpc" in w.gpcs else None
     if op in S390_OPS:
         return _vsie_args(draw, w, op)
+    if op in ("dcbz_patch", "ppc_magic_page"):
+        return {"gpa": _gpa(draw, w), **_vcpu(draw, w)}
+    if op in ("uv_share", "uv_page_in"):
+        return {"gpa": _gpa(draw, w)}
+    if op == "ppc_guest_pte":
+        return {"gpa": _gpa(draw, w), "may_write": draw(st.booleans())}
+    if op == "hpte_cache_fail":
+        return {"count": draw(st.integers(1, 3))}
+    if op == "xive_queue_config":
+        return {"gpa": _gpa(draw, w), "server": draw(st.integers(0, 1))}
+    if op == "xive_queue_reset":
+        return {"server": draw(st.integers(0, 1))}
     raise AssertionError(f"no argument strategy for op {op!r}")
 
 
@@ -356,6 +389,8 @@ def scenario_docs(draw) -> dict:
             flags.remove("log_dirty_pages")
         if vm["arch"] == "riscv" and "w" not in v.get("prot", "rw") and "readonly" not in flags:
             flags.append("readonly")
+        if vm.get("mte") and v["kind"] not in ("anon", "anon_shared", "memfd"):
+            continue                        # an MTE VM refuses a memslot over a VMA without VM_MTE_ALLOWED
         slots.append({"id": i, "gpa": i * SLOT_STRIDE, "size": size * PAGE, "vma": v["name"], "offset": off * PAGE,
                       "flags": flags})
     for d in drv:                           # a driver owns enough memory for every VMA that maps it

@@ -281,7 +281,7 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
 
 @cli.command("run")
 @click.argument("scenario")
-@click.option("--policy", type=click.Choice(["legacy", "series", "pre-5.13", "both", "all"]), default=None,
+@click.option("--policy", type=click.Choice(["legacy", "series", "pre-5.13", "series-rc1", "both", "all"]), default=None,
               help="Policy to run under (default: every policy the scenario states).")
 @click.option("--trace", is_flag=True, help="Print each step's references, SPTEs and flags (journal facts).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run (a list if several).")

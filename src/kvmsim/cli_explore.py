@@ -14,6 +14,7 @@ import click
 
 from kvmsim.cli import cli
 from kvmsim.errors import KvmsimError
+from kvmsim.kvm.arch import ARCH_NAMES
 from kvmsim.explore import (MAX_SCHEDULES, MUTATIONS, SCENARIOS, Coverage, Mutations, explore, format_schedule,
                             parse_schedule)
 
@@ -50,7 +51,7 @@ def _list_races(as_json: bool) -> None:
                                "--max-schedules with no violation found, 2 bad input.")
 @click.argument("name", required=False)
 @click.option("--list", "list_races", is_flag=True, help="list the races (with a line each) and exit")
-@click.option("--policy", type=click.Choice(["legacy", "series", "both"]), default="both", show_default=True)
+@click.option("--policy", type=click.Choice(["legacy", "series", "series-rc1", "both"]), default="both", show_default=True)
 @click.option("--bound", type=click.IntRange(min=0), default=2, show_default=True, help="preemption bound (DFS)")
 @click.option("--max-schedules", type=click.IntRange(min=1), default=MAX_SCHEDULES, show_default=True,
               help="cap on the schedules one DFS runs; a DFS stopped by it is reported as incomplete")
@@ -58,7 +59,7 @@ def _list_races(as_json: bool) -> None:
 @click.option("--random", "random_n", type=click.IntRange(min=1), default=None, help="N random schedules")
 @click.option("--replay", default=None, help='a printed schedule, e.g. "vcpu0*4,host"')
 @click.option("--mutate", multiple=True, type=click.Choice(list(MUTATIONS)), help="switch a safety mechanism off")
-@click.option("--arch", type=click.Choice(["generic", "x86", "arm64", "riscv", "loongarch", "mips", "s390"]),
+@click.option("--arch", type=click.Choice(["generic", *(a for a in ARCH_NAMES if a != "generic")]),
               default=None, help="stage-2 MMU the race runs on  [default: the race's own: generic, or the one arch it lists]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def explore_cmd(name, list_races, policy, bound, max_schedules, seed, random_n, replay, mutate, arch,

@@ -112,8 +112,11 @@ def copies(dirs: list[pathlib.Path], window: int = WINDOW) -> list[str]:
 
 
 def test_the_folders_compared_include_kvm_and_every_arch():
+    """Every package a stage-2 profile lives in (``kvm.arch.ARCH_PROFILES``) is compared."""
+    from kvmsim.kvm.arch import ARCH_PROFILES
     names = {d.name for d in folders()}
     assert {"kvm", "x86", "arm64", "riscv"} <= names
+    assert {module.split(".")[1] for module, _ in ARCH_PROFILES.values()} <= names
     assert not names & NOT_ARCH
 
 

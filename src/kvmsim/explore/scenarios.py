@@ -53,7 +53,7 @@ class Scenario:
     setup: Callable[..., World]                  # setup(policy, mutations, arch) -> World
     watch: Callable[[Any], bool]
     final: Callable[[World], None] = lambda w: None
-    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv", "loongarch", "mips")
+    arches: tuple[str, ...] = ("generic", "x86", "arm64", "riscv", "loongarch", "mips", "ppc-book3s-hv", "ppc-book3s-radix", "ppc-book3s-pr", "ppc-e500")
     arch: str = "generic"
 
     def build(self, policy: str, mutations) -> World:
@@ -250,6 +250,16 @@ def _loongarch_fast_vs_truncate(policy, mutations, arch) -> World:
     return w
 
 
+def _tlbwe_vs_truncate(policy, mutations, arch) -> World:
+    """PPC e500: a guest ``tlbwe`` premaps a file page (``kvmppc_e500_shadow_map()``) while it is truncated."""
+    from kvmsim.ppc.e500_mmu_host import BOOK3E_PAGESZ_4K, MAS3_ALL
+    w = _world(policy, mutations, arch, VmaKind.FILE)
+    writeback_folio(w.host.mm, _file_page(w, 1))
+    w.threads = {"vcpu0": w.kvm.arch.kvmppc_e500_emul_tlbwe.steps(w.vcpu, 0, 0, GPA, GPA, BOOK3E_PAGESZ_4K, MAS3_ALL),
+                 "host": truncate_page.steps(w.host.mm, w.vma, w.vma.pgoff)}
+    return w
+
+
 def _freed_page_mark(v) -> bool:
     return v.invariant == "INV-3" and "on a freed page" in v.detail
 
@@ -284,4 +294,6 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("loongarch-fast-dirty-vs-truncate", "LoongArch kvm_map_page_fast() store to a clean PTE races "
              "truncate; v6.12 dirties the folio after unlock", _loongarch_fast_vs_truncate, _truncated_dirty,
              arches=("loongarch",), arch="loongarch"),
+    Scenario("tlbwe-vs-truncate", "e500 tlbwe premap races truncate: v6.12 ages the retried, unused page after unlock",
+             _tlbwe_vs_truncate, _invs("INV-5", "INV-7"), arches=("ppc-e500",), arch="ppc-e500"),
 )}

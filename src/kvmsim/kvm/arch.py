@@ -46,31 +46,29 @@ class ArchMmu(Protocol):
     def leaves(self) -> Iterator[Leaf]: ...
 
 
+#: The stage-2 MMU each ``[vm] arch`` name builds: module and class (``x86`` goes through
+#: :func:`kvmsim.x86.make_x86_mmu`, which picks the TDP or the shadow MMU).
+ARCH_PROFILES: dict[str, tuple[str, str]] = {
+    "x86": ("kvmsim.x86", "make_x86_mmu"),
+    "arm64": ("kvmsim.arm64", "Arm64Mmu"),
+    "riscv": ("kvmsim.riscv", "RiscvMmu"),
+    "loongarch": ("kvmsim.loongarch", "LoongArchMmu"),
+    "mips": ("kvmsim.mips", "MipsMmu"),
+    "s390": ("kvmsim.s390", "S390Gmap"),
+    "ppc-book3s-hv": ("kvmsim.ppc", "Book3sHvMmu"),
+    "ppc-book3s-radix": ("kvmsim.ppc", "Book3sRadixMmu"),
+    "ppc-book3s-pr": ("kvmsim.ppc", "Book3sPrMmu"),
+    "ppc-e500": ("kvmsim.ppc", "E500Mmu"),
+    "generic": ("kvmsim.kvm.stage2", "GenericStage2"),
+}
+ARCH_NAMES = tuple(ARCH_PROFILES)
+
+
 def make_arch(kvm, name: str, **opts) -> ArchMmu:
-    if name == "x86":
-        try:
-            from kvmsim.x86 import make_x86_mmu
-        except ImportError:
-            make_x86_mmu = None
-        if make_x86_mmu is not None:
-            return make_x86_mmu(kvm, **opts)
-        name = "generic"
-    if name == "arm64":
-        from kvmsim.arm64 import Arm64Mmu
-        return Arm64Mmu(kvm, **opts)
-    if name == "riscv":
-        from kvmsim.riscv import RiscvMmu
-        return RiscvMmu(kvm, **opts)
-    if name == "s390":
-        from kvmsim.s390 import S390Gmap
-        return S390Gmap(kvm, **opts)
-    if name == "loongarch":
-        from kvmsim.loongarch import LoongArchMmu
-        return LoongArchMmu(kvm, **opts)
-    if name == "mips":
-        from kvmsim.mips import MipsMmu
-        return MipsMmu(kvm, **opts)
-    if name == "generic":
-        from kvmsim.kvm.stage2 import GenericStage2
-        return GenericStage2(kvm, **opts)
-    raise UsageError(f"unknown architecture {name!r} (x86, arm64, riscv, loongarch, mips, s390, generic)")
+    """The VM's stage-2 MMU for ``name`` (:data:`ARCH_PROFILES`)."""
+    import importlib
+    try:
+        module, factory = ARCH_PROFILES[name]
+    except KeyError:
+        raise UsageError(f"unknown architecture {name!r} ({', '.join(ARCH_NAMES)})") from None
+    return getattr(importlib.import_module(module), factory)(kvm, **opts)

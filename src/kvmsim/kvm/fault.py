@@ -18,7 +18,16 @@ supplies the hooks (class attributes and methods of its MMU):
   arm64 and RISC-V check the whole VM, ``mmu_invalidate_retry()``) and ``fault_stale_invalid_slot``
   (x86 ``is_page_fault_stale()`` also retries on an obsolete root, a memslot being deleted or moved);
 * ``handle_error_pfn(pfn)``, ``fault_map(fault)``, ``fault_unused(fault)``, ``fault_after_unlock(fault)``
-  (None: nothing after the unlock).
+  (None: nothing after the unlock);
+* optional, absent on x86 / arm64 / RISC-V: ``fault_faultin(fault)``, the arch's own pfn resolution in
+  place of :func:`kvm_faultin_pfn` (PowerPC Book3S PR ``kvmppc_gpa_to_pfn()``, which serves the magic
+  page itself), and ``fault_before_lock(fault)``, what the arch does between the faultin and taking
+  ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``).
+
+One resolved hook replaces the generic pfn lookup where the lookup itself is a protocol difference:
+``kvm.ops.arch_faultin(kvm, mmu, fault) -> (pfn, kfp)`` (None on every arch but PPC e500, whose
+``kvmppc_e500_shadow_map()`` bypassed ``__kvm_faultin_pfn()`` for TLB1 over VM_PFNMAP in v6.12 and
+v6.13-rc1, and called it with a NULL ``writable`` in v6.13-rc1).
 
 The legacy / series difference is not here: the VM's ``kvm.ops`` (:func:`kvmsim.policies.resolve`,
 one set of callables per policy × architecture) releases under the lock, after it, or marks the page
@@ -188,7 +197,10 @@ def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
-    if nowait:
+    arch_faultin = kvm.ops.arch_faultin
+    if arch_faultin is not None:           # PPC e500: the pfn lookup itself differs per protocol
+        pfn, kfp = arch_faultin(kvm, mmu, fault)
+    elif nowait:
         pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_NOWAIT[write], caller="kvm_faultin_pfn")
         if pfn == KVM_PFN_ERR_NEEDS_IO or kfp.async_:
             pfn, kfp = _kvm_faultin_pfn(kvm, slot, gfn, _FOLL_INTERRUPTIBLE[write], caller="kvm_faultin_pfn")
@@ -223,7 +235,8 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
     labels = mmu.fault_labels
     fault.mmu_seq = kvm.mmu_invalidate_seq
     yield labels[0]
-    r = kvm_faultin_pfn(mmu, fault)
+    faultin = getattr(mmu, "fault_faultin", None)
+    r = kvm_faultin_pfn(mmu, fault) if faultin is None else faultin(fault)
     if r is not None:
         return r
     yield labels[1]
@@ -239,6 +252,9 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
             journal.releasing -= 1
         journal.count("fault_retry")
         return FaultRet.RETRY
+    before_lock = getattr(mmu, "fault_before_lock", None)
+    if before_lock is not None:
+        before_lock(fault)
     lock = kvm.mmu_lock
     yield from (lock.read_lock if read else lock.write_lock).steps()
     if (mmu.fault_stale_invalid_slot and fault.slot.invalid) or \

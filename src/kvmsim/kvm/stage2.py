@@ -1,9 +1,14 @@
-"""A minimal stage-2 MMU: 4 KiB leaves only, the common fault pattern of every architecture (spec §2.14).
+"""A minimal stage-2 MMU: the common fault pattern of every architecture (spec §2.14).
 
 Enough for a fault to complete end to end, for generic tests and for architectures the model does
-not detail; :mod:`kvmsim.x86` is the full x86 MMU.  Leaves live in per-slot numpy arrays
-(``slot.arch["s2_pfn"]``, ``slot.arch["s2"]``).  A/D bits captured at zap time go through the
-policy's ``spte_ad_lost`` hook (legacy pushes them to the pfn, the series does nothing).
+not detail; :mod:`kvmsim.x86` is the full x86 MMU.  Leaves live in per-slot numpy arrays, one entry
+per 4 KiB gfn (``slot.arch["s2_pfn"]``, ``slot.arch["s2"]`` and ``slot.arch["s2_level"]``).  Its own
+fault maps 4 KiB leaves only; an arch profile built on it (arm64, RISC-V) may install a block leaf
+(2 MiB PMD / 1 GiB PUD, :meth:`GenericStage2.set_leaf`): every entry the block covers holds the
+block's bits, its level and the consecutive pfn, so a guest access reads its own subpage; zapping,
+aging, write-protection and :meth:`GenericStage2.leaves` act on whole leaves
+(:meth:`GenericStage2.leaf_bounds`).  A/D bits captured at zap time go through the policy's
+``spte_ad_lost`` hook (legacy pushes them to the pfn, the series does nothing), once per leaf.
 
 Its legacy fault release is x86's v6.12 one (``kvm_release_pfn_clean()`` after unlocking, no dirty
 mark).  arm64's v6.12 ``user_mem_abort()`` also called ``kvm_set_pfn_dirty()`` after
@@ -23,6 +28,7 @@ from kvmsim.kvm.fault import (FaultRet, KvmPageFault, kvm_fault_memslot, kvm_gue
                               kvm_stage2_fault)
 from kvmsim.kvm.pfn import Hold
 from kvmsim.sched import Steps, kpath
+from kvmsim.types import PAGES_PER_PMD, PAGES_PER_PUD
 
 
 class S2(IntFlag):
@@ -35,10 +41,13 @@ class S2(IntFlag):
 
 
 _P, _W, _HW, _A, _D, _H = (int(f) for f in (S2.PRESENT, S2.W, S2.HOST_W, S2.A, S2.D, S2.HELD))
+#: 4 KiB entries per leaf, by level (1: PAGE_SIZE, 2: PMD_SIZE block, 3: PUD_SIZE block).
+LEAF_PAGES = np.array([1, 1, PAGES_PER_PMD, PAGES_PER_PUD], dtype=np.int64)
 
 
 class GenericStage2:
-    """4 KiB-only stage-2 tables with W / host-writable / A / D bits."""
+    """Stage-2 tables with W / host-writable / A / D bits: 4 KiB leaves from its own fault, blocks from
+    an arch profile's."""
 
     name = "generic"
 
@@ -51,7 +60,64 @@ class GenericStage2:
         if "s2" not in slot.arch:
             slot.arch["s2_pfn"] = np.full(slot.npages, -1, dtype=np.int64)
             slot.arch["s2"] = np.zeros(slot.npages, dtype=np.uint8)
+            slot.arch["s2_level"] = np.ones(slot.npages, dtype=np.uint8)
         return slot.arch["s2_pfn"], slot.arch["s2"]
+
+    @staticmethod
+    def _levels(slot) -> np.ndarray:
+        """The level of the leaf covering each entry (1 where nothing or a 4 KiB leaf is mapped)."""
+        GenericStage2._tables(slot)
+        return slot.arch["s2_level"]
+
+    @staticmethod
+    def leaf_span(slot, i: int, level: int) -> tuple[int, int]:
+        """Slot-relative ``[lo, hi)`` of the ``level`` leaf that covers entry ``i`` (a block is aligned in
+        gfn space; the part of it inside the slot)."""
+        n = int(LEAF_PAGES[level])
+        start = (slot.base_gfn + i) // n * n - slot.base_gfn
+        return max(start, 0), min(start + n, slot.npages)
+
+    def leaf_bounds(self, slot, lo: int, hi: int) -> tuple[int, int]:
+        """Widen ``[lo, hi)`` (slot-relative) to whole leaves."""
+        if hi <= lo or "s2" not in slot.arch:
+            return lo, hi
+        lv = slot.arch["s2_level"]
+        if lv[lo] > 1:
+            lo = self.leaf_span(slot, lo, int(lv[lo]))[0]
+        if lv[hi - 1] > 1:
+            hi = self.leaf_span(slot, hi - 1, int(lv[hi - 1]))[1]
+        return lo, hi
+
+    def representatives(self, slot, lo: int, hi: int) -> np.ndarray:
+        """Slot-relative indices in ``[lo, hi)`` of the first entry of each present leaf."""
+        _, bits = self._tables(slot)
+        lv = slot.arch["s2_level"][lo:hi].astype(np.int64)
+        idx = np.arange(lo, hi)
+        n = LEAF_PAGES[lv]
+        first = np.maximum((slot.base_gfn + idx) // n * n - slot.base_gfn, 0) == idx
+        return idx[((bits[lo:hi] & _P) != 0) & first]
+
+    def set_leaf(self, slot, i: int, pfn: int, level: int, bits: int) -> tuple[int, int]:
+        """Install a ``level`` leaf at the block that covers entry ``i``: ``pfn`` is the pfn of the
+        block's first gfn; each entry gets its own consecutive pfn.  Any leaf there is overwritten
+        (the caller zaps it first when the kernel does).  Returns the entries ``[lo, hi)``."""
+        pfns, b = self._tables(slot)
+        lo, hi = self.leaf_span(slot, i, level)
+        first = (slot.base_gfn + i) // int(LEAF_PAGES[level]) * int(LEAF_PAGES[level]) - slot.base_gfn
+        pfns[lo:hi] = pfn + np.arange(lo - first, hi - first)
+        b[lo:hi] = bits
+        slot.arch["s2_level"][lo:hi] = level
+        return lo, hi
+
+    def _leaf_mask(self, slot, idx) -> np.ndarray:
+        """Entries of every leaf that covers one of ``idx`` (a block counts whole)."""
+        mask = np.zeros(slot.npages, dtype=bool)
+        mask[idx] = True
+        lv = slot.arch["s2_level"]
+        for i in np.asarray(idx)[lv[idx] > 1].tolist():
+            lo, hi = self.leaf_span(slot, i, int(lv[i]))
+            mask[lo:hi] = True
+        return mask
 
     # ---- the fault template's hooks (kvmsim.kvm.fault) -----------------------------------------
     family = "generic"
@@ -101,6 +167,7 @@ class GenericStage2:
         new = _P | _A | (_HW if host_w else 0) | ((_W | _D) if w else 0) | (_H if kfp.hold != Hold.NONE else 0)
         pfns[i] = pfn
         bits[i] = new
+        slot.arch["s2_level"][i] = 1
         kvm.journal.count("spte_write")
         kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
                          extra={"writable": bool(w), "host_writable": bool(host_w)})
@@ -143,14 +210,17 @@ class GenericStage2:
                                      caller=caller, gfn=gfn)
 
     def _zap(self, slot, lo: int, hi: int, reason: str) -> bool:
+        """Zap every leaf touching ``[lo, hi)`` (a block whole), marking each leaf's A/D once."""
         if "s2" not in slot.arch:
             return False
         pfns, bits = self._tables(slot)
-        present = np.nonzero(bits[lo:hi] & _P)[0] + lo
+        lo, hi = self.leaf_bounds(slot, lo, hi)
+        present = self.representatives(slot, lo, hi)
         for i in present:
             self._leaf_zapped(int(pfns[i]), int(bits[i]), "kvm_unmap_gfn_range", slot.base_gfn + int(i))
         pfns[lo:hi] = -1
         bits[lo:hi] = 0
+        slot.arch["s2_level"][lo:hi] = 1
         self.kvm.journal.count("spte_zap", len(present))
         return len(present) > 0
 
@@ -159,11 +229,12 @@ class GenericStage2:
         """Zap one leaf under mmu_lock with an atomic xchg (``mmu_spte_clear_track_bits()``: it reads what it
         clears).  The explorer's ``nonatomic-spte`` mutation replaces this (kvmsim.explore.mutations)."""
         pfns, bits = self._tables(slot)
-        i = gfn - slot.base_gfn
-        old_pfn, old = int(pfns[i]), int(bits[i])
-        pfns[i], bits[i] = -1, 0
+        lo, hi = self.leaf_bounds(slot, gfn - slot.base_gfn, gfn - slot.base_gfn + 1)
+        old_pfn, old = int(pfns[lo]), int(bits[lo])
+        pfns[lo:hi], bits[lo:hi] = -1, 0
+        slot.arch["s2_level"][lo:hi] = 1
         if old & _P:
-            self._leaf_zapped(old_pfn, old, "kvm_zap_gfn_range", gfn)
+            self._leaf_zapped(old_pfn, old, "kvm_zap_gfn_range", slot.base_gfn + lo)
         yield "kvm_zap_gfn_range: SPTE cleared"
         return bool(old & _P)
 
@@ -175,7 +246,7 @@ class GenericStage2:
         if "s2" not in slot.arch:
             return False
         _, bits = self._tables(slot)
-        sl = slice(start - slot.base_gfn, end - slot.base_gfn)
+        sl = slice(*self.leaf_bounds(slot, start - slot.base_gfn, end - slot.base_gfn))
         young = bool((bits[sl] & _A).any())
         bits[sl] &= ~np.uint8(_A)
         return young
@@ -184,7 +255,7 @@ class GenericStage2:
         if "s2" not in slot.arch:
             return False
         _, bits = self._tables(slot)
-        return bool((bits[start - slot.base_gfn:end - slot.base_gfn] & _A).any())
+        return bool((bits[slice(*self.leaf_bounds(slot, start - slot.base_gfn, end - slot.base_gfn))] & _A).any())
 
     def flush_on_age(self) -> bool:
         return not self.kvm.v613_other
@@ -224,10 +295,11 @@ class GenericStage2:
             return
         _, bits = self._tables(slot)
         idx = gfn_offset + np.nonzero(mask)[0]
-        bits[idx] &= ~np.uint8(_W)
+        bits[self._leaf_mask(slot, idx)] &= ~np.uint8(_W)
 
     def leaf_arrays(self):
-        """Present leaves per slot as arrays (the checker's vectorised view of :meth:`leaves`)."""
+        """Present entries per slot as arrays (the checker's vectorised view of :meth:`leaves`): every
+        4 KiB entry of a block too, with the block's level, so each subpage is checked against the host."""
         for slots in self.kvm.memslots:
             for slot in slots:
                 if "s2" not in slot.arch:
@@ -235,7 +307,7 @@ class GenericStage2:
                 pfns, bits = self._tables(slot)
                 i = np.nonzero(bits & _P)[0]
                 b = bits[i].astype(np.int64)
-                yield slot, {"idx": i, "pfn": pfns[i], "level": np.ones(len(i), np.uint8), "w": (b & _W) != 0,
+                yield slot, {"idx": i, "pfn": pfns[i], "level": slot.arch["s2_level"][i], "w": (b & _W) != 0,
                              "hw": (b & _HW) != 0, "mw": (b & _HW) != 0, "held": (b & _H) != 0}
 
     def leaves(self) -> Iterator[Leaf]:
@@ -244,7 +316,8 @@ class GenericStage2:
                 if "s2" not in slot.arch:
                     continue
                 pfns, bits = self._tables(slot)
-                for i in np.nonzero(bits & _P)[0]:
+                lv = slot.arch["s2_level"]
+                for i in self.representatives(slot, 0, slot.npages):
                     b = int(bits[i])
-                    yield Leaf(slot.base_gfn + int(i), int(pfns[i]), 1, bool(b & _W), bool(b & _HW), bool(b & _HW),
-                               bool(b & _A), bool(b & _D), slot.id, bool(b & _H))
+                    yield Leaf(slot.base_gfn + int(i), int(pfns[i]), int(lv[i]), bool(b & _W), bool(b & _HW),
+                               bool(b & _HW), bool(b & _A), bool(b & _D), slot.id, bool(b & _H))

@@ -14,11 +14,21 @@ from kvmsim.kvm.pfn import (KVM_PFN_ERR_FAULT, KVM_PFN_ERR_SIGPENDING, Hold, kvm
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.pfn import kvm_dropped
 from kvmsim.trace import Src
+from kvmsim.arm64.mmu import transparent_hugepage_adjust_v612_transfer
+from kvmsim.arm64.mte import MteTagPageV612
 
 
 class LegacyPolicy:
     name = "legacy"
     title = "v6.12: kvm_pfn_to_refcounted_page guesses, A/D pushed from SPTEs"
+
+    #: arm64 ``transparent_hugepage_adjust()`` moved the fault's reference to the THP head page (release
+    #: the tail pfn, get the head) until
+    #: patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts".
+    thp_adjust_refcount = staticmethod(transparent_hugepage_adjust_v612_transfer)
+    #: arm64 MTE tag copy through ``gfn_to_pfn_prot()`` + ``pfn_to_online_page()`` until
+    #: patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags to/from userspace".
+    mte_tag_page = MteTagPageV612
 
     def reported_page(self, kfp):
         """No page output before patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn"."""
@@ -59,7 +69,13 @@ class LegacyPolicy:
         mmu_lock"); LoongArch and MIPS in their folders (patch 65 "KVM: LoongArch: Mark "struct page" pfns
         dirty only in "slow" page fault path", patch 67 "KVM: LoongArch: Mark "struct page" pfn accessed
         before dropping mmu_lock", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page
-        fault path", patch 71 "KVM: MIPS: Mark "struct page" pfns accessed prior to dropping mmu_lock")."""
+        fault path", patch 71 "KVM: MIPS: Mark "struct page" pfns accessed prior to dropping mmu_lock"); Book3S PR accessed + dirty before taking
+        the lock and ``kvm_release_pfn_clean()`` after it (patch 63 "KVM: PPC: Book3S: Mark "struct page" pfns dirty/accessed after installing PTE");
+        Book3S HV / Radix release by themselves (:meth:`arch_ops`);
+        PPC e500 ``kvmppc_e500_ref_setup()`` marks accessed and (guest-writable) dirty under
+        the lock and ``kvm_release_pfn_clean()`` follows the unlock (patch 52 "KVM: PPC: e500: Mark
+        "struct page" dirty in kvmppc_e500_shadow_map()", patch 53 "KVM: PPC: e500: Mark "struct page"
+        pfn accessed before dropping mmu_lock")."""
         if arch == "arm64":
             return None, user_mem_abort_v612_after_unlock, None
         if arch == "riscv":
@@ -70,6 +86,14 @@ class LegacyPolicy:
         if arch == "mips":              # patches 69, 71, 72 (kvmsim.mips.mmu)
             from kvmsim.mips.mmu import kvm_mips_map_page_v612_after_unlock, kvm_mips_map_page_v612_dirty_before_map
             return None, kvm_mips_map_page_v612_after_unlock, kvm_mips_map_page_v612_dirty_before_map
+        if arch in ("ppc-book3s-hv", "ppc-book3s-radix"):
+            return None, None, None        # set_page_dirty_lock() + put_page() after the unlock: arch_ops
+        if arch == "ppc-book3s-pr":
+            from kvmsim.ppc.book3s_pr import kvmppc_mmu_map_page_v612_marks
+            return None, release_pfn_clean_after_unlock, kvmppc_mmu_map_page_v612_marks
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_ref_setup_v612, kvmppc_e500_shadow_map_v612_after_unlock
+            return None, kvmppc_e500_shadow_map_v612_after_unlock, kvmppc_e500_ref_setup_v612
         return None, release_pfn_clean_after_unlock, None
 
     def fast_path_get_page(self, kvm, pfn, caller):
@@ -78,6 +102,15 @@ class LegacyPolicy:
         page fault path")."""
         from kvmsim.loongarch.mmu import kvm_map_page_fast_v612_get_page
         return kvm_map_page_fast_v612_get_page(kvm, pfn, caller)
+
+    def arch_faultin(self, arch):
+        """PPC e500's v6.12 pfn lookup: the TLB1 VM_PFNMAP bypass, else ``gfn_to_pfn_memslot()`` without
+        asking for the host's writability (replaced by patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn()
+        to handle page faults"); every other arch takes the template's."""
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin_v612
+            return kvmppc_e500_shadow_map_faultin_v612
+        return None
 
     def fault_release_bulk(self):
         """The x86 bulk fault releases after unlocking, by ``kvm_release_pfn_clean()`` (patch 40 "KVM:
@@ -97,7 +130,9 @@ class LegacyPolicy:
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused, gfn=gfn)
 
     def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
-        """pfncache before patch 29 "KVM: pfncache: Precisely track refcounted pages": ``kvm_release_pfn_clean(pfn)`` on retry and on success."""
+        """pfncache before patch 29 "KVM: pfncache: Precisely track refcounted pages" (and Book3S PR on a
+        32-bit host before patch 64 "KVM: PPC: Use kvm_faultin_pfn() to handle page faults on Book3s PR"):
+        ``kvm_release_pfn_clean(pfn)`` on retry and on success."""
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused)
 
     def release_prefetched(self, kvm, pfn, caller):
@@ -132,6 +167,18 @@ class LegacyPolicy:
         "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"."""
         from kvmsim.s390.vsie import unpin_guest_page_release_v612
         return unpin_guest_page_release_v612
+
+    def arch_ops(self, arch):
+        """PowerPC Book3S v6.12: HV / Radix never put a PG_reserved page (patch 60 "KVM: PPC: Use
+        __kvm_faultin_pfn() to handle page faults on Book3s HV", patch 61 "KVM: PPC: Use __kvm_faultin_pfn()
+        to handle page faults on Book3s Radix"), dcbz patching leaks a reference and dirties nothing (patch
+        73 "KVM: PPC: Remove extra get_page() to fix page refcount leak", patch 74 "KVM: PPC: Use
+        kvm_vcpu_map() to map guest memory to patch dcbz instructions"), uvmem takes any pfn (patch 78
+        "KVM: PPC: Explicitly require struct page memory for Ultravisor sharing")."""
+        if arch.startswith("ppc-book3s-"):
+            from kvmsim.ppc.book3s_ops import BOOK3S_V612
+            return BOOK3S_V612
+        return None
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """x86 pushed A/D from SPTE bits to the pfn when zapping/modifying/aging (removed by patch 8

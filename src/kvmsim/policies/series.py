@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 
+from kvmsim.arm64.mte import MteTagPageV613
 from kvmsim.kvm.fault import kvm_release_faultin_page, release_faultin_page_locked
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, kvm_release_page_clean,
                             kvm_release_page_dirty, kvm_release_page_unused)
@@ -15,6 +16,12 @@ from kvmsim.kvm.pfn import (KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_SIGPENDING, Hold, 
 class SeriesPolicy:
     name = "series"
     title = "v6.13: kvm_follow_pfn + kvm_release_faultin_page"
+
+    #: patch 56 "KVM: arm64: Use __kvm_faultin_pfn() to handle memory aborts": THP adjustment moves only
+    #: the pfn; the faulted-in page is released as is.
+    thp_adjust_refcount = None
+    #: patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags to/from userspace".
+    mte_tag_page = MteTagPageV613
 
     def reported_page(self, kfp):
         """patch 27 "KVM: Provide refcounted page as output field in struct kvm_follow_pfn": the page KVM holds, or NULL."""
@@ -43,12 +50,25 @@ class SeriesPolicy:
         x86/mmu: Add helper to "finish" handling a guest page fault", arm64 patch 56 "KVM: arm64: Use
         __kvm_faultin_pfn() to handle memory aborts", RISC-V patch 59 "KVM: RISC-V: Use kvm_faultin_pfn()
         when mapping pfns into the guest", LoongArch patch 68 "KVM: LoongArch: Use kvm_faultin_pfn() to map pfns
-        into the guest", MIPS patch 72 "KVM: MIPS: Use kvm_faultin_pfn() to map pfns into the guest"."""
+        into the guest", MIPS patch 72 "KVM: MIPS: Use kvm_faultin_pfn() to map pfns into the guest", Book3S PR patch 64 "KVM: PPC: Use
+        kvm_faultin_pfn() to handle page faults on Book3s PR".  Book3S HV / Radix keep their own ``set_page_dirty_lock()`` + ``put_page()``
+        after the unlock, on the refcounted page (:meth:`arch_ops`)."""
+        if arch in ("ppc-book3s-hv", "ppc-book3s-radix"):
+            return None, None, None
         return release_faultin_page_locked, None, None
 
     def fast_path_get_page(self, kvm, pfn, caller):
         """patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path": the fast
         path takes no reference."""
+        return None
+
+    def arch_faultin(self, arch):
+        """PPC e500's v6.13 pfn lookup: ``__kvm_faultin_pfn(slot, gfn, FOLL_WRITE, &writable, &page)`` for
+        every guest entry (patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" with
+        the v6.13-rc7 fixes 03b755b2aa48 and 55f4db79c4d9); every other arch takes the template's."""
+        if arch == "ppc-e500":
+            from kvmsim.ppc.e500_versions import kvmppc_e500_shadow_map_faultin
+            return kvmppc_e500_shadow_map_faultin
         return None
 
     def fault_release_bulk(self):
@@ -65,7 +85,8 @@ class SeriesPolicy:
                                  hold=kfp.hold if kfp is not None else Hold.NONE, caller=caller, gfn=gfn)
 
     def release_clean(self, kvm, pfn, kfp, *, caller, unused=False):
-        """pfncache / APIC page: patch 29 "KVM: pfncache: Precisely track refcounted pages"."""
+        """pfncache / APIC page: patch 29 "KVM: pfncache: Precisely track refcounted pages"; Book3S PR on a
+        32-bit host: patch 64 "KVM: PPC: Use kvm_faultin_pfn() to handle page faults on Book3s PR"."""
         page = kfp.refcounted_page if kfp is not None else None
         if unused:
             kvm_release_page_unused(kvm, page, kfp.hold if kfp else Hold.NONE, caller)
@@ -102,6 +123,17 @@ class SeriesPolicy:
         page" memory": ``kvm_release_page_dirty(pfn_to_page(hpa >> PAGE_SHIFT))``."""
         from kvmsim.s390.vsie import unpin_guest_page_release_v613
         return unpin_guest_page_release_v613
+
+    def arch_ops(self, arch):
+        """PowerPC Book3S v6.13: HV / Radix put the refcounted page (patch 60 "KVM: PPC: Use
+        __kvm_faultin_pfn() to handle page faults on Book3s HV", patch 61 "KVM: PPC: Use __kvm_faultin_pfn()
+        to handle page faults on Book3s Radix"), dcbz patching maps with kvm_vcpu_map() (patch 74 "KVM:
+        PPC: Use kvm_vcpu_map() to map guest memory to patch dcbz instructions"), uvmem needs a struct page
+        (patch 78 "KVM: PPC: Explicitly require struct page memory for Ultravisor sharing")."""
+        if arch.startswith("ppc-book3s-"):
+            from kvmsim.ppc.book3s_ops import BOOK3S_V613
+            return BOOK3S_V613
+        return None
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young", patch 65 "KVM: LoongArch: Mark "struct page" pfns dirty only in "slow" page fault path", patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page fault path" and patch 70 "KVM: MIPS: Mark "struct page" pfns accessed only in "slow" page fault path": no struct page is touched from a stage-2 PTE's pfn."""

@@ -33,7 +33,11 @@ def op_madvise(env, a):
 
 def op_mremap(env, a):
     v = env.vma(a["vma"])
-    new = yield from env.mm.mremap.steps(v["start"], v["size"])
+    to = a.get("to")
+    if to is not None:             # MREMAP_FIXED onto VMA ``to``: what is mapped there is unmapped first
+        to = env.vma(to)["start"]
+        yield from env.mm.munmap.steps(to, v["size"])
+    new = yield from env.mm.mremap.steps(v["start"], v["size"], to)
     v["start"] = new
     return Res("ok", value=new)
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from kvmsim.errors import ScenarioError
+from kvmsim.kvm.arch import ARCH_NAMES
 from kvmsim.mm.page import PfnClass
 from kvmsim.mm.vma import VmaKind
 from kvmsim.scenarios.spec import (
@@ -42,7 +43,7 @@ from kvmsim.scenarios.validate import (
 from kvmsim.types import parse_size
 from kvmsim.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
-POLICIES = ("legacy", "series", "pre-5.13")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1")
 REQUIRED = object()
 MEM_FLAGS = {"log_dirty_pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}  # the names a scenario may use
 #: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).
@@ -267,12 +268,14 @@ def c_mutations(v: Any) -> tuple[str, ...]:
 
 
 VM = {"policy": (c_policies, ("legacy", "series")),
-      "arch": (c_choice("x86", "arm64", "riscv", "loongarch", "mips", "s390", "generic"), "x86"),
+      "arch": (c_choice(*ARCH_NAMES), "x86"),
       "mmu": (c_choice("tdp", "shadow"), "tdp"), "pml": (c_bool, True), "manual_protect": (c_bool, False),
       "initially_set": (c_bool, False),
       "dirty_ring": (c_bounded(c_int, 0, 1 << 24, "a ring size in bytes"), 0), "v613_other": (c_bool, False),
       "allow_unsafe_mappings": (c_bool, False), "execution": (c_choice("hardware", "emulated"), "hardware"),
-      "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ())}
+      "vcpus": (c_bounded(c_int, 1, 64, "a vCPU count"), 1), "mutations": (c_mutations, ()),
+      "mte": (c_bool, False),
+      "ppc_pr_host": (c_choice("64-bit", "32-bit"), "64-bit")}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:
@@ -377,6 +380,8 @@ def scenario_from_dict(doc: Any, *, file: str = "<scenario>", text: str | None =
         sc.vmas.append(VmaSpec(**t, line=ctx.src.find(("vma", i))))
     names = [v.name for v in sc.vmas]
     vm = _table(ctx, ("vm",), top["vm"], VM)
+    if vm["mte"] and vm["arch"] != "arm64":
+        raise ctx.error(("vm", "mte"), f"mte = true (KVM_CAP_ARM_MTE) needs arch = \"arm64\", not {vm['arch']!r}")
     sc.vm = VmSpec(policies=vm.pop("policy"), **vm)
     for i, s in enumerate(_array(ctx, ("memslot",), top["memslot"])):
         t = _table(ctx, ("memslot", i), s, MEMSLOT)

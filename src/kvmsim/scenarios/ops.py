@@ -49,6 +49,9 @@ from kvmsim.scenarios.host_ops import (  # noqa: F401
     op_folio_referenced,
 )
 from kvmsim.scenarios.ops_s390 import S390_OP_ARGS, S390_OPS
+from kvmsim.scenarios.ops_arm64 import ARM64_OP_ARGS, ARM64_OPS
+from kvmsim.scenarios.ops_ppc_book3s import PPC_BOOK3S_OP_ARGS, PPC_BOOK3S_OPS
+from kvmsim.scenarios.ops_ppc_e500 import PPC_E500_OP_ARGS, PPC_E500_OPS
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
 
 
@@ -70,7 +73,7 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "munmap": _RANGE,
     "mprotect": {**_RANGE, "prot": (c_choice("rw", "r", "w", "none"), REQUIRED)},
     "madvise": {**_RANGE, "advice": (c_choice(*_MADVISE_ADVICE), REQUIRED)},
-    "mremap": {"vma": (c_str, REQUIRED)},
+    "mremap": {"vma": (c_str, REQUIRED), "to": (c_str, None)},
     "fork": {},
     "writeback": {"vma": (c_str, REQUIRED), "offset": (c_size, None)},
     "reclaim": _RANGE,
@@ -107,6 +110,9 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "vm_destroy": {},
     "interleave": {"threads": (c_any, REQUIRED), "order": (c_strlist, REQUIRED)},
     **S390_OP_ARGS,
+    **ARM64_OP_ARGS,
+    **PPC_BOOK3S_OP_ARGS,
+    **PPC_E500_OP_ARGS,
 }
 
 #: Ops that may be a thread of an ``interleave`` step (all but interleave itself).
@@ -387,13 +393,16 @@ OPS: dict[str, Callable] = {
     "pfncache_refresh": op_pfncache_refresh, "pfncache_write": op_pfncache_write,
     "pfncache_check": op_pfncache_check, "age": op_age, "vm_destroy": op_vm_destroy, "interleave": op_interleave,
     **S390_OPS,
+    **ARM64_OPS,
+    **PPC_BOOK3S_OPS,
+    **PPC_E500_OPS,
 }
 assert set(OPS) == set(OP_ARGS)
 
 
 #: Ops that run inside ``srcu_read_lock(&kvm->srcu)`` across their preemption points (a vCPU fault
 #: holds its memslot): KVM_SET_USER_MEMORY_REGION's ``synchronize_srcu_expedited()`` waits for them.
-SRCU_READERS = frozenset({"fault", "store"})
+SRCU_READERS = frozenset({"fault", "store", "tlbwe"})
 #: Ops that change the memslots and so wait for every SRCU reader (``kvm_swap_active_memslots()``).
 MEMSLOT_UPDATES = frozenset({"memslot_set", "memslot_delete", "memslot_move", "memslot_flags"})
 

@@ -116,8 +116,9 @@ def build(sc: Scenario, policy: str) -> Env:
         vmas[v.name] = {"start": vma.start, "size": v.size, "mapping": vma.mapping, "kind": v.kind,
                         "pgoff": vma.pgoff if vma.mapping is not None else 0}
     vm = sc.vm
+    arch_opts = {"host_bits": int(vm.ppc_pr_host[:2])} if vm.arch == "ppc-book3s-pr" else {}
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
-              allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution)
+              allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, **arch_opts)
     if vm.mutations:
         from kvmsim.explore.mutations import Mutations, install
         install(kvm, Mutations.parse(vm.mutations))
@@ -126,6 +127,9 @@ def build(sc: Scenario, policy: str) -> Env:
     if vm.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
                               | (KVM_DIRTY_LOG_INITIALLY_SET if vm.initially_set else 0))
+    if vm.mte:
+        from kvmsim.arm64.mte import kvm_vm_ioctl_enable_cap_mte
+        kvm_vm_ioctl_enable_cap_mte(kvm)
     for _ in range(vm.vcpus):
         kvm.create_vcpu()
     for s in sc.memslots:

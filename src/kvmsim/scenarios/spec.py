@@ -74,6 +74,8 @@ class VmSpec:
     execution: str = "hardware"
     vcpus: int = 1
     mutations: tuple[str, ...] = ()    # kvmsim.explore mutation switches (a safety mechanism turned off)
+    mte: bool = False                  # arm64 KVM_ENABLE_CAP(KVM_CAP_ARM_MTE) before the vCPUs
+    ppc_pr_host: str = "64-bit"        # Book3S PR: book3s_64_mmu_host.c or book3s_32_mmu_host.c
 
 
 @dataclass

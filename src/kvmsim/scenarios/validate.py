@@ -37,6 +37,11 @@ MODEL_COUNTERS = frozenset({
     "kvm_riscv_vcpu_mmio_store", "kvm_riscv_vcpu_mmio_load", "tlb_flush", "lockdep_warnings",
     "kvm_map_page_fast", "kvm_emu_mmio_read", "kvm_emu_mmio_write",                  # loongarch/
     "pte_mkyoung", "pte_mkdirty", "kvm_mips_emulate_load", "kvm_mips_emulate_store",  # mips/
+    # stage-2 blocks and MTE (arm64/, riscv/)
+    "stage2_block_pmd", "stage2_block_pud", "thp_adjust", "gstage_block_pmd", "gstage_block_pud",
+    "gstage_block_fault", "kvm_vm_ioctl_mte_copy_tags", "mte_clear_page_tags", "mte_copy_tags_to_user",
+    "mte_copy_tags_from_user",
+    "tlbwe", "guest_dsi", "kvmppc_e500_tlb1_pfnmap", "kvmppc_mmu_map_no_shadow", "kvmppc_mmu_map_ref_valid",  # ppc/
     # generic KVM (kvm/)
     "hva_to_pfn", "kvm_vcpu_map", "host_map_access", "gpc_invalidate", "gpc_refresh", "gpc_refresh_kept",
     "gpc_refresh_error", "gpc_refresh_retry", "mark_page_dirty_in_slot", "get_dirty_log", "clear_dirty_log",
@@ -46,6 +51,10 @@ MODEL_COUNTERS = frozenset({
     "mmu_notifier_invalidate", "gup_fast", "gup_slow", "follow_pfnmap", "page_free", "premature_free",
     "uaf", "refcount_underflow", "writeback_folio", "data_lost", "reclaimed", "migrate_busy", "migrated",
     "thp_split", "thp_collapse",
+    # PowerPC Book3S (ppc/)
+    "kvmppc_hv_emulate_mmio", "kvmppc_core_queue_data_storage", "kvmppc_emulate_mmio", "hpte_cache_alloc_failed",
+    "kvmppc_mmu_pte_flush_all", "kvmppc_mmu_map_page_no_pfn", "uv_page_in", "uv_page_in_no_struct_page",
+    "kvmppc_gfn_shared", "kvmppc_xive_native_set_queue_config_no_page",
 }) | frozenset(DERIVED_COUNTERS)
 
 #: Counter families ``<prefix>:<kernel function or reason>``.
@@ -183,6 +192,8 @@ def _check_refs(sc: Scenario, err, path: tuple, step: Step, names: _Names, extra
     vmas = {v.name: v for v in sc.vmas}
     if "vma" in a and a["vma"] not in vmas:
         raise err(path + ("vma",), f"no [[vma]] named {a['vma']!r} (have: {', '.join(vmas) or 'none'})")
+    if a.get("to") is not None and a["to"] not in vmas:
+        raise err(path + ("to",), f"no [[vma]] named {a['to']!r} (have: {', '.join(vmas) or 'none'})")
     if step.op in NEEDS_MAPPING and vmas[a["vma"]].kind not in MAPPED_KINDS:
         raise err(path + ("vma",), f"{step.op} needs a VMA with a file mapping (kind {', '.join(sorted(MAPPED_KINDS))}); "
                                    f"{a['vma']!r} is {vmas[a['vma']].kind}")

@@ -40,15 +40,14 @@ def test_the_other_arches_resolve_no_arch_ops_and_keep_their_releases():
 
 
 def test_the_optional_template_hooks_exist_only_on_book3s_pr():
-    """``fault_faultin`` / ``fault_before_lock`` are read with a default: on x86, arm64 and RISC-V they are
-    None (set on the class, so the fault path's ``getattr`` does not raise), so their faults run exactly
-    the generic faultin and take the lock straight away."""
+    """``fault_faultin`` / ``fault_before_lock`` are read with a default: x86, arm64 and RISC-V do not
+    define them, so their faults run exactly the generic faultin and take the lock straight away."""
     from kvmsim.arm64 import Arm64Mmu
     from kvmsim.ppc import Book3sHvMmu, Book3sPrMmu, Book3sRadixMmu
     from kvmsim.riscv import RiscvMmu
     from kvmsim.x86.mmu import X86Mmu
     for cls in (X86Mmu, Arm64Mmu, RiscvMmu, Book3sHvMmu, Book3sRadixMmu):
-        assert getattr(cls, "fault_faultin", None) is None and getattr(cls, "fault_before_lock", None) is None, cls
+        assert not hasattr(cls, "fault_faultin") and not hasattr(cls, "fault_before_lock"), cls
     assert callable(Book3sPrMmu.fault_faultin) and callable(Book3sPrMmu.fault_before_lock)
 
 

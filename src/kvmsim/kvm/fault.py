@@ -19,9 +19,7 @@ supplies the hooks (class attributes and methods of its MMU):
   (x86 ``is_page_fault_stale()`` also retries on an obsolete root, a memslot being deleted or moved);
 * ``handle_error_pfn(pfn)``, ``fault_map(fault)``, ``fault_unused(fault)``, ``fault_after_unlock(fault)``
   (None: nothing after the unlock);
-* optional, None on x86 / arm64 / RISC-V (a class may also leave them out; setting them to None keeps
-  the template's ``getattr()`` from raising and catching an AttributeError on every fault):
-  ``fault_faultin(fault)``, the arch's own pfn resolution in
+* optional, absent on x86 / arm64 / RISC-V: ``fault_faultin(fault)``, the arch's own pfn resolution in
   place of :func:`kvm_faultin_pfn` (PowerPC Book3S PR ``kvmppc_gpa_to_pfn()``, which serves the magic
   page itself), and ``fault_before_lock(fault)``, what the arch does between the faultin and taking
   ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``).

@@ -131,8 +131,6 @@ class GenericStage2:
     fault_stale_invalid_slot = False
     handle_error_pfn = staticmethod(kvm_handle_error_pfn)
     fault_after_unlock = None
-    fault_faultin = None              # optional hooks unused here (None, not absent: no AttributeError per fault)
-    fault_before_lock = None
     emulate = None
 
     def fault_map(self, fault: KvmPageFault) -> int:

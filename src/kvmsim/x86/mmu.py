@@ -240,8 +240,6 @@ class X86Mmu:
     fault_stale_invalid_slot = True   # ... or an obsolete root (the memslot is being deleted or moved)
     handle_error_pfn = staticmethod(kvm_handle_error_pfn)
     fault_after_unlock = None
-    fault_faultin = None              # optional hooks unused here (None, not absent: no AttributeError per fault)
-    fault_before_lock = None
 
     fault_map = kvm_tdp_mmu_map
 

@@ -19,6 +19,7 @@ from kvmsim.mm.gup import (FOLL, FollowPfnmapArgs, fixup_user_fault, follow_pfnm
 from kvmsim.mm.fault import access_permitted
 from kvmsim.mm.vma import VM
 from kvmsim.trace import Src
+from kvmsim.uapi import KVM_MEM_READONLY, KVM_MEMSLOT_INVALID
 
 # include/linux/kvm_host.h
 KVM_PFN_ERR_MASK = 0x7FF << 52
@@ -86,10 +87,14 @@ class KvmFollowPfn:
 
 
 def gfn_to_hva_memslot_prot(slot, gfn: int, write: bool) -> int:
-    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO."""
-    if slot is None or slot.invalid:
+    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO (one
+    read of ``slot->flags``, as the kernel tests ``KVM_MEMSLOT_INVALID`` and ``memslot_is_readonly()``)."""
+    if slot is None:
         return KVM_HVA_ERR_BAD
-    if write and slot.readonly:
+    flags = int(slot.flags)
+    if flags & KVM_MEMSLOT_INVALID:
+        return KVM_HVA_ERR_BAD
+    if write and flags & KVM_MEM_READONLY:
         return KVM_HVA_ERR_RO_BAD
     return slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
 

@@ -217,6 +217,9 @@ class KPath:
 
     def __init__(self, fn: Callable[..., Steps]):
         self._fn = fn
+        #: ``steps(...)``: the generator, for ``yield from`` (the generator function itself: a
+        #: forwarding method would cost the fault path a call per step entered).
+        self.steps = fn
         self._attr: str | None = None                # the class attribute it is bound under
         functools.update_wrapper(self, fn)
 
@@ -225,9 +228,6 @@ class KPath:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return drive(self._fn(*args, **kwargs))
-
-    def steps(self, *args: Any, **kwargs: Any) -> Steps:
-        return self._fn(*args, **kwargs)
 
     def __get__(self, obj: Any, objtype: Any = None) -> Any:
         if obj is None:
@@ -244,17 +244,15 @@ class KPath:
 
 
 class _BoundKPath:
-    __slots__ = ("_fn", "_obj")
+    __slots__ = ("_fn", "_obj", "steps")
 
     def __init__(self, fn: Callable[..., Steps], obj: Any):
         self._fn = fn
         self._obj = obj
+        self.steps = functools.partial(fn, obj)      # the generator for ``yield from``, bound to ``obj``
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return drive(self._fn(self._obj, *args, **kwargs))
-
-    def steps(self, *args: Any, **kwargs: Any) -> Steps:
-        return self._fn(self._obj, *args, **kwargs)
 
 
 def kpath(fn: Callable[..., Steps]) -> KPath:

@@ -7,7 +7,7 @@ import pytest
 from kvmsim.errors import EHWPOISON, ModelError
 from kvmsim.mm.gup import FOLL, get_user_page_fast_only, get_user_pages_unlocked
 from kvmsim.mm.host import Host
-from kvmsim.mm.page import GUP_PIN_COUNTING_BIAS, PfnClass
+from kvmsim.mm.page import GUP_PIN_COUNTING_BIAS, PG, PfnClass
 from kvmsim.mm.reclaim import folio_referenced, migrate_page, punch_hole, reclaim, thp_collapse, thp_split, writeback
 from kvmsim.mm.vma import Pte, VmaKind
 
@@ -69,6 +69,20 @@ def test_freed_page_use_is_reported(host):
     host.phys.put_page(pfn, "t")
     host.phys.SetPageDirty(pfn, "late", kvm=True)
     assert any(f.kind == "uaf" and f.caller == "late" for f in host.journal.facts)
+
+
+def test_has_freed_pages_follows_the_poisoned_pages(host):
+    """The range paths skip the use-after-free flag check while no page is freed: the answer must be
+    exactly "some page is poisoned", through a freed folio and its reuse page by page."""
+    phys = host.phys
+    poisoned = lambda: bool((phys.flags[:phys.nr] & int(PG.poisoned)).any())     # noqa: E731
+    head = phys.alloc(1)
+    assert not phys.has_freed_pages() and not poisoned()
+    phys.put_page(head, "t")                         # an order-1 folio: two freed pages
+    assert phys.has_freed_pages() and poisoned()
+    reused = [phys.alloc(), phys.alloc()]
+    assert sorted(reused) == [head, head + 1]
+    assert not phys.has_freed_pages() and not poisoned()
 
 
 def test_gup_return_codes(host):

@@ -111,6 +111,30 @@ def test_every_citation_quotes_the_exact_title():
     assert bad == []
 
 
+def bare_patch_numbers(text: str) -> list[int]:
+    """Each ``patch N`` in ``text`` that is not followed by patch N's exact title in quotes."""
+    titles = _titles()
+    flat = re.sub(r"\s*\n\s*", " ", text)
+    return [int(m.group(1)) for m in re.finditer(r"\b[Pp]atch (\d+)", flat)
+            if not flat[m.end():].lstrip(",").startswith(f' "{titles.get(int(m.group(1)), "?")}"')]
+
+
+def test_policies_and_resolved_hooks_never_cite_a_patch_by_number_alone():
+    """Every ``patch N`` in policies/*.py, and in each hook ``resolve()`` hands the model, names the
+    patch's exact title too (issue 12: "each citing its patch by number and exact title")."""
+    from kvmsim.kvm.arch import ARCH_NAMES
+    from kvmsim.policies import get_policy, resolve
+    assert bare_patch_numbers('until patch 8; and patch 40 "x"') == [8, 40]
+    bad = [f"policies/{p.name}: patch {n}" for p in sorted((SRC / "policies").glob("*.py"))
+           for n in bare_patch_numbers(p.read_text())]
+    for policy in (get_policy(name) for name in ("legacy", "series", "series-rc1", "pre-5.13")):
+        for arch in ARCH_NAMES:
+            for hook in vars(resolve(policy, arch)).values():
+                if callable(hook) and getattr(hook, "__module__", "").startswith("kvmsim."):
+                    bad += [f"{hook.__qualname__}: patch {n}" for n in bare_patch_numbers(hook.__doc__ or "")]
+    assert bad == []
+
+
 def test_every_policy_hook_cites_a_patch():
     """Each public hook of each policy, and each release it resolves, cites at least one patch by number
     and exact title (pre-5.13 cites the CVE-2021-22543 fix commit)."""

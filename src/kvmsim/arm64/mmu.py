@@ -67,8 +67,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvmsim.errors import ModelError, UsageError
-from kvmsim.kvm.fault import FaultRet, KvmPageFault, abort_error_pfn, kvm_stage2_fault
-from kvmsim.kvm.pfn import Hold, kvm_acquired, kvm_release_pfn
+from kvmsim.kvm.fault import FaultRet, KvmPageFault, abort_error_pfn, kvm_fault_memslot, kvm_stage2_fault
+from kvmsim.kvm.pfn import Hold, gfn_to_hva_memslot_prot, kvm_acquired, kvm_release_pfn
 from kvmsim.kvm.stage2 import LEAF_PAGES, S2, GenericStage2
 from kvmsim.mm.vma import VM, Pte
 from kvmsim.sched import Steps, kpath
@@ -210,10 +210,8 @@ class Arm64Mmu(GenericStage2):
         Access flag clear an Access-flag fault, a valid leaf without S2AP_W a permission fault.
         """
         kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        slot = kvm.gfn_to_memslot(gfn)
-        kvm.journal.count("page_fault")
-        if slot is None or slot.invalid or (write and slot.readonly):
+        gfn, slot = kvm_fault_memslot(kvm, gpa)
+        if gfn_to_hva_memslot_prot(slot, gfn, write) < 0:     # kvm_is_error_hva() || (write && !writable)
             kvm.journal.count("io_mem_abort")
             return FaultRet.EMULATE
         pfns, bits = self._tables(slot)

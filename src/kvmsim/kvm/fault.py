@@ -45,7 +45,7 @@ from enum import IntEnum
 
 from kvmsim.errors import EHWPOISON
 from kvmsim.kvm.pfn import (KVM_PFN_ERR_HWPOISON, KVM_PFN_ERR_NEEDS_IO, KVM_PFN_ERR_RO_FAULT, KVM_PFN_ERR_SIGPENDING,
-                            Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_pfn_to_refcounted_page,
+                            Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn,
                             kvm_release_page_clean, kvm_release_page_dirty, kvm_release_page_unused, kvm_release_pfn,
                             kvm_set_pfn_accessed, kvm_set_pfn_dirty)
 from kvmsim.kvm.async_pf import kvm_arch_setup_async_pf, kvm_can_do_async_pf
@@ -122,6 +122,15 @@ def ret_to_access(r: int, gpa: int, write: bool, value) -> Access | None:
     return None
 
 
+def kvm_fault_memslot(kvm, gpa: int) -> tuple[int, object]:
+    """The start of an arch's stage-2 fault handler: the fault counted (``page_fault``), its gfn and
+    ``gfn_to_memslot()`` (None: no memslot).  arm64 ``kvm_handle_guest_abort()`` and RISC-V
+    ``gstage_page_fault()`` then test ``gfn_to_hva_memslot_prot()`` for an MMIO exit."""
+    gfn = gpa >> PAGE_SHIFT
+    kvm.journal.count("page_fault")
+    return gfn, kvm.gfn_to_memslot(gfn)
+
+
 #: Guest re-entries for one access that make no progress before the model reports a livelock.  The
 #: kernel never turns RET_PF_RETRY into an error: x86 ``kvm_mmu_page_fault()`` returns 1 and
 #: ``vcpu_enter_guest()`` re-enters; arm64 ``user_mem_abort()`` returns 0 for -EAGAIN and
@@ -144,24 +153,37 @@ def livelock_access(kvm, gpa: int, write: bool, value) -> Access:
     return Access(Exit.LIVELOCK, gpa, write, value)
 
 
-def kvm_guest_access(mmu, vcpu, gpa: int, write: bool, value: int | None) -> Access:
+def kvm_guest_access(mmu, vcpu, gpa: int, write: bool, value: int | None, *, translate=None,
+                     guest_fault=None) -> Access:
     """A guest load/store (``vcpu_enter_guest()`` / ``kvm_arch_vcpu_ioctl_run()`` re-entering on
     RET_PF_RETRY): through the leaf if the arch's ``leaf_access`` lets it (it returns the pfn, having
     set what hardware sets), else the arch's stage-2 fault; ``emulate`` is what the arch does with
-    RET_PF_EMULATE (x86 ``x86_emulate_instruction()``), None for an MMIO exit."""
+    RET_PF_EMULATE (x86 ``x86_emulate_instruction()``), None for an MMIO exit.
+
+    An access by guest virtual address (x86 indirect shadow paging) passes ``translate(vcpu, gva,
+    write) -> pfn | None`` (the hardware walk through the shadow page tables) in place of the memslot
+    and leaf lookup, and ``guest_fault(vcpu, gva, write, value) -> Access | None``, the exception the guest's
+    own page tables raise before any KVM fault."""
     kvm = mmu.kvm
     gfn = gpa >> PAGE_SHIFT
     stuck = None
     leaf_access, page_fault, emulate = mmu.leaf_access, mmu.page_fault, mmu.emulate
     for _ in range(RETRY_LIVELOCK_BOUND):
-        slot = kvm.gfn_to_memslot(gfn)
-        if slot is not None and not slot.invalid:
-            pfn = leaf_access(vcpu, slot, gfn - slot.base_gfn, write)
-            if pfn is not None:
-                if write:
-                    kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
-                    return Access(Exit.OK, gpa, True, value)
-                return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
+        if translate is None:
+            slot = kvm.gfn_to_memslot(gfn)
+            pfn = leaf_access(vcpu, slot, gfn - slot.base_gfn, write) \
+                if slot is not None and not slot.invalid else None
+        else:
+            pfn = translate(vcpu, gpa, write)
+        if pfn is not None:
+            if write:
+                kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
+                return Access(Exit.OK, gpa, True, value)
+            return Access(Exit.OK, gpa, False, kvm.phys.read(pfn, "guest read", kvm=True))
+        if guest_fault is not None:
+            out = guest_fault(vcpu, gpa, write, value)
+            if out is not None:
+                return out
         r = page_fault(vcpu, gpa, write)
         if r == FaultRet.EMULATE and emulate is not None:
             return emulate(vcpu, gpa, write, value)
@@ -303,13 +325,10 @@ def kvm_release_faultin_page(kvm, page: int | None, unused: bool, dirty: bool, *
 
 
 def kvm_release_pfn_clean_guess(kvm, pfn: int, kfp, *, unused: bool, caller: str, gfn: int | None = None) -> None:
-    """v6.12 ``kvm_release_pfn_clean(pfn)``: guess the page with ``kvm_pfn_to_refcounted_page()``, mark
-    it accessed and put it; a page KVM holds that the guess calls not refcounted is journalled as a leak."""
-    page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
-    if page is None and kfp is not None and kfp.held is not None:
-        kvm.journal.fact("guess_mismatch", pfn=pfn, caller=caller, kvm=True,
-                         detail="kvm_pfn_to_refcounted_page() says not refcounted, but KVM holds a reference: leak")
-    kvm_release_pfn(kvm, pfn, False, caller, unused=unused, gfn=gfn)
+    """v6.12 ``kvm_release_pfn_clean(pfn)`` of a faulted-in pfn: guess the page with
+    ``kvm_pfn_to_refcounted_page()``, mark it accessed and put it; a page KVM holds that the guess
+    calls not refcounted is journalled as a leak."""
+    kvm_release_pfn(kvm, pfn, False, caller, unused=unused, gfn=gfn, kfp=kfp)
 
 
 def _held_src(kfp) -> Src:
@@ -335,9 +354,10 @@ def release_faultin_page_locked(kvm, mmu, fault: KvmPageFault) -> None:
 
 def release_pfn_clean_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:
     """v6.12 x86 (and the generic stage-2): ``kvm_release_pfn_clean(fault->pfn)`` after unlocking, on
-    every outcome, RETRY included; never dirty (SPTE D bits carried that until patch 8)."""
-    kvm_release_pfn_clean_guess(kvm, fault.pfn, fault.kfp, unused=mmu.fault_unused(fault),
-                                caller="kvm_release_pfn_clean", gfn=fault.gfn)
+    every outcome, RETRY included; never dirty (SPTE D bits carried that until patch 8 "KVM: x86/mmu: Mark
+    folio dirty when creating SPTE, not when zapping/modifying")."""
+    kvm_release_pfn(kvm, fault.pfn, False, "kvm_release_pfn_clean", unused=mmu.fault_unused(fault), gfn=fault.gfn,
+                    kfp=fault.kfp)
 
 
 def user_mem_abort_v612_after_unlock(kvm, mmu, fault: KvmPageFault) -> None:

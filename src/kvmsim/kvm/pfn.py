@@ -19,6 +19,7 @@ from kvmsim.mm.gup import (FOLL, FollowPfnmapArgs, fixup_user_fault, follow_pfnm
 from kvmsim.mm.fault import access_permitted
 from kvmsim.mm.vma import VM
 from kvmsim.trace import Src
+from kvmsim.uapi import KVM_MEM_READONLY, KVM_MEMSLOT_INVALID
 
 # include/linux/kvm_host.h
 KVM_PFN_ERR_MASK = 0x7FF << 52
@@ -86,10 +87,14 @@ class KvmFollowPfn:
 
 
 def gfn_to_hva_memslot_prot(slot, gfn: int, write: bool) -> int:
-    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO."""
-    if slot is None or slot.invalid:
+    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO (one
+    read of ``slot->flags``, as the kernel tests ``KVM_MEMSLOT_INVALID`` and ``memslot_is_readonly()``)."""
+    if slot is None:
         return KVM_HVA_ERR_BAD
-    if write and slot.readonly:
+    flags = int(slot.flags)
+    if flags & KVM_MEMSLOT_INVALID:
+        return KVM_HVA_ERR_BAD
+    if write and flags & KVM_MEM_READONLY:
         return KVM_HVA_ERR_RO_BAD
     return slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
 
@@ -245,25 +250,44 @@ def _drop(kvm, page: int, hold: Hold, caller: str, source: Src) -> None:
         kvm.phys.put_page(page, caller, kvm=True, source=source)
 
 
+def _release_page(kvm, page: int, hold: Hold, caller: str, source: Src, *, dirty: bool, unused: bool = False,
+                  gfn: int | None = None) -> None:
+    """The body of ``kvm_release_page_dirty()`` / ``kvm_release_page_clean()`` with the static helpers
+    inlined: ``kvm_set_page_dirty()`` (SetPageDirty if ``kvm_is_ad_tracked_page()``),
+    ``kvm_set_page_accessed()`` (mark_page_accessed likewise), then ``put_page()`` (``unpin_user_page()``
+    for a pin).  What the model keeps beside the kernel -- the ghost ledger (:func:`kvm_dropped`) and
+    whether ``mmu_lock`` is held, for the facts -- is settled first, so the struct-page operations are
+    one run of ``mm`` calls, as in the kernel."""
+    phys = kvm.phys
+    kvm_dropped(kvm, page, hold, caller)
+    locked = _locked(kvm)
+    if kvm_is_ad_tracked_page(phys, page):
+        if dirty:
+            phys.SetPageDirty(page, caller, kvm=True, source=source, locked=locked, gfn=gfn)
+        phys.mark_page_accessed(page, caller, kvm=True, source=source, locked=locked, unused=unused, gfn=gfn)
+    if hold == Hold.PIN:
+        phys.unpin_user_page(page, caller, kvm=True)
+    else:
+        phys.put_page(page, caller, kvm=True, source=source)
+
+
 def kvm_release_page_clean(kvm, page: int | None, hold: Hold, caller: str, *, source: Src = Src.HELD,
                            unused: bool = False, gfn: int | None = None) -> None:
-    """``kvm_release_page_clean()``: mark accessed (if not reserved), then put."""
+    """``kvm_release_page_clean()``: ``kvm_set_page_accessed()`` (mark accessed if not reserved), then
+    ``put_page()``."""
     if page is None:
         return
-    if kvm_is_ad_tracked_page(kvm.phys, page):
-        kvm.phys.mark_page_accessed(page, caller, kvm=True, source=source, locked=_locked(kvm),
-                                    unused=unused, gfn=gfn)
-    _drop(kvm, page, hold, caller, source)
+    _release_page(kvm, page, hold, caller, source, dirty=False, unused=unused, gfn=gfn)
 
 
 def kvm_release_page_dirty(kvm, page: int | None, hold: Hold, caller: str, *, source: Src = Src.HELD,
                            gfn: int | None = None) -> None:
-    """``kvm_release_page_dirty()``: SetPageDirty (if not reserved), then a clean release."""
+    """``kvm_release_page_dirty()``: ``kvm_set_page_dirty()`` (SetPageDirty if not reserved), then
+    ``kvm_release_page_clean()`` -- inlined here, as the v6.13.7 build inlines it (the oracle's model
+    kprobes count a v6.12 ``kvm_release_page_dirty()`` as a ``kvm_release_page_clean()`` call too)."""
     if page is None:
         return
-    if kvm_is_ad_tracked_page(kvm.phys, page):
-        kvm.phys.SetPageDirty(page, caller, kvm=True, source=source, locked=_locked(kvm), gfn=gfn)
-    kvm_release_page_clean(kvm, page, hold, caller, source=source, gfn=gfn)
+    _release_page(kvm, page, hold, caller, source, dirty=True, gfn=gfn)
 
 
 def kvm_pfn_to_refcounted_page(phys, pfn: int) -> int | None:
@@ -298,12 +322,17 @@ def kvm_set_pfn_accessed(kvm, pfn: int, caller: str, *, source: Src = Src.SPTE, 
 
 
 def kvm_release_pfn(kvm, pfn: int, dirty: bool, caller: str, *, unused: bool = False,
-                    gfn: int | None = None) -> None:
-    """Legacy ``kvm_release_pfn_clean/dirty()``: guess the page from the pfn, then release it."""
+                    gfn: int | None = None, kfp: KvmFollowPfn | None = None) -> None:
+    """Legacy ``kvm_release_pfn_clean/dirty()``: guess the page from the pfn, then release it.  With
+    the fault's ``kfp`` (ghost state), a page KVM holds that the guess calls not refcounted is
+    journalled as a leak."""
     if is_error_noslot_pfn(pfn):
         return
     page = kvm_pfn_to_refcounted_page(kvm.phys, pfn)
     if page is None:
+        if kfp is not None and kfp.held is not None:
+            kvm.journal.fact("guess_mismatch", pfn=pfn, caller=caller, kvm=True,
+                             detail="kvm_pfn_to_refcounted_page() says not refcounted, but KVM holds a reference: leak")
         return
     if dirty:
         kvm_set_pfn_dirty(kvm, page, caller, source=Src.GUESS, gfn=gfn)

@@ -15,27 +15,28 @@ from kvmsim.mm.page import PG
 from kvmsim.trace import Src
 
 
-def _tracked(kvm, pfns: np.ndarray) -> np.ndarray:
-    """``kvm_is_ad_tracked_page()`` plus ``!is_error_noslot_pfn()``, vectorised; uaf pfns go scalar."""
-    phys = kvm.phys
-    pfns = np.asarray(pfns, dtype=np.int64)
-    ok = (pfns > 0) & (pfns < phys.nr)
-    pfns = pfns[ok]
-    pfns = pfns[(phys.flags[pfns] & int(PG.reserved)) == 0]
-    return pfns
+_RESERVED, _POISONED = int(PG.reserved), int(PG.poisoned)
 
 
 def _live(kvm, pfns, scalar_op, caller: str, source: Src) -> np.ndarray:
-    """The A/D-tracked pfns that are not freed; freed ones go through ``scalar_op`` so each use after
-    free is reported exactly as the scalar path reports it."""
+    """The pfns ``kvm_is_ad_tracked_page()`` accepts (valid, not PG_reserved; error pfns dropped as
+    ``is_error_noslot_pfn()`` does) that are not freed; freed ones go through ``scalar_op`` so each use
+    after free is reported exactly as the scalar path reports it.  One read of the page flags; no
+    copy when every pfn is a live, tracked page (the common case)."""
     phys = kvm.phys
-    pfns = _tracked(kvm, pfns)
+    pfns = np.asarray(pfns, dtype=np.int64)
     if not len(pfns):
         return pfns
-    poisoned = (phys.flags[pfns] & int(PG.poisoned)) != 0
-    for pfn in pfns[poisoned]:
-        scalar_op(int(pfn), caller, kvm=True, source=source, locked=kvm.mmu_lock.held())
-    return pfns[~poisoned]
+    if pfns.min() <= 0 or pfns.max() >= phys.nr:
+        pfns = pfns[(pfns > 0) & (pfns < phys.nr)]
+    flags = phys.flags[pfns]
+    if not (flags & (_RESERVED | _POISONED)).any():
+        return pfns
+    tracked = (flags & _RESERVED) == 0
+    poisoned = tracked & ((flags & _POISONED) != 0)
+    for pfn in pfns[poisoned].tolist():
+        scalar_op(pfn, caller, kvm=True, source=source, locked=kvm.mmu_lock.held())
+    return pfns[tracked & ~poisoned]
 
 
 def set_page_dirty_bulk(kvm, pfns, caller: str, source: Src, gfns=None) -> None:

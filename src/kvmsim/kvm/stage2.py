@@ -24,10 +24,11 @@ from typing import Iterator
 import numpy as np
 
 from kvmsim.kvm.arch import Leaf
-from kvmsim.kvm.fault import FaultRet, KvmPageFault, kvm_guest_access, kvm_handle_error_pfn, kvm_stage2_fault
+from kvmsim.kvm.fault import (FaultRet, KvmPageFault, kvm_fault_memslot, kvm_guest_access, kvm_handle_error_pfn,
+                              kvm_stage2_fault)
 from kvmsim.kvm.pfn import Hold
 from kvmsim.sched import Steps, kpath
-from kvmsim.types import PAGE_SHIFT, PAGES_PER_PMD, PAGES_PER_PUD
+from kvmsim.types import PAGES_PER_PMD, PAGES_PER_PUD
 
 
 class S2(IntFlag):
@@ -145,10 +146,7 @@ class GenericStage2:
     @kpath
     def page_fault(self, vcpu, gpa: int, write: bool, exec: bool = False) -> Steps:
         """The common fault: slot checks, then :func:`kvmsim.kvm.fault.kvm_stage2_fault`."""
-        kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        slot = kvm.gfn_to_memslot(gfn)
-        kvm.journal.count("page_fault")
+        gfn, slot = kvm_fault_memslot(self.kvm, gpa)
         if slot is None:
             return FaultRet.EMULATE                                # MMIO: no memslot
         if slot.invalid:

@@ -224,6 +224,12 @@ class PhysMem:
         else:
             self._free.extend(range(head + n - 1, head - 1, -1))
 
+    def has_freed_pages(self) -> bool:
+        """Whether some page is freed and not handed out again (PG_poisoned): freed order-0 pages wait
+        in the free list until reused, and reuse clears the flag.  A range path checks the page flags
+        for a use after free only when this is true."""
+        return bool(self._free)
+
     def owner_can_writeback(self, pfn: int) -> bool:
         obj = self.owners.get(int(self.owner[pfn]))
         return bool(getattr(obj, "can_writeback", False))

@@ -12,7 +12,8 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``series-only`` - the series on a v6.12 base: ``series`` without the other 6.13 MMU changes
   (:mod:`kvmsim.policies.series_only`)
 * ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
-  whose patch 54 passed a NULL ``writable`` (:mod:`kvmsim.policies.series_rc1`)
+  whose patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" passed a NULL
+  ``writable`` (:mod:`kvmsim.policies.series_rc1`)
 """
 
 from __future__ import annotations

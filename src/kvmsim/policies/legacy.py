@@ -103,7 +103,8 @@ class LegacyPolicy:
     def release_faultin(self, kvm, pfn, kfp, *, unused, dirty, caller, gfn=None):
         """``kvm_release_pfn_clean(pfn)`` after unlock for every outcome, RETRY included (patch 48 "KVM: x86/mmu: Don't mark unused faultin pages as accessed"
         changed that); never dirty (x86 captured D from
-        SPTEs at zap time until patch 8; arm64 called ``kvm_set_pfn_dirty()`` itself just before, also
+        SPTEs at zap time until patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when
+        zapping/modifying"; arm64 called ``kvm_set_pfn_dirty()`` itself just before, also
         after unlocking, until patch 55 "KVM: arm64: Mark "struct page" pfns accessed/dirty before
         dropping mmu_lock")."""
         self._release_by_guess(kvm, pfn, kfp, dirty=False, caller=caller, unused=unused, gfn=gfn)

@@ -55,7 +55,7 @@ import numpy as np
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.fault import (RETRY_LIVELOCK_BOUND, FaultRet, KvmPageFault, _held_src, kvm_stage2_fault,
                               livelock_access, ret_to_access)
-from kvmsim.kvm.pfn import Hold, KvmFollowPfn, _kvm_faultin_pfn, is_error_noslot_pfn, kvm_set_pfn_accessed, \
+from kvmsim.kvm.pfn import Hold, KvmFollowPfn, _kvm_faultin_pfn, kvm_set_pfn_accessed, \
     kvm_set_pfn_dirty
 from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.mm.gup import FOLL

@@ -61,15 +61,14 @@ takes a guest page fault and goes through ``kvm_riscv_gstage_map()`` again (Svad
 from __future__ import annotations
 
 import errno
+from dataclasses import dataclass
 
 import numpy as np
 
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-from kvmsim.kvm.fault import FaultRet, KvmPageFault, abort_error_pfn, kvm_stage2_fault
-from kvmsim.kvm.pfn import Hold
-from dataclasses import dataclass
-
+from kvmsim.kvm.fault import FaultRet, KvmPageFault, abort_error_pfn, kvm_fault_memslot, kvm_stage2_fault
+from kvmsim.kvm.pfn import Hold, gfn_to_hva_memslot_prot
 from kvmsim.kvm.stage2 import LEAF_PAGES, S2, GenericStage2
 from kvmsim.mm.vma import VM
 from kvmsim.sched import Steps, kpath
@@ -152,10 +151,8 @@ class RiscvMmu(GenericStage2):
         non-writable one, is MMIO (``kvm_riscv_vcpu_mmio_load/store()``); otherwise
         ``kvm_riscv_gstage_map(vcpu, memslot, fault_addr, hva, scause == EXC_STORE_GUEST_PAGE_FAULT)``."""
         kvm = self.kvm
-        gfn = gpa >> PAGE_SHIFT
-        slot = kvm.gfn_to_memslot(gfn)
-        kvm.journal.count("page_fault")
-        if slot is None or slot.invalid or (write and slot.readonly):
+        gfn, slot = kvm_fault_memslot(kvm, gpa)
+        if gfn_to_hva_memslot_prot(slot, gfn, write) < 0:     # kvm_is_error_hva() || (write && !writable)
             kvm.journal.count("kvm_riscv_vcpu_mmio_store" if write else "kvm_riscv_vcpu_mmio_load")
             return FaultRet.EMULATE
         r = yield from self.kvm_riscv_gstage_map.steps(vcpu, slot, gpa, write)

@@ -95,7 +95,8 @@ def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     PROT_NONE, and a valid page that is not freed.  Returns (ok, pfn)."""
     ok = ((pte & (_HP | _HW | _HS | _HPN)) == (_HP | _HW)) & (p > 0)
     ok[ok] &= (p[ok] < kvm.phys.nr)
-    ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
+    if kvm.phys.has_freed_pages():
+        ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
     return ok, p
 
 
@@ -173,7 +174,8 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
             ready[:] = False            # the shadow MMU's fault prefetches (direct_pte_prefetch): scalar
         if ready.any():
             mmu_seq = kvm.mmu_invalidate_seq                  # kvm_mmu_faultin_pfn(): the snapshot
-            ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
+            if kvm.mmu_invalidate_in_progress:                # (just snapshotted: only a range can retry)
+                ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
         if ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], write, mmu_seq):
             continue
         # the scalar path for what needs the host or KVM's conflict handling, in gfn order; back to
@@ -195,14 +197,17 @@ def _guest_data(kvm, pfn: np.ndarray, k, write: bool, vals, out) -> None:
     ``phys.write``/``phys.read`` per page do them: vectorised over live pages with a struct page;
     an MMIO pfn (no struct page) or a freed page (a use after free to report) one by one, in order."""
     phys = kvm.phys
-    odd = (pfn <= 0) | (pfn >= phys.nr)
-    odd[~odd] = (phys.flags[pfn[~odd]] & _POISONED) != 0
-    if not odd.any():
+    if not len(pfn):
+        return
+    if pfn.min() > 0 and pfn.max() < phys.nr and \
+            (not phys.has_freed_pages() or not (phys.flags[pfn] & _POISONED).any()):
         if write:
             phys.data[pfn] = vals[k]
         else:
             out[k] = phys.data[pfn]
         return
+    odd = (pfn <= 0) | (pfn >= phys.nr)
+    odd[~odd] = (phys.flags[pfn[~odd]] & _POISONED) != 0
     pos = np.arange(len(out))[k]
     for p, i, o in zip(pfn.tolist(), pos.tolist(), odd.tolist()):
         if write and o:
@@ -327,9 +332,10 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> boo
                           ad_disabled=not mmu.ad_enabled, held=True)
     ops = kvm.ops                                 # the scalar fault's release, resolved per policy
     rel_caller = ops.fault_release_bulk_caller
+    gfns = slot.base_gfn + fidx
     if not _try_lock(mmu):
         return False
-    if _retry_mask(kvm, slot.base_gfn + fidx, mmu_seq, locked=True).any():     # is_page_fault_stale()
+    if _retry_mask(kvm, gfns, mmu_seq, locked=True).any():     # is_page_fault_stale()
         mmu._unlock()
         return False
     kvm.journal.count("page_fault", nf)
@@ -360,12 +366,13 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> boo
                                  extra={"writable": bool(writable), "host_writable": host_w, "level": lv})
         if writable:
             mark_dirty_bulk(kvm, slot, s, vcpu)
+        writable_mask = np.full(nf, host_w)
         with kvm.journal.fault_release():
-            ops.fault_release_bulk_locked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
+            ops.fault_release_bulk_locked(kvm, fpfn, writable_mask, rel_caller, gfns)
     finally:
         mmu._unlock()
     with kvm.journal.fault_release():
-        ops.fault_release_bulk_unlocked(kvm, fpfn, np.full(nf, host_w), rel_caller, slot.base_gfn + fidx)
+        ops.fault_release_bulk_unlocked(kvm, fpfn, writable_mask, rel_caller, gfns)
     return True
 
 

@@ -238,7 +238,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if conflict:
         tdp_mmu.zap_range(kvm, slot, zlo, zhi, self.zap_caller)
         kvm.flush_remote_tlbs("kvm_tdp_mmu_map: zap")
-    b = t.bits.item(i)
+        b = t.bits.item(i)
     if b & P and not prefetch:
         bits |= b & (A | D)                              # same leaf: keep what the guest set
     spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,

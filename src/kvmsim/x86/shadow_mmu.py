@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kvmsim.kvm.fault import RETRY_LIVELOCK_BOUND, FaultRet, livelock_access, ret_to_access, retry_state
+from kvmsim.kvm.fault import kvm_guest_access
 from kvmsim.kvm.pfn import Hold, KvmFollowPfn, kvm_prefetch_pages
 from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.types import PAGE_SHIFT
@@ -149,8 +149,9 @@ class IndirectShadowMmu(ShadowMmu):
         return False
 
     # ---- guest accesses by gva -------------------------------------------------------------------------
-    def _translate(self, vcpu, gvn: int, write: bool) -> int | None:
-        """Through the (possibly stale) SPTE of ``gvn``, as hardware would: the pfn, or None for a #PF exit."""
+    def _translate(self, vcpu, gva: int, write: bool) -> int | None:
+        """Through the (possibly stale) SPTE of ``gva``, as hardware would: the pfn, or None for a #PF exit."""
+        gvn = gva >> PAGE_SHIFT
         sp = self.sp_of(gvn)
         gfn = sp.spt.get(gvn) if sp is not None else None
         if gfn is None or self.rmap_owner.get(gfn) != gvn:
@@ -160,35 +161,19 @@ class IndirectShadowMmu(ShadowMmu):
             return None
         return X86Mmu.leaf_access(self, vcpu, slot, gfn - slot.base_gfn, write)
 
+    def _guest_page_fault(self, vcpu, gva: int, write: bool, value: int | None) -> Access | None:
+        """A guest #PF (Exit.EXCEPTION) when the guest's own tables refuse the access, before any KVM fault."""
+        if paging64_walk_addr(self, vcpu, gva >> PAGE_SHIFT, write, update=False).fault:
+            self.kvm.journal.count("guest_page_fault")
+            return Access(Exit.EXCEPTION, gva, write, value)
+        return None
+
     def guest_access(self, vcpu, gva: int, write: bool, value: int | None) -> Access:
-        """A guest load/store at a gva: through its SPTE, else a guest #PF (Exit.EXCEPTION) when the guest's
-        own tables refuse it, else :func:`paging64_page_fault` and re-entry (the loop of
-        :func:`kvmsim.kvm.fault.kvm_guest_access`, by gva)."""
-        kvm = self.kvm
-        gvn = gva >> PAGE_SHIFT
-        stuck = None
-        for _ in range(RETRY_LIVELOCK_BOUND):
-            pfn = self._translate(vcpu, gvn, write)
-            if pfn is not None:
-                if write:
-                    kvm.phys.write(pfn, int(value or 0), "guest write", kvm=True)
-                    return Access(Exit.OK, gva, True, value)
-                return Access(Exit.OK, gva, False, kvm.phys.read(pfn, "guest read", kvm=True))
-            if paging64_walk_addr(self, vcpu, gvn, write, update=False).fault:
-                kvm.journal.count("guest_page_fault")
-                return Access(Exit.EXCEPTION, gva, write, value)
-            r = self.page_fault(vcpu, gva, write)
-            if r == FaultRet.EMULATE:
-                return self.emulate(vcpu, gva, write, value)
-            out = ret_to_access(int(r), gva, write, value)
-            if out is not None:
-                return out
-            if r == FaultRet.RETRY:
-                state = retry_state(kvm)
-                if state == stuck:
-                    break
-                stuck = state
-        return livelock_access(kvm, gva, write, value)
+        """A guest load/store at a gva: :func:`kvmsim.kvm.fault.kvm_guest_access` by gva, through its SPTE,
+        else a guest #PF when the guest's own tables refuse it, else :func:`paging64_page_fault` and
+        re-entry."""
+        return kvm_guest_access(self, vcpu, gva, write, value, translate=self._translate,
+                                guest_fault=self._guest_page_fault)
 
     def emulate(self, vcpu, gva: int, write: bool, value: int | None) -> Access:
         """``x86_emulate_instruction()`` at a gva: the emulator walks the guest's tables, then the uaccess."""

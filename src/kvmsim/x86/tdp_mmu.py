@@ -33,12 +33,18 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
 
 def host_pfn_mapping_level(kvm, gfn: int, slot) -> int:
     """Mirrors ``host_pfn_mapping_level()`` (arch/x86/kvm/mmu/mmu.c): the level the host page tables map
-    ``gfn``'s hva at (``__gfn_to_hva_memslot()``, then a lockless walk of ``kvm->mm``); 1 when nothing
-    is mapped there.  :func:`host_levels` is the same over a range."""
-    vma, pfn, bits, level = kvm.mm.pte_of(slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT))
-    if vma is None or not bits & _PTE_PRESENT or pfn < 0:
+    ``gfn``'s hva at; 1 when nothing is mapped there.  Like the kernel, x86 walks ``kvm->mm``'s page
+    tables itself (``__gfn_to_hva_memslot()``, then a lockless ``READ_ONCE()`` walk from
+    ``pgd_offset()``): the model's tables are per VMA, so the walk finds the VMA (``pgd_offset()``'s
+    part) and reads its PTE arrays directly.  :func:`host_levels` is the same over a range."""
+    hva = slot.userspace_addr + ((gfn - slot.base_gfn) << PAGE_SHIFT)
+    vma = kvm.mm.vma_lookup(hva)
+    if vma is None:
         return 1
-    return level
+    i = (hva - vma.start) >> PAGE_SHIFT
+    if not vma.pte.item(i) & _PTE_PRESENT or vma.pte_pfn.item(i) < 0:
+        return 1
+    return vma.pte_level.item(i)
 
 
 def max_mapping_level(kvm, slot, i: int, max_level: int) -> int:

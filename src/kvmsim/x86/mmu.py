@@ -31,7 +31,8 @@ from kvmsim.kvm.vcpu import Access, Exit
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
-from kvmsim.x86.mmu_internal import RET_PF
+from kvmsim.x86.mmu_internal import RET_PF, X86PageFault
+from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
 from kvmsim.x86.private_mem import (kvm_arch_post_set_memory_attributes, kvm_arch_pre_set_memory_attributes,
                                     kvm_mmu_fault_is_private, kvm_mmu_faultin_pfn_private,
                                     kvm_mmu_private_access_faults, page_fault_can_be_fast,
@@ -94,12 +95,16 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
         return RET_PF.RETRY
     if write and slot.readonly:
         return RET_PF.EMULATE                           # KVM_PFN_ERR_RO_FAULT → emulate
-    is_private = kvm_mmu_fault_is_private(kvm, vcpu, gfn)
-    r = mmu.fast_page_fault(vcpu, slot, gfn, write) if page_fault_can_be_fast(kvm, is_private, gfn) else None
+    if vcpu.pferr_private is None and not kvm.mem_attr_array:     # no private memory: a shared fault
+        is_private, fast = False, True
+    else:
+        is_private = kvm_mmu_fault_is_private(kvm, vcpu, gfn)
+        fast = page_fault_can_be_fast(kvm, is_private, gfn)
+    r = mmu.fast_page_fault(vcpu, slot, gfn, write) if fast else None
     if r is not None:
         return r
     yield "fast_page_fault: not fixed"
-    fault = KvmPageFault(vcpu, gfn, slot, write, exec, is_private=is_private)
+    fault = X86PageFault(vcpu, gfn, slot, write, exec, is_private=is_private)
     r = yield from kvm_tdp_page_fault(mmu, fault)
     return r
 
@@ -158,7 +163,7 @@ def kvm_tdp_mmu_map(mmu, fault: KvmPageFault) -> RET_PF:
         mmu.kvm.journal.count("nx_huge_page_disallowed")
         return mmu_set_spte(mmu, fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write, max_level=1)
     return mmu._map(fault.vcpu, fault.slot, fault.gfn, fault.pfn, fault.kfp, fault.write,
-                    prefetch=getattr(fault, "prefetch", False))
+                    prefetch=fault.prefetch)
 
 
 def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefetch: bool = False,
@@ -203,13 +208,14 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         return RET_PF.SPURIOUS
     host_w = kfp.map_writable and not slot.readonly
     # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
-    writable = host_w and bool(pte_access & ACC_WRITE_MASK)
+    writable = host_w if pte_access == ACC_ALL else host_w and pte_access & ACC_WRITE_MASK != 0
     dirty = True
     wrprot = False
     if writable:
-        old_writable = old_pt or bool(b & P and not b & MMIO and old_level == level and b & W)
-        # patch 4: "goto out", no D (a non-writable old SPTE never skips, under either protocol)
-        if old_writable and kvm.ops.arch_ops.make_spte_skip_unsync(old_writable, not old_pt):
+        # patch 4: a writable old SPTE may "goto out", no D (a non-writable one never skips, under
+        # either protocol)
+        if (old_pt or b & P and not b & MMIO and old_level == level and b & W) and \
+                kvm.ops.arch_ops.make_spte_skip_unsync(True, not old_pt):
             dirty = False
             kvm.journal.count("make_spte:skip_unsync")
         elif self.mmu_try_to_unsync_pages(slot, gfn, False, prefetch):
@@ -244,7 +250,12 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
                caller=self.map_caller)
     if self.tdp_mmu_enabled:
-        tdp_page_tables_update(slot, gfn, level, self.max_level)
+        pts = slot.arch.get("x86-pt")
+        if level == 1 and pts is not None and self.max_level == 3:   # a 4K leaf: its PMD and PUD tables
+            pts.add((2, gfn >> 9 << 9))
+            pts.add((3, gfn >> 18 << 18))
+        else:
+            tdp_page_tables_update(slot, gfn, level, self.max_level)
     if kvm.journal.recording:
         kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
                          extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
@@ -406,8 +417,8 @@ class X86Mmu:
     def mmu_try_to_unsync_pages(self, slot, gfn: int, synchronizing: bool, prefetch: bool) -> bool:
         """Mirrors ``mmu_try_to_unsync_pages()`` (mmu.c) without shadow pages: -EPERM (write-protect the
         SPTE) iff the gfn is write-tracked (``kvm_gfn_is_write_tracked()``, :mod:`kvmsim.x86.page_track`)."""
-        from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
-        return kvm_gfn_is_write_tracked(self.kvm, slot, gfn)
+        wt = slot.arch.get("x86-write-track")           # kvm_gfn_is_write_tracked(), inlined: no tracking
+        return bool(wt) and kvm_gfn_is_write_tracked(self.kvm, slot, gfn)
 
     # ---- guest accesses ----------------------------------------------------------------------------
     #: A guest load/store: :func:`kvmsim.kvm.fault.kvm_guest_access` (the one re-entry loop), with

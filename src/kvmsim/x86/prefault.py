@@ -25,19 +25,12 @@ import errno
 from dataclasses import dataclass
 
 from kvmsim.errors import ModelError
-from kvmsim.kvm.fault import KvmPageFault, retry_state
+from kvmsim.kvm.fault import retry_state
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT, PAGE_SIZE
 from kvmsim.x86.mmu import kvm_tdp_page_fault
-from kvmsim.x86.mmu_internal import RET_PF
+from kvmsim.x86.mmu_internal import RET_PF, X86PageFault
 from kvmsim.x86.spte import MMIO, P
-
-
-@dataclass(slots=True)
-class X86PageFault(KvmPageFault):
-    """``struct kvm_page_fault`` with x86's ``prefetch`` (KVM_PRE_FAULT_MEMORY, async #PF completion)."""
-
-    prefetch: bool = False
 
 
 @dataclass

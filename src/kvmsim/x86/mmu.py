@@ -24,19 +24,18 @@ import numpy as np
 from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
-from kvmsim.kvm.fault import (KvmPageFault, kvm_faultin_pfn, kvm_guest_access, kvm_handle_error_pfn,
-                              kvm_stage2_fault, ret_to_access)
+from kvmsim.kvm.fault import KvmPageFault, kvm_faultin_pfn, kvm_handle_error_pfn, kvm_stage2_fault
 from kvmsim.kvm.pfn import KVM_PFN_NOSLOT, Hold
-from kvmsim.kvm.vcpu import Access, Exit
+from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
 from kvmsim.x86.mmu_internal import RET_PF, X86PageFault
 from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
 from kvmsim.x86.private_mem import (kvm_arch_post_set_memory_attributes, kvm_arch_pre_set_memory_attributes,
-                                    kvm_mmu_fault_is_private, kvm_mmu_faultin_pfn_private,
-                                    kvm_mmu_private_access_faults, page_fault_can_be_fast,
+                                    kvm_mmu_fault_is_private, kvm_mmu_faultin_pfn_private, page_fault_can_be_fast,
                                     kvm_mmu_max_mapping_level_attrs, kvm_mmu_private_mismatch)
+from kvmsim.x86.x86 import x86_emulate_instruction, x86_guest_access
 from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_accessed_spte, is_dirty_spte,
                              make_spte, spte_write, tables)
 
@@ -44,26 +43,6 @@ from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_acc
 #: ``ACC_EXEC_MASK``, ``ACC_WRITE_MASK``, ``ACC_USER_MASK``, ``ACC_ALL`` (arch/x86/kvm/mmu/spte.h).
 ACC_EXEC_MASK, ACC_WRITE_MASK, ACC_USER_MASK = 1, 2, 4
 ACC_ALL = ACC_EXEC_MASK | ACC_WRITE_MASK | ACC_USER_MASK
-
-
-def x86_emulate_instruction(vcpu, gpa: int, write: bool, value: int | None) -> Access:
-    """What ``x86_emulate_instruction()`` does with the guest load/store that faulted with RET_PF_EMULATE
-    (arch/x86/kvm/x86.c, v6.12 and v6.13; the series does not touch it).
-
-    ``kvm_mmu_page_fault()`` emulates on RET_PF_EMULATE: no memslot, a write to a READONLY slot, and
-    ``kvm_handle_error_pfn()``'s KVM_PFN_ERR_RO_FAULT -- a write to a VM_PFNMAP page whose host PTE is
-    present but read-only (``hva_to_pfn_remapped()`` does not try a write fault then).  The emulator's
-    ``emulator_read_write_onepage()`` first tries ``emulator_{read,write}_phys()`` →
-    ``kvm_vcpu_{read,write}_guest()`` → ``__copy_{from,to}_user()`` on the memslot's hva
-    (``gfn_to_hva_memslot()``: an error hva for no slot or a READONLY write).  That uaccess takes a
-    host write fault like any user store: ``do_wp_page()`` → ``wp_pfn_shared()`` calls the driver's
-    ``->pfn_mkwrite`` (mm/memory.c), so a driver that accepts write faults makes the PTE writable and
-    the store lands (``mark_page_dirty_in_slot()`` follows).  Only if the copy fails does
-    ``vcpu_mmio_write()`` find no in-kernel device and the access become KVM_EXIT_MMIO
-    (``complete_emulated_mmio``, ``is_write`` = the access).  This is the uaccess path the model's
-    ``execution="emulated"`` takes for every access (:class:`kvmsim.kvm.vcpu.KvmVcpu`).
-    """
-    return vcpu._emulated_access(gpa, write, value)
 
 
 @kpath
@@ -129,22 +108,6 @@ def kvm_mmu_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     return kvm_faultin_pfn(mmu, fault)
 
 
-def x86_guest_access(mmu, vcpu, gpa: int, write: bool, value: int | None) -> Access:
-    """A guest load/store (:func:`kvmsim.kvm.fault.kvm_guest_access`); KVM_RUN's -EFAULT is a
-    KVM_EXIT_MEMORY_FAULT when the fault prepared one (``vcpu->run->memory_fault``).  An access whose
-    declared private/shared bit disagrees with the gfn's attribute faults even over a present SPTE (a TDX
-    shared-bit alias has its own EPT; an SNP C-bit mismatch is an #NPF), so it exits."""
-    vcpu.memory_fault = None
-    acc = None
-    if vcpu.pferr_private is not None and kvm_mmu_private_access_faults(mmu.kvm, vcpu, gpa >> PAGE_SHIFT):
-        acc = ret_to_access(int(mmu.page_fault(vcpu, gpa, write)), gpa, write, value)
-    if acc is None:
-        acc = kvm_guest_access(mmu, vcpu, gpa, write, value)
-    if vcpu.memory_fault is not None and acc.exit in (Exit.EFAULT, Exit.HWPOISON):
-        acc.exit = Exit.MEMORY_FAULT       # -EFAULT, or kvm_gmem_get_pfn()'s -EHWPOISON: no SIGBUS, an exit
-    return acc
-
-
 def kvm_mmu_finish_page_fault(kvm, mmu, fault: KvmPageFault) -> None:
     """Mirrors ``kvm_mmu_finish_page_fault()`` (v6.13; patch 40 "KVM: x86/mmu: Add helper to "finish"
     handling a guest page fault"): ``kvm_release_faultin_page(kvm, fault->refcounted_page, r ==
@@ -197,7 +160,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         hl, hh = t.leaf_bounds(slot, i, i + 1)
         tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
         b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
-    old_pt = self.tdp_mmu_enabled and level > 1 and tdp_page_table_present(slot, gfn, level)
+    old_pt = self.tdp_mmu_enabled and level > 1 and tdp_mmu.tdp_page_table_present(slot, gfn, level)
     if prefetch and (b & P and not b & MMIO or old_pt):
         r = kvm.ops.arch_ops.prefetch_present_spte(kvm, slot, gfn)       # patch 5: series RET_PF_SPURIOUS
         if r is not None:
@@ -255,7 +218,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
             pts.add((2, gfn >> 9 << 9))
             pts.add((3, gfn >> 18 << 18))
         else:
-            tdp_page_tables_update(slot, gfn, level, self.max_level)
+            tdp_mmu.tdp_page_tables_update(slot, gfn, level, self.max_level)
     if kvm.journal.recording:
         kvm.journal.fact("spte_set", pfn=pfn, gfn=gfn, kvm=True, caller="make_spte", locked=kvm.mmu_lock.held(),
                          extra={"writable": bool(writable), "host_writable": bool(host_w), "level": level})
@@ -264,39 +227,6 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if wrprot and write:
         return RET_PF.EMULATE          # RET_PF_WRITE_PROTECTED → kvm_mmu_write_protect_fault() → emulate
     return RET_PF.FIXED
-
-
-def tdp_page_table_present(slot, gfn: int, level: int) -> bool:
-    """Whether the TDP MMU has a page-table (non-leaf) SPTE at ``level`` over ``gfn``: it created one to
-    map a smaller leaf there, and only a huge leaf in its place or freeing the roots / zapping collapsible
-    SPTEs removes it -- ``tdp_mmu_zap_leafs()`` (an mmu_notifier unmap) leaves it, empty."""
-    pts = slot.arch.get("x86-pt")
-    n = LEVEL_PAGES[level]
-    return pts is not None and (level, gfn // n * n) in pts
-
-
-def tdp_page_tables_update(slot, gfn: int, level: int, max_level: int) -> None:
-    """After a leaf at ``level``: page tables above it exist, the ones it replaced (at and below) are gone."""
-    pts = slot.arch.get("x86-pt")
-    if pts is None:
-        if level >= max_level:
-            return
-        pts = slot.arch["x86-pt"] = set()
-    for lv in range(level + 1, max_level + 1):
-        n = LEVEL_PAGES[lv]
-        pts.add((lv, gfn // n * n))
-    if level > 1:
-        n = LEVEL_PAGES[level]
-        base = gfn // n * n
-        pts.discard((level, base))
-        if level == 3:                                   # the 2 MiB page tables under a 1 GiB leaf
-            step = LEVEL_PAGES[2]
-            pts.difference_update([(2, g) for g in range(base, base + n, step)])
-
-
-def tdp_page_tables_free(slot) -> None:
-    """Root teardown, memslot flush or zapping collapsible SPTEs freed the slot's page tables."""
-    slot.arch.pop("x86-pt", None)
 
 
 @kpath
@@ -483,11 +413,11 @@ class X86Mmu:
                 every.append(slot)
             for s in every:
                 tdp_mmu.zap_range(kvm, s, 0, s.npages, "kvm_mmu_zap_all_fast")
-                tdp_page_tables_free(s)
+                tdp_mmu.tdp_page_tables_free(s)
             kvm.journal.count("mmu_zap_all_fast")
         elif tdp_mmu.zap_range(kvm, slot, 0, slot.npages, "kvm_mmu_zap_memslot"):
             kvm.flush_remote_tlbs("flush_shadow_memslot")
-        tdp_page_tables_free(slot)
+        tdp_mmu.tdp_page_tables_free(slot)
         self.mmio_sptes.clear()
 
     def flush_shadow_all(self) -> None:
@@ -495,7 +425,7 @@ class X86Mmu:
         for slots in self.kvm.memslots:
             for slot in slots:
                 tdp_mmu.zap_range(self.kvm, slot, 0, slot.npages, "kvm_mmu_zap_all")
-                tdp_page_tables_free(slot)
+                tdp_mmu.tdp_page_tables_free(slot)
         self.mmio_sptes.clear()
 
     # ---- memslots -------------------------------------------------------------------------------------
@@ -519,7 +449,7 @@ class X86Mmu:
         from kvmsim.x86.dirty_log import kvm_mmu_slot_apply_flags
         kvm_mmu_slot_apply_flags(self, old, new, change)
         if old is not None and new is not None and old.logging and not new.logging:
-            tdp_page_tables_free(new)          # zap_collapsible / recover_huge_pages replaced the page tables
+            tdp_mmu.tdp_page_tables_free(new)          # zap_collapsible / recover_huge_pages replaced the page tables
 
     def enable_log_dirty_pt_masked(self, slot, gfn_offset: int, mask) -> None:
         from kvmsim.x86.dirty_log import kvm_arch_mmu_enable_log_dirty_pt_masked

@@ -322,3 +322,38 @@ def recover_huge_pages(kvm, slot) -> int:
         kvm.flush_remote_tlbs("recover_huge_pages")
     kvm.journal.count("recover", recovered)
     return recovered
+
+
+# ---- the TDP MMU's page tables (non-leaf SPTEs), for patch 4 -------------------------------------------
+
+def tdp_page_table_present(slot, gfn: int, level: int) -> bool:
+    """Whether the TDP MMU has a page-table (non-leaf) SPTE at ``level`` over ``gfn``: it created one to
+    map a smaller leaf there, and only a huge leaf in its place or freeing the roots / zapping collapsible
+    SPTEs removes it -- ``tdp_mmu_zap_leafs()`` (an mmu_notifier unmap) leaves it, empty."""
+    pts = slot.arch.get("x86-pt")
+    n = LEVEL_PAGES[level]
+    return pts is not None and (level, gfn // n * n) in pts
+
+
+def tdp_page_tables_update(slot, gfn: int, level: int, max_level: int) -> None:
+    """After a leaf at ``level``: page tables above it exist, the ones it replaced (at and below) are gone."""
+    pts = slot.arch.get("x86-pt")
+    if pts is None:
+        if level >= max_level:
+            return
+        pts = slot.arch["x86-pt"] = set()
+    for lv in range(level + 1, max_level + 1):
+        n = LEVEL_PAGES[lv]
+        pts.add((lv, gfn // n * n))
+    if level > 1:
+        n = LEVEL_PAGES[level]
+        base = gfn // n * n
+        pts.discard((level, base))
+        if level == 3:                                   # the 2 MiB page tables under a 1 GiB leaf
+            step = LEVEL_PAGES[2]
+            pts.difference_update([(2, g) for g in range(base, base + n, step)])
+
+
+def tdp_page_tables_free(slot) -> None:
+    """Root teardown, memslot flush or zapping collapsible SPTEs freed the slot's page tables."""
+    slot.arch.pop("x86-pt", None)

@@ -116,21 +116,10 @@ class SeriesPolicy:
     }
 
     def arch_ops(self, arch):
-        """The arch's v6.13 namespace from :attr:`ARCH_OPS`: x86's APIC-access page (patch 36 "KVM: x86: Don't
-        fault-in APIC access page during initial allocation", patch 50 "KVM: VMX: Hold mmu_lock until page is
-        released when updating APIC access page", patch 51 "KVM: VMX: Use __kvm_faultin_page() to get APIC
-        access page/pfn") and nested APIC-access unmap (patch 32 "KVM: nVMX: Mark vmcs12's APIC access page
-        dirty when unmapping"), arm64's THP refcount transfer (patch 56 "KVM:
-        arm64: Use __kvm_faultin_pfn() to handle memory aborts") and MTE tag pages (patch 77 "KVM: arm64: Use
-        __gfn_to_page() when copying MTE tags to/from userspace"), LoongArch's fast-path reference (patch 66
-        "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path"), s390's vSIE unpin
-        (patch 80 "KVM: s390: Use kvm_release_page_dirty() to unpin "struct page" memory"), PPC e500's pfn
-        lookup (patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults"), PPC Book3S's
-        HV / Radix release (patch 60 "KVM: PPC: Use __kvm_faultin_pfn() to handle page faults on Book3s HV",
-        patch 61 "KVM: PPC: Use __kvm_faultin_pfn() to handle page faults on Book3s Radix"), dcbz patching
-        (patch 73 "KVM: PPC: Remove extra get_page() to fix page refcount leak", patch 74 "KVM: PPC: Use
-        kvm_vcpu_map() to map guest memory to patch dcbz instructions") and uvmem (patch 78 "KVM: PPC:
-        Explicitly require struct page memory for Ultravisor sharing")."""
+        """The arch's v6.13 namespace from :attr:`ARCH_OPS`: the same rows as
+        :meth:`LegacyPolicy.arch_ops <kvmsim.policies.legacy.LegacyPolicy.arch_ops>` (which cites each
+        patch), on the v6.13 side -- e.g. patch 77 "KVM: arm64: Use __gfn_to_page() when copying MTE tags
+        to/from userspace"."""
         return load_arch_ops(self.ARCH_OPS, arch)
 
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):

@@ -181,7 +181,8 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
                 kvm.ops.arch_ops.make_spte_skip_unsync(True, not old_pt):
             dirty = False
             kvm.journal.count("make_spte:skip_unsync")
-        elif self.mmu_try_to_unsync_pages(slot, gfn, False, prefetch):
+        elif (self.shadow_pages_unsync or slot.arch.get("x86-write-track")) and \
+                self.mmu_try_to_unsync_pages(slot, gfn, False, prefetch):
             writable = False
             wrprot = True
     bits = make_spte(host_writable=host_w, writable=writable, prefetch=prefetch,
@@ -215,8 +216,8 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if self.tdp_mmu_enabled:
         pts = slot.arch.get("x86-pt")
         if level == 1 and pts is not None and self.max_level == 3:   # a 4K leaf: its PMD and PUD tables
-            pts.add((2, gfn >> 9 << 9))
-            pts.add((3, gfn >> 18 << 18))
+            pts.add(gfn >> 9 << 2 | 2)                 # tdp_mmu.pt_key(gfn, 2), pt_key(gfn, 3)
+            pts.add(gfn >> 18 << 2 | 3)
         else:
             tdp_mmu.tdp_page_tables_update(slot, gfn, level, self.max_level)
     if kvm.journal.recording:
@@ -344,11 +345,15 @@ class X86Mmu:
 
     _map = mmu_set_spte
 
+    #: Whether ``make_spte()``'s ``mmu_try_to_unsync_pages()`` can find shadow pages of the gfn (indirect
+    #: shadow paging); without them it only checks write tracking, so it is called only for a slot with a
+    #: write-tracked gfn.
+    shadow_pages_unsync = False
+
     def mmu_try_to_unsync_pages(self, slot, gfn: int, synchronizing: bool, prefetch: bool) -> bool:
         """Mirrors ``mmu_try_to_unsync_pages()`` (mmu.c) without shadow pages: -EPERM (write-protect the
         SPTE) iff the gfn is write-tracked (``kvm_gfn_is_write_tracked()``, :mod:`kvmsim.x86.page_track`)."""
-        wt = slot.arch.get("x86-write-track")           # kvm_gfn_is_write_tracked(), inlined: no tracking
-        return bool(wt) and kvm_gfn_is_write_tracked(self.kvm, slot, gfn)
+        return kvm_gfn_is_write_tracked(self.kvm, slot, gfn)
 
     # ---- guest accesses ----------------------------------------------------------------------------
     #: A guest load/store: :func:`kvmsim.kvm.fault.kvm_guest_access` (the one re-entry loop), with

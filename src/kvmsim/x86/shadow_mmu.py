@@ -126,6 +126,8 @@ class IndirectShadowMmu(ShadowMmu):
         slot = self.kvm.gfn_to_memslot(gfn)
         return slot is not None and "x86" in slot.arch and bool(int(tables(slot).bits[gfn - slot.base_gfn]) & P)
 
+    shadow_pages_unsync = True
+
     def mmu_try_to_unsync_pages(self, slot, gfn: int, synchronizing: bool, prefetch: bool) -> bool:
         """Mirrors ``mmu_try_to_unsync_pages()``: -EPERM for a write-tracked gfn; for each shadow page of the
         gfn, -EPERM when synchronizing (a sync never unsyncs), skip an unsync one, -EEXIST for a prefetch,

@@ -326,13 +326,17 @@ def recover_huge_pages(kvm, slot) -> int:
 
 # ---- the TDP MMU's page tables (non-leaf SPTEs), for patch 4 -------------------------------------------
 
+def pt_key(gfn: int, level: int) -> int:
+    """The page table at ``level`` over ``gfn``, as one int (its index at that level, and the level)."""
+    return (gfn >> (9 * (level - 1))) << 2 | level
+
+
 def tdp_page_table_present(slot, gfn: int, level: int) -> bool:
     """Whether the TDP MMU has a page-table (non-leaf) SPTE at ``level`` over ``gfn``: it created one to
     map a smaller leaf there, and only a huge leaf in its place or freeing the roots / zapping collapsible
     SPTEs removes it -- ``tdp_mmu_zap_leafs()`` (an mmu_notifier unmap) leaves it, empty."""
     pts = slot.arch.get("x86-pt")
-    n = LEVEL_PAGES[level]
-    return pts is not None and (level, gfn // n * n) in pts
+    return pts is not None and pt_key(gfn, level) in pts
 
 
 def tdp_page_tables_update(slot, gfn: int, level: int, max_level: int) -> None:
@@ -343,15 +347,13 @@ def tdp_page_tables_update(slot, gfn: int, level: int, max_level: int) -> None:
             return
         pts = slot.arch["x86-pt"] = set()
     for lv in range(level + 1, max_level + 1):
-        n = LEVEL_PAGES[lv]
-        pts.add((lv, gfn // n * n))
+        pts.add(pt_key(gfn, lv))
     if level > 1:
-        n = LEVEL_PAGES[level]
-        base = gfn // n * n
-        pts.discard((level, base))
+        pts.discard(pt_key(gfn, level))
         if level == 3:                                   # the 2 MiB page tables under a 1 GiB leaf
-            step = LEVEL_PAGES[2]
-            pts.difference_update([(2, g) for g in range(base, base + n, step)])
+            n, step = LEVEL_PAGES[3], LEVEL_PAGES[2]
+            base = gfn // n * n
+            pts.difference_update([pt_key(g, 2) for g in range(base, base + n, step)])
 
 
 def tdp_page_tables_free(slot) -> None:

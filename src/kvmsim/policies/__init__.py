@@ -46,6 +46,7 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
+    def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller: str) -> None: ...
     def arch_ops(self, arch: str) -> object | None: ...
     mmu_613_other: bool
 
@@ -112,19 +113,75 @@ def load_arch_ops(table: dict[str, str], arch: str) -> object | None:
 
 
 def get_policy(name: str) -> Policy:
+    """The policy ``name`` names: a shipped one (:data:`SHIPPED`), or a user's plugin
+    (``path/to/file.py:ClassName``, ``module:ClassName``, or the name a loaded plugin registered;
+    :mod:`kvmsim.policies.plugin`)."""
+    cls = SHIPPED.get(name)
+    if cls is not None:
+        return cls()
+    from kvmsim.policies import plugin
+    if plugin.is_plugin_spec(name):
+        name = plugin.load_plugin(name)
+    cls = plugin.registered(name)
+    if cls is not None:
+        return plugin.instantiate(cls)
+    raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(SHIPPED)}, "
+                     f"or a plugin: path/to/file.py:ClassName or module:ClassName")
+
+
+POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
+DEFAULT_POLICY = "series"
+
+
+def _shipped() -> dict[str, type]:
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
     from kvmsim.policies.series_only import SeriesOnlyPolicy
     from kvmsim.policies.series_rc1 import SeriesRc1Policy
-
-    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
-             "series-only": SeriesOnlyPolicy}
-    try:
-        return table[name]()
-    except KeyError:
-        raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(table)}") from None
+    return {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
+            "series-only": SeriesOnlyPolicy}
 
 
-POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
-DEFAULT_POLICY = "series"
+class _Shipped(dict):
+    """name → class of the shipped policies, filled on first use (the policy modules import the model)."""
+
+    def _fill(self):
+        if not dict.__len__(self):     # noqa: PLC1802
+            self.update(_shipped())
+
+    def get(self, key, default=None):
+        self._fill()
+        return dict.get(self, key, default)
+
+    def __contains__(self, key):
+        self._fill()
+        return dict.__contains__(self, key)
+
+    def __getitem__(self, key):
+        self._fill()
+        return dict.__getitem__(self, key)
+
+    def __iter__(self):
+        self._fill()
+        return dict.__iter__(self)
+
+    def values(self):
+        self._fill()
+        return dict.values(self)
+
+    def items(self):
+        self._fill()
+        return dict.items(self)
+
+    def keys(self):
+        self._fill()
+        return dict.keys(self)
+
+    def __len__(self):
+        self._fill()
+        return dict.__len__(self)
+
+
+#: The shipped policies by name.
+SHIPPED: dict[str, type] = _Shipped()

@@ -49,7 +49,6 @@ _REGISTRY: dict[str, type] = {}
 #: spec → display name.
 _LOADED: dict[str, str] = {}
 
-#: Methods :func:`kvmsim.policies.resolve` and the model call: the protocol's hooks.
 def required_hooks() -> dict[str, inspect.Signature]:
     """Each hook of :class:`kvmsim.policies.Policy` with its signature (``self`` dropped)."""
     from kvmsim.policies import Policy
@@ -80,7 +79,8 @@ def _shape(sig: inspect.Signature) -> list[tuple[str, inspect._ParameterKind, bo
 
 
 def _params_text(sig: inspect.Signature) -> str:
-    return "(" + ", ".join(str(p.replace(annotation=inspect.Parameter.empty)) for p in sig.parameters.values()) + ")"
+    bare = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=bare, return_annotation=inspect.Signature.empty))
 
 
 def _where(obj) -> str:
@@ -168,8 +168,8 @@ def check_policy_class(cls, where: str) -> None:
     for hook, want in hooks.items():
         fn = inspect.getattr_static(cls, hook)
         if isinstance(fn, (staticmethod, classmethod)):
-            raise PluginError(f"{_where(fn.__func__)}: policy plugin {cls.__name__}.{hook} must be a plain method "
-                              f"taking (self{', ' if want.parameters else ''}{_params_text(want)[1:]}")
+            raise PluginError(f"{_where(fn.__func__)}: policy plugin hook {cls.__name__}.{hook} must be a plain "
+                              f"method (self first), taking {_params_text(want)} after self")
         if not inspect.isfunction(fn):
             continue
         got = _drop_self(inspect.signature(fn))

@@ -14,6 +14,9 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
   whose patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" passed a NULL
   ``writable`` (:mod:`kvmsim.policies.series_rc1`)
+
+or a user's plugin, ``path/to/file.py:ClassName`` / ``module:ClassName`` (a subclass of one of these that
+overrides the hooks a proposed patch changes; :mod:`kvmsim.policies.plugin`, docs/policies.md).
 """
 
 from __future__ import annotations

@@ -121,9 +121,9 @@ def policy_option(choices, *, default=None, help: str = "", show_default: bool =
 
 
 def _is_plugin(policy: str | None) -> bool:
-    from kvmsim.policies import SHIPPED
+    from kvmsim.policies import shipped_policies
     from kvmsim.scenarios.spec import POLICY_ALIASES
-    return policy is not None and policy not in SHIPPED and policy not in POLICY_ALIASES
+    return policy is not None and policy not in shipped_policies() and policy not in POLICY_ALIASES
 
 
 def _inv_summary(by_inv: dict[str, int]) -> str:

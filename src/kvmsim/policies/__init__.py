@@ -21,6 +21,7 @@ overrides the hooks a proposed patch changes; :mod:`kvmsim.policies.plugin`, doc
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -116,10 +117,11 @@ def load_arch_ops(table: dict[str, str], arch: str) -> object | None:
 
 
 def get_policy(name: str) -> Policy:
-    """The policy ``name`` names: a shipped one (:data:`SHIPPED`), or a user's plugin
+    """The policy ``name`` names: a shipped one (:func:`shipped_policies`), or a user's plugin
     (``path/to/file.py:ClassName``, ``module:ClassName``, or the name a loaded plugin registered;
     :mod:`kvmsim.policies.plugin`)."""
-    cls = SHIPPED.get(name)
+    shipped = shipped_policies()
+    cls = shipped.get(name)
     if cls is not None:
         return cls()
     from kvmsim.policies import plugin
@@ -128,7 +130,7 @@ def get_policy(name: str) -> Policy:
     cls = plugin.registered(name)
     if cls is not None:
         return plugin.instantiate(cls)
-    raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(SHIPPED)}, "
+    raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(shipped)}, "
                      f"or a plugin: path/to/file.py:ClassName or module:ClassName")
 
 
@@ -136,7 +138,9 @@ POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
 DEFAULT_POLICY = "series"
 
 
-def _shipped() -> dict[str, type]:
+@functools.cache
+def shipped_policies() -> dict[str, type]:
+    """The shipped policies by name (imported on first use: the policy modules import the model)."""
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
@@ -144,47 +148,3 @@ def _shipped() -> dict[str, type]:
     from kvmsim.policies.series_rc1 import SeriesRc1Policy
     return {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
             "series-only": SeriesOnlyPolicy}
-
-
-class _Shipped(dict):
-    """name → class of the shipped policies, filled on first use (the policy modules import the model)."""
-
-    def _fill(self):
-        if not dict.__len__(self):     # noqa: PLC1802
-            self.update(_shipped())
-
-    def get(self, key, default=None):
-        self._fill()
-        return dict.get(self, key, default)
-
-    def __contains__(self, key):
-        self._fill()
-        return dict.__contains__(self, key)
-
-    def __getitem__(self, key):
-        self._fill()
-        return dict.__getitem__(self, key)
-
-    def __iter__(self):
-        self._fill()
-        return dict.__iter__(self)
-
-    def values(self):
-        self._fill()
-        return dict.values(self)
-
-    def items(self):
-        self._fill()
-        return dict.items(self)
-
-    def keys(self):
-        self._fill()
-        return dict.keys(self)
-
-    def __len__(self):
-        self._fill()
-        return dict.__len__(self)
-
-
-#: The shipped policies by name.
-SHIPPED: dict[str, type] = _Shipped()

@@ -144,8 +144,8 @@ def _import_module(name: str):
 
 def display_name(cls: type) -> str:
     """The plugin's ``name`` if its class (or a plugin base) sets one, else the class name."""
-    from kvmsim.policies import SHIPPED
-    shipped = set(SHIPPED.values())
+    from kvmsim.policies import shipped_policies
+    shipped = set(shipped_policies().values())
     for klass in cls.__mro__:
         if klass in shipped or klass is object:
             break
@@ -193,8 +193,8 @@ def load_plugin(spec: str) -> str:
     else:
         raise PluginError(f"policy plugin {spec!r}: expected path/to/file.py:ClassName or module:ClassName")
     if not clsname:
-        from kvmsim.policies import SHIPPED
-        shipped = set(SHIPPED.values())
+        from kvmsim.policies import shipped_policies
+        shipped = set(shipped_policies().values())
         found = [v for v in vars(module).values()
                  if inspect.isclass(v) and v.__module__ == module.__name__ and v not in shipped]
         if len(found) != 1:
@@ -209,8 +209,8 @@ def load_plugin(spec: str) -> str:
                               + (f" (it defines: {', '.join(classes)})" if classes else ""))
     check_policy_class(cls, f"{where}:{getattr(cls, '__name__', clsname)}")
     name = display_name(cls)
-    from kvmsim.policies import SHIPPED
-    if name in SHIPPED:
+    from kvmsim.policies import shipped_policies
+    if name in shipped_policies():
         raise PluginError(f"policy plugin {where}:{cls.__name__}: name {name!r} is a shipped policy's; "
                           f"give the class its own name attribute")
     other = _REGISTRY.get(name)
@@ -256,8 +256,8 @@ def _guard(fn, hook: str, policy_name: str):
 
 def instantiate(cls: type) -> object:
     """A plugin policy object whose own hooks are guarded (:func:`_guard`)."""
-    from kvmsim.policies import SHIPPED
-    shipped = set(SHIPPED.values())
+    from kvmsim.policies import shipped_policies
+    shipped = set(shipped_policies().values())
     name = display_name(cls)
     try:
         obj = cls()

@@ -97,6 +97,35 @@ def cli() -> None:
 
 # ---- helpers -----------------------------------------------------------------------------------------
 
+def policy_option(choices, *, default=None, help: str = "", show_default: bool = False):
+    """``--policy``: one of ``choices`` or a plugin, ``path/to/file.py:ClassName`` / ``module:ClassName``
+    (:mod:`kvmsim.policies.plugin`).  A plugin is loaded and checked while the options are parsed (a bad
+    one is exit status 2 with what is wrong, naming its file and hook); the value is then its display
+    name, which ``get_policy`` finds."""
+    def callback(ctx, param, value):
+        if value is None or value in choices:
+            return value
+        from kvmsim.policies.plugin import is_plugin_spec, load_plugin
+        from kvmsim.errors import KvmsimError
+        if not is_plugin_spec(value):
+            raise click.BadParameter(f"{value!r} is not one of {', '.join(map(repr, choices))} "
+                                     "nor a plugin (path/to/file.py:ClassName or module:ClassName)")
+        try:
+            return load_plugin(value)
+        except KvmsimError as e:
+            raise click.BadParameter(safe(e)) from None
+    return click.option("--policy", default=default, callback=callback, show_default=show_default,
+                        metavar="[" + "|".join(choices) + "|FILE.py:CLASS|MODULE:CLASS]",
+                        help=help + " A plugin FILE.py:CLASS or MODULE:CLASS models your own patch "
+                                    "(docs/policies.md, \"Writing your own policy\").")
+
+
+def _is_plugin(policy: str | None) -> bool:
+    from kvmsim.policies import shipped_policies
+    from kvmsim.scenarios.spec import POLICY_ALIASES
+    return policy is not None and policy not in shipped_policies() and policy not in POLICY_ALIASES
+
+
 def _inv_summary(by_inv: dict[str, int]) -> str:
     return " ".join(f"{k}×{v}" if v > 1 else k for k, v in by_inv.items()) or "-"
 
@@ -286,8 +315,8 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
 
 @cli.command("run")
 @click.argument("scenario")
-@click.option("--policy", type=click.Choice(["legacy", "series", "pre-5.13", "series-rc1", "series-only", "both", "all"]), default=None,
-              help="Policy to run under (default: every policy the scenario states).")
+@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only", "both", "all"),
+               help="Policy to run under (default: every policy the scenario states).")
 @click.option("--trace", is_flag=True, help="Print each step's references, SPTEs and flags (journal facts).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run (a list if several).")
 @handle_errors
@@ -317,10 +346,16 @@ def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool) -> No
 # ---- compare -------------------------------------------------------------------------------------------
 
 @cli.command()
+@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only"),
+               help="Also run every scenario under this policy, beside the policies it states (a run "
+                    "the scenario states no outcome for always matches unless it fails).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list with one object per run.")
 @handle_errors
-def compare(as_json: bool) -> None:
-    """Every bundled scenario under every policy it states: verdict, violations, counters, match."""
+def compare(policy: str | None, as_json: bool) -> None:
+    """Every bundled scenario under every policy it states: verdict, violations, counters, match.
+
+    With --policy, each scenario also runs under that policy (a plugin: your own patch) in the row
+    after its own, and a summary lists the invariants it breaks where series does not."""
     from rich.table import Table
 
     from kvmsim.scenarios import library
@@ -332,6 +367,8 @@ def compare(as_json: bool) -> None:
             skipped.append((sc.name, why))
             continue
         pairs += [(sc, p) for p in sc.policies]
+        if policy is not None and policy not in sc.policies:
+            pairs.append((sc, policy))
     results = _runs(pairs, show_progress=sys.stderr.isatty())
     for name, why in skipped:
         click.echo(f"kvmsim: {safe(name)}: skipped: {why}", err=True)
@@ -355,9 +392,35 @@ def compare(as_json: bool) -> None:
         for r in bad:
             for m in r.mismatches:
                 con.print(_text((f"{r.scenario} [{r.policy}]: {m}", "red")))
+        if _is_plugin(policy):
+            _print_plugin_summary(con, results, policy)
         con.print(f"{len(results) - len(bad)}/{len(results)} runs match their stated outcome", markup=False)
     if not all(r.expected_match for r in results):
         sys.exit(EXIT_MISMATCH)
+
+
+def _print_plugin_summary(con, results, plugin: str) -> None:
+    """The invariants ``plugin`` breaks in a scenario where series (else legacy, the scenario's last
+    stated policy) does not."""
+    by_sc: dict[str, dict[str, object]] = {}
+    for r in results:
+        by_sc.setdefault(r.scenario, {})[r.policy] = r
+    lines = []
+    for name, runs in by_sc.items():
+        mine = runs.get(plugin)
+        if mine is None:
+            continue
+        ref_name = "series" if "series" in runs else next((p for p in runs if p != plugin), None)
+        if ref_name is None:
+            continue
+        ref = runs[ref_name].by_invariant()
+        new = {k: v for k, v in mine.by_invariant().items() if k not in ref}
+        if new or (mine.error and not runs[ref_name].error):
+            what = _inv_summary(new) if new else f"error: {mine.error}"
+            lines.append(f"  {name}: {what} (not under {ref_name})")
+    con.print(_text((f"{plugin}: breaks where the reference policy does not, in {len(lines)} scenario(s)", "bold")))
+    for line in lines:
+        con.print(_text(line))
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 
 import click
 
-from kvmsim.cli import cli
+from kvmsim.cli import cli, policy_option
 from kvmsim.errors import KvmsimError, UsageError
 
 BACKINGS = ("anonymous", "anonymous_thp", "anonymous_hugetlb", "anonymous_hugetlb_2mb",
@@ -58,7 +58,8 @@ def bench() -> None:
               help="vCPUs keep dirtying memory while dirty logging is disabled.")
 @click.option("-r", "seed", default=1, show_default=True, type=click.IntRange(1, 2**31 - 1),
               help="Random seed (for -w < 100), positive as the selftest's atoi_positive.")
-@click.option("--policy", type=click.Choice(["legacy", "series", "both"]), default="both", show_default=True)
+@policy_option(("legacy", "series", "both"), default="both", show_default=True,
+               help="Policy of the model runs (both: legacy then series).")
 @click.option("--v613-other", is_flag=True,
               help="Also the other 6.13 MMU changes (batched flush, in-place huge page recovery, ...).")
 @click.option("--backend", type=click.Choice(["model", "kvm", "both", "oracle"]), default="model", show_default=True,

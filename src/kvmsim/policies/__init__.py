@@ -14,10 +14,14 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
   whose patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" passed a NULL
   ``writable`` (:mod:`kvmsim.policies.series_rc1`)
+
+or a user's plugin, ``path/to/file.py:ClassName`` / ``module:ClassName`` (a subclass of one of these that
+overrides the hooks a proposed patch changes; :mod:`kvmsim.policies.plugin`, docs/policies.md).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -46,6 +50,7 @@ class Policy(Protocol):
     def vcpu_map_dirty_at_map(self) -> bool: ...
     def spte_ad_lost(self, kvm, pfn: int, *, dirty: bool, accessed: bool, caller: str,
                      gfn: int | None = None, n: int = 1) -> None: ...
+    def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller: str) -> None: ...
     def arch_ops(self, arch: str) -> object | None: ...
     mmu_613_other: bool
 
@@ -112,19 +117,34 @@ def load_arch_ops(table: dict[str, str], arch: str) -> object | None:
 
 
 def get_policy(name: str) -> Policy:
+    """The policy ``name`` names: a shipped one (:func:`shipped_policies`), or a user's plugin
+    (``path/to/file.py:ClassName``, ``module:ClassName``, or the name a loaded plugin registered;
+    :mod:`kvmsim.policies.plugin`)."""
+    shipped = shipped_policies()
+    cls = shipped.get(name)
+    if cls is not None:
+        return cls()
+    from kvmsim.policies import plugin
+    if plugin.is_plugin_spec(name):
+        name = plugin.load_plugin(name)
+    cls = plugin.registered(name)
+    if cls is not None:
+        return plugin.instantiate(cls)
+    raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(shipped)}, "
+                     f"or a plugin: path/to/file.py:ClassName or module:ClassName")
+
+
+POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
+DEFAULT_POLICY = "series"
+
+
+@functools.cache
+def shipped_policies() -> dict[str, type]:
+    """The shipped policies by name (imported on first use: the policy modules import the model)."""
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
     from kvmsim.policies.series_only import SeriesOnlyPolicy
     from kvmsim.policies.series_rc1 import SeriesRc1Policy
-
-    table = {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
-             "series-only": SeriesOnlyPolicy}
-    try:
-        return table[name]()
-    except KeyError:
-        raise UsageError(f"unknown policy {name!r}; choose one of {', '.join(table)}") from None
-
-
-POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
-DEFAULT_POLICY = "series"
+    return {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
+            "series-only": SeriesOnlyPolicy}

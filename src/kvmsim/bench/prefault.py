@@ -68,6 +68,21 @@ def host_prefault_range(kvm, slot, lo: int, hi: int) -> tuple[int, bool]:
     return pos, False
 
 
+def host_mapped_range(kvm, slot, lo: int, hi: int) -> bool:
+    """Does the host map every page of slot-relative ``[lo, hi)`` (a present PTE)?  Then no guest
+    access there makes the host allocate (a copy-on-write break aside, which the scalar path does
+    in gfn order), so a mixed read/write pass needs no prefault."""
+    h0 = slot.userspace_addr + (lo << PAGE_SHIFT)
+    h1 = slot.userspace_addr + (hi << PAGE_SHIFT)
+    covered = 0
+    for vma in kvm.mm.vmas_in(h0, h1):
+        a, b = max(h0, vma.start), min(h1, vma.end)
+        if not (vma.pte[vma.idx(a):vma.idx(b)] & _P).all():
+            return False
+        covered += (b - a) >> PAGE_SHIFT
+    return covered == hi - lo
+
+
 def _handled(kvm, vma) -> bool:
     """Fresh private anonymous or shared memory with nothing to read back, and no free pages to reuse."""
     if kvm.phys._free or not vma.flags & VM.WRITE or vma.flags & (VM.IO | VM.PFNMAP) or vma.driver is not None:

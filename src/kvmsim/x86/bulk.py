@@ -68,6 +68,18 @@ def mark_dirty_bulk(kvm, slot, idx: np.ndarray, vcpu) -> None:
         slot.dirty_bitmap[idx] = True
 
 
+def mark_dirty_mask(kvm, slot, lo: int, mask: np.ndarray, vcpu) -> None:
+    """:func:`mark_dirty_bulk` for the slot-relative pages ``lo + k`` where ``mask[k]``, in order,
+    without building the index array when the dirty bitmap takes them."""
+    if not slot.logging or not mask.any():
+        return
+    if kvm.dirty_ring_size or slot.dirty_bitmap is None:
+        mark_dirty_bulk(kvm, slot, lo + np.flatnonzero(mask), vcpu)
+        return
+    kvm.journal.count("mark_page_dirty_in_slot", int(np.count_nonzero(mask)))
+    slot.dirty_bitmap[lo:lo + len(mask)] |= mask
+
+
 def host_ready(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed."""
     ready = np.zeros(len(idx), dtype=bool)
@@ -226,13 +238,17 @@ def _guest_data(kvm, pfn: np.ndarray, k, write, vals, out) -> None:
     if not len(pfn):
         return
     if write.__class__ is not bool:
-        pos = np.arange(len(out))[k]
-        if len(pfn) < 2 or (pfn[1:] > pfn[:-1]).all():
-            for kind in (False, True):
-                m = write == kind
-                if m.any():
-                    _guest_data(kvm, pfn[m], pos[m], kind, vals, out)
+        if (len(pfn) < 2 or (pfn[1:] > pfn[:-1]).all()) and pfn[0] > 0 and pfn[-1] < phys.nr and \
+                (not phys.has_freed_pages() or not (phys.flags[pfn] & _POISONED).any()):
+            rd = ~write                                   # distinct live frames: loads and stores commute
+            if k.__class__ is slice:
+                phys.data[pfn[write]] = vals[k][write]
+                out[k][rd] = phys.data[pfn[rd]]
+            else:
+                phys.data[pfn[write]] = vals[k[write]]
+                out[k[rd]] = phys.data[pfn[rd]]
         else:
+            pos = np.arange(len(out))[k]
             for p, i, wr in zip(pfn.tolist(), pos.tolist(), write.tolist()):
                 _guest_data(kvm, np.array([p]), np.array([i]), wr, vals, out)
         return
@@ -269,6 +285,14 @@ def _hits(mmu, vcpu, slot, t, idx, b, write) -> None:
     want = np.uint16(A | (D if write else 0)) if one else np.where(write, np.uint16(A | D), np.uint16(A))
     need = ((b & ADX) == 0) & ((b & want) != want)
     if not need.any():
+        return
+    span = _span(idx)
+    if not one and span is not None and (_take(t.level, idx, span) <= 1).all():
+        # a mixed pass over consecutive 4 KiB leaves: each page ORs its own bits (none where not needed)
+        logged = write & need & ((b & D) == 0) if slot.logging and mmu.pml else None
+        t.bits[span[0]:span[1]] |= np.where(need, want, np.uint16(0))
+        if logged is not None:
+            mark_dirty_mask(mmu.kvm, slot, span[0], logged, vcpu)
         return
     if not need.all():
         idx, b = idx[need], b[need]

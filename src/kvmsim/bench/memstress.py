@@ -137,4 +137,4 @@ def write_masks(npages: int, write_percent: int, rng: np.random.Generator) -> np
     """Which pages of a pass are written (None: all, the default 100%)."""
     if write_percent >= 100:
         return None
-    return rng.integers(0, 100, npages, dtype=np.int8) < write_percent
+    return rng.random(npages, dtype=np.float32) < np.float32(write_percent / 100)

@@ -170,8 +170,7 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
     sel &= (bits & dbit) != 0
     if not sel.any():
         return False
-    new = bits.copy()
-    new[sel] &= ~dbit[sel]
+    new = bits & np.where(sel, ~dbit, np.uint16(0xFFFF))    # no boolean gather: sel is often scattered
     spte_write(kvm, slot, lo, hi, new, caller=caller, track=False)
     if lvl.max() > 1:                                   # one report per leaf: its first entry
         sel &= ((slot.base_gfn + lo + np.arange(hi - lo)) % LEAF_PAGES[lvl]) == 0

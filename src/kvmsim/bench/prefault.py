@@ -116,20 +116,35 @@ def _touch(kvm, pfns: np.ndarray, huge: bool = False) -> None:
     ``huge``: the pages are mapped by a PMD/PUD, which ``follow_huge_pmd()``/``follow_huge_pud()``
     only make young (``touch_pmd()``), with no ``mark_page_accessed()`` (mm/gup.c); the entries
     are already young and dirty from the fault."""
+    _count_gup_slow(kvm, len(pfns), huge)
+    if not huge:
+        kvm.phys.flags[kvm.phys.head[pfns]] |= int(PG.referenced)      # an OR: repeats are harmless
+
+
+def _count_gup_slow(kvm, n: int, huge: bool) -> None:
+    """:func:`_touch`'s counters for ``n`` faults."""
     j = kvm.journal
-    j.count("gup_slow", len(pfns))
-    j.count("host_page_fault", len(pfns))
-    if huge:
-        return
-    j.count(f"mark_accessed:{_FOLL_TOUCH}", len(pfns))
-    kvm.phys.flags[kvm.phys.head[pfns]] |= int(PG.referenced)          # an OR: repeats are harmless
+    j.count("gup_slow", n)
+    j.count("host_page_fault", n)
+    if not huge:
+        j.count(f"mark_accessed:{_FOLL_TOUCH}", n)
 
 
 def _fault_anon_4k(kvm, vma, idx: np.ndarray) -> bool:
-    """``do_anonymous_page()`` for write: a new page each, mapped writable and dirty."""
+    """``do_anonymous_page()`` for write: a new page each, mapped writable and dirty.  The new pages
+    are consecutive frames (``alloc(count=n)``); consecutive ``idx`` (the usual first touch of a
+    whole range) is done with slices alone: ``alloc`` already set each page's index."""
     phys = kvm.phys
-    pfn0 = phys.alloc(0, owner=vma.anon.owner_id, index=vma.pgoff + int(idx[0]), count=len(idx))
-    pfns = np.arange(pfn0, pfn0 + len(idx), dtype=np.int64)
+    n = len(idx)
+    pfn0 = phys.alloc(0, owner=vma.anon.owner_id, index=vma.pgoff + int(idx[0]), count=n)
+    if int(idx[-1]) - int(idx[0]) + 1 == n:
+        i0 = int(idx[0])
+        vma.pte_pfn[i0:i0 + n] = np.arange(pfn0, pfn0 + n, dtype=np.int64)
+        vma.pte[i0:i0 + n] = _P | _Y | _W | _D
+        _count_gup_slow(kvm, n, huge=False)
+        phys.flags[pfn0:pfn0 + n] |= int(PG.referenced)                 # order-0 pages: their own heads
+        return True
+    pfns = np.arange(pfn0, pfn0 + n, dtype=np.int64)
     phys.index[pfns] = vma.pgoff + idx
     vma.pte_pfn[idx] = pfns
     vma.pte[idx] = _P | _Y | _W | _D

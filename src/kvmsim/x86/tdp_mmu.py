@@ -71,6 +71,8 @@ def max_mapping_levels(kvm, slot, lo: int, hi: int, max_level: int, *, logging: 
     if logging or max_level <= 1:
         return np.ones(hi - lo, dtype=np.uint8)
     lv = np.minimum(host_levels(kvm, slot, lo, hi), max_level)
+    if lv.max() <= 1:                                   # the host maps only 4 KiB: nothing to align
+        return lv.astype(np.uint8)
     gfn = slot.base_gfn + np.arange(lo, hi)
     for level in (3, 2):
         n = LEVEL_PAGES[level]

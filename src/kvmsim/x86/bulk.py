@@ -176,6 +176,11 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
             hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
         else:
             hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & (~write | ((b & W) != 0))
+        if not one and not hit.all():
+            if _needs_scalar(mmu, slot, t, todo, b, write, hit):
+                _by_runs(mmu, vcpu, slot, lo, todo, write, vals, out)
+                return
+            hit = _in_order_hits(slot, t, todo, span, hit)
         if hit.all():                                     # every page maps: no gathers
             _hits(mmu, vcpu, slot, t, todo, b, write)
             k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
@@ -194,9 +199,12 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
         lvl = _take(t.level, todo, span)
         # fast_page_fault() can fix: a read of an access-tracked SPTE; a write where the SPTE is
         # MMU-writable (and not a huge leaf of a dirty-logged slot), access-tracked or write-protected
-        wfix = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
-        rfix = (b & AT) != 0
-        fixable = (wfix if write else rfix) if one else np.where(write, wfix, rfix)
+        if one and not write:
+            fixable = (b & AT) != 0
+        else:
+            fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
+            if not one:
+                fixable = np.where(write, fixable, (b & AT) != 0)
         fix = ((b & P) != 0) & ((b & MMIO) == 0) & fixable
         if fix.any():
             _fast_faults(mmu, vcpu, slot, t, todo[fix], _sub(write, fix))
@@ -226,6 +234,51 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
                 break
         else:
             return
+
+
+def _needs_scalar(mmu, slot, t, todo, b, write, hit) -> bool:
+    """In a mixed pass: does some page that does not hit need more than a fast fault or a GUP-fast
+    slow fault (a host fault, a copy-on-write break, KVM's conflict handling)?  Such a fault can
+    change other pages' mappings (a THP copy-on-write zaps the whole 2 MiB region through the MMU
+    notifier), so the pages must then be taken in gfn order."""
+    miss = ~hit
+    idx, bm, wm = todo[miss], b[miss], write[miss]
+    present = (bm & P) != 0
+    lvl = t.level[idx]
+    wfix = ((bm & MW) != 0) & (((bm & AT) != 0) | ((bm & W) == 0)) & ((lvl == 1) | (not slot.logging))
+    fix = present & ((bm & MMIO) == 0) & np.where(wm, wfix, (bm & AT) != 0)
+    if fix.all():
+        return False
+    if (present & ~fix).any() or not mmu.tdp_mmu_enabled:
+        return True
+    ready, _ = host_ready(mmu.kvm, slot, idx[~fix])
+    return not ready.all()
+
+
+def _by_runs(mmu, vcpu, slot, lo: int, todo, write, vals, out) -> None:
+    """The pages ``todo`` (ascending) in gfn order, one single-kind call per run of consecutive pages
+    of the same kind."""
+    brk = np.flatnonzero((write[1:] != write[:-1]) | (todo[1:] != todo[:-1] + 1)) + 1
+    for s, e in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(todo)])).tolist()):
+        a, z = int(todo[s]) - lo, int(todo[e - 1]) + 1 - lo
+        _range_in_slot(mmu, vcpu, slot, lo + a, z - a, bool(write[s]), vals[a:z], out[a:z])
+
+
+def _in_order_hits(slot, t, todo, span, hit: np.ndarray) -> np.ndarray:
+    """The hits of a mixed pass that may go before the faults of the round: on a huge leaf, a load
+    can hit where a store to another page of the same leaf faults, and that fault may replace the
+    leaf (a 4 KiB mapping on a dirty-logged slot, a copy-on-write break), so in gfn order the load
+    would fault too.  Hits on a huge leaf that also holds a page that does not hit stay in the
+    round: they are taken in gfn order with it (the scalar path), or hit again after its fast fault."""
+    lvl = _take(t.level, todo, span)
+    huge_hit = hit & (lvl > 1)
+    if not huge_hit.any():
+        return hit
+    miss = ~hit & (lvl > 1)
+    if not miss.any():
+        return hit
+    starts, _ = _leaf_starts(slot, t, todo)
+    return hit & ~(huge_hit & np.isin(starts, starts[miss]))
 
 
 def _guest_data(kvm, pfn: np.ndarray, k, write, vals, out) -> None:

@@ -80,6 +80,10 @@ def _targets(new: dict, recorded: dict) -> list[str]:
         if e:
             line(e["flow_seconds"] <= 10 and e["peak_rss_mib"] <= 1.5 * 1024,
                  f"64 GiB anonymous, {policy}: {e['flow_seconds']} s (<= 10), {e['peak_rss_mib']} MiB (<= 1536)")
+        for gib in (4, 16):
+            e = new.get(f"test_w50_vs_w100[{gib}-{policy}]")
+            if e:
+                line(e["ratio"] <= 1.5, f"-w 50 / -w 100 flow, {gib} GiB, {policy}: {e['ratio']}x (<= 1.5x, CPU time)")
         e = new.get(f"test_scalar_faults_per_second[host-mapped-{policy}]")
         if e:
             line(e["faults_per_second"] >= 50_000, f"scalar faults, {policy}: {e['faults_per_second']}/s (>= 50,000)")

@@ -26,7 +26,7 @@ NPAGES = 2048                     # 8 MiB: four 2 MiB regions
 SMALL_BACKINGS = [b for b in BACKING if b != "anonymous_hugetlb_1gb"]
 
 op = st.one_of(
-    st.tuples(st.just("pass"), st.integers(0, NPAGES - 1), st.integers(1, NPAGES), st.sampled_from([0, 30, 100])),
+    st.tuples(st.just("pass"), st.integers(0, NPAGES - 1), st.integers(1, NPAGES), st.sampled_from([0, 30, 50, 100])),
     st.tuples(st.sampled_from(["log_on", "log_off", "get_clear", "get_clear_part", "age", "dontneed"]),
               st.integers(0, NPAGES - 1), st.integers(1, 600), st.just(0)),
 )
@@ -53,9 +53,9 @@ def _scalar_clear(kvm, slot_id, first, num, log):
     kvm.flush_remote_tlbs("clear_dirty_log")
 
 
-def run(policy, backing, seq, bulk, manual, v613_other=False, ad_enabled=True):
+def run(policy, backing, seq, bulk, manual, v613_other=False, ad_enabled=True, pml=True):
     host = Host(recording=False)
-    kvm = Kvm(host, policy=policy, arch="x86", v613_other=v613_other, ad_enabled=ad_enabled)
+    kvm = Kvm(host, policy=policy, arch="x86", v613_other=v613_other, ad_enabled=ad_enabled, pml=pml)
     if manual:
         enable_manual_protect(kvm, 3)
     (ts,) = create_test_slots(kvm, NPAGES << 12, backing, 1)
@@ -126,15 +126,15 @@ def assert_same(a, b):
 @settings(max_examples=150, deadline=None)
 @given(policy=st.sampled_from(["legacy", "series"]), backing=st.sampled_from(SMALL_BACKINGS),
        manual=st.booleans(), v613=st.booleans(), seq=st.lists(op, min_size=1, max_size=8),
-       small_pieces=st.booleans(), ad=st.sampled_from([True, True, False]))
-def test_bulk_and_scalar_agree_on_random_workloads(policy, backing, manual, v613, seq, small_pieces, ad):
+       small_pieces=st.booleans(), ad=st.sampled_from([True, True, False]), pml=st.booleans())
+def test_bulk_and_scalar_agree_on_random_workloads(policy, backing, manual, v613, seq, small_pieces, ad, pml):
     seq = [("pass", 0, NPAGES, 100)] + seq if seq[0][0] != "pass" else seq
-    scalar = run(policy, backing, seq, False, manual, v613, ad)
+    scalar = run(policy, backing, seq, False, manual, v613, ad, pml)
     # small_pieces: the CLEAR walk and the arch's 1 GiB pieces cut the 8 MiB slot many times (pieces
     # stay multiples of 2 MiB, so no leaf of these backings crosses one)
     with mock.patch.object(kvm_dirty, "CLEAR_CHUNK", 128 if small_pieces else kvm_dirty.CLEAR_CHUNK), \
             mock.patch.object(x86_dirty_log, "PIECE", 1024 if small_pieces else x86_dirty_log.PIECE):
-        bulk = run(policy, backing, seq, True, manual, v613, ad)
+        bulk = run(policy, backing, seq, True, manual, v613, ad, pml)
     assert_same(scalar, bulk)
 
 
@@ -148,6 +148,49 @@ def test_dirty_log_flow_agrees(policy, backing):
     a, b = run(policy, backing, seq, False, True), run(policy, backing, seq, True, True)
     assert a["counters"].get("page_fault", 0) > 0
     assert_same(a, b)
+
+
+def _count_mixed_calls(monkeypatch):
+    """Count the bulk calls that carry one access kind per page (a whole mixed piece in one call)."""
+    from kvmsim.x86 import bulk as x86_bulk
+    calls = {"mixed": 0, "one_kind": 0}
+    real = x86_bulk.guest_access_range
+
+    def counted(mmu, vcpu, gpa, npages, write, values=None):
+        calls["one_kind" if isinstance(write, bool) else "mixed"] += 1
+        return real(mmu, vcpu, gpa, npages, write, values)
+    monkeypatch.setattr(x86_bulk, "guest_access_range", counted)
+    return calls
+
+
+@pytest.mark.parametrize("policy", ["legacy", "series"])
+@pytest.mark.parametrize("backing", SMALL_BACKINGS)
+@pytest.mark.parametrize("pml", [True, False])
+def test_mixed_passes_are_one_call_and_agree(monkeypatch, policy, backing, pml):
+    """``-w 50`` / ``-w 30`` passes over populated memory: one bulk call per piece, each page with its
+    own kind (hits, fast faults after CLEAR, slow faults after the disable's zap, aging's
+    access-tracked SPTEs), with the scalar path's state and counters."""
+    seq = [("pass", 0, NPAGES, 100), ("log_on", 0, 1, 0), ("pass", 0, NPAGES, 50), ("get_clear", 0, 1, 0),
+           ("pass", 0, NPAGES, 50), ("get_clear_part", 512, 300, 0), ("pass", 0, NPAGES, 30),
+           ("age", 0, NPAGES, 0), ("pass", 0, NPAGES, 50), ("log_off", 0, 1, 0), ("pass", 0, NPAGES, 50),
+           ("age", 100, 900, 0), ("pass", 0, NPAGES, 50)]
+    scalar = run(policy, backing, seq, False, True, pml=pml)
+    calls = _count_mixed_calls(monkeypatch)
+    bulk = run(policy, backing, seq, True, True, pml=pml)
+    assert calls["mixed"] == 6                      # every mixed pass, in one call each
+    assert scalar["counters"].get("page_fault", 0) > 0
+    assert_same(scalar, bulk)
+
+
+def test_mixed_pass_over_unmapped_host_pages_keeps_runs(monkeypatch):
+    """A first-touch mixed pass (the host maps nothing yet) keeps one call per run of same-kind
+    accesses, so the host prefaults writes in gfn order; the state is still the scalar path's."""
+    seq = [("pass", 0, NPAGES, 50), ("pass", 0, NPAGES, 50)]
+    scalar = run("series", "anonymous", seq, False, True)
+    calls = _count_mixed_calls(monkeypatch)
+    bulk = run("series", "anonymous", seq, True, True)
+    assert calls["mixed"] == 1 and calls["one_kind"] > 100
+    assert_same(scalar, bulk)
 
 
 def test_prefault_leaves_nothing_for_the_scalar_path():

@@ -68,6 +68,21 @@ def host_prefault_range(kvm, slot, lo: int, hi: int) -> tuple[int, bool]:
     return pos, False
 
 
+def host_mapped_range(kvm, slot, lo: int, hi: int) -> bool:
+    """Does the host map every page of slot-relative ``[lo, hi)`` (a present PTE)?  Then no guest
+    access there makes the host allocate (a copy-on-write break aside, which the scalar path does
+    in gfn order), so a mixed read/write pass needs no prefault."""
+    h0 = slot.userspace_addr + (lo << PAGE_SHIFT)
+    h1 = slot.userspace_addr + (hi << PAGE_SHIFT)
+    covered = 0
+    for vma in kvm.mm.vmas_in(h0, h1):
+        a, b = max(h0, vma.start), min(h1, vma.end)
+        if not (vma.pte[vma.idx(a):vma.idx(b)] & _P).all():
+            return False
+        covered += (b - a) >> PAGE_SHIFT
+    return covered == hi - lo
+
+
 def _handled(kvm, vma) -> bool:
     """Fresh private anonymous or shared memory with nothing to read back, and no free pages to reuse."""
     if kvm.phys._free or not vma.flags & VM.WRITE or vma.flags & (VM.IO | VM.PFNMAP) or vma.driver is not None:
@@ -101,20 +116,35 @@ def _touch(kvm, pfns: np.ndarray, huge: bool = False) -> None:
     ``huge``: the pages are mapped by a PMD/PUD, which ``follow_huge_pmd()``/``follow_huge_pud()``
     only make young (``touch_pmd()``), with no ``mark_page_accessed()`` (mm/gup.c); the entries
     are already young and dirty from the fault."""
+    _count_gup_slow(kvm, len(pfns), huge)
+    if not huge:
+        kvm.phys.flags[kvm.phys.head[pfns]] |= int(PG.referenced)      # an OR: repeats are harmless
+
+
+def _count_gup_slow(kvm, n: int, huge: bool) -> None:
+    """:func:`_touch`'s counters for ``n`` faults."""
     j = kvm.journal
-    j.count("gup_slow", len(pfns))
-    j.count("host_page_fault", len(pfns))
-    if huge:
-        return
-    j.count(f"mark_accessed:{_FOLL_TOUCH}", len(pfns))
-    kvm.phys.flags[kvm.phys.head[pfns]] |= int(PG.referenced)          # an OR: repeats are harmless
+    j.count("gup_slow", n)
+    j.count("host_page_fault", n)
+    if not huge:
+        j.count(f"mark_accessed:{_FOLL_TOUCH}", n)
 
 
 def _fault_anon_4k(kvm, vma, idx: np.ndarray) -> bool:
-    """``do_anonymous_page()`` for write: a new page each, mapped writable and dirty."""
+    """``do_anonymous_page()`` for write: a new page each, mapped writable and dirty.  The new pages
+    are consecutive frames (``alloc(count=n)``); consecutive ``idx`` (the usual first touch of a
+    whole range) is done with slices alone: ``alloc`` already set each page's index."""
     phys = kvm.phys
-    pfn0 = phys.alloc(0, owner=vma.anon.owner_id, index=vma.pgoff + int(idx[0]), count=len(idx))
-    pfns = np.arange(pfn0, pfn0 + len(idx), dtype=np.int64)
+    n = len(idx)
+    pfn0 = phys.alloc(0, owner=vma.anon.owner_id, index=vma.pgoff + int(idx[0]), count=n)
+    if int(idx[-1]) - int(idx[0]) + 1 == n:
+        i0 = int(idx[0])
+        vma.pte_pfn[i0:i0 + n] = np.arange(pfn0, pfn0 + n, dtype=np.int64)
+        vma.pte[i0:i0 + n] = _P | _Y | _W | _D
+        _count_gup_slow(kvm, n, huge=False)
+        phys.flags[pfn0:pfn0 + n] |= int(PG.referenced)                 # order-0 pages: their own heads
+        return True
+    pfns = np.arange(pfn0, pfn0 + n, dtype=np.int64)
     phys.index[pfns] = vma.pgoff + idx
     vma.pte_pfn[idx] = pfns
     vma.pte[idx] = _P | _Y | _W | _D

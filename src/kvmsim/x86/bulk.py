@@ -68,6 +68,18 @@ def mark_dirty_bulk(kvm, slot, idx: np.ndarray, vcpu) -> None:
         slot.dirty_bitmap[idx] = True
 
 
+def mark_dirty_mask(kvm, slot, lo: int, mask: np.ndarray, vcpu) -> None:
+    """:func:`mark_dirty_bulk` for the slot-relative pages ``lo + k`` where ``mask[k]``, in order,
+    without building the index array when the dirty bitmap takes them."""
+    if not slot.logging or not mask.any():
+        return
+    if kvm.dirty_ring_size or slot.dirty_bitmap is None:
+        mark_dirty_bulk(kvm, slot, lo + np.flatnonzero(mask), vcpu)
+        return
+    kvm.journal.count("mark_page_dirty_in_slot", int(np.count_nonzero(mask)))
+    slot.dirty_bitmap[lo:lo + len(mask)] |= mask
+
+
 def host_ready(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed."""
     ready = np.zeros(len(idx), dtype=bool)
@@ -100,25 +112,36 @@ def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     return ok, p
 
 
-def guest_access_range(mmu, vcpu, gpa: int, npages: int, write: bool, values=None) -> np.ndarray:
+def guest_access_range(mmu, vcpu, gpa: int, npages: int, write, values=None) -> np.ndarray:
     """Access ``npages`` pages from ``gpa``; returns the values read/written (-1 where the access
-    exited, as the scalar access's exit says; those are counted as ``range_access_exit``)."""
+    exited, as the scalar access's exit says; those are counted as ``range_access_exit``).
+    ``write``: one kind for every page (a bool), or a bool array of ``npages`` for a mixed pass
+    (page k written if ``write[k]``), which has the state of the per-page accesses in gfn order."""
     kvm = mmu.kvm
     gfn0 = gpa >> PAGE_SHIFT
+    one = not isinstance(write, np.ndarray)
+    if one:
+        write = bool(write)
+    else:
+        write = np.asarray(write, dtype=bool)
+        if len(write) != npages:
+            raise ValueError(f"guest_access_range: {len(write)} access kinds for {npages} pages")
     vals = np.zeros(npages, dtype=np.int64) if values is None else \
         np.broadcast_to(np.asarray(values, dtype=np.int64), (npages,)).copy()
-    out = vals.copy() if write else np.zeros(npages, dtype=np.int64)
+    out = (vals.copy() if write else np.zeros(npages, dtype=np.int64)) if one else vals * write
     pos = 0
     while pos < npages:
         gfn = gfn0 + pos
         slot = kvm.gfn_to_memslot(gfn)
-        if slot is None or slot.invalid or (write and slot.readonly) or kvm.execution != "hardware":
-            a = vcpu.access(gfn << PAGE_SHIFT, write, int(vals[pos]) if write else None)
+        wr = write if one else bool(write[pos])
+        if slot is None or slot.invalid or (slot.readonly and (wr or not one)) or kvm.execution != "hardware":
+            a = vcpu.access(gfn << PAGE_SHIFT, wr, int(vals[pos]) if wr else None)
             _record(kvm, out, pos, a)
             pos += 1
             continue
         end = min(npages, slot.base_gfn + slot.npages - gfn0)
-        _range_in_slot(mmu, vcpu, slot, gfn - slot.base_gfn, end - pos, write, vals[pos:end], out[pos:end])
+        _range_in_slot(mmu, vcpu, slot, gfn - slot.base_gfn, end - pos, write if one else write[pos:end],
+                       vals[pos:end], out[pos:end])
         pos = end
     return out
 
@@ -131,27 +154,44 @@ def _record(kvm, out, k, a) -> None:
         kvm.journal.count("range_access_exit")
 
 
-def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> None:
+def _sub(write, mask):
+    """The access kinds of a subset: ``write`` itself when one kind for all, else ``write[mask]``."""
+    return write if write.__class__ is bool else write[mask]
+
+
+def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
+    """Accesses to ``[lo, lo + n)`` in gfn order; ``write`` is one kind for all (a bool) or one per
+    page (a bool array: a mixed read/write pass).  Each round handles every page in one phase (hits,
+    then fast faults, then slow faults, then the scalar path), each page with its own kind."""
     kvm = mmu.kvm
     t = tables(slot)
     todo = np.arange(lo, lo + n)
-    want = A | (D if write else 0)
+    one = write.__class__ is bool
     for _ in range(4 * n + 8):
         if not len(todo):
             return
         span = _span(todo)
         b = _take(t.bits, todo, span)
-        hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
+        if one:
+            hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
+        else:
+            hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & (~write | ((b & W) != 0))
+        if not one and not hit.all():
+            if _needs_scalar(mmu, slot, t, todo, b, write, hit):
+                _by_runs(mmu, vcpu, slot, lo, todo, write, vals, out)
+                return
+            hit = _in_order_hits(slot, t, todo, span, hit)
         if hit.all():                                     # every page maps: no gathers
-            _hits(mmu, vcpu, slot, t, todo, b, write, want)
+            _hits(mmu, vcpu, slot, t, todo, b, write)
             k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
             _guest_data(kvm, _take(t.pfn, todo, span), k, write, vals, out)
             return
         if hit.any():
             done = todo[hit]
-            _hits(mmu, vcpu, slot, t, done, b[hit], write, want)
-            _guest_data(kvm, t.pfn[done], done - lo, write, vals, out)
+            _hits(mmu, vcpu, slot, t, done, b[hit], _sub(write, hit))
+            _guest_data(kvm, t.pfn[done], done - lo, _sub(write, hit), vals, out)
             todo = todo[~hit]
+            write = _sub(write, ~hit)
         if not len(todo):
             return
         span = _span(todo)
@@ -159,13 +199,15 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
         lvl = _take(t.level, todo, span)
         # fast_page_fault() can fix: a read of an access-tracked SPTE; a write where the SPTE is
         # MMU-writable (and not a huge leaf of a dirty-logged slot), access-tracked or write-protected
-        if write:
-            fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
-        else:
+        if one and not write:
             fixable = (b & AT) != 0
+        else:
+            fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
+            if not one:
+                fixable = np.where(write, fixable, (b & AT) != 0)
         fix = ((b & P) != 0) & ((b & MMIO) == 0) & fixable
         if fix.any():
-            _fast_faults(mmu, vcpu, slot, t, todo[fix], write)
+            _fast_faults(mmu, vcpu, slot, t, todo[fix], _sub(write, fix))
             continue
         present = (b & P) != 0
         ready, hpfn = host_ready(kvm, slot, todo)
@@ -176,28 +218,105 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write: bool, vals, out) -> 
             mmu_seq = kvm.mmu_invalidate_seq                  # kvm_mmu_faultin_pfn(): the snapshot
             if kvm.mmu_invalidate_in_progress:                # (just snapshotted: only a range can retry)
                 ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
-        if ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], write, mmu_seq):
+        if ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], mmu_seq):
             continue
         # the scalar path for what needs the host or KVM's conflict handling, in gfn order; back to
         # the vectorised round as soon as the host has mapped the next page (a huge host fault)
         rest = todo.tolist()
-        for k, i in enumerate(rest):
-            a = mmu.guest_access(vcpu, (slot.base_gfn + i) << PAGE_SHIFT, write, int(vals[i - lo]) if write else None)
+        kinds = [write] * len(rest) if one else write.tolist()
+        for k, (i, wr) in enumerate(zip(rest, kinds)):
+            a = mmu.guest_access(vcpu, (slot.base_gfn + i) << PAGE_SHIFT, wr, int(vals[i - lo]) if wr else None)
             _record(kvm, out, i - lo, a)
             nxt = rest[k + 1] if k + 1 < len(rest) else None
             if nxt is not None and not int(t.bits[nxt]) & P and host_ready(kvm, slot, np.array([nxt]))[0][0]:
                 todo = np.array(rest[k + 1:], dtype=np.int64)
+                write = write if one else np.array(kinds[k + 1:], dtype=bool)
                 break
         else:
             return
 
 
-def _guest_data(kvm, pfn: np.ndarray, k, write: bool, vals, out) -> None:
+def _needs_scalar(mmu, slot, t, todo, b, write, hit) -> bool:
+    """In a mixed pass: does some page that does not hit need more than a fast fault or a GUP-fast
+    slow fault (a host fault, a copy-on-write break, KVM's conflict handling)?  Such a fault can
+    change other pages' mappings (a THP copy-on-write zaps the whole 2 MiB region through the MMU
+    notifier), so the pages must then be taken in gfn order."""
+    miss = ~hit
+    idx, bm, wm = todo[miss], b[miss], write[miss]
+    present = (bm & P) != 0
+    lvl = t.level[idx]
+    wfix = ((bm & MW) != 0) & (((bm & AT) != 0) | ((bm & W) == 0)) & ((lvl == 1) | (not slot.logging))
+    fix = present & ((bm & MMIO) == 0) & np.where(wm, wfix, (bm & AT) != 0)
+    if fix.all():
+        return False
+    if (present & ~fix).any() or not mmu.tdp_mmu_enabled:
+        return True
+    ready, _ = host_ready(mmu.kvm, slot, idx[~fix])
+    return not ready.all()
+
+
+def _by_runs(mmu, vcpu, slot, lo: int, todo, write, vals, out) -> None:
+    """The pages ``todo`` (ascending) in gfn order, one single-kind call per run of consecutive pages
+    of the same kind."""
+    brk = np.flatnonzero((write[1:] != write[:-1]) | (todo[1:] != todo[:-1] + 1)) + 1
+    for s, e in zip(np.concatenate(([0], brk)).tolist(), np.concatenate((brk, [len(todo)])).tolist()):
+        a, z = int(todo[s]) - lo, int(todo[e - 1]) + 1 - lo
+        _range_in_slot(mmu, vcpu, slot, lo + a, z - a, bool(write[s]), vals[a:z], out[a:z])
+
+
+def _in_order_hits(slot, t, todo, span, hit: np.ndarray) -> np.ndarray:
+    """The hits of a mixed pass that may go before the faults of the round: on a huge leaf, a load
+    can hit where a store to another page of the same leaf faults, and that fault may replace the
+    leaf (a 4 KiB mapping on a dirty-logged slot, a copy-on-write break), so in gfn order the load
+    would fault too.  Hits on a huge leaf that also holds a page that does not hit stay in the
+    round: they are taken in gfn order with it (the scalar path), or hit again after its fast fault."""
+    lvl = _take(t.level, todo, span)
+    huge_hit = hit & (lvl > 1)
+    if not huge_hit.any():
+        return hit
+    miss = ~hit & (lvl > 1)
+    if not miss.any():
+        return hit
+    starts, _ = _leaf_starts(slot, t, todo)
+    return hit & ~(huge_hit & np.isin(starts, starts[miss]))
+
+
+def _guest_data(kvm, pfn: np.ndarray, k, write, vals, out) -> None:
     """The guest's loads/stores through hits (``k``: their positions in ``vals``/``out``), as
     ``phys.write``/``phys.read`` per page do them: vectorised over live pages with a struct page;
-    an MMIO pfn (no struct page) or a freed page (a use after free to report) one by one, in order."""
+    an MMIO pfn (no struct page) or a freed page (a use after free to report) one by one, in order.
+    ``write`` per page (a mixed pass): the loads and the stores apart when no page frame repeats
+    (then they commute), else page by page in order, so a load sees an earlier store to its frame."""
     phys = kvm.phys
     if not len(pfn):
+        return
+    if write.__class__ is not bool:
+        if (len(pfn) < 2 or (pfn[1:] > pfn[:-1]).all()) and pfn[0] > 0 and pfn[-1] < phys.nr and \
+                (not phys.has_freed_pages() or not (phys.flags[pfn] & _POISONED).any()):
+            rd = ~write                                   # distinct live frames: loads and stores commute
+            p0 = int(pfn[0])
+            if k.__class__ is slice and int(pfn[-1]) - p0 + 1 == len(pfn):     # one run of frames
+                # a store leaves its value in the frame, a load leaves the frame as it was: either
+                # way the access's value is the frame's new content (a select by bit masks, as
+                # np.where over a random mask costs ten times more)
+                frames = phys.data[p0:p0 + len(pfn)]
+                keep = write.view(np.int8).astype(np.int64)
+                np.negative(keep, out=keep)                              # all ones where written
+                new = np.bitwise_xor(frames, vals[k])
+                np.bitwise_and(new, keep, out=new)
+                np.bitwise_xor(new, frames, out=new)
+                frames[:] = new
+                out[k] = new
+            elif k.__class__ is slice:
+                phys.data[pfn[write]] = vals[k][write]
+                out[k][rd] = phys.data[pfn[rd]]
+            else:
+                phys.data[pfn[write]] = vals[k[write]]
+                out[k[rd]] = phys.data[pfn[rd]]
+        else:
+            pos = np.arange(len(out))[k]
+            for p, i, wr in zip(pfn.tolist(), pos.tolist(), write.tolist()):
+                _guest_data(kvm, np.array([p]), np.array([i]), wr, vals, out)
         return
     if pfn.min() > 0 and pfn.max() < phys.nr and \
             (not phys.has_freed_pages() or not (phys.flags[pfn] & _POISONED).any()):
@@ -225,55 +344,81 @@ def _leaf_starts(slot, t, idx):
     return (slot.base_gfn + idx) // size * size - slot.base_gfn, size
 
 
-def _hits(mmu, vcpu, slot, t, idx, b, write: bool, want: int) -> None:
-    """Hardware A/D on hits (``b``: their bits, read before this writes the table)."""
+def _hits(mmu, vcpu, slot, t, idx, b, write) -> None:
+    """Hardware A/D on hits (``b``: their bits, read before this writes the table); ``write`` one
+    kind for all or one per page (A for a load, A|D for a store: ORs, so their order is moot)."""
+    one = write.__class__ is bool
+    want = np.uint16(A | (D if write else 0)) if one else write * np.uint16(D) | np.uint16(A)
     need = ((b & ADX) == 0) & ((b & want) != want)
     if not need.any():
         return
+    span = _span(idx)
+    if not one and span is not None and (_take(t.level, idx, span) <= 1).all():
+        # a mixed pass over consecutive 4 KiB leaves: each page ORs its own bits (none where not needed)
+        logged = write & need & ((b & D) == 0) if slot.logging and mmu.pml else None
+        t.bits[span[0]:span[1]] |= want * need
+        if logged is not None:
+            mark_dirty_mask(mmu.kvm, slot, span[0], logged, vcpu)
+        return
     if not need.all():
         idx, b = idx[need], b[need]
+        if not one:
+            want, write = want[need], write[need]
     span = _span(idx)
     small = _take(t.level, idx, span) <= 1
     if span is not None and small.all():
         b = b.copy()                                      # b may be a view of the table written next
-        t.bits[span[0]:span[1]] |= np.uint16(want)
+        t.bits[span[0]:span[1]] |= want
     else:
-        t.bits[idx[small]] |= np.uint16(want)
+        t.bits[idx[small]] |= want if one else want[small]
     if not small.all():
         starts, size = _leaf_starts(slot, t, idx[~small])
-        for s, sz in set(zip(starts.tolist(), size.tolist())):
-            t.bits[s:s + sz] |= np.uint16(want)
-    if write and slot.logging and mmu.pml:
-        mark_dirty_bulk(mmu.kvm, slot, idx[(b & D) == 0], vcpu)
+        wants = [int(want)] * len(starts) if one else want[~small].tolist()
+        for s, sz, wv in set(zip(starts.tolist(), size.tolist(), wants)):
+            t.bits[s:s + sz] |= np.uint16(wv)
+    if slot.logging and mmu.pml:
+        if one and write:
+            mark_dirty_bulk(mmu.kvm, slot, idx[(b & D) == 0], vcpu)
+        elif not one:
+            mark_dirty_bulk(mmu.kvm, slot, idx[write & ((b & D) == 0)], vcpu)
 
 
-def _fast_faults(mmu, vcpu, slot, t, idx, write: bool) -> None:
+def _fast_faults(mmu, vcpu, slot, t, idx, write) -> None:
+    """``fast_page_fault()`` for each index (``write``: one kind for all, or one per page): 4 KiB
+    leaves in one write, huge leaves once per leaf with the kind of its first page in gfn order."""
     kvm = mmu.kvm
+    one = write.__class__ is bool
     small = t.level[idx] <= 1
     s = idx[small]
     if len(s):
+        ws = write if one else write[small]
         lo, hi = int(s.min()), int(s.max()) + 1
         new = t.bits[lo:hi].copy()
         b = new[s - lo].astype(np.int64)
         nb = np.where(b & AT, b & ~(AT | SW), b)                 # restore R/X; W only on a write
-        if write:
+        if one and write:
             nb |= W | np.where(nb & ADX, 0, D)
+        elif not one:
+            nb |= np.where(ws, W | np.where(nb & ADX, 0, D), 0)
         nb |= np.where(nb & ADX, 0, A)
         new[s - lo] = nb.astype(np.uint16)
         spte_write(kvm, slot, lo, hi, new, caller="fast_page_fault")
         kvm.journal.count("page_fault", len(s))
         kvm.journal.count("fast_page_fault", len(s))
-        if write:
+        if one and write:
             mark_dirty_bulk(kvm, slot, s, vcpu)
+        elif not one:
+            mark_dirty_bulk(kvm, slot, s[ws], vcpu)
     if (~small).any():
         starts, _ = _leaf_starts(slot, t, idx[~small])
+        kinds = [write] * len(starts) if one else write[~small].tolist()
         seen = set()
-        for i, st in zip(idx[~small].tolist(), starts.tolist()):
+        for i, st, wr in zip(idx[~small].tolist(), starts.tolist(), kinds):
             if st in seen:
                 continue
             seen.add(st)
             kvm.journal.count("page_fault")
-            mmu.fast_page_fault(vcpu, slot, slot.base_gfn + i, write)
+            mmu.fast_page_fault(vcpu, slot, slot.base_gfn + i, wr)
 
 
 def _retry_mask(kvm, gfns: np.ndarray, mmu_seq: int, *, locked: bool) -> np.ndarray:
@@ -300,10 +445,11 @@ def _try_lock(mmu) -> bool:
     return True
 
 
-def _slow_faults(mmu, vcpu, slot, t, idx, pfn, write: bool, mmu_seq: int) -> bool:
+def _slow_faults(mmu, vcpu, slot, t, idx, pfn, mmu_seq: int) -> bool:
     """One fault per leaf to install: faultin (GUP-fast), map under mmu_lock, release per policy.
     False (nothing done) when ``mmu_lock`` is not free or the locked re-check finds the batch stale:
-    the caller hands those pages to the scalar fault."""
+    the caller hands those pages to the scalar fault.  A read fault maps the same writable SPTE
+    as a write (``make_spte()``), so the access kinds do not enter."""
     kvm = mmu.kvm
     span = _span(idx)
     if span is not None:

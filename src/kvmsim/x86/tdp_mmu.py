@@ -71,6 +71,8 @@ def max_mapping_levels(kvm, slot, lo: int, hi: int, max_level: int, *, logging: 
     if logging or max_level <= 1:
         return np.ones(hi - lo, dtype=np.uint8)
     lv = np.minimum(host_levels(kvm, slot, lo, hi), max_level)
+    if lv.max() <= 1:                                   # the host maps only 4 KiB: nothing to align
+        return lv.astype(np.uint8)
     gfn = slot.base_gfn + np.arange(lo, hi)
     for level in (3, 2):
         n = LEVEL_PAGES[level]
@@ -170,8 +172,7 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
     sel &= (bits & dbit) != 0
     if not sel.any():
         return False
-    new = bits.copy()
-    new[sel] &= ~dbit[sel]
+    new = bits & np.where(sel, ~dbit, np.uint16(0xFFFF))    # no boolean gather: sel is often scattered
     spte_write(kvm, slot, lo, hi, new, caller=caller, track=False)
     if lvl.max() > 1:                                   # one report per leaf: its first entry
         sel &= ((slot.base_gfn + lo + np.arange(hi - lo)) % LEAF_PAGES[lvl]) == 0

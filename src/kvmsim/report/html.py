@@ -44,8 +44,8 @@ def _run_section(k: int, d: dict) -> str:
         "no stated outcome"
     out = [f'<section class="run" id="run-{k}" data-policy="{_e(d["policy"])}" data-verdict="{_e(verdict)}">',
            f'<h2><span class="pol">{_e(d["policy"])}</span> <span class="verdict v-{_e(verdict)}">{_e(verdict)}</span>'
-           f' <span class="invs">{_e(_inv_text(d["by_invariant"]))}</span>'
-           f' <span class="match {"ok" if d["expected_match"] else "bad"}">{_e(match)}</span></h2>']
+           + (f' <span class="invs">{_e(_inv_text(d["by_invariant"]))}</span>' if d["by_invariant"] else "")
+           + f' <span class="match {"ok" if d["expected_match"] else "bad"}">{_e(match)}</span></h2>']
     if d["error"]:
         out.append(f'<p class="err">error: {_e(d["error"])}</p>')
     for m in d["mismatches"]:

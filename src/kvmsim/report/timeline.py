@@ -47,162 +47,179 @@ _PAGE_OPS = frozenset({"get", "put", "pin", "unpin", "get_unless_zero_failed", "
                        "freed_while_referenced", "uaf"})
 
 
+_BIG = np.iinfo(np.int64).max
+
+
 @dataclass
 class _Snap:
-    """One observation: per-pfn page state (arrays over ``mem_map``) and the stage-2 leaves."""
+    """One observation: per-pfn arrays over ``mem_map`` as it was then (``nr`` pfns)."""
 
-    ref: np.ndarray
-    pin: np.ndarray
-    flags: np.ndarray              # bit 0 dirty, 1 accessed, 2 freed
-    spte_pfn: np.ndarray
-    spte_gfn: np.ndarray
-    spte_bits: np.ndarray          # bit 0 W, 1 A, 2 D
-    spte_level: np.ndarray
-    host_pfn: np.ndarray
-    host_gfn: np.ndarray
+    ref: np.ndarray                # i32 folio_ref_count
+    pin: np.ndarray                # i32 pin count
+    flags: np.ndarray              # u8: bit 0 PG_dirty, 1 PG_referenced, 2 freed
+    spte: np.ndarray               # u8: bit 0 W, 1 A, 2 D, 3 present, bits 4-6 level
+    far_pfn: np.ndarray            # SPTE pfns past mem_map (no struct page: MMIO) ...
+    far_spte: np.ndarray           # ... and their SPTE code
 
 
 @dataclass
 class Timeline:
-    """Collects one run's observations; :meth:`data` turns them into the JSON the page draws."""
+    """Collects one run's observations; :meth:`data` turns them into the JSON the page draws.
+
+    An observation costs 10 bytes per pfn of ``mem_map``; the pfns worth a lane (any SPTE, host PTE
+    behind a memslot, fact or violation names them) and the smallest gfn each backs are kept as one
+    running array each."""
 
     snaps: list[_Snap] = field(default_factory=list)
+    seen: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
+    gfn_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    far_gfn: dict = field(default_factory=dict)
 
     def observe(self, env, i: int) -> None:
         """The runner's ``observe`` hook: snapshot the model after set-up (0) and after step ``i``."""
         kvm = env.kvm
         phys = kvm.phys
         n = phys.nr
+        if len(self.seen) < n:
+            self.seen = np.concatenate([self.seen, np.zeros(n - len(self.seen), bool)])
+            self.gfn_of = np.concatenate([self.gfn_of, np.full(n - len(self.gfn_of), _BIG, np.int64)])
         head = phys.head[:n]
-        ref = phys.refcount[head].astype(np.int64)
-        large = (phys.flags[head] & _HEAD) != 0
-        pin = np.where(large, phys.pincount[head], ref // GUP_PIN_COUNTING_BIAS)
         hf = phys.flags[head]
+        ref = phys.refcount[head].astype(np.int32)
+        pin = np.where((hf & _HEAD) != 0, phys.pincount[head], ref // GUP_PIN_COUNTING_BIAS).astype(np.int32)
         flags = (((hf & _DIRTY) != 0) * 1 + ((hf & _REFERENCED) != 0) * 2
                  + ((phys.flags[:n] & _POISONED) != 0) * 4).astype(np.uint8)
-        spte = _leaves(kvm)
-        host = _host_map(kvm)
-        self.snaps.append(_Snap(ref, pin.astype(np.int64), flags, *spte, *host))
+        del head, hf
+        spte = np.zeros(n, np.uint8)
+        pfn, gfn, bits, level = _leaves(kvm)
+        code = (bits | 8 | (np.minimum(level, 7) << 4)).astype(np.uint8)
+        near = (pfn > 0) & (pfn < n)
+        spte[pfn[near]] = code[near]
+        far = pfn >= n
+        for p, g in zip(pfn[far].tolist(), gfn[far].tolist()):
+            self.far_gfn[p] = min(g, self.far_gfn.get(p, g))
+        self._note(pfn[near], gfn[near])
+        del gfn, bits, level
+        hp, hg = _host_map(kvm)
+        ok = hp < n
+        self._note(hp[ok], hg[ok])
+        self.snaps.append(_Snap(ref, pin, flags, spte, pfn[far], code[far]))
+
+    def _note(self, pfns: np.ndarray, gfns: np.ndarray) -> None:
+        if len(pfns):
+            self.seen[pfns] = True
+            np.minimum.at(self.gfn_of, pfns, gfns)
 
     # ---- turning observations into lanes -------------------------------------------------------------
     def data(self, rr) -> dict:
         """The JSON-ready timeline of run ``rr`` (a :class:`RunResult`) from the observations."""
-        facts = [f for s in rr.steps for f in s.facts]
-        fact_pfns = np.array([f.pfn for f in facts if f.pfn is not None and f.pfn >= 0], dtype=np.int64)
-        pool = [fact_pfns] + [a for s in self.snaps for a in (s.spte_pfn, s.host_pfn)]
-        pool += [np.array([v.pfn for v in rr.violations if v.pfn is not None], dtype=np.int64)]
-        universe = np.unique(np.concatenate(pool)) if pool else np.zeros(0, np.int64)
-        universe = universe[universe > 0]
-        # the gfn each pfn backs (the smallest seen, SPTE or host PTE), to order and name lanes
-        gfn = np.full(len(universe), np.iinfo(np.int64).max, dtype=np.int64)
-        for s in self.snaps:
-            for p, g in ((s.spte_pfn, s.spte_gfn), (s.host_pfn, s.host_gfn)):
-                keep = p > 0
-                if keep.any():
-                    np.minimum.at(gfn, np.searchsorted(universe, p[keep]), g[keep])
-        order = np.lexsort((universe, gfn))
-        universe, gfn = universe[order], gfn[order]
-        states = np.stack([self._state(s, universe) for s in self.snaps]) if self.snaps else \
-            np.zeros((0, len(universe), len(STATE_FIELDS)), np.int64)       # (steps, pages, fields)
+        n = len(self.seen)
+        fact_pfns = [np.fromiter((-1 if f.pfn is None else f.pfn for f in s.facts), np.int64, len(s.facts))
+                     for s in rr.steps]
+        viol_pfns = np.fromiter((-1 if v.pfn is None else v.pfn for v in rr.violations), np.int64,
+                                len(rr.violations))
+        named = np.concatenate(fact_pfns + [viol_pfns])
+        named = named[named > 0]
+        seen = self.seen.copy()
+        seen[named[named < n]] = True
+        if n:
+            seen[0] = False                                  # pfn 0 is never handed out
+        far = np.unique(np.concatenate([named[named >= n], np.array(list(self.far_gfn), np.int64)]))
+        universe = np.concatenate([np.nonzero(seen)[0].astype(np.int64), far])   # sorted by pfn
+        del seen
+        gfn = np.concatenate([self.gfn_of[universe[universe < n]],
+                              np.array([self.far_gfn.get(int(p), _BIG) for p in far], np.int64)])
+        order = np.lexsort((universe, gfn))                  # lanes in gfn order, then pfn
+        npages = len(universe)
+        per = max(1, -(-npages // MAX_LANES))                # pages per lane
+        nlanes = -(-npages // per) if npages else 0
+        lane_of = np.empty(npages, np.int64)                 # by pfn-sorted index
+        lane_of[order] = np.arange(npages) // per
         nsteps = len(self.snaps)
-        # lane index of each page: itself, or its range when there are more pages than lanes
-        per = max(1, -(-len(universe) // MAX_LANES))
-        nlanes = -(-len(universe) // per) if len(universe) else 0
-        lane_of = np.arange(len(universe)) // per
-        pos = np.empty(len(universe), np.int64)
-        pos[order] = np.arange(len(universe))               # sorted-by-pfn index -> lane-sorted index
-
-        by_pfn = np.sort(universe)
+        agg = np.zeros((nsteps, nlanes, len(STATE_FIELDS)), np.int64)
+        for t, s in enumerate(self.snaps):
+            for c, col in enumerate(self._columns(s, universe)):
+                if STATE_FIELDS[c] == "level":
+                    np.maximum.at(agg[t, :, c], lane_of, col)
+                elif nlanes == npages:
+                    agg[t, lane_of, c] = col
+                else:
+                    agg[t, :, c] = np.bincount(lane_of, weights=col, minlength=nlanes).astype(np.int64)
 
         def lane_idx(pfns: np.ndarray) -> np.ndarray:
-            k = np.searchsorted(by_pfn, pfns)
-            ok = (k < len(by_pfn)) & (by_pfn[np.minimum(k, len(by_pfn) - 1)] == pfns) if len(by_pfn) else \
-                np.zeros(len(pfns), bool)
+            k = np.searchsorted(universe, pfns)
+            kk = np.minimum(k, max(npages - 1, 0))
+            ok = (k < npages) & (universe[kk] == pfns) if npages else np.zeros(len(pfns), bool)
             out = np.full(len(pfns), -1, np.int64)
-            out[ok] = lane_of[pos[k[ok]]]
+            out[ok] = lane_of[kk[ok]]
             return out
 
         lanes = []
-        agg = np.zeros((nsteps, nlanes, len(STATE_FIELDS)), np.int64)
-        for c in range(len(STATE_FIELDS)):
-            for t in range(nsteps):
-                col = states[t, :, c]
-                if STATE_FIELDS[c] == "level":
-                    np.maximum.at(agg[t, :, c], lane_of, col)
-                else:
-                    agg[t, :, c] = np.bincount(lane_of, weights=col, minlength=nlanes).astype(np.int64)
-        big = np.iinfo(np.int64).max
+        su, sg = universe[order], gfn[order]
         for li in range(nlanes):
-            lo, hi = li * per, min(len(universe), (li + 1) * per)
-            g = gfn[lo:hi]
-            g = g[g != big]
-            lane = {"pfn": [int(universe[lo:hi].min()), int(universe[lo:hi].max())], "n": hi - lo,
-                    "gfn": [int(g.min()), int(g.max())] if len(g) else None, "s": _deltas(agg[:, li, :])}
-            lanes.append(lane)
+            lo, hi = li * per, min(npages, (li + 1) * per)
+            g = sg[lo:hi]
+            g = g[g != _BIG]
+            lanes.append({"pfn": [int(su[lo:hi].min()), int(su[lo:hi].max())], "n": hi - lo,
+                          "gfn": [int(g.min()), int(g.max())] if len(g) else None, "s": _deltas(agg[:, li, :])})
+        del su, sg, order, gfn
         # operations and violations per (step, lane)
         ops_cells: Counter = Counter()
         steps = []
-        shown_ops = 0
-        for s in rr.steps:
-            fp = np.array([f.pfn if f.pfn is not None and f.pfn > 0 else -1 for f in s.facts], np.int64)
+        for s, fp in zip(rr.steps, fact_pfns):
             li = lane_idx(fp) if len(fp) else fp
-            for lane, cnt in Counter(li[li >= 0].tolist()).items():
-                ops_cells[(s.index, lane)] += cnt
-            groups: Counter = Counter()
-            listed = []
-            for f, lane in zip(s.facts, li.tolist()):
-                groups[(f.kind.value, f.caller, f.source.value, bool(f.locked), bool(f.kvm))] += 1
-                if len(listed) < MAX_OPS_PER_STEP:
-                    listed.append(_fact_row(f, lane))
-            shown_ops += len(listed)
+            lanes_hit, cnt = np.unique(li[li >= 0], return_counts=True)
+            for lane, c in zip(lanes_hit.tolist(), cnt.tolist()):
+                ops_cells[(s.index, lane)] += c
+            groups = Counter((f.kind, f.caller, f.source, f.locked, f.kvm) for f in s.facts)
+            listed = [_fact_row(f, lane) for f, lane in zip(s.facts[:MAX_OPS_PER_STEP], li[:MAX_OPS_PER_STEP].tolist())]
             steps.append({"i": s.index, "op": s.op, "text": s.text, "result": s.res.result,
                           "errno": s.res.errno_name or "", "nfacts": len(s.facts), "ops": listed,
-                          "groups": [list(k) + [n] for k, n in groups.most_common()],
+                          "groups": [[k.value, c, src.value, bool(lk), bool(kv), n]
+                                     for (k, c, src, lk, kv), n in groups.most_common()],
                           "violations": _by_inv(s.violations), "mismatches": list(s.mismatches)})
-        vp = np.array([v.pfn if v.pfn is not None else -1 for v in rr.violations], np.int64)
-        vl = lane_idx(vp) if len(vp) else vp
-        viol_cells: Counter = Counter()
-        for v, lane in zip(rr.violations, vl.tolist()):
-            if lane >= 0 and v.step is not None:
-                viol_cells[(v.step, lane)] += 1
+        vl = lane_idx(viol_pfns) if len(viol_pfns) else viol_pfns
+        vs = np.fromiter((-1 if v.step is None else v.step for v in rr.violations), np.int64, len(rr.violations))
+        keep = (vl >= 0) & (vs >= 0)
+        cells, cnt = np.unique(vs[keep] * (nlanes + 1) + vl[keep], return_counts=True)
+        viol_cells = {divmod(int(k), nlanes + 1): int(c) for k, c in zip(cells.tolist(), cnt.tolist())}
         return {
             "scenario": rr.scenario, "policy": rr.policy, "verdict": rr.verdict, "error": rr.error or "",
             "expected_match": rr.expected_match, "stated": rr.stated, "mismatches": list(rr.mismatches),
             "by_invariant": rr.by_invariant(), "nsteps": nsteps, "fields": list(STATE_FIELDS),
             "pages": int(len(universe)), "pages_per_lane": per, "lanes": lanes, "steps": steps,
             "violations": [_viol_row(v, lane) for v, lane in zip(rr.violations[:MAX_VIOLATIONS],
-                                                                  vl.tolist()[:MAX_VIOLATIONS])],
+                                                                  vl[:MAX_VIOLATIONS].tolist())],
             "nviolations": len(rr.violations),
             "ops_cells": [[t, lane, n] for (t, lane), n in sorted(ops_cells.items())],
             "viol_cells": [[t, lane, n] for (t, lane), n in sorted(viol_cells.items())],
             "counters": {k: v for k, v in sorted(rr.counters.items()) if ":" not in k},
         }
 
-    def _state(self, s: _Snap, pfns: np.ndarray) -> np.ndarray:
-        """``(len(pfns), len(STATE_FIELDS))`` state of ``pfns`` at observation ``s``."""
-        out = np.zeros((len(pfns), len(STATE_FIELDS)), np.int64)
-        ok = pfns < len(s.ref)                               # pfns past mem_map (MMIO) have no struct page
-        p = pfns[ok]
-        out[ok, 0] = s.ref[p]
-        out[ok, 1] = s.pin[p]
-        fl = s.flags[p]
-        out[ok, 2] = fl & 1
-        out[ok, 3] = (fl >> 1) & 1
-        out[ok, 4] = (fl >> 2) & 1
-        if len(s.spte_pfn):
-            srt = np.argsort(s.spte_pfn, kind="stable")
-            sp = s.spte_pfn[srt]
-            k = np.searchsorted(sp, pfns)
-            kk = np.minimum(k, len(sp) - 1)
-            hit = (k < len(sp)) & (sp[kk] == pfns)
-            j = srt[kk[hit]]
-            b = s.spte_bits[j]
-            out[hit, 5] = 1
-            out[hit, 6] = b & 1
-            out[hit, 7] = (b >> 1) & 1
-            out[hit, 8] = (b >> 2) & 1
-            out[hit, 9] = s.spte_level[j]
-        return out
+    @staticmethod
+    def _columns(s: _Snap, pfns: np.ndarray):
+        """The :data:`STATE_FIELDS` columns of ``pfns`` at observation ``s``, one array at a time."""
+        inside = pfns < len(s.ref)
+        p = np.where(inside, pfns, 0)
+        yield np.where(inside, s.ref[p], 0)
+        yield np.where(inside, s.pin[p], 0)
+        fl = np.where(inside, s.flags[p], 0)
+        yield fl & 1
+        yield (fl >> 1) & 1
+        yield (fl >> 2) & 1
+        del fl
+        code = np.where(inside, s.spte[p], 0).astype(np.int64)
+        if len(s.far_pfn):                                   # SPTEs on pfns with no struct page
+            srt = np.argsort(s.far_pfn)
+            fp = s.far_pfn[srt]
+            kk = np.minimum(np.searchsorted(fp, pfns), len(fp) - 1)
+            hit = ~inside & (fp[kk] == pfns)
+            code[hit] = s.far_spte[srt][kk[hit]]
+        yield (code >> 3) & 1
+        yield code & 1
+        yield (code >> 1) & 1
+        yield (code >> 2) & 1
+        yield code >> 4
 
 
 def _deltas(m: np.ndarray) -> list:

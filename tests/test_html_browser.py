@@ -78,13 +78,15 @@ def _classes(a: dict) -> list[str]:
     return (a.get("class") or "").split()
 
 
-def _load(tmp_path: Path, name: str, size=(1600, 1100)):
+def _load(tmp_path: Path, name: str, size=(1600, 1100), dom_hash: str = ""):
+    """Run ``name`` under its policies, write its page, load it twice in Chromium: the DOM after the
+    script ran (at ``dom_hash``) and a screenshot (not zoomed)."""
     sc = load_scenario(name)
     runs = [run_with_timeline(sc, p) for p in sc.policies]
     page = tmp_path / f"{name}.html"
     nbytes = write_html(page, sc, [d for _, d in runs])
     url = page.resolve().as_uri()
-    res = _chromium(tmp_path, "--dump-dom", url)
+    res = _chromium(tmp_path, "--dump-dom", url + dom_hash)
     assert res.returncode == 0, res.stderr[-2000:]
     dom = _Dom()
     dom.feed(res.stdout)
@@ -116,7 +118,8 @@ def _has_colour(px: np.ndarray, rgb, tol: int = 10) -> int:
     return int(np.all(np.abs(px - np.array(rgb)) <= tol, axis=2).sum())
 
 
-def _assert_dom_is_the_run(dom: _Dom, runs) -> None:
+def _assert_dom_is_the_run(dom: _Dom, runs, zoom: dict | None = None) -> None:
+    """The DOM shows each run's steps, violations and facts; ``zoom`` maps a run to the lanes shown."""
     body = dom.find("body")[0]
     assert body.get("data-rendered") == str(len(runs)), "the script did not draw every run"
     svgs = dom.find("svg", "timeline")
@@ -126,6 +129,7 @@ def _assert_dom_is_the_run(dom: _Dom, runs) -> None:
     marks_by_run = _split_by_section(dom, "g", "vmark")
     lanes_by_run = _split_by_section(dom, "g", "lane")
     groups_by_run = _split_by_section(dom, "g", "grp")
+    dom_groups1 = _split_by_section(dom, "g", "grp1")
     for k, (rr, d) in enumerate(runs):
         # the violation markers the script drew: one per step with violations, naming its invariants
         want = {s.index: sorted({v.invariant for v in s.violations}) for s in rr.steps if s.violations}
@@ -147,8 +151,11 @@ def _assert_dom_is_the_run(dom: _Dom, runs) -> None:
         assert [(c[1], c[4], c[6]) for c in ops] == \
             [(f.kind.value, f.caller, "held" if f.locked else "not held") for f in facts]
         # the lanes: one per page when few, else at most GROUPS range rows over all of them
-        n = len(d["lanes"])
-        if n <= DETAIL:
+        lo, hi = (zoom or {}).get(k, (0, len(d["lanes"])))
+        n = hi - lo
+        if n <= DETAIL and any(lane["n"] > 1 for lane in d["lanes"][lo:hi]):
+            assert [(int(g["data-lo"]), int(g["data-hi"])) for g in dom_groups1[k]] == [(j, j + 1) for j in range(lo, hi)]
+        elif n <= DETAIL:
             assert len(lanes_by_run[k]) == sum(1 for lane in d["lanes"] if lane["n"] == 1)
         else:
             assert len(groups_by_run[k]) == math.ceil(n / math.ceil(n / GROUPS))
@@ -185,11 +192,16 @@ def test_clean_scenario(tmp_path):
 
 
 def test_many_pages_are_ranges_with_zoom(tmp_path):
-    sc, runs, dom, px, nbytes = _load(tmp_path, "hugetlb-1g-disable-dirty-log")
+    """262,144 pages: range rows of heat strips; the legacy run opened zoomed into its first 16 lanes
+    (``#run0=0-16``) shows one row per lane, outlined where the run's violations name its pages."""
+    sc, runs, dom, px, nbytes = _load(tmp_path, "hugetlb-1g-disable-dirty-log", dom_hash="#run0=0-16")
     assert [rr.verdict for rr, _ in runs] == ["violations", "clean"]
     for rr, d in runs:
         assert d["pages"] == 262144 and d["pages_per_lane"] > 1
-    _assert_dom_is_the_run(dom, runs)
+    _assert_dom_is_the_run(dom, runs, zoom={0: (0, 16)})
+    outlined = _split_by_section(dom, "rect", "vcell")
+    assert len(outlined[0]) == len({(t, lane) for t, lane, _ in runs[0][1]["viol_cells"] if lane < 16}) > 0
+    assert outlined[1] == []
     _assert_not_blank(px)
     assert _has_colour(px, VIOLATION_RED) > 4 * LEGEND_RED
     assert nbytes < 4 << 20, f"{nbytes} bytes for 262144 pages"

@@ -6,7 +6,8 @@ the step (red when the checker found a violation after it) with the invariants i
 A lane of one page shows four rows: ``folio_ref_count`` and pin count, PG_dirty / PG_referenced /
 freed, the stage-2 leaf (level and W/A/D) and the number of journal facts on that page in the step.
 More than :data:`DETAIL` lanes in view are drawn as at most :data:`GROUPS` range rows of heat strips;
-a click on one zooms into it (a breadcrumb zooms back out).  A click on a step header or a cell
+a click on one zooms into it (a breadcrumb zooms back out; ``#run0=LO-HI`` in the address opens
+the first run zoomed into lanes LO..HI-1).  A click on a step header or a cell
 filters the operations table below to that step (and page).
 """
 
@@ -212,7 +213,7 @@ JS = r"""
   }
 
   function drawGroup(svg, run, k, lo, hi, y, zoomable, onZoom) {
-    var H = 6 * HS + 4, T = run.nsteps, first = run.lanes[lo], last = run.lanes[hi - 1];
+    var H = 7 * HS + 4, T = run.nsteps, first = run.lanes[lo], last = run.lanes[hi - 1];
     var g = el("g", {"class": zoomable ? "grp" : "grp1", "data-lo": lo, "data-hi": hi}, svg);
     el("rect", {x: 0, y: y, width: LW, height: H, fill: "#fff", "class": "bgr"}, g);
     el("line", {x1: 0, x2: LW + T * CW, y1: y + H, y2: y + H, stroke: "#e2e6ea"}, g);
@@ -221,17 +222,17 @@ JS = r"""
     var g0 = first.gfn, g1 = last.gfn;
     el("text", {x: 4, y: y + 12, "class": "lbl"}, g, g0 ? "gfn " + hex(g0[0]) + "–" + hex((g1 || g0)[1]) : "pfn " + hex(first.pfn[0]) + "…");
     el("text", {x: 4, y: y + 25, "class": "sub"}, g, pages + " pages" + (zoomable ? " · click to zoom" : " (one lane)"));
-    el("text", {x: 4, y: y + 37, "class": "sub"}, g, "P W Dirty Acc ops !");
-    var rows = [["present", "#2e9e3e"], ["w", "#136b1f"], ["dirty", "#e07b00"], ["accessed", "#1f6fc2"]];
+    el("text", {x: 4, y: y + 37, "class": "sub"}, g, "rows: P W D · PG_dirty A · ops · !");
+    var rows = [["present", "#2e9e3e"], ["w", "#136b1f"], ["d", "#8a6d00"], ["dirty", "#e07b00"], ["accessed", "#1f6fc2"]];
     for (var t = 0; t < T; t++) {
       var s = aggregate(run, lo, hi, t), x = LW + t * CW + 1, w = CW - 2;
       rows.forEach(function (rw, i) {
         cellRect(g, x, y + 1 + i * HS, w, HS - 1, "#f1f3f5");
         if (s[rw[0]]) cellRect(g, x, y + 1 + i * HS, w, HS - 1, rw[1], 0.15 + 0.85 * s[rw[0]] / s.n);
       });
-      cellRect(g, x, y + 1 + 4 * HS, w, HS - 1, "#f1f3f5");
-      if (s.ops) cellRect(g, x, y + 1 + 4 * HS, w, HS - 1, "#6a3fb5", Math.min(1, 0.25 + Math.log(1 + s.ops) / Math.log(1 + 4 * s.n)));
-      cellRect(g, x, y + 1 + 5 * HS, w, HS - 1, s.viol ? "#d62828" : "#f1f3f5");
+      cellRect(g, x, y + 1 + 5 * HS, w, HS - 1, "#f1f3f5");
+      if (s.ops) cellRect(g, x, y + 1 + 5 * HS, w, HS - 1, "#6a3fb5", Math.min(1, 0.25 + Math.log(1 + s.ops) / Math.log(1 + 4 * s.n)));
+      cellRect(g, x, y + 1 + 6 * HS, w, HS - 1, s.viol ? "#d62828" : "#f1f3f5");
       if (s.viol) el("rect", {x: x, y: y + 1, width: w, height: H - 2, fill: "none", stroke: "#d62828", "stroke-width": 1.5, "class": "vcell"}, g);
       title(el("rect", {x: x, y: y, width: w, height: H, fill: "transparent"}, g),
         "step " + t + " · " + s.n + " pages\nSPTE present " + s.present + ", W " + s.w + ", A " + s.a + ", D " + s.d +
@@ -283,6 +284,13 @@ JS = r"""
   }
 
   var panes = RUNS.map(function (run) { return {lo: 0, hi: run.lanes.length, stack: []}; });
+  // a link can open zoomed in: #run0=LO-HI (lanes LO..HI-1 of the first run), several joined by "&"
+  (location.hash || "").replace(/^#/, "").split("&").forEach(function (part) {
+    var m = /^run(\d+)=(\d+)-(\d+)$/.exec(part);
+    if (!m || !RUNS[+m[1]]) return;
+    var k = +m[1], lo = Math.max(0, +m[2]), hi = Math.min(RUNS[k].lanes.length, +m[3]);
+    if (lo < hi) panes[k] = {lo: lo, hi: hi, stack: [[0, RUNS[k].lanes.length]]};
+  });
   RUNS.forEach(function (run, k) { prepare(run); render(k); });
   document.body.setAttribute("data-rendered", String(RUNS.length));
 })();

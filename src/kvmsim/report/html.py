@@ -127,8 +127,9 @@ def render_html(scenario, runs: list[dict]) -> str:
               '<span class="lg spte">4K WAD</span> stage-2 leaf present: level, Writable, Accessed, Dirty · '
               '<span class="lg ops">●</span> struct-page operations in the step (click: list them) · '
               '<span class="lg viol">!</span> a violation names this page at this step. '
-              'Ranges of pages are heat strips (share of pages present / W / PG_dirty / accessed, '
-              'operations, violations): click one to zoom in.</p>')
+              '<b>Ranges</b> of pages are heat strips, top to bottom: share of pages with a stage-2 leaf '
+              'present, W, D; with PG_dirty, PG_referenced; journal facts; violations. Click one to zoom in '
+              '(the bar above the lanes zooms out).</p>')
     body = "\n".join(_run_section(k, d) for k, d in enumerate(runs))
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             f"<title>{_e(title)}</title><style>{CSS}</style></head><body>\n"

@@ -19,6 +19,8 @@ from pathlib import Path
 from kvmsim.report.assets import CSS, JS
 
 _MARKS = ("set_dirty", "mark_accessed")
+#: Tables longer than this start folded.
+OPEN_ROWS = 40
 
 
 def _e(x: object) -> str:
@@ -69,7 +71,9 @@ def _run_section(k: int, d: dict) -> str:
     out.append("</table></details>")
     # violations
     nv, listed = d["nviolations"], len(d["violations"])
-    out.append(f'<details {"open" if nv else ""} class="viols"><summary>Violations ({nv})</summary>')
+    # a long list starts folded (its counts are in the heading and the steps table)
+    out.append(f'<details {"open" if 0 < nv <= OPEN_ROWS else ""} class="viols"><summary>Violations ({nv}'
+               f'{": " + _e(_inv_text(d["by_invariant"])) if nv else ""})</summary>')
     if nv:
         out.append('<table class="violations"><tr><th>invariant</th><th>step</th><th>pfn</th><th>gfn</th>'
                    '<th>caller</th><th>detail</th></tr>')
@@ -83,7 +87,9 @@ def _run_section(k: int, d: dict) -> str:
             out.append(f'<p class="meta">{nv - listed} more violation(s) not listed (counted in the timeline)</p>')
     out.append("</details>")
     # struct-page operations
-    out.append('<details open class="ops"><summary>Struct-page operations and other journal facts '
+    nops = sum(len(s["ops"]) for s in d["steps"])
+    out.append(f'<details {"open" if nops <= OPEN_ROWS else ""} class="ops"><summary>Struct-page operations and '
+               f'other journal facts ({sum(s["nfacts"] for s in d["steps"])}) '
                '<span class="filter"></span></summary><table class="ops"><tr><th>step</th><th>fact</th>'
                '<th>pfn</th><th>gfn</th><th>caller</th><th>source</th><th>mmu_lock</th><th>by</th>'
                '<th>fault release</th><th>detail</th></tr>')

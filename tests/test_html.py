@@ -211,3 +211,19 @@ def test_compare_html_writes_one_page_per_scenario(tmp_path):
     page = (tmp_path / "out" / "dirty-after-writeback.html").read_text()
     assert 'data-policy="legacy"' in page and 'data-policy="series"' in page
     assert 'href="dirty-after-writeback.html"' in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_a_run_whose_set_up_fails_is_a_page_with_the_error(tmp_path):
+    """Two memslots over the same gfns: KVM_SET_USER_MEMORY_REGION fails with EEXIST, so the run has
+    no steps and no observations; the page says why instead of drawing lanes."""
+    import kvmsim.scenarios
+    src = (Path(kvmsim.scenarios.__file__).parent / "library" / "dirty-after-writeback.toml").read_text()
+    i, j = src.index("[[memslot]]"), src.index("[[step]]")
+    f = tmp_path / "overlap.toml"
+    f.write_text(src[:j] + src[i:j].replace("id = 0", "id = 1") + src[j:])
+    sc = load_scenario(str(f))
+    rr, d = run_with_timeline(sc, "series")
+    assert rr.verdict == "error" and "EEXIST" in rr.error
+    assert d["lanes"] == [] and d["steps"] == [] and d["nsteps"] == 0
+    page = render_html(sc, [d])
+    assert "set-up failed" in page and "EEXIST" in page

@@ -227,3 +227,23 @@ def test_a_run_whose_set_up_fails_is_a_page_with_the_error(tmp_path):
     assert d["lanes"] == [] and d["steps"] == [] and d["nsteps"] == 0
     page = render_html(sc, [d])
     assert "set-up failed" in page and "EEXIST" in page
+
+
+def test_state_that_cannot_be_read_is_said_not_a_traceback(dirty_after_writeback, monkeypatch):
+    """A failing read of the model (here: the stage-2 leaves after the fault step) repeats the previous
+    column and is named on the page."""
+    sc, _ = dirty_after_writeback
+    real = tl._leaves
+    calls = []
+
+    def leaves(kvm):
+        calls.append(1)
+        if len(calls) == 3:                                  # after step 2 (set-up is call 1)
+            raise RuntimeError("leaf table in a state the reader does not know")
+        return real(kvm)
+    monkeypatch.setattr(tl, "_leaves", leaves)
+    rr, d = run_with_timeline(sc, "series")
+    assert rr.verdict == "clean" and d["nsteps"] == len(rr.steps) + 1
+    assert _state(d, 0, 2) == _state(d, 0, 1)                # repeated, not made up
+    assert _state(d, 0, 3)["freed"] == 0 and len(d["notes"]) == 1 and "after step 2" in d["notes"][0]
+    assert "timeline: state after step 2 could not be read" in render_html(sc, [d])

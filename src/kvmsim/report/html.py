@@ -52,6 +52,8 @@ def _run_section(k: int, d: dict) -> str:
         out.append(f'<p class="err">error: {_e(d["error"])}</p>')
     for m in d["mismatches"]:
         out.append(f'<p class="err">mismatch: {_e(m)}</p>')
+    for m in d.get("notes", ()):
+        out.append(f'<p class="err">timeline: {_e(m)}</p>')
     per = d["pages_per_lane"]
     lanes = f'{d["pages"]} page(s)' + (f' in {len(d["lanes"])} lanes of {per} pages' if per > 1 else "")
     out.append(f'<p class="meta">{_e(lanes)} · {sum(s["nfacts"] for s in d["steps"])} journal facts · '

@@ -74,9 +74,24 @@ class Timeline:
     seen: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))
     gfn_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     far_gfn: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def observe(self, env, i: int) -> None:
-        """The runner's ``observe`` hook: snapshot the model after set-up (0) and after step ``i``."""
+        """The runner's ``observe`` hook: snapshot the model after set-up (0) and after step ``i``.
+
+        The model state is read, never changed; should reading it fail (a model broken by the step,
+        which the runner reports as the run's error), the column repeats the previous one and the
+        page says so (``notes``)."""
+        try:
+            self._observe(env)
+        except Exception as e:  # noqa: BLE001 -- shown on the page, never a traceback
+            self.notes.append(f"state after step {i} could not be read ({type(e).__name__}: {e}); "
+                              "its column repeats the previous one")
+            prev = self.snaps[-1] if self.snaps else _Snap(*(np.zeros(0, t) for t in (np.int32, np.int32, np.uint8,
+                                                                                          np.uint8, np.int64, np.uint8)))
+            self.snaps.append(prev)
+
+    def _observe(self, env) -> None:
         kvm = env.kvm
         phys = kvm.phys
         n = phys.nr
@@ -194,6 +209,7 @@ class Timeline:
             "ops_cells": [[t, lane, n] for (t, lane), n in sorted(ops_cells.items())],
             "viol_cells": [[t, lane, n] for (t, lane), n in sorted(viol_cells.items())],
             "counters": {k: v for k, v in sorted(rr.counters.items()) if ":" not in k},
+            "notes": list(self.notes),
         }
 
     @staticmethod

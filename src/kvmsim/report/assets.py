@@ -21,7 +21,7 @@ h2{font-size:16px;margin:6px 0}
 .lg.ref{background:#dbe9fb}.lg.dirty{background:#f7b267}.lg.acc{background:#9cc7f0}.lg.freed{background:#555;color:#fff}
 .lg.spte{background:#a7dba0}.lg.ops{color:#6a3fb5}.lg.viol{background:#d62828;color:#fff}
 .runs{display:grid;grid-template-columns:repeat(var(--n),minmax(0,1fr));gap:14px;align-items:start}
-.run{border:1px solid #ccd3db;border-radius:6px;padding:6px 8px;min-width:0}
+.run{border:1px solid #ccd3db;border-radius:6px;padding:6px 8px;min-width:0;overflow-x:auto}
 .pol{font-family:ui-monospace,monospace}
 .verdict{padding:1px 6px;border-radius:3px;font-size:12px;font-weight:600}
 .v-clean{background:#d7f0d2;color:#1e6b1a}.v-violations{background:#fde2c4;color:#8a4500}.v-error{background:#f8c9c9;color:#8a0000}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from enum import IntFlag
 
 import numpy as np
 
@@ -50,14 +51,36 @@ _PAGE_OPS = frozenset({"get", "put", "pin", "unpin", "get_unless_zero_failed", "
 _BIG = np.iinfo(np.int64).max
 
 
+class LanePage(IntFlag):
+    """A page's bits in an observation (``_Snap.flags``)."""
+
+    DIRTY = 1 << 0           # PG_dirty of its folio
+    ACCESSED = 1 << 1        # PG_referenced of its folio
+    FREED = 1 << 2           # back in the allocator (the model's poison)
+
+
+class LaneSpte(IntFlag):
+    """The leaf mapping a page in an observation (``_Snap.spte``); the level sits above these bits."""
+
+    W = 1 << 0
+    A = 1 << 1
+    D = 1 << 2
+    PRESENT = 1 << 3
+
+
+_LEVEL_SHIFT = 4
+_DIRTY_L, _ACCESSED_L, _FREED_L = int(LanePage.DIRTY), int(LanePage.ACCESSED), int(LanePage.FREED)
+_W_L, _A_L, _D_L, _P_L = int(LaneSpte.W), int(LaneSpte.A), int(LaneSpte.D), int(LaneSpte.PRESENT)
+
+
 @dataclass
 class _Snap:
     """One observation: per-pfn arrays over ``mem_map`` as it was then (``nr`` pfns)."""
 
     ref: np.ndarray                # i32 folio_ref_count
     pin: np.ndarray                # i32 pin count
-    flags: np.ndarray              # u8: bit 0 PG_dirty, 1 PG_referenced, 2 freed
-    spte: np.ndarray               # u8: bit 0 W, 1 A, 2 D, 3 present, bits 4-6 level
+    flags: np.ndarray              # u8 LanePage
+    spte: np.ndarray               # u8 LaneSpte, level << _LEVEL_SHIFT
     far_pfn: np.ndarray            # SPTE pfns past mem_map (no struct page: MMIO) ...
     far_spte: np.ndarray           # ... and their SPTE code
 
@@ -102,12 +125,12 @@ class Timeline:
         hf = phys.flags[head]
         ref = phys.refcount[head].astype(np.int32)
         pin = np.where((hf & _HEAD) != 0, phys.pincount[head], ref // GUP_PIN_COUNTING_BIAS).astype(np.int32)
-        flags = (((hf & _DIRTY) != 0) * 1 + ((hf & _REFERENCED) != 0) * 2
-                 + ((phys.flags[:n] & _POISONED) != 0) * 4).astype(np.uint8)
+        flags = (np.where((hf & _DIRTY) != 0, _DIRTY_L, 0) | np.where((hf & _REFERENCED) != 0, _ACCESSED_L, 0)
+                 | np.where((phys.flags[:n] & _POISONED) != 0, _FREED_L, 0)).astype(np.uint8)
         del head, hf
         spte = np.zeros(n, np.uint8)
         pfn, gfn, bits, level = _leaves(kvm)
-        code = (bits | 8 | (np.minimum(level, 7) << 4)).astype(np.uint8)
+        code = (bits | _P_L | (np.minimum(level, 7) << _LEVEL_SHIFT)).astype(np.uint8)
         near = (pfn > 0) & (pfn < n)
         spte[pfn[near]] = code[near]
         far = pfn >= n
@@ -220,9 +243,8 @@ class Timeline:
         yield np.where(inside, s.ref[p], 0)
         yield np.where(inside, s.pin[p], 0)
         fl = np.where(inside, s.flags[p], 0)
-        yield fl & 1
-        yield (fl >> 1) & 1
-        yield (fl >> 2) & 1
+        for bit in (_DIRTY_L, _ACCESSED_L, _FREED_L):
+            yield (fl & bit) != 0
         del fl
         code = np.where(inside, s.spte[p], 0).astype(np.int64)
         if len(s.far_pfn):                                   # SPTEs on pfns with no struct page
@@ -231,11 +253,9 @@ class Timeline:
             kk = np.minimum(np.searchsorted(fp, pfns), len(fp) - 1)
             hit = ~inside & (fp[kk] == pfns)
             code[hit] = s.far_spte[srt][kk[hit]]
-        yield (code >> 3) & 1
-        yield code & 1
-        yield (code >> 1) & 1
-        yield (code >> 2) & 1
-        yield code >> 4
+        for bit in (_P_L, _W_L, _A_L, _D_L):
+            yield (code & bit) != 0
+        yield code >> _LEVEL_SHIFT
 
 
 def _deltas(m: np.ndarray) -> list:
@@ -281,13 +301,13 @@ def _leaves(kvm):
             idx = np.asarray(a["idx"], np.int64)
             if not len(idx):
                 continue
-            ad = ("a" in a and "d" in a)
-            bits = (np.asarray(a["w"], np.int64) | (np.asarray(a["a"], np.int64) << 1 if ad else 0)
-                    | (np.asarray(a["d"], np.int64) << 2 if ad else 0))
+            bits = np.where(np.asarray(a["w"]), _W_L, 0)
+            if "a" in a and "d" in a:
+                bits |= np.where(np.asarray(a["a"]), _A_L, 0) | np.where(np.asarray(a["d"]), _D_L, 0)
             parts.append((np.asarray(a["pfn"], np.int64), slot.base_gfn + idx, bits, np.asarray(a["level"], np.int64)))
     else:
-        rows = [(lf.pfn, lf.gfn, int(lf.writable) | int(lf.accessed) << 1 | int(lf.dirty) << 2, lf.level)
-                for lf in kvm.arch.leaves()]
+        rows = [(lf.pfn, lf.gfn, (_W_L if lf.writable else 0) | (_A_L if lf.accessed else 0)
+                 | (_D_L if lf.dirty else 0), lf.level) for lf in kvm.arch.leaves()]
         if rows:
             parts.append(tuple(np.array(c, np.int64) for c in zip(*rows)))
     if not parts:

@@ -249,8 +249,9 @@ def _derived(facts) -> dict[str, int]:
 
 # ---- the run -----------------------------------------------------------------------------------------
 
-def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
-    """Run ``sc`` under ``policy``; ``progress(i, n)`` is called after each step if given."""
+def run(sc: Scenario, policy: str, *, progress=None, observe=None) -> RunResult:
+    """Run ``sc`` under ``policy``; ``progress(i, n)`` is called after each step if given, and
+    ``observe(env, i)`` after set-up (``i`` = 0) and after each step is checked (``--html`` snapshots)."""
     from kvmsim.check import Checker
 
     try:
@@ -266,6 +267,8 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
     checker.violations.clear()
     base = journal.snapshot()
     base_facts = len(journal.facts)
+    if observe:
+        observe(env, 0)
     results: list[StepResult] = []
     error = None
     for i, step in enumerate(sc.steps, 1):
@@ -286,6 +289,8 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
         sr = StepResult(i, step.op, step.describe(), res, counters, found, facts)
         sr.mismatches = check_step(sr, step, policy)
         results.append(sr)
+        if observe:
+            observe(env, i)
         if progress:
             progress(i, len(sc.steps))
         if error:

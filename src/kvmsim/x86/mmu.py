@@ -495,7 +495,8 @@ class X86Mmu:
                 i = t.representatives(slot, 0, slot.npages)
                 b = t.bits[i].astype(np.int64)
                 yield slot, {"idx": i, "pfn": t.pfn[i], "level": t.level[i], "w": (b & W) != 0,
-                             "hw": (b & HW) != 0, "mw": (b & MW) != 0, "held": (b & HELD) != 0}
+                             "hw": (b & HW) != 0, "mw": (b & MW) != 0, "held": (b & HELD) != 0,
+                             "a": is_accessed_spte(b), "d": is_dirty_spte(b)}
 
     def leaves(self) -> Iterator[Leaf]:
         for slots in self.kvm.memslots:

@@ -98,3 +98,15 @@ def test_bad_arguments_with_json_print_an_error_object():
     r = CliRunner().invoke(cli, ["bench", "replay", "qemu-precopy", "--hot", "2G", "--json"])
     assert r.exit_code == 2
     assert "--hot" in json.loads(r.output)["error"]
+
+
+def test_a_policy_plugin_runs_under_the_replay():
+    """``--policy FILE.py:CLASS``: the docs' worked example (release the pfncache page after unlocking)
+    runs the replay like a shipped protocol and is named in the runs."""
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[2] / "docs" / "examples" / "release_after_unlock.py"
+    r = invoke("snapshot-chain", *SMALL, "--policy", f"{example}:ReleaseAfterUnlock", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.output)
+    assert len({run["policy"] for run in d["runs"]}) == 1
+    assert d["runs"][0]["policy"] not in ("legacy", "series") and d["pages_lost"] == 0

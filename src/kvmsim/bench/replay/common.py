@@ -17,14 +17,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from kvmsim.bench.dirty_log_perf import STRUCT_PAGE_KINDS, reserve_mem_map, summarize
-from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass
+from kvmsim.bench.dirty_log_perf import reserve_mem_map, summarize
+from kvmsim.bench.memstress import create_test_slots, vcpu_pass
 from kvmsim.errors import KvmsimError, UsageError
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
-
-#: The struct-page columns a VMM engineer reads (``summarize()`` kinds), then the MMU's work.
-STRUCT_PAGE = STRUCT_PAGE_KINDS
-
 
 class ReplayError(KvmsimError):
     """A replay could not run as its VMM would (a guest access exited, an ioctl failed)."""

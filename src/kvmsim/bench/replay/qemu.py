@@ -221,7 +221,7 @@ def _ring_run(opts, policy: str, entries: int) -> ReplayResult:
     def budget(vcpu):
         # kvm_dirty_ring_check_request(): the vCPU exits before entering the guest once its ring is
         # soft-full; a guest entry writes at most the room left, so no entry is ever dropped
-        return limit - (len(vcpu.dirty_ring) - vcpu.dirty_ring_harvested)
+        return limit - len(vcpu.dirty_ring)         # harvested entries hold their slot until reset
 
     def ring_full(vcpu):
         stats["ring_full_exits"] += 1                       # KVM_EXIT_DIRTY_RING_FULL in kvm_cpu_exec()

@@ -19,7 +19,10 @@ at each epoch every page written since the previous capture is in this delta.  V
 * ``get+clear``: ``KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE``, each GET followed by ``KVM_CLEAR_DIRTY_LOG``
   of the bits it returned (the base's reset is GET+CLEAR too);
 * ``initially-set``: ``MANUAL_PROTECT_ENABLE | INITIALLY_SET``: enabling logging write-protects nothing,
-  the bitmap starts all set, the base's GET+CLEAR write-protects lazily.
+  the bitmap starts all set, the base's GET+CLEAR write-protects lazily;
+* ``initially-set, no clear``: the same capability with Firecracker's harvest unchanged (GET only): with
+  manual protect a GET neither clears nor re-arms, so every delta is the whole memory (over-reported,
+  nothing lost).
 
 Bug ``resume-before-reset``: after the full snapshot the VM is resumed and runs a little before the
 bitmap is reset, so writes in that window are wiped from the log (the order persist.rs avoids by
@@ -35,7 +38,8 @@ from kvmsim.kvm.dirty import kvm_clear_dirty_log, kvm_get_dirty_log
 from kvmsim.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
 
 VARIANTS = {"get": 0, "get+clear": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
-            "initially-set": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET}
+            "initially-set": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET,
+            "initially-set, no clear": KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET}
 BUGS = ("resume-before-reset",)
 
 SOURCES = [
@@ -66,7 +70,7 @@ def _run(opts, policy: str, variant: str) -> ReplayResult:
 
     def harvest() -> np.ndarray:
         log = kvm_get_dirty_log(kvm, sid)
-        if flags:
+        if flags and variant != "initially-set, no clear":
             kvm_clear_dirty_log(kvm, sid, 0, n, log)
         return log
 

@@ -51,7 +51,7 @@ def test_json_schema(name):
         assert run["replay"] == name and run["sources"]
         assert set(run["counters"]) >= {"set_dirty", "mark_accessed", "get_page", "put_page", "pin", "tlb_flush",
                                         "page_fault", "spte_write"}
-        assert run["faults"] == run["counters"]["page_fault"] + run["counters"]["fast_page_fault"]
+        assert run["faults"] == run["counters"]["page_fault"] >= run["counters"]["fast_page_fault"]
         for it in run["per_iteration"]:
             assert set(it) == {"index", "reported", "over_reported", "guest_writes", "virtual_seconds"}
     if name == "virtio-gpu-blobs":

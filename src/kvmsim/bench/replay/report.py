@@ -7,7 +7,7 @@ from kvmsim.bench.replay.common import ReplayResult
 #: The JSON object's version (tests/bench/test_replay_cli.py checks the schema).
 SCHEMA = 1
 
-DIRTY_COLUMNS = ("lost", "over", "iter", "conv", "downtime ms", "sent", "faults", "tlb flush", "spte write",
+DIRTY_COLUMNS = ("lost", "over", "iter", "conv", "downtime ms", "sent", "faults", "fast", "tlb flush", "spte write",
                  "get", "put", "dirty", "accessed", "pin", "virtual s", "wall s")
 GPU_COLUMNS = ("read ok", "write ok", "efault", "failed blobs", "foreign refs", "violations", "faults",
                "tlb flush", "get", "put", "dirty", "accessed", "pin", "wall s")
@@ -31,6 +31,7 @@ def dirty_row(r: ReplayResult) -> list[str]:
     conv = "-" if r.converged is None else ("yes" if r.converged else "NO")
     return [f"{r.pages_lost:,}", f"{r.pages_over_reported:,}", str(r.iterations), conv,
             "-" if r.downtime_ms is None else f"{r.downtime_ms:.0f}", f"{r.pages_sent:,}", f"{r.faults:,}",
+            f"{c.get('fast_page_fault', 0):,}",
             f"{c.get('tlb_flush', 0):,}", f"{c.get('spte_write', 0):,}", f"{c.get('get_page', 0):,}",
             f"{c.get('put_page', 0):,}", f"{c.get('set_dirty', 0):,}", f"{c.get('mark_accessed', 0):,}",
             f"{c.get('pin', 0):,}", f"{r.virtual_seconds:.1f}", f"{r.wall_seconds:.2f}"]

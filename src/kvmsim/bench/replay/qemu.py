@@ -19,7 +19,8 @@ QEMU's flow and parameters, from the QEMU tree (v9.x):
 * migration/migration.c ``migration_iteration_run()`` / ``migration_update_counters()``: switch to
   stop-and-copy once the pending dirty memory fits ``threshold_size = bandwidth × downtime-limit``;
   ``downtime-limit`` defaults to ``DEFAULT_MIGRATE_SET_DOWNTIME`` 300 ms and ``max-bandwidth`` to
-  ``MAX_THROTTLE`` 128 MiB/s (migration/options.c).  The model's link runs at ``max-bandwidth``.
+  ``MAX_THROTTLE`` ``(128 << 20)`` (migration/options.c; migration/migration.c before QEMU 8.1).  The
+  model's link runs at ``max-bandwidth``.
 * Dirty ring (accel/kvm/kvm-all.c): ``-accel kvm,dirty-ring-size=N`` entries (4096 and 65536 here;
   ``KVM_DIRTY_RING_MAX_ENTRIES`` is 65536); ``kvm_dirty_ring_reaper_thread()`` wakes every second
   (``sleep(1)``) and ``kvm_dirty_ring_reap()``s every vCPU's ring into the slot bitmaps, then

@@ -18,10 +18,8 @@ def _human(params: dict) -> str:
     for k, v in params.items():
         if v is None:
             continue
-        if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("bytes", "memory", "_s")) and v >= 1 << 20:
-            v = f"{v / 2**20:g} MiB" + ("/s" if k.endswith("_s") else "")
-        elif k == "memory" and isinstance(v, int):
-            v = f"{v / 2**20:g} MiB"
+        if isinstance(v, int) and not isinstance(v, bool) and ("bytes" in k or k == "memory") and v >= 1 << 14:
+            v = (f"{v / 2**20:g} MiB" if v >= 1 << 20 else f"{v >> 10} KiB") + ("/s" if k.endswith("_s") else "")
         out.append(f"{k}={v}")
     return ", ".join(out)
 
@@ -77,17 +75,18 @@ def table(name: str, results: list[ReplayResult]):
 
 
 def header_lines(name: str, summary: str, results: list[ReplayResult]) -> list[str]:
+    """The replay, its parameters (once per distinct set, naming the variants that use it) and sources."""
     lines = [f"{name}: {summary}"]
-    seen_p, seen_s = set(), []
+    params: dict[str, list[str]] = {}
+    sources: list[str] = []
     for r in results:
-        p = _human({k: v for k, v in r.params.items()})
-        if (r.variant, p) not in seen_p:
-            seen_p.add((r.variant, p))
-            lines.append(f"  parameters ({r.variant}): {p}")
-        for s in r.sources:
-            if s not in seen_s:
-                seen_s.append(s)
-    lines += [f"  source: {s}" for s in seen_s]
+        v = params.setdefault(_human(r.params), [])
+        if r.variant not in v:
+            v.append(r.variant)
+        sources += [s for s in r.sources if s not in sources]
+    for p, variants in params.items():
+        lines.append(f"  parameters{'' if len(params) == 1 else ' (' + ', '.join(variants) + ')'}: {p}")
+    lines += [f"  source: {s}" for s in sources]
     return lines
 
 
@@ -120,7 +119,21 @@ def plot(name: str, results: list[ReplayResult], path: str) -> None:
                 ("set_dirty", lambda r: r.counters.get("set_dirty", 0)),
                 ("mark_accessed", lambda r: r.counters.get("mark_accessed", 0)),
                 ("wall s", lambda r: r.wall_seconds)]
-    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8, len(groups) * 1.2), 2.2 * len(keys)), sharex=True)
+    if not gpu:
+        fig, axes = plt.subplots(len(keys) + 1, 1, figsize=(max(8, len(groups) * 1.2), 2.2 * (len(keys) + 1)))
+        for r in rs:                                        # convergence: pages reported per pass
+            its = [it.index for it in r.per_iteration]
+            axes[0].plot(its, [max(1, it.reported) for it in r.per_iteration], marker="o",
+                         label=f"{r.variant} {r.policy}")
+        axes[0].set_yscale("log")
+        axes[0].set_xlabel("pass", fontsize="small")
+        axes[0].set_ylabel("pages reported", fontsize="small")
+        axes[0].legend(fontsize="x-small")
+        axes[0].set_title(f"kvmsim bench replay {name}")
+        axes = axes[1:]
+    else:
+        fig, axes = plt.subplots(len(keys), 1, figsize=(max(8, len(groups) * 1.2), 2.2 * len(keys)), sharex=True)
+        axes[0].set_title(f"kvmsim bench replay {name}")
     x = np.arange(len(groups))
     w = 0.8 / max(1, len(policies))
     for k, pol in enumerate(policies):
@@ -129,9 +142,10 @@ def plot(name: str, results: list[ReplayResult], path: str) -> None:
             ax.bar(x + k * w, [get(by[g]) if g in by else 0 for g in groups], w, label=pol)
             ax.set_ylabel(label, fontsize="small")
     axes[0].legend(fontsize="small")
-    axes[0].set_title(f"kvmsim bench replay {name}")
     labels = [f"{a}/{v}" if gpu else v for a, v in groups]
-    axes[-1].set_xticks(x + w * (len(policies) - 1) / 2, labels, rotation=30, ha="right", fontsize="small")
+    for ax in axes:
+        ax.set_xticks(x + w * (len(policies) - 1) / 2, labels if ax is axes[-1] else [""] * len(labels),
+                      rotation=30, ha="right", fontsize="small")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

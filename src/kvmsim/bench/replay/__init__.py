@@ -18,10 +18,12 @@ pages lost must be zero.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from kvmsim.bench.replay.common import ReplayError, ReplayResult  # noqa: F401 (re-exported)
 from kvmsim.errors import UsageError
+
+__all__ = ["ARCHES", "NAMES", "Replay", "ReplayError", "ReplayOptions", "ReplayResult", "replays", "run_replay"]
 
 ARCHES = ("x86", "arm64", "riscv")
 
@@ -73,7 +75,6 @@ class Replay:
     summary: str
     run: object                      # (ReplayOptions, policy) -> list[ReplayResult]
     bugs: tuple[str, ...] = ()
-    params: tuple[str, ...] = field(default_factory=tuple)
 
 
 @functools.cache

@@ -171,10 +171,6 @@ class DirtyVm:
     slot: object           # kvmsim.bench.memstress.TestSlot
     vcpus: list
 
-    @property
-    def memslot(self):
-        return self.kvm.gfn_to_memslot(self.slot.gpa >> PAGE_SHIFT)
-
 
 def build_vm(policy: str, memory: int, nvcpus: int, *, manual_flags: int = 0, ring_bytes: int = 0,
              log_from_start: bool = False, backing: str = "anonymous", pml: bool = True) -> DirtyVm:

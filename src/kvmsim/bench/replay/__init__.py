@@ -86,8 +86,8 @@ def replays() -> dict[str, Replay]:
                "until the rest fits 300 ms at 128 MiB/s", qemu.qemu_precopy, qemu.PRECOPY_BUGS),
         Replay("qemu-dirty-ring", "QEMU precopy over the dirty ring (4096 and 65536 entries), reaper every 1 s "
                "and on KVM_EXIT_DIRTY_RING_FULL, a hot vCPU", qemu.qemu_dirty_ring),
-        Replay("ch-precopy", "Cloud Hypervisor send_migration(): GET_DIRTY_LOG passes, at most 5, then pause; "
-               "and the INITIALLY_SET variant with lazy per-chunk CLEAR", ch.ch_precopy, ch.BUGS),
+        Replay("ch-precopy", "Cloud Hypervisor: GET_DIRTY_LOG passes, at most 5 (v51) or until 300 ms (v52+), "
+               "then pause; and the INITIALLY_SET variant with lazy per-chunk CLEAR", ch.ch_precopy, ch.BUGS),
         Replay("snapshot-chain", "Firecracker diff snapshots: one GET_DIRTY_LOG per epoch; oracle: every page "
                "written since epoch k is in the delta chain (GET, GET+CLEAR, INITIALLY_SET)",
                snapshot.snapshot_chain, snapshot.BUGS),

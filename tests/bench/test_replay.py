@@ -169,7 +169,7 @@ def _gpu(policy):
 
 def test_gpu_blobs_ttm_legacy_efaults_and_refs_the_head_page_series_maps_all():
     legacy, series = _gpu("legacy"), _gpu("series")
-    assert set(legacy) == {(a, b) for a in ("x86", "arm64", "riscv") for b in ("dmabuf", "ttm", "memfd")}
+    assert set(legacy) == {(a, b) for a in ("x86", "arm64", "riscv") for b in ("dmabuf", "ttm", "gem-shmem", "memfd")}
     for arch in ("x86", "arm64", "riscv"):
         lt, st = legacy[(arch, "ttm")], series[(arch, "ttm")]
         assert lt.extra["efault"] > 0 and lt.extra["failed_blobs"] == lt.iterations
@@ -186,6 +186,17 @@ def test_gpu_blobs_dmabuf_readonly_pte_writes_efault_on_arm64_and_riscv_in_both(
             r = by[(arch, "dmabuf")]
             assert r.extra["exits"]["read"].get("efault", 0) == 0
             assert r.extra["exits"]["write"]["efault"] == r.params["blob_bytes_total"] >> 12
+
+
+def test_gpu_blobs_gem_shmem_legacy_refs_every_page_it_does_not_own():
+    legacy, series = _gpu("legacy"), _gpu("series")
+    for arch in ("x86", "arm64", "riscv"):
+        lg, sg = legacy[(arch, "gem-shmem")], series[(arch, "gem-shmem")]
+        pages = lg.params["blob_bytes_total"] >> 12
+        assert lg.extra["efault"] == sg.extra["efault"] == 0
+        assert lg.counters["get_page"] == lg.counters["put_page"] == pages       # kvm_try_get_pfn() per page
+        assert lg.extra["foreign_refs"] == pages
+        assert sg.counters.get("get_page", 0) == 0 and sg.extra["violations"] == {}
 
 
 def test_gpu_blobs_memfd_works_everywhere():

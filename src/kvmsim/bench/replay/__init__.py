@@ -92,7 +92,7 @@ def replays() -> dict[str, Replay]:
                "written since epoch k is in the delta chain (GET, GET+CLEAR, INITIALLY_SET)",
                snapshot.snapshot_chain, snapshot.BUGS),
         Replay("virtio-gpu-blobs", "virtio-gpu blob churn: map/unmap 16 KiB-2 MiB blobs (dma-buf VM_PFNMAP with "
-               "read-only PTEs, TTM non-compound, memfd), guest reads then writes, per protocol and arch",
+               "read-only PTEs, TTM non-compound, GEM shmem, memfd), guest reads then writes, per protocol and arch",
                gpu.virtio_gpu_blobs),
     )}
 

@@ -20,6 +20,10 @@ The buffers, as the host's drivers export them (:class:`kvmsim.mm.driver.Driver`
   ``ttm_pool_alloc_page()`` without __GFP_COMP) behind VM_PFNMAP|VM_IO: legacy ``kvm_try_get_pfn()``
   refs the head page it does not own (INV-1a) and every tail page is EFAULT (INV-1b); the series maps
   them all without touching a refcount ("KVM: Stop grabbing references to PFNMAP'd pages");
+* ``gem-shmem``: a GEM object of shmem pages inserted on fault into a VM_PFNMAP mapping
+  (drivers/gpu/drm/drm_gem_shmem_helper.c ``drm_gem_shmem_fault()`` → ``vmf_insert_pfn()``): refcounted
+  pages the driver owns; legacy ``kvm_try_get_pfn()`` takes and drops a reference on every one of
+  them (INV-1a), the series none;
 * ``memfd``: shared memory pages (udmabuf's memfd, or a VMM's shm blob): GUP'd normally in both.
 
 Per run: accesses by exit, struct-page operations, the checker's violations by invariant, time.
@@ -35,7 +39,7 @@ from kvmsim.bench.dirty_log_perf import summarize
 from kvmsim.bench.replay.common import ReplayResult
 from kvmsim.types import PAGE_SHIFT
 
-BACKINGS = ("dmabuf", "ttm", "memfd")
+BACKINGS = ("dmabuf", "ttm", "gem-shmem", "memfd")
 BLOB_SLOT = 10
 BLOB_GPA = 1 << 32                      # the device's host-visible region
 MIN_ORDER, MAX_ORDER = 2, 9             # 16 KiB .. 2 MiB
@@ -43,7 +47,8 @@ MIN_ORDER, MAX_ORDER = 2, 9             # 16 KiB .. 2 MiB
 SOURCES = [
     "qemu hw/display/virtio-gpu-virgl.c virgl_cmd_resource_map_blob(), virgl_cmd_resource_unmap_blob(); "
     "accel/kvm/kvm-all.c kvm_set_phys_mem()",
-    "linux drivers/gpu/drm/ttm/ttm_pool.c ttm_pool_alloc_page() (no __GFP_COMP); virt/kvm/kvm_main.c "
+    "linux drivers/gpu/drm/ttm/ttm_pool.c ttm_pool_alloc_page() (no __GFP_COMP); drivers/gpu/drm/"
+    "drm_gem_shmem_helper.c drm_gem_shmem_fault() (vmf_insert_pfn); virt/kvm/kvm_main.c "
     "hva_to_pfn_remapped(), v6.12 kvm_try_get_pfn()",
     "series cover letter (Collabora: virtio-gpu blobs on amdgpu); libkrun #803 (arm64 dma-buf RO PTE -EFAULT)",
 ]
@@ -68,6 +73,8 @@ def _map_blob(host, backing: str, name: str, order: int):
         return host.mm.mmap(size, VmaKind.MEMFD), None
     if backing == "dmabuf":
         drv = host.add_driver(name, 1 << order, "no_page", pte_write="on_write_fault", prefault=True)
+    elif backing == "gem-shmem":
+        drv = host.add_driver(name, 1 << order, "driver_refcounted", prefault=False)
     else:
         drv = host.add_driver(name, 1 << order, "driver_refcounted", order=order, compound=False)
     return host.mm.mmap(size, VmaKind.PFNMAP, driver=drv), drv

@@ -1,11 +1,12 @@
 """virtio-gpu blob churn on the model (``virtio-gpu-blobs``), per protocol and arch.
 
 What the VMM does, from its tree: QEMU hw/display/virtio-gpu-virgl.c ``virgl_cmd_resource_map_blob()``
-maps the host renderer's buffer (``virgl_renderer_resource_map()``) into the device's host-visible
-region with ``memory_region_init_ram_ptr()`` + ``memory_region_add_subregion()``, which the KVM
-memory listener turns into a memslot (accel/kvm/kvm-all.c ``kvm_set_phys_mem()``);
-``virgl_cmd_resource_unmap_blob()`` deletes the subregion (the memslot) and the renderer unmaps the
-buffer.  crosvm and libkrun map blobs the same way.  Blob sizes here are 16 KiB to 2 MiB (powers of
+→ ``virtio_gpu_virgl_map_resource_blob()`` maps the host renderer's buffer
+(``virgl_renderer_resource_map()``) into the device's host-visible region (``hostmem``) with
+``memory_region_init_ram_ptr()`` + ``memory_region_add_subregion()``, which the KVM memory listener
+turns into a memslot (accel/kvm/kvm-all.c ``kvm_set_phys_mem()``); ``virgl_cmd_resource_unmap_blob()``
+deletes the subregion (the memslot) and the renderer unmaps the buffer
+(``virgl_renderer_resource_unmap()``).  crosvm and libkrun map blobs the same way.  Blob sizes here are 16 KiB to 2 MiB (powers of
 two, the renderer's buffer sizes issue 18 names); the guest reads every page of a blob before it
 writes it.
 
@@ -45,7 +46,8 @@ BLOB_GPA = 1 << 32                      # the device's host-visible region
 MIN_ORDER, MAX_ORDER = 2, 9             # 16 KiB .. 2 MiB
 
 SOURCES = [
-    "qemu hw/display/virtio-gpu-virgl.c virgl_cmd_resource_map_blob(), virgl_cmd_resource_unmap_blob(); "
+    "qemu hw/display/virtio-gpu-virgl.c virgl_cmd_resource_map_blob() -> virtio_gpu_virgl_map_resource_blob(), "
+    "virgl_cmd_resource_unmap_blob(); "
     "accel/kvm/kvm-all.c kvm_set_phys_mem()",
     "linux drivers/gpu/drm/ttm/ttm_pool.c ttm_pool_alloc_page() (no __GFP_COMP); drivers/gpu/drm/"
     "drm_gem_shmem_helper.c drm_gem_shmem_fault() (vmf_insert_pfn); virt/kvm/kvm_main.c "

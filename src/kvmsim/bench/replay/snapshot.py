@@ -7,9 +7,10 @@ Firecracker's flow, from the firecracker tree:
   ``KVM_GET_DIRTY_LOG`` per slot (kvm-ioctls ``VmFd::get_dirty_log``); ``Vm::reset_dirty_bitmap()`` is
   the same ioctl with the result dropped.  Firecracker enables no ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2``,
   so each GET harvests and write-protects.
-* src/vmm/src/persist.rs ``create_snapshot()`` / ``snapshot_memory_to_file()``: the VM is paused; a
-  ``Full`` snapshot dumps all memory and then resets the dirty bitmap, a ``Diff`` snapshot dumps the
-  pages of ``get_dirty_bitmap()``.  One GET per snapshot epoch.
+* src/vmm/src/persist.rs ``create_snapshot()`` (the VM is paused) → src/vmm/src/vstate/vm.rs
+  ``Vm::snapshot_memory_to_file()``: a ``Full`` snapshot ``dump()``s all memory, then
+  ``reset_dirty_bitmap()``; a ``Diff`` snapshot ``dump_dirty()``s the pages of ``get_dirty_bitmap()``
+  (with the VMM's own vm-memory bitmap for its writes).  One GET per snapshot epoch.
 
 The chain: a full base (epoch 0), then ``epochs`` diff snapshots, the guest running ``epoch_seconds``
 at ``dirty_rate`` between them.  Oracle: every page written since epoch k is in a later delta, i.e.
@@ -45,7 +46,8 @@ BUGS = ("resume-before-reset",)
 SOURCES = [
     "firecracker src/vmm/src/vstate/vm.rs Vm::get_dirty_bitmap(), Vm::reset_dirty_bitmap() (KVM_GET_DIRTY_LOG), "
     "track_dirty_pages -> KVM_MEM_LOG_DIRTY_PAGES",
-    "firecracker src/vmm/src/persist.rs create_snapshot(), snapshot_memory_to_file() (Full: dump + reset; Diff: dump dirty)",
+    "firecracker src/vmm/src/persist.rs create_snapshot(); src/vmm/src/vstate/vm.rs Vm::snapshot_memory_to_file() "
+    "(Full: dump + reset_dirty_bitmap; Diff: get_dirty_bitmap + dump_dirty)",
 ]
 
 

@@ -86,6 +86,7 @@ def test_plot_is_written(tmp_path):
     (["qemu-precopy", "--policy", "nope"], "--policy"),
     (["qemu-precopy", "--plot", "/nonexistent/dir/x.png"], "does not exist"),
     (["qemu-precopy", "--plot", "x.unknownfmt"], "not supported"),
+    (["qemu-precopy", "--memory", "64T", "--hot", "1G"], "MemAvailable"),
 ])
 def test_bad_arguments_exit_2_without_a_traceback(args, words):
     r = CliRunner().invoke(cli, ["bench", "replay", *args])

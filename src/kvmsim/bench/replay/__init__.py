@@ -105,4 +105,22 @@ def run_replay(name: str, opts: ReplayOptions, policy: str) -> list[ReplayResult
     if name not in replays():
         raise UsageError(f"unknown replay {name!r}; choose one of {', '.join(NAMES)} (or --list)")
     opts.check(name)
+    if name != "virtio-gpu-blobs":
+        check_replay_memory(opts)
     return replays()[name].run(opts, policy)
+
+
+#: Per guest 4 KiB page above the dirty-log flow's (kvmsim.bench.dirty_log_perf.BYTES_PER_GUEST_PAGE):
+#: the oracle's bit array, QEMU's ``bmap`` and GET snapshot, the guest's write masks, rounded up.
+REPLAY_BYTES_PER_PAGE = 16
+
+
+def check_replay_memory(opts: ReplayOptions, available: int | None = None) -> None:
+    """Refuse (``UsageError``) a run whose model would not fit in ``MemAvailable``, before it allocates."""
+    from kvmsim.bench.dirty_log_perf import BASE_BYTES, BYTES_PER_GUEST_PAGE, mem_available
+    need = (opts.memory >> 12) * (BYTES_PER_GUEST_PAGE + REPLAY_BYTES_PER_PAGE) + BASE_BYTES
+    avail = mem_available() if available is None else available
+    if avail is not None and need > avail:
+        raise UsageError(f"--memory {opts.memory >> 20} MiB needs about {need / 2**30:.2f} GiB for the model "
+                         f"({BYTES_PER_GUEST_PAGE + REPLAY_BYTES_PER_PAGE} B per guest 4 KiB page), but "
+                         f"MemAvailable is {avail / 2**30:.2f} GiB; use a smaller --memory")

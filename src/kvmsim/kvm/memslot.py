@@ -85,11 +85,14 @@ class KvmMemslots:
         self._sorted: list[KvmMemorySlot] = []
         self._bases: list[int] = []
         self.generation = 0
+        #: ``slots->last_used_slot``: the slot the last lookup found, tried first (``__gfn_to_memslot()``)
+        self.last_used_slot: KvmMemorySlot | None = None
 
     def _reindex(self) -> None:
         self._sorted = sorted(self.by_id.values(), key=lambda s: s.base_gfn)
         self._bases = [s.base_gfn for s in self._sorted]
         self.generation += 2
+        self.last_used_slot = None
 
     def install(self, slot: KvmMemorySlot) -> None:
         self.by_id[slot.id] = slot
@@ -100,9 +103,15 @@ class KvmMemslots:
         self._reindex()
 
     def gfn_to_memslot(self, gfn: int) -> KvmMemorySlot | None:
+        """Mirrors ``__gfn_to_memslot()`` (include/linux/kvm_host.h): ``last_used_slot`` if it contains
+        ``gfn`` (``try_get_memslot()``), else ``search_memslots()``, which updates it."""
+        slot = self.last_used_slot
+        if slot is not None and slot.base_gfn <= gfn < slot.base_gfn + slot.npages:
+            return slot
         i = bisect.bisect(self._bases, gfn) - 1
         if i >= 0 and self._sorted[i].contains(gfn):
-            return self._sorted[i]
+            slot = self.last_used_slot = self._sorted[i]
+            return slot
         return None
 
     def overlapping(self, start: int, end: int, skip_id: int | None = None) -> list[KvmMemorySlot]:

@@ -102,13 +102,15 @@ def gfn_to_hva_memslot_prot(slot, gfn: int, write: bool) -> int:
 # ---- acquisition bookkeeping (ghost ledger for INV-1) ------------------------------------------------
 
 def kvm_acquired(kvm, pfn: int, hold: Hold, caller: str) -> None:
-    kvm.host_refs[(pfn, hold)] = kvm.host_refs.get((pfn, hold), 0) + 1
+    refs, key = kvm.host_refs, (pfn, hold)
+    refs[key] = refs.get(key, 0) + 1
 
 
 def kvm_dropped(kvm, pfn: int, hold: Hold, caller: str) -> None:
-    key = (pfn, hold)
+    refs, key = kvm.host_refs, (pfn, hold)
+    n = refs.get(key)
     head_key = None
-    if key not in kvm.host_refs:
+    if n is None:
         # a put through a different page of the same folio still matches the folio's reference
         head = kvm.phys.folio(pfn) if kvm.phys.pfn_valid(pfn) else pfn
         for (p, h) in kvm.host_refs:
@@ -120,9 +122,11 @@ def kvm_dropped(kvm, pfn: int, hold: Hold, caller: str) -> None:
                              detail=f"KVM releases ({hold.value}) a page it holds no reference on")
             return
         key = head_key
-    kvm.host_refs[key] -= 1
-    if not kvm.host_refs[key]:
-        del kvm.host_refs[key]
+        n = refs[key]
+    if n == 1:
+        del refs[key]
+    else:
+        refs[key] = n - 1
 
 
 # ---- hva_to_pfn ---------------------------------------------------------------------------------------
@@ -130,9 +134,11 @@ def kvm_dropped(kvm, pfn: int, hold: Hold, caller: str) -> None:
 def _resolve(kvm, kfp: KvmFollowPfn, pfn: int, writable: bool, hold: Hold) -> int:
     """``kvm_resolve_pfn()``: set map_writable and the page KVM holds."""
     kfp.map_writable = writable if kfp.want_writable else False
-    kfp.held = pfn if hold != Hold.NONE else None
     kfp.hold = hold
-    if hold != Hold.NONE:
+    if hold is Hold.NONE:
+        kfp.held = None
+    else:
+        kfp.held = pfn
         kvm_acquired(kvm, pfn, hold, kfp.caller)
     kfp.refcounted_page = kvm.policy.reported_page(kfp)
     return pfn

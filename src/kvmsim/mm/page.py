@@ -239,7 +239,7 @@ class PhysMem:
         return 0 < pfn < self.nr
 
     def is_poisoned(self, pfn: int) -> bool:
-        return 0 < pfn < self.nr and bool(self.flags.item(pfn) & _POISONED)
+        return bool(self._free) and 0 < pfn < self.nr and bool(self.flags.item(pfn) & _POISONED)
 
     def folio(self, pfn: int) -> int:
         """``page_folio()``: the head pfn."""
@@ -290,7 +290,8 @@ class PhysMem:
 
     # ---- reference operations -----------------------------------------------------------------
     def _uaf(self, pfn: int, op: str, caller: str, kvm: bool, source: Src) -> bool:
-        if 0 < pfn < self.nr and self.flags.item(pfn) & _POISONED:
+        # only a page in the free list is poisoned (has_freed_pages()): no flag to read without one
+        if self._free and 0 < pfn < self.nr and self.flags.item(pfn) & _POISONED:
             self.journal.count("uaf")
             self.journal.fact("uaf", pfn=pfn, caller=caller, kvm=kvm, source=source,
                               detail=f"{op} on a freed page")
@@ -394,11 +395,11 @@ class PhysMem:
         head = self.head.item(pfn)
         j = self.journal
         j.count(f"set_dirty:{caller}")
-        if j.recording:
+        if j.recording:                             # the truncate check only records a fact
             j.fact("set_dirty", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
                    gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED),
                                    "was_dirty": bool(self.flags[head] & _DIRTY)})
-        self._dirty_after_clean_check(head, caller, kvm)
+            self._dirty_after_clean_check(head, caller, kvm)
         self.flags[head] = self.flags.item(head) | _DIRTY
 
     def set_folios_dirty(self, heads, caller: str, *, kvm: bool = False) -> None:

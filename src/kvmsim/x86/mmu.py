@@ -37,7 +37,7 @@ from kvmsim.x86.private_mem import (kvm_arch_post_set_memory_attributes, kvm_arc
                                     kvm_mmu_max_mapping_level_attrs, kvm_mmu_private_mismatch)
 from kvmsim.x86.x86 import x86_emulate_instruction, x86_guest_access
 from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_accessed_spte, is_dirty_spte,
-                             make_spte, spte_write, tables)
+                             make_spte, spte_write, spte_write_one, tables)
 
 
 #: ``ACC_EXEC_MASK``, ``ACC_WRITE_MASK``, ``ACC_USER_MASK``, ``ACC_ALL`` (arch/x86/kvm/mmu/spte.h).
@@ -153,20 +153,20 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     lo = (gfn // n * n) - slot.base_gfn
     hi = lo + n
     base_pfn = pfn - (i - lo)
-    b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
-    if self.tdp_mmu_enabled and b & P and not b & MMIO and old_level > level:
+    b, old_level, old_pfn = _old_spte(t, i)
+    present = b & P and not b & MMIO                    # a shadow-present leaf, not an MMIO SPTE
+    if self.tdp_mmu_enabled and present and old_level > level:
         # kvm_tdp_mmu_map(): a huge leaf above the goal level is split (tdp_mmu_split_huge_page(),
         # no TLB flush; the other children stay mapped), where the shadow MMU drops it
         hl, hh = t.leaf_bounds(slot, i, i + 1)
         tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
-        b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
+        b, old_level, old_pfn = _old_spte(t, i)
     old_pt = self.tdp_mmu_enabled and level > 1 and tdp_mmu.tdp_page_table_present(slot, gfn, level)
-    if prefetch and (b & P and not b & MMIO or old_pt):
+    if prefetch and (present or old_pt):
         r = kvm.ops.arch_ops.prefetch_present_spte(kvm, slot, gfn)       # patch 5: series RET_PF_SPURIOUS
         if r is not None:
             return r
-    elif b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
-            not b & AT and (not write or b & W):
+    elif present and old_level == level and old_pfn == pfn and not b & AT and (not write or b & W):
         kvm.journal.count("spurious")
         return RET_PF.SPURIOUS
     host_w = kfp.map_writable and not slot.readonly
@@ -177,7 +177,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if writable:
         # patch 4: a writable old SPTE may "goto out", no D (a non-writable one never skips, under
         # either protocol)
-        if (old_pt or b & P and not b & MMIO and old_level == level and b & W) and \
+        if (old_pt or present and old_level == level and b & W) and \
                 kvm.ops.arch_ops.make_spte_skip_unsync(True, not old_pt):
             dirty = False
             kvm.journal.count("make_spte:skip_unsync")
@@ -191,7 +191,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         bits &= ~MW                   # MMU-writable only with ACC_WRITE_MASK and no write-protection
     elif not dirty:
         bits &= ~D
-    if prefetch and b & P and not b & MMIO and old_level == level and old_pfn == pfn and not (bits ^ b) & ~HELD:
+    if prefetch and present and old_level == level and old_pfn == pfn and not (bits ^ b) & ~HELD:
         kvm.journal.count("spurious")                  # v6.12: "if (new_spte == iter->old_spte)"
         return RET_PF.SPURIOUS
     # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
@@ -211,8 +211,11 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         b = t.bits.item(i)
     if b & P and not prefetch:
         bits |= b & (A | D)                              # same leaf: keep what the guest set
-    spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
-               caller=self.map_caller)
+    if n == 1:
+        spte_write_one(kvm, slot, t, i, bits, pfn, level, caller=self.map_caller)
+    else:
+        spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
+                   caller=self.map_caller)
     if self.tdp_mmu_enabled:
         pts = slot.arch.get("x86-pt")
         if level == 1 and pts is not None and self.max_level == 3:   # a 4K leaf: its PMD and PUD tables
@@ -228,6 +231,15 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if wrprot and write:
         return RET_PF.EMULATE          # RET_PF_WRITE_PROTECTED → kvm_mmu_write_protect_fault() → emulate
     return RET_PF.FIXED
+
+
+def _old_spte(t, i: int) -> tuple[int, int, int]:
+    """(bits, level, pfn) of entry ``i``; a not-present entry's level and pfn are not read (0, -1): the
+    map looks at them only for a present SPTE."""
+    b = t.bits.item(i)
+    if not b & P:
+        return b, 0, -1
+    return b, t.level.item(i), t.pfn.item(i)
 
 
 @kpath

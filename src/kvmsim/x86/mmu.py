@@ -25,7 +25,7 @@ from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.fault import KvmPageFault, kvm_faultin_pfn, kvm_handle_error_pfn, kvm_stage2_fault
-from kvmsim.kvm.pfn import KVM_PFN_NOSLOT, Hold
+from kvmsim.kvm.pfn import KVM_PFN_NOSLOT
 from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
@@ -153,15 +153,16 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     lo = (gfn // n * n) - slot.base_gfn
     hi = lo + n
     base_pfn = pfn - (i - lo)
+    tdp = self.tdp_mmu_enabled
     b, old_level, old_pfn = _old_spte(t, i)
     present = b & P and not b & MMIO                    # a shadow-present leaf, not an MMIO SPTE
-    if self.tdp_mmu_enabled and present and old_level > level:
+    if tdp and present and old_level > level:
         # kvm_tdp_mmu_map(): a huge leaf above the goal level is split (tdp_mmu_split_huge_page(),
         # no TLB flush; the other children stay mapped), where the shadow MMU drops it
         hl, hh = t.leaf_bounds(slot, i, i + 1)
         tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
         b, old_level, old_pfn = _old_spte(t, i)
-    old_pt = self.tdp_mmu_enabled and level > 1 and tdp_mmu.tdp_page_table_present(slot, gfn, level)
+    old_pt = tdp and level > 1 and tdp_mmu.tdp_page_table_present(slot, gfn, level)
     if prefetch and (present or old_pt):
         r = kvm.ops.arch_ops.prefetch_present_spte(kvm, slot, gfn)       # patch 5: series RET_PF_SPURIOUS
         if r is not None:
@@ -186,7 +187,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
             writable = False
             wrprot = True
     bits = make_spte(host_writable=host_w, writable=writable, prefetch=prefetch,
-                          ad_disabled=not self.ad_enabled, held=kfp.hold is not Hold.NONE)
+                     ad_disabled=not self.ad_enabled, held=kfp.held is not None)
     if not writable:
         bits &= ~MW                   # MMU-writable only with ACC_WRITE_MASK and no write-protection
     elif not dirty:
@@ -214,9 +215,8 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if n == 1:
         spte_write_one(kvm, slot, t, i, bits, pfn, level, caller=self.map_caller)
     else:
-        spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
-                   caller=self.map_caller)
-    if self.tdp_mmu_enabled:
+        spte_write(kvm, slot, lo, hi, bits, base_pfn + np.arange(n), level, caller=self.map_caller)
+    if tdp:
         pts = slot.arch.get("x86-pt")
         if level == 1 and pts is not None and self.max_level == 3:   # a 4K leaf: its PMD and PUD tables
             pts.add(gfn >> 9 << 2 | 2)                 # tdp_mmu.pt_key(gfn, 2), pt_key(gfn, 3)

@@ -72,6 +72,7 @@ _DIRTY, _RESERVED, _REFERENCED, _HEAD, _TAIL, _ZONE_DEVICE, _POISONED = (
     int(PG.dirty), int(PG.reserved), int(PG.referenced), int(PG.head), int(PG.tail), int(PG.zone_device),
     int(PG.poisoned))
 _UPTODATE = int(PG.uptodate)
+_SRC_HELD, _SRC_HOST = Src.HELD, Src.HOST       # per-page code: an enum member lookup costs ~0.1 µs (Python 3.11)
 
 
 class PhysMem:
@@ -344,7 +345,7 @@ class PhysMem:
     def try_grab_folio(self, pfn: int, pin: bool, caller: str, *, kvm: bool = False) -> None:
         """``try_grab_folio()`` for FOLL_GET (+1) or FOLL_PIN (bias or +1 and pincount)."""
         if not pin:
-            self.get_page(pfn, caller, kvm=kvm, source=Src.HELD if kvm else Src.HOST)
+            self.get_page(pfn, caller, kvm=kvm, source=_SRC_HELD if kvm else _SRC_HOST)
             return
         if self._uaf(pfn, "pin", caller, kvm, Src.HELD):
             return

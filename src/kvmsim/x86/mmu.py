@@ -30,7 +30,7 @@ from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
-from kvmsim.x86.mmu_internal import RET_PF, X86PageFault
+from kvmsim.x86.mmu_internal import RET_PF, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS, X86PageFault
 from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
 from kvmsim.x86.private_mem import (kvm_arch_post_set_memory_attributes, kvm_arch_pre_set_memory_attributes,
                                     kvm_mmu_fault_is_private, kvm_mmu_faultin_pfn_private, page_fault_can_be_fast,
@@ -154,14 +154,14 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     hi = lo + n
     base_pfn = pfn - (i - lo)
     tdp = self.tdp_mmu_enabled
-    b, old_level, old_pfn = _old_spte(t, i)
+    b, old_level, old_pfn = t.entry(i)
     present = b & P and not b & MMIO                    # a shadow-present leaf, not an MMIO SPTE
     if tdp and present and old_level > level:
         # kvm_tdp_mmu_map(): a huge leaf above the goal level is split (tdp_mmu_split_huge_page(),
         # no TLB flush; the other children stay mapped), where the shadow MMU drops it
         hl, hh = t.leaf_bounds(slot, i, i + 1)
         tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
-        b, old_level, old_pfn = _old_spte(t, i)
+        b, old_level, old_pfn = t.entry(i)
     old_pt = tdp and level > 1 and tdp_mmu.tdp_page_table_present(slot, gfn, level)
     if prefetch and (present or old_pt):
         r = kvm.ops.arch_ops.prefetch_present_spte(kvm, slot, gfn)       # patch 5: series RET_PF_SPURIOUS
@@ -169,7 +169,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
             return r
     elif present and old_level == level and old_pfn == pfn and not b & AT and (not write or b & W):
         kvm.journal.count("spurious")
-        return RET_PF.SPURIOUS
+        return RET_PF_SPURIOUS
     host_w = kfp.map_writable and not slot.readonly
     # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
     writable = host_w if pte_access == ACC_ALL else host_w and pte_access & ACC_WRITE_MASK != 0
@@ -194,7 +194,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         bits &= ~D
     if prefetch and present and old_level == level and old_pfn == pfn and not (bits ^ b) & ~HELD:
         kvm.journal.count("spurious")                  # v6.12: "if (new_spte == iter->old_spte)"
-        return RET_PF.SPURIOUS
+        return RET_PF_SPURIOUS
     # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
     # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
     if n == 1 and (not b & P or old_level == 1):             # the common 4K case, in plain integers
@@ -229,17 +229,8 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if writable and slot.logging:
         mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
     if wrprot and write:
-        return RET_PF.EMULATE          # RET_PF_WRITE_PROTECTED → kvm_mmu_write_protect_fault() → emulate
-    return RET_PF.FIXED
-
-
-def _old_spte(t, i: int) -> tuple[int, int, int]:
-    """(bits, level, pfn) of entry ``i``; a not-present entry's level and pfn are not read (0, -1): the
-    map looks at them only for a present SPTE."""
-    b = t.bits.item(i)
-    if not b & P:
-        return b, 0, -1
-    return b, t.level.item(i), t.pfn.item(i)
+        return RET_PF_EMULATE          # RET_PF_WRITE_PROTECTED → kvm_mmu_write_protect_fault() → emulate
+    return RET_PF_FIXED
 
 
 @kpath

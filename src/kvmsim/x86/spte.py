@@ -68,6 +68,14 @@ class SptTable:
         self.bits = np.zeros(npages, dtype=np.uint16)
         self.level = np.zeros(npages, dtype=np.uint8)
 
+    def entry(self, i: int) -> tuple[int, int, int]:
+        """(bits, level, pfn) of entry ``i`` as ints; a not-present entry's level and pfn are not read
+        (0, -1): the fault path looks at them only under a present SPTE."""
+        b = self.bits.item(i)
+        if not b & P:
+            return b, 0, -1
+        return b, self.level.item(i), self.pfn.item(i)
+
     def leaf_bounds(self, slot, lo: int, hi: int) -> tuple[int, int]:
         """Widen ``[lo, hi)`` (slot-relative) to whole leaves."""
         if hi <= lo:

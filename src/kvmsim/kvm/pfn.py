@@ -19,7 +19,6 @@ from kvmsim.mm.gup import (FOLL, FollowPfnmapArgs, fixup_user_fault, follow_pfnm
 from kvmsim.mm.fault import access_permitted
 from kvmsim.mm.vma import VM
 from kvmsim.trace import Src
-from kvmsim.uapi import KVM_MEM_READONLY, KVM_MEMSLOT_INVALID
 
 # include/linux/kvm_host.h
 KVM_PFN_ERR_MASK = 0x7FF << 52
@@ -93,14 +92,12 @@ class KvmFollowPfn:
 
 
 def gfn_to_hva_memslot_prot(slot, gfn: int, write: bool) -> int:
-    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO (one
-    read of ``slot->flags``, as the kernel tests ``KVM_MEMSLOT_INVALID`` and ``memslot_is_readonly()``)."""
-    if slot is None:
+    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO (the
+    kernel tests ``KVM_MEMSLOT_INVALID`` and ``memslot_is_readonly()``: the slot's ``invalid`` and
+    ``readonly``)."""
+    if slot is None or slot.invalid:
         return KVM_HVA_ERR_BAD
-    flags = int(slot.flags)
-    if flags & KVM_MEMSLOT_INVALID:
-        return KVM_HVA_ERR_BAD
-    if write and flags & KVM_MEM_READONLY:
+    if write and slot.readonly:
         return KVM_HVA_ERR_RO_BAD
     return slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
 

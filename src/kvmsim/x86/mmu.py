@@ -69,7 +69,8 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
         kvm.ops.release_faultin(kvm, KVM_PFN_NOSLOT, None, unused=True, dirty=False,
                                 caller="kvm_mmu_finish_page_fault", gfn=gfn)
         return RET_PF.EMULATE
-    mmio_sptes.pop(gfn, None)
+    if mmio_sptes:
+        mmio_sptes.pop(gfn, None)                       # a memslot now covers a gfn cached as MMIO
     if slot.invalid:
         return RET_PF.RETRY
     if write and slot.readonly:

@@ -53,14 +53,14 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
     kvm = mmu.kvm
     gfn = gpa >> PAGE_SHIFT
     kvm.journal.count("page_fault")
-    gen = kvm.memslots[0].generation
     mmio_sptes = mmu.mmio_sptes
-    if mmio_sptes.get(gfn) == gen:                      # handle_mmio_page_fault(): cached, same generation
+    # handle_mmio_page_fault(): an MMIO SPTE cached for the gfn in the memslots' current generation
+    if mmio_sptes and mmio_sptes.get(gfn) == kvm.memslots[0].generation:
         kvm.journal.count("mmio")
         return RET_PF.EMULATE
     slot = kvm.gfn_to_memslot(gfn)
     if slot is None:                                    # kvm_handle_noslot_fault(): cache an MMIO SPTE
-        mmio_sptes[gfn] = gen
+        mmio_sptes[gfn] = kvm.memslots[0].generation
         kvm.journal.count("mmio")
         # The fault then ends like any other: v6.12 kvm_release_pfn_clean(fault->pfn) on KVM_PFN_NOSLOT (a
         # call that returns at is_error_noslot_pfn(), yet a kprobe counts it), v6.13

@@ -291,8 +291,7 @@ class PhysMem:
 
     # ---- reference operations -----------------------------------------------------------------
     def _uaf(self, pfn: int, op: str, caller: str, kvm: bool, source: Src) -> bool:
-        """A use after free of ``pfn``: record it (``uaf``).  Only a page in the free list is poisoned
-        (:meth:`has_freed_pages`), so the per-page operations call this only while ``self._free`` holds one."""
+        # only a page in the free list is poisoned (has_freed_pages()): no flag to read without one
         if self._free and 0 < pfn < self.nr and self.flags.item(pfn) & _POISONED:
             self.journal.count("uaf")
             self.journal.fact("uaf", pfn=pfn, caller=caller, kvm=kvm, source=source,
@@ -302,7 +301,7 @@ class PhysMem:
 
     def get_page(self, pfn: int, caller: str, *, kvm: bool = False, source: Src = Src.HOST) -> None:
         """``get_page()`` = ``folio_get(page_folio(page))``: +1 on the folio."""
-        if self._free and self._uaf(pfn, "get_page", caller, kvm, source):
+        if self._uaf(pfn, "get_page", caller, kvm, source):
             return
         head = self.head.item(pfn)
         self.refcount[head] = self.refcount.item(head) + 1
@@ -326,7 +325,7 @@ class PhysMem:
 
     def put_page(self, pfn: int, caller: str, *, kvm: bool = False, source: Src = Src.HOST) -> None:
         """``put_page()``: -1 on the folio; the last put frees it."""
-        if self._free and self._uaf(pfn, "put_page", caller, kvm, source):
+        if self._uaf(pfn, "put_page", caller, kvm, source):
             return
         head = self.head.item(pfn)
         j = self.journal
@@ -392,7 +391,7 @@ class PhysMem:
     def SetPageDirty(self, pfn: int, caller: str, *, kvm: bool = False, source: Src = Src.HOST,
                      locked: bool = False, gfn: int | None = None) -> None:
         """``SetPageDirty()``: the flag only (KVM's helpers), on the folio."""
-        if self._free and self._uaf(pfn, "SetPageDirty", caller, kvm, source):
+        if self._uaf(pfn, "SetPageDirty", caller, kvm, source):
             return
         head = self.head.item(pfn)
         j = self.journal
@@ -422,7 +421,7 @@ class PhysMem:
     def mark_page_accessed(self, pfn: int, caller: str, *, kvm: bool = False, source: Src = Src.HOST,
                            locked: bool = False, gfn: int | None = None, unused: bool = False) -> None:
         """``mark_page_accessed()`` / ``folio_mark_accessed()``."""
-        if self._free and self._uaf(pfn, "mark_page_accessed", caller, kvm, source):
+        if self._uaf(pfn, "mark_page_accessed", caller, kvm, source):
             return
         head = self.head.item(pfn)
         j = self.journal

@@ -509,6 +509,22 @@ def real_backend():
         return None, str(e)
 
 
-def model_backend(policy: str = "series"):
+#: The first release of each protocol, newest first: ``current`` (upstream v6.18's MMU) from v6.14 on --
+#: the release after the series; the v6.14 .. v6.18 differences it models each landed by v6.18, so
+#: v6.14 .. v6.17 hosts are modelled with their newest neighbour -- ``series`` (v6.13) and ``legacy`` before.
+PROTOCOL_FIRST_RELEASE = (("current", (6, 14)), ("series", (6, 13)), ("legacy", (0, 0)))
+
+
+def host_protocol(release: str | None = None) -> str:
+    """The protocol the model runs to conform with a host kernel ``release`` (default: this host's
+    ``uname -r``): >= 6.14 ``current``, 6.13 ``series``, <= 6.12 ``legacy``."""
+    import os
+    from kvmsim.backend.kvm.caps import parse_release
+    version = parse_release(release or os.uname().release)
+    return next(name for name, first in PROTOCOL_FIRST_RELEASE if version >= first)
+
+
+def model_backend(policy: str | None = None):
+    """The model as a conformance backend, under ``policy`` (default: :func:`host_protocol`)."""
     from kvmsim.backend.model import ModelBackend
-    return ModelBackend(policy, "emulated")
+    return ModelBackend(policy or host_protocol(), "emulated")

@@ -89,8 +89,9 @@ class ModelBackend:
         from kvmsim.kvm.kvm import Kvm
         if self.kvm is not None:
             self.kvm.destroy()
+        # KVM_CREATE_VM(0), as the real backend does: KVM_X86_DEFAULT_VM has no private memory
         self.kvm = Kvm(self.host, policy=self.policy, arch=self.arch, execution=self.execution,
-                       **self._kvm_options())
+                       **{"has_private_mem": False, **self._kvm_options()})
         try:
             if options.dirty_ring_entries:
                 enable_dirty_ring(self.kvm, options.dirty_ring_entries * 16)

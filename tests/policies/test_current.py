@@ -207,3 +207,31 @@ def test_current_scenarios_match_and_differ_from_series(name):
     outcome = {p: [(s.res.result, s.res.errno_name, s.res.value, sorted(s.counters.items())) for s in r.steps]
                for p, r in res.items()}
     assert outcome["current"] != outcome["series"]
+
+
+# ---- conformance runs the host's own protocol ----------------------------------------------------------
+
+@pytest.mark.parametrize("release,protocol", [("6.18.44-fc-v669", "current"), ("6.14.0", "current"),
+                                              ("7.0.1", "current"), ("6.13.12", "series"), ("6.12.9", "legacy"),
+                                              ("5.10.0", "legacy")])
+def test_conformance_maps_the_host_release_to_a_protocol(release, protocol):
+    from kvmsim.backend.conformance import host_protocol, model_backend
+    assert host_protocol(release) == protocol
+    b = model_backend(protocol)
+    assert b.policy == protocol
+    b.close()
+
+
+def test_the_gmem_conformance_cases_tell_current_from_series():
+    """The v6.18 guest_memfd cases (run against /dev/kvm by ``kvmsim conform``) give different answers under
+    the two protocols, so running the host's own protocol matters."""
+    from kvmsim.backend.conformance import CASES, model_backend, run_case
+    cases = [c for c in CASES if c.name in ("gmem-create-flags-1", "gmem-mmap", "gmem-shared-memslot")]
+    out = {}
+    for p in ("series", "current"):
+        b = model_backend(p)
+        out[p] = [run_case(c, b) for c in cases]
+        b.close()
+    assert out["series"][0] == errno.EINVAL and out["current"][0] == 0
+    assert all(a != b for a, b in zip(out["series"], out["current"]))
+    assert out["current"][2][1:3] == ((0x77).to_bytes(8, "little"), (0x78).to_bytes(8, "little"))

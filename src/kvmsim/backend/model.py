@@ -182,8 +182,8 @@ class ModelBackend:
                     return MapOutcome(errno.EBADF)
                 if not g.flags & GuestMemfdFlags.GUEST_MEMFD_FLAG_MMAP:
                     return MapOutcome(errno.ENODEV)
-                if g.flags & GuestMemfdFlags.GUEST_MEMFD_FLAG_INIT_SHARED:
-                    vma = mm.mmap(size, VmaKind.MEMFD, addr=addr)
+                if g.flags & GuestMemfdFlags.GUEST_MEMFD_FLAG_INIT_SHARED:   # the file's own folios
+                    vma = mm.mmap(size, VmaKind.MEMFD, addr=addr, mapping=g.host_address_space(mm))
                 else:                                   # private by default: host faults SIGBUS
                     drv = self.host.add_driver(f"gmem{gmem.id}", size // PAGE_SIZE, "normal", mixed=True,
                                                prefault=False)

@@ -70,6 +70,17 @@ class GuestMemfd:
                 return slot
         return None
 
+    def host_address_space(self, mm):
+        """v6.18 ``kvm_gmem_mmap()`` / ``kvm_gmem_fault_user_mapping()``: the file's page cache as the
+        ``address_space`` a host VMA maps (the same folios ``kvm_gmem_get_pfn()`` returns), made on first use."""
+        asp = getattr(self, "_host_asp", None)
+        if asp is None:
+            from kvmsim.mm.vma import AddressSpace
+            asp = AddressSpace(f"guest_memfd@{self.owner_id}", self.npages, pages=self.pages)
+            asp.owner_id = self.owner_id
+            self._host_asp = asp
+        return asp
+
     @staticmethod
     def folio_order(index: int) -> int:
         """The order of the folio at ``index``: 0 (``kvm_gmem_get_folio()`` allocates order-0 folios and

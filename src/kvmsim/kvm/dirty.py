@@ -1,6 +1,8 @@
 """Dirty tracking: ``mark_page_dirty_in_slot``, KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG and the dirty ring
-(virt/kvm/kvm_main.c, virt/kvm/dirty_ring.c).  Identical in both protocols; the arch re-arms
-tracking through ``enable_log_dirty_pt_masked``.
+(virt/kvm/kvm_main.c, virt/kvm/dirty_ring.c).  Identical in v6.12 and v6.13; the arch re-arms
+tracking through ``enable_log_dirty_pt_masked``.  The ring reset is the protocol's
+(``kvm.ops.dirty_ring_reset``): v6.17 bounded it and made it stop on a pending signal
+(:func:`kvm_dirty_ring_reset_v617`, policy ``current``).
 """
 
 from __future__ import annotations

@@ -197,13 +197,23 @@ def _coalesce(cur_slot: int, cur_offset: int, mask: int, next_slot: int, next_of
     return None
 
 
-def _take_harvested(vcpu):
-    """The next harvested entry (``kvm_dirty_gfn_harvested()``), consumed: flags cleared, ``reset_index++``;
-    None when the next entry is not harvested."""
-    if not vcpu.dirty_ring_harvested:
-        return None
-    vcpu.dirty_ring_harvested -= 1
-    return vcpu.dirty_ring.pop(0)
+class _ResetIndex:
+    """A vCPU ring's ``reset_index`` walk: the harvested entries (``kvm_dirty_gfn_harvested()``) in order;
+    :meth:`done` drops the consumed ones from the model's list in one go."""
+
+    def __init__(self, vcpu):
+        self.vcpu, self.i = vcpu, 0
+
+    def next(self):
+        """The next harvested entry, consumed (flags cleared, ``reset_index++``), or None."""
+        if self.i >= self.vcpu.dirty_ring_harvested:
+            return None
+        self.i += 1
+        return self.vcpu.dirty_ring[self.i - 1]
+
+    def done(self) -> None:
+        del self.vcpu.dirty_ring[:self.i]
+        self.vcpu.dirty_ring_harvested -= self.i
 
 
 def kvm_dirty_ring_reset_v612(kvm, vcpu, nr_entries_reset: list[int], signal_pending) -> int:
@@ -211,7 +221,8 @@ def kvm_dirty_ring_reset_v612(kvm, vcpu, nr_entries_reset: list[int], signal_pen
     however many, coalesced into ``kvm_reset_dirty_gfn()`` batches; a pending signal is not looked at.
     Adds the entries reset to ``nr_entries_reset[0]`` (v6.12 returned the count); returns 0."""
     cur = None
-    while (e := _take_harvested(vcpu)) is not None:
+    ring = _ResetIndex(vcpu)
+    while (e := ring.next()) is not None:
         nr_entries_reset[0] += 1
         if cur is not None:
             joined = _coalesce(cur[0], cur[1], cur[2], e[0], e[1])
@@ -220,6 +231,7 @@ def kvm_dirty_ring_reset_v612(kvm, vcpu, nr_entries_reset: list[int], signal_pen
                 continue
             kvm_reset_dirty_gfn(kvm, *cur)
         cur = (e[0], e[1], 1)
+    ring.done()
     if cur is not None:
         kvm_reset_dirty_gfn(kvm, *cur)
     return 0
@@ -235,16 +247,18 @@ def kvm_dirty_ring_reset_v617(kvm, vcpu, nr_entries_reset: list[int], signal_pen
     The -EINTR return leaves the loop before the pending batch's ``kvm_reset_dirty_gfn()``: those entries
     are consumed (and counted) but their gfns are not write-protected again."""
     cur_slot = cur_offset = mask = 0
+    ring = _ResetIndex(vcpu)
     while nr_entries_reset[0] < INT_MAX:
         if signal_pending(nr_entries_reset[0]):
             kvm.journal.count("dirty_ring_reset_eintr")
             if mask:
-                kvm.journal.fact("dirty_ring_reset_pending_dropped", gfn=cur_offset, kvm=True,
+                kvm.journal.fact("dirty_ring_reset_pending_dropped", kvm=True,
                                  caller="kvm_dirty_ring_reset",
                                  detail=f"-EINTR: slot {cur_slot:#x} offset {cur_offset:#x} mask {mask:#x} "
                                         "consumed, not re-protected")
+            ring.done()
             return -errno.EINTR
-        e = _take_harvested(vcpu)
+        e = ring.next()
         if e is None:
             break
         next_slot, next_offset = e
@@ -256,6 +270,7 @@ def kvm_dirty_ring_reset_v617(kvm, vcpu, nr_entries_reset: list[int], signal_pen
                 continue
             kvm_reset_dirty_gfn(kvm, cur_slot, cur_offset, mask)
         cur_slot, cur_offset, mask = next_slot, next_offset, 1
+    ring.done()
     if mask:
         kvm_reset_dirty_gfn(kvm, cur_slot, cur_offset, mask)
     return 0

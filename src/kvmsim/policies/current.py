@@ -9,7 +9,8 @@
 * guest_memfd mmap (v6.18): ``GUEST_MEMFD_FLAG_MMAP`` ("KVM: Allow and advertise support for host mmap()
   on guest_memfd files", 3d3a04fad25a; "KVM: Rework KVM_CAP_GUEST_MEMFD_MMAP into KVM_CAP_GUEST_MEMFD_FLAGS",
   d2042d8f96dd) and ``GUEST_MEMFD_FLAG_INIT_SHARED`` ("KVM: guest_memfd: Add INIT_SHARED flag, reject user
-  page faults if not set", fe2bf6234e94); KVM_MEM_GUEST_MEMFD on any x86-64 VM ("KVM: x86: Enable
+  page faults if not set", fe2bf6234e94; MMAP on VMs with private memory too, "KVM: guest_memfd: Allow mmap()
+  on guest_memfd for x86 VMs with private memory", 44c6cb9fe988); KVM_MEM_GUEST_MEMFD on any x86-64 VM ("KVM: x86: Enable
   KVM_GUEST_MEMFD for all 64-bit builds", d1e54dd08f16); a memslot bound to an mmap-able guest_memfd is
   "gmem only" ("KVM: guest_memfd: Track guest_memfd mmap support in memslot", 576d035e2aef) and its shared
   faults take the folio from ``kvm_gmem_get_pfn()``, not from GUP of ``userspace_addr`` ("KVM: x86/mmu:
@@ -48,9 +49,10 @@ class CurrentPolicy(SeriesPolicy):
 
     def gmem_supported_flags(self, kvm):
         """v6.18 ``kvm_gmem_get_supported_flags()``: MMAP ("KVM: Allow and advertise support for host mmap()
-        on guest_memfd files", 3d3a04fad25a), and INIT_SHARED ("KVM: guest_memfd: Add INIT_SHARED flag,
-        reject user page faults if not set", fe2bf6234e94) where ``kvm_arch_supports_gmem_init_shared()``:
-        x86, a VM without private memory."""
+        on guest_memfd files", 3d3a04fad25a) on any VM ("KVM: guest_memfd: Allow mmap() on guest_memfd for
+        x86 VMs with private memory", 44c6cb9fe988), and INIT_SHARED ("KVM: guest_memfd: Add INIT_SHARED
+        flag, reject user page faults if not set", fe2bf6234e94) where
+        ``kvm_arch_supports_gmem_init_shared()``: x86, a VM without private memory."""
         return GUEST_MEMFD_FLAG_MMAP | (0 if kvm.has_private_mem else GUEST_MEMFD_FLAG_INIT_SHARED)
 
     def supports_gmem(self, kvm):

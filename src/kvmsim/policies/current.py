@@ -5,13 +5,14 @@
   most INT_MAX entries per KVM_RESET_DIRTY_RINGS ("KVM: Bound the number of dirty ring entries in a single
   reset at INT_MAX", 530a8ba71b4c) and stops with -EINTR when a signal is pending ("KVM: Bail from the
   dirty ring reset flow if a signal is pending", 49005a2a3d2a); the ioctl still flushes once and returns
-  the entries reset so far (:func:`kvmsim.kvm.dirty.kvm_dirty_ring_reset_v617`).
+  the entries reset so far, and the gfns of the batch pending at the signal stay writable
+  (:func:`kvmsim.kvm.dirty.kvm_dirty_ring_reset_v617`).
 * guest_memfd mmap (v6.18): ``GUEST_MEMFD_FLAG_MMAP`` ("KVM: Allow and advertise support for host mmap()
   on guest_memfd files", 3d3a04fad25a; "KVM: Rework KVM_CAP_GUEST_MEMFD_MMAP into KVM_CAP_GUEST_MEMFD_FLAGS",
   d2042d8f96dd) and ``GUEST_MEMFD_FLAG_INIT_SHARED`` ("KVM: guest_memfd: Add INIT_SHARED flag, reject user
-  page faults if not set", fe2bf6234e94; MMAP on VMs with private memory too, "KVM: guest_memfd: Allow mmap()
-  on guest_memfd for x86 VMs with private memory", 44c6cb9fe988); KVM_MEM_GUEST_MEMFD on any x86-64 VM ("KVM: x86: Enable
-  KVM_GUEST_MEMFD for all 64-bit builds", d1e54dd08f16); a memslot bound to an mmap-able guest_memfd is
+  page faults if not set", fe2bf6234e94; MMAP on VMs with private memory too, "KVM: guest_memfd: Allow
+  mmap() on guest_memfd for x86 VMs with private memory", 44c6cb9fe988); KVM_MEM_GUEST_MEMFD on any x86-64
+  VM ("KVM: x86: Enable KVM_GUEST_MEMFD for all 64-bit builds", d1e54dd08f16); a memslot bound to an mmap-able guest_memfd is
   "gmem only" ("KVM: guest_memfd: Track guest_memfd mmap support in memslot", 576d035e2aef) and its shared
   faults take the folio from ``kvm_gmem_get_pfn()``, not from GUP of ``userspace_addr`` ("KVM: x86/mmu:
   Handle guest page faults for guest_memfd with shared memory", f029f04ddbec).

@@ -323,7 +323,7 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
 
 @cli.command("run")
 @click.argument("scenario")
-@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only", "both", "all"),
+@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current", "both", "all"),
                help="Policy to run under (default: every policy the scenario states).")
 @click.option("--trace", is_flag=True, help="Print each step's references, SPTEs and flags (journal facts).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run (a list if several).")
@@ -359,7 +359,7 @@ def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool, html_
 # ---- compare -------------------------------------------------------------------------------------------
 
 @cli.command()
-@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only"),
+@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current"),
                help="Also run every scenario under this policy, beside the policies it states (a run "
                     "the scenario states no outcome for always matches unless it fails).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list with one object per run.")
@@ -474,6 +474,22 @@ def _print_plugin_summary(con, results, plugin: str) -> None:
     con.print(_text((f"{plugin}: breaks where the reference policy does not, in {len(lines)} scenario(s)", "bold")))
     for line in lines:
         con.print(_text(line))
+
+
+@cli.command("policies")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list: name, title, module.")
+@handle_errors
+def policies_cmd(as_json: bool) -> None:
+    """List the shipped policies (the protocols --policy takes), each with the kernel it models."""
+    from kvmsim.policies import shipped_policies
+    rows = [(name, cls.title, cls.__module__) for name, cls in shipped_policies().items()]
+    if as_json:
+        click.echo(json.dumps([{"name": n, "title": t, "module": m} for n, t, m in rows], indent=2))
+        return
+    width = max(len(n) for n, _, _ in rows)
+    for n, t, _ in rows:
+        click.echo(f"{n:<{width}}  {t}")
+    click.echo("or a plugin: path/to/file.py:ClassName or module:ClassName (docs/policies.md)")
 
 
 def main() -> None:

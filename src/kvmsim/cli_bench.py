@@ -58,7 +58,7 @@ def bench() -> None:
               help="vCPUs keep dirtying memory while dirty logging is disabled.")
 @click.option("-r", "seed", default=1, show_default=True, type=click.IntRange(1, 2**31 - 1),
               help="Random seed (for -w < 100), positive as the selftest's atoi_positive.")
-@policy_option(("legacy", "series", "both"), default="both", show_default=True,
+@policy_option(("legacy", "series", "current", "both"), default="both", show_default=True,
                help="Policy of the model runs (both: legacy then series).")
 @click.option("--v613-other", is_flag=True,
               help="Also the other 6.13 MMU changes (batched flush, in-place huge page recovery, ...).")

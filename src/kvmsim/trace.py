@@ -59,6 +59,8 @@ class FactKind(str, Enum):
     INV11 = "inv11"
     LOCKDEP = "lockdep"
     DIRTY_RING_OVERFLOW = "dirty_ring_overflow"
+    #: v6.17 kvm_dirty_ring_reset(): -EINTR left a consumed batch without kvm_reset_dirty_gfn() (kvm/dirty.py)
+    DIRTY_RING_RESET_PENDING_DROPPED = "dirty_ring_reset_pending_dropped"
 
 
 _KINDS = {k.value: k for k in FactKind}

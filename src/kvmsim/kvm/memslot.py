@@ -53,6 +53,9 @@ class KvmMemorySlot:
     dirty_bitmap: np.ndarray | None = None          # one bool per page (the kernel's first bitmap)
     gmem_file: object | None = None
     gmem_pgoff: int = 0
+    #: v6.18 ``kvm_memslot_is_gmem_only()``: bound to a guest_memfd that supports mmap, so shared faults
+    #: come from guest_memfd too (:func:`kvmsim.kvm.gmem.kvm_gmem_bind`).
+    gmem_only: bool = False
     arch: dict = field(default_factory=dict)
 
     def __setattr__(self, name: str, value) -> None:
@@ -133,7 +136,7 @@ def check_memory_region_flags(kvm, mem: KvmUserspaceMemoryRegion2, v1: bool) -> 
     if v1 and mem.flags & ~int(KVM_SET_USER_MEMORY_REGION_V1_FLAGS):
         raise ModelError(errno.EINVAL, f"KVM_SET_USER_MEMORY_REGION: flags {mem.flags:#x} not valid for v1")
     valid = int(KVM_MEM.LOG_DIRTY_PAGES)
-    if kvm.has_private_mem:
+    if kvm.ops.supports_gmem(kvm):                          # v6.13 kvm_arch_has_private_mem(), v6.18 any VM
         valid |= int(KVM_MEM.GUEST_MEMFD)
     if mem.flags & KVM_MEM.GUEST_MEMFD:
         valid &= ~int(KVM_MEM.LOG_DIRTY_PAGES)              # dirty logging private memory unsupported

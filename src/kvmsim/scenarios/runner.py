@@ -111,7 +111,8 @@ def build(sc: Scenario, policy: str) -> Env:
     for d in sc.drivers:
         size = d.size if d.size is not None else vma_size.get(d.name, 4096)
         host.add_driver(d.name, max(1, size >> 12), d.pfn_class, order=d.order, compound=d.compound,
-                        prefault=d.prefault, pte_write=d.pte_write, mixed=d.mixed, free_rule=d.free_rule)
+                        prefault=d.prefault, pte_write=d.pte_write, mixed=d.mixed, free_rule=d.free_rule,
+                        cacheable=d.cacheable)
     vmas: dict[str, dict] = {}
     for v in sc.vmas:
         prot = "" if v.prot == "none" else v.prot
@@ -127,7 +128,8 @@ def build(sc: Scenario, policy: str) -> Env:
         arch_opts["paging"] = vm.paging
     if vm.arch == "x86":
         arch_opts.update(slot_zap_all=vm.slot_zap_all, nx_huge_pages=vm.nx_huge_pages, maxphyaddr=vm.maxphyaddr)
-    arch_opts.update({"arm64": {"ipa_bits": vm.ipa_bits}, "loongarch": {"cpu_vabits": vm.cpu_vabits},
+    arch_opts.update({"arm64": {"ipa_bits": vm.ipa_bits, "cacheable_pfnmap_supported": vm.cacheable_pfnmap_supported},
+                      "loongarch": {"cpu_vabits": vm.cpu_vabits},
                       "riscv": {"gstage_pgd_levels": vm.gstage_pgd_levels}}.get(vm.arch, {}))
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
               allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, ad_enabled=vm.ad_enabled,

@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 
 from kvmsim.check import Checker, Violation
 from kvmsim.errors import UsageError
+from kvmsim.explore.por import Footprint, Tracker, independent
 from kvmsim.sched import Thread
 
 
@@ -64,10 +65,12 @@ class Step:
 
 @dataclass
 class Run:
-    """One execution: the steps taken and the first watched violation, if any."""
+    """One execution: the steps taken and the first watched violation, if any (and, when the
+    search reduces, each step's :class:`~kvmsim.explore.por.Footprint`)."""
 
     steps: list[Step] = field(default_factory=list)
     violation: Violation | None = None
+    footprints: list[Footprint] = field(default_factory=list)
 
     @property
     def schedule(self) -> list[str]:
@@ -86,17 +89,19 @@ def count_preemptions(steps: list[Step]) -> int:
 
 
 def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bool = False,
-            chooser: Callable[[list[str], str | None], str] | None = None) -> Run:
+            chooser: Callable[[list[str], str | None], str] | None = None, footprints: bool = False) -> Run:
     """Fresh setup, then the schedule, then the non-preemptive (or ``chooser``) continuation.
 
     The explorer is a strategy of the world's :class:`~kvmsim.sched.Scheduler`: it only picks the
-    next thread; the scheduler resumes it."""
+    next thread; the scheduler resumes it.  ``footprints`` records what each step read and wrote
+    (:class:`~kvmsim.explore.por.Tracker`), for partial-order reduction."""
     world = scenario.build(policy, mutations)
     checker = Checker(world.kvm)
     checker.run(quiescent=False)                       # the setup's own state is not the race
     names = list(world.threads)
     run = Run()
     i = 0
+    tracker = Tracker([world, list(world.threads.values())]) if footprints else None
 
     def choose(ready: list[str], current: str | None) -> str:
         nonlocal i
@@ -111,6 +116,11 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
                                  + f"; runnable: {', '.join(ready)}")
         return chooser(ready, current) if chooser else (current if current in ready else ready[0])
 
+    def choose_tracked(ready: list[str], current: str | None) -> str:
+        name = choose(ready, current)
+        tracker.begin()                                # the scheduler resumes ``name`` next
+        return name
+
     def check(quiescent: bool) -> bool:
         for v in checker.run(quiescent=quiescent):
             if scenario.watch(v):
@@ -119,11 +129,17 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
         return False
 
     def after(th: Thread, label: str, ready: tuple[str, ...]) -> bool:
+        if tracker is not None:
+            run.footprints.append(tracker.end(len(run.steps), th.name))
         run.steps.append(Step(th.name, label, ready))
         world.kvm.journal.step = len(run.steps)
         return check(quiescent=False)
 
-    world.kvm.sched.run(world.threads, choose, after)
+    try:
+        world.kvm.sched.run(world.threads, choose_tracked if tracker else choose, after)
+    finally:
+        if tracker is not None:
+            tracker.stop()
     if run.violation is None:
         scenario.final(world)
         check(quiescent=True)
@@ -176,31 +192,132 @@ class Result:
         return self.explored / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def dfs(scenario, policy, mutations, bound: int, limit: int = MAX_SCHEDULES,
-        result: Result | None = None) -> Iterator[Run]:
-    """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes).
+class Reduction(enum.Enum):
+    """Which schedules a DFS may skip (``kvmsim explore --reduction``)."""
 
-    Stops after ``limit`` schedules; if prefixes were still queued then, ``result`` (when given) is
-    marked :attr:`Coverage.TRUNCATED` with their number."""
-    stack: list[list[str]] = [[]]
+    NONE = "none"                # every schedule within the preemption bound
+    SLEEP = "sleep"              # sleep sets over recorded footprints (:mod:`kvmsim.explore.por`)
+
+
+def _reduction(reduction) -> Reduction:
+    if isinstance(reduction, Reduction):
+        return reduction
+    try:
+        return Reduction(reduction)
+    except ValueError:
+        raise UsageError(f"unknown reduction {reduction!r}; choose from "
+                         + ", ".join(r.value for r in Reduction)) from None
+
+
+@dataclass(frozen=True)
+class FrontierItem:
+    """One subtree of the schedule tree, the unit a distributed search hands to a worker.
+
+    ``prefix``: the schedule that reaches the subtree's root run (its last entry is the
+    alternative chosen at the branch node; the run continues non-preemptively after it).
+    ``sleep``: the sleep-set candidates at the branch node, ``(thread, footprint)`` pairs
+    (:mod:`kvmsim.explore.por`; empty without reduction); the root run keeps those that commute
+    with its first new step.  ``expand``: false for a node :func:`frontier` already expanded (its
+    children are items of their own): its subtree is its one run.  Plain, picklable data."""
+
+    prefix: tuple[str, ...] = ()
+    sleep: tuple[tuple[str, Footprint], ...] = ()
+    expand: bool = True
+
+
+def _children(item: FrontierItem, run: Run, bound: int, red: Reduction) -> list[FrontierItem]:
+    """The items a run's DFS node pushes: every alternative thread at every step past the prefix
+    within the bound, less (with sleep sets) the threads asleep at that step.
+
+    Sleep sets: ``asleep[j]`` maps each thread asleep before step ``j`` to the footprint of the
+    step it would take.  Before the first new step they are the item's candidates; a step wakes
+    every sleeper it conflicts with; the thread that takes step ``j`` is asleep (with that
+    step's footprint) for the alternatives of step ``j``.  Conservative under the bound: a run
+    whose continuation takes a sleeping thread wakes every sleeper from there on."""
+    steps, start = run.steps, len(item.prefix)
+    asleep: list[dict[str, Footprint]] = [{} for _ in steps]
+    if red is Reduction.SLEEP and run.footprints:
+        zset = dict(item.sleep)
+        if start:                                     # the branch step itself: filter the candidates
+            fp = run.footprints[start - 1]
+            zset = {t: z for t, z in zset.items() if t != steps[start - 1].thread and independent(z, fp)}
+        for j in range(start, len(steps)):
+            asleep[j] = zset
+            t, fp = steps[j].thread, run.footprints[j]
+            if t in zset:                             # a sleeper runs: nothing below is pruned
+                zset = {}
+                for k in range(j + 1, len(steps)):
+                    asleep[k] = {}
+                break
+            zset = {u: z for u, z in zset.items() if independent(z, fp)}
+    out: list[FrontierItem] = []
+    for j in range(len(steps) - 1, start - 1, -1):
+        here = asleep[j]
+        for alt in steps[j].runnable:
+            if alt == steps[j].thread or alt in here:
+                continue
+            cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
+            if count_preemptions(cand) > bound:
+                continue
+            sleep: tuple = ()
+            if red is Reduction.SLEEP and run.footprints:
+                z = dict(here)
+                z[steps[j].thread] = run.footprints[j]
+                sleep = tuple(sorted(z.items()))
+            out.append(FrontierItem(tuple(s.thread for s in cand), sleep))
+    return out
+
+
+def search_subtree(scenario, policy, mutations, item: FrontierItem, bound: int, reduction="none",
+                   limit: int = MAX_SCHEDULES, result: Result | None = None) -> Iterator[Run]:
+    """Every run of the subtree ``item`` roots (stateless DFS over prefixes), at most ``limit``.
+
+    The union over the items of :func:`frontier` is the single-process search: the same runs, so
+    the same violations, and the schedule counts add up.  When it stops at ``limit`` with
+    prefixes queued, ``result`` (when given) is marked :attr:`Coverage.TRUNCATED` with their number."""
+    red = _reduction(reduction)
+    track = red is not Reduction.NONE
+    stack = [item]
     n = 0
     while stack:
         if n >= limit:
             if result is not None:
                 result.coverage, result.pending = Coverage.TRUNCATED, len(stack)
             return
-        prefix = stack.pop()
-        run = execute(scenario, policy, mutations, prefix)
+        it = stack.pop()
+        run = execute(scenario, policy, mutations, list(it.prefix), footprints=track)
         n += 1
         yield run
-        steps = run.steps
-        for j in range(len(steps) - 1, len(prefix) - 1, -1):
-            for alt in steps[j].runnable:
-                if alt == steps[j].thread:
-                    continue
-                cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
-                if count_preemptions(cand) <= bound:
-                    stack.append([s.thread for s in cand])
+        if it.expand:
+            stack.extend(_children(it, run, bound, red))
+
+
+def frontier(scenario, policy, mutations, bound: int, reduction="none", count: int = 64) -> list[FrontierItem]:
+    """Split the search into at least ``count`` subtrees (fewer if the tree is smaller).
+
+    Expands nodes breadth-first from the root; each expanded node stays in the list as a
+    one-run item (``expand=False``), its children as items of their own.  Searching every item with
+    :func:`search_subtree` runs exactly the schedules :func:`dfs` runs (in another order)."""
+    red = _reduction(reduction)
+    track = red is not Reduction.NONE
+    done: list[FrontierItem] = []
+    queue = [FrontierItem()]
+    while queue and len(done) + len(queue) < count:
+        it = queue.pop(0)
+        run = execute(scenario, policy, mutations, list(it.prefix), footprints=track)
+        done.append(FrontierItem(it.prefix, it.sleep, expand=False))
+        queue.extend(reversed(_children(it, run, bound, red)))
+    return done + queue
+
+
+def dfs(scenario, policy, mutations, bound: int, limit: int = MAX_SCHEDULES,
+        result: Result | None = None, reduction="none") -> Iterator[Run]:
+    """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes),
+    less those a ``reduction`` proves redundant.
+
+    Stops after ``limit`` schedules; if prefixes were still queued then, ``result`` (when given) is
+    marked :attr:`Coverage.TRUNCATED` with their number."""
+    return search_subtree(scenario, policy, mutations, FrontierItem(), bound, reduction, limit, result)
 
 
 def random_runs(scenario, policy, mutations, n: int, seed: int) -> Iterator[Run]:
@@ -233,7 +350,7 @@ def shrink(scenario, policy, mutations, schedule: list[str], invariant: str) -> 
 
 def explore(scenario, policy, mutations, *, bound: int | None = None, random_n: int | None = None,
             seed: int = 0, replay: list[str] | None = None, max_schedules: int = MAX_SCHEDULES,
-            progress: Callable[[int], None] | None = None) -> Result:
+            progress: Callable[[int], None] | None = None, reduction="none") -> Result:
     """Run a scheduler over ``scenario``; the result says what it found and how much it covered."""
     if max_schedules < 1:
         raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
@@ -246,7 +363,8 @@ def explore(scenario, policy, mutations, *, bound: int | None = None, random_n: 
         res.coverage = Coverage.SAMPLED
         runs = random_runs(scenario, policy, mutations, random_n, seed)
     else:
-        runs = dfs(scenario, policy, mutations, 2 if bound is None else bound, max_schedules, res)
+        runs = dfs(scenario, policy, mutations, 2 if bound is None else bound, max_schedules, res,
+                   reduction=reduction)
     for run in runs:
         res.explored += 1
         if progress:

@@ -23,7 +23,8 @@ from typing import Callable, Iterator
 
 from kvmsim.check import Checker, Violation
 from kvmsim.errors import UsageError
-from kvmsim.explore.por import Footprint, Tracker, independent
+from kvmsim.explore.dpor import dpor_subtree
+from kvmsim.explore.por import Footprint, Tracker
 from kvmsim.sched import Thread
 
 
@@ -89,12 +90,16 @@ def count_preemptions(steps: list[Step]) -> int:
 
 
 def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bool = False,
-            chooser: Callable[[list[str], str | None], str] | None = None, footprints: bool = False) -> Run:
+            chooser: Callable[[list[str], str | None], str] | None = None, footprints: bool = False,
+            checked: int = 0) -> Run:
     """Fresh setup, then the schedule, then the non-preemptive (or ``chooser``) continuation.
 
     The explorer is a strategy of the world's :class:`~kvmsim.sched.Scheduler`: it only picks the
     next thread; the scheduler resumes it.  ``footprints`` records what each step read and wrote
-    (:class:`~kvmsim.explore.por.Tracker`), for partial-order reduction."""
+    (:class:`~kvmsim.explore.por.Tracker`), for partial-order reduction.  ``checked``: how many
+    leading steps of ``schedule`` an earlier run already took and checked without a watched
+    violation (the searches pass ``len(prefix) - 1``): the checker does not re-judge them, it
+    judges their facts with the first step after them (see :func:`search_subtree`)."""
     world = scenario.build(policy, mutations)
     checker = Checker(world.kvm)
     checker.run(quiescent=False)                       # the setup's own state is not the race
@@ -133,7 +138,7 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
             run.footprints.append(tracker.end(len(run.steps), th.name))
         run.steps.append(Step(th.name, label, ready))
         world.kvm.journal.step = len(run.steps)
-        return check(quiescent=False)
+        return len(run.steps) > checked and check(quiescent=False)
 
     try:
         world.kvm.sched.run(world.threads, choose_tracked if tracker else choose, after)
@@ -196,7 +201,7 @@ class Reduction(enum.Enum):
     """Which schedules a DFS may skip (``kvmsim explore --reduction``)."""
 
     NONE = "none"                # every schedule within the preemption bound
-    SLEEP = "sleep"              # sleep sets over recorded footprints (:mod:`kvmsim.explore.por`)
+    DPOR = "dpor"                # dynamic POR over recorded footprints (:mod:`kvmsim.explore.dpor`)
 
 
 def _reduction(reduction) -> Reduction:
@@ -215,56 +220,25 @@ class FrontierItem:
 
     ``prefix``: the schedule that reaches the subtree's root run (its last entry is the
     alternative chosen at the branch node; the run continues non-preemptively after it).
-    ``sleep``: the sleep-set candidates at the branch node, ``(thread, footprint)`` pairs
-    (:mod:`kvmsim.explore.por`; empty without reduction); the root run keeps those that commute
-    with its first new step.  ``expand``: false for a node :func:`frontier` already expanded (its
-    children are items of their own): its subtree is its one run.  Plain, picklable data."""
+    ``expand``: false for a node :func:`frontier` already expanded (its children are items of
+    their own): its subtree is its one run.  Plain, picklable data."""
 
     prefix: tuple[str, ...] = ()
-    sleep: tuple[tuple[str, Footprint], ...] = ()
     expand: bool = True
 
 
-def _children(item: FrontierItem, run: Run, bound: int, red: Reduction) -> list[FrontierItem]:
-    """The items a run's DFS node pushes: every alternative thread at every step past the prefix
-    within the bound, less (with sleep sets) the threads asleep at that step.
-
-    Sleep sets: ``asleep[j]`` maps each thread asleep before step ``j`` to the footprint of the
-    step it would take.  Before the first new step they are the item's candidates; a step wakes
-    every sleeper it conflicts with; the thread that takes step ``j`` is asleep (with that
-    step's footprint) for the alternatives of step ``j``.  Conservative under the bound: a run
-    whose continuation takes a sleeping thread wakes every sleeper from there on."""
+def _children(item: FrontierItem, run: Run, bound: int) -> list[FrontierItem]:
+    """The items a run's DFS node pushes: every alternative thread at every step past the prefix,
+    within the bound."""
     steps, start = run.steps, len(item.prefix)
-    asleep: list[dict[str, Footprint]] = [{} for _ in steps]
-    if red is Reduction.SLEEP and run.footprints:
-        zset = dict(item.sleep)
-        if start:                                     # the branch step itself: filter the candidates
-            fp = run.footprints[start - 1]
-            zset = {t: z for t, z in zset.items() if t != steps[start - 1].thread and independent(z, fp)}
-        for j in range(start, len(steps)):
-            asleep[j] = zset
-            t, fp = steps[j].thread, run.footprints[j]
-            if t in zset:                             # a sleeper runs: nothing below is pruned
-                zset = {}
-                for k in range(j + 1, len(steps)):
-                    asleep[k] = {}
-                break
-            zset = {u: z for u, z in zset.items() if independent(z, fp)}
     out: list[FrontierItem] = []
     for j in range(len(steps) - 1, start - 1, -1):
-        here = asleep[j]
         for alt in steps[j].runnable:
-            if alt == steps[j].thread or alt in here:
+            if alt == steps[j].thread:
                 continue
             cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
-            if count_preemptions(cand) > bound:
-                continue
-            sleep: tuple = ()
-            if red is Reduction.SLEEP and run.footprints:
-                z = dict(here)
-                z[steps[j].thread] = run.footprints[j]
-                sleep = tuple(sorted(z.items()))
-            out.append(FrontierItem(tuple(s.thread for s in cand), sleep))
+            if count_preemptions(cand) <= bound:
+                out.append(FrontierItem(tuple(s.thread for s in cand)))
     return out
 
 
@@ -272,11 +246,22 @@ def search_subtree(scenario, policy, mutations, item: FrontierItem, bound: int, 
                    limit: int = MAX_SCHEDULES, result: Result | None = None) -> Iterator[Run]:
     """Every run of the subtree ``item`` roots (stateless DFS over prefixes), at most ``limit``.
 
-    The union over the items of :func:`frontier` is the single-process search: the same runs, so
-    the same violations, and the schedule counts add up.  When it stops at ``limit`` with
-    prefixes queued, ``result`` (when given) is marked :attr:`Coverage.TRUNCATED` with their number."""
+    This is the task a distributed search hands a worker (:func:`frontier` makes the items): an
+    item and its results are plain picklable data, and a subtree depends on no other.  With
+    ``reduction`` none the union over the items of :func:`frontier` is exactly the
+    single-process search: the same runs, so the same violations, and the schedule counts add up.
+    With dpor each item runs DPOR below its root, and the nodes above the items were expanded
+    fully by :func:`frontier`, so the union covers at least what one DPOR search does (the same
+    violations; a count at least the single-process one).
+
+    Every run after the first re-executes a prefix an earlier run took: its steps but the last
+    are not re-checked (``execute(checked=...)``); their facts are judged with the first new step.
+    When it stops at ``limit`` with prefixes queued, ``result`` (when given) is marked
+    :attr:`Coverage.TRUNCATED` with their number."""
     red = _reduction(reduction)
-    track = red is not Reduction.NONE
+    if red is Reduction.DPOR and item.expand:
+        yield from dpor_subtree(scenario, policy, mutations, item, bound, limit, result)
+        return
     stack = [item]
     n = 0
     while stack:
@@ -285,28 +270,29 @@ def search_subtree(scenario, policy, mutations, item: FrontierItem, bound: int, 
                 result.coverage, result.pending = Coverage.TRUNCATED, len(stack)
             return
         it = stack.pop()
-        run = execute(scenario, policy, mutations, list(it.prefix), footprints=track)
+        run = execute(scenario, policy, mutations, list(it.prefix), checked=max(0, len(it.prefix) - 1))
         n += 1
         yield run
         if it.expand:
-            stack.extend(_children(it, run, bound, red))
+            stack.extend(_children(it, run, bound))
 
 
 def frontier(scenario, policy, mutations, bound: int, reduction="none", count: int = 64) -> list[FrontierItem]:
     """Split the search into at least ``count`` subtrees (fewer if the tree is smaller).
 
     Expands nodes breadth-first from the root; each expanded node stays in the list as a
-    one-run item (``expand=False``), its children as items of their own.  Searching every item with
-    :func:`search_subtree` runs exactly the schedules :func:`dfs` runs (in another order)."""
-    red = _reduction(reduction)
-    track = red is not Reduction.NONE
+    one-run item (``expand=False``), its children as items of their own (every alternative within
+    the bound).  Searching every item with :func:`search_subtree` runs exactly the schedules
+    :func:`dfs` runs (in another order) without reduction; for dpor see :func:`search_subtree`.
+    ``count=1`` is the root alone."""
+    _reduction(reduction)
     done: list[FrontierItem] = []
     queue = [FrontierItem()]
     while queue and len(done) + len(queue) < count:
         it = queue.pop(0)
-        run = execute(scenario, policy, mutations, list(it.prefix), footprints=track)
-        done.append(FrontierItem(it.prefix, it.sleep, expand=False))
-        queue.extend(reversed(_children(it, run, bound, red)))
+        run = execute(scenario, policy, mutations, list(it.prefix), checked=max(0, len(it.prefix) - 1))
+        done.append(FrontierItem(it.prefix, expand=False))
+        queue.extend(reversed(_children(it, run, bound)))
     return done + queue
 
 
@@ -354,6 +340,7 @@ def explore(scenario, policy, mutations, *, bound: int | None = None, random_n: 
     """Run a scheduler over ``scenario``; the result says what it found and how much it covered."""
     if max_schedules < 1:
         raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
+    reduction = _reduction(reduction)
     res = Result(max_schedules=max_schedules)
     t0 = time.perf_counter()
     if replay is not None:

@@ -1,12 +1,12 @@
-"""Partial-order reduction for the explorer: step footprints and the sleep sets built from them.
+"""Step footprints for partial-order reduction (:mod:`kvmsim.explore.dpor`): what each step read and wrote.
 
 Two steps of different threads *commute* when neither writes model state the other reads or
 writes: running them in either order leaves the same state, and the explorer need not try both
-orders (Godefroid's sleep sets, the basis of Flanagan–Godefroid DPOR, loom, shuttle and GenMC).
-The reduction is only as sound as the dependence relation, so the footprints are *recorded*, not
-declared: :class:`Tracker` instruments the world the scenario built (no model file knows it).
+orders (the basis of Flanagan–Godefroid DPOR, as in loom, shuttle and GenMC).  The reduction is
+only as sound as the dependence relation, so the footprints are *recorded*, not declared:
+:class:`Tracker` instruments the world the scenario built (no model file knows about it).
 
-What a footprint holds (keys are stable across executions and processes, see :meth:`Tracker.key`):
+What a footprint holds (keys are stable across executions and processes, see :class:`Tracker`):
 
 * every attribute read and written on a model object (``kvm.mmu_invalidate_seq``,
   ``lock.writer``, ``gpc.valid``, ``slot.dirty_bitmap`` ...): each object reachable from the world
@@ -25,14 +25,10 @@ commuting steps record the same facts in the other order, and the validators jud
 from the state it names) and the :class:`~kvmsim.sched.Scheduler`'s active-thread slot (written by
 every resume, read only to name lock holders, which the lock's own fields record).
 
-Sleep sets under a preemption bound: a thread whose next step was explored from an ancestor
-node and commutes with every step taken since is *asleep* and is not tried again as an
-alternative.  Combining that with a preemption bound is known to be subtle (the equivalent
-schedule the sleep set relies on may need more preemptions than the bound allows: Coons,
-Musuvathi, McKinley, "Bounded partial-order reduction", OOPSLA 2013); the explorer takes the
-conservative side where it is cheap (a path that runs a sleeping thread wakes every sleeper, so
-nothing below it is pruned) and the agreement test (tests/explore/test_por.py) checks that the
-reduced search finds what plain DFS finds on every race x policy x mutation.
+Steps are compared by these keys only: a violation the checker sees in an intermediate state of one
+order is seen in the other order's state after the same steps (the same state), not necessarily in
+between.  The agreement test (tests/explore/test_por.py) checks the reduced search against the plain
+DFS on every race x policy x mutation.
 """
 
 from __future__ import annotations
@@ -104,7 +100,7 @@ def _deep_hash(v, keys: dict, depth: int = 0):
     if k is not None:
         return k
     if t is np.ndarray or isinstance(v, np.ndarray):
-        return (v.shape, str(v.dtype), v.tobytes())
+        return (v.shape, v.dtype.num, v.tobytes())
     if isinstance(v, dict):
         return tuple((_deep_hash(a, keys, depth + 1), _deep_hash(b, keys, depth + 1)) for a, b in v.items())
     if isinstance(v, (list, tuple)):

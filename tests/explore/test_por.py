@@ -115,6 +115,30 @@ def test_some_steps_of_different_threads_commute():
     assert not all(independent(snap, fp) for fp in host)      # the sequence bump does not commute
 
 
+def test_a_store_through_a_reference_kept_across_a_yield_is_a_write():
+    """The non-atomic zap reads the SPTE arrays in one step and clears them in the next through the
+    local it kept: no attribute access, still a write of that step, conflicting with the guest's store."""
+    run = execute(SCENARIOS["lost-dirty-bit"], "legacy", Mutations(nonatomic_spte=True), ["zap", "vcpu0"],
+                  footprints=True)
+    fp = dict((s.label, f) for s, f in zip(run.steps, run.footprints))
+    cleared = fp["kvm_zap_gfn_range: SPTE cleared"]
+    store = next(f for s, f in zip(run.steps, run.footprints) if s.label.startswith("guest: store"))
+    assert any(a == "arch" for _, a in cleared.writes)
+    assert not independent(cleared, store)
+
+
+def test_a_thread_blocked_on_a_held_lock_does_not_race_inside_the_critical_section():
+    from kvmsim.explore.dpor import _races, _would_block
+    run = _steps()                                           # vcpu0's fault to the end, then munmap
+    host_acq = next(k for k, s in enumerate(run.steps) if s.thread == "host" and s.label.endswith("acquired"))
+    held = [j for j, h in enumerate(run.holders) if "vcpu0" in [w for w, _ in h.values()]]
+    free = [j for j in range(host_acq) if j not in held and run.steps[j].thread == "vcpu0"]
+    assert held and free
+    assert all(_would_block(run, j, host_acq) for j in held)
+    assert not any(_would_block(run, j, host_acq) for j in free)
+    assert any(k == host_acq for _, k in _races(run))
+
+
 def test_unknown_footprint_conflicts_with_everything():
     assert not independent(EVERYTHING, Footprint())
     assert independent(Footprint(), Footprint())

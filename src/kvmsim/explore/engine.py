@@ -72,6 +72,7 @@ class Run:
     steps: list[Step] = field(default_factory=list)
     violation: Violation | None = None
     footprints: list[Footprint] = field(default_factory=list)
+    holders: list[dict] = field(default_factory=list)      # lock holders before each step (with footprints)
 
     @property
     def schedule(self) -> list[str]:
@@ -123,6 +124,7 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
 
     def choose_tracked(ready: list[str], current: str | None) -> str:
         name = choose(ready, current)
+        run.holders.append(tracker.holders())
         tracker.begin()                                # the scheduler resumes ``name`` next
         return name
 

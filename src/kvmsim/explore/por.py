@@ -13,9 +13,12 @@ What a footprint holds (keys are stable across executions and processes, see :cl
   (and from the threads' generator frames) gets its class swapped for a subclass whose
   ``__getattribute__``/``__setattr__`` record ``(object, attribute)``;
 * a mutable container reached through an attribute (a list of readers, a dict of memslots, a
-  numpy array of SPTEs or of page refcounts) is a read of that attribute, and a *write* of it when
-  its contents (hashed deeply, model objects by identity) differ after the step: in-place updates
-  (``bits[i] = 0``, ``readers.append``) are writes though no attribute was assigned;
+  numpy array of SPTEs or of page refcounts) is a read of that attribute, and a *write* of it by
+  whichever later step changes its contents (hashed deeply, model objects by identity; every
+  container ever reached is re-hashed after every step): in-place updates (``bits[i] = 0``,
+  ``readers.append``) are writes though no attribute was assigned, also through a reference a
+  thread kept in its frame across a yield; for the same reason each step of a thread reads every
+  container that thread ever reached;
 * unknown is dependent: an untracked object reached through an attribute counts as a container
   (its fields are hashed), and a step whose footprint cannot be taken would have to be treated as
   conflicting with everything (:data:`EVERYTHING`).
@@ -40,6 +43,9 @@ import numpy as np
 
 #: Classes whose instances are not model state (observation, scheduling) and stay untracked.
 _EXCLUDED = {"Journal", "Scheduler", "Checker", "_FaultRelease", "Counter"}
+
+#: Lock classes with ``writer`` / ``readers`` holder fields (kvm/kvm.py, mm/mm.py).
+_LOCKS = {"MmuLock", "MmapLock"}
 
 _CALLABLE = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.BuiltinMethodType,
              staticmethod, classmethod, type)
@@ -118,6 +124,39 @@ def _deep_hash(v, keys: dict, depth: int = 0):
     return (t.__name__, id(v))
 
 
+class _Array(tuple):
+    """A numpy array's snapshot: (shape, dtype number, bytes)."""
+
+    def __new__(cls, shape, num, data):
+        return tuple.__new__(cls, (shape, num, data))
+
+
+_ATOM_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex, frozenset, range})
+
+
+def _snap(v, keys: dict):
+    """A comparable snapshot of container ``v``: a copy when it holds only atoms (compared in C),
+    else its deep hash."""
+    t = type(v)
+    if t is np.ndarray:
+        return _Array(v.shape, v.dtype.num, v.tobytes())
+    if t is list or t is set:
+        if all(type(x) in _ATOM_TYPES for x in v):
+            return t(v)
+    elif t is dict:
+        if all(type(x) in _ATOM_TYPES for x in v.values()) and all(type(x) in _ATOM_TYPES for x in v):
+            return dict(v)
+    return ("deep", _deep_hash(v, keys))
+
+
+def _same(v, snap, keys: dict) -> bool:
+    if type(snap) is _Array:
+        return type(v) is np.ndarray and v.shape == snap[0] and v.dtype.num == snap[1] and v.tobytes() == snap[2]
+    if type(snap) is tuple:
+        return ("deep", _deep_hash(v, keys)) == snap
+    return type(v) is type(snap) and v == snap
+
+
 def _traced(cls: type) -> type:
     """``cls`` with recording attribute access (same layout: ``__slots__ = ()``)."""
     sub = _TRACED.get(cls)
@@ -140,7 +179,7 @@ def _traced(cls: type) -> type:
                 k = (rec.keys.get(id(self)), name)
                 rec.reads.add(k)
                 if k not in rec.containers:
-                    rec.containers[k] = (v, _deep_hash(v, rec.keys))
+                    rec.containers[k] = (v, _snap(v, rec.keys))
         return v
 
     def __setattr__(self, name, value):
@@ -184,6 +223,16 @@ class Tracker:
         self.keys: dict[int, tuple] = {}
         self._keep: list = []                       # keep walked objects alive: ids stay unique
         self._walk(roots, lambda n: ("w", n))
+        #: The world's locks (``mmu_lock``, ``mmap_lock``): their holders before each step tell DPOR
+        #: which threads a step could not have run before (they would block: not co-enabled).
+        self.locks = [(self.keys[id(o)], o) for o in self._keep if type(o).__name__ in _LOCKS]
+        self._containers: dict[tuple, list] = {}    # (key, id) -> [key, container, snapshot after the last step]
+        self._seen: dict[str, set] = {}             # thread -> keys of the containers it reached
+
+    def holders(self) -> dict:
+        """``{lock key: (writer, readers)}`` now (read without recording)."""
+        ga = object.__getattribute__
+        return {k: (ga(o, "writer"), tuple(ga(o, "readers"))) for k, o in self.locks}
 
     def _walk(self, roots, name) -> None:
         keys = self.keys
@@ -239,18 +288,29 @@ class Tracker:
         rec.on = True
 
     def end(self, step: int, thread: str) -> Footprint:
-        """Stop recording; the step's footprint (and key whatever it published)."""
+        """Stop recording; the step's footprint (and key whatever it published).
+
+        Containers outlive the step that reached them: a thread keeps ``pfns, bits =
+        mmu._tables(slot)`` in its frame across a yield and writes through it later with no attribute
+        access.  So every container ever reached is re-hashed after every step (a change is a write
+        of that step), and every step of a thread reads every container that thread ever reached."""
         rec = _REC
         rec.on = False
-        writes = rec.writes
+        keys, reg, writes = self.keys, self._containers, rec.writes
         for k, (v, h) in rec.containers.items():
-            if k not in writes and _deep_hash(v, self.keys) != h:
-                writes.add(k)
-        fp = Footprint(frozenset(rec.reads), frozenset(writes))
-        if writes:                                  # objects the step published into tracked state
-            new = [v for k, (v, _) in rec.containers.items() if k in writes] + rec.published
-            if new:
-                self._walk(new, lambda n: ("s", step, thread, n))
+            reg.setdefault((k, id(v)), [k, v, h])
+        changed = []
+        for ent in reg.values():
+            if not _same(ent[1], ent[2], keys):
+                ent[2] = _snap(ent[1], keys)
+                writes.add(ent[0])
+                changed.append(ent[1])
+        seen = self._seen.setdefault(thread, set())
+        seen.update(rec.containers)
+        fp = Footprint(frozenset(rec.reads | seen), frozenset(writes))
+        new = changed + rec.published               # objects the step published into tracked state
+        if new:
+            self._walk(new, lambda n: ("s", step, thread, n))
         rec.reads, rec.writes, rec.containers, rec.published = set(), set(), {}, []
         return fp
 

@@ -107,7 +107,7 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
     names = list(world.threads)
     run = Run()
     i = 0
-    tracker = Tracker([world, list(world.threads.values())]) if footprints else None
+    tracker = Tracker([world, list(world.threads.values())], world.threads) if footprints else None
 
     def choose(ready: list[str], current: str | None) -> str:
         nonlocal i

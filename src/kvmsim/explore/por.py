@@ -17,8 +17,8 @@ What a footprint holds (keys are stable across executions and processes, see :cl
   whichever later step changes its contents (hashed deeply, model objects by identity; every
   container ever reached is re-hashed after every step): in-place updates (``bits[i] = 0``,
   ``readers.append``) are writes though no attribute was assigned, also through a reference a
-  thread kept in its frame across a yield; for the same reason each step of a thread reads every
-  container that thread ever reached;
+  thread kept in its frame across a yield; for the same reason a step reads every container its
+  thread's frames (the ``yield from`` chain) refer to when it begins;
 * unknown is dependent: an untracked object reached through an attribute counts as a container
   (its fields are hashed), and a step whose footprint cannot be taken would have to be treated as
   conflicting with everything (:data:`EVERYTHING`).
@@ -115,6 +115,10 @@ def _deep_hash(v, keys: dict, depth: int = 0):
         return frozenset(_deep_hash(x, keys, depth + 1) for x in v)
     if isinstance(v, _CALLABLE) or callable(v) and not hasattr(v, "__dict__"):
         return ("fn", id(v))
+    if t.__module__.startswith("kvmsim."):
+        # a model object: the initial walk and every step's publications track them (their fields
+        # are recorded on access), so one seen here is by identity
+        return (t.__name__, id(v))
     d = getattr(v, "__dict__", None)
     if d is not None:
         return (t.__name__, tuple((a, _deep_hash(b, keys, depth + 1)) for a, b in d.items()))
@@ -134,17 +138,22 @@ class _Array(tuple):
 _ATOM_TYPES = frozenset({int, float, str, bytes, bool, type(None), complex, frozenset, range})
 
 
+def _flat(x) -> bool:
+    t = type(x)
+    return t in _ATOM_TYPES or t in _TRACED_SET
+
+
 def _snap(v, keys: dict):
-    """A comparable snapshot of container ``v``: a copy when it holds only atoms (compared in C),
-    else its deep hash."""
+    """A comparable snapshot of container ``v``: a shallow copy when it holds only atoms and tracked
+    model objects (compared in C, objects by identity first), else its deep hash."""
     t = type(v)
     if t is np.ndarray:
         return _Array(v.shape, v.dtype.num, v.tobytes())
     if t is list or t is set:
-        if all(type(x) in _ATOM_TYPES for x in v):
+        if all(_flat(x) for x in v):
             return t(v)
     elif t is dict:
-        if all(type(x) in _ATOM_TYPES for x in v.values()) and all(type(x) in _ATOM_TYPES for x in v):
+        if all(_flat(x) for x in v.values()) and all(_flat(x) for x in v):
             return dict(v)
     return ("deep", _deep_hash(v, keys))
 
@@ -219,7 +228,8 @@ class Tracker:
     published by a step is keyed by ``(step index, thread, n)``, deterministic for a given schedule
     prefix.  The walk swaps each model object's class for its recording subclass."""
 
-    def __init__(self, roots: list) -> None:
+    def __init__(self, roots: list, threads: dict | None = None) -> None:
+        self.threads = threads or {}                # name -> generator: the frames that keep aliases
         self.keys: dict[int, tuple] = {}
         self._keep: list = []                       # keep walked objects alive: ids stay unique
         self._walk(roots, lambda n: ("w", n))
@@ -227,7 +237,7 @@ class Tracker:
         #: which threads a step could not have run before (they would block: not co-enabled).
         self.locks = [(self.keys[id(o)], o) for o in self._keep if type(o).__name__ in _LOCKS]
         self._containers: dict[tuple, list] = {}    # (key, id) -> [key, container, snapshot after the last step]
-        self._seen: dict[str, set] = {}             # thread -> keys of the containers it reached
+        self._aliases: dict[str, frozenset] = {}    # thread -> keys of the containers its frames hold
 
     def holders(self) -> dict:
         """``{lock key: (writer, readers)}`` now (read without recording)."""
@@ -292,8 +302,8 @@ class Tracker:
 
         Containers outlive the step that reached them: a thread keeps ``pfns, bits =
         mmu._tables(slot)`` in its frame across a yield and writes through it later with no attribute
-        access.  So every container ever reached is re-hashed after every step (a change is a write
-        of that step), and every step of a thread reads every container that thread ever reached."""
+        access.  So every container ever reached is re-checked after every step (a change is a write
+        of that step), and a step reads every container its thread's frames held when it began."""
         rec = _REC
         rec.on = False
         keys, reg, writes = self.keys, self._containers, rec.writes
@@ -305,14 +315,30 @@ class Tracker:
                 ent[2] = _snap(ent[1], keys)
                 writes.add(ent[0])
                 changed.append(ent[1])
-        seen = self._seen.setdefault(thread, set())
-        seen.update(rec.containers)
-        fp = Footprint(frozenset(rec.reads | seen), frozenset(writes))
+        held = self._aliases.get(thread)
+        fp = Footprint(frozenset(rec.reads | held) if held else frozenset(rec.reads), frozenset(writes))
+        self._aliases[thread] = self._held(thread)
         new = changed + rec.published               # objects the step published into tracked state
         if new:
             self._walk(new, lambda n: ("s", step, thread, n))
         rec.reads, rec.writes, rec.containers, rec.published = set(), set(), {}, []
         return fp
+
+    def _held(self, thread: str) -> frozenset:
+        """Keys of the containers ``thread``'s generator frames (the ``yield from`` chain) refer to
+        directly (or in a tuple or list): it can read them in its next step with no attribute access."""
+        ids: set[int] = set()
+        g = self.threads.get(thread)
+        while g is not None:
+            f = getattr(g, "gi_frame", None)
+            if f is None:
+                break
+            for v in f.f_locals.values():
+                ids.add(id(v))
+                if type(v) is tuple or type(v) is list:
+                    ids.update(id(x) for x in v)
+            g = getattr(g, "gi_yieldfrom", None)
+        return frozenset(ent[0] for (_, i), ent in self._containers.items() if i in ids)
 
     def stop(self) -> None:
         _REC.on = False

@@ -16,7 +16,7 @@ from kvmsim.explore import SCENARIOS, Mutations, explore
 
 #: (race, preemption bound): bounds where the plain DFS takes seconds to a minute or two here.
 CASES = [("fault-munmap-dirtylog", 3), ("fault-munmap-dirtylog", 4), ("pfncache-invalidate-vcpu-map", 3),
-         ("fault-munmap-dirtylog-aging", 2)]
+         ("fault-munmap-dirtylog-aging", 2), ("fault-munmap-dirtylog-aging", 3)]
 
 
 def compare(name: str, bound: int, policy: str = "series") -> dict:

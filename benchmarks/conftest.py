@@ -88,6 +88,10 @@ def _targets(new: dict, recorded: dict) -> list[str]:
         if e:
             line(e["faults_per_second"] >= 100_000,
                  f"scalar faults, {policy}: {e['faults_per_second']}/s (>= 100,000, CPU time)")
+    for key, e in sorted(new.items()):
+        if key.startswith("test_explorer_reduction["):
+            line(e["schedule_ratio"] >= 10, f"explorer {e['race']} bound {e['bound']}: {e['none_schedules']} -> "
+                                            f"{e['dpor_schedules']} schedules with DPOR ({e['schedule_ratio']}x, >= 10x)")
     for backing, small in (("anonymous", "test_flow_64g_anonymous[{p}]"),
                            ("anonymous_hugetlb_1gb", "test_flow_64g_hugetlb_1gb[{p}]")):
         for policy in ("legacy", "series"):

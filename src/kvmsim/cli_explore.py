@@ -15,15 +15,16 @@ import click
 from kvmsim.cli import cli, policy_option
 from kvmsim.errors import KvmsimError
 from kvmsim.kvm.arch import ARCH_NAMES
-from kvmsim.explore import (MAX_SCHEDULES, MUTATIONS, SCENARIOS, Coverage, Mutations, explore, format_schedule,
-                            parse_schedule)
+from kvmsim.explore import (MAX_SCHEDULES, MUTATIONS, SCENARIOS, Coverage, Mutations, Reduction, explore,
+                            format_schedule, parse_schedule)
 
 #: ``kvmsim explore`` exit status when a DFS was truncated and found no violation.
 EXIT_INCOMPLETE = 3
 
 
-def _result_dict(name, policy, muts, res, bound, mode, arch) -> dict:
+def _result_dict(name, policy, muts, res, bound, mode, arch, reduction) -> dict:
     out = {"scenario": name, "arch": arch, "policy": policy, "mutations": muts.names(), "mode": mode, "bound": bound,
+           "reduction": reduction,
            "explored": res.explored, "seconds": round(res.elapsed, 4),
            "schedules_per_second": round(res.rate, 1),
            "coverage": res.coverage.value, "complete": res.complete, "coverage_note": res.why(),
@@ -54,6 +55,10 @@ def _list_races(as_json: bool) -> None:
 @policy_option(("legacy", "series", "series-rc1", "current", "both"), default="both", show_default=True,
                help="Policy to explore under (both: legacy then series).")
 @click.option("--bound", type=click.IntRange(min=0), default=2, show_default=True, help="preemption bound (DFS)")
+@click.option("--reduction", type=click.Choice([r.value for r in Reduction]), default=Reduction.DPOR.value,
+              show_default=True, help="partial-order reduction of the DFS: none (every schedule within the bound), dpor "
+                                      "(dynamic POR: reorder only steps that touch the same model state); "
+                                      "tests/explore/test_por.py checks both find the same violations")
 @click.option("--max-schedules", type=click.IntRange(min=1), default=MAX_SCHEDULES, show_default=True,
               help="cap on the schedules one DFS runs; a DFS stopped by it is reported as incomplete")
 @click.option("--seed", type=int, default=0, show_default=True, help="seed for --random")
@@ -63,7 +68,7 @@ def _list_races(as_json: bool) -> None:
 @click.option("--arch", type=click.Choice(["generic", *(a for a in ARCH_NAMES if a != "generic")]),
               default=None, help="stage-2 MMU the race runs on  [default: the race's own: generic, or the one arch it lists]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
-def explore_cmd(name, list_races, policy, bound, max_schedules, seed, random_n, replay, mutate, arch,
+def explore_cmd(name, list_races, policy, bound, reduction, max_schedules, seed, random_n, replay, mutate, arch,
                 as_json) -> None:
     """Explore interleavings of race NAME (see --list); print the shortest violating schedule, if any."""
     if list_races:
@@ -81,10 +86,11 @@ def explore_cmd(name, list_races, policy, bound, max_schedules, seed, random_n, 
         arch = scenario.arch
     except KvmsimError as e:
         raise click.UsageError(str(e)) from None
-    mode = "replay" if sched is not None else f"random({random_n}, seed={seed})" if random_n else f"dfs(bound={bound})"
+    mode = "replay" if sched is not None else f"random({random_n}, seed={seed})" if random_n else f"dfs(bound={bound}, reduction={reduction})"
     results, incomplete = [], False
     for pol in (["legacy", "series"] if policy == "both" else [policy]):
-        kw = dict(bound=bound, random_n=random_n, seed=seed, replay=sched, max_schedules=max_schedules)
+        kw = dict(bound=bound, random_n=random_n, seed=seed, replay=sched, max_schedules=max_schedules,
+                  reduction=reduction)
         try:
             if as_json or not sys.stderr.isatty():
                 res = explore(scenario, pol, muts, **kw)
@@ -96,7 +102,7 @@ def explore_cmd(name, list_races, policy, bound, max_schedules, seed, random_n, 
         except KvmsimError as e:
             raise click.UsageError(str(e)) from None
         incomplete |= res.coverage is Coverage.TRUNCATED and res.violating is None
-        results.append(_result_dict(name, pol, muts, res, bound, mode, arch))
+        results.append(_result_dict(name, pol, muts, res, bound, mode, arch, reduction))
     if as_json:
         click.echo(json.dumps(results, indent=2))
         sys.exit(EXIT_INCOMPLETE if incomplete else 0)

@@ -23,6 +23,8 @@ from typing import Callable, Iterator
 
 from kvmsim.check import Checker, Violation
 from kvmsim.errors import UsageError
+from kvmsim.explore.dpor import dpor_subtree
+from kvmsim.explore.por import Footprint, Tracker
 from kvmsim.sched import Thread
 
 
@@ -64,10 +66,13 @@ class Step:
 
 @dataclass
 class Run:
-    """One execution: the steps taken and the first watched violation, if any."""
+    """One execution: the steps taken and the first watched violation, if any (and, when the
+    search reduces, each step's :class:`~kvmsim.explore.por.Footprint`)."""
 
     steps: list[Step] = field(default_factory=list)
     violation: Violation | None = None
+    footprints: list[Footprint] = field(default_factory=list)
+    holders: list[dict] = field(default_factory=list)      # lock holders before each step (with footprints)
 
     @property
     def schedule(self) -> list[str]:
@@ -86,17 +91,23 @@ def count_preemptions(steps: list[Step]) -> int:
 
 
 def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bool = False,
-            chooser: Callable[[list[str], str | None], str] | None = None) -> Run:
+            chooser: Callable[[list[str], str | None], str] | None = None, footprints: bool = False,
+            checked: int = 0) -> Run:
     """Fresh setup, then the schedule, then the non-preemptive (or ``chooser``) continuation.
 
     The explorer is a strategy of the world's :class:`~kvmsim.sched.Scheduler`: it only picks the
-    next thread; the scheduler resumes it."""
+    next thread; the scheduler resumes it.  ``footprints`` records what each step read and wrote
+    (:class:`~kvmsim.explore.por.Tracker`), for partial-order reduction.  ``checked``: how many
+    leading steps of ``schedule`` an earlier run already took and checked without a watched
+    violation (the searches pass ``len(prefix) - 1``): the checker does not re-judge them, it
+    judges their facts with the first step after them (see :func:`search_subtree`)."""
     world = scenario.build(policy, mutations)
     checker = Checker(world.kvm)
     checker.run(quiescent=False)                       # the setup's own state is not the race
     names = list(world.threads)
     run = Run()
     i = 0
+    tracker = Tracker([world, list(world.threads.values())], world.threads) if footprints else None
 
     def choose(ready: list[str], current: str | None) -> str:
         nonlocal i
@@ -111,6 +122,12 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
                                  + f"; runnable: {', '.join(ready)}")
         return chooser(ready, current) if chooser else (current if current in ready else ready[0])
 
+    def choose_tracked(ready: list[str], current: str | None) -> str:
+        name = choose(ready, current)
+        run.holders.append(tracker.holders())
+        tracker.begin()                                # the scheduler resumes ``name`` next
+        return name
+
     def check(quiescent: bool) -> bool:
         for v in checker.run(quiescent=quiescent):
             if scenario.watch(v):
@@ -119,11 +136,17 @@ def execute(scenario, policy: str, mutations, schedule: list[str], *, strict: bo
         return False
 
     def after(th: Thread, label: str, ready: tuple[str, ...]) -> bool:
+        if tracker is not None:
+            run.footprints.append(tracker.end(len(run.steps), th.name))
         run.steps.append(Step(th.name, label, ready))
         world.kvm.journal.step = len(run.steps)
-        return check(quiescent=False)
+        return len(run.steps) > checked and check(quiescent=False)
 
-    world.kvm.sched.run(world.threads, choose, after)
+    try:
+        world.kvm.sched.run(world.threads, choose_tracked if tracker else choose, after)
+    finally:
+        if tracker is not None:
+            tracker.stop()
     if run.violation is None:
         scenario.final(world)
         check(quiescent=True)
@@ -176,31 +199,113 @@ class Result:
         return self.explored / self.elapsed if self.elapsed > 0 else 0.0
 
 
-def dfs(scenario, policy, mutations, bound: int, limit: int = MAX_SCHEDULES,
-        result: Result | None = None) -> Iterator[Run]:
-    """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes).
+class Reduction(enum.Enum):
+    """Which schedules a DFS may skip (``kvmsim explore --reduction``)."""
 
-    Stops after ``limit`` schedules; if prefixes were still queued then, ``result`` (when given) is
-    marked :attr:`Coverage.TRUNCATED` with their number."""
-    stack: list[list[str]] = [[]]
+    NONE = "none"                # every schedule within the preemption bound
+    DPOR = "dpor"                # dynamic POR over recorded footprints (:mod:`kvmsim.explore.dpor`)
+
+
+def _reduction(reduction) -> Reduction:
+    if isinstance(reduction, Reduction):
+        return reduction
+    try:
+        return Reduction(reduction)
+    except ValueError:
+        raise UsageError(f"unknown reduction {reduction!r}; choose from "
+                         + ", ".join(r.value for r in Reduction)) from None
+
+
+@dataclass(frozen=True)
+class FrontierItem:
+    """One subtree of the schedule tree, the unit a distributed search hands to a worker.
+
+    ``prefix``: the schedule that reaches the subtree's root run (its last entry is the
+    alternative chosen at the branch node; the run continues non-preemptively after it).
+    ``expand``: false for a node :func:`frontier` already expanded (its children are items of
+    their own): its subtree is its one run.  Plain, picklable data."""
+
+    prefix: tuple[str, ...] = ()
+    expand: bool = True
+
+
+def _children(item: FrontierItem, run: Run, bound: int) -> list[FrontierItem]:
+    """The items a run's DFS node pushes: every alternative thread at every step past the prefix,
+    within the bound."""
+    steps, start = run.steps, len(item.prefix)
+    out: list[FrontierItem] = []
+    for j in range(len(steps) - 1, start - 1, -1):
+        for alt in steps[j].runnable:
+            if alt == steps[j].thread:
+                continue
+            cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
+            if count_preemptions(cand) <= bound:
+                out.append(FrontierItem(tuple(s.thread for s in cand)))
+    return out
+
+
+def search_subtree(scenario, policy, mutations, item: FrontierItem, bound: int, reduction="none",
+                   limit: int = MAX_SCHEDULES, result: Result | None = None) -> Iterator[Run]:
+    """Every run of the subtree ``item`` roots (stateless DFS over prefixes), at most ``limit``.
+
+    This is the task a distributed search hands a worker (:func:`frontier` makes the items): an
+    item and its results are plain picklable data, and a subtree depends on no other.  With
+    ``reduction`` none the union over the items of :func:`frontier` is exactly the
+    single-process search: the same runs, so the same violations, and the schedule counts add up.
+    With dpor each item runs DPOR below its root, and the nodes above the items were expanded
+    fully by :func:`frontier`, so the union covers at least what one DPOR search does (the same
+    violations; a count at least the single-process one).
+
+    Every run after the first re-executes a prefix an earlier run took: its steps but the last
+    are not re-checked (``execute(checked=...)``); their facts are judged with the first new step.
+    When it stops at ``limit`` with prefixes queued, ``result`` (when given) is marked
+    :attr:`Coverage.TRUNCATED` with their number."""
+    red = _reduction(reduction)
+    if red is Reduction.DPOR and item.expand:
+        yield from dpor_subtree(scenario, policy, mutations, item, bound, limit, result)
+        return
+    stack = [item]
     n = 0
     while stack:
         if n >= limit:
             if result is not None:
                 result.coverage, result.pending = Coverage.TRUNCATED, len(stack)
             return
-        prefix = stack.pop()
-        run = execute(scenario, policy, mutations, prefix)
+        it = stack.pop()
+        run = execute(scenario, policy, mutations, list(it.prefix), checked=max(0, len(it.prefix) - 1))
         n += 1
         yield run
-        steps = run.steps
-        for j in range(len(steps) - 1, len(prefix) - 1, -1):
-            for alt in steps[j].runnable:
-                if alt == steps[j].thread:
-                    continue
-                cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
-                if count_preemptions(cand) <= bound:
-                    stack.append([s.thread for s in cand])
+        if it.expand:
+            stack.extend(_children(it, run, bound))
+
+
+def frontier(scenario, policy, mutations, bound: int, reduction="none", count: int = 64) -> list[FrontierItem]:
+    """Split the search into at least ``count`` subtrees (fewer if the tree is smaller).
+
+    Expands nodes breadth-first from the root; each expanded node stays in the list as a
+    one-run item (``expand=False``), its children as items of their own (every alternative within
+    the bound).  Searching every item with :func:`search_subtree` runs exactly the schedules
+    :func:`dfs` runs (in another order) without reduction; for dpor see :func:`search_subtree`.
+    ``count=1`` is the root alone."""
+    _reduction(reduction)
+    done: list[FrontierItem] = []
+    queue = [FrontierItem()]
+    while queue and len(done) + len(queue) < count:
+        it = queue.pop(0)
+        run = execute(scenario, policy, mutations, list(it.prefix), checked=max(0, len(it.prefix) - 1))
+        done.append(FrontierItem(it.prefix, expand=False))
+        queue.extend(reversed(_children(it, run, bound)))
+    return done + queue
+
+
+def dfs(scenario, policy, mutations, bound: int, limit: int = MAX_SCHEDULES,
+        result: Result | None = None, reduction="none") -> Iterator[Run]:
+    """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes),
+    less those a ``reduction`` proves redundant.
+
+    Stops after ``limit`` schedules; if prefixes were still queued then, ``result`` (when given) is
+    marked :attr:`Coverage.TRUNCATED` with their number."""
+    return search_subtree(scenario, policy, mutations, FrontierItem(), bound, reduction, limit, result)
 
 
 def random_runs(scenario, policy, mutations, n: int, seed: int) -> Iterator[Run]:
@@ -233,10 +338,11 @@ def shrink(scenario, policy, mutations, schedule: list[str], invariant: str) -> 
 
 def explore(scenario, policy, mutations, *, bound: int | None = None, random_n: int | None = None,
             seed: int = 0, replay: list[str] | None = None, max_schedules: int = MAX_SCHEDULES,
-            progress: Callable[[int], None] | None = None) -> Result:
+            progress: Callable[[int], None] | None = None, reduction="none") -> Result:
     """Run a scheduler over ``scenario``; the result says what it found and how much it covered."""
     if max_schedules < 1:
         raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
+    reduction = _reduction(reduction)
     res = Result(max_schedules=max_schedules)
     t0 = time.perf_counter()
     if replay is not None:
@@ -246,7 +352,8 @@ def explore(scenario, policy, mutations, *, bound: int | None = None, random_n: 
         res.coverage = Coverage.SAMPLED
         runs = random_runs(scenario, policy, mutations, random_n, seed)
     else:
-        runs = dfs(scenario, policy, mutations, 2 if bound is None else bound, max_schedules, res)
+        runs = dfs(scenario, policy, mutations, 2 if bound is None else bound, max_schedules, res,
+                   reduction=reduction)
     for run in runs:
         res.explored += 1
         if progress:

@@ -340,6 +340,84 @@ def _shadow_sync_vs_munmap(policy, mutations, arch) -> World:
     return w
 
 
+# ---- 3- and 4-thread races ------------------------------------------------------------------------
+
+@kpath
+def kvm_vm_ioctl_get_dirty_log(kvm, slot_id: int) -> Steps:
+    """``KVM_GET_DIRTY_LOG`` as a thread: it waits for ``mmu_lock`` like any writer, then
+    ``kvm_get_dirty_log_protect()`` harvests the bitmap and write-protects the dirty pages under one
+    hold (virt/kvm/kvm_main.c, v6.12 and v6.13 alike: :func:`kvmsim.kvm.dirty.kvm_get_dirty_log`)."""
+    from kvmsim.kvm.dirty import kvm_get_dirty_log
+    yield from kvm.mmu_lock.write_lock.steps()
+    kvm.mmu_lock.write_unlock()                       # nothing runs in between: the ioctl's own hold
+    out = kvm_get_dirty_log(kvm, slot_id)
+    yield f"kvm_get_dirty_log_protect: {int(out.sum())} dirty page(s) harvested, SPTEs write-protected"
+    return out
+
+
+@kpath
+def mmu_notifier_clear_young(mm, start: int, end: int) -> Steps:
+    """Page aging (``folio_referenced()`` / MGLRU's walk, mm/rmap.c, mm/vmscan.c) asking the secondary
+    MMUs: ``mmu_notifier_clear_young()`` → ``kvm_mmu_notifier_clear_young()``, which takes
+    ``mmu_lock`` and clears the Accessed bits of the range (``kvm_age_gfn()``)."""
+    from kvmsim.kvm.kvm import KvmMmuNotifier
+    for sub in list(mm.notifiers):
+        if isinstance(sub, KvmMmuNotifier):
+            yield from sub.kvm.mmu_lock.write_lock.steps()
+            sub.kvm.mmu_lock.write_unlock()           # the notifier's own hold follows at once
+    young = mm.clear_young(start, end)
+    yield f"mmu_notifier_clear_young: {'young' if young else 'old'}"
+    return young
+
+
+def _fault_munmap_dirty_log(policy, mutations, arch, *, aging: bool) -> World:
+    w = _world(policy, mutations, arch, VmaKind.ANON, KVM_MEM.LOG_DIRTY_PAGES)
+    w.host.mm.host_access(w.vma.start, True, 1)
+    w.threads = {"vcpu0": w.kvm.arch.page_fault.steps(w.vcpu, GPA, write=True),
+                 "host": w.host.mm.munmap.steps(w.vma.start, PAGE_SIZE),
+                 "dirtylog": kvm_vm_ioctl_get_dirty_log.steps(w.kvm, 0)}
+    if aging:
+        w.threads["aging"] = mmu_notifier_clear_young.steps(w.host.mm, w.vma.start, w.vma.start + PAGE_SIZE)
+    return w
+
+
+def _fault_munmap_dirtylog(policy, mutations, arch) -> World:
+    """A vCPU write fault on a dirty-logged anon page, munmap of that page and ``KVM_GET_DIRTY_LOG``."""
+    return _fault_munmap_dirty_log(policy, mutations, arch, aging=False)
+
+
+def _fault_munmap_dirtylog_aging(policy, mutations, arch) -> World:
+    """The same three paths plus page aging (``clear_young``) of that page: four threads."""
+    return _fault_munmap_dirty_log(policy, mutations, arch, aging=True)
+
+
+@kpath
+def _vcpu_map_access(vcpu, gfn: int) -> Steps:
+    """Nested virtualization's direct access (``nested_get_vmcs12_pages()`` style): ``kvm_vcpu_map()``,
+    a preemption point, a store through the kernel mapping, ``kvm_vcpu_unmap(dirty=true)``."""
+    from kvmsim.errors import ModelError
+    from kvmsim.kvm.host_map import kvm_vcpu_map, kvm_vcpu_map_access, kvm_vcpu_unmap
+    try:
+        m = kvm_vcpu_map(vcpu, gfn)
+    except ModelError as e:
+        yield f"kvm_vcpu_map: fails ({e})"
+        return False
+    yield "kvm_vcpu_map: mapped"
+    kvm_vcpu_map_access(m, True, 3)
+    yield "kvm_host_map: KVM stores through the mapping"
+    kvm_vcpu_unmap(vcpu, m, dirty=True)
+    yield "kvm_vcpu_unmap"
+    return True
+
+
+def _pfncache_invalidate_vcpu_map(policy, mutations, arch) -> World:
+    """A pfncache refresh, munmap's invalidation of that page, and a ``kvm_vcpu_map()`` user of the
+    same gfn: three threads; then KVM writes through the cache."""
+    w = _pfncache_vs_munmap(policy, mutations, arch)
+    w.threads["map"] = _vcpu_map_access.steps(w.vcpu, GPA >> 12)
+    return w
+
+
 def _sync_marks(v) -> bool:
     return v.invariant in ("INV-2", "INV-12") and v.objects.get("caller") == "mmu_spte_update"
 
@@ -386,6 +464,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              arches=("x86",), arch="x86"),
     Scenario("tlbwe-vs-truncate", "e500 tlbwe premap races truncate: v6.12 ages the retried, unused page after unlock",
              _tlbwe_vs_truncate, _invs("INV-5", "INV-7"), arches=("ppc-e500",), arch="ppc-e500"),
+    Scenario("fault-munmap-dirtylog", "3 threads: vCPU write fault on a dirty-logged page, munmap of it, "
+             "KVM_GET_DIRTY_LOG", _fault_munmap_dirtylog, _invs("INV-5", "INV-6", "INV-12")),
+    Scenario("fault-munmap-dirtylog-aging", "4 threads: vCPU write fault on a dirty-logged page, munmap of it, "
+             "KVM_GET_DIRTY_LOG, page aging (clear_young)", _fault_munmap_dirtylog_aging,
+             _invs("INV-5", "INV-6", "INV-12")),
+    Scenario("pfncache-invalidate-vcpu-map", "3 threads: pfncache refresh, munmap's invalidation, kvm_vcpu_map() "
+             "of the same gfn; then KVM writes through the cache", _pfncache_invalidate_vcpu_map,
+             _invs("INV-5", "INV-6"), _pfncache_final),
     Scenario("apic-access-reload-vs-migrate", "VMX vmx_set_apic_access_page_addr() races a migration of the "
              "APIC-access page; v6.12 releases it after read_unlock()", _apic_reload_vs_migrate,
              lambda v: v.invariant in ("INV-3", "INV-5") and "vmx_set_apic_access_page_addr" in v.detail,

@@ -23,7 +23,7 @@ What a footprint holds (keys are stable across executions and processes, see :cl
   (its fields are hashed), and a step whose footprint cannot be taken would have to be treated as
   conflicting with everything (:data:`EVERYTHING`).
 
-Left out on purpose: the :class:`~kvmsim.trace.Journal` (an observation log the checker reads; two
+Left out on purpose: lookup caches (:data:`_CACHES`), the :class:`~kvmsim.trace.Journal` (an observation log the checker reads; two
 commuting steps record the same facts in the other order, and the validators judge each fact
 from the state it names) and the :class:`~kvmsim.sched.Scheduler`'s active-thread slot (written by
 every resume, read only to name lock holders, which the lock's own fields record).
@@ -43,6 +43,11 @@ import numpy as np
 
 #: Classes whose instances are not model state (observation, scheduling) and stay untracked.
 _EXCLUDED = {"Journal", "Scheduler", "Checker", "_FaultRelease", "Counter"}
+
+#: Attributes that are lookup caches: a hit returns what the lookup would have found, so reading or
+#: updating one changes no result (``KvmMemslots.last_used_slot``, ``__gfn_to_memslot()``'s
+#: ``slots->last_used_slot``).  Recording them would make every memslot lookup a write.
+_CACHES = frozenset({"last_used_slot"})
 
 #: Lock classes with ``writer`` / ``readers`` holder fields (kvm/kvm.py, mm/mm.py).
 _LOCKS = {"MmuLock", "MmapLock"}
@@ -178,7 +183,7 @@ def _traced(cls: type) -> type:
 
     def __getattribute__(self, name):
         v = oga(self, name)
-        if rec.on and name[:2] != "__":
+        if rec.on and name[:2] != "__" and name not in _CACHES:
             t = type(v)
             if t in _ATOMS or t in _TRACED_SET:
                 rec.reads.add((rec.keys.get(id(self)), name))
@@ -192,7 +197,7 @@ def _traced(cls: type) -> type:
         return v
 
     def __setattr__(self, name, value):
-        if rec.on:
+        if rec.on and name not in _CACHES:
             rec.writes.add((rec.keys.get(id(self)), name))
             if not isinstance(value, _ATOMS):
                 rec.published.append(value)

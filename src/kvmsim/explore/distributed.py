@@ -1,0 +1,306 @@
+"""The exhaustive search spread over a Dask cluster: one task per subtree of the schedule tree.
+
+No kernel file: this is the explorer's own machinery (``kvmsim explore NAME --workers N`` or
+``--address tcp://host:port``; docs/explorer.md, "Beyond one machine").  Dask (``pip install
+'kvmsim[distributed]'``) is imported only here and only when asked for.
+
+How the search is split:
+
+1. :func:`frontier` runs the top of the tree here, breadth first, until there are about
+   ``per_worker`` × workers unexpanded prefixes (or the tree ran out).  Each is a :class:`Subtree`:
+   the prefix and its *key*, the position of that prefix in the single-process DFS's order.
+2. One task per subtree (:func:`search_subtree`: the same preemption-bounded DFS, rooted at the
+   prefix) runs on a worker.  A task carries only plain data (:class:`SearchSpec`: race, arch, policy
+   name or plugin spec, mutation names, bound; the subtree; its schedule cap): the worker rebuilds the
+   world itself, as every schedule does anyway.
+3. Results stream back as tasks finish.  A violation found under key *K* cancels every task whose
+   subtree comes after *K* in DFS order; the subtrees before *K* still run, because one of them may
+   hold an earlier violation.  So the violation reported is the one the single-process DFS stops at,
+   on any number of workers, and it is shrunk here exactly as :func:`~kvmsim.explore.engine.explore`
+   shrinks it.
+
+Counts and coverage mean what they mean in :class:`~kvmsim.explore.engine.Result`: *complete* (every
+subtree ran out: ``explored`` equals the single-process count), *stopped* (a violation; ``explored``
+counts the schedules whose results came back), *truncated* (``max_schedules`` is shared out among the
+subtrees as they start, unused shares flowing to later ones; ``pending`` adds up the prefixes every
+truncated or never-started subtree left).
+
+i17-por's reduction brings its own ``frontier``/``search_subtree`` to the engine (a frontier item
+carrying its sleep set): the two names below are the seam, and a reduced search swaps them by import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+from kvmsim.errors import ExploreError, UsageError
+from kvmsim.explore.engine import MAX_SCHEDULES, Coverage, Result, Step, count_preemptions, dfs, execute, shrink
+
+#: Prefixes the frontier aims for per worker: enough to even out subtrees of unequal size.
+PER_WORKER = 8
+
+#: What to install when Dask is missing.
+INSTALL_HINT = "pip install 'kvmsim[distributed]' (dask and distributed)"
+
+
+class DistributedUnavailable(UsageError):
+    """``--workers``/``--address`` without Dask installed, or a scheduler that cannot be reached."""
+
+
+# ---- the task interface -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Everything a worker needs to rebuild the race: names only, nothing that holds model state."""
+
+    scenario: str
+    arch: str
+    policy: str                      # a shipped policy's name, or a plugin spec (file.py:Class)
+    mutations: tuple[str, ...]
+    bound: int
+
+    def rebuild(self):
+        """(scenario, policy, mutations) as :func:`~kvmsim.explore.engine.execute` takes them."""
+        from kvmsim.explore.mutations import Mutations
+        from kvmsim.explore.scenarios import SCENARIOS
+        from kvmsim.policies.plugin import is_plugin_spec, load_plugin
+        if self.scenario not in SCENARIOS:
+            raise UsageError(f"race {self.scenario!r} is not known to this kvmsim (workers need the same version)")
+        policy = load_plugin(self.policy) if is_plugin_spec(self.policy) else self.policy
+        return SCENARIOS[self.scenario].on(self.arch), policy, Mutations.parse(self.mutations)
+
+
+@dataclass(frozen=True, order=True)
+class Subtree:
+    """One prefix of the schedule tree; ``key`` orders it as the single-process DFS visits it."""
+
+    key: tuple[int, ...]
+    prefix: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Found:
+    """The first violation in one subtree: its full schedule and invariant id."""
+
+    key: tuple[int, ...]
+    schedule: tuple[str, ...]
+    invariant: str
+
+
+@dataclass
+class Frontier:
+    subtrees: list[Subtree]
+    explored: int = 0
+    found: list[Found] = field(default_factory=list)
+    truncated: bool = False          # the cap ran out before the frontier was built
+
+
+@dataclass
+class SubtreeResult:
+    key: tuple[int, ...]
+    explored: int
+    found: Found | None
+    truncated: bool
+    pending: int
+    seconds: float
+
+
+def children(run, start: int, bound: int) -> list[list[str]]:
+    """The prefixes :func:`~kvmsim.explore.engine.dfs` queues after ``run`` (rooted at a prefix of
+    length ``start``), in the order it pushes them: it pops the last first."""
+    steps = run.steps
+    out = []
+    for j in range(len(steps) - 1, start - 1, -1):
+        for alt in steps[j].runnable:
+            if alt == steps[j].thread:
+                continue
+            cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
+            if count_preemptions(cand) <= bound:
+                out.append([s.thread for s in cand])
+    return out
+
+
+def frontier(scenario, policy, mutations, bound: int, want: int, limit: int = MAX_SCHEDULES) -> Frontier:
+    """Run the top of the tree breadth first until ``want`` prefixes are queued; those are the subtrees.
+
+    A prefix that violates is a :class:`Found` and is not expanded (the DFS stops there)."""
+    queue: deque[Subtree] = deque([Subtree((), ())])
+    out = Frontier([])
+    while queue and len(queue) < want:
+        if out.explored >= limit:
+            out.truncated = True
+            break
+        node = queue.popleft()
+        run = execute(scenario, policy, mutations, list(node.prefix))
+        out.explored += 1
+        if run.violation is not None:
+            out.found.append(Found(node.key, tuple(run.schedule), run.violation.invariant))
+            continue
+        kids = children(run, len(node.prefix), bound)
+        for i, prefix in enumerate(kids):
+            queue.append(Subtree(node.key + (len(kids) - 1 - i,), tuple(prefix)))
+    out.subtrees = sorted(queue)
+    return out
+
+
+def search_subtree(scenario, policy, mutations, bound: int, subtree: Subtree, limit: int) -> SubtreeResult:
+    """The bounded DFS under ``subtree.prefix``, stopping at its first violation or after ``limit`` schedules."""
+    t0 = time.perf_counter()
+    res = Result()
+    n, found = 0, None
+    for run in dfs(scenario, policy, mutations, bound, limit, res, root=list(subtree.prefix)):
+        n += 1
+        if run.violation is not None:
+            found = Found(subtree.key, tuple(run.schedule), run.violation.invariant)
+            break
+    truncated = found is None and res.coverage is Coverage.TRUNCATED
+    return SubtreeResult(subtree.key, n, found, truncated, res.pending if truncated else 0,
+                         time.perf_counter() - t0)
+
+
+def run_task(spec: SearchSpec, subtree: Subtree, limit: int) -> SubtreeResult:
+    """What a worker runs: rebuild the race from names, search one subtree."""
+    scenario, policy, mutations = spec.rebuild()
+    return search_subtree(scenario, policy, mutations, spec.bound, subtree, limit)
+
+
+# ---- the cluster ----------------------------------------------------------------------------------------
+
+def _dask():
+    try:
+        import distributed
+    except ImportError:
+        raise DistributedUnavailable(f"--workers/--address need Dask, which is not installed: {INSTALL_HINT}") from None
+    return distributed
+
+
+@contextlib.contextmanager
+def connect(*, workers: int | None = None, address: str | None = None) -> Iterator:
+    """A Dask client: a :class:`distributed.LocalCluster` of ``workers`` processes (one thread each) started
+    here, or the scheduler at ``address``."""
+    if (workers is None) == (address is None):
+        raise UsageError("give either a number of workers or a scheduler address")
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {workers}")
+    distributed = _dask()
+    if address is not None:
+        try:
+            client = distributed.Client(address, timeout="10s")
+        except (OSError, TimeoutError, ValueError) as e:
+            raise DistributedUnavailable(f"cannot reach the Dask scheduler at {address!r}: {e}") from None
+        with client:
+            yield client
+        return
+    with distributed.LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
+                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+            distributed.Client(cluster) as client:
+        yield client
+
+
+def policy_spec(policy: str) -> str:
+    """What a worker loads ``policy`` from: the name of a shipped policy, or the plugin's spec (a file
+    path made absolute, so a worker started elsewhere finds it)."""
+    from kvmsim.policies.plugin import loaded_spec
+    spec = loaded_spec(policy)
+    if spec is None:
+        return policy
+    target, sep, cls = spec.rpartition(":") if ":" in spec else (spec, "", "")
+    if target.endswith(".py") or os.path.exists(target):
+        return os.path.abspath(target) + sep + cls
+    return spec
+
+
+# ---- the search -----------------------------------------------------------------------------------------
+
+def explore_distributed(scenario, policy: str, mutations, client, *, bound: int = 2,
+                        max_schedules: int = MAX_SCHEDULES, per_worker: int = PER_WORKER,
+                        progress: Callable[[int], None] | None = None,
+                        stats: dict | None = None) -> Result:
+    """The preemption-bounded DFS of :func:`~kvmsim.explore.engine.explore`, one task per subtree on
+    ``client``'s workers; same verdict, same violation, same count when complete.  ``stats`` (when
+    given) receives the frontier size, the task count and each task's seconds."""
+    if max_schedules < 1:
+        raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
+    distributed = _dask()
+    spec = SearchSpec(scenario.name, scenario.arch, policy_spec(policy), tuple(mutations.names()), bound)
+    res = Result(max_schedules=max_schedules)
+    t0 = time.perf_counter()
+    nworkers = max(1, len(client.scheduler_info().get("workers", {})))
+    front = frontier(scenario, policy, mutations, bound, per_worker * nworkers, max_schedules)
+    res.explored = front.explored
+    best = min(front.found, key=lambda f: f.key, default=None)
+    todo = deque(s for s in front.subtrees if best is None or s.key < best.key)
+    if stats is not None:
+        stats.update(frontier_explored=front.explored, frontier_seconds=time.perf_counter() - t0,
+                     workers=nworkers, tasks=0, task_seconds=[])
+    if progress:
+        progress(res.explored)
+    if front.truncated:
+        res.coverage, res.pending = Coverage.TRUNCATED, len(todo)
+        todo.clear()
+
+    inflight: dict = {}                 # future -> (subtree, its share of the cap)
+    done_n, truncated, pending = 0, False, 0
+    pool = distributed.as_completed()
+
+    def submit() -> None:
+        while todo and len(inflight) < 2 * nworkers:
+            free = max_schedules - res.explored - sum(share for _, share in inflight.values())
+            if free < 1:
+                return
+            sub = todo.popleft()
+            share = max(1, free // (len(todo) + 1))
+            fut = client.submit(run_task, spec, sub, share, pure=False)
+            inflight[fut] = (sub, share)
+            pool.add(fut)
+            if stats is not None:
+                stats["tasks"] += 1
+
+    submit()
+    try:
+        for fut in pool:
+            sub, _ = inflight.pop(fut)
+            if fut.cancelled():
+                continue
+            try:
+                out: SubtreeResult = fut.result()
+            except UsageError:
+                raise
+            except Exception as e:  # noqa: BLE001 -- a worker that could not run the task: say which
+                raise ExploreError(f"a Dask worker failed on subtree {sub.prefix!r}: {type(e).__name__}: {e} "
+                                   "(every worker needs this kvmsim installed, and a plugin file at the same "
+                                   "path)") from None
+            res.explored += out.explored
+            done_n += 1
+            if stats is not None:
+                stats["task_seconds"].append(out.seconds)
+            if out.truncated:
+                truncated, pending = True, pending + out.pending
+            if out.found is not None and (best is None or out.found.key < best.key):
+                best = out.found
+                for f, (s, _) in list(inflight.items()):
+                    if s.key > best.key:
+                        f.cancel()
+                while todo and todo[-1].key > best.key:
+                    todo.pop()
+            if progress:
+                progress(res.explored)
+            submit()
+    finally:
+        for f in inflight:
+            f.cancel()
+    res.elapsed = time.perf_counter() - t0
+    if best is not None:
+        res.coverage = Coverage.STOPPED
+        res.shortest = shrink(scenario, policy, mutations, list(best.schedule), best.invariant)
+        res.violating = execute(scenario, policy, mutations, res.shortest)
+    elif truncated or todo or res.coverage is Coverage.TRUNCATED:
+        res.coverage = Coverage.TRUNCATED
+        res.pending += pending + len(todo)
+    return res

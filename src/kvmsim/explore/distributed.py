@@ -1,7 +1,7 @@
 """The exhaustive search spread over a Dask cluster: one task per subtree of the schedule tree.
 
 No kernel file: this is the explorer's own machinery (``kvmsim explore NAME --workers N`` or
-``--address tcp://host:port``; docs/explorer.md, "Beyond one machine").  Dask (``pip install
+``--address tcp://host:port``; docs/explorer-distributed.md).  Dask (``pip install
 'kvmsim[distributed]'``) is imported only here and only when asked for.
 
 How the search is split:
@@ -10,9 +10,11 @@ How the search is split:
    ``per_worker`` × workers unexpanded prefixes (or the tree ran out).  Each is a :class:`Subtree`:
    the prefix and its *key*, the position of that prefix in the single-process DFS's order.
 2. One task per subtree (:func:`search_subtree`: the same preemption-bounded DFS, rooted at the
-   prefix) runs on a worker.  A task carries only plain data (:class:`SearchSpec`: race, arch, policy
-   name or plugin spec, mutation names, bound; the subtree; its schedule cap): the worker rebuilds the
-   world itself, as every schedule does anyway.
+   prefix) runs on a worker, for at most :data:`CHUNK` schedules; the prefixes it has not reached by
+   then come back as subtrees and are queued again (so a big subtree spreads over idle workers).  A
+   task carries only plain data (:class:`SearchSpec`: race, arch, policy name or plugin spec, mutation
+   names, bound; the subtree; its schedule cap): the worker rebuilds the world itself, as every
+   schedule does anyway.  The queue hands out subtrees in DFS order.
 3. Results stream back as tasks finish.  A violation found under key *K* cancels every task whose
    subtree comes after *K* in DFS order; the subtrees before *K* still run, because one of them may
    hold an earlier violation.  So the violation reported is the one the single-process DFS stops at,
@@ -21,9 +23,8 @@ How the search is split:
 
 Counts and coverage mean what they mean in :class:`~kvmsim.explore.engine.Result`: *complete* (every
 subtree ran out: ``explored`` equals the single-process count), *stopped* (a violation; ``explored``
-counts the schedules whose results came back), *truncated* (``max_schedules`` is shared out among the
-subtrees as they start, unused shares flowing to later ones; ``pending`` adds up the prefixes every
-truncated or never-started subtree left).
+counts the schedules whose results came back), *truncated* (the tasks together ran ``max_schedules``
+schedules, never more, and ``pending`` prefixes were still queued).
 
 i17-por's reduction brings its own ``frontier``/``search_subtree`` to the engine (a frontier item
 carrying its sleep set): the two names below are the seam, and a reduced search swaps them by import.
@@ -32,6 +33,7 @@ carrying its sleep set): the two names below are the seam, and a reduced search 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
 import os
 import time
@@ -40,10 +42,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 from kvmsim.errors import ExploreError, UsageError
-from kvmsim.explore.engine import MAX_SCHEDULES, Coverage, Result, Step, count_preemptions, dfs, execute, shrink
+from kvmsim.explore.engine import MAX_SCHEDULES, Coverage, Result, Step, count_preemptions, execute, shrink
 
 #: Prefixes the frontier aims for per worker: enough to even out subtrees of unequal size.
 PER_WORKER = 8
+
+#: Schedules one task runs at most before it hands back what is left of its subtree.
+CHUNK = 500
 
 #: What to install when Dask is missing.
 INSTALL_HINT = "pip install 'kvmsim[distributed]' (dask and distributed)"
@@ -106,24 +111,24 @@ class SubtreeResult:
     key: tuple[int, ...]
     explored: int
     found: Found | None
-    truncated: bool
-    pending: int
+    left: list[Subtree]              # the prefixes still queued when the task's cap ran out
     seconds: float
 
 
-def children(run, start: int, bound: int) -> list[list[str]]:
-    """The prefixes :func:`~kvmsim.explore.engine.dfs` queues after ``run`` (rooted at a prefix of
-    length ``start``), in the order it pushes them: it pops the last first."""
+def children(node: Subtree, run, bound: int) -> list[Subtree]:
+    """The prefixes :func:`~kvmsim.explore.engine.dfs` queues after running ``node``, with their keys:
+    the same rule (an alternative thread at each step past the prefix, within the preemption bound),
+    keyed in the order the DFS pops them (it pops the last pushed first)."""
     steps = run.steps
     out = []
-    for j in range(len(steps) - 1, start - 1, -1):
+    for j in range(len(steps) - 1, len(node.prefix) - 1, -1):
         for alt in steps[j].runnable:
             if alt == steps[j].thread:
                 continue
             cand = steps[:j] + [Step(alt, "", steps[j].runnable)]
             if count_preemptions(cand) <= bound:
-                out.append([s.thread for s in cand])
-    return out
+                out.append(tuple(s.thread for s in cand))
+    return [Subtree(node.key + (len(out) - 1 - i,), prefix) for i, prefix in enumerate(out)]
 
 
 def frontier(scenario, policy, mutations, bound: int, want: int, limit: int = MAX_SCHEDULES) -> Frontier:
@@ -142,26 +147,26 @@ def frontier(scenario, policy, mutations, bound: int, want: int, limit: int = MA
         if run.violation is not None:
             out.found.append(Found(node.key, tuple(run.schedule), run.violation.invariant))
             continue
-        kids = children(run, len(node.prefix), bound)
-        for i, prefix in enumerate(kids):
-            queue.append(Subtree(node.key + (len(kids) - 1 - i,), tuple(prefix)))
+        queue.extend(children(node, run, bound))
     out.subtrees = sorted(queue)
     return out
 
 
 def search_subtree(scenario, policy, mutations, bound: int, subtree: Subtree, limit: int) -> SubtreeResult:
-    """The bounded DFS under ``subtree.prefix``, stopping at its first violation or after ``limit`` schedules."""
+    """The DFS under ``subtree.prefix``, in the single-process order, until its first violation or
+    ``limit`` schedules; what it did not reach comes back as subtrees (``left``) to hand out again."""
     t0 = time.perf_counter()
-    res = Result()
-    n, found = 0, None
-    for run in dfs(scenario, policy, mutations, bound, limit, res, root=list(subtree.prefix)):
+    stack, n, found = [subtree], 0, None
+    while stack and n < limit:
+        node = stack.pop()
+        run = execute(scenario, policy, mutations, list(node.prefix))
         n += 1
         if run.violation is not None:
-            found = Found(subtree.key, tuple(run.schedule), run.violation.invariant)
+            found = Found(node.key, tuple(run.schedule), run.violation.invariant)
+            stack = []                   # everything left comes after it
             break
-    truncated = found is None and res.coverage is Coverage.TRUNCATED
-    return SubtreeResult(subtree.key, n, found, truncated, res.pending if truncated else 0,
-                         time.perf_counter() - t0)
+        stack.extend(children(node, run, bound))
+    return SubtreeResult(subtree.key, n, found, sorted(stack), time.perf_counter() - t0)
 
 
 def run_task(spec: SearchSpec, subtree: Subtree, limit: int) -> SubtreeResult:
@@ -181,7 +186,7 @@ def _dask():
 
 
 @contextlib.contextmanager
-def connect(*, workers: int | None = None, address: str | None = None) -> Iterator:
+def connect(*, workers: int | None = None, address: str | None = None, timeout: str = "10s") -> Iterator:
     """A Dask client: a :class:`distributed.LocalCluster` of ``workers`` processes (one thread each) started
     here, or the scheduler at ``address``."""
     if (workers is None) == (address is None):
@@ -191,7 +196,7 @@ def connect(*, workers: int | None = None, address: str | None = None) -> Iterat
     distributed = _dask()
     if address is not None:
         try:
-            client = distributed.Client(address, timeout="10s")
+            client = distributed.Client(address, timeout=timeout)
         except (OSError, TimeoutError, ValueError) as e:
             raise DistributedUnavailable(f"cannot reach the Dask scheduler at {address!r}: {e}") from None
         with client:
@@ -219,12 +224,13 @@ def policy_spec(policy: str) -> str:
 # ---- the search -----------------------------------------------------------------------------------------
 
 def explore_distributed(scenario, policy: str, mutations, client, *, bound: int = 2,
-                        max_schedules: int = MAX_SCHEDULES, per_worker: int = PER_WORKER,
+                        max_schedules: int = MAX_SCHEDULES, per_worker: int = PER_WORKER, chunk: int = CHUNK,
                         progress: Callable[[int], None] | None = None,
                         stats: dict | None = None) -> Result:
     """The preemption-bounded DFS of :func:`~kvmsim.explore.engine.explore`, one task per subtree on
-    ``client``'s workers; same verdict, same violation, same count when complete.  ``stats`` (when
-    given) receives the frontier size, the task count and each task's seconds."""
+    ``client``'s workers; same verdict, same violation, same count when complete.  A task runs at most
+    ``chunk`` schedules; what it leaves goes back into the queue.  ``stats`` (when given) receives the
+    frontier's size and time, the task count and each task's seconds."""
     if max_schedules < 1:
         raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
     distributed = _dask()
@@ -235,29 +241,26 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
     front = frontier(scenario, policy, mutations, bound, per_worker * nworkers, max_schedules)
     res.explored = front.explored
     best = min(front.found, key=lambda f: f.key, default=None)
-    todo = deque(s for s in front.subtrees if best is None or s.key < best.key)
+    todo = [s for s in front.subtrees if best is None or s.key < best.key]     # a heap: DFS order first
+    heapq.heapify(todo)
     if stats is not None:
         stats.update(frontier_explored=front.explored, frontier_seconds=time.perf_counter() - t0,
-                     workers=nworkers, tasks=0, task_seconds=[])
+                     frontier_subtrees=len(todo), workers=nworkers, tasks=0, task_seconds=[])
     if progress:
         progress(res.explored)
-    if front.truncated:
-        res.coverage, res.pending = Coverage.TRUNCATED, len(todo)
-        todo.clear()
 
-    inflight: dict = {}                 # future -> (subtree, its share of the cap)
-    done_n, truncated, pending = 0, False, 0
+    inflight: dict = {}                 # future -> (subtree, the schedules it may run)
     pool = distributed.as_completed()
 
     def submit() -> None:
         while todo and len(inflight) < 2 * nworkers:
-            free = max_schedules - res.explored - sum(share for _, share in inflight.values())
+            free = max_schedules - res.explored - sum(cap for _, cap in inflight.values())
             if free < 1:
                 return
-            sub = todo.popleft()
-            share = max(1, free // (len(todo) + 1))
-            fut = client.submit(run_task, spec, sub, share, pure=False)
-            inflight[fut] = (sub, share)
+            sub = heapq.heappop(todo)
+            cap = min(chunk, free)
+            fut = client.submit(run_task, spec, sub, cap, pure=False)
+            inflight[fut] = (sub, cap)
             pool.add(fut)
             if stats is not None:
                 stats["tasks"] += 1
@@ -277,18 +280,17 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
                                    "(every worker needs this kvmsim installed, and a plugin file at the same "
                                    "path)") from None
             res.explored += out.explored
-            done_n += 1
             if stats is not None:
                 stats["task_seconds"].append(out.seconds)
-            if out.truncated:
-                truncated, pending = True, pending + out.pending
+            for left in out.left:
+                heapq.heappush(todo, left)
             if out.found is not None and (best is None or out.found.key < best.key):
                 best = out.found
                 for f, (s, _) in list(inflight.items()):
                     if s.key > best.key:
                         f.cancel()
-                while todo and todo[-1].key > best.key:
-                    todo.pop()
+                todo = [s for s in todo if s.key < best.key]
+                heapq.heapify(todo)
             if progress:
                 progress(res.explored)
             submit()
@@ -300,7 +302,6 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
         res.coverage = Coverage.STOPPED
         res.shortest = shrink(scenario, policy, mutations, list(best.schedule), best.invariant)
         res.violating = execute(scenario, policy, mutations, res.shortest)
-    elif truncated or todo or res.coverage is Coverage.TRUNCATED:
-        res.coverage = Coverage.TRUNCATED
-        res.pending += pending + len(todo)
+    elif todo:
+        res.coverage, res.pending = Coverage.TRUNCATED, len(todo)
     return res

@@ -177,13 +177,12 @@ class Result:
 
 
 def dfs(scenario, policy, mutations, bound: int, limit: int = MAX_SCHEDULES,
-        result: Result | None = None, root: list[str] | None = None) -> Iterator[Run]:
+        result: Result | None = None) -> Iterator[Run]:
     """Every schedule with at most ``bound`` preemptions, each once (stateless DFS over prefixes).
 
     Stops after ``limit`` schedules; if prefixes were still queued then, ``result`` (when given) is
-    marked :attr:`Coverage.TRUNCATED` with their number.  ``root``: search only the subtree under
-    that prefix (:mod:`kvmsim.explore.distributed` hands one subtree to each task)."""
-    stack: list[list[str]] = [list(root or [])]
+    marked :attr:`Coverage.TRUNCATED` with their number."""
+    stack: list[list[str]] = [[]]
     n = 0
     while stack:
         if n >= limit:

@@ -112,7 +112,8 @@ class SubtreeResult:
     explored: int
     found: Found | None
     left: list[Subtree]              # the prefixes still queued when the task's cap ran out
-    seconds: float
+    seconds: float                   # wall time of the search
+    cpu_seconds: float = 0.0         # CPU time of the thread that ran it
 
 
 def children(node: Subtree, run, bound: int) -> list[Subtree]:
@@ -155,7 +156,7 @@ def frontier(scenario, policy, mutations, bound: int, want: int, limit: int = MA
 def search_subtree(scenario, policy, mutations, bound: int, subtree: Subtree, limit: int) -> SubtreeResult:
     """The DFS under ``subtree.prefix``, in the single-process order, until its first violation or
     ``limit`` schedules; what it did not reach comes back as subtrees (``left``) to hand out again."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.thread_time()
     stack, n, found = [subtree], 0, None
     while stack and n < limit:
         node = stack.pop()
@@ -166,7 +167,8 @@ def search_subtree(scenario, policy, mutations, bound: int, subtree: Subtree, li
             stack = []                   # everything left comes after it
             break
         stack.extend(children(node, run, bound))
-    return SubtreeResult(subtree.key, n, found, sorted(stack), time.perf_counter() - t0)
+    return SubtreeResult(subtree.key, n, found, sorted(stack), time.perf_counter() - t0,
+                         time.thread_time() - c0)
 
 
 def run_task(spec: SearchSpec, subtree: Subtree, limit: int) -> SubtreeResult:
@@ -230,7 +232,7 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
     """The preemption-bounded DFS of :func:`~kvmsim.explore.engine.explore`, one task per subtree on
     ``client``'s workers; same verdict, same violation, same count when complete.  A task runs at most
     ``chunk`` schedules; what it leaves goes back into the queue.  ``stats`` (when given) receives the
-    frontier's size and time, the task count and each task's seconds."""
+    frontier's size and time, the task count and each task's wall and CPU seconds."""
     if max_schedules < 1:
         raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
     distributed = _dask()
@@ -245,7 +247,7 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
     heapq.heapify(todo)
     if stats is not None:
         stats.update(frontier_explored=front.explored, frontier_seconds=time.perf_counter() - t0,
-                     frontier_subtrees=len(todo), workers=nworkers, tasks=0, task_seconds=[])
+                     frontier_subtrees=len(todo), workers=nworkers, tasks=0, task_seconds=[], task_cpu_seconds=[])
     if progress:
         progress(res.explored)
 
@@ -282,6 +284,7 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
             res.explored += out.explored
             if stats is not None:
                 stats["task_seconds"].append(out.seconds)
+                stats["task_cpu_seconds"].append(out.cpu_seconds)
             for left in out.left:
                 heapq.heappush(todo, left)
             if out.found is not None and (best is None or out.found.key < best.key):

@@ -36,7 +36,7 @@ def test_frontier_and_subtrees_cover_the_dfs_exactly_once(want):
     assert local.complete and local.explored == 694
     front = frontier(s, "series", NONE, 3, want)
     assert len(front.subtrees) >= min(want, 2) and not front.found
-    counts = [search_subtree(s, "series", NONE, 3, sub, 10**6) for sub in front.subtrees]
+    counts = [search_subtree(s, "series", NONE, 3, [sub], 10**6) for sub in front.subtrees]
     assert all(not c.left and c.found is None for c in counts)
     assert front.explored + sum(c.explored for c in counts) == local.explored
 
@@ -47,7 +47,7 @@ def test_subtrees_come_in_the_order_the_dfs_visits_them():
     local = explore(s, "series", SKIP, bound=2)
     front = frontier(s, "series", SKIP, 2, 6)
     assert front.subtrees == sorted(front.subtrees) and len(front.subtrees) >= 6
-    hits = [r.found for r in (search_subtree(s, "series", SKIP, 2, sub, 10**6) for sub in front.subtrees)
+    hits = [r.found for r in (search_subtree(s, "series", SKIP, 2, [sub], 10**6) for sub in front.subtrees)
             if r.found is not None]
     first = min(hits + front.found, key=lambda f: f.key)
     assert len({h.schedule for h in hits}) > 1                # more than one subtree violates ...
@@ -58,10 +58,20 @@ def test_subtrees_come_in_the_order_the_dfs_visits_them():
 
 def test_a_subtree_search_stops_at_its_cap_and_hands_back_the_rest():
     s = SCENARIOS["pfncache-refresh-vs-munmap"]
-    r = search_subtree(s, "series", NONE, 3, Subtree((), ()), 50)
+    r = search_subtree(s, "series", NONE, 3, [Subtree((), ())], 50)
     assert r.explored == 50 and r.left == sorted(r.left) and len(r.left) > 0
-    rest = [search_subtree(s, "series", NONE, 3, sub, 10**6) for sub in r.left]
+    rest = [search_subtree(s, "series", NONE, 3, [sub], 10**6) for sub in r.left]
     assert r.explored + sum(x.explored for x in rest) == 694      # the rest, searched, is the rest of the DFS
+
+
+def test_one_task_takes_several_subtrees_in_dfs_order():
+    s = SCENARIOS["fault-vs-truncate"]
+    front = frontier(s, "series", SKIP, 2, 6)
+    one = search_subtree(s, "series", SKIP, 2, front.subtrees[::-1], 10**6)   # given in any order
+    each = [search_subtree(s, "series", SKIP, 2, [sub], 10**6) for sub in front.subtrees]
+    first = next(r for r in each if r.found is not None)
+    assert one.found == first.found and one.left == []
+    assert one.explored == sum(r.explored for r in each[:each.index(first) + 1])
 
 
 # ---- on a local cluster of 2 workers -----------------------------------------------------------------

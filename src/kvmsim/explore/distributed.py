@@ -9,14 +9,15 @@ How the search is split:
 1. :func:`frontier` runs the top of the tree here, breadth first, until there are about
    ``per_worker`` × workers unexpanded prefixes (or the tree ran out).  Each is a :class:`Subtree`:
    the prefix and its *key*, the position of that prefix in the single-process DFS's order.
-2. One task per subtree (:func:`search_subtree`: the same preemption-bounded DFS, rooted at the
-   prefix) runs on a worker, for at most :data:`CHUNK` schedules; the prefixes it has not reached by
-   then come back as subtrees and are queued again (so a big subtree spreads over idle workers).  A
+2. A task (:func:`search_subtree`: the same preemption-bounded DFS, rooted at each prefix in turn)
+   takes its share of the queue, the subtrees that come first in DFS order, and runs for at most
+   :data:`CHUNK_SECONDS`; the prefixes it has not reached by then come back as subtrees and are
+   queued again, so a big subtree spreads over idle workers and many small ones share a task.  A
    task carries only plain data (:class:`SearchSpec`: race, arch, policy name or plugin spec, mutation
-   names, bound; the subtree; its schedule cap): the worker rebuilds the world itself, as every
-   schedule does anyway.  The queue hands out subtrees in DFS order.
-3. Results stream back as tasks finish.  A violation found under key *K* cancels every task whose
-   subtree comes after *K* in DFS order; the subtrees before *K* still run, because one of them may
+   names, bound; the subtrees; its schedule cap): the worker rebuilds the world itself, as every
+   schedule does anyway.
+3. Results stream back as tasks finish.  A violation found at key *K* cancels every task whose
+   subtrees come after *K* in DFS order; the subtrees before *K* still run, because one of them may
    hold an earlier violation.  So the violation reported is the one the single-process DFS stops at,
    on any number of workers, and it is shrunk here exactly as :func:`~kvmsim.explore.engine.explore`
    shrinks it.
@@ -47,8 +48,9 @@ from kvmsim.explore.engine import MAX_SCHEDULES, Coverage, Result, Step, count_p
 #: Prefixes the frontier aims for per worker: enough to even out subtrees of unequal size.
 PER_WORKER = 8
 
-#: Schedules one task runs at most before it hands back what is left of its subtree.
-CHUNK = 500
+#: Seconds one task runs at most before it hands back what is left of its subtrees: long enough that
+#: Dask's cost per task (~1-3 ms here) is under 1%, short enough to even out the load.
+CHUNK_SECONDS = 0.5
 
 #: What to install when Dask is missing.
 INSTALL_HINT = "pip install 'kvmsim[distributed]' (dask and distributed)"
@@ -153,12 +155,16 @@ def frontier(scenario, policy, mutations, bound: int, want: int, limit: int = MA
     return out
 
 
-def search_subtree(scenario, policy, mutations, bound: int, subtree: Subtree, limit: int) -> SubtreeResult:
-    """The DFS under ``subtree.prefix``, in the single-process order, until its first violation or
-    ``limit`` schedules; what it did not reach comes back as subtrees (``left``) to hand out again."""
+def search_subtree(scenario, policy, mutations, bound: int, subtrees: list[Subtree], limit: int,
+                   seconds: float | None = None) -> SubtreeResult:
+    """The DFS under each of ``subtrees`` in turn, in the single-process order, until the first violation,
+    ``limit`` schedules or ``seconds``; what it did not reach comes back as subtrees (``left``).
+
+    The stack stays sorted, smallest key on top: a node's children come before every later subtree."""
     t0, c0 = time.perf_counter(), time.thread_time()
-    stack, n, found = [subtree], 0, None
-    while stack and n < limit:
+    stack = sorted(subtrees, reverse=True)
+    n, found = 0, None
+    while stack and n < limit and (seconds is None or n == 0 or time.perf_counter() - t0 < seconds):
         node = stack.pop()
         run = execute(scenario, policy, mutations, list(node.prefix))
         n += 1
@@ -167,14 +173,14 @@ def search_subtree(scenario, policy, mutations, bound: int, subtree: Subtree, li
             stack = []                   # everything left comes after it
             break
         stack.extend(children(node, run, bound))
-    return SubtreeResult(subtree.key, n, found, sorted(stack), time.perf_counter() - t0,
+    return SubtreeResult(min(s.key for s in subtrees), n, found, stack[::-1], time.perf_counter() - t0,
                          time.thread_time() - c0)
 
 
-def run_task(spec: SearchSpec, subtree: Subtree, limit: int) -> SubtreeResult:
-    """What a worker runs: rebuild the race from names, search one subtree."""
+def run_task(spec: SearchSpec, subtrees: list[Subtree], limit: int, seconds: float) -> SubtreeResult:
+    """What a worker runs: rebuild the race from names, search the subtrees."""
     scenario, policy, mutations = spec.rebuild()
-    return search_subtree(scenario, policy, mutations, spec.bound, subtree, limit)
+    return search_subtree(scenario, policy, mutations, spec.bound, subtrees, limit, seconds)
 
 
 # ---- the cluster ----------------------------------------------------------------------------------------
@@ -226,12 +232,13 @@ def policy_spec(policy: str) -> str:
 # ---- the search -----------------------------------------------------------------------------------------
 
 def explore_distributed(scenario, policy: str, mutations, client, *, bound: int = 2,
-                        max_schedules: int = MAX_SCHEDULES, per_worker: int = PER_WORKER, chunk: int = CHUNK,
+                        max_schedules: int = MAX_SCHEDULES, per_worker: int = PER_WORKER,
+                        chunk_seconds: float = CHUNK_SECONDS,
                         progress: Callable[[int], None] | None = None,
                         stats: dict | None = None) -> Result:
     """The preemption-bounded DFS of :func:`~kvmsim.explore.engine.explore`, one task per subtree on
-    ``client``'s workers; same verdict, same violation, same count when complete.  A task runs at most
-    ``chunk`` schedules; what it leaves goes back into the queue.  ``stats`` (when given) receives the
+    ``client``'s workers; same verdict, same violation, same count when complete.  A task takes its share
+    of the queue and runs at most ``chunk_seconds``; what it leaves goes back into the queue.  ``stats`` (when given) receives the
     frontier's size and time, the task count and each task's wall and CPU seconds."""
     if max_schedules < 1:
         raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
@@ -251,18 +258,20 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
     if progress:
         progress(res.explored)
 
-    inflight: dict = {}                 # future -> (subtree, the schedules it may run)
+    inflight: dict = {}                 # future -> (first key of its subtrees, the schedules it may run)
+    slots = 2 * nworkers
     pool = distributed.as_completed()
 
     def submit() -> None:
-        while todo and len(inflight) < 2 * nworkers:
+        while todo and len(inflight) < slots:
             free = max_schedules - res.explored - sum(cap for _, cap in inflight.values())
             if free < 1:
                 return
-            sub = heapq.heappop(todo)
-            cap = min(chunk, free)
-            fut = client.submit(run_task, spec, sub, cap, pure=False)
-            inflight[fut] = (sub, cap)
+            take = -(-len(todo) // slots)                    # the queue shared out among the slots
+            batch = [heapq.heappop(todo) for _ in range(take)]
+            cap = max(1, free // (slots - len(inflight)))
+            fut = client.submit(run_task, spec, batch, cap, chunk_seconds, pure=False)
+            inflight[fut] = (batch[0].key, cap)
             pool.add(fut)
             if stats is not None:
                 stats["tasks"] += 1
@@ -270,7 +279,7 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
     submit()
     try:
         for fut in pool:
-            sub, _ = inflight.pop(fut)
+            first, _ = inflight.pop(fut)
             if fut.cancelled():
                 continue
             try:
@@ -278,7 +287,7 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
             except UsageError:
                 raise
             except Exception as e:  # noqa: BLE001 -- a worker that could not run the task: say which
-                raise ExploreError(f"a Dask worker failed on subtree {sub.prefix!r}: {type(e).__name__}: {e} "
+                raise ExploreError(f"a Dask worker failed on a subtree at {first!r}: {type(e).__name__}: {e} "
                                    "(every worker needs this kvmsim installed, and a plugin file at the same "
                                    "path)") from None
             res.explored += out.explored
@@ -286,11 +295,12 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
                 stats["task_seconds"].append(out.seconds)
                 stats["task_cpu_seconds"].append(out.cpu_seconds)
             for left in out.left:
-                heapq.heappush(todo, left)
+                if best is None or left.key < best.key:
+                    heapq.heappush(todo, left)
             if out.found is not None and (best is None or out.found.key < best.key):
                 best = out.found
-                for f, (s, _) in list(inflight.items()):
-                    if s.key > best.key:
+                for f, (k, _) in list(inflight.items()):
+                    if k > best.key:
                         f.cancel()
                 todo = [s for s in todo if s.key < best.key]
                 heapq.heapify(todo)

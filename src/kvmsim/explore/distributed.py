@@ -27,8 +27,9 @@ subtree ran out: ``explored`` equals the single-process count), *stopped* (a vio
 counts the schedules whose results came back), *truncated* (the tasks together ran ``max_schedules``
 schedules, never more, and ``pending`` prefixes were still queued).
 
-i17-por's reduction brings its own ``frontier``/``search_subtree`` to the engine (a frontier item
-carrying its sleep set): the two names below are the seam, and a reduced search swaps them by import.
+The engine-specific part is :func:`children` (how a node's run expands, here the plain DFS's rule):
+a reduced search (i17-por's sleep sets: an item carries its sleep set) plugs its expansion in there and
+keys what it returns; the ordering, the queue, the cap and the stopping rule stay as they are.
 """
 
 from __future__ import annotations
@@ -236,10 +237,10 @@ def explore_distributed(scenario, policy: str, mutations, client, *, bound: int 
                         chunk_seconds: float = CHUNK_SECONDS,
                         progress: Callable[[int], None] | None = None,
                         stats: dict | None = None) -> Result:
-    """The preemption-bounded DFS of :func:`~kvmsim.explore.engine.explore`, one task per subtree on
-    ``client``'s workers; same verdict, same violation, same count when complete.  A task takes its share
-    of the queue and runs at most ``chunk_seconds``; what it leaves goes back into the queue.  ``stats`` (when given) receives the
-    frontier's size and time, the task count and each task's wall and CPU seconds."""
+    """The preemption-bounded DFS of :func:`~kvmsim.explore.engine.explore` as tasks on ``client``'s
+    workers; same verdict, same violation, same count when complete.  A task takes its share of the
+    queue and runs at most ``chunk_seconds``; what it leaves goes back into the queue.  ``stats`` (when
+    given) receives the frontier's size and time, the task count and each task's wall and CPU seconds."""
     if max_schedules < 1:
         raise UsageError(f"max_schedules must be >= 1, got {max_schedules}")
     distributed = _dask()

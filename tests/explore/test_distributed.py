@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 from kvmsim.cli import cli
-from kvmsim.explore import SCENARIOS, Coverage, Mutations, explore
+from kvmsim.explore import SCENARIOS, Coverage, Mutations, explore, format_schedule
 from kvmsim.explore.distributed import (DistributedUnavailable, Subtree, connect, explore_distributed, frontier,
                                         search_subtree)
 
@@ -129,20 +129,21 @@ def _run(*args):
     return CliRunner().invoke(cli, ["explore", *args])
 
 
-def _same(r: dict) -> dict:
-    """A result without what may differ: the time, the workers, and the count of a search that stopped."""
-    drop = {"seconds", "schedules_per_second", "dask_workers"} | ({"explored"} if r["violation"] else set())
-    return {k: v for k, v in r.items() if k not in drop}
-
-
-def test_cli_workers_gives_the_local_json(client):
-    for args in (["fault-vs-truncate", "--mutate", "skip-retry"], ["pfncache-refresh-vs-munmap", "--bound", "3"]):
-        local = _run(*args, "--json")
-        dist = _run(*args, "--json", "--workers", "2")
-        assert local.exit_code == 0 and dist.exit_code == 0, dist.output
-        lj, dj = json.loads(local.output), json.loads(dist.output)
-        assert [d["dask_workers"] for d in dj] == [2, 2]
-        assert [_same(d) for d in dj] == [_same(d) for d in lj]
+def test_cli_workers_reports_what_the_local_search_finds(client):
+    """``--workers 2`` against :func:`explore` in this process (the plain DFS), both policies."""
+    for name, args in (("fault-vs-truncate", ["--mutate", "skip-retry"]), ("pfncache-refresh-vs-munmap", ["--bound", "3"])):
+        r = _run(name, *args, "--json", "--workers", "2")
+        assert r.exit_code == 0, r.output
+        bound = int(args[1]) if args[0] == "--bound" else 2
+        muts = Mutations.parse(args[1:] if args[0] == "--mutate" else [])
+        for out in json.loads(r.output):
+            local = explore(SCENARIOS[name], out["policy"], muts, bound=bound)
+            assert out["dask_workers"] == 2 and out["coverage"] == local.coverage.value
+            if local.violating is None:
+                assert out["violation"] is None and out["explored"] == local.explored
+            else:
+                assert out["violation"]["invariant"] == local.violating.violation.invariant
+                assert out["schedule"] == format_schedule(local.shortest)
 
 
 def test_cli_address_uses_an_existing_scheduler(client):
@@ -155,13 +156,14 @@ def test_cli_address_uses_an_existing_scheduler(client):
 
 
 def test_cli_plugin_policy_runs_on_the_workers(client):
+    from kvmsim.policies.plugin import load_plugin
     spec = f"{EXAMPLE}:ReleaseAfterUnlock"
     r = _run("fault-vs-truncate", "--arch", "x86", "--policy", spec, "--json", "--workers", "2")
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)[0]
     assert out["policy"] == "series-unlocked-release" and out["violation"]["invariant"] == "INV-3"
-    assert out["schedule"] == json.loads(_run("fault-vs-truncate", "--arch", "x86", "--policy", spec,
-                                              "--json").output)[0]["schedule"]
+    local = explore(SCENARIOS["fault-vs-truncate"].on("x86"), load_plugin(spec), NONE, bound=2)
+    assert out["schedule"] == format_schedule(local.shortest)
 
 
 def test_cli_without_dask_says_what_to_install(monkeypatch):

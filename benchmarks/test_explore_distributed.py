@@ -65,10 +65,10 @@ def measure(name: str, bound: int, policy: str = "series", rounds: int = ROUNDS)
     local_cpu = float("inf")
     ratios: dict[int, list[float]] = {1: [], 2: []}     # local wall / distributed wall, per round
     stats2: dict = {}
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as c2, \
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0") as c2, \
             distributed.Client(c2) as cl2, \
             distributed.LocalCluster(n_workers=1, processes=True, threads_per_worker=1,
-                                     dashboard_address=None) as c1, distributed.Client(c1) as cl1:
+                                     dashboard_address=":0") as c1, distributed.Client(c1) as cl1:
         for _ in range(rounds):
             t0, c0 = time.perf_counter(), time.process_time()
             local = explore(s, policy, m, bound=bound, max_schedules=10**7)

@@ -80,7 +80,7 @@ def test_one_task_takes_several_subtrees_in_dfs_order():
 def client():
     pytest.importorskip("distributed", reason="kvmsim[distributed] (dask, distributed) is not installed")
     import distributed
-    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=None) as c, \
+    with distributed.LocalCluster(n_workers=2, processes=True, threads_per_worker=1, dashboard_address=":0") as c, \
             distributed.Client(c) as cl:
         yield cl
 

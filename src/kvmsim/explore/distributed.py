@@ -211,8 +211,9 @@ def connect(*, workers: int | None = None, address: str | None = None, timeout: 
         with client:
             yield client
         return
+    # dashboard_address ":0": the scheduler's HTTP server (always started) on a free port, not 8787
     with distributed.LocalCluster(n_workers=workers, processes=True, threads_per_worker=1,
-                                  dashboard_address=None, silence_logs=logging.ERROR) as cluster, \
+                                  dashboard_address=":0", silence_logs=logging.ERROR) as cluster, \
             distributed.Client(cluster) as client:
         yield client
 

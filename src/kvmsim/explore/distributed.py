@@ -103,6 +103,8 @@ class Found:
 
 @dataclass
 class Frontier:
+    """The top of the tree, run on the client: the subtrees below it, in DFS order, and what it ran."""
+
     subtrees: list[Subtree]
     explored: int = 0
     found: list[Found] = field(default_factory=list)
@@ -111,6 +113,8 @@ class Frontier:
 
 @dataclass
 class SubtreeResult:
+    """What a task sends back: plain data, like its arguments."""
+
     key: tuple[int, ...]
     explored: int
     found: Found | None

@@ -7,6 +7,7 @@ nothing, so "no violation" is not established; 2 bad input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
@@ -17,6 +18,7 @@ from kvmsim.errors import KvmsimError
 from kvmsim.kvm.arch import ARCH_NAMES
 from kvmsim.explore import (MAX_SCHEDULES, MUTATIONS, SCENARIOS, Coverage, Mutations, Reduction, explore,
                             format_schedule, parse_schedule)
+from kvmsim.explore.distributed import connect, explore_distributed
 
 #: ``kvmsim explore`` exit status when a DFS was truncated and found no violation.
 EXIT_INCOMPLETE = 3
@@ -68,8 +70,14 @@ def _list_races(as_json: bool) -> None:
 @click.option("--arch", type=click.Choice(["generic", *(a for a in ARCH_NAMES if a != "generic")]),
               default=None, help="stage-2 MMU the race runs on  [default: the race's own: generic, or the one arch it lists]")
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="run the DFS's subtrees on a local Dask cluster of N worker processes (needs kvmsim[distributed]; "
+                   "plain DFS: --reduction none)")
+@click.option("--address", default=None, metavar="tcp://HOST:PORT",
+              help="run the DFS's subtrees on the Dask scheduler at this address (needs kvmsim[distributed]; "
+                   "plain DFS: --reduction none)")
 def explore_cmd(name, list_races, policy, bound, reduction, max_schedules, seed, random_n, replay, mutate, arch,
-                as_json) -> None:
+                as_json, workers, address) -> None:
     """Explore interleavings of race NAME (see --list); print the shortest violating schedule, if any."""
     if list_races:
         _list_races(as_json)
@@ -86,29 +94,56 @@ def explore_cmd(name, list_races, policy, bound, reduction, max_schedules, seed,
         arch = scenario.arch
     except KvmsimError as e:
         raise click.UsageError(str(e)) from None
+    if workers is not None or address is not None:
+        if workers is not None and address is not None:
+            raise click.UsageError("--workers and --address are exclusive")
+        if sched is not None or random_n is not None:
+            raise click.UsageError("--workers/--address distribute the DFS; they do not combine with --replay or --random")
+        src = click.get_current_context().get_parameter_source("reduction")
+        if src is not click.core.ParameterSource.DEFAULT and reduction != Reduction.NONE.value:
+            raise click.UsageError(f"--reduction {reduction}: the distributed search runs the plain DFS; "
+                                   "use --reduction none with --workers/--address (docs/explorer-distributed.md)")
+        reduction = Reduction.NONE.value
+    with contextlib.ExitStack() as stack:
+        try:
+            client = (stack.enter_context(connect(workers=workers, address=address))
+                      if workers is not None or address is not None else None)
+        except KvmsimError as e:
+            raise click.UsageError(str(e)) from None
+        _explore_and_print(name, scenario, arch, policy, bound, reduction, max_schedules, seed, random_n, sched, muts,
+                           as_json, client)
+
+
+def _explore_and_print(name, scenario, arch, policy, bound, reduction, max_schedules, seed, random_n, sched, muts,
+                       as_json, client) -> None:
     mode = "replay" if sched is not None else f"random({random_n}, seed={seed})" if random_n else f"dfs(bound={bound}, reduction={reduction})"
     results, incomplete = [], False
+    nworkers = len(client.scheduler_info().get("workers", {})) if client is not None else None
     for pol in (["legacy", "series"] if policy == "both" else [policy]):
         kw = dict(bound=bound, random_n=random_n, seed=seed, replay=sched, max_schedules=max_schedules,
                   reduction=reduction)
+        if client is not None:
+            kw = dict(client=client, bound=bound, max_schedules=max_schedules)
+        search = explore if client is None else explore_distributed
         try:
             if as_json or not sys.stderr.isatty():
-                res = explore(scenario, pol, muts, **kw)
+                res = search(scenario, pol, muts, **kw)
             else:
                 from rich.progress import Progress
                 with Progress(transient=True) as prog:
                     task = prog.add_task(f"{name} [{pol}]", total=None)
-                    res = explore(scenario, pol, muts, progress=lambda n: prog.update(task, completed=n), **kw)
+                    res = search(scenario, pol, muts, progress=lambda n: prog.update(task, completed=n), **kw)
         except KvmsimError as e:
             raise click.UsageError(str(e)) from None
         incomplete |= res.coverage is Coverage.TRUNCATED and res.violating is None
-        results.append(_result_dict(name, pol, muts, res, bound, mode, arch, reduction))
+        results.append(_result_dict(name, pol, muts, res, bound, mode, arch, reduction) | {"dask_workers": nworkers})
     if as_json:
         click.echo(json.dumps(results, indent=2))
         sys.exit(EXIT_INCOMPLETE if incomplete else 0)
+    on = f" on {nworkers} Dask workers" if nworkers else ""
     for r in results:
         muts_s = ",".join(r["mutations"]) or "none"
-        click.echo(f"{r['scenario']} [{r['policy']}, {r['arch']}] mutations={muts_s} {r['mode']}: {r['explored']} schedules "
+        click.echo(f"{r['scenario']} [{r['policy']}, {r['arch']}] mutations={muts_s} {r['mode']}{on}: {r['explored']} schedules "
                    f"in {r['seconds']:.2f}s ({r['schedules_per_second']:.0f} schedules/s)")
         v = r["violation"]
         if v is None:

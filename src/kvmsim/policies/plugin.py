@@ -227,6 +227,11 @@ def registered(name: str) -> type | None:
     return _REGISTRY.get(name)
 
 
+def loaded_spec(name: str) -> str | None:
+    """The spec a loaded plugin called ``name`` was loaded from (what another process loads it by), or None."""
+    return next((spec for spec, n in _LOADED.items() if n == name), None)
+
+
 # ---- run time ----------------------------------------------------------------------------------------
 
 def _own_file(fn) -> str | None:

@@ -80,6 +80,7 @@ class Options:
     pml: bool = True                    # False: AMD SVM (no PML), dirty logging write-protects
     teardown: bool = False              # also time the VM's destruction (kvm_destroy_vm), as "teardown"
     phase_stats: bool = False           # record pages_4k/2m/1g at the end of every phase
+    floor: bool = False                 # measure the copy bandwidth and each phase's memory floor (bench.floor)
 
     def check(self) -> None:
         if self.iterations < 2:
@@ -108,6 +109,14 @@ class Phase:
     counters: dict[str, int] = field(default_factory=dict)
     peak_rss_bytes: int = 0            # the process's peak RSS when the phase ended
     stats: dict[str, int] = field(default_factory=dict)   # leaf counts at its end (Options.phase_stats)
+    cpu_seconds: float = 0.0           # the process's CPU time (user + system) over the phase
+    floor_bytes: int | None = None     # per-page state it must read plus write (bench.floor), if known
+    floor_seconds: float | None = None  # floor_bytes over the run's copy bandwidth
+
+    @property
+    def floor_multiple(self) -> float | None:
+        """The phase's time as a multiple of its memory floor."""
+        return self.seconds / self.floor_seconds if self.floor_seconds else None
 
     def summary(self) -> dict[str, int]:
         return summarize(self.counters)
@@ -123,12 +132,27 @@ class RunResult:
     wall_seconds: float = 0.0
     stats: dict = field(default_factory=dict)
     note: str = ""
+    copy_bandwidth: float = 0.0        # bytes read + written per second, numpy copy of 1 GiB (Options.floor)
+    state_bytes: dict = field(default_factory=dict)   # per-page state: bytes per guest page of each array
 
     def to_json(self) -> dict:
         d = asdict(self)
         for p, ph in zip(d["phases"], self.phases):
             p["summary"] = ph.summary()
+            p["floor_multiple"] = ph.floor_multiple
+        d["floor_multiple"] = self.floor_multiple()
         return d
+
+    def floor_seconds(self) -> float | None:
+        """The floors of the timed phases, summed (None unless every phase has one)."""
+        if not self.phases or any(p.floor_seconds is None for p in self.phases):
+            return None
+        return sum(p.floor_seconds for p in self.phases)
+
+    def floor_multiple(self) -> float | None:
+        """The phases' time over their floors' sum: the whole flow as a multiple of its floor."""
+        f = self.floor_seconds()
+        return sum(p.seconds for p in self.phases) / f if f else None
 
     def phase(self, name: str, iteration: int | None = None) -> Phase:
         for p in self.phases:
@@ -164,22 +188,32 @@ class _Clock:
                 if clock.progress:
                     clock.progress(name, iteration, None)
                 self.before = clock.journal.snapshot()
+                self.c0 = time.process_time_ns()
                 self.t0 = time.perf_counter_ns()
 
             def __exit__(self, *exc):
                 dt = time.perf_counter_ns() - self.t0
+                cpu = time.process_time_ns() - self.c0
                 if exc[0] is None:
                     clock.phases.append(Phase(name, iteration, dt / 1e9, clock.journal.since(self.before),
-                                              peak_rss(), clock.stats_of() if clock.stats_of else {}))
+                                              peak_rss(), clock.stats_of() if clock.stats_of else {}, cpu / 1e9))
                     if clock.progress:
                         clock.progress(name, iteration, dt / 1e9)
         return _Ctx()
 
 
-def run_model(opts: Options, policy: str, progress: Progress | None = None) -> RunResult:
+def run_model(opts: Options, policy: str, progress: Progress | None = None, *,
+              bandwidth: float | None = None, on_phase=None) -> RunResult:
     """Run the whole flow on a fresh host and VM under ``policy``; returns timings and counters.
-    ``progress`` is called as each phase starts and ends."""
+    ``progress`` is called as each phase starts and ends.  With ``opts.floor`` each phase gets its
+    memory floor (:mod:`kvmsim.bench.floor`) over ``bandwidth`` (measured here, before the flow, when
+    None).  ``on_phase(kvm, name, iteration, ended)``, if given, is called outside the timed
+    region as each phase starts and ends (tests inspect the model state there)."""
     opts.check()
+    if opts.floor and bandwidth is None:
+        from kvmsim.bench.floor import copy_bandwidth
+        bandwidth = copy_bandwidth()
+        reset_peak_rss()
     t_start = time.perf_counter()
     host = Host(recording=False)
     reserve_mem_map(host, opts.total >> PAGE_SHIFT)
@@ -191,7 +225,13 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
     per = opts.vcpu_memory >> PAGE_SHIFT
     rng = np.random.default_rng(opts.seed)
     phases: list[Phase] = []
-    clock = _Clock(kvm.journal, phases, progress, (lambda: leaf_stats(kvm)) if opts.phase_stats else None)
+    observe = progress
+    if on_phase is not None:
+        def observe(name, iteration, seconds):
+            on_phase(kvm, name, iteration, seconds is not None)
+            if progress:
+                progress(name, iteration, seconds)
+    clock = _Clock(kvm.journal, phases, observe, (lambda: leaf_stats(kvm)) if opts.phase_stats else None)
 
     def all_vcpus(value: int, percent: int) -> None:
         for k, v in enumerate(vcpus):
@@ -205,6 +245,7 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
         all_vcpus(0, 100)
     with clock("enable"):
         set_logging(True)
+    state = _state_bytes(kvm, slots) if opts.floor else {}
     for it in range(1, opts.iterations + 1):
         with clock("dirty", it):
             all_vcpus(it, opts.write_percent)
@@ -225,12 +266,35 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
     if opts.run_while_disabling:
         with clock("after-disable", opts.iterations + 2):
             all_vcpus(opts.iterations + 2, opts.write_percent)
-    stats = leaf_stats(kvm)
     if opts.teardown:
         with clock("teardown"):
             kvm.destroy()
     wall = time.perf_counter() - t_start
-    return RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
+    stats = leaf_stats(kvm)                            # the VM's stats, read after the timed flow
+    res = RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
+    if opts.floor:
+        _set_floors(res, opts, state, bandwidth)
+    return res
+
+
+def _state_bytes(kvm, slots) -> dict[str, float]:
+    from kvmsim.bench.floor import state_bytes
+    s = slots[0]
+    return state_bytes(kvm, kvm.memslots[0].by_id[s.slot], s.vma)
+
+
+def _set_floors(res: RunResult, opts: Options, state: dict[str, float], bandwidth: float) -> None:
+    """Each phase's floor (:func:`kvmsim.bench.floor.phase_floor_bytes`) when the flow is the one the
+    floor table describes."""
+    from kvmsim.bench.floor import floor_applies, phase_floor_bytes
+    res.copy_bandwidth, res.state_bytes = bandwidth, state
+    if not floor_applies(opts):
+        return
+    npages = opts.total >> PAGE_SHIFT
+    for p in res.phases:
+        p.floor_bytes = phase_floor_bytes(state, p.name, p.iteration, npages, p.summary()["set_dirty"])
+        if p.floor_bytes is not None:
+            p.floor_seconds = p.floor_bytes / bandwidth
 
 
 def leaf_stats(kvm) -> dict[str, int]:
@@ -346,8 +410,13 @@ def _run_warm(opts: Options, policy: str, warm: bool, progress: Progress | None 
             if progress:
                 progress("warm-up", None, None)
             warm_memory(estimate_bytes(opts))
-            reset_peak_rss()
-    return run_model(opts, policy, progress)
+    bandwidth = None
+    if opts.floor:
+        from kvmsim.bench.floor import copy_bandwidth
+        bandwidth = copy_bandwidth()
+    if warm or opts.floor:
+        reset_peak_rss()
+    return run_model(opts, policy, progress, bandwidth=bandwidth)
 
 
 class WorkerError(KvmsimError):

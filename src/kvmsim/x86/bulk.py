@@ -106,7 +106,7 @@ def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     """``get_user_page_fast_only(FOLL_WRITE)`` per host PTE: present, writable, not special or
     PROT_NONE, and a valid page that is not freed.  Returns (ok, pfn)."""
     ok = ((pte & (_HP | _HW | _HS | _HPN)) == (_HP | _HW)) & (p > 0)
-    ok[ok] &= (p[ok] < kvm.phys.nr)
+    ok &= p < kvm.phys.nr                                  # one pass: no gather and scatter through ok
     if kvm.phys.has_freed_pages():
         ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
     return ok, p
@@ -218,7 +218,10 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
             mmu_seq = kvm.mmu_invalidate_seq                  # kvm_mmu_faultin_pfn(): the snapshot
             if kvm.mmu_invalidate_in_progress:                # (just snapshotted: only a range can retry)
                 ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
-        if ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], mmu_seq):
+        if ready.all():                                   # the usual first touch: no gathers
+            if _slow_faults(mmu, vcpu, slot, t, todo, hpfn, mmu_seq):
+                continue
+        elif ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], mmu_seq):
             continue
         # the scalar path for what needs the host or KVM's conflict handling, in gfn order; back to
         # the vectorised round as soon as the host has mapped the next page (a huge host fault)
@@ -318,6 +321,13 @@ def _guest_data(kvm, pfn: np.ndarray, k, write, vals, out) -> None:
             for p, i, wr in zip(pfn.tolist(), pos.tolist(), write.tolist()):
                 _guest_data(kvm, np.array([p]), np.array([i]), wr, vals, out)
         return
+    run = _frame_run(pfn)
+    if run is not None and run.start > 0 and run.stop <= phys.nr and not phys.has_freed_pages():
+        if write:                                         # consecutive frames: a slice, no scatter
+            phys.data[run] = vals[k]
+        else:
+            out[k] = phys.data[run]
+        return
     if pfn.min() > 0 and pfn.max() < phys.nr and \
             (not phys.has_freed_pages() or not (phys.flags[pfn] & _POISONED).any()):
         if write:
@@ -337,6 +347,14 @@ def _guest_data(kvm, pfn: np.ndarray, k, write, vals, out) -> None:
             out[i] = phys.read(p, "guest read", kvm=True)
         else:
             out[i] = phys.data[p]
+
+
+def _frame_run(pfn: np.ndarray) -> slice | None:
+    """``slice(first, last + 1)`` when ``pfn`` is one ascending run of consecutive frames."""
+    p0, p1 = int(pfn[0]), int(pfn[-1]) + 1
+    if p1 - p0 != len(pfn) or (len(pfn) > 1 and not (pfn[1:] > pfn[:-1]).all()):
+        return None
+    return slice(p0, p1)
 
 
 def _leaf_starts(slot, t, idx):
@@ -377,7 +395,9 @@ def _hits(mmu, vcpu, slot, t, idx, b, write) -> None:
         for s, sz, wv in set(zip(starts.tolist(), size.tolist(), wants)):
             t.bits[s:s + sz] |= np.uint16(wv)
     if slot.logging and mmu.pml:
-        if one and write:
+        if one and write and span is not None:
+            mark_dirty_mask(mmu.kvm, slot, span[0], (b & D) == 0, vcpu)
+        elif one and write:
             mark_dirty_bulk(mmu.kvm, slot, idx[(b & D) == 0], vcpu)
         elif not one:
             mark_dirty_bulk(mmu.kvm, slot, idx[write & ((b & D) == 0)], vcpu)
@@ -491,9 +511,11 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, mmu_seq: int) -> bool:
     kvm.journal.count(f"put_page:{rel_caller}", nf)
     try:
         small = flvl == 1
-        s = fidx[small]
+        every = fidx is idx and levels.max() <= 1                    # 4 KiB leaves only: no gathers
+        s = fidx if every else fidx[small]
         if len(s) and _span(s) is not None:                          # consecutive 4 KiB leaves
-            spte_write(kvm, slot, int(s[0]), int(s[-1]) + 1, bits, fpfn[small], 1, caller=mmu.map_caller)
+            spte_write(kvm, slot, int(s[0]), int(s[-1]) + 1, bits, fpfn if every else fpfn[small], 1,
+                       caller=mmu.map_caller)
         elif len(s):
             lo, hi = int(s.min()), int(s.max()) + 1
             nb = t.bits[lo:hi].copy()
@@ -503,8 +525,8 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, mmu_seq: int) -> bool:
             npf[s - lo] = fpfn[small]
             nl[s - lo] = 1
             spte_write(kvm, slot, lo, hi, nb, npf, nl, caller=mmu.map_caller)
-        h = ~small
-        if h.any():
+        h = None if every else ~small
+        if h is not None and h.any():
             _install_huge(kvm, slot, t, fstart[h], fpfn[h] - (fidx[h] - fstart[h]), flvl[h], bits, mmu.map_caller)
         if kvm.journal.recording:
             for i, p, lv in zip(fidx.tolist(), fpfn.tolist(), flvl.tolist()):

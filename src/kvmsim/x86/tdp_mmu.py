@@ -168,16 +168,20 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
         sel &= lvl == 1
     if mask is not None:
         sel &= mask
-    dbit = np.where(((bits & ADX) != 0) | wrprot, W, D).astype(np.uint16)
+    if wrprot or (bits & ADX).any():
+        dbit = np.where(((bits & ADX) != 0) | wrprot, W, D).astype(np.uint16)
+    else:
+        dbit = np.uint16(D)                             # A/D bits everywhere: D (one pass less)
     sel &= (bits & dbit) != 0
     if not sel.any():
         return False
-    new = bits & np.where(sel, ~dbit, np.uint16(0xFFFF))    # no boolean gather: sel is often scattered
+    new = bits ^ (sel * dbit)                           # sel implies the bit is set: XOR clears it, no gather
     spte_write(kvm, slot, lo, hi, new, caller=caller, track=False)
     if lvl.max() > 1:                                   # one report per leaf: its first entry
         sel &= ((slot.base_gfn + lo + np.arange(hi - lo)) % LEAF_PAGES[lvl]) == 0
     n = int(np.count_nonzero(sel))
-    kvm.ops.spte_ad_lost_bulk(kvm, t.pfn[lo:hi][sel], np.ones(n, bool), np.zeros(n, bool), caller)
+    pfns = t.pfn[lo:hi] if n == hi - lo else t.pfn[lo:hi][sel]      # every entry: a view, no gather
+    kvm.ops.spte_ad_lost_bulk(kvm, pfns, np.ones(n, bool), np.zeros(n, bool), caller)
     return True
 
 

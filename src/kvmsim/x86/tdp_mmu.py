@@ -238,20 +238,24 @@ def _collapsible_regions(kvm, slot, level: int) -> np.ndarray:
     count = (slot.npages - first) // n
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
+    if ((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n:
+        return np.zeros(0, dtype=np.int64)        # the hva is misaligned: lpage_info disallows the level
+    # the host level first (one host PTE per region): where the host maps only 4 KiB, no SPTE is read
+    host_level, _ = _host_at(kvm, slot, first + np.arange(count, dtype=np.int64) * n)
+    cand = np.flatnonzero(host_level >= level)
     found = []
     per = max(1, (1 << 18) // n)                     # regions per step: 1 GiB of entries at a time
-    for c0 in range(0, count, per):
-        c1 = min(count, c0 + per)
-        a, b = first + c0 * n, first + c1 * n
-        lvl = t.level[a:b].reshape(c1 - c0, n)
-        pres = (t.bits[a:b].reshape(c1 - c0, n) & P) != 0
-        has_small = np.flatnonzero((pres & (lvl < level)).any(axis=1))
-        found.append(a + has_small * n)
-    starts = np.concatenate(found)
-    if not len(starts) or ((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n:
-        return np.zeros(0, dtype=np.int64)        # the hva is misaligned: lpage_info disallows the level
-    host_level, _ = _host_at(kvm, slot, starts)
-    return starts[np.minimum(host_level, level) >= level]
+    for c0 in range(0, len(cand), per):
+        c = cand[c0:c0 + per]
+        if int(c[-1]) - int(c[0]) + 1 == len(c):      # consecutive regions: reshaped slices
+            a, b = first + int(c[0]) * n, first + (int(c[-1]) + 1) * n
+            lvl = t.level[a:b].reshape(len(c), n)
+            pres = (t.bits[a:b].reshape(len(c), n) & P) != 0
+        else:
+            rows = (first + c * n)[:, None] + np.arange(n)
+            lvl, pres = t.level[rows], (t.bits[rows] & P) != 0
+        found.append(first + c[(pres & (lvl < level)).any(axis=1)] * n)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def _zap_regions(kvm, slot, starts: np.ndarray, n: int, caller: str) -> None:

@@ -112,11 +112,17 @@ class Phase:
     cpu_seconds: float = 0.0           # the process's CPU time (user + system) over the phase
     floor_bytes: int | None = None     # per-page state it must read plus write (bench.floor), if known
     floor_seconds: float | None = None  # floor_bytes over the run's copy bandwidth
+    floor_cpu_seconds: float | None = None  # floor_bytes over the copy bandwidth per CPU second
 
     @property
     def floor_multiple(self) -> float | None:
         """The phase's time as a multiple of its memory floor."""
         return self.seconds / self.floor_seconds if self.floor_seconds else None
+
+    @property
+    def floor_multiple_cpu(self) -> float | None:
+        """The phase's CPU time as a multiple of its floor in CPU time (robust on a shared machine)."""
+        return self.cpu_seconds / self.floor_cpu_seconds if self.floor_cpu_seconds else None
 
     def summary(self) -> dict[str, int]:
         return summarize(self.counters)
@@ -133,6 +139,7 @@ class RunResult:
     stats: dict = field(default_factory=dict)
     note: str = ""
     copy_bandwidth: float = 0.0        # bytes read + written per second, numpy copy of 1 GiB (Options.floor)
+    copy_bandwidth_cpu: float = 0.0    # the same per second of CPU time
     state_bytes: dict = field(default_factory=dict)   # per-page state: bytes per guest page of each array
 
     def to_json(self) -> dict:
@@ -140,7 +147,9 @@ class RunResult:
         for p, ph in zip(d["phases"], self.phases):
             p["summary"] = ph.summary()
             p["floor_multiple"] = ph.floor_multiple
+            p["floor_multiple_cpu"] = ph.floor_multiple_cpu
         d["floor_multiple"] = self.floor_multiple()
+        d["floor_multiple_cpu"] = self.floor_multiple(cpu=True)
         return d
 
     def floor_seconds(self) -> float | None:
@@ -149,8 +158,13 @@ class RunResult:
             return None
         return sum(p.floor_seconds for p in self.phases)
 
-    def floor_multiple(self) -> float | None:
-        """The phases' time over their floors' sum: the whole flow as a multiple of its floor."""
+    def floor_multiple(self, *, cpu: bool = False) -> float | None:
+        """The phases' time over their floors' sum: the whole flow as a multiple of its floor
+        (``cpu``: CPU time over the floor at the CPU-time copy bandwidth)."""
+        if cpu:
+            if not self.phases or any(p.floor_cpu_seconds is None for p in self.phases):
+                return None
+            return sum(p.cpu_seconds for p in self.phases) / sum(p.floor_cpu_seconds for p in self.phases)
         f = self.floor_seconds()
         return sum(p.seconds for p in self.phases) / f if f else None
 
@@ -203,16 +217,16 @@ class _Clock:
 
 
 def run_model(opts: Options, policy: str, progress: Progress | None = None, *,
-              bandwidth: float | None = None, on_phase=None) -> RunResult:
+              bandwidth: tuple[float, float] | float | None = None, on_phase=None) -> RunResult:
     """Run the whole flow on a fresh host and VM under ``policy``; returns timings and counters.
     ``progress`` is called as each phase starts and ends.  With ``opts.floor`` each phase gets its
     memory floor (:mod:`kvmsim.bench.floor`) over ``bandwidth`` (measured here, before the flow, when
-    None).  ``on_phase(kvm, name, iteration, ended)``, if given, is called outside the timed
+    None; a pair is wall and CPU-time bandwidth).  ``on_phase(kvm, name, iteration, ended)``, if given, is called outside the timed
     region as each phase starts and ends (tests inspect the model state there)."""
     opts.check()
     if opts.floor and bandwidth is None:
-        from kvmsim.bench.floor import copy_bandwidth
-        bandwidth = copy_bandwidth()
+        from kvmsim.bench.floor import copy_bandwidths
+        bandwidth = copy_bandwidths()
         reset_peak_rss()
     t_start = time.perf_counter()
     host = Host(recording=False)
@@ -283,18 +297,19 @@ def _state_bytes(kvm, slots) -> dict[str, float]:
     return state_bytes(kvm, kvm.memslots[0].by_id[s.slot], s.vma)
 
 
-def _set_floors(res: RunResult, opts: Options, state: dict[str, float], bandwidth: float) -> None:
+def _set_floors(res: RunResult, opts: Options, state: dict[str, float], bandwidth) -> None:
     """Each phase's floor (:func:`kvmsim.bench.floor.phase_floor_bytes`) when the flow is the one the
     floor table describes."""
     from kvmsim.bench.floor import floor_applies, phase_floor_bytes
-    res.copy_bandwidth, res.state_bytes = bandwidth, state
+    wall, cpu = bandwidth if isinstance(bandwidth, tuple) else (bandwidth, bandwidth)
+    res.copy_bandwidth, res.copy_bandwidth_cpu, res.state_bytes = wall, cpu, state
     if not floor_applies(opts):
         return
     npages = opts.total >> PAGE_SHIFT
     for p in res.phases:
         p.floor_bytes = phase_floor_bytes(state, p.name, p.iteration, npages, p.summary()["set_dirty"])
         if p.floor_bytes is not None:
-            p.floor_seconds = p.floor_bytes / bandwidth
+            p.floor_seconds, p.floor_cpu_seconds = p.floor_bytes / wall, p.floor_bytes / cpu
 
 
 def leaf_stats(kvm) -> dict[str, int]:
@@ -412,8 +427,8 @@ def _run_warm(opts: Options, policy: str, warm: bool, progress: Progress | None 
             warm_memory(estimate_bytes(opts))
     bandwidth = None
     if opts.floor:
-        from kvmsim.bench.floor import copy_bandwidth
-        bandwidth = copy_bandwidth()
+        from kvmsim.bench.floor import copy_bandwidths
+        bandwidth = copy_bandwidths()
     if warm or opts.floor:
         reset_peak_rss()
     return run_model(opts, policy, progress, bandwidth=bandwidth)

@@ -122,15 +122,31 @@ def phase_floor_bytes(state: dict[str, float], name: str, iteration: int | None,
     return round(per_page * npages + sum(state[n] for n in acc.per_set_dirty) * set_dirty)
 
 
-def copy_bandwidth(nbytes: int = 1 << 30, rounds: int = 3) -> float:
+def copy_bandwidth(nbytes: int = 1 << 30, rounds: int = 3, *, cpu: bool = False) -> float:
     """Bytes read plus written per second by ``np.copyto`` of an ``nbytes`` int64 array, best of
-    ``rounds`` (after one untimed copy that faults the destination in)."""
+    ``rounds`` (after one untimed copy that faults the destination in); ``cpu``: per second of this
+    process's CPU time instead of wall time (on a shared machine, what the phases' CPU times are
+    compared with)."""
     src = np.ones(max(1, nbytes // 8), dtype=np.int64)
     dst = np.empty_like(src)
     np.copyto(dst, src)
+    clock = time.process_time if cpu else time.perf_counter
     best = float("inf")
     for _ in range(rounds):
-        t0 = time.perf_counter()
+        t0 = clock()
         np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * src.nbytes / best
+        best = min(best, clock() - t0)
+    return 2 * src.nbytes / max(best, 1e-9)
+
+
+def copy_bandwidths(nbytes: int = 1 << 30, rounds: int = 3) -> tuple[float, float]:
+    """(wall, CPU) copy bandwidth, each the best of ``rounds`` copies of one pair of arrays."""
+    src = np.ones(max(1, nbytes // 8), dtype=np.int64)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    wall = cpu = float("inf")
+    for _ in range(rounds):
+        c0, t0 = time.process_time(), time.perf_counter()
+        np.copyto(dst, src)
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    return 2 * src.nbytes / max(wall, 1e-9), 2 * src.nbytes / max(cpu, 1e-9)

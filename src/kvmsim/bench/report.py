@@ -65,11 +65,12 @@ def cost_table(r: RunResult, title: str):
     t.add_column("seconds", justify="right", no_wrap=True)
     if floors:
         t.add_column("x floor", justify="right", no_wrap=True)
+        t.add_column("CPU x floor", justify="right", no_wrap=True)
     for c in COLUMNS:
         t.add_column(_HEAD[c], justify="right", no_wrap=True)
     for p in r.phases:
         s = p.summary()
-        mult = [_multiple(p.floor_multiple)] if floors else []
+        mult = [_multiple(p.floor_multiple), _multiple(p.floor_multiple_cpu)] if floors else []
         t.add_row(short_label(p.name, p.iteration), f"{p.seconds:.6f}", *mult, *(f"{s[c]:,}" for c in COLUMNS))
     return t
 
@@ -89,7 +90,8 @@ def floor_line(r: RunResult) -> str | None:
         return (f"memory floor: not defined for this flow (4 KiB anonymous, manual protect, -w 100 only); "
                 f"per-page state {state:g} B, copy bandwidth {r.copy_bandwidth / 1e9:.1f} GB/s")
     return (f"memory floor: {f:.4f} s for the timed phases at {r.copy_bandwidth / 1e9:.1f} GB/s copy "
-            f"bandwidth (per-page state {state:g} B); the phases took {r.floor_multiple():.1f}x their floor")
+            f"bandwidth (per-page state {state:g} B); the phases took {r.floor_multiple():.1f}x their floor "
+            f"(CPU time: {r.floor_multiple(cpu=True):.1f}x, at {r.copy_bandwidth_cpu / 1e9:.1f} GB/s per CPU second)")
 
 
 def compare_table(model: RunResult, real: RunResult):

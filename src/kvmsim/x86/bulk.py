@@ -81,13 +81,19 @@ def mark_dirty_mask(kvm, slot, lo: int, mask: np.ndarray, vcpu) -> None:
 
 
 def host_ready(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed."""
-    ready = np.zeros(len(idx), dtype=bool)
-    pfn = np.full(len(idx), -1, dtype=np.int64)
+    """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed.  ``pfn`` may be
+    a view of the host PTEs: read it, never write it."""
     span = _span(idx)
     if span is not None:                                   # consecutive gfns: slices of each VMA's PTEs
         h0 = slot.userspace_addr + (span[0] << PAGE_SHIFT)
         h1 = slot.userspace_addr + (span[1] << PAGE_SHIFT)
+        vma = kvm.mm.vma_lookup(h0)
+        if vma is not None and vma.end >= h1:              # one VMA: its PTEs' slices as they are
+            i0, i1 = vma.idx(h0), vma.idx(h1)
+            return _gup_fast_ok(kvm, vma.pte[i0:i1], vma.pte_pfn[i0:i1])
+    ready = np.zeros(len(idx), dtype=bool)
+    pfn = np.full(len(idx), -1, dtype=np.int64)
+    if span is not None:
         for vma in kvm.mm.vmas_in(h0, h1):
             a, b = max(h0, vma.start), min(h1, vma.end)
             i0, i1 = vma.idx(a), vma.idx(b)
@@ -172,46 +178,49 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
             return
         span = _span(todo)
         b = _take(t.bits, todo, span)
-        if one:
-            hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
-        else:
-            hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & (~write | ((b & W) != 0))
-        if not one and not hit.all():
-            if _needs_scalar(mmu, slot, t, todo, b, write, hit):
-                _by_runs(mmu, vcpu, slot, lo, todo, write, vals, out)
-                return
-            hit = _in_order_hits(slot, t, todo, span, hit)
-        if hit.all():                                     # every page maps: no gathers
-            _hits(mmu, vcpu, slot, t, todo, b, write)
-            k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
-            _guest_data(kvm, _take(t.pfn, todo, span), k, write, vals, out)
-            return
-        if hit.any():
-            done = todo[hit]
-            _hits(mmu, vcpu, slot, t, done, b[hit], _sub(write, hit))
-            _guest_data(kvm, t.pfn[done], done - lo, _sub(write, hit), vals, out)
-            todo = todo[~hit]
-            write = _sub(write, ~hit)
-        if not len(todo):
-            return
-        span = _span(todo)
-        b = _take(t.bits, todo, span)
-        lvl = _take(t.level, todo, span)
-        # fast_page_fault() can fix: a read of an access-tracked SPTE; a write where the SPTE is
-        # MMU-writable (and not a huge leaf of a dirty-logged slot), access-tracked or write-protected
-        if one and not write:
-            fixable = (b & AT) != 0
-        else:
-            fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
-            if not one:
-                fixable = np.where(write, fixable, (b & AT) != 0)
-        fix = ((b & P) != 0) & ((b & MMIO) == 0) & fixable
-        if fix.any():
-            _fast_faults(mmu, vcpu, slot, t, todo[fix], _sub(write, fix))
-            continue
         present = (b & P) != 0
+        if not one or present.any():                      # else a first touch: no hit, no fast fault
+            if one:
+                hit = present & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
+            else:
+                hit = present & ((b & (AT | MMIO)) == 0) & (~write | ((b & W) != 0))
+            if not one and not hit.all():
+                if _needs_scalar(mmu, slot, t, todo, b, write, hit):
+                    _by_runs(mmu, vcpu, slot, lo, todo, write, vals, out)
+                    return
+                hit = _in_order_hits(slot, t, todo, span, hit)
+            if hit.all():                                     # every page maps: no gathers
+                _hits(mmu, vcpu, slot, t, todo, b, write)
+                k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
+                _guest_data(kvm, _take(t.pfn, todo, span), k, write, vals, out)
+                return
+            if hit.any():
+                done = todo[hit]
+                _hits(mmu, vcpu, slot, t, done, b[hit], _sub(write, hit))
+                _guest_data(kvm, t.pfn[done], done - lo, _sub(write, hit), vals, out)
+                todo = todo[~hit]
+                write = _sub(write, ~hit)
+            if not len(todo):
+                return
+            span = _span(todo)
+            b = _take(t.bits, todo, span)
+            lvl = _take(t.level, todo, span)
+            # fast_page_fault() can fix: a read of an access-tracked SPTE; a write where the SPTE is
+            # MMU-writable (and not a huge leaf of a dirty-logged slot), access-tracked or write-protected
+            if one and not write:
+                fixable = (b & AT) != 0
+            else:
+                fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
+                if not one:
+                    fixable = np.where(write, fixable, (b & AT) != 0)
+            fix = ((b & P) != 0) & ((b & MMIO) == 0) & fixable
+            if fix.any():
+                _fast_faults(mmu, vcpu, slot, t, todo[fix], _sub(write, fix))
+                continue
+            present = (b & P) != 0
         ready, hpfn = host_ready(kvm, slot, todo)
-        ready &= ~present
+        if present.any():
+            ready &= ~present
         if not mmu.tdp_mmu_enabled:
             ready[:] = False            # the shadow MMU's fault prefetches (direct_pte_prefetch): scalar
         if ready.any():

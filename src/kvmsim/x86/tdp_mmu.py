@@ -22,6 +22,11 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
     out = np.ones(hi - lo, dtype=np.uint8)
     h0 = slot.userspace_addr + (lo << PAGE_SHIFT)
     h1 = slot.userspace_addr + (hi << PAGE_SHIFT)
+    vma = kvm.mm.vma_lookup(h0)
+    if vma is not None and vma.end >= h1:
+        lv = vma.pte_level[vma.idx(h0):vma.idx(h1)]
+        if lv.max() <= 1 and lv.min() >= 1:             # one VMA the host maps in 4 KiB pages: all 1
+            return out
     for vma in kvm.mm.vmas_in(h0, h1):
         a, b = max(h0, vma.start), min(h1, vma.end)
         i0, i1 = vma.idx(a), vma.idx(b)

@@ -132,8 +132,8 @@ def guest_access_range(mmu, vcpu, gpa: int, npages: int, write, values=None) -> 
         write = np.asarray(write, dtype=bool)
         if len(write) != npages:
             raise ValueError(f"guest_access_range: {len(write)} access kinds for {npages} pages")
-    vals = np.zeros(npages, dtype=np.int64) if values is None else \
-        np.broadcast_to(np.asarray(values, dtype=np.int64), (npages,)).copy()
+    # the values to store, read only: a broadcast view when one value for all (no copy)
+    vals = np.broadcast_to(np.asarray(0 if values is None else values, dtype=np.int64), (npages,))
     out = (vals.copy() if write else np.zeros(npages, dtype=np.int64)) if one else vals * write
     pos = 0
     while pos < npages:

@@ -158,6 +158,9 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
             and (new_level is None or isinstance(new_level, _SCALAR)):
         _spte_write_one(kvm, slot, t, lo, int(new_bits), new_pfn, new_level, caller, track)
         return
+    if new_bits.__class__ in _SCALAR_TYPES and int(new_bits) & P and _install_fresh(kvm, t, lo, hi, int(new_bits),
+                                                                               new_pfn, new_level):
+        return
     # old values: copies of what this write overwrites, views of what it leaves alone
     old_bits = t.bits[lo:hi].copy()
     old_pfn = t.pfn[lo:hi] if new_pfn is None else t.pfn[lo:hi].copy()
@@ -180,6 +183,27 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
         changed |= old_level != nl
     if changed.any():
         kvm.journal.count("spte_write", _leaves_in(slot, lo, old_level, nl, changed))
+
+
+_SCALAR_TYPES = (int, np.uint16, np.int64)
+
+
+def _install_fresh(kvm, t, lo: int, hi: int, nb: int, new_pfn, new_level) -> bool:
+    """:func:`spte_write` of one present 4 KiB SPTE value over entries none of which is present (a
+    first fault of each page): INV-11's same-leaf rules and A/D losses need an old present SPTE, so
+    only the new value's W ⇒ MMU-writable ⇒ Host-writable is checked, once; every entry changes.
+    False, with nothing written, when the write is not such a one."""
+    if new_level is None or not isinstance(new_level, _SCALAR) or int(new_level) != 1 or \
+            (nb & W and not nb & MW) or (nb & MW and not nb & HW):
+        return False
+    if (t.bits[lo:hi] & P).any() or t.level[lo:hi].max() > 1:
+        return False
+    t.bits[lo:hi] = nb
+    if new_pfn is not None:
+        t.pfn[lo:hi] = new_pfn
+    t.level[lo:hi] = 1
+    kvm.journal.count("spte_write", hi - lo)
+    return True
 
 
 def _spte_write_one(kvm, slot, t, i: int, nb: int, new_pfn, new_level, caller: str, track: bool) -> None:

@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+import kvmsim.kvm.pfn_bulk  # noqa: F401  (imported lazily by the MMU's and policies' bulk paths:
+import kvmsim.x86.bulk  # noqa: F401      imported here, their compilation is not timed as populate)
 from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass, write_masks
 from kvmsim.errors import KvmsimError, UsageError
 from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
@@ -39,6 +41,7 @@ from kvmsim.mm.host import Host
 from kvmsim.types import PAGE_SHIFT
 from kvmsim.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM
 from kvmsim.x86.dirty_log import gfn_aligned_pieces
+from kvmsim.x86.spte import tables
 
 #: The cost columns: struct-page operations by kind, then the MMU's own work.
 STRUCT_PAGE_KINDS = ("set_dirty", "mark_accessed", "get_page", "put_page", "pin", "unpin")
@@ -235,6 +238,11 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None, *,
     if opts.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET)
     slots = create_test_slots(kvm, opts.total, opts.backing, opts.slots)
+    for s in slots:
+        # the x86 leaf table of each slot, allocated with the slot (untimed), as the kernel allocates a
+        # slot's per-page metadata (kvm_alloc_memslot_metadata(): rmaps, lpage_info) when it is
+        # created; otherwise the first fault would page in its fresh arrays inside "populate"
+        tables(kvm.memslots[0].by_id[s.slot])
     vcpus = [kvm.create_vcpu() for _ in range(opts.vcpus)]
     per = opts.vcpu_memory >> PAGE_SHIFT
     rng = np.random.default_rng(opts.seed)

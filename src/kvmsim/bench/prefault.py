@@ -60,8 +60,11 @@ def host_prefault_range(kvm, slot, lo: int, hi: int) -> tuple[int, bool]:
             irregular |= present & ((sb & (_SW_ | _SMW)) == 0)       # no fast fix: slow fault
             need &= ~present
         cut = int(np.argmax(irregular)) if irregular.any() else i1 - i0
-        if need[:cut].any() and not _fault_vma(kvm, vma, i0 + np.flatnonzero(need[:cut])):
-            return s0, False
+        todo = need[:cut]
+        if todo.any():
+            idx = np.arange(i0, i0 + cut) if todo.all() else i0 + np.flatnonzero(todo)   # all: no nonzero scan
+            if not _fault_vma(kvm, vma, idx):
+                return s0, False
         if cut < i1 - i0:
             return s0 + cut, True
         pos = s0 + i1 - i0

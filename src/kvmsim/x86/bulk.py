@@ -180,8 +180,8 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
         b = _take(t.bits, todo, span)
         present = (b & P) != 0
         if not one or present.any():                      # else a first touch: no hit, no fast fault
-            if one:
-                hit = present & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
+            if one:                                       # present, not AT/MMIO (and W for a store): one test
+                hit = (b & (P | AT | MMIO | (W if write else 0))) == (P | (W if write else 0))
             else:
                 hit = present & ((b & (AT | MMIO)) == 0) & (~write | ((b & W) != 0))
             if not one and not hit.all():

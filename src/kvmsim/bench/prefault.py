@@ -52,6 +52,9 @@ def host_prefault_range(kvm, slot, lo: int, hi: int) -> tuple[int, bool]:
         i0, i1 = vma.idx(a), vma.idx(b)
         pte = vma.pte[i0:i1]
         need = (pte & (_P | _W)) != (_P | _W)
+        if not need.any():                   # mapped writable already (a later pass): nothing to fault in
+            pos = s0 + i1 - i0
+            continue
         irregular = (pte & _PN) != 0
         irregular |= need & ((pte & _P) != 0)                        # read-only host PTE: COW / zero page
         if t is not None:

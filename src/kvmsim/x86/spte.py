@@ -104,14 +104,16 @@ def tables(slot) -> SptTable:
 
 def check_inv11(kvm, slot, lo, old_bits, old_pfn, old_level, new_bits, new_pfn, new_level, caller: str) -> None:
     """INV-11 on a write of entries ``[lo, lo+len)``: records ``inv11`` facts and a counter."""
-    present = (new_bits & P) != 0
-    bad = present & (((new_bits & W) != 0) & ((new_bits & MW) == 0) | ((new_bits & MW) != 0) & ((new_bits & HW) == 0))
-    same_leaf = (old_bits & P != 0) & present
-    if new_level is not old_level:
-        same_leaf &= old_level == new_level
-    bad |= same_leaf & (((old_bits ^ new_bits) & HW) != 0)
+    # present and (W without MMU-writable, or MMU-writable without Host-writable): two masked compares
+    bad = ((new_bits & (P | W | MW)) == (P | W)) | ((new_bits & (P | MW | HW)) == (P | MW))
+    changed = ((old_bits ^ new_bits) & HW) != 0
     if new_pfn is not old_pfn:
-        bad |= same_leaf & (old_pfn != new_pfn)
+        changed |= old_pfn != new_pfn
+    if changed.any():                                    # Host-writable or the pfn changed somewhere
+        same_leaf = ((old_bits & P) != 0) & ((new_bits & P) != 0)
+        if new_level is not old_level:
+            same_leaf &= old_level == new_level
+        bad |= same_leaf & changed
     if bad.any():
         where = np.nonzero(bad)[0]
         kvm.journal.count("inv11", len(where))

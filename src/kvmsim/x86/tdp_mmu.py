@@ -168,16 +168,16 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
         lo, hi = t.leaf_bounds(slot, lo, hi)
     bits = t.bits[lo:hi]
     lvl = t.level[lo:hi]
-    sel = ((bits & P) != 0) & ((bits & MMIO) == 0)
+    if wrprot or (bits & ADX).any():
+        dbit = np.where(((bits & ADX) != 0) | wrprot, W, D).astype(np.uint16)
+        sel = ((bits & P) != 0) & ((bits & MMIO) == 0) & ((bits & dbit) != 0)
+    else:
+        dbit = np.uint16(D)                             # A/D bits everywhere: present, not MMIO, D set
+        sel = (bits & (P | MMIO | D)) == (P | D)
     if not all_levels:
         sel &= lvl == 1
     if mask is not None:
         sel &= mask
-    if wrprot or (bits & ADX).any():
-        dbit = np.where(((bits & ADX) != 0) | wrprot, W, D).astype(np.uint16)
-    else:
-        dbit = np.uint16(D)                             # A/D bits everywhere: D (one pass less)
-    sel &= (bits & dbit) != 0
     if not sel.any():
         return False
     new = bits ^ (sel * dbit)                           # sel implies the bit is set: XOR clears it, no gather

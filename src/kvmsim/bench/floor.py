@@ -59,7 +59,7 @@ Term = tuple[str, float]
 
 
 @dataclass(frozen=True)
-class Access:
+class PhaseAccess:
     """The per-page arrays a phase must read and write; ``per_set_dirty`` is touched once per
     ``set_dirty`` counted in the phase (legacy's SetPageDirty on zapped/cleared SPTEs)."""
 
@@ -73,18 +73,18 @@ def _all(*names: str) -> tuple[Term, ...]:
 
 
 #: Keyed by phase name; "dirty1" is the first dirty pass (SPTEs still dirty from populate).
-PHASE_ACCESS: dict[str, Access] = {
-    "populate": Access(writes=_all("mem_map.flags", "mem_map.refcount", "mem_map.head", "mem_map.owner",
+PHASE_ACCESS: dict[str, PhaseAccess] = {
+    "populate": PhaseAccess(writes=_all("mem_map.flags", "mem_map.refcount", "mem_map.head", "mem_map.owner",
                                    "mem_map.index", "mem_map.data", "pte.pfn", "pte.flags",
                                    "spte.bits", "spte.pfn", "spte.level")),
-    "enable": Access(writes=_all("dirty_bitmap")),
-    "dirty1": Access(reads=_all("spte.bits", "spte.pfn"), writes=_all("mem_map.data")),
-    "dirty": Access(reads=_all("spte.bits", "spte.pfn"), writes=_all("spte.bits", "mem_map.data", "dirty_bitmap")),
-    "get": Access(reads=_all("dirty_bitmap"), writes=_all("dirty_bitmap")),
-    "clear": Access(reads=_all("dirty_bitmap", "dirty_bitmap", "spte.level", "spte.bits"),
+    "enable": PhaseAccess(writes=_all("dirty_bitmap")),
+    "dirty1": PhaseAccess(reads=_all("spte.bits", "spte.pfn"), writes=_all("mem_map.data")),
+    "dirty": PhaseAccess(reads=_all("spte.bits", "spte.pfn"), writes=_all("spte.bits", "mem_map.data", "dirty_bitmap")),
+    "get": PhaseAccess(reads=_all("dirty_bitmap"), writes=_all("dirty_bitmap")),
+    "clear": PhaseAccess(reads=_all("dirty_bitmap", "dirty_bitmap", "spte.level", "spte.bits"),
                     writes=_all("dirty_bitmap", "spte.bits"),
                     per_set_dirty=("spte.pfn", "mem_map.head", "mem_map.flags", "mem_map.flags")),
-    "disable": Access(reads=(("pte.level", 1 / PAGES_PER_PMD),)),
+    "disable": PhaseAccess(reads=(("pte.level", 1 / PAGES_PER_PMD),)),
 }
 
 

@@ -234,6 +234,20 @@ def _host_at(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return level, pfn
 
 
+def _host_levels_strided(kvm, slot, first: int, count: int, n: int) -> np.ndarray:
+    """:func:`_host_at`'s level at slot-relative ``first + k * n`` for ``k < count``: strided views of
+    the host PTEs when one VMA maps the slot's range, else the gathers of :func:`_host_at`."""
+    h0 = slot.userspace_addr + (first << PAGE_SHIFT)
+    h1 = h0 + (((count - 1) * n + 1) << PAGE_SHIFT)
+    vma = kvm.mm.vma_lookup(h0)
+    if vma is None or vma.end < h1:
+        return _host_at(kvm, slot, first + np.arange(count, dtype=np.int64) * n)[0]
+    i0 = vma.idx(h0)
+    sl = slice(i0, i0 + (count - 1) * n + 1, n)
+    present = ((vma.pte[sl] & _PTE_PRESENT) != 0) & (vma.pte_pfn[sl] >= 0)
+    return np.where(present, vma.pte_level[sl], 1).astype(np.uint8)
+
+
 def _collapsible_regions(kvm, slot, level: int) -> np.ndarray:
     """Slot-relative starts of aligned ``level`` regions mapped by smaller leaves that could be huge
     (``kvm_mmu_max_mapping_level()`` of the region's first gfn is at least ``level``)."""
@@ -246,7 +260,7 @@ def _collapsible_regions(kvm, slot, level: int) -> np.ndarray:
     if ((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n:
         return np.zeros(0, dtype=np.int64)        # the hva is misaligned: lpage_info disallows the level
     # the host level first (one host PTE per region): where the host maps only 4 KiB, no SPTE is read
-    host_level, _ = _host_at(kvm, slot, first + np.arange(count, dtype=np.int64) * n)
+    host_level = _host_levels_strided(kvm, slot, first, count, n)
     cand = np.flatnonzero(host_level >= level)
     found = []
     per = max(1, (1 << 18) // n)                     # regions per step: 1 GiB of entries at a time

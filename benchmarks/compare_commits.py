@@ -142,7 +142,7 @@ def _floor(old_src: pathlib.Path, new_src: pathlib.Path, rounds: int) -> None:
                 tot[tag][0] += cpu
                 tot[tag][1] += floor
                 row.append(f"{cpu:7.4f} s {cpu / floor:8.1f}x")
-            print(f"  {name}{it or '':<10} old {row[0]}  new {row[1]}", flush=True)
+            print(f"  {name + str(it or ''):<14} old {row[0]}  new {row[1]}", flush=True)
         print(f"  {'flow':<14} old {tot['old'][0]:7.4f} s {tot['old'][0] / tot['old'][1]:8.1f}x  "
               f"new {tot['new'][0]:7.4f} s {tot['new'][0] / tot['new'][1]:8.1f}x", flush=True)
 

@@ -186,7 +186,8 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
         sel &= ((slot.base_gfn + lo + np.arange(hi - lo)) % LEAF_PAGES[lvl]) == 0
     n = int(np.count_nonzero(sel))
     pfns = t.pfn[lo:hi] if n == hi - lo else t.pfn[lo:hi][sel]      # every entry: a view, no gather
-    kvm.ops.spte_ad_lost_bulk(kvm, pfns, np.ones(n, bool), np.zeros(n, bool), caller)
+    # every one dirty, none accessed: read-only broadcast masks (no per-page arrays to allocate)
+    kvm.ops.spte_ad_lost_bulk(kvm, pfns, np.broadcast_to(True, (n,)), np.broadcast_to(False, (n,)), caller)
     return True
 
 

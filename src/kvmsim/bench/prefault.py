@@ -60,8 +60,9 @@ def host_prefault_range(kvm, slot, lo: int, hi: int) -> tuple[int, bool]:
         if t is not None:
             sb = t.bits[s0:s0 + i1 - i0]
             present = (sb & _SP) != 0
-            irregular |= present & ((sb & (_SW_ | _SMW)) == 0)       # no fast fix: slow fault
-            need &= ~present
+            if present.any():                                        # else a first touch: no SPTE to test
+                irregular |= present & ((sb & (_SW_ | _SMW)) == 0)   # no fast fix: slow fault
+                need &= ~present
         cut = int(np.argmax(irregular)) if irregular.any() else i1 - i0
         todo = need[:cut]
         if todo.any():

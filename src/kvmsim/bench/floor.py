@@ -140,7 +140,12 @@ def copy_bandwidth(nbytes: int = 1 << 30, rounds: int = 3, *, cpu: bool = False)
 
 
 def copy_bandwidths(nbytes: int = 1 << 30, rounds: int = 3) -> tuple[float, float]:
-    """(wall, CPU) copy bandwidth, each the best of ``rounds`` copies of one pair of arrays."""
+    """(wall, CPU) copy bandwidth, each the best of ``rounds`` copies of one pair of arrays (of at
+    most a quarter of ``MemAvailable`` each, so the measurement never exhausts memory)."""
+    from kvmsim.bench.dirty_log_perf import mem_available
+    avail = mem_available()
+    if avail is not None:
+        nbytes = max(64 << 20, min(nbytes, avail // 4))
     src = np.ones(max(1, nbytes // 8), dtype=np.int64)
     dst = np.empty_like(src)
     np.copyto(dst, src)

@@ -1,7 +1,10 @@
 """Single-page stage-2 faults through the scalar path (``X86Mmu.page_fault``), one call per page.
 
-Target: >= 50,000 faults/s on pages the host already maps (GUP-fast succeeds).  Also measured: the
-first-touch fault, whose GUP slow path runs the host page fault, and the vectorised populate."""
+Target (issue 17): >= 100,000 faults/s on pages the host already maps (GUP-fast succeeds).  Also
+measured: the first-touch fault, whose GUP slow path runs the host page fault, and the vectorised
+populate.  The rates are CPU time of this process (``time.process_time()``, as
+``compare_commits.py`` measures): the development machines are shared, and under load the wall
+clock counts other processes' time too."""
 
 import time
 
@@ -34,13 +37,13 @@ def test_scalar_faults_per_second(benchmark, record, policy, host):
 
     def faults(kvm, v, gpa):
         pf = kvm.arch.page_fault
-        t = time.perf_counter()
+        t = time.process_time()
         for k in range(NPAGES):
             pf(v, gpa + (k << 12), True)
-        rates.append(NPAGES / (time.perf_counter() - t))
+        rates.append(NPAGES / (time.process_time() - t))
         assert kvm.journal.counters["page_fault"] == NPAGES
 
-    benchmark.pedantic(faults, setup=setup, rounds=5, iterations=1)     # best of 5: the machine is noisy
+    benchmark.pedantic(faults, setup=setup, rounds=7, iterations=1)     # best of 7: the machine is noisy
     record(faults_per_second=round(max(rates)), pages=NPAGES)
 
 
@@ -53,9 +56,9 @@ def test_bulk_populate_pages_per_second(benchmark, record, policy):
 
     def populate(kvm, v, gpa):
         from kvmsim.bench.memstress import vcpu_pass
-        t = time.perf_counter()
+        t = time.process_time()
         vcpu_pass(kvm, v, gpa, NPAGES, None, 1)
-        rates.append(NPAGES / (time.perf_counter() - t))
+        rates.append(NPAGES / (time.process_time() - t))
 
     benchmark.pedantic(populate, setup=setup, rounds=3, iterations=1)
     record(pages_per_second=round(max(rates)), pages=NPAGES)

@@ -21,7 +21,7 @@ from kvmsim.backend.base import MappingKind
 from kvmsim.mm.vma import VmaKind
 
 PAGE = 4096
-POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current")
 ARCHES = (("x86", "tdp"), ("x86", "shadow"), ("arm64", "tdp"), ("riscv", "tdp"), ("generic", "tdp"), ("s390", "tdp"),
           ("loongarch", "tdp"), ("mips", "tdp"),
           ("ppc-book3s-hv", "tdp"), ("ppc-book3s-radix", "tdp"), ("ppc-book3s-pr", "tdp"), ("ppc-e500", "tdp"))
@@ -44,6 +44,7 @@ def drivers(draw) -> list[dict]:
             d["pte_write"] = draw(st.sampled_from(["always", "on_write_fault", "never"]))
             d["mixed"] = draw(st.booleans())
             d["free_rule"] = draw(st.sampled_from(["free", "put"]))
+            d["cacheable"] = draw(st.booleans())
         out.append(d)
     return out
 
@@ -99,6 +100,8 @@ def vm_section(draw) -> dict:
         vm["execution"] = "emulated"
     if arch == "arm64" and draw(st.integers(0, 3)) == 0:
         vm["mte"] = True
+    if arch == "arm64" and draw(st.integers(0, 3)) == 0:
+        vm["cacheable_pfnmap_supported"] = False     # no FWB / DIC: v6.17 refuses cacheable PFNMAP
     if arch == "x86" and draw(st.booleans()):       # the x86 MMU knobs (scenarios/ops_reach.py's keys)
         for k in ("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf"):
             if draw(st.booleans()):
@@ -259,7 +262,9 @@ def _op_args(draw, w: _World, op: str) -> dict | None:
     if op == "mte_copy_tags":
         return {"gpa": _gpa(draw, w), "size": draw(st.integers(1, 3)) * PAGE,
                 "direction": draw(st.sampled_from(["to_guest", "from_guest"])), "tag": draw(st.integers(0, 15))}
-    if op in ("fork", "ring_reset", "vm_destroy"):
+    if op == "ring_reset":
+        return {"signal_after": draw(st.integers(0, 3))} if draw(st.integers(0, 2)) == 0 else {}
+    if op in ("fork", "vm_destroy"):
         return {}
     if op in ("migrate", "thp_split", "thp_collapse", "host_read"):
         return _vma_at(draw, w, draw(st.sampled_from(vma_names)))
@@ -400,7 +405,7 @@ def _gmem_args(draw, w: _World, op: str) -> dict:
     are results), their memslots at a fresh GiB, conversions over some pages, punch-holes."""
     size = draw(st.sampled_from([1, 2, 4, 512])) * PAGE
     if op == "gmem_create":
-        return {"size": size, **({"flags": draw(st.sampled_from([0, 2, 4]))} if draw(st.integers(0, 4)) == 0 else {})}
+        return {"size": size, **({"flags": draw(st.sampled_from([0, 1, 2, 3, 4]))} if draw(st.integers(0, 4)) == 0 else {})}
     if op == "gmem_memslot_set":
         a = {"id": draw(st.integers(0, 5)), "gpa": draw(st.integers(0, 6)) * SLOT_STRIDE, "size": size,
              "gmem_offset": draw(st.sampled_from([0, 0, PAGE, 3]))}

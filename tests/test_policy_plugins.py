@@ -236,3 +236,32 @@ def test_a_model_error_from_a_hook_keeps_its_errno_and_names_the_hook(tmp_path):
         pol.gfn_to_page_write(True)
     assert e.value.errno == errno.EFAULT
     assert "hook gfn_to_page_write" in str(e.value)
+
+
+ARCH_OPS_RAISES = """
+    import dataclasses
+    from kvmsim.policies.series import SeriesPolicy
+    from kvmsim.x86.versions import X86_V613
+
+    def prefault(kvm, gfn):
+        return {{}}[gfn]
+
+    X86_MINE = dataclasses.replace(X86_V613, apic_access_page_prefault=prefault)
+
+    class Prefaults(SeriesPolicy):
+        name = "{name}"
+        {body}
+"""
+
+
+@pytest.mark.parametrize("how", ["table", "method"])
+def test_a_raising_callable_in_the_plugins_arch_ops_is_named(tmp_path, how):
+    """The plugin's own namespace, whether named by an ``ARCH_OPS`` table or returned by an ``arch_ops``
+    method: its callables are guarded like hooks, and the error names ``arch_ops(x86).FIELD``."""
+    body = ('ARCH_OPS = {**SeriesPolicy.ARCH_OPS, "x86": __name__ + ":X86_MINE"}' if how == "table" else
+            "def arch_ops(self, arch):\n            return X86_MINE if arch == 'x86' else super().arch_ops(arch)")
+    p = plugin(tmp_path, ARCH_OPS_RAISES.format(name=f"prefaults-{how}", body=body), name=f"prefaults_{how}.py")
+    r = invoke("run", "x86-apic-access-alloc-lazy", "--policy", f"{p}:Prefaults")
+    assert r.exit_code == 1, r.output
+    assert f"hook arch_ops(x86).apic_access_page_prefault raised KeyError" in r.output
+    assert f"{p}:7" in r.output                      # the line of the raising callable

@@ -146,8 +146,9 @@ def run_json(rr) -> dict:
     return d
 
 
-def _runs(pairs, *, show_progress: bool):
-    """Run (scenario, policy) pairs with a progress bar on stderr; returns RunResults."""
+def _runs(pairs, *, show_progress: bool, timelines: list | None = None):
+    """Run (scenario, policy) pairs with a progress bar on stderr; returns RunResults.  With
+    ``timelines`` (a list), each run's ``--html`` timeline data is appended to it, in order."""
     from rich.markup import escape
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -158,7 +159,14 @@ def _runs(pairs, *, show_progress: bool):
                   disable=not show_progress) as progress:
         for sc, policy in pairs:
             task = progress.add_task(escape(safe(f"{sc.name} [{policy}]")), total=len(sc.steps))
-            out.append(run(sc, policy, progress=lambda i, n, t=task: progress.update(t, completed=i)))
+            tick = lambda i, n, t=task: progress.update(t, completed=i)          # noqa: E731
+            if timelines is None:
+                out.append(run(sc, policy, progress=tick))
+            else:
+                from kvmsim.report import run_with_timeline
+                rr, data = run_with_timeline(sc, policy, progress=tick)
+                out.append(rr)
+                timelines.append(data)
             progress.remove_task(task)
     return out
 
@@ -315,12 +323,14 @@ def _print_run(con, rr, *, trace: bool, max_facts: int = 12) -> None:
 
 @cli.command("run")
 @click.argument("scenario")
-@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only", "both", "all"),
+@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current", "both", "all"),
                help="Policy to run under (default: every policy the scenario states).")
 @click.option("--trace", is_flag=True, help="Print each step's references, SPTEs and flags (journal facts).")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per run (a list if several).")
+@click.option("--html", "html_file", type=click.Path(dir_okay=False, writable=True), default=None,
+              help="Also write the run(s) as one self-contained HTML timeline, policies side by side (docs/html.md).")
 @handle_errors
-def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool) -> None:
+def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool, html_file: str | None) -> None:
     """Run a scenario (bundled NAME or FILE) and check it against its stated outcome."""
     from kvmsim.scenarios import load_scenario
     from kvmsim.scenarios.runner import missing_requirement
@@ -331,7 +341,10 @@ def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool) -> No
         if as_json:
             click.echo(json.dumps([]))
         return
-    results = _runs([(sc, p) for p in _policies(sc, policy)], show_progress=sys.stderr.isatty())
+    timelines = [] if html_file else None
+    results = _runs([(sc, p) for p in _policies(sc, policy)], show_progress=sys.stderr.isatty(), timelines=timelines)
+    if html_file:
+        _write_html(html_file, sc, timelines)
     if as_json:
         out = [run_json(r) for r in results]
         click.echo(json.dumps(out[0] if len(out) == 1 else out, indent=2))
@@ -346,12 +359,15 @@ def run_cmd(scenario: str, policy: str | None, trace: bool, as_json: bool) -> No
 # ---- compare -------------------------------------------------------------------------------------------
 
 @cli.command()
-@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only"),
+@policy_option(("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current"),
                help="Also run every scenario under this policy, beside the policies it states (a run "
                     "the scenario states no outcome for always matches unless it fails).")
 @click.option("--json", "as_json", is_flag=True, help="A JSON list with one object per run.")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False), default=None,
+              help="Also write one HTML timeline per scenario (its runs side by side) and an index.html "
+                   "into this directory (docs/html.md).")
 @handle_errors
-def compare(policy: str | None, as_json: bool) -> None:
+def compare(policy: str | None, as_json: bool, html_dir: str | None) -> None:
     """Every bundled scenario under every policy it states: verdict, violations, counters, match.
 
     With --policy, each scenario also runs under that policy (a plugin: your own patch) in the row
@@ -369,7 +385,10 @@ def compare(policy: str | None, as_json: bool) -> None:
         pairs += [(sc, p) for p in sc.policies]
         if policy is not None and policy not in sc.policies:
             pairs.append((sc, policy))
-    results = _runs(pairs, show_progress=sys.stderr.isatty())
+    timelines = [] if html_dir else None
+    results = _runs(pairs, show_progress=sys.stderr.isatty(), timelines=timelines)
+    if html_dir:
+        _write_html_dir(html_dir, pairs, timelines)
     for name, why in skipped:
         click.echo(f"kvmsim: {safe(name)}: skipped: {why}", err=True)
     if as_json:
@@ -399,6 +418,40 @@ def compare(policy: str | None, as_json: bool) -> None:
         sys.exit(EXIT_MISMATCH)
 
 
+def _write_html(path: str, sc, timelines: list) -> None:
+    """``run --html FILE``: the page, or exit status 2 with why it could not be written."""
+    from kvmsim.report import write_html
+    try:
+        size = write_html(path, sc, timelines)
+    except OSError as e:
+        click.echo(f"kvmsim: error: cannot write {safe(path)}: {safe(e.strerror or e)}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(f"kvmsim: wrote {safe(path)} ({size} bytes)", err=True)
+
+
+def _write_html_dir(path: str, pairs, timelines: list) -> None:
+    """``compare --html DIR``: one page per scenario (its runs side by side) and ``index.html``."""
+    from pathlib import Path
+
+    from kvmsim.report import write_html
+    from kvmsim.report.html import render_index
+    by_sc: dict[str, tuple] = {}
+    for (sc, _), data in zip(pairs, timelines):
+        by_sc.setdefault(sc.name, (sc, []))[1].append(data)
+    entries = []
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        for name, (sc, runs) in by_sc.items():
+            fname = re.sub(r"[^A-Za-z0-9._-]", "_", name) + ".html"
+            write_html(Path(path) / fname, sc, runs)
+            entries.append((fname, name, runs))
+        (Path(path) / "index.html").write_text(render_index(entries), encoding="utf-8")
+    except OSError as e:
+        click.echo(f"kvmsim: error: cannot write {safe(path)}: {safe(e.strerror or e)}", err=True)
+        sys.exit(EXIT_BAD_INPUT)
+    click.echo(f"kvmsim: wrote {len(entries)} timeline(s) and index.html to {safe(path)}", err=True)
+
+
 def _print_plugin_summary(con, results, plugin: str) -> None:
     """The invariants ``plugin`` breaks in a scenario where series (else legacy, the scenario's last
     stated policy) does not."""
@@ -421,6 +474,22 @@ def _print_plugin_summary(con, results, plugin: str) -> None:
     con.print(_text((f"{plugin}: breaks where the reference policy does not, in {len(lines)} scenario(s)", "bold")))
     for line in lines:
         con.print(_text(line))
+
+
+@cli.command("policies")
+@click.option("--json", "as_json", is_flag=True, help="A JSON list: name, title, module.")
+@handle_errors
+def policies_cmd(as_json: bool) -> None:
+    """List the shipped policies (the protocols --policy takes), each with the kernel it models."""
+    from kvmsim.policies import shipped_policies
+    rows = [(name, cls.title, cls.__module__) for name, cls in shipped_policies().items()]
+    if as_json:
+        click.echo(json.dumps([{"name": n, "title": t, "module": m} for n, t, m in rows], indent=2))
+        return
+    width = max(len(n) for n, _, _ in rows)
+    for n, t, _ in rows:
+        click.echo(f"{n:<{width}}  {t}")
+    click.echo("or a plugin: path/to/file.py:ClassName or module:ClassName (docs/policies.md)")
 
 
 def main() -> None:

@@ -58,7 +58,7 @@ def bench() -> None:
               help="vCPUs keep dirtying memory while dirty logging is disabled.")
 @click.option("-r", "seed", default=1, show_default=True, type=click.IntRange(1, 2**31 - 1),
               help="Random seed (for -w < 100), positive as the selftest's atoi_positive.")
-@policy_option(("legacy", "series", "both"), default="both", show_default=True,
+@policy_option(("legacy", "series", "current", "both"), default="both", show_default=True,
                help="Policy of the model runs (both: legacy then series).")
 @click.option("--v613-other", is_flag=True,
               help="Also the other 6.13 MMU changes (batched flush, in-place huge page recovery, ...).")
@@ -226,3 +226,121 @@ def _real_ok(check_real, opts, real_errors) -> bool:
         real_errors[opts.vcpu_memory] = str(e)
         return False
 
+
+
+# ---- kvmsim bench replay (kvmsim.bench.replay) --------------------------------------------------------
+
+def _size_opt(ctx, param, value):
+    from kvmsim.bench.memstress import parse_size
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except UsageError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def _int_list(ctx, param, value):
+    try:
+        out = tuple(int(x) for x in str(value).split(","))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected comma-separated integers") from None
+    return out
+
+
+@bench.command("replay")
+@click.argument("name", required=False)
+@click.option("--list", "list_only", is_flag=True, help="List the replays and exit.")
+@click.option("--memory", default="1G", callback=_size_opt, show_default=True, help="Guest RAM ([0-9]+[kmgt]).")
+@click.option("--hot", default="256M", callback=_size_opt, show_default=True,
+              help="The guest's working set (the hot vCPU's region).")
+@click.option("--dirty-rate", default="32M", callback=_size_opt, show_default=True,
+              help="Bytes per second the guest (hot vCPU) dirties.")
+@click.option("--bandwidth", default="128M", callback=_size_opt, show_default=True,
+              help="Link bytes per second (QEMU max-bandwidth default MAX_THROTTLE, 128 MiB/s).")
+@click.option("--downtime-ms", default=300, show_default=True, type=click.IntRange(1),
+              help="QEMU downtime-limit (DEFAULT_MIGRATE_SET_DOWNTIME).")
+@click.option("--max-iterations", default=30, show_default=True, type=click.IntRange(1, 10000),
+              help="Passes before a non-converging migration is stopped.")
+@click.option("--clear-bitmap-shift", default=18, show_default=True, type=int,
+              help="QEMU x-clear-bitmap-shift: KVM_CLEAR_DIRTY_LOG chunk of 2^N pages.")
+@click.option("--ring-entries", default="4096,65536", callback=_int_list, show_default=True,
+              help="qemu-dirty-ring: dirty-ring-size values (entries), comma-separated.")
+@click.option("--epochs", default=5, show_default=True, type=click.IntRange(1, 10000),
+              help="snapshot-chain: diff snapshots after the base.")
+@click.option("--epoch-seconds", default=2.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="snapshot-chain: guest run time per epoch.")
+@click.option("--blobs", default=24, show_default=True, type=click.IntRange(1, 100000),
+              help="virtio-gpu-blobs: map/unmap cycles per backing and arch.")
+@click.option("--arch", "arches", default="x86,arm64,riscv", show_default=True,
+              help="virtio-gpu-blobs: arches, comma-separated.")
+@click.option("--pml/--no-pml", default=True, show_default=True,
+              help="Intel PML (dirty logging clears D bits) or AMD SVM (write-protects: writes fault).")
+@click.option("--seed", default=1, show_default=True, type=click.IntRange(0, 2**32 - 1), help="Random seed.")
+@click.option("--bug", default=None, help="A deliberately broken harvest (the oracle must catch it): "
+              "qemu-precopy send-before-clear|clear-unmasked, ch-precopy clear-after-send, "
+              "snapshot-chain resume-before-reset.")
+@policy_option(("legacy", "series", "both"), default="both", show_default=True,
+               help="Protocol of the runs (both: legacy and series side by side).")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object with every run.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a plot (matplotlib); the extension picks the format (.png, .svg, .pdf).")
+def replay_cmd(name, list_only, memory, hot, dirty_rate, bandwidth, downtime_ms, max_iterations,
+               clear_bitmap_shift, ring_entries, epochs, epoch_seconds, blobs, arches, pml, seed, bug, policy,
+               as_json, plot_path) -> None:
+    """Replay a VMM's real workload on the model: pages lost (must be 0) and over-reported, iterations,
+    faults, TLB flushes, struct-page operations and time, per protocol.  Exit status 1 when a run lost
+    pages, 2 on bad input."""
+    from kvmsim.bench.replay import NAMES, ReplayOptions, replays, run_replay
+    from kvmsim.bench.replay import report as rp
+    if list_only:
+        for r in replays().values():
+            click.echo(f"{r.name:18} {r.summary}")
+        return
+    try:
+        if name is None:
+            raise UsageError(f"name a replay ({', '.join(NAMES)}) or use --list")
+        if name not in NAMES:
+            raise UsageError(f"unknown replay {name!r}; choose one of {', '.join(NAMES)} (or --list)")
+        opts = ReplayOptions(memory, hot, dirty_rate, bandwidth, downtime_ms, max_iterations, clear_bitmap_shift,
+                             ring_entries, epochs, epoch_seconds, blobs, tuple(a.strip() for a in arches.split(",")),
+                             pml, seed, bug)
+        opts.check(name)
+        if plot_path:
+            from kvmsim.bench.report import check_plot_path
+            check_plot_path(plot_path)
+        policies = ["legacy", "series"] if policy == "both" else [policy]
+        results = []
+        for p in policies:
+            results += run_replay(name, opts, p)
+    except KeyboardInterrupt:
+        click.echo(f"\nkvmsim bench replay {name}: interrupted", err=True)
+        sys.exit(130)
+    except KvmsimError as e:
+        if as_json:
+            click.echo(json.dumps({"error": str(e)}))
+        else:
+            click.echo(f"kvmsim bench replay: {e}", err=True)
+        sys.exit(2)
+    lost = sum(r.pages_lost for r in results)
+    if as_json:
+        from dataclasses import asdict
+        click.echo(json.dumps(rp.to_json(name, results, asdict(opts)), indent=1))
+    else:
+        from kvmsim.console import make_console
+        console = make_console()
+        for line in rp.header_lines(name, replays()[name].summary, results):
+            console.print(line, highlight=False, soft_wrap=True)
+        console.print(rp.table(name, results))
+        if lost:
+            console.print(f"[red]LOST WRITES: {lost:,} page(s) written by the guest were never reported[/red]")
+        elif name != "virtio-gpu-blobs":
+            console.print("pages lost: 0 in every run (the oracle checked every page the guest wrote)")
+    if plot_path:
+        try:
+            rp.plot(name, results, plot_path)
+        except (UsageError, OSError, ValueError) as e:
+            click.echo(f"kvmsim bench replay: --plot {plot_path}: {e}", err=True)
+            sys.exit(2)
+    if lost:
+        sys.exit(1)

@@ -56,7 +56,9 @@ def conform_cmd(as_json: bool, group: set[str]) -> None:
             click.echo(msg, err=True)
         sys.exit(2)
     cases = [c for c in CASES if not group or c.group in group]
-    model = model_backend(real.policy if real.policy in ("legacy", "series") else "series")
+    from kvmsim.backend.conformance import host_protocol
+    protocol = host_protocol(platform.release())
+    model = model_backend(protocol)
     caps = getattr(real, "capabilities", lambda: {})()
     console = make_console(stderr=as_json)
     try:
@@ -71,13 +73,14 @@ def conform_cmd(as_json: bool, group: set[str]) -> None:
     bad = [r for r in ran if not r.agree]
     if as_json:
         click.echo(json.dumps({
-            "host": platform.release(), "policy": real.policy, "capabilities": caps,
+            "host": platform.release(), "policy": real.policy, "protocol": protocol, "capabilities": caps,
             "cases": len(rows), "agree": len(ran) - len(bad), "disagree": len(bad),
             "rows": [{"case": r.case, "group": r.group, "model": json_value(r.results[model.name]),
                       "real": json_value(r.results[real.name]), "agree": r.agree} for r in rows],
         }, default=str))
     else:
-        console.print(f"host kernel {platform.release()}, policy {real.policy} (from the kernel version; "
+        console.print(f"host kernel {platform.release()}: the model runs protocol {protocol} (>= 6.14 current, "
+                      f"6.13 series, <= 6.12 legacy); refcounting policy {real.policy} (from the kernel version; "
                       "the series added no capability to probe)")
         if caps:
             console.print("capabilities: " + ", ".join(f"{k}={v}" for k, v in caps.items()))

@@ -51,7 +51,7 @@ def _list_races(as_json: bool) -> None:
                                "--max-schedules with no violation found, 2 bad input.")
 @click.argument("name", required=False)
 @click.option("--list", "list_races", is_flag=True, help="list the races (with a line each) and exit")
-@policy_option(("legacy", "series", "series-rc1", "both"), default="both", show_default=True,
+@policy_option(("legacy", "series", "series-rc1", "current", "both"), default="both", show_default=True,
                help="Policy to explore under (both: legacy then series).")
 @click.option("--bound", type=click.IntRange(min=0), default=2, show_default=True, help="preemption bound (DFS)")
 @click.option("--max-schedules", type=click.IntRange(min=1), default=MAX_SCHEDULES, show_default=True,

@@ -18,6 +18,6 @@ def real():
 
 @pytest.fixture
 def model():
-    b = model_backend("series")
+    b = model_backend()          # the host's protocol (conformance.host_protocol)
     yield b
     b.close()

@@ -22,7 +22,7 @@ def test_model_runs_case(case, model):
 @pytest.mark.kvm
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_model_agrees_with_real_kvm(case, real):
-    model = model_backend("series")
+    model = model_backend()                    # the host's own protocol (conformance.host_protocol)
     got_real = run_case(case, real)
     if isinstance(got_real, str) and got_real.startswith("skip:"):
         pytest.skip(got_real)

@@ -36,7 +36,10 @@ def _real():
 
 
 class Lockstep(RuleBasedStateMachine):
-    """Two backends, one sequence; ``second()`` names the backend compared with model-series."""
+    """Two backends, one sequence; ``second()`` names the backend compared with the model under ``FIRST``
+    (None: the host's own protocol, ``conformance.host_protocol()``)."""
+
+    FIRST: str | None = None
 
     @staticmethod
     def second():
@@ -44,7 +47,7 @@ class Lockstep(RuleBasedStateMachine):
 
     @initialize(kind=backend_mapping_kinds, manual=st.booleans())
     def setup(self, kind, manual):
-        self.backends = [model_backend("series"), self.second()]
+        self.backends = [model_backend(self.FIRST), self.second()]
         self.kind = kind
         self.manual = manual
         self.live = True
@@ -124,6 +127,8 @@ class Lockstep(RuleBasedStateMachine):
 
 class PolicyAgreement(Lockstep):
     """Model-series against model-legacy: the same guest- and host-visible results."""
+
+    FIRST = "series"
 
     @staticmethod
     def second():

@@ -185,7 +185,7 @@ def test_rc1_every_shadow_map_warns_and_fails():
     c = kvm.journal.counters
     assert c["WARN_ON:__kvm_faultin_pfn"] == 1 and c["kvm_err:real page not found"] == 1
     assert c["hva_to_pfn"] == 0 and c["spte_write"] == 0 and kvm.host_refs == {}
-    assert not kvm.arch.gtlb[(1, 0)].ref.flags & E500_TLB.VALID
+    assert not kvm.arch.gtlb(vcpu)[(1, 0)].ref.flags & E500_TLB.VALID
     acc = vcpu.write(PAGE * 2, 5)
     assert acc.exit == Exit.LIVELOCK and c["WARN_ON:__kvm_faultin_pfn"] > 1
     assert check_all(kvm) == []
@@ -262,7 +262,7 @@ def test_series_maps_read_only_when_the_host_pte_is_not_writable():
     kvm.ops = dataclasses.replace(kvm.ops, arch_ops=dataclasses.replace(kvm.ops.arch_ops, faultin=read_only))
     assert _tlbwe(kvm, vcpu) == 0
     assert kvm.journal.counters["set_dirty:kvm_release_faultin_page"] == 0
-    g = kvm.arch.gtlb[(0, 0)]
+    g = kvm.arch.gtlb(vcpu)[(0, 0)]
     assert not g.ref.flags & E500_TLB.WRITABLE and not {lf.gfn: lf for lf in kvm.arch.leaves()}[0].writable
 
 
@@ -282,7 +282,7 @@ def test_hugetlb_tlb1_entry_maps_a_large_shadow_entry(policy):
     _, kvm, _, vcpu = make_vm(policy, arch="ppc-e500", size=2 << 20, kind=VmaKind.HUGETLB, page_size=2 << 20)
     assert _tlbwe(kvm, vcpu, tlbsel=1, esel=0, gpa=0, tsize=10) == 0          # 1M
     leaves = list(kvm.arch.leaves())
-    assert len(leaves) == 256 and kvm.arch.gtlb[(1, 0)].ref.flags & E500_TLB.BITMAP
+    assert len(leaves) == 256 and kvm.arch.gtlb(vcpu)[(1, 0)].ref.flags & E500_TLB.BITMAP
 
 
 def test_an_invalidation_drops_every_shadow_entry_and_releases_no_page():
@@ -293,5 +293,22 @@ def test_an_invalidation_drops_every_shadow_entry_and_releases_no_page():
     marks = _marks(kvm)
     host.mm.madvise(vma.start, PAGE, "DONTNEED")
     assert list(kvm.arch.leaves()) == [] and _marks(kvm) == marks
-    assert not any(g.ref.flags for g in kvm.arch.gtlb.values())
+    assert not any(g.ref.flags for g in kvm.arch.gtlb(vcpu).values())
     assert vcpu.read(PAGE).ok and len(list(kvm.arch.leaves())) == 1
+
+
+def test_the_guest_tlb_is_per_vcpu_and_a_flush_clears_every_vcpus_references():
+    """``vcpu_e500->gtlb_arch`` is per vCPU: vCPU 1 does not see vCPU 0's TLB1 entry (its access misses
+    and its own handler writes a TLB0 entry), and ``kvmppc_core_flush_tlb()`` on an invalidation clears
+    the references of both."""
+    host, kvm, vma, vcpu0 = make_vm("series", arch="ppc-e500", pages=4)
+    vcpu1 = kvm.create_vcpu()
+    assert _tlbwe(kvm, vcpu0, tlbsel=1, esel=0, gpa=0, tsize=4) == 0                # 16K on vCPU 0
+    assert set(kvm.arch.gtlb(vcpu0)) == {(1, 0)} and kvm.arch.gtlb(vcpu1) == {}
+    tlbwe_before = kvm.journal.counters["tlbwe"]
+    assert vcpu1.write(PAGE, 7).ok
+    assert kvm.journal.counters["tlbwe"] == tlbwe_before + 1                          # vCPU 1's own miss
+    assert set(kvm.arch.gtlb(vcpu1)) == {(0, 1)} and set(kvm.arch.gtlb(vcpu0)) == {(1, 0)}
+    host.mm.madvise(vma.start, 4 * PAGE, "DONTNEED")
+    assert not any(g.ref.flags for v in (vcpu0, vcpu1) for g in kvm.arch.gtlb(v).values())
+    assert list(kvm.arch.leaves()) == []

@@ -14,7 +14,7 @@ INT_OR_NONE = (int, type(None))
 STR_OR_NONE = (str, type(None))
 RUN_SCHEMA = {
     "scenario": str,
-    "policy": ("legacy", "series", "pre-5.13", "series-rc1", "series-only"),
+    "policy": ("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current"),
     "verdict": ("clean", "violations", "error"),
     "violations": [{"invariant": str, "step": INT_OR_NONE, "pfn": INT_OR_NONE, "gfn": INT_OR_NONE, "detail": str}],
     "steps": [{"op": str, "result": str, "errno": STR_OR_NONE, "value": (int, str, type(None))}],

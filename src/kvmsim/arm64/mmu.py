@@ -100,6 +100,8 @@ class Arm64PageFault(KvmPageFault):
     map_gfn: int = 0
     mte_allowed: bool = False
     fault_granule: int = PAGE_SIZE
+    vm_pfnmap: bool = False             # vma->vm_flags & (VM_PFNMAP | VM_MIXEDMAP)
+    vma_cacheable: bool = True          # kvm_vma_is_cacheable(vma) (kvmsim.arm64.pfnmap)
 
 
 def fault_supports_stage2_huge_mapping(slot, hva: int, map_size: int) -> bool:
@@ -163,8 +165,11 @@ class Arm64Mmu(GenericStage2):
 
     name = "arm64"
 
-    def __init__(self, kvm, *, ipa_bits: int = 40, **opts):
+    def __init__(self, kvm, *, ipa_bits: int = 40, cacheable_pfnmap_supported: bool = True, **opts):
         super().__init__(kvm, **opts)
+        #: ``kvm_supports_cacheable_pfnmap()``: the CPUs have stage-2 FWB and DIC (v6.17's
+        #: KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED; :mod:`kvmsim.arm64.pfnmap`).
+        self.cacheable_pfnmap_supported = cacheable_pfnmap_supported
         if not 32 <= ipa_bits <= 52:
             raise UsageError(f"ipa_bits must be in [32, 52] (KVM_VM_TYPE_ARM_IPA_SIZE), not {ipa_bits}")
         #: The VM's IPA size: ``kvm_phys_size(&kvm->arch.mmu)`` is ``1 << ipa_bits``; a VM type of 0
@@ -199,6 +204,9 @@ class Arm64Mmu(GenericStage2):
             if vma.flags & VM.PFNMAP and new.logging:
                 raise ModelError(errno.EINVAL, f"slot {new.id}: IO region dirty page logging not allowed "
                                                f"(VM_PFNMAP VMA at {vma.start:#x})")
+            slot_check = self.kvm.ops.arch_ops.pfnmap_slot_check
+            if slot_check is not None:
+                slot_check(self.kvm, new, vma)
 
     # ---- kvm_handle_guest_abort ------------------------------------------------------------------
     @kpath
@@ -253,6 +261,7 @@ class Arm64Mmu(GenericStage2):
         ``fault_supports_stage2_huge_mapping()`` accepts (a PAGE_SIZE cut sets ``force_pte``); a block
         aligns ``fault_ipa`` and ``ipa`` (so ``gfn``) down to its start; ``kvm_vma_mte_allowed()``."""
         from kvmsim.arm64.mte import kvm_vma_mte_allowed
+        from kvmsim.arm64.pfnmap import kvm_vma_is_cacheable
         slot, hva = fault.slot, fault.hva
         if memslot_is_logging(slot):
             fault.force_pte, shift = True, PAGE_SHIFT
@@ -268,6 +277,8 @@ class Arm64Mmu(GenericStage2):
             fault.gfn = fault.gfn // n * n
         fault.map_gfn = fault.gfn
         fault.mte_allowed = kvm_vma_mte_allowed(vma)
+        fault.vm_pfnmap = bool(vma.flags & (VM.PFNMAP | VM.MIXEDMAP))
+        fault.vma_cacheable = kvm_vma_is_cacheable(vma)
 
     def transparent_hugepage_adjust(self, fault: Arm64PageFault) -> int:
         """Mirrors ``transparent_hugepage_adjust()`` (v6.12 and v6.13): if a PMD block fits the memslot
@@ -313,7 +324,11 @@ class Arm64Mmu(GenericStage2):
         ``kvm_pgtable_stage2_map()``."""
         from kvmsim.arm64.mte import sanitise_mte_tags
         kvm = self.kvm
-        device = not kvm.phys.pfn_valid(fault.pfn)
+        device = kvm.ops.arch_ops.s2_noncacheable(kvm, fault)
+        if device:
+            kvm.journal.count("s2_noncacheable")
+        elif not kvm.phys.pfn_valid(fault.pfn):
+            kvm.journal.count("s2_cacheable_pfnmap")        # v6.17: cacheable stage 2 for a non-memmap pfn
         size = fault.vma_pagesize
         ret = 0
         if size == PAGE_SIZE and not (fault.force_pte or device):
@@ -341,6 +356,13 @@ class Arm64Mmu(GenericStage2):
     def fault_unused(self, fault: KvmPageFault) -> bool:
         """``kvm_release_faultin_page(kvm, page, !!ret, writable)``."""
         return fault.ret != 0
+
+    def fault_before_lock(self, fault: Arm64PageFault) -> int | None:
+        """``user_mem_abort()`` between ``__kvm_faultin_pfn()`` and ``kvm_fault_lock()``: the resolved
+        ``kvm.ops.arch_ops.pfnmap_fault_check`` (v6.17: -EFAULT for a cacheable PFNMAP the host cannot map
+        cacheable; :mod:`kvmsim.arm64.pfnmap`), or None."""
+        check = self.kvm.ops.arch_ops.pfnmap_fault_check
+        return None if check is None else check(self.kvm, fault)
 
     def fault_after_unlock(self, fault: KvmPageFault) -> None:
         """``if (writable && !ret) mark_page_dirty_in_slot()`` after ``read_unlock()`` (both versions)."""

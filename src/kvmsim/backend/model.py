@@ -89,8 +89,9 @@ class ModelBackend:
         from kvmsim.kvm.kvm import Kvm
         if self.kvm is not None:
             self.kvm.destroy()
+        # KVM_CREATE_VM(0), as the real backend does: KVM_X86_DEFAULT_VM has no private memory
         self.kvm = Kvm(self.host, policy=self.policy, arch=self.arch, execution=self.execution,
-                       **self._kvm_options())
+                       **{"has_private_mem": False, **self._kvm_options()})
         try:
             if options.dirty_ring_entries:
                 enable_dirty_ring(self.kvm, options.dirty_ring_entries * 16)
@@ -181,8 +182,8 @@ class ModelBackend:
                     return MapOutcome(errno.EBADF)
                 if not g.flags & GuestMemfdFlags.GUEST_MEMFD_FLAG_MMAP:
                     return MapOutcome(errno.ENODEV)
-                if g.flags & GuestMemfdFlags.GUEST_MEMFD_FLAG_INIT_SHARED:
-                    vma = mm.mmap(size, VmaKind.MEMFD, addr=addr)
+                if g.flags & GuestMemfdFlags.GUEST_MEMFD_FLAG_INIT_SHARED:   # the file's own folios
+                    vma = mm.mmap(size, VmaKind.MEMFD, addr=addr, mapping=g.host_address_space(mm))
                 else:                                   # private by default: host faults SIGBUS
                     drv = self.host.add_driver(f"gmem{gmem.id}", size // PAGE_SIZE, "normal", mixed=True,
                                                prefault=False)

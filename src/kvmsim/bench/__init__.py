@@ -6,7 +6,9 @@
 * :mod:`kvmsim.bench.memstress`: memslots, vCPU regions and the guest's dirtying pass;
 * :mod:`kvmsim.bench.dirty_log_perf`: the dirty_log_perf_test flow, phase timings and cost counters;
 * :mod:`kvmsim.bench.real`: the same flow on the real ``/dev/kvm`` through the Backend protocol;
-* :mod:`kvmsim.bench.report`: the printed lines, rich tables, JSON and the plot.
+* :mod:`kvmsim.bench.report`: the printed lines, rich tables, JSON and the plot;
+* :mod:`kvmsim.bench.replay`: real VMM workloads (QEMU, Cloud Hypervisor, Firecracker, virtio-gpu blobs)
+  on the same model paths, with a lost-write oracle (``kvmsim bench replay NAME``).
 
 Benchmarks run with ``Host(recording=False)``: counters only, no per-event facts.
 """

@@ -1,6 +1,8 @@
 """Dirty tracking: ``mark_page_dirty_in_slot``, KVM_GET_DIRTY_LOG, KVM_CLEAR_DIRTY_LOG and the dirty ring
-(virt/kvm/kvm_main.c, virt/kvm/dirty_ring.c).  Identical in both protocols; the arch re-arms
-tracking through ``enable_log_dirty_pt_masked``.
+(virt/kvm/kvm_main.c, virt/kvm/dirty_ring.c).  Identical in v6.12 and v6.13; the arch re-arms
+tracking through ``enable_log_dirty_pt_masked``.  The ring reset is the protocol's
+(``kvm.ops.dirty_ring_reset``): v6.17 bounded it and made it stop on a pending signal
+(:func:`kvm_dirty_ring_reset_v617`, policy ``current``).
 """
 
 from __future__ import annotations
@@ -160,22 +162,139 @@ def kvm_dirty_ring_harvest(kvm, vcpu) -> list[tuple[int, int]]:
     return list(entries)
 
 
-def kvm_reset_dirty_rings(kvm) -> int:
-    """``KVM_RESET_DIRTY_RINGS``: re-arm the harvested entries; returns how many were reset."""
+#: ``INT_MAX``: the most entries one KVM_RESET_DIRTY_RINGS resets (v6.17, "KVM: Bound the number of dirty
+#: ring entries in a single reset at INT_MAX", 530a8ba71b4c).
+INT_MAX = (1 << 31) - 1
+#: ``BITS_PER_LONG``: how far apart two gfns of one slot may be to share one ``kvm_reset_dirty_gfn()``.
+BITS_PER_LONG = 64
+
+
+def kvm_reset_dirty_gfn(kvm, slot_id: int, offset: int, mask: int) -> None:
+    """Mirrors ``kvm_reset_dirty_gfn()`` (virt/kvm/dirty_ring.c): re-arm dirty tracking for the gfns of
+    ``mask`` (relative to ``offset``) in one ``mmu_lock`` hold; a slot that is gone or too small is skipped."""
+    as_id, sid = slot_id >> 16, slot_id & 0xFFFF
+    if as_id >= kvm.nr_memslot_as_ids or sid >= KVM_USER_MEM_SLOTS:
+        return
+    slot = kvm.memslots[as_id].by_id.get(sid)
+    if slot is None or offset + mask.bit_length() - 1 >= slot.npages:
+        return
+    bits = np.array([(mask >> i) & 1 for i in range(mask.bit_length())], dtype=bool)
+    kvm.journal.count("kvm_reset_dirty_gfn")
+    kvm.mmu_lock.write_lock()
+    kvm.arch.enable_log_dirty_pt_masked(slot, offset, bits)
+    kvm.mmu_lock.write_unlock()
+
+
+def _coalesce(cur_slot: int, cur_offset: int, mask: int, next_slot: int, next_offset: int):
+    """The batching step of ``kvm_dirty_ring_reset()``: the new ``(offset, mask)`` if the next entry joins
+    the current batch (same slot, within ``BITS_PER_LONG`` gfns either way), else None."""
+    if next_slot != cur_slot:
+        return None
+    delta = next_offset - cur_offset
+    if 0 <= delta < BITS_PER_LONG:
+        return cur_offset, mask | (1 << delta)
+    if -BITS_PER_LONG < delta < 0 and (mask << -delta) < (1 << BITS_PER_LONG):
+        return next_offset, (mask << -delta) | 1
+    return None
+
+
+class _ResetIndex:
+    """A vCPU ring's ``reset_index`` walk: the harvested entries (``kvm_dirty_gfn_harvested()``) in order;
+    :meth:`done` drops the consumed ones from the model's list in one go."""
+
+    def __init__(self, vcpu):
+        self.vcpu, self.i = vcpu, 0
+
+    def next(self):
+        """The next harvested entry, consumed (flags cleared, ``reset_index++``), or None."""
+        if self.i >= self.vcpu.dirty_ring_harvested:
+            return None
+        self.i += 1
+        return self.vcpu.dirty_ring[self.i - 1]
+
+    def done(self) -> None:
+        del self.vcpu.dirty_ring[:self.i]
+        self.vcpu.dirty_ring_harvested -= self.i
+
+
+def kvm_dirty_ring_reset_v612(kvm, vcpu, nr_entries_reset: list[int], signal_pending) -> int:
+    """Mirrors ``kvm_dirty_ring_reset()`` (virt/kvm/dirty_ring.c, v6.12 .. v6.16): every harvested entry,
+    however many, coalesced into ``kvm_reset_dirty_gfn()`` batches; a pending signal is not looked at.
+    Adds the entries reset to ``nr_entries_reset[0]`` (v6.12 returned the count); returns 0."""
+    cur = None
+    ring = _ResetIndex(vcpu)
+    while (e := ring.next()) is not None:
+        nr_entries_reset[0] += 1
+        if cur is not None:
+            joined = _coalesce(cur[0], cur[1], cur[2], e[0], e[1])
+            if joined is not None:
+                cur = (cur[0], *joined)
+                continue
+            kvm_reset_dirty_gfn(kvm, *cur)
+        cur = (e[0], e[1], 1)
+    ring.done()
+    if cur is not None:
+        kvm_reset_dirty_gfn(kvm, *cur)
+    return 0
+
+
+def kvm_dirty_ring_reset_v617(kvm, vcpu, nr_entries_reset: list[int], signal_pending) -> int:
+    """Mirrors ``kvm_dirty_ring_reset()`` (virt/kvm/dirty_ring.c, v6.17 .. v6.18): at most ``INT_MAX``
+    entries per ioctl ("KVM: Bound the number of dirty ring entries in a single reset at INT_MAX",
+    530a8ba71b4c) and -EINTR when ``signal_pending(current)`` at the top of an iteration ("KVM: Bail from
+    the dirty ring reset flow if a signal is pending", 49005a2a3d2a), batches tracked by ``mask`` ("KVM:
+    Use mask of harvested dirty ring entries to coalesce dirty ring resets", e46ad851150f).
+
+    The -EINTR return leaves the loop before the pending batch's ``kvm_reset_dirty_gfn()``: those entries
+    are consumed (and counted) but their gfns are not write-protected again."""
+    cur_slot = cur_offset = mask = 0
+    ring = _ResetIndex(vcpu)
+    while nr_entries_reset[0] < INT_MAX:
+        if signal_pending(nr_entries_reset[0]):
+            kvm.journal.count("dirty_ring_reset_eintr")
+            if mask:
+                kvm.journal.fact("dirty_ring_reset_pending_dropped", kvm=True,
+                                 caller="kvm_dirty_ring_reset",
+                                 detail=f"-EINTR: slot {cur_slot:#x} offset {cur_offset:#x} mask {mask:#x} "
+                                        "consumed, not re-protected")
+            ring.done()
+            return -errno.EINTR
+        e = ring.next()
+        if e is None:
+            break
+        next_slot, next_offset = e
+        nr_entries_reset[0] += 1
+        if mask:
+            joined = _coalesce(cur_slot, cur_offset, mask, next_slot, next_offset)
+            if joined is not None:
+                cur_offset, mask = joined
+                continue
+            kvm_reset_dirty_gfn(kvm, cur_slot, cur_offset, mask)
+        cur_slot, cur_offset, mask = next_slot, next_offset, 1
+    ring.done()
+    if mask:
+        kvm_reset_dirty_gfn(kvm, cur_slot, cur_offset, mask)
+    return 0
+
+
+def kvm_reset_dirty_rings(kvm, signal_after: int | None = None) -> int:
+    """Mirrors ``kvm_vm_ioctl_reset_dirty_pages()`` (KVM_RESET_DIRTY_RINGS, virt/kvm/kvm_main.c): each
+    vCPU's ring through the protocol's ``kvm_dirty_ring_reset()`` (``kvm.ops.dirty_ring_reset``), stopping at
+    the first error; one TLB flush if anything was reset; returns the number of entries reset (an -EINTR
+    from the ring is not returned: the ioctl returns the count so far).
+
+    ``signal_after``: a signal becomes pending once that many entries have been reset in this call (the
+    model's stand-in for a signal delivered during the ioctl); None, never."""
     if not kvm.dirty_ring_size:
         raise ModelError(errno.EINVAL, "no dirty ring")
-    total = 0
-    kvm.mmu_lock.write_lock()
+
+    def signal_pending(done: int) -> bool:
+        return signal_after is not None and done >= signal_after
+
+    cleared = [0]
     for vcpu in kvm.vcpus:
-        done = vcpu.dirty_ring[:vcpu.dirty_ring_harvested]
-        for slot_id, off in done:
-            slot = kvm.memslots[slot_id >> 16].by_id.get(slot_id & 0xFFFF)
-            if slot is not None:
-                kvm.arch.enable_log_dirty_pt_masked(slot, off, np.ones(1, dtype=bool))
-        total += len(done)
-        del vcpu.dirty_ring[:vcpu.dirty_ring_harvested]
-        vcpu.dirty_ring_harvested = 0
-    kvm.mmu_lock.write_unlock()
-    if total:
+        if kvm.ops.dirty_ring_reset(kvm, vcpu, cleared, signal_pending):
+            break
+    if cleared[0]:
         kvm.flush_remote_tlbs("reset_dirty_rings")
-    return total
+    return cleared[0]

@@ -26,10 +26,12 @@ supplies the hooks (class attributes and methods of its MMU):
   for TLB1 over VM_PFNMAP, v6.13-rc1 calls it with a NULL ``writable``: the resolved
   ``kvm.ops.arch_ops.faultin``);
 * ``fault_before_lock(fault)`` (None: nothing): what the arch does between the faultin and taking
-  ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``);
+  ``mmu_lock`` (Book3S PR's PTE flags, ``mark_page_dirty()`` and ``kvmppc_mmu_hpte_cache_next()``); an
+  errno it returns ends the fault with the page released unused (arm64 v6.17's cacheable-PFNMAP refusal);
 * x86 only (the one arch with private memory): ``fault_private_mismatch(fault)``, the private vs shared
   check of ``kvm_mmu_faultin_pfn()``, and ``fault_faultin_private(fault)``, ``kvm_mmu_faultin_pfn_private()``
-  (the pfn from guest_memfd), called only on a VM with memory attributes or a private fault
+  (the pfn from guest_memfd), called only on a VM with memory attributes, a private fault or (v6.18) a
+  "gmem only" memslot
   (:mod:`kvmsim.x86.private_mem`).
 
 The legacy / series difference is not here: the VM's ``kvm.ops`` (:func:`kvmsim.policies.resolve`,
@@ -217,7 +219,7 @@ def kvm_faultin_pfn(mmu, fault: KvmPageFault) -> int | None:
     if nowait and kvm.mmu_invalidate_retry_gfn_unsafe(fault.mmu_seq, gfn):
         kvm.journal.count("fault_retry")
         return FaultRet.RETRY
-    if fault.is_private:
+    if fault.is_private or (slot is not None and slot.gmem_only):          # v6.18 fault_from_gmem(): shared gfns of a gmem-only slot too
         return mmu.fault_faultin_private(fault)      # x86 kvm_mmu_faultin_pfn_private(): guest_memfd
     lookup = mmu.fault_pfn_lookup
     if lookup is not None:                 # the arch's own lookup (PPC e500, Book3S PR)
@@ -276,8 +278,14 @@ def kvm_stage2_fault(mmu, fault: KvmPageFault) -> Steps:
         journal.count("fault_retry")
         return FaultRet.RETRY
     before_lock = mmu.fault_before_lock
-    if before_lock is not None:
-        before_lock(fault)
+    if before_lock is not None and (r := before_lock(fault)) is not None:
+        journal.releasing += 1                      # an arch's error before the lock: the page goes unused
+        try:
+            ops.release_faultin(kvm, fault.pfn, fault.kfp, unused=True, dirty=False, caller="kvm_faultin_pfn",
+                                gfn=fault.gfn)
+        finally:
+            journal.releasing -= 1
+        return r
     lock = kvm.mmu_lock
     yield from (lock.read_lock if read else lock.write_lock).steps()
     if (mmu.fault_stale_invalid_slot and fault.slot.invalid) or \

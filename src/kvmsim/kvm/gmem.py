@@ -1,5 +1,14 @@
-"""guest_memfd (virt/kvm/guest_memfd.c, Linux v6.12 and v6.13): private memory that is not mapped into
-the VMM.
+"""guest_memfd (virt/kvm/guest_memfd.c, Linux v6.12, v6.13 and v6.18): private memory that is not mapped
+into the VMM -- and, since v6.18, memory the VMM may mmap() (GUEST_MEMFD_FLAG_MMAP) and that serves a
+memslot's shared faults too.
+
+The flags KVM_CREATE_GUEST_MEMFD accepts are the protocol's (``kvm.ops.gmem_supported_flags``): none
+before v6.18; MMAP and, on a VM without private memory, INIT_SHARED in v6.18 ("KVM: Allow and advertise
+support for host mmap() on guest_memfd files", 3d3a04fad25a; "KVM: guest_memfd: Add INIT_SHARED flag,
+reject user page faults if not set", fe2bf6234e94).  A memslot bound to an mmap-able file is "gmem only"
+(``KVM_MEMSLOT_GMEM_ONLY``, "KVM: guest_memfd: Track guest_memfd mmap support in memslot", 576d035e2aef):
+x86 then faults shared gfns in from the file as well ("KVM: x86/mmu: Handle guest page faults for
+guest_memfd with shared memory", f029f04ddbec; :func:`kvmsim.kvm.fault.kvm_faultin_pfn`).
 
 A :class:`GuestMemfd` is the file (its page cache of order-0 folios, ``kvm_gmem_get_folio()``'s "TODO:
 Support huge pages") and its bindings, the memslots that map a range of it (``kvm_gmem_bind()``,
@@ -28,7 +37,7 @@ import numpy as np
 from kvmsim.errors import EHWPOISON, ModelError
 from kvmsim.kvm.pfn import Hold, KvmFollowPfn, kvm_acquired
 from kvmsim.types import PAGE_SHIFT, PAGE_SIZE
-from kvmsim.uapi import GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP
+from kvmsim.uapi import GUEST_MEMFD_FLAG_MMAP
 
 #: ``FALLOC_FL_KEEP_SIZE`` and ``FALLOC_FL_PUNCH_HOLE`` (include/uapi/linux/falloc.h).
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -40,8 +49,10 @@ class GuestMemfd:
     bound to it."""
 
     def __init__(self, kvm, size: int, flags: int = 0):
-        if flags & ~(GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED):
-            raise ModelError(errno.EINVAL, f"KVM_CREATE_GUEST_MEMFD: unknown flags {flags:#x}")
+        supported = kvm.ops.gmem_supported_flags(kvm)      # kvm_gmem_get_supported_flags()
+        if flags & ~supported:
+            raise ModelError(errno.EINVAL, f"KVM_CREATE_GUEST_MEMFD: flags {flags:#x} not supported "
+                                           f"(this kernel accepts {supported:#x})")
         if size <= 0 or size % 4096:
             raise ModelError(errno.EINVAL, f"KVM_CREATE_GUEST_MEMFD: size {size:#x} not page aligned")
         self.kvm = kvm
@@ -58,6 +69,17 @@ class GuestMemfd:
             if slot.gmem_pgoff <= index < slot.gmem_pgoff + slot.npages:
                 return slot
         return None
+
+    def host_address_space(self, mm):
+        """v6.18 ``kvm_gmem_mmap()`` / ``kvm_gmem_fault_user_mapping()``: the file's page cache as the
+        ``address_space`` a host VMA maps (the same folios ``kvm_gmem_get_pfn()`` returns), made on first use."""
+        asp = getattr(self, "_host_asp", None)
+        if asp is None:
+            from kvmsim.mm.vma import AddressSpace
+            asp = AddressSpace(f"guest_memfd@{self.owner_id}", self.npages, pages=self.pages)
+            asp.owner_id = self.owner_id
+            self._host_asp = asp
+        return asp
 
     @staticmethod
     def folio_order(index: int) -> int:
@@ -86,6 +108,7 @@ def kvm_gmem_bind(kvm, slot, gmem: GuestMemfd | None, offset: int) -> None:
                                            f"memslot {other.id}'s binding")
     slot.gmem_file = gmem
     slot.gmem_pgoff = start
+    slot.gmem_only = bool(gmem.flags & GUEST_MEMFD_FLAG_MMAP)     # v6.18 KVM_MEMSLOT_GMEM_ONLY
     gmem.bindings.append(slot)
 
 

@@ -41,6 +41,7 @@ class MmuLock:
         self.sched = sched
         self.writer: str | None = None
         self.readers: list[str] = []
+        self._acquired = (f"write_lock({name}) acquired", f"read_lock({name}) acquired")   # the step labels
 
     def held(self, thread: str | None = None) -> bool:
         t = thread or self.sched.active
@@ -51,14 +52,14 @@ class MmuLock:
         while self.writer is not None or self.readers:
             yield Wait(f"write_lock({self.name})", lambda: self.writer is None and not self.readers)
         self.writer = self.sched.active
-        yield f"write_lock({self.name}) acquired"
+        yield self._acquired[0]
 
     @kpath
     def read_lock(self) -> Steps:
         while self.writer is not None:
             yield Wait(f"read_lock({self.name})", lambda: self.writer is None)
         self.readers.append(self.sched.active)
-        yield f"read_lock({self.name}) acquired"
+        yield self._acquired[1]
 
     def write_unlock(self) -> None:
         if self.writer != self.sched.active:

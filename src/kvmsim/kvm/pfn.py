@@ -19,7 +19,6 @@ from kvmsim.mm.gup import (FOLL, FollowPfnmapArgs, fixup_user_fault, follow_pfnm
 from kvmsim.mm.fault import access_permitted
 from kvmsim.mm.vma import VM
 from kvmsim.trace import Src
-from kvmsim.uapi import KVM_MEM_READONLY, KVM_MEMSLOT_INVALID
 
 # include/linux/kvm_host.h
 KVM_PFN_ERR_MASK = 0x7FF << 52
@@ -65,6 +64,12 @@ class Hold(str, Enum):
     PIN = "pin"      # FOLL_PIN
 
 
+#: The members for the per-fault code: Python 3.11 looks every ``Hold.X`` up through ``EnumType``'s
+#: ``__getattr__`` hook (about 0.1 µs each; the enum lookups were 5% of a scalar fault).
+_HOLD_NONE, _HOLD_GET, _HOLD_PIN = Hold.NONE, Hold.GET, Hold.PIN
+_SRC_GUESS = Src.GUESS
+
+
 @dataclass(slots=True)
 class KvmFollowPfn:
     """Model of ``struct kvm_follow_pfn`` (series; legacy passed the same things positionally)."""
@@ -87,14 +92,12 @@ class KvmFollowPfn:
 
 
 def gfn_to_hva_memslot_prot(slot, gfn: int, write: bool) -> int:
-    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO (one
-    read of ``slot->flags``, as the kernel tests ``KVM_MEMSLOT_INVALID`` and ``memslot_is_readonly()``)."""
-    if slot is None:
+    """``__gfn_to_hva_many`` with a write check: BAD for no/invalid slot, RO_BAD for a write to RO (the
+    kernel tests ``KVM_MEMSLOT_INVALID`` and ``memslot_is_readonly()``: the slot's ``invalid`` and
+    ``readonly``)."""
+    if slot is None or slot.invalid:
         return KVM_HVA_ERR_BAD
-    flags = int(slot.flags)
-    if flags & KVM_MEMSLOT_INVALID:
-        return KVM_HVA_ERR_BAD
-    if write and flags & KVM_MEM_READONLY:
+    if write and slot.readonly:
         return KVM_HVA_ERR_RO_BAD
     return slot.userspace_addr + ((gfn - slot.base_gfn) << 12)
 
@@ -102,13 +105,15 @@ def gfn_to_hva_memslot_prot(slot, gfn: int, write: bool) -> int:
 # ---- acquisition bookkeeping (ghost ledger for INV-1) ------------------------------------------------
 
 def kvm_acquired(kvm, pfn: int, hold: Hold, caller: str) -> None:
-    kvm.host_refs[(pfn, hold)] = kvm.host_refs.get((pfn, hold), 0) + 1
+    refs, key = kvm.host_refs, (pfn, hold)
+    refs[key] = refs.get(key, 0) + 1
 
 
 def kvm_dropped(kvm, pfn: int, hold: Hold, caller: str) -> None:
-    key = (pfn, hold)
+    refs, key = kvm.host_refs, (pfn, hold)
+    n = refs.get(key)
     head_key = None
-    if key not in kvm.host_refs:
+    if n is None:
         # a put through a different page of the same folio still matches the folio's reference
         head = kvm.phys.folio(pfn) if kvm.phys.pfn_valid(pfn) else pfn
         for (p, h) in kvm.host_refs:
@@ -120,9 +125,11 @@ def kvm_dropped(kvm, pfn: int, hold: Hold, caller: str) -> None:
                              detail=f"KVM releases ({hold.value}) a page it holds no reference on")
             return
         key = head_key
-    kvm.host_refs[key] -= 1
-    if not kvm.host_refs[key]:
-        del kvm.host_refs[key]
+        n = refs[key]
+    if n == 1:
+        del refs[key]
+    else:
+        refs[key] = n - 1
 
 
 # ---- hva_to_pfn ---------------------------------------------------------------------------------------
@@ -130,9 +137,11 @@ def kvm_dropped(kvm, pfn: int, hold: Hold, caller: str) -> None:
 def _resolve(kvm, kfp: KvmFollowPfn, pfn: int, writable: bool, hold: Hold) -> int:
     """``kvm_resolve_pfn()``: set map_writable and the page KVM holds."""
     kfp.map_writable = writable if kfp.want_writable else False
-    kfp.held = pfn if hold != Hold.NONE else None
     kfp.hold = hold
-    if hold != Hold.NONE:
+    if hold is _HOLD_NONE:
+        kfp.held = None
+    else:
+        kfp.held = pfn
         kvm_acquired(kvm, pfn, hold, kfp.caller)
     kfp.refcounted_page = kvm.policy.reported_page(kfp)
     return pfn
@@ -142,7 +151,7 @@ def hva_to_pfn(kvm, kfp: KvmFollowPfn) -> int:
     """Mirrors ``hva_to_pfn()`` (virt/kvm/kvm_main.c): fast GUP, slow GUP, then the remapped path."""
     mm = kvm.mm
     hva = kfp.hva
-    hold = Hold.PIN if kfp.pin else Hold.GET
+    hold = _HOLD_PIN if kfp.pin else _HOLD_GET
     pin = _FOLL_PIN if kfp.pin else 0
     kflags = int(kfp.flags)
     kvm.journal.count("hva_to_pfn")
@@ -265,7 +274,7 @@ def _release_page(kvm, page: int, hold: Hold, caller: str, source: Src, *, dirty
         if dirty:
             phys.SetPageDirty(page, caller, kvm=True, source=source, locked=locked, gfn=gfn)
         phys.mark_page_accessed(page, caller, kvm=True, source=source, locked=locked, unused=unused, gfn=gfn)
-    if hold == Hold.PIN:
+    if hold == _HOLD_PIN:
         phys.unpin_user_page(page, caller, kvm=True)
     else:
         phys.put_page(page, caller, kvm=True, source=source)
@@ -336,7 +345,7 @@ def kvm_release_pfn(kvm, pfn: int, dirty: bool, caller: str, *, unused: bool = F
         return
     if dirty:
         kvm_set_pfn_dirty(kvm, page, caller, source=Src.GUESS, gfn=gfn)
-    kvm_release_page_clean(kvm, page, Hold.GET, caller, source=Src.GUESS, unused=unused, gfn=gfn)
+    kvm_release_page_clean(kvm, page, _HOLD_GET, caller, source=_SRC_GUESS, unused=unused, gfn=gfn)
 
 
 # ---- wrappers ---------------------------------------------------------------------------------------------

@@ -310,7 +310,8 @@ class GenericStage2:
                 i = np.nonzero(bits & _P)[0]
                 b = bits[i].astype(np.int64)
                 yield slot, {"idx": i, "pfn": pfns[i], "level": slot.arch["s2_level"][i], "w": (b & _W) != 0,
-                             "hw": (b & _HW) != 0, "mw": (b & _HW) != 0, "held": (b & _H) != 0}
+                             "hw": (b & _HW) != 0, "mw": (b & _HW) != 0, "held": (b & _H) != 0,
+                             "a": (b & _A) != 0, "d": (b & _D) != 0}
 
     def leaves(self) -> Iterator[Leaf]:
         for slots in self.kvm.memslots:

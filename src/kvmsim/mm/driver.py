@@ -34,7 +34,7 @@ class Driver:
 
     def __init__(self, phys: PhysMem, name: str, npages: int, pfn_class: PfnClass, *, order: int = 0,
                  compound: bool = True, prefault: bool = True, pte_write: str = "always",
-                 mixed: bool = False, free_rule: str = "free", pfn_mkwrite=None):
+                 mixed: bool = False, free_rule: str = "free", pfn_mkwrite=None, cacheable: bool = False):
         if pte_write not in ("always", "on_write_fault", "never"):
             raise ValueError(f"pte_write must be always, on_write_fault or never, not {pte_write!r}")
         if free_rule not in ("free", "put"):
@@ -50,6 +50,9 @@ class Driver:
         #: present read-only PTE (mm/memory.c ``wp_pfn_shared()``); None accepts as ``pte_write`` says.
         #: perf's ``perf_mmap_pfn_mkwrite()`` accepts only the user page, pgoff 0.
         self.pfn_mkwrite = pfn_mkwrite
+        #: The driver's ``vm_page_prot`` memory type: cacheable (Normal, e.g. vfio nvgrace-gpu's device
+        #: memory) or not (``pgprot_noncached()`` / ``pgprot_writecombine()``, the usual MMIO BAR).
+        self.cacheable = cacheable
         self.owner_id = phys.register_owner(self)
         self.torn_down = False
         self.vmas: list[Vma] = []

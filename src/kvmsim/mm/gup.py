@@ -16,6 +16,7 @@ from kvmsim.errors import EHWPOISON
 from kvmsim.mm.fault import access_permitted, handle_mm_fault
 from kvmsim.mm.page import PfnClass
 from kvmsim.mm.vma import VM, Pte
+from kvmsim.types import PAGE_SHIFT
 
 _P, _W, _Y, _D, _S, _SW, _PN = (int(Pte.PRESENT), int(Pte.WRITE), int(Pte.YOUNG), int(Pte.DIRTY),
                                 int(Pte.SPECIAL), int(Pte.SWAP), int(Pte.PROTNONE))
@@ -50,12 +51,17 @@ def get_user_page_fast_only(mm, hva: int, flags: FOLL, *, caller: str, kvm: bool
     or FOLL_PIN; touches neither young nor dirty.  Returns the pfn or None.
     """
     flags = int(flags)
-    vma, pfn, bits, _ = mm.pte_of(hva)
     mm.journal.count("gup_fast")
-    if vma is None or not bits & _P or bits & _PN:
+    vma = mm.vma_lookup(hva)                          # the lockless walk: the VMA's PTE arrays
+    if vma is None:
+        return None
+    i = (hva - vma.start) >> PAGE_SHIFT
+    bits = vma.pte.item(i)
+    if not bits & _P or bits & _PN:
         return None
     if flags & _FW and not bits & _W:
         return None
+    pfn = vma.pte_pfn.item(i)
     if not _normal_page(mm.phys, pfn, bits):
         return None
     mm.phys.try_grab_folio(pfn, bool(flags & _FPIN), caller, kvm=kvm)

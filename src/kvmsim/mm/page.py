@@ -72,6 +72,7 @@ _DIRTY, _RESERVED, _REFERENCED, _HEAD, _TAIL, _ZONE_DEVICE, _POISONED = (
     int(PG.dirty), int(PG.reserved), int(PG.referenced), int(PG.head), int(PG.tail), int(PG.zone_device),
     int(PG.poisoned))
 _UPTODATE = int(PG.uptodate)
+_SRC_HELD, _SRC_HOST = Src.HELD, Src.HOST       # per-page code: an enum member lookup costs ~0.1 µs (Python 3.11)
 
 
 class PhysMem:
@@ -239,7 +240,7 @@ class PhysMem:
         return 0 < pfn < self.nr
 
     def is_poisoned(self, pfn: int) -> bool:
-        return 0 < pfn < self.nr and bool(self.flags.item(pfn) & _POISONED)
+        return bool(self._free) and 0 < pfn < self.nr and bool(self.flags.item(pfn) & _POISONED)
 
     def folio(self, pfn: int) -> int:
         """``page_folio()``: the head pfn."""
@@ -290,7 +291,8 @@ class PhysMem:
 
     # ---- reference operations -----------------------------------------------------------------
     def _uaf(self, pfn: int, op: str, caller: str, kvm: bool, source: Src) -> bool:
-        if 0 < pfn < self.nr and self.flags.item(pfn) & _POISONED:
+        # only a page in the free list is poisoned (has_freed_pages()): no flag to read without one
+        if self._free and 0 < pfn < self.nr and self.flags.item(pfn) & _POISONED:
             self.journal.count("uaf")
             self.journal.fact("uaf", pfn=pfn, caller=caller, kvm=kvm, source=source,
                               detail=f"{op} on a freed page")
@@ -343,7 +345,7 @@ class PhysMem:
     def try_grab_folio(self, pfn: int, pin: bool, caller: str, *, kvm: bool = False) -> None:
         """``try_grab_folio()`` for FOLL_GET (+1) or FOLL_PIN (bias or +1 and pincount)."""
         if not pin:
-            self.get_page(pfn, caller, kvm=kvm, source=Src.HELD if kvm else Src.HOST)
+            self.get_page(pfn, caller, kvm=kvm, source=_SRC_HELD if kvm else _SRC_HOST)
             return
         if self._uaf(pfn, "pin", caller, kvm, Src.HELD):
             return
@@ -394,11 +396,11 @@ class PhysMem:
         head = self.head.item(pfn)
         j = self.journal
         j.count(f"set_dirty:{caller}")
-        if j.recording:
+        if j.recording:                             # the truncate check only records a fact
             j.fact("set_dirty", pfn=pfn, caller=caller, kvm=kvm, source=source, locked=locked,
                    gfn=gfn, extra={"reserved": bool(self.flags[pfn] & _RESERVED),
                                    "was_dirty": bool(self.flags[head] & _DIRTY)})
-        self._dirty_after_clean_check(head, caller, kvm)
+            self._dirty_after_clean_check(head, caller, kvm)
         self.flags[head] = self.flags.item(head) | _DIRTY
 
     def set_folios_dirty(self, heads, caller: str, *, kvm: bool = False) -> None:

@@ -14,6 +14,8 @@ compares policy names.  Each hook's docstring cites the series patch that change
 * ``series-rc1`` - Linux v6.13-rc1 .. rc6, the series as posted: "series" everywhere but PPC e500,
   whose patch 54 "KVM: PPC: e500: Use __kvm_faultin_pfn() to handle page faults" passed a NULL
   ``writable`` (:mod:`kvmsim.policies.series_rc1`)
+* ``current`` - upstream as of Linux v6.18 (the development hosts' kernel): v6.13 plus the observable
+  MMU changes of v6.14 .. v6.18 (:mod:`kvmsim.policies.current`)
 
 or a user's plugin, ``path/to/file.py:ClassName`` / ``module:ClassName`` (a subclass of one of these that
 overrides the hooks a proposed patch changes; :mod:`kvmsim.policies.plugin`, docs/policies.md).
@@ -52,6 +54,9 @@ class Policy(Protocol):
                      gfn: int | None = None, n: int = 1) -> None: ...
     def spte_ad_lost_bulk(self, kvm, pfns, dirty_mask, accessed_mask, caller: str) -> None: ...
     def arch_ops(self, arch: str) -> object | None: ...
+    def dirty_ring_reset(self) -> Callable: ...
+    def gmem_supported_flags(self, kvm) -> int: ...
+    def supports_gmem(self, kvm) -> bool: ...
     mmu_613_other: bool
 
 
@@ -85,6 +90,15 @@ class KvmOps:
     #: The kernel release's other 6.13 MMU changes (not the series): a VM takes them unless created with
     #: ``v613_other`` set either way (``v613_other=False`` with the series policy: "series only").
     mmu_613_other: bool = False
+    #: ``(kvm, vcpu, nr_entries_reset, signal_pending) -> 0 / -EINTR``: one vCPU's ``kvm_dirty_ring_reset()``
+    #: (:mod:`kvmsim.kvm.dirty`; v6.17 bounded it and made it stop on a pending signal).
+    dirty_ring_reset: Callable | None = None
+    #: ``(kvm) -> flags``: ``kvm_gmem_get_supported_flags()``, the KVM_CREATE_GUEST_MEMFD flags accepted
+    #: (v6.18 GUEST_MEMFD_FLAG_MMAP / INIT_SHARED; none before).
+    gmem_supported_flags: Callable | None = None
+    #: ``(kvm) -> bool``: ``kvm_arch_supports_gmem()`` (v6.13 ``kvm_arch_has_private_mem()``): may a memslot
+    #: take KVM_MEM_GUEST_MEMFD?
+    supports_gmem: Callable | None = None
 
 
 def _no_bulk_release(kvm, pfns, writable_mask, caller, gfns=None) -> None:
@@ -102,7 +116,9 @@ def resolve(policy: Policy, arch: str) -> KvmOps:
                   fault_release_bulk_unlocked=_no_bulk_release if bulk_under_lock else bulk_fn,
                   fault_release_bulk_caller=bulk_caller,
                   spte_ad_lost=policy.spte_ad_lost, spte_ad_lost_bulk=policy.spte_ad_lost_bulk,
-                  arch_ops=policy.arch_ops(arch), mmu_613_other=policy.mmu_613_other)
+                  arch_ops=policy.arch_ops(arch), mmu_613_other=policy.mmu_613_other,
+                  dirty_ring_reset=policy.dirty_ring_reset(), gmem_supported_flags=policy.gmem_supported_flags,
+                  supports_gmem=policy.supports_gmem)
 
 
 def load_arch_ops(table: dict[str, str], arch: str) -> object | None:
@@ -134,17 +150,18 @@ def get_policy(name: str) -> Policy:
                      f"or a plugin: path/to/file.py:ClassName or module:ClassName")
 
 
-POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
+POLICY_NAMES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current")
 DEFAULT_POLICY = "series"
 
 
 @functools.cache
 def shipped_policies() -> dict[str, type]:
     """The shipped policies by name (imported on first use: the policy modules import the model)."""
+    from kvmsim.policies.current import CurrentPolicy
     from kvmsim.policies.legacy import LegacyPolicy
     from kvmsim.policies.pre513 import Pre513Policy
     from kvmsim.policies.series import SeriesPolicy
     from kvmsim.policies.series_only import SeriesOnlyPolicy
     from kvmsim.policies.series_rc1 import SeriesRc1Policy
     return {"legacy": LegacyPolicy, "series": SeriesPolicy, "pre-5.13": Pre513Policy, "series-rc1": SeriesRc1Policy,
-            "series-only": SeriesOnlyPolicy}
+            "series-only": SeriesOnlyPolicy, "current": CurrentPolicy}

@@ -25,6 +25,7 @@ benchmark's forked worker.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import importlib.util
@@ -269,6 +270,11 @@ def instantiate(cls: type) -> object:
             break
         own.update(n for n, v in vars(klass).items() if inspect.isfunction(v) and not n.startswith("__"))
     plugin_files = {_own_file(getattr(cls, n)) for n in own}
+    module = sys.modules.get(cls.__module__)
+    if getattr(module, "__file__", None):
+        plugin_files.add(module.__file__)
+    if "arch_ops" not in own:                            # an ARCH_OPS table naming the plugin's own namespace
+        object.__setattr__(obj, "arch_ops", _wrap_arch_ops(obj.arch_ops, plugin_files, name))
     for hook in own:
         fn = getattr(obj, hook)
         if hook == "fault_release":
@@ -276,6 +282,8 @@ def instantiate(cls: type) -> object:
                                 plugin_files, name)
         elif hook == "fault_release_bulk":
             fn = _wrap_returned(fn, ("fault_release_bulk",), plugin_files, name)
+        elif hook == "arch_ops":
+            fn = _wrap_arch_ops(fn, plugin_files, name)
         object.__setattr__(obj, hook, _guard(fn, hook, name))
     return obj
 
@@ -289,4 +297,20 @@ def _wrap_returned(fn, slots, plugin_files, name):
             return out
         return tuple(_guard(f, slot, name) if callable(f) and _own_file(f) in plugin_files else f
                      for f, slot in zip(out, slots + ("",) * (len(out) - len(slots))))
+    return call
+
+
+def _wrap_arch_ops(fn, plugin_files, name):
+    """``arch_ops(arch)``'s namespace with the callables defined in the plugin's files guarded, each
+    named ``arch_ops(ARCH).FIELD`` in an error."""
+    @functools.wraps(fn)
+    def call(arch):
+        ns = fn(arch)
+        if ns is None or not dataclasses.is_dataclass(ns):
+            return ns
+        mine = {f.name: getattr(ns, f.name) for f in dataclasses.fields(ns)
+                if callable(getattr(ns, f.name)) and _own_file(getattr(ns, f.name)) in plugin_files}
+        if not mine:
+            return ns
+        return dataclasses.replace(ns, **{k: _guard(v, f"arch_ops({arch}).{k}", name) for k, v in mine.items()})
     return call

@@ -122,6 +122,24 @@ class SeriesPolicy:
         to/from userspace"."""
         return load_arch_ops(self.ARCH_OPS, arch)
 
+    def dirty_ring_reset(self):
+        """``kvm_dirty_ring_reset()`` before v6.17: every harvested entry, no bound, no signal check
+        (changed by "KVM: Bail from the dirty ring reset flow if a signal is pending", 49005a2a3d2a, v6.17;
+        :attr:`CurrentPolicy <kvmsim.policies.current.CurrentPolicy>`)."""
+        from kvmsim.kvm.dirty import kvm_dirty_ring_reset_v612
+        return kvm_dirty_ring_reset_v612
+
+    def gmem_supported_flags(self, kvm):
+        """``KVM_CREATE_GUEST_MEMFD`` before v6.18 accepts no flag (GUEST_MEMFD_FLAG_MMAP came with "KVM:
+        Allow and advertise support for host mmap() on guest_memfd files", 3d3a04fad25a, v6.18)."""
+        return 0
+
+    def supports_gmem(self, kvm):
+        """KVM_MEM_GUEST_MEMFD before v6.18 needs ``kvm_arch_has_private_mem()`` (x86: a
+        KVM_X86_SW_PROTECTED_VM, SEV-SNP or TDX VM); v6.18's ``kvm_arch_supports_gmem()`` ("KVM: x86: Enable
+        KVM_GUEST_MEMFD for all 64-bit builds", d1e54dd08f16) takes it on any VM."""
+        return kvm.has_private_mem
+
     def spte_ad_lost(self, kvm, pfn, *, dirty, accessed, caller, gfn=None, n=1):
         """patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying", patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" (x86) and patch 83 "KVM: arm64: Don't mark "struct page" accessed when making SPTE young", patch 65 "KVM: LoongArch: Mark "struct page" pfns dirty only in "slow" page fault path", patch 66 "KVM: LoongArch: Mark "struct page" pfns accessed only in "slow" page fault path", patch 69 "KVM: MIPS: Mark "struct page" pfns dirty only in "slow" page fault path" and patch 70 "KVM: MIPS: Mark "struct page" pfns accessed only in "slow" page fault path": no struct page is touched from a stage-2 PTE's pfn."""
         return None

@@ -29,8 +29,9 @@ mmu_seq)`` for the whole VM (-EAGAIN), ``find_linux_pte()`` (the host PTE from t
     spin_unlock; release_pfn_clean(pfn) | release_faultin_page(page, !!ret,     | release_faultin_page(page, !!ret,
                                         |   writable); spin_unlock              |   writable); spin_unlock
 
-Model shortcuts: the guest TLB is one per VM (the kernel's is per vCPU); a guest access names a guest
-physical address and finds the guest TLB entry whose real address covers it (the guest's effective
+The guest TLB is per vCPU, as the kernel's ``vcpu_e500->gtlb_arch`` is (a ``tlbwe`` on one vCPU is not
+seen by another's miss; a shadow flush clears every vCPU's references).  Model shortcuts: a guest
+access names a guest physical address and finds the guest TLB entry whose real address covers it (the guest's effective
 address is that entry's ``eaddr``); an access no guest entry covers is handled by the guest's own TLB
 miss handler, modelled as a ``tlbwe`` of a 4 KiB TLB0 entry with every permission.  The shadow entry is
 kept as stage-2 leaves (:class:`~kvmsim.kvm.stage2.GenericStage2`'s arrays, one per 4 KiB of the shadow
@@ -180,8 +181,8 @@ class E500Mmu(GenericStage2):
 
     def __init__(self, kvm, **opts):
         super().__init__(kvm, **opts)
-        #: The guest TLB: (tlbsel, esel) → entry.
-        self.gtlb: dict[tuple[int, int], Gtlbe] = {}
+        #: Each vCPU's guest TLB (``struct kvmppc_vcpu_e500``'s ``gtlb_arch``): vcpu_id → (tlbsel, esel) → entry.
+        self.vcpu_gtlb: dict[int, dict[tuple[int, int], Gtlbe]] = {}
         self.handle_error_pfn = shadow_map_error_pfn(kvm)
 
     # ---- the fault template's hooks (kvmsim.kvm.fault) -----------------------------------------
@@ -361,13 +362,14 @@ class E500Mmu(GenericStage2):
             from kvmsim.errors import ModelError
             raise ModelError(errno.EINVAL, f"tlbwe: no TLB{tlbsel} entry {esel} (TLB0 has {KVM_E500_TLB0_SIZE} "
                                            f"entries, TLB1 {KVM_E500_TLB1_SIZE})")
-        old = self.gtlb.get((tlbsel, esel))
+        gtlb = self.gtlb(vcpu)
+        old = gtlb.get((tlbsel, esel))
         if old is not None:
             self.inval_gtlbe_on_host(old)                    # kvmppc_e500_gtlbe_invalidate()
         size = BOOK3E_PAGESZ_4K if tlbsel == 0 else tsize
         mask = (1 << (size + 10)) - 1
         gtlbe = Gtlbe(tlbsel, esel, eaddr & ~mask, raddr & ~mask, size, MAS3(mas3))
-        self.gtlb[(tlbsel, esel)] = gtlbe
+        gtlb[(tlbsel, esel)] = gtlbe
         self.kvm.journal.count("tlbwe")
         if not self.tlbe_is_host_safe(gtlbe):
             yield "kvmppc_e500_emul_tlbwe: not RAM, no premap"
@@ -375,10 +377,15 @@ class E500Mmu(GenericStage2):
         r = yield from self.kvmppc_mmu_map.steps(vcpu, gtlbe, gtlbe.raddr)   # get_tlb_raddr(gtlbe)
         return r
 
-    def kvmppc_e500_tlb_search(self, gpa: int) -> Gtlbe | None:
-        """The guest entry whose real address covers ``gpa`` (TLB1 first, as ``kvmppc_e500_tlb_search()``
-        takes the first match; the model searches by real address, see the module docstring)."""
-        for (tlbsel, _), g in sorted(self.gtlb.items(), key=lambda kv: -kv[0][0]):
+    def gtlb(self, vcpu) -> dict[tuple[int, int], Gtlbe]:
+        """``vcpu``'s guest TLB, (tlbsel, esel) → entry (empty until its first ``tlbwe``)."""
+        return self.vcpu_gtlb.setdefault(vcpu.vcpu_id, {})
+
+    def kvmppc_e500_tlb_search(self, vcpu, gpa: int) -> Gtlbe | None:
+        """``vcpu``'s guest entry whose real address covers ``gpa`` (TLB1 first, as
+        ``kvmppc_e500_tlb_search()`` takes the first match; the model searches by real address, see the
+        module docstring)."""
+        for (tlbsel, _), g in sorted(self.gtlb(vcpu).items(), key=lambda kv: -kv[0][0]):
             if g.raddr <= gpa < g.raddr + g.size:
                 return g
         return None
@@ -396,7 +403,7 @@ class E500Mmu(GenericStage2):
             return FaultRet.EMULATE
         if slot.invalid:
             return FaultRet.RETRY
-        gtlbe = self.kvmppc_e500_tlb_search(gpa)
+        gtlbe = self.kvmppc_e500_tlb_search(vcpu, gpa)
         if gtlbe is None:
             base = gpa & ~((1 << PAGE_SHIFT) - 1)
             r = yield from self.kvmppc_e500_emul_tlbwe.steps(vcpu, 0, (gpa >> PAGE_SHIFT) % KVM_E500_TLB0_SIZE,
@@ -412,7 +419,7 @@ class E500Mmu(GenericStage2):
         """A guest load/store: a store through a guest entry without SW/UW is the guest's own data
         storage interrupt (``kvmppc_core_queue_data_storage()``: :attr:`Exit.EXCEPTION`); everything else
         is :func:`kvmsim.kvm.fault.kvm_guest_access` over :meth:`page_fault`."""
-        gtlbe = self.kvmppc_e500_tlb_search(gpa)
+        gtlbe = self.kvmppc_e500_tlb_search(vcpu, gpa)
         if gtlbe is not None and write and not tlbe_is_writable(gtlbe.mas3):
             self.kvm.journal.count("guest_dsi")
             return Access(Exit.EXCEPTION, gpa, write, value)
@@ -440,9 +447,11 @@ class E500Mmu(GenericStage2):
         return True
 
     def kvmppc_core_flush_tlb(self) -> None:
-        """Mirrors ``kvmppc_core_flush_tlb()``: ``kvmppc_e500_tlbil_all()`` + ``clear_tlb_privs()``."""
-        for gtlbe in self.gtlb.values():
-            self.inval_gtlbe_on_host(gtlbe)
+        """Mirrors ``kvmppc_core_flush_tlb()`` (``kvm_flush_remote_tlbs()``: every vCPU's
+        ``kvmppc_e500_tlbil_all()`` + ``clear_tlb_privs()``)."""
+        for gtlb in self.vcpu_gtlb.values():
+            for gtlbe in gtlb.values():
+                self.inval_gtlbe_on_host(gtlbe)
         for slots in self.kvm.memslots:
             for s in slots:
                 self._zap(s, 0, s.npages, "kvmppc_e500_tlbil_all")

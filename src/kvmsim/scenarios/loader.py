@@ -45,7 +45,7 @@ from kvmsim.scenarios.validate import (
 from kvmsim.types import parse_size
 from kvmsim.uapi import KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY
 
-POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only")
+POLICIES = ("legacy", "series", "pre-5.13", "series-rc1", "series-only", "current")
 REQUIRED = object()
 MEM_FLAGS = {"log_dirty_pages": KVM_MEM_LOG_DIRTY_PAGES, "readonly": KVM_MEM_READONLY}  # the names a scenario may use
 #: What a ``requires`` entry may name (``runner.missing_requirement`` says whether it is there).
@@ -252,7 +252,9 @@ DRIVER = {"name": (c_str, REQUIRED),
           "size": (c_bounded(c_size, 4096, 1 << 30, "a driver size"), None),
           "order": (c_bounded(c_int, 0, 18, "an order"), 0), "compound": (c_bool, True), "prefault": (c_bool, True),
           "pte_write": (c_choice("always", "on_write_fault", "never"), "always"), "mixed": (c_bool, False),
-          "free_rule": (c_choice("free", "put"), "free")}
+          "free_rule": (c_choice("free", "put"), "free"),
+          # the driver's vm_page_prot: cacheable (Normal memory, e.g. nvgrace-gpu's device memory) or not
+          "cacheable": (c_bool, False)}
 
 #: The host kernel's mm settings (``[host]``).
 HOST = {"thp_zero_page": (c_bool, True),        # /sys/kernel/mm/transparent_hugepage/use_zero_page
@@ -306,12 +308,14 @@ VM = {"policy": (c_policies, ("legacy", "series")),
       "ipa_bits": (c_bounded(c_int, 32, 52, "an IPA size (KVM_VM_TYPE_ARM_IPA_SIZE)"), 40),
       "cpu_vabits": (c_bounded(c_int, 40, 48, "a CPUCFG1.VALEN"), 48),
       "gstage_pgd_levels": (c_bounded(c_int, 3, 5, "G-stage levels (3 Sv39x4, 4 Sv48x4, 5 Sv57x4)"), 3),
-      "dirty_ring_with_bitmap": (c_bool, False)}
+      "dirty_ring_with_bitmap": (c_bool, False),
+      # arm64 KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED: the CPUs have stage-2 FWB and DIC (v6.17)
+      "cacheable_pfnmap_supported": (c_bool, True)}
 
 #: VM keys only one arch's MMU reads (the loader refuses them with another arch).
 ARCH_VM_KEYS = {**dict.fromkeys(("ad_enabled", "eager_split", "slot_zap_all", "nx_huge_pages", "async_pf",
                                  "maxphyaddr"), "x86"),
-                "ipa_bits": "arm64", "cpu_vabits": "loongarch", "gstage_pgd_levels": "riscv"}
+                "ipa_bits": "arm64", "cacheable_pfnmap_supported": "arm64", "cpu_vabits": "loongarch", "gstage_pgd_levels": "riscv"}
 
 
 def c_memflags(v: Any) -> tuple[str, ...]:

@@ -102,7 +102,8 @@ OP_ARGS: dict[str, dict[str, tuple[Callable, Any]]] = {
     "get_dirty_log": {"slot": (c_int, REQUIRED)},
     "clear_dirty_log": {"slot": (c_int, REQUIRED), "first": (c_int, 0), "num": (c_int, None)},
     "ring_harvest": {"vcpu": (c_int, 0)},
-    "ring_reset": {},
+    # a signal becomes pending once this many entries are reset (-1: none): v6.17 stops there
+    "ring_reset": {"signal_after": (c_int, -1)},
     "vcpu_map": {"gpa": (c_size, REQUIRED), "writable": (c_bool, True), "name": (c_str, "map"), "vcpu": (c_int, 0)},
     "vcpu_unmap": {"name": (c_str, "map"), "dirty": (c_bool, False)},
     "map_access": {"name": (c_str, "map"), "write": (c_bool, False), "value": (c_int, 1)},
@@ -277,7 +278,7 @@ def op_ring_harvest(env, a):
 
 def op_ring_reset(env, a):
     from kvmsim.kvm.dirty import kvm_reset_dirty_rings
-    n = kvm_reset_dirty_rings(env.kvm)
+    n = kvm_reset_dirty_rings(env.kvm, None if a["signal_after"] < 0 else a["signal_after"])
     yield from _done("KVM_RESET_DIRTY_RINGS done")
     return Res("ok", value=n)
 

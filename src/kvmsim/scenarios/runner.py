@@ -111,7 +111,8 @@ def build(sc: Scenario, policy: str) -> Env:
     for d in sc.drivers:
         size = d.size if d.size is not None else vma_size.get(d.name, 4096)
         host.add_driver(d.name, max(1, size >> 12), d.pfn_class, order=d.order, compound=d.compound,
-                        prefault=d.prefault, pte_write=d.pte_write, mixed=d.mixed, free_rule=d.free_rule)
+                        prefault=d.prefault, pte_write=d.pte_write, mixed=d.mixed, free_rule=d.free_rule,
+                        cacheable=d.cacheable)
     vmas: dict[str, dict] = {}
     for v in sc.vmas:
         prot = "" if v.prot == "none" else v.prot
@@ -127,7 +128,8 @@ def build(sc: Scenario, policy: str) -> Env:
         arch_opts["paging"] = vm.paging
     if vm.arch == "x86":
         arch_opts.update(slot_zap_all=vm.slot_zap_all, nx_huge_pages=vm.nx_huge_pages, maxphyaddr=vm.maxphyaddr)
-    arch_opts.update({"arm64": {"ipa_bits": vm.ipa_bits}, "loongarch": {"cpu_vabits": vm.cpu_vabits},
+    arch_opts.update({"arm64": {"ipa_bits": vm.ipa_bits, "cacheable_pfnmap_supported": vm.cacheable_pfnmap_supported},
+                      "loongarch": {"cpu_vabits": vm.cpu_vabits},
                       "riscv": {"gstage_pgd_levels": vm.gstage_pgd_levels}}.get(vm.arch, {}))
     kvm = Kvm(host, policy=policy, arch=vm.arch, mmu=vm.mmu, pml=vm.pml, v613_other=vm.v613_other,
               allow_unsafe_mappings=vm.allow_unsafe_mappings, execution=vm.execution, ad_enabled=vm.ad_enabled,
@@ -249,8 +251,9 @@ def _derived(facts) -> dict[str, int]:
 
 # ---- the run -----------------------------------------------------------------------------------------
 
-def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
-    """Run ``sc`` under ``policy``; ``progress(i, n)`` is called after each step if given."""
+def run(sc: Scenario, policy: str, *, progress=None, observe=None) -> RunResult:
+    """Run ``sc`` under ``policy``; ``progress(i, n)`` is called after each step if given, and
+    ``observe(env, i)`` after set-up (``i`` = 0) and after each step is checked (``--html`` snapshots)."""
     from kvmsim.check import Checker
 
     try:
@@ -266,6 +269,8 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
     checker.violations.clear()
     base = journal.snapshot()
     base_facts = len(journal.facts)
+    if observe:
+        observe(env, 0)
     results: list[StepResult] = []
     error = None
     for i, step in enumerate(sc.steps, 1):
@@ -286,6 +291,8 @@ def run(sc: Scenario, policy: str, *, progress=None) -> RunResult:
         sr = StepResult(i, step.op, step.describe(), res, counters, found, facts)
         sr.mismatches = check_step(sr, step, policy)
         results.append(sr)
+        if observe:
+            observe(env, i)
         if progress:
             progress(i, len(sc.steps))
         if error:

@@ -43,6 +43,7 @@ class DriverSpec:
     pte_write: str = "always"
     mixed: bool = False
     free_rule: str = "free"
+    cacheable: bool = False          # vm_page_prot: Normal (cacheable) memory rather than Device / Normal-NC
     line: int | None = field(default=None, compare=False)
 
 
@@ -109,6 +110,7 @@ class VmSpec:
     cpu_vabits: int = 48               # LoongArch CPUCFG1.VALEN: gpa_size = 1 << (cpu_vabits - 1)
     gstage_pgd_levels: int = 3         # RISC-V G-stage mode: 3 Sv39x4, 4 Sv48x4, 5 Sv57x4
     dirty_ring_with_bitmap: bool = False   # KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP (arm64)
+    cacheable_pfnmap_supported: bool = True    # arm64 stage-2 FWB and DIC (KVM_CAP_ARM_CACHEABLE_PFNMAP_SUPPORTED)
 
 
 @dataclass

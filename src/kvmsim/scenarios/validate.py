@@ -65,6 +65,9 @@ MODEL_COUNTERS = frozenset({
     # guest_memfd and memory attributes (kvm/gmem.py, kvm/memory_attributes.py, x86/private_mem.py)
     "kvm_gmem_get_pfn", "kvm_gmem_punch_hole", "memory_fault_exit", "private_shared_mismatch", "set_memory_attributes",
     "set_memory_attributes_noop", "kvm_arch_post_set_memory_attributes", "hugepage_mixed", "private_max_level",
+    # the "current" (v6.18) differences: dirty-ring reset (kvm/dirty.py), arm64 PFNMAP memory type (arm64/pfnmap.py)
+    "kvm_reset_dirty_gfn", "dirty_ring_reset_eintr", "s2_noncacheable", "s2_cacheable_pfnmap",
+    "cacheable_pfnmap_refused",
 }) | frozenset(DERIVED_COUNTERS)
 
 #: Counter families ``<prefix>:<kernel function or reason>``.

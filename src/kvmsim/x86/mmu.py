@@ -25,19 +25,19 @@ from kvmsim.errors import ModelError, UsageError
 from kvmsim.kvm.arch import Leaf
 from kvmsim.kvm.dirty import mark_page_dirty_in_slot
 from kvmsim.kvm.fault import KvmPageFault, kvm_faultin_pfn, kvm_handle_error_pfn, kvm_stage2_fault
-from kvmsim.kvm.pfn import KVM_PFN_NOSLOT, Hold
+from kvmsim.kvm.pfn import KVM_PFN_NOSLOT
 from kvmsim.kvm.vcpu import Access
 from kvmsim.sched import Steps, kpath
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
 from kvmsim.x86 import tdp_mmu
-from kvmsim.x86.mmu_internal import RET_PF, X86PageFault
+from kvmsim.x86.mmu_internal import RET_PF, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS, X86PageFault
 from kvmsim.x86.page_track import kvm_gfn_is_write_tracked
 from kvmsim.x86.private_mem import (kvm_arch_post_set_memory_attributes, kvm_arch_pre_set_memory_attributes,
                                     kvm_mmu_fault_is_private, kvm_mmu_faultin_pfn_private, page_fault_can_be_fast,
                                     kvm_mmu_max_mapping_level_attrs, kvm_mmu_private_mismatch)
 from kvmsim.x86.x86 import x86_emulate_instruction, x86_guest_access
 from kvmsim.x86.spte import (AT, A, ADX, D, HELD, HW, MMIO, MW, P, SW, W, is_accessed_spte, is_dirty_spte,
-                             make_spte, spte_write, tables)
+                             make_spte, spte_write, spte_write_one, tables)
 
 
 #: ``ACC_EXEC_MASK``, ``ACC_WRITE_MASK``, ``ACC_USER_MASK``, ``ACC_ALL`` (arch/x86/kvm/mmu/spte.h).
@@ -53,14 +53,14 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
     kvm = mmu.kvm
     gfn = gpa >> PAGE_SHIFT
     kvm.journal.count("page_fault")
-    gen = kvm.memslots[0].generation
     mmio_sptes = mmu.mmio_sptes
-    if mmio_sptes.get(gfn) == gen:                      # handle_mmio_page_fault(): cached, same generation
+    # handle_mmio_page_fault(): an MMIO SPTE cached for the gfn in the memslots' current generation
+    if mmio_sptes and mmio_sptes.get(gfn) == kvm.memslots[0].generation:
         kvm.journal.count("mmio")
         return RET_PF.EMULATE
     slot = kvm.gfn_to_memslot(gfn)
     if slot is None:                                    # kvm_handle_noslot_fault(): cache an MMIO SPTE
-        mmio_sptes[gfn] = gen
+        mmio_sptes[gfn] = kvm.memslots[0].generation
         kvm.journal.count("mmio")
         # The fault then ends like any other: v6.12 kvm_release_pfn_clean(fault->pfn) on KVM_PFN_NOSLOT (a
         # call that returns at is_error_noslot_pfn(), yet a kprobe counts it), v6.13
@@ -69,7 +69,8 @@ def kvm_mmu_page_fault(mmu, vcpu, gpa: int, write: bool, exec: bool = False) -> 
         kvm.ops.release_faultin(kvm, KVM_PFN_NOSLOT, None, unused=True, dirty=False,
                                 caller="kvm_mmu_finish_page_fault", gfn=gfn)
         return RET_PF.EMULATE
-    mmio_sptes.pop(gfn, None)
+    if mmio_sptes:
+        mmio_sptes.pop(gfn, None)                       # a memslot now covers a gfn cached as MMIO
     if slot.invalid:
         return RET_PF.RETRY
     if write and slot.readonly:
@@ -153,22 +154,23 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     lo = (gfn // n * n) - slot.base_gfn
     hi = lo + n
     base_pfn = pfn - (i - lo)
-    b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
-    if self.tdp_mmu_enabled and b & P and not b & MMIO and old_level > level:
+    tdp = self.tdp_mmu_enabled
+    b, old_level, old_pfn = t.entry(i)
+    present = b & P and not b & MMIO                    # a shadow-present leaf, not an MMIO SPTE
+    if tdp and present and old_level > level:
         # kvm_tdp_mmu_map(): a huge leaf above the goal level is split (tdp_mmu_split_huge_page(),
         # no TLB flush; the other children stay mapped), where the shadow MMU drops it
         hl, hh = t.leaf_bounds(slot, i, i + 1)
         tdp_mmu.split_range(kvm, slot, hl, hh, "tdp_mmu_split_huge_page", to_level=level)
-        b, old_level, old_pfn = t.bits.item(i), t.level.item(i), t.pfn.item(i)
-    old_pt = self.tdp_mmu_enabled and level > 1 and tdp_mmu.tdp_page_table_present(slot, gfn, level)
-    if prefetch and (b & P and not b & MMIO or old_pt):
+        b, old_level, old_pfn = t.entry(i)
+    old_pt = tdp and level > 1 and tdp_mmu.tdp_page_table_present(slot, gfn, level)
+    if prefetch and (present or old_pt):
         r = kvm.ops.arch_ops.prefetch_present_spte(kvm, slot, gfn)       # patch 5: series RET_PF_SPURIOUS
         if r is not None:
             return r
-    elif b & P and not b & MMIO and old_level == level and old_pfn == pfn and \
-            not b & AT and (not write or b & W):
+    elif present and old_level == level and old_pfn == pfn and not b & AT and (not write or b & W):
         kvm.journal.count("spurious")
-        return RET_PF.SPURIOUS
+        return RET_PF_SPURIOUS
     host_w = kfp.map_writable and not slot.readonly
     # x86 maps read faults writable too (make_spte, ACC_ALL); logged dirty below
     writable = host_w if pte_access == ACC_ALL else host_w and pte_access & ACC_WRITE_MASK != 0
@@ -177,7 +179,7 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if writable:
         # patch 4: a writable old SPTE may "goto out", no D (a non-writable one never skips, under
         # either protocol)
-        if (old_pt or b & P and not b & MMIO and old_level == level and b & W) and \
+        if (old_pt or present and old_level == level and b & W) and \
                 kvm.ops.arch_ops.make_spte_skip_unsync(True, not old_pt):
             dirty = False
             kvm.journal.count("make_spte:skip_unsync")
@@ -186,14 +188,14 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
             writable = False
             wrprot = True
     bits = make_spte(host_writable=host_w, writable=writable, prefetch=prefetch,
-                          ad_disabled=not self.ad_enabled, held=kfp.hold is not Hold.NONE)
+                     ad_disabled=not self.ad_enabled, held=kfp.held is not None)
     if not writable:
         bits &= ~MW                   # MMU-writable only with ACC_WRITE_MASK and no write-protection
     elif not dirty:
         bits &= ~D
-    if prefetch and b & P and not b & MMIO and old_level == level and old_pfn == pfn and not (bits ^ b) & ~HELD:
+    if prefetch and present and old_level == level and old_pfn == pfn and not (bits ^ b) & ~HELD:
         kvm.journal.count("spurious")                  # v6.12: "if (new_spte == iter->old_spte)"
-        return RET_PF.SPURIOUS
+        return RET_PF_SPURIOUS
     # A different leaf in the way (another level or pfn, or a changed host-writable bit) is
     # zapped first: INV-11 forbids changing the pfn or Host-W of a present SPTE.
     if n == 1 and (not b & P or old_level == 1):             # the common 4K case, in plain integers
@@ -211,9 +213,11 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
         b = t.bits.item(i)
     if b & P and not prefetch:
         bits |= b & (A | D)                              # same leaf: keep what the guest set
-    spte_write(kvm, slot, lo, hi, bits, pfn if n == 1 else base_pfn + np.arange(n), level,
-               caller=self.map_caller)
-    if self.tdp_mmu_enabled:
+    if n == 1:
+        spte_write_one(kvm, slot, t, i, bits, pfn, level, caller=self.map_caller)
+    else:
+        spte_write(kvm, slot, lo, hi, bits, base_pfn + np.arange(n), level, caller=self.map_caller)
+    if tdp:
         pts = slot.arch.get("x86-pt")
         if level == 1 and pts is not None and self.max_level == 3:   # a 4K leaf: its PMD and PUD tables
             pts.add(gfn >> 9 << 2 | 2)                 # tdp_mmu.pt_key(gfn, 2), pt_key(gfn, 3)
@@ -226,8 +230,8 @@ def mmu_set_spte(mmu, vcpu, slot, gfn: int, pfn: int, kfp, write: bool, *, prefe
     if writable and slot.logging:
         mark_page_dirty_in_slot(kvm, slot, gfn, vcpu)
     if wrprot and write:
-        return RET_PF.EMULATE          # RET_PF_WRITE_PROTECTED → kvm_mmu_write_protect_fault() → emulate
-    return RET_PF.FIXED
+        return RET_PF_EMULATE          # RET_PF_WRITE_PROTECTED → kvm_mmu_write_protect_fault() → emulate
+    return RET_PF_FIXED
 
 
 @kpath
@@ -495,7 +499,8 @@ class X86Mmu:
                 i = t.representatives(slot, 0, slot.npages)
                 b = t.bits[i].astype(np.int64)
                 yield slot, {"idx": i, "pfn": t.pfn[i], "level": t.level[i], "w": (b & W) != 0,
-                             "hw": (b & HW) != 0, "mw": (b & MW) != 0, "held": (b & HELD) != 0}
+                             "hw": (b & HW) != 0, "mw": (b & MW) != 0, "held": (b & HELD) != 0,
+                             "a": is_accessed_spte(b), "d": is_dirty_spte(b)}
 
     def leaves(self) -> Iterator[Leaf]:
         for slots in self.kvm.memslots:

@@ -14,6 +14,10 @@ from kvmsim.kvm.fault import FaultRet, KvmPageFault
 #: them to every arch), so the two compare equal.
 RET_PF = IntEnum("RET_PF", [(m.name, m.value) for m in FaultRet], module=__name__)
 
+#: The codes under the kernel's own names, for the per-fault returns: Python 3.11 looks every
+#: ``RET_PF.X`` up through ``EnumType``'s ``__getattr__`` hook (about 0.1 µs each).
+RET_PF_RETRY, RET_PF_EMULATE, RET_PF_FIXED, RET_PF_SPURIOUS = RET_PF.RETRY, RET_PF.EMULATE, RET_PF.FIXED, RET_PF.SPURIOUS
+
 
 @dataclass(slots=True)
 class X86PageFault(KvmPageFault):

@@ -68,6 +68,14 @@ class SptTable:
         self.bits = np.zeros(npages, dtype=np.uint16)
         self.level = np.zeros(npages, dtype=np.uint8)
 
+    def entry(self, i: int) -> tuple[int, int, int]:
+        """(bits, level, pfn) of entry ``i`` as ints; a not-present entry's level and pfn are not read
+        (0, -1): the fault path looks at them only under a present SPTE."""
+        b = self.bits.item(i)
+        if not b & P:
+            return b, 0, -1
+        return b, self.level.item(i), self.pfn.item(i)
+
     def leaf_bounds(self, slot, lo: int, hi: int) -> tuple[int, int]:
         """Widen ``[lo, hi)`` (slot-relative) to whole leaves."""
         if hi <= lo:
@@ -158,7 +166,7 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
     t = tables(slot)
     if hi - lo == 1 and isinstance(new_bits, _SCALAR) and (new_pfn is None or isinstance(new_pfn, _SCALAR)) \
             and (new_level is None or isinstance(new_level, _SCALAR)):
-        _spte_write_one(kvm, slot, t, lo, int(new_bits), new_pfn, new_level, caller, track)
+        spte_write_one(kvm, slot, t, lo, int(new_bits), new_pfn, new_level, caller=caller, track=track)
         return
     if new_bits.__class__ in _SCALAR_TYPES and int(new_bits) & P and _install_fresh(kvm, t, lo, hi, int(new_bits),
                                                                                new_pfn, new_level):
@@ -208,8 +216,10 @@ def _install_fresh(kvm, t, lo: int, hi: int, nb: int, new_pfn, new_level) -> boo
     return True
 
 
-def _spte_write_one(kvm, slot, t, i: int, nb: int, new_pfn, new_level, caller: str, track: bool) -> None:
-    """:func:`spte_write` for one 4 KiB entry, in plain integers (the scalar fault path)."""
+def spte_write_one(kvm, slot, t: SptTable, i: int, nb: int, new_pfn: int | None = None, new_level: int | None = None,
+                   *, caller: str, track: bool = True) -> None:
+    """:func:`spte_write` for one 4 KiB entry ``i`` of ``t`` (``tables(slot)``), in plain integers (the
+    scalar fault path)."""
     ob, op, ol = t.bits.item(i), t.pfn.item(i), t.level.item(i)
     npf = op if new_pfn is None else int(new_pfn)
     nl = ol if new_level is None else int(new_level)

@@ -58,6 +58,8 @@ def max_mapping_level(kvm, slot, i: int, max_level: int) -> int:
         return 1
     gfn = slot.base_gfn + i
     lv = min(host_pfn_mapping_level(kvm, gfn, slot), max_level)
+    if lv == 1:                                 # the host maps 4 KiB: nothing to align
+        return 1
     for level in (3, 2):
         if lv < level:
             continue

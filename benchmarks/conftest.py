@@ -84,6 +84,11 @@ def _targets(new: dict, recorded: dict) -> list[str]:
             e = new.get(f"test_w50_vs_w100[{gib}-{policy}]")
             if e:
                 line(e["ratio"] <= 1.5, f"-w 50 / -w 100 flow, {gib} GiB, {policy}: {e['ratio']}x (<= 1.5x, CPU time)")
+        e = new.get(f"test_flow_floor_64g[{policy}]")
+        if e:
+            m = e.get("floor_multiple_cpu", e["floor_multiple"])
+            line(m <= 2, f"64 GiB 4 KiB flow, {policy}: {m}x its memory floor in CPU time (<= 2x; wall "
+                         f"{e['floor_multiple']}x)")
         e = new.get(f"test_scalar_faults_per_second[host-mapped-{policy}]")
         if e:
             line(e["faults_per_second"] >= 100_000,

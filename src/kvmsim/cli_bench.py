@@ -124,13 +124,13 @@ def _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no
     from kvmsim.bench.dirty_log_perf import (BASE_BYTES, Options, check_memory, estimate_bytes, run_model,
                                              run_model_isolated)
     from kvmsim.bench.real import check_real, real_estimate_bytes, run_real
-    from kvmsim.bench.report import (check_plot_path, compare_table, cost_table, plot, scaling_table,
-                                     selftest_lines, size_name)
+    from kvmsim.bench.report import (check_plot_path, compare_table, cost_table, floor_line, plot,
+                                     scaling_table, selftest_lines, size_name)
     from kvmsim.console import make_console
 
     sizes = vcpu_memory
     all_opts = [Options(b, vcpus, iterations, backing, write_percent, slots, not no_manual_protect,
-                        run_while_disabling, seed, v613_other) for b in sizes]
+                        run_while_disabling, seed, v613_other, floor=True) for b in sizes]
     policies = ["legacy", "series"] if policy == "both" else [policy]
     console = make_console(stderr=as_json)           # whole tables when piped
     if progress is None:
@@ -194,6 +194,8 @@ def _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no
                     console.print(f"whole flow: {r.wall_seconds:.3f} s wall, peak RSS "
                                   f"{r.peak_rss_bytes / 2**30:.2f} GiB, leaves at the end: {r.stats}",
                                   highlight=False, soft_wrap=True)
+                    if floor_line(r):
+                        console.print(floor_line(r), highlight=False, soft_wrap=True)
                     if v613_other:
                         console.print("note: with the batched flush the kernel also flushes whenever the "
                                       "walk yields (tdp_mmu_iter_cond_resched: need_resched or mmu_lock "

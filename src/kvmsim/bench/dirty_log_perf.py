@@ -31,6 +31,8 @@ from typing import Callable
 
 import numpy as np
 
+import kvmsim.kvm.pfn_bulk  # noqa: F401  (imported lazily by the MMU's and policies' bulk paths:
+import kvmsim.x86.bulk  # noqa: F401      imported here, their compilation is not timed as populate)
 from kvmsim.bench.memstress import TEST_GPA, create_test_slots, vcpu_pass, write_masks
 from kvmsim.errors import KvmsimError, UsageError
 from kvmsim.kvm.dirty import enable_manual_protect, kvm_clear_dirty_log, kvm_get_dirty_log
@@ -39,6 +41,7 @@ from kvmsim.mm.host import Host
 from kvmsim.types import PAGE_SHIFT
 from kvmsim.uapi import KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM
 from kvmsim.x86.dirty_log import gfn_aligned_pieces
+from kvmsim.x86.spte import tables
 
 #: The cost columns: struct-page operations by kind, then the MMU's own work.
 STRUCT_PAGE_KINDS = ("set_dirty", "mark_accessed", "get_page", "put_page", "pin", "unpin")
@@ -80,6 +83,7 @@ class Options:
     pml: bool = True                    # False: AMD SVM (no PML), dirty logging write-protects
     teardown: bool = False              # also time the VM's destruction (kvm_destroy_vm), as "teardown"
     phase_stats: bool = False           # record pages_4k/2m/1g at the end of every phase
+    floor: bool = False                 # measure the copy bandwidth and each phase's memory floor (bench.floor)
 
     def check(self) -> None:
         if self.iterations < 2:
@@ -108,6 +112,20 @@ class Phase:
     counters: dict[str, int] = field(default_factory=dict)
     peak_rss_bytes: int = 0            # the process's peak RSS when the phase ended
     stats: dict[str, int] = field(default_factory=dict)   # leaf counts at its end (Options.phase_stats)
+    cpu_seconds: float = 0.0           # the process's CPU time (user + system) over the phase
+    floor_bytes: int | None = None     # per-page state it must read plus write (bench.floor), if known
+    floor_seconds: float | None = None  # floor_bytes over the run's copy bandwidth
+    floor_cpu_seconds: float | None = None  # floor_bytes over the copy bandwidth per CPU second
+
+    @property
+    def floor_multiple(self) -> float | None:
+        """The phase's time as a multiple of its memory floor."""
+        return self.seconds / self.floor_seconds if self.floor_seconds else None
+
+    @property
+    def floor_multiple_cpu(self) -> float | None:
+        """The phase's CPU time as a multiple of its floor in CPU time (robust on a shared machine)."""
+        return self.cpu_seconds / self.floor_cpu_seconds if self.floor_cpu_seconds else None
 
     def summary(self) -> dict[str, int]:
         return summarize(self.counters)
@@ -123,12 +141,35 @@ class RunResult:
     wall_seconds: float = 0.0
     stats: dict = field(default_factory=dict)
     note: str = ""
+    copy_bandwidth: float = 0.0        # bytes read + written per second, numpy copy of 1 GiB (Options.floor)
+    copy_bandwidth_cpu: float = 0.0    # the same per second of CPU time
+    state_bytes: dict = field(default_factory=dict)   # per-page state: bytes per guest page of each array
 
     def to_json(self) -> dict:
         d = asdict(self)
         for p, ph in zip(d["phases"], self.phases):
             p["summary"] = ph.summary()
+            p["floor_multiple"] = ph.floor_multiple
+            p["floor_multiple_cpu"] = ph.floor_multiple_cpu
+        d["floor_multiple"] = self.floor_multiple()
+        d["floor_multiple_cpu"] = self.floor_multiple(cpu=True)
         return d
+
+    def floor_seconds(self) -> float | None:
+        """The floors of the timed phases, summed (None unless every phase has one)."""
+        if not self.phases or any(p.floor_seconds is None for p in self.phases):
+            return None
+        return sum(p.floor_seconds for p in self.phases)
+
+    def floor_multiple(self, *, cpu: bool = False) -> float | None:
+        """The phases' time over their floors' sum: the whole flow as a multiple of its floor
+        (``cpu``: CPU time over the floor at the CPU-time copy bandwidth)."""
+        if cpu:
+            if not self.phases or any(p.floor_cpu_seconds is None for p in self.phases):
+                return None
+            return sum(p.cpu_seconds for p in self.phases) / sum(p.floor_cpu_seconds for p in self.phases)
+        f = self.floor_seconds()
+        return sum(p.seconds for p in self.phases) / f if f else None
 
     def phase(self, name: str, iteration: int | None = None) -> Phase:
         for p in self.phases:
@@ -164,22 +205,32 @@ class _Clock:
                 if clock.progress:
                     clock.progress(name, iteration, None)
                 self.before = clock.journal.snapshot()
+                self.c0 = time.process_time_ns()
                 self.t0 = time.perf_counter_ns()
 
             def __exit__(self, *exc):
                 dt = time.perf_counter_ns() - self.t0
+                cpu = time.process_time_ns() - self.c0
                 if exc[0] is None:
                     clock.phases.append(Phase(name, iteration, dt / 1e9, clock.journal.since(self.before),
-                                              peak_rss(), clock.stats_of() if clock.stats_of else {}))
+                                              peak_rss(), clock.stats_of() if clock.stats_of else {}, cpu / 1e9))
                     if clock.progress:
                         clock.progress(name, iteration, dt / 1e9)
         return _Ctx()
 
 
-def run_model(opts: Options, policy: str, progress: Progress | None = None) -> RunResult:
+def run_model(opts: Options, policy: str, progress: Progress | None = None, *,
+              bandwidth: tuple[float, float] | float | None = None, on_phase=None) -> RunResult:
     """Run the whole flow on a fresh host and VM under ``policy``; returns timings and counters.
-    ``progress`` is called as each phase starts and ends."""
+    ``progress`` is called as each phase starts and ends.  With ``opts.floor`` each phase gets its
+    memory floor (:mod:`kvmsim.bench.floor`) over ``bandwidth`` (measured here, before the flow, when
+    None; a pair is wall and CPU-time bandwidth).  ``on_phase(kvm, name, iteration, ended)``, if given, is called outside the timed
+    region as each phase starts and ends (tests inspect the model state there)."""
     opts.check()
+    if opts.floor and bandwidth is None:
+        from kvmsim.bench.floor import copy_bandwidths
+        bandwidth = copy_bandwidths()
+        reset_peak_rss()
     t_start = time.perf_counter()
     host = Host(recording=False)
     reserve_mem_map(host, opts.total >> PAGE_SHIFT)
@@ -187,11 +238,22 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
     if opts.manual_protect:
         enable_manual_protect(kvm, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET)
     slots = create_test_slots(kvm, opts.total, opts.backing, opts.slots)
+    for s in slots:
+        # the x86 leaf table of each slot, allocated with the slot (untimed), as the kernel allocates a
+        # slot's per-page metadata (kvm_alloc_memslot_metadata(): rmaps, lpage_info) when it is
+        # created; otherwise the first fault would page in its fresh arrays inside "populate"
+        tables(kvm.memslots[0].by_id[s.slot])
     vcpus = [kvm.create_vcpu() for _ in range(opts.vcpus)]
     per = opts.vcpu_memory >> PAGE_SHIFT
     rng = np.random.default_rng(opts.seed)
     phases: list[Phase] = []
-    clock = _Clock(kvm.journal, phases, progress, (lambda: leaf_stats(kvm)) if opts.phase_stats else None)
+    observe = progress
+    if on_phase is not None:
+        def observe(name, iteration, seconds):
+            on_phase(kvm, name, iteration, seconds is not None)
+            if progress:
+                progress(name, iteration, seconds)
+    clock = _Clock(kvm.journal, phases, observe, (lambda: leaf_stats(kvm)) if opts.phase_stats else None)
 
     def all_vcpus(value: int, percent: int) -> None:
         for k, v in enumerate(vcpus):
@@ -205,6 +267,7 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
         all_vcpus(0, 100)
     with clock("enable"):
         set_logging(True)
+    state = _state_bytes(kvm, slots) if opts.floor else {}
     for it in range(1, opts.iterations + 1):
         with clock("dirty", it):
             all_vcpus(it, opts.write_percent)
@@ -225,12 +288,36 @@ def run_model(opts: Options, policy: str, progress: Progress | None = None) -> R
     if opts.run_while_disabling:
         with clock("after-disable", opts.iterations + 2):
             all_vcpus(opts.iterations + 2, opts.write_percent)
-    stats = leaf_stats(kvm)
     if opts.teardown:
         with clock("teardown"):
             kvm.destroy()
     wall = time.perf_counter() - t_start
-    return RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
+    stats = leaf_stats(kvm)                            # the VM's stats, read after the timed flow
+    res = RunResult("model", policy, asdict(opts), phases, peak_rss(), wall, stats)
+    if opts.floor:
+        _set_floors(res, opts, state, bandwidth)
+    return res
+
+
+def _state_bytes(kvm, slots) -> dict[str, float]:
+    from kvmsim.bench.floor import state_bytes
+    s = slots[0]
+    return state_bytes(kvm, kvm.memslots[0].by_id[s.slot], s.vma)
+
+
+def _set_floors(res: RunResult, opts: Options, state: dict[str, float], bandwidth) -> None:
+    """Each phase's floor (:func:`kvmsim.bench.floor.phase_floor_bytes`) when the flow is the one the
+    floor table describes."""
+    from kvmsim.bench.floor import floor_applies, phase_floor_bytes
+    wall, cpu = bandwidth if isinstance(bandwidth, tuple) else (bandwidth, bandwidth)
+    res.copy_bandwidth, res.copy_bandwidth_cpu, res.state_bytes = wall, cpu, state
+    if not floor_applies(opts):
+        return
+    npages = opts.total >> PAGE_SHIFT
+    for p in res.phases:
+        p.floor_bytes = phase_floor_bytes(state, p.name, p.iteration, npages, p.summary()["set_dirty"])
+        if p.floor_bytes is not None:
+            p.floor_seconds, p.floor_cpu_seconds = p.floor_bytes / wall, p.floor_bytes / cpu
 
 
 def leaf_stats(kvm) -> dict[str, int]:
@@ -346,8 +433,13 @@ def _run_warm(opts: Options, policy: str, warm: bool, progress: Progress | None 
             if progress:
                 progress("warm-up", None, None)
             warm_memory(estimate_bytes(opts))
-            reset_peak_rss()
-    return run_model(opts, policy, progress)
+    bandwidth = None
+    if opts.floor:
+        from kvmsim.bench.floor import copy_bandwidths
+        bandwidth = copy_bandwidths()
+    if warm or opts.floor:
+        reset_peak_rss()
+    return run_model(opts, policy, progress, bandwidth=bandwidth)
 
 
 class WorkerError(KvmsimError):

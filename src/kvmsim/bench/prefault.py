@@ -52,16 +52,23 @@ def host_prefault_range(kvm, slot, lo: int, hi: int) -> tuple[int, bool]:
         i0, i1 = vma.idx(a), vma.idx(b)
         pte = vma.pte[i0:i1]
         need = (pte & (_P | _W)) != (_P | _W)
+        if not need.any():                   # mapped writable already (a later pass): nothing to fault in
+            pos = s0 + i1 - i0
+            continue
         irregular = (pte & _PN) != 0
         irregular |= need & ((pte & _P) != 0)                        # read-only host PTE: COW / zero page
         if t is not None:
             sb = t.bits[s0:s0 + i1 - i0]
             present = (sb & _SP) != 0
-            irregular |= present & ((sb & (_SW_ | _SMW)) == 0)       # no fast fix: slow fault
-            need &= ~present
+            if present.any():                                        # else a first touch: no SPTE to test
+                irregular |= present & ((sb & (_SW_ | _SMW)) == 0)   # no fast fix: slow fault
+                need &= ~present
         cut = int(np.argmax(irregular)) if irregular.any() else i1 - i0
-        if need[:cut].any() and not _fault_vma(kvm, vma, i0 + np.flatnonzero(need[:cut])):
-            return s0, False
+        todo = need[:cut]
+        if todo.any():
+            idx = np.arange(i0, i0 + cut) if todo.all() else i0 + np.flatnonzero(todo)   # all: no nonzero scan
+            if not _fault_vma(kvm, vma, idx):
+                return s0, False
         if cut < i1 - i0:
             return s0 + cut, True
         pos = s0 + i1 - i0

@@ -55,18 +55,43 @@ def short_label(name: str, iteration: int | None) -> str:
 
 
 def cost_table(r: RunResult, title: str):
-    """Phase, seconds, struct-page operations by kind (dirty, accessed, get, put, pin, unpin), then
-    SPTE writes, TLB flushes, faults and fast faults."""
+    """Phase, seconds, the phase's time as a multiple of its memory floor (when the run measured
+    floors, :mod:`kvmsim.bench.floor`), struct-page operations by kind (dirty, accessed, get, put,
+    pin, unpin), then SPTE writes, TLB flushes, faults and fast faults."""
     from rich.table import Table
+    floors = any(p.floor_seconds for p in r.phases)
     t = Table(title=title, title_justify="left", pad_edge=False, padding=(0, 1))
     t.add_column("phase", no_wrap=True)
     t.add_column("seconds", justify="right", no_wrap=True)
+    if floors:
+        t.add_column("x floor", justify="right", no_wrap=True)
+        t.add_column("CPU x floor", justify="right", no_wrap=True)
     for c in COLUMNS:
         t.add_column(_HEAD[c], justify="right", no_wrap=True)
     for p in r.phases:
         s = p.summary()
-        t.add_row(short_label(p.name, p.iteration), f"{p.seconds:.6f}", *(f"{s[c]:,}" for c in COLUMNS))
+        mult = [_multiple(p.floor_multiple), _multiple(p.floor_multiple_cpu)] if floors else []
+        t.add_row(short_label(p.name, p.iteration), f"{p.seconds:.6f}", *mult, *(f"{s[c]:,}" for c in COLUMNS))
     return t
+
+
+def _multiple(m: float | None) -> str:
+    return "-" if m is None else f"{m:,.1f}x"
+
+
+def floor_line(r: RunResult) -> str | None:
+    """The whole flow against its floor: the floors' sum, the copy bandwidth, the per-page state and
+    the multiple (None when the run measured no floor)."""
+    if not r.copy_bandwidth:
+        return None
+    state = sum(v for v in r.state_bytes.values())
+    f = r.floor_seconds()
+    if f is None:
+        return (f"memory floor: not defined for this flow (4 KiB anonymous, manual protect, -w 100 only); "
+                f"per-page state {state:g} B, copy bandwidth {r.copy_bandwidth / 1e9:.1f} GB/s")
+    return (f"memory floor: {f:.4f} s for the timed phases at {r.copy_bandwidth / 1e9:.1f} GB/s copy "
+            f"bandwidth (per-page state {state:g} B); the phases took {r.floor_multiple():.1f}x their floor "
+            f"(CPU time: {r.floor_multiple(cpu=True):.1f}x, at {r.copy_bandwidth_cpu / 1e9:.1f} GB/s per CPU second)")
 
 
 def compare_table(model: RunResult, real: RunResult):

@@ -145,8 +145,9 @@ def kvm_clear_dirty_log(kvm, slot_id: int, first_page: int, num_pages: int, bitm
         b = min(a + CLEAR_CHUNK, first_page + num_pages)
         m = slot.dirty_bitmap[a:b] if mask is None else mask[a - first_page:b - first_page] & slot.dirty_bitmap[a:b]
         if m.any():
-            m = m.copy()
-            slot.dirty_bitmap[a:b] &= ~m
+            if mask is None:
+                m = m.copy()                           # a view of the bitmap cleared next
+            slot.dirty_bitmap[a:b] ^= m                # m is a subset of the bitmap: XOR clears it
             kvm.arch.enable_log_dirty_pt_masked(slot, a, m)
             flush = True
     kvm.mmu_lock.write_unlock()

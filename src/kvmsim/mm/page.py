@@ -174,15 +174,15 @@ class PhysMem:
         self.pincount[sl] = 0
         self.data[sl] = 0
         self.owner[sl] = owner
-        self.index[sl] = index + np.arange(n)
+        self.index[sl] = np.arange(index, index + n)
         self.order[sl] = 0
         self.head[sl] = np.arange(pfn, pfn + n)
-        self.refcount[sl] = 0
-        heads = np.arange(pfn, pfn + n, size)
         initial = 0 if cls == PfnClass.NONREFCOUNTED else 1
         if order == 0:
             self.refcount[sl] = initial
             return
+        self.refcount[sl] = 0
+        heads = np.arange(pfn, pfn + n, size)
         if not compound:
             # __get_free_pages(order) without __GFP_COMP: only the first page is refcounted; the
             # others are independent pages with _refcount 0 while in use (amdgpu TTM pool).

@@ -210,8 +210,9 @@ class LegacyPolicy:
         (patch 8 "KVM: x86/mmu: Mark folio dirty when creating SPTE, not when zapping/modifying" and
         patch 82 "KVM: x86/mmu: Don't mark "struct page" accessed when zapping SPTEs" removed them)."""
         from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk, set_page_dirty_bulk
-        set_page_dirty_bulk(kvm, pfns[dirty_mask], caller, Src.SPTE)
-        mark_page_accessed_bulk(kvm, pfns[accessed_mask], caller, Src.SPTE)
+        set_page_dirty_bulk(kvm, pfns if dirty_mask.all() else pfns[dirty_mask], caller, Src.SPTE)
+        if accessed_mask.any():
+            mark_page_accessed_bulk(kvm, pfns if accessed_mask.all() else pfns[accessed_mask], caller, Src.SPTE)
 
     def release_faultin_bulk(self, kvm, pfns, writable_mask, caller, gfns=None):
         """Vectorised :meth:`release_faultin` for faults that used a page: ``kvm_release_pfn_clean()``

@@ -153,7 +153,11 @@ class SeriesPolicy:
         then accessed (the GUP reference is modelled as taken and dropped)."""
         from kvmsim.trace import Src
         from kvmsim.kvm.pfn_bulk import mark_page_accessed_bulk, set_page_dirty_bulk
-        set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD, None if gfns is None else gfns[writable_mask])
+        if writable_mask.all():                           # the usual case: no gathers
+            set_page_dirty_bulk(kvm, pfns, caller, Src.HELD, gfns)
+        else:
+            set_page_dirty_bulk(kvm, pfns[writable_mask], caller, Src.HELD,
+                                None if gfns is None else gfns[writable_mask])
         mark_page_accessed_bulk(kvm, pfns, caller, Src.HELD, gfns)
 
     # ---- x86 make_spte / mmu_set_spte / shadow paging (kvmsim.x86.mmu, kvmsim.x86.paging_tmpl) ----------------

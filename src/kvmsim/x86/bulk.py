@@ -81,13 +81,19 @@ def mark_dirty_mask(kvm, slot, lo: int, mask: np.ndarray, vcpu) -> None:
 
 
 def host_ready(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed."""
-    ready = np.zeros(len(idx), dtype=bool)
-    pfn = np.full(len(idx), -1, dtype=np.int64)
+    """(ready, pfn) per index: would ``get_user_page_fast_only(FOLL_WRITE)`` succeed.  ``pfn`` may be
+    a view of the host PTEs: read it, never write it."""
     span = _span(idx)
     if span is not None:                                   # consecutive gfns: slices of each VMA's PTEs
         h0 = slot.userspace_addr + (span[0] << PAGE_SHIFT)
         h1 = slot.userspace_addr + (span[1] << PAGE_SHIFT)
+        vma = kvm.mm.vma_lookup(h0)
+        if vma is not None and vma.end >= h1:              # one VMA: its PTEs' slices as they are
+            i0, i1 = vma.idx(h0), vma.idx(h1)
+            return _gup_fast_ok(kvm, vma.pte[i0:i1], vma.pte_pfn[i0:i1])
+    ready = np.zeros(len(idx), dtype=bool)
+    pfn = np.full(len(idx), -1, dtype=np.int64)
+    if span is not None:
         for vma in kvm.mm.vmas_in(h0, h1):
             a, b = max(h0, vma.start), min(h1, vma.end)
             i0, i1 = vma.idx(a), vma.idx(b)
@@ -106,7 +112,7 @@ def _gup_fast_ok(kvm, pte: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.nd
     """``get_user_page_fast_only(FOLL_WRITE)`` per host PTE: present, writable, not special or
     PROT_NONE, and a valid page that is not freed.  Returns (ok, pfn)."""
     ok = ((pte & (_HP | _HW | _HS | _HPN)) == (_HP | _HW)) & (p > 0)
-    ok[ok] &= (p[ok] < kvm.phys.nr)
+    ok &= p < kvm.phys.nr                                  # one pass: no gather and scatter through ok
     if kvm.phys.has_freed_pages():
         ok[ok] &= (kvm.phys.flags[p[ok]] & _POISONED) == 0
     return ok, p
@@ -126,8 +132,8 @@ def guest_access_range(mmu, vcpu, gpa: int, npages: int, write, values=None) -> 
         write = np.asarray(write, dtype=bool)
         if len(write) != npages:
             raise ValueError(f"guest_access_range: {len(write)} access kinds for {npages} pages")
-    vals = np.zeros(npages, dtype=np.int64) if values is None else \
-        np.broadcast_to(np.asarray(values, dtype=np.int64), (npages,)).copy()
+    # the values to store, read only: a broadcast view when one value for all (no copy)
+    vals = np.broadcast_to(np.asarray(0 if values is None else values, dtype=np.int64), (npages,))
     out = (vals.copy() if write else np.zeros(npages, dtype=np.int64)) if one else vals * write
     pos = 0
     while pos < npages:
@@ -172,53 +178,59 @@ def _range_in_slot(mmu, vcpu, slot, lo: int, n: int, write, vals, out) -> None:
             return
         span = _span(todo)
         b = _take(t.bits, todo, span)
-        if one:
-            hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & ((not write) | ((b & W) != 0))
-        else:
-            hit = ((b & P) != 0) & ((b & (AT | MMIO)) == 0) & (~write | ((b & W) != 0))
-        if not one and not hit.all():
-            if _needs_scalar(mmu, slot, t, todo, b, write, hit):
-                _by_runs(mmu, vcpu, slot, lo, todo, write, vals, out)
-                return
-            hit = _in_order_hits(slot, t, todo, span, hit)
-        if hit.all():                                     # every page maps: no gathers
-            _hits(mmu, vcpu, slot, t, todo, b, write)
-            k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
-            _guest_data(kvm, _take(t.pfn, todo, span), k, write, vals, out)
-            return
-        if hit.any():
-            done = todo[hit]
-            _hits(mmu, vcpu, slot, t, done, b[hit], _sub(write, hit))
-            _guest_data(kvm, t.pfn[done], done - lo, _sub(write, hit), vals, out)
-            todo = todo[~hit]
-            write = _sub(write, ~hit)
-        if not len(todo):
-            return
-        span = _span(todo)
-        b = _take(t.bits, todo, span)
-        lvl = _take(t.level, todo, span)
-        # fast_page_fault() can fix: a read of an access-tracked SPTE; a write where the SPTE is
-        # MMU-writable (and not a huge leaf of a dirty-logged slot), access-tracked or write-protected
-        if one and not write:
-            fixable = (b & AT) != 0
-        else:
-            fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
-            if not one:
-                fixable = np.where(write, fixable, (b & AT) != 0)
-        fix = ((b & P) != 0) & ((b & MMIO) == 0) & fixable
-        if fix.any():
-            _fast_faults(mmu, vcpu, slot, t, todo[fix], _sub(write, fix))
-            continue
         present = (b & P) != 0
+        if not one or present.any():                      # else a first touch: no hit, no fast fault
+            if one:                                       # present, not AT/MMIO (and W for a store): one test
+                hit = (b & (P | AT | MMIO | (W if write else 0))) == (P | (W if write else 0))
+            else:
+                hit = present & ((b & (AT | MMIO)) == 0) & (~write | ((b & W) != 0))
+            if not one and not hit.all():
+                if _needs_scalar(mmu, slot, t, todo, b, write, hit):
+                    _by_runs(mmu, vcpu, slot, lo, todo, write, vals, out)
+                    return
+                hit = _in_order_hits(slot, t, todo, span, hit)
+            if hit.all():                                     # every page maps: no gathers
+                _hits(mmu, vcpu, slot, t, todo, b, write)
+                k = slice(span[0] - lo, span[1] - lo) if span is not None else todo - lo
+                _guest_data(kvm, _take(t.pfn, todo, span), k, write, vals, out)
+                return
+            if hit.any():
+                done = todo[hit]
+                _hits(mmu, vcpu, slot, t, done, b[hit], _sub(write, hit))
+                _guest_data(kvm, t.pfn[done], done - lo, _sub(write, hit), vals, out)
+                todo = todo[~hit]
+                write = _sub(write, ~hit)
+            if not len(todo):
+                return
+            span = _span(todo)
+            b = _take(t.bits, todo, span)
+            lvl = _take(t.level, todo, span)
+            # fast_page_fault() can fix: a read of an access-tracked SPTE; a write where the SPTE is
+            # MMU-writable (and not a huge leaf of a dirty-logged slot), access-tracked or write-protected
+            if one and not write:
+                fixable = (b & AT) != 0
+            else:
+                fixable = ((b & MW) != 0) & (((b & AT) != 0) | ((b & W) == 0)) & ((lvl == 1) | (not slot.logging))
+                if not one:
+                    fixable = np.where(write, fixable, (b & AT) != 0)
+            fix = ((b & P) != 0) & ((b & MMIO) == 0) & fixable
+            if fix.any():
+                _fast_faults(mmu, vcpu, slot, t, todo[fix], _sub(write, fix))
+                continue
+            present = (b & P) != 0
         ready, hpfn = host_ready(kvm, slot, todo)
-        ready &= ~present
+        if present.any():
+            ready &= ~present
         if not mmu.tdp_mmu_enabled:
             ready[:] = False            # the shadow MMU's fault prefetches (direct_pte_prefetch): scalar
         if ready.any():
             mmu_seq = kvm.mmu_invalidate_seq                  # kvm_mmu_faultin_pfn(): the snapshot
             if kvm.mmu_invalidate_in_progress:                # (just snapshotted: only a range can retry)
                 ready &= ~_retry_mask(kvm, slot.base_gfn + todo, mmu_seq, locked=False)
-        if ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], mmu_seq):
+        if ready.all():                                   # the usual first touch: no gathers
+            if _slow_faults(mmu, vcpu, slot, t, todo, hpfn, mmu_seq):
+                continue
+        elif ready.any() and _slow_faults(mmu, vcpu, slot, t, todo[ready], hpfn[ready], mmu_seq):
             continue
         # the scalar path for what needs the host or KVM's conflict handling, in gfn order; back to
         # the vectorised round as soon as the host has mapped the next page (a huge host fault)
@@ -318,6 +330,13 @@ def _guest_data(kvm, pfn: np.ndarray, k, write, vals, out) -> None:
             for p, i, wr in zip(pfn.tolist(), pos.tolist(), write.tolist()):
                 _guest_data(kvm, np.array([p]), np.array([i]), wr, vals, out)
         return
+    run = _frame_run(pfn)
+    if run is not None and run.start > 0 and run.stop <= phys.nr and not phys.has_freed_pages():
+        if write:                                         # consecutive frames: a slice, no scatter
+            phys.data[run] = vals[k]
+        else:
+            out[k] = phys.data[run]
+        return
     if pfn.min() > 0 and pfn.max() < phys.nr and \
             (not phys.has_freed_pages() or not (phys.flags[pfn] & _POISONED).any()):
         if write:
@@ -337,6 +356,14 @@ def _guest_data(kvm, pfn: np.ndarray, k, write, vals, out) -> None:
             out[i] = phys.read(p, "guest read", kvm=True)
         else:
             out[i] = phys.data[p]
+
+
+def _frame_run(pfn: np.ndarray) -> slice | None:
+    """``slice(first, last + 1)`` when ``pfn`` is one ascending run of consecutive frames."""
+    p0, p1 = int(pfn[0]), int(pfn[-1]) + 1
+    if p1 - p0 != len(pfn) or (len(pfn) > 1 and not (pfn[1:] > pfn[:-1]).all()):
+        return None
+    return slice(p0, p1)
 
 
 def _leaf_starts(slot, t, idx):
@@ -377,7 +404,9 @@ def _hits(mmu, vcpu, slot, t, idx, b, write) -> None:
         for s, sz, wv in set(zip(starts.tolist(), size.tolist(), wants)):
             t.bits[s:s + sz] |= np.uint16(wv)
     if slot.logging and mmu.pml:
-        if one and write:
+        if one and write and span is not None:
+            mark_dirty_mask(mmu.kvm, slot, span[0], (b & D) == 0, vcpu)
+        elif one and write:
             mark_dirty_bulk(mmu.kvm, slot, idx[(b & D) == 0], vcpu)
         elif not one:
             mark_dirty_bulk(mmu.kvm, slot, idx[write & ((b & D) == 0)], vcpu)
@@ -491,9 +520,11 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, mmu_seq: int) -> bool:
     kvm.journal.count(f"put_page:{rel_caller}", nf)
     try:
         small = flvl == 1
-        s = fidx[small]
+        every = fidx is idx and levels.max() <= 1                    # 4 KiB leaves only: no gathers
+        s = fidx if every else fidx[small]
         if len(s) and _span(s) is not None:                          # consecutive 4 KiB leaves
-            spte_write(kvm, slot, int(s[0]), int(s[-1]) + 1, bits, fpfn[small], 1, caller=mmu.map_caller)
+            spte_write(kvm, slot, int(s[0]), int(s[-1]) + 1, bits, fpfn if every else fpfn[small], 1,
+                       caller=mmu.map_caller)
         elif len(s):
             lo, hi = int(s.min()), int(s.max()) + 1
             nb = t.bits[lo:hi].copy()
@@ -503,8 +534,8 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, mmu_seq: int) -> bool:
             npf[s - lo] = fpfn[small]
             nl[s - lo] = 1
             spte_write(kvm, slot, lo, hi, nb, npf, nl, caller=mmu.map_caller)
-        h = ~small
-        if h.any():
+        h = None if every else ~small
+        if h is not None and h.any():
             _install_huge(kvm, slot, t, fstart[h], fpfn[h] - (fidx[h] - fstart[h]), flvl[h], bits, mmu.map_caller)
         if kvm.journal.recording:
             for i, p, lv in zip(fidx.tolist(), fpfn.tolist(), flvl.tolist()):

@@ -112,14 +112,16 @@ def tables(slot) -> SptTable:
 
 def check_inv11(kvm, slot, lo, old_bits, old_pfn, old_level, new_bits, new_pfn, new_level, caller: str) -> None:
     """INV-11 on a write of entries ``[lo, lo+len)``: records ``inv11`` facts and a counter."""
-    present = (new_bits & P) != 0
-    bad = present & (((new_bits & W) != 0) & ((new_bits & MW) == 0) | ((new_bits & MW) != 0) & ((new_bits & HW) == 0))
-    same_leaf = (old_bits & P != 0) & present
-    if new_level is not old_level:
-        same_leaf &= old_level == new_level
-    bad |= same_leaf & (((old_bits ^ new_bits) & HW) != 0)
+    # present and (W without MMU-writable, or MMU-writable without Host-writable): two masked compares
+    bad = ((new_bits & (P | W | MW)) == (P | W)) | ((new_bits & (P | MW | HW)) == (P | MW))
+    changed = ((old_bits ^ new_bits) & HW) != 0
     if new_pfn is not old_pfn:
-        bad |= same_leaf & (old_pfn != new_pfn)
+        changed |= old_pfn != new_pfn
+    if changed.any():                                    # Host-writable or the pfn changed somewhere
+        same_leaf = ((old_bits & P) != 0) & ((new_bits & P) != 0)
+        if new_level is not old_level:
+            same_leaf &= old_level == new_level
+        bad |= same_leaf & changed
     if bad.any():
         where = np.nonzero(bad)[0]
         kvm.journal.count("inv11", len(where))
@@ -166,6 +168,9 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
             and (new_level is None or isinstance(new_level, _SCALAR)):
         spte_write_one(kvm, slot, t, lo, int(new_bits), new_pfn, new_level, caller=caller, track=track)
         return
+    if new_bits.__class__ in _SCALAR_TYPES and int(new_bits) & P and _install_fresh(kvm, t, lo, hi, int(new_bits),
+                                                                               new_pfn, new_level):
+        return
     # old values: copies of what this write overwrites, views of what it leaves alone
     old_bits = t.bits[lo:hi].copy()
     old_pfn = t.pfn[lo:hi] if new_pfn is None else t.pfn[lo:hi].copy()
@@ -188,6 +193,27 @@ def spte_write(kvm, slot, lo: int, hi: int, new_bits, new_pfn=None, new_level=No
         changed |= old_level != nl
     if changed.any():
         kvm.journal.count("spte_write", _leaves_in(slot, lo, old_level, nl, changed))
+
+
+_SCALAR_TYPES = (int, np.uint16, np.int64)
+
+
+def _install_fresh(kvm, t, lo: int, hi: int, nb: int, new_pfn, new_level) -> bool:
+    """:func:`spte_write` of one present 4 KiB SPTE value over entries none of which is present (a
+    first fault of each page): INV-11's same-leaf rules and A/D losses need an old present SPTE, so
+    only the new value's W ⇒ MMU-writable ⇒ Host-writable is checked, once; every entry changes.
+    False, with nothing written, when the write is not such a one."""
+    if new_level is None or not isinstance(new_level, _SCALAR) or int(new_level) != 1 or \
+            (nb & W and not nb & MW) or (nb & MW and not nb & HW):
+        return False
+    if (t.bits[lo:hi] & P).any() or t.level[lo:hi].max() > 1:
+        return False
+    t.bits[lo:hi] = nb
+    if new_pfn is not None:
+        t.pfn[lo:hi] = new_pfn
+    t.level[lo:hi] = 1
+    kvm.journal.count("spte_write", hi - lo)
+    return True
 
 
 def spte_write_one(kvm, slot, t: SptTable, i: int, nb: int, new_pfn: int | None = None, new_level: int | None = None,

@@ -22,6 +22,11 @@ def host_levels(kvm, slot, lo: int, hi: int) -> np.ndarray:
     out = np.ones(hi - lo, dtype=np.uint8)
     h0 = slot.userspace_addr + (lo << PAGE_SHIFT)
     h1 = slot.userspace_addr + (hi << PAGE_SHIFT)
+    vma = kvm.mm.vma_lookup(h0)
+    if vma is not None and vma.end >= h1:
+        lv = vma.pte_level[vma.idx(h0):vma.idx(h1)]
+        if lv.max() <= 1 and lv.min() >= 1:             # one VMA the host maps in 4 KiB pages: all 1
+            return out
     for vma in kvm.mm.vmas_in(h0, h1):
         a, b = max(h0, vma.start), min(h1, vma.end)
         i0, i1 = vma.idx(a), vma.idx(b)
@@ -165,21 +170,26 @@ def clear_dirty_range(kvm, slot, lo: int, hi: int, caller: str, mask=None, *, wr
         lo, hi = t.leaf_bounds(slot, lo, hi)
     bits = t.bits[lo:hi]
     lvl = t.level[lo:hi]
-    sel = ((bits & P) != 0) & ((bits & MMIO) == 0)
+    if wrprot or (bits & ADX).any():
+        dbit = np.where(((bits & ADX) != 0) | wrprot, W, D).astype(np.uint16)
+        sel = ((bits & P) != 0) & ((bits & MMIO) == 0) & ((bits & dbit) != 0)
+    else:
+        dbit = np.uint16(D)                             # A/D bits everywhere: present, not MMIO, D set
+        sel = (bits & (P | MMIO | D)) == (P | D)
     if not all_levels:
         sel &= lvl == 1
     if mask is not None:
         sel &= mask
-    dbit = np.where(((bits & ADX) != 0) | wrprot, W, D).astype(np.uint16)
-    sel &= (bits & dbit) != 0
     if not sel.any():
         return False
-    new = bits & np.where(sel, ~dbit, np.uint16(0xFFFF))    # no boolean gather: sel is often scattered
+    new = bits ^ (sel * dbit)                           # sel implies the bit is set: XOR clears it, no gather
     spte_write(kvm, slot, lo, hi, new, caller=caller, track=False)
     if lvl.max() > 1:                                   # one report per leaf: its first entry
         sel &= ((slot.base_gfn + lo + np.arange(hi - lo)) % LEAF_PAGES[lvl]) == 0
     n = int(np.count_nonzero(sel))
-    kvm.ops.spte_ad_lost_bulk(kvm, t.pfn[lo:hi][sel], np.ones(n, bool), np.zeros(n, bool), caller)
+    pfns = t.pfn[lo:hi] if n == hi - lo else t.pfn[lo:hi][sel]      # every entry: a view, no gather
+    # every one dirty, none accessed: read-only broadcast masks (no per-page arrays to allocate)
+    kvm.ops.spte_ad_lost_bulk(kvm, pfns, np.broadcast_to(True, (n,)), np.broadcast_to(False, (n,)), caller)
     return True
 
 
@@ -227,6 +237,20 @@ def _host_at(kvm, slot, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return level, pfn
 
 
+def _host_levels_strided(kvm, slot, first: int, count: int, n: int) -> np.ndarray:
+    """:func:`_host_at`'s level at slot-relative ``first + k * n`` for ``k < count``: strided views of
+    the host PTEs when one VMA maps the slot's range, else the gathers of :func:`_host_at`."""
+    h0 = slot.userspace_addr + (first << PAGE_SHIFT)
+    h1 = h0 + (((count - 1) * n + 1) << PAGE_SHIFT)
+    vma = kvm.mm.vma_lookup(h0)
+    if vma is None or vma.end < h1:
+        return _host_at(kvm, slot, first + np.arange(count, dtype=np.int64) * n)[0]
+    i0 = vma.idx(h0)
+    sl = slice(i0, i0 + (count - 1) * n + 1, n)
+    present = ((vma.pte[sl] & _PTE_PRESENT) != 0) & (vma.pte_pfn[sl] >= 0)
+    return np.where(present, vma.pte_level[sl], 1).astype(np.uint8)
+
+
 def _collapsible_regions(kvm, slot, level: int) -> np.ndarray:
     """Slot-relative starts of aligned ``level`` regions mapped by smaller leaves that could be huge
     (``kvm_mmu_max_mapping_level()`` of the region's first gfn is at least ``level``)."""
@@ -236,20 +260,24 @@ def _collapsible_regions(kvm, slot, level: int) -> np.ndarray:
     count = (slot.npages - first) // n
     if count <= 0:
         return np.zeros(0, dtype=np.int64)
+    if ((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n:
+        return np.zeros(0, dtype=np.int64)        # the hva is misaligned: lpage_info disallows the level
+    # the host level first (one host PTE per region): where the host maps only 4 KiB, no SPTE is read
+    host_level = _host_levels_strided(kvm, slot, first, count, n)
+    cand = np.flatnonzero(host_level >= level)
     found = []
     per = max(1, (1 << 18) // n)                     # regions per step: 1 GiB of entries at a time
-    for c0 in range(0, count, per):
-        c1 = min(count, c0 + per)
-        a, b = first + c0 * n, first + c1 * n
-        lvl = t.level[a:b].reshape(c1 - c0, n)
-        pres = (t.bits[a:b].reshape(c1 - c0, n) & P) != 0
-        has_small = np.flatnonzero((pres & (lvl < level)).any(axis=1))
-        found.append(a + has_small * n)
-    starts = np.concatenate(found)
-    if not len(starts) or ((slot.userspace_addr >> PAGE_SHIFT) - slot.base_gfn) % n:
-        return np.zeros(0, dtype=np.int64)        # the hva is misaligned: lpage_info disallows the level
-    host_level, _ = _host_at(kvm, slot, starts)
-    return starts[np.minimum(host_level, level) >= level]
+    for c0 in range(0, len(cand), per):
+        c = cand[c0:c0 + per]
+        if int(c[-1]) - int(c[0]) + 1 == len(c):      # consecutive regions: reshaped slices
+            a, b = first + int(c[0]) * n, first + (int(c[-1]) + 1) * n
+            lvl = t.level[a:b].reshape(len(c), n)
+            pres = (t.bits[a:b].reshape(len(c), n) & P) != 0
+        else:
+            rows = (first + c * n)[:, None] + np.arange(n)
+            lvl, pres = t.level[rows], (t.bits[rows] & P) != 0
+        found.append(first + c[(pres & (lvl < level)).any(axis=1)] * n)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
 
 
 def _zap_regions(kvm, slot, starts: np.ndarray, n: int, caller: str) -> None:

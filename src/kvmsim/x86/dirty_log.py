@@ -13,8 +13,9 @@ import numpy as np
 
 from kvmsim.kvm.dirty import KVM_DIRTY_LOG_INITIALLY_SET
 from kvmsim.kvm.memslot import KvmMrChange
-from kvmsim.types import LEVEL_PAGES, PAGES_PER_PMD
-from kvmsim.x86 import tdp_mmu
+from kvmsim.types import PAGES_PER_PMD
+from kvmsim.x86 import huge_leaves, tdp_mmu
+from kvmsim.x86.spte import LEAF_PAGES
 
 
 def manual_protect_and_init_set(kvm) -> bool:
@@ -115,19 +116,23 @@ def _protect_huge_words(mmu, slot, t, lo: int, m) -> None:
     start = (w0 + w) * 64 + sel.argmax(axis=1)
     end = (w0 + w) * 64 + 63 - sel[:, ::-1].argmax(axis=1)
     del pad, rows, sel
-    pos = np.concatenate((start, end))
+    pos = np.stack((start, end), axis=1).ravel()       # ascending: first <= last in a word, words in order
     lvl = t.level[pos]
     pos, lvl = pos[lvl > 1], lvl[lvl > 1]
     if not len(pos):
         return
-    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[lvl]
-    leaf = np.unique(np.stack(((slot.base_gfn + pos) // size * size - slot.base_gfn, size)), axis=1)
+    size = LEAF_PAGES[lvl]
+    starts = (slot.base_gfn + pos) // size * size - slot.base_gfn     # ascending too: leaves are disjoint
+    first = np.ones(len(starts), dtype=bool)
+    first[1:] = starts[1:] != starts[:-1]
+    leaf = (starts[first], size[first])
     if mmu.eager_split:
         ends = leaf[0] + leaf[1]
         brk = np.flatnonzero(leaf[0][1:] != ends[:-1]) + 1          # runs of adjacent leaves
         for a, b in zip(np.split(leaf[0], brk), np.split(ends, brk)):
             for plo, phi in gfn_aligned_pieces(slot, int(a[0]), int(b[-1])):
-                tdp_mmu.split_range(kvm, slot, plo, phi)
+                if not huge_leaves.split_run(kvm, slot, t, plo, phi):
+                    tdp_mmu.split_range(kvm, slot, plo, phi)
         return
     for g in leaf[0].tolist():                      # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M)
         # write_protect_gfn() clears MMU-writable too: only the slow path makes it writable again

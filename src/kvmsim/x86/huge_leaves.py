@@ -159,3 +159,18 @@ def zap_small_span(kvm, slot, t, lo: int, hi: int, caller: str) -> bool:
         kvm.journal.count("spte_write", changed)
     kvm.journal.count("spte_zap", nleaves)
     return True
+
+
+def uniform_leaves(slot, span: tuple[int, int], levels: np.ndarray):
+    """The leaves of a span of gfns ``[lo, hi)`` that all map at one huge level: ``(first, starts)``,
+    the position in the span of each leaf's first gfn (in gfn order) and the leaf's slot-relative
+    start (before ``lo`` for a leaf the span enters midway); None when the levels differ."""
+    lo, hi = span
+    lv = int(levels[0])
+    if lv <= 1 or not (levels == lv).all():
+        return None
+    n = LEVEL_PAGES[lv]
+    g0 = slot.base_gfn + lo
+    starts = np.arange(g0 // n * n, slot.base_gfn + hi, n, dtype=np.int64)
+    first = np.maximum(starts, g0) - g0
+    return first, starts - slot.base_gfn

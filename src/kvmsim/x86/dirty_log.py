@@ -126,17 +126,23 @@ def _protect_huge_words(mmu, slot, t, lo: int, m) -> None:
     first = np.ones(len(starts), dtype=bool)
     first[1:] = starts[1:] != starts[:-1]
     leaf = (starts[first], size[first])
-    if mmu.eager_split:
-        ends = leaf[0] + leaf[1]
-        brk = np.flatnonzero(leaf[0][1:] != ends[:-1]) + 1          # runs of adjacent leaves
-        for a, b in zip(np.split(leaf[0], brk), np.split(ends, brk)):
+    ends = leaf[0] + leaf[1]
+    brk = np.flatnonzero(leaf[0][1:] != ends[:-1]) + 1              # runs of adjacent leaves
+    for a, b in zip(np.split(leaf[0], brk), np.split(ends, brk)):
+        if mmu.eager_split:
             for plo, phi in gfn_aligned_pieces(slot, int(a[0]), int(b[-1])):
                 if not huge_leaves.split_run(kvm, slot, t, plo, phi):
                     tdp_mmu.split_range(kvm, slot, plo, phi)
-        return
-    for g in leaf[0].tolist():                      # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M)
-        # write_protect_gfn() clears MMU-writable too: only the slow path makes it writable again
-        tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect", mmu_writable=True)
+            continue
+        # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M) per leaf; write_protect_gfn() clears
+        # MMU-writable too: only the slow path makes it writable again.  One write for the run
+        # (the same entries, reports and counts) unless a broken SPTE would be reported differently
+        if huge_leaves.inv11_clean(t.bits[int(a[0]):int(b[-1])]):
+            tdp_mmu.wrprot_range(kvm, slot, int(a[0]), int(b[-1]), 2, "kvm_mmu_slot_gfn_write_protect",
+                                 mmu_writable=True)
+            continue
+        for g in a.tolist():
+            tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect", mmu_writable=True)
 
 
 __all__ = ["kvm_mmu_slot_apply_flags", "kvm_arch_mmu_enable_log_dirty_pt_masked", "PAGES_PER_PMD"]

@@ -12,7 +12,8 @@ entries with slices:
   memslot alignment checks per region instead of per gfn;
 * :func:`install_leaves`: ``make_spte()`` for consecutive leaves over entries that hold nothing;
 * :func:`split_run`: the eager split of a run of whole huge leaves down to 4 KiB;
-* :func:`zap_small_span`: zapping a run of 4 KiB leaves (``zap_collapsible_spte_range()``).
+* :func:`zap_small_span`: zapping a run of 4 KiB leaves (``zap_collapsible_spte_range()``);
+* :func:`recover_span`: huge-page recovery in place over side-by-side regions of 4 KiB leaves.
 
 Each returns False (nothing done) when its precondition does not hold; the caller then takes the
 generic path, so state, counters and reports are always those of :func:`spte_write`
@@ -35,7 +36,7 @@ for _b in range(16):
 del _b
 
 
-def _inv11_clean(bits: np.ndarray) -> bool:
+def inv11_clean(bits: np.ndarray) -> bool:
     """No present entry of ``bits`` breaks W ⇒ MMU-writable ⇒ Host-writable."""
     return not _INV11_BAD[bits & 0xF].any()
 
@@ -106,7 +107,7 @@ def split_run(kvm, slot, t, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_
     blocks = np.arange(lo, hi, LEVEL_PAGES[2])                  # one entry per 2 MiB
     bb, bl = t.bits[blocks], lv[::LEVEL_PAGES[2]]
     if (slot.base_gfn + lo) % LEVEL_PAGES[2] or (hi - lo) % LEVEL_PAGES[2] or (bl < 2).any() \
-            or ((bb & (P | MMIO)) != P).any() or not _inv11_clean(bits):
+            or ((bb & (P | MMIO)) != P).any() or not inv11_clean(bits):
         return False
     size = LEAF_PAGES[bl]
     reps = ((slot.base_gfn + blocks) % size) == 0                # a leaf's first block
@@ -140,17 +141,8 @@ def zap_small_span(kvm, slot, t, lo: int, hi: int, caller: str) -> bool:
         return False
     bits = t.bits[lo:hi]
     pfn = t.pfn[lo:hi]
-    rep = (bits & (P | MMIO)) == P
-    if (bits & ADX).any():
-        dirty = rep & (np.where(bits & ADX, bits & W, bits & D) != 0)
-        acc = rep & np.where(bits & ADX, (bits & AT) == 0, (bits & A) != 0)
-    else:
-        dirty = rep & ((bits & D) != 0)
-        acc = rep & ((bits & A) != 0)
-    lost = dirty | acc
-    if lost.any():
-        kvm.ops.spte_ad_lost_bulk(kvm, pfn[lost], dirty[lost], acc[lost], caller)
-    nleaves = int(np.count_nonzero(rep))
+    _lose_ad_small(kvm, bits, pfn, caller)
+    nleaves = int(np.count_nonzero((bits & (P | MMIO)) == P))
     changed = int(np.count_nonzero((bits != 0) | (pfn != -1) | (lv != 0)))
     bits[:] = 0
     pfn[:] = -1
@@ -174,3 +166,45 @@ def uniform_leaves(slot, span: tuple[int, int], levels: np.ndarray):
     starts = np.arange(g0 // n * n, slot.base_gfn + hi, n, dtype=np.int64)
     first = np.maximum(starts, g0) - g0
     return first, starts - slot.base_gfn
+
+
+def _lose_ad_small(kvm, bits: np.ndarray, pfn: np.ndarray, caller: str) -> None:
+    """The A/D report of :func:`kvmsim.x86.spte.handle_changed_spte` for 4 KiB leaves that all go
+    (zapped or replaced by a huge leaf): every present, non-MMIO entry is its own leaf."""
+    rep = (bits & (P | MMIO)) == P
+    if (bits & ADX).any():
+        dirty = rep & (np.where(bits & ADX, bits & W, bits & D) != 0)
+        acc = rep & np.where(bits & ADX, (bits & AT) == 0, (bits & A) != 0)
+    else:
+        dirty = rep & ((bits & D) != 0)
+        acc = rep & ((bits & A) != 0)
+    lost = dirty | acc
+    if lost.any():
+        kvm.ops.spte_ad_lost_bulk(kvm, pfn[lost], dirty[lost], acc[lost], caller)
+
+
+def recover_span(kvm, slot, t, starts: np.ndarray, level: int) -> int | None:
+    """``make_huge_spte()`` in place over side-by-side ``level`` regions ``starts`` (one 1 GiB
+    piece) whose entries are all present, non-MMIO 4 KiB leaves: each region takes its first
+    child's bits and the host's consecutive pfns, where the host maps the region's first gfn at the
+    child's pfn (else the region is left alone, as :func:`kvmsim.x86.tdp_mmu.recover_huge_pages`
+    does).  Returns the regions recovered, or None (nothing done) when the shape does not hold."""
+    n = LEVEL_PAGES[level]
+    lo, hi = int(starts[0]), int(starts[-1]) + n
+    if hi - lo != len(starts) * n:
+        return None
+    bits, pfn, lv = t.bits[lo:hi], t.pfn[lo:hi], t.level[lo:hi]
+    if ((bits & (P | MMIO)) != P).any() or (lv != 1).any():
+        return None
+    child = bits[::n]
+    _, hpfn = tdp_mmu._host_at(kvm, slot, starts)
+    if (hpfn != pfn[::n]).any() or _INV11_BAD[child & 0xF].any():
+        return None
+    _lose_ad_small(kvm, bits, pfn, "make_huge_spte")
+    bits.reshape(-1, n)[:] = child.copy()[:, None]
+    rows = pfn.reshape(-1, n)                                    # a view: one row per region
+    rows[:] = hpfn[:, None]
+    rows += np.arange(n)
+    lv[:] = level
+    kvm.journal.count("spte_write", len(starts))
+    return len(starts)

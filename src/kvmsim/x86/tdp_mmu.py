@@ -303,6 +303,10 @@ def recover_huge_pages(kvm, slot) -> int:
         piece = (slot.base_gfn + starts) >> 18
         cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1
         for st in np.split(starts, cuts):
+            done = huge_leaves.recover_span(kvm, slot, t, st, level)
+            if done is not None:                     # side by side, every child present: slices
+                recovered += done
+                continue
             rows = st[:, None] + np.arange(n)
             child = st + ((t.bits[rows] & P) != 0).argmax(axis=1)
             del rows

@@ -373,9 +373,15 @@ def _hits(mmu, vcpu, slot, t, idx, b, write) -> None:
         t.bits[idx[small]] |= want if one else want[small]
     if not small.all():
         starts, size = _leaf_starts(slot, t, idx[~small])
-        wants = [int(want)] * len(starts) if one else want[~small].tolist()
-        for s, sz, wv in set(zip(starts.tolist(), size.tolist(), wants)):
-            t.bits[s:s + sz] |= np.uint16(wv)
+        first = huge_leaves.leaf_firsts(starts)
+        if first is not None:                             # once per leaf: the OR of its pages' bits
+            wants = [int(want)] * len(first) if one else np.bitwise_or.reduceat(want[~small], first).tolist()
+            for s, sz, wv in zip(starts[first].tolist(), size[first].tolist(), wants):
+                t.bits[s:s + sz] |= np.uint16(wv)
+        else:
+            wants = [int(want)] * len(starts) if one else want[~small].tolist()
+            for s, sz, wv in set(zip(starts.tolist(), size.tolist(), wants)):
+                t.bits[s:s + sz] |= np.uint16(wv)
     if slot.logging and mmu.pml:
         if one and write:
             mark_dirty_bulk(mmu.kvm, slot, idx[(b & D) == 0], vcpu)
@@ -410,10 +416,16 @@ def _fast_faults(mmu, vcpu, slot, t, idx, write) -> None:
         elif not one:
             mark_dirty_bulk(kvm, slot, s[ws], vcpu)
     if (~small).any():
-        starts, _ = _leaf_starts(slot, t, idx[~small])
-        kinds = [write] * len(starts) if one else write[~small].tolist()
+        hidx = idx[~small]
+        starts, _ = _leaf_starts(slot, t, hidx)
+        hw = None if one else write[~small]
+        first = huge_leaves.leaf_firsts(starts)
+        if first is not None:                             # the first page of each leaf, in gfn order
+            hidx, starts = hidx[first], starts[first]
+            hw = None if one else hw[first]
+        kinds = [write] * len(starts) if one else hw.tolist()
         seen = set()
-        for i, st, wr in zip(idx[~small].tolist(), starts.tolist(), kinds):
+        for i, st, wr in zip(hidx.tolist(), starts.tolist(), kinds):
             if st in seen:
                 continue
             seen.add(st)

@@ -143,7 +143,10 @@ def zap_small_span(kvm, slot, t, lo: int, hi: int, caller: str) -> bool:
     pfn = t.pfn[lo:hi]
     _lose_ad_small(kvm, bits, pfn, caller)
     nleaves = int(np.count_nonzero((bits & (P | MMIO)) == P))
-    changed = int(np.count_nonzero((bits != 0) | (pfn != -1) | (lv != 0)))
+    if nleaves == hi - lo:
+        changed = nleaves                            # every entry present: every entry changes
+    else:
+        changed = int(np.count_nonzero((bits != 0) | (pfn != -1) | (lv != 0)))
     bits[:] = 0
     pfn[:] = -1
     lv[:] = 0
@@ -179,7 +182,9 @@ def _lose_ad_small(kvm, bits: np.ndarray, pfn: np.ndarray, caller: str) -> None:
         dirty = rep & ((bits & D) != 0)
         acc = rep & ((bits & A) != 0)
     lost = dirty | acc
-    if lost.any():
+    if lost.all():                                   # the usual case: every leaf was accessed
+        kvm.ops.spte_ad_lost_bulk(kvm, pfn, dirty, acc, caller)
+    elif lost.any():
         kvm.ops.spte_ad_lost_bulk(kvm, pfn[lost], dirty[lost], acc[lost], caller)
 
 
@@ -208,3 +213,11 @@ def recover_span(kvm, slot, t, starts: np.ndarray, level: int) -> int | None:
     lv[:] = level
     kvm.journal.count("spte_write", len(starts))
     return len(starts)
+
+
+def leaf_firsts(starts: np.ndarray) -> np.ndarray | None:
+    """For per-page leaf starts in gfn order (non-decreasing): the position of each leaf's first
+    page, so a loop runs once per leaf, not once per 4 KiB page; None when not in order."""
+    if len(starts) < 2 or (starts[1:] >= starts[:-1]).all():
+        return np.flatnonzero(np.concatenate(([True], starts[1:] != starts[:-1])))
+    return None

@@ -101,22 +101,32 @@ def _protect_huge_words(mmu, slot, t, lo: int, m) -> None:
     one piece): split (eager) or write-protect at 2M the huge leaves under each word's first and
     last set gfn.  A huge leaf spans >= 512 gfns, so one that meets ``[first, last]`` of a 64-gfn
     word covers ``first`` or ``last``; a word cut by the piece boundary therefore selects the same
-    leaves from its two halves as from the whole."""
+    leaves from its two halves as from the whole.  Those are the huge leaves that hold a set gfn,
+    found per 2 MiB block when ``m`` is made of whole blocks (the flow's CLEAR of a whole slot)."""
     kvm = mmu.kvm
     hi = lo + len(m)
-    if not (t.level[lo:hi] > 1).any():
-        return                                           # 4 KiB leaves only: nothing to protect
-    w0 = lo // 64
-    nw = -(-hi // 64) - w0
-    pad = np.zeros(nw * 64, dtype=bool)
-    pad[lo - w0 * 64:hi - w0 * 64] = m
-    rows = pad.reshape(nw, 64)
-    w = np.flatnonzero(rows.any(axis=1))
-    sel = rows[w]
-    start = (w0 + w) * 64 + sel.argmax(axis=1)
-    end = (w0 + w) * 64 + 63 - sel[:, ::-1].argmax(axis=1)
-    del pad, rows, sel
-    pos = np.stack((start, end), axis=1).ravel()       # ascending: first <= last in a word, words in order
+    if (slot.base_gfn + lo) % PAGES_PER_PMD == 0 and len(m) % PAGES_PER_PMD == 0:
+        # whole 2 MiB blocks: a huge leaf covers whole blocks, so the leaves that hold a set gfn
+        # are those of the blocks that hold one, read at each block's first entry
+        huge = t.level[lo:hi:PAGES_PER_PMD] > 1
+        if not huge.any():
+            return                                       # 4 KiB leaves only: nothing to protect
+        huge &= m.reshape(-1, PAGES_PER_PMD).any(axis=1)
+        pos = lo + np.flatnonzero(huge) * PAGES_PER_PMD
+    else:
+        if not (t.level[lo:hi] > 1).any():
+            return
+        w0 = lo // 64
+        nw = -(-hi // 64) - w0
+        pad = np.zeros(nw * 64, dtype=bool)
+        pad[lo - w0 * 64:hi - w0 * 64] = m
+        rows = pad.reshape(nw, 64)
+        w = np.flatnonzero(rows.any(axis=1))
+        sel = rows[w]
+        start = (w0 + w) * 64 + sel.argmax(axis=1)
+        end = (w0 + w) * 64 + 63 - sel[:, ::-1].argmax(axis=1)
+        del pad, rows, sel
+        pos = np.stack((start, end), axis=1).ravel()   # ascending: first <= last in a word, words in order
     lvl = t.level[pos]
     pos, lvl = pos[lvl > 1], lvl[lvl > 1]
     if not len(pos):

@@ -107,8 +107,9 @@ def split_run(kvm, slot, t, lo: int, hi: int, caller: str = "tdp_mmu_split_huge_
     blocks = np.arange(lo, hi, LEVEL_PAGES[2])                  # one entry per 2 MiB
     bb, bl = t.bits[blocks], lv[::LEVEL_PAGES[2]]
     if (slot.base_gfn + lo) % LEVEL_PAGES[2] or (hi - lo) % LEVEL_PAGES[2] or (bl < 2).any() \
-            or ((bb & (P | MMIO)) != P).any() or not inv11_clean(bits):
-        return False
+            or ((bb & (P | MMIO)) != P).any() or _INV11_BAD[bb & 0xF].any() \
+            or (bits.reshape(-1, LEVEL_PAGES[2]) != bb[:, None]).any():
+        return False                                             # (every entry has its block's bits)
     size = LEAF_PAGES[bl]
     reps = ((slot.base_gfn + blocks) % size) == 0                # a leaf's first block
     per = size[reps] // LEVEL_PAGES[2]

@@ -87,7 +87,8 @@ def _targets(new: dict, recorded: dict) -> list[str]:
         e = new.get(f"test_hugetlb_vs_4k[64-{policy}]")
         if e:
             line(max(e["ratio_2m"], e["ratio_1g"]) <= 1.0,
-                 f"64 GiB hugetlb / 4 KiB flow, {policy}: 2M {e['ratio_2m']}x, 1G {e['ratio_1g']}x (<= 1.0x, CPU time)")
+                 f"64 GiB hugetlb / 4 KiB flow, {policy}: 2M {e['ratio_2m']}x, 1G {e['ratio_1g']}x "
+                 "(<= 1.0x, CPU time of the phases)")
         e = new.get(f"test_scalar_faults_per_second[host-mapped-{policy}]")
         if e:
             line(e["faults_per_second"] >= 50_000, f"scalar faults, {policy}: {e['faults_per_second']}/s (>= 50,000)")

@@ -89,6 +89,11 @@ def _targets(new: dict, recorded: dict) -> list[str]:
             m = e.get("floor_multiple_cpu", e["floor_multiple"])
             line(m <= 2, f"64 GiB 4 KiB flow, {policy}: {m}x its memory floor in CPU time (<= 2x; wall "
                          f"{e['floor_multiple']}x)")
+        e = new.get(f"test_hugetlb_vs_4k[64-{policy}]")
+        if e:
+            line(max(e["ratio_2m"], e["ratio_1g"]) <= 1.0,
+                 f"64 GiB hugetlb / 4 KiB flow, {policy}: 2M {e['ratio_2m']}x, 1G {e['ratio_1g']}x "
+                 "(<= 1.0x, CPU time of the phases)")
         e = new.get(f"test_scalar_faults_per_second[host-mapped-{policy}]")
         if e:
             line(e["faults_per_second"] >= 100_000,

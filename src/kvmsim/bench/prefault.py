@@ -169,7 +169,12 @@ def _fault_anon_huge(kvm, vma, idx: np.ndarray, level: int) -> bool:
     """Anonymous THP / private hugetlb: one folio per touched huge region, mapped writable+dirty."""
     phys = kvm.phys
     n = 1 << (9 * (level - 1))
-    starts, first = np.unique(idx // n * n, return_index=True)
+    region = idx // n * n
+    if len(region) < 2 or (region[1:] >= region[:-1]).all():   # in order (the usual pass): no sort
+        first = np.flatnonzero(np.concatenate(([True], region[1:] != region[:-1])))
+        starts = region[first]
+    else:
+        starts, first = np.unique(region, return_index=True)
     leaders = idx[first]
     for s, cnt in _runs(starts, n):
         head = phys.alloc(9 * (level - 1), owner=vma.anon.owner_id, index=vma.pgoff + s, count=cnt)

@@ -32,7 +32,7 @@ from kvmsim.mm.page import PG
 from kvmsim.mm.vma import Pte
 from kvmsim.sched import Wait
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
-from kvmsim.x86 import tdp_mmu
+from kvmsim.x86 import huge_leaves, tdp_mmu
 from kvmsim.x86.spte import AT, A, ADX, D, MMIO, MW, P, SW, W, make_spte, spte_write, tables
 
 _HP, _HW, _HS, _HPN = int(Pte.PRESENT), int(Pte.WRITE), int(Pte.SPECIAL), int(getattr(Pte, "PROTNONE", 0))
@@ -400,9 +400,15 @@ def _hits(mmu, vcpu, slot, t, idx, b, write) -> None:
         t.bits[idx[small]] |= want if one else want[small]
     if not small.all():
         starts, size = _leaf_starts(slot, t, idx[~small])
-        wants = [int(want)] * len(starts) if one else want[~small].tolist()
-        for s, sz, wv in set(zip(starts.tolist(), size.tolist(), wants)):
-            t.bits[s:s + sz] |= np.uint16(wv)
+        first = huge_leaves.leaf_firsts(starts)
+        if first is not None:                             # once per leaf: the OR of its pages' bits
+            wants = [int(want)] * len(first) if one else np.bitwise_or.reduceat(want[~small], first).tolist()
+            for s, sz, wv in zip(starts[first].tolist(), size[first].tolist(), wants):
+                t.bits[s:s + sz] |= np.uint16(wv)
+        else:
+            wants = [int(want)] * len(starts) if one else want[~small].tolist()
+            for s, sz, wv in set(zip(starts.tolist(), size.tolist(), wants)):
+                t.bits[s:s + sz] |= np.uint16(wv)
     if slot.logging and mmu.pml:
         if one and write and span is not None:
             mark_dirty_mask(mmu.kvm, slot, span[0], (b & D) == 0, vcpu)
@@ -439,10 +445,16 @@ def _fast_faults(mmu, vcpu, slot, t, idx, write) -> None:
         elif not one:
             mark_dirty_bulk(kvm, slot, s[ws], vcpu)
     if (~small).any():
-        starts, _ = _leaf_starts(slot, t, idx[~small])
-        kinds = [write] * len(starts) if one else write[~small].tolist()
+        hidx = idx[~small]
+        starts, _ = _leaf_starts(slot, t, hidx)
+        hw = None if one else write[~small]
+        first = huge_leaves.leaf_firsts(starts)
+        if first is not None:                             # the first page of each leaf, in gfn order
+            hidx, starts = hidx[first], starts[first]
+            hw = None if one else hw[first]
+        kinds = [write] * len(starts) if one else hw.tolist()
         seen = set()
-        for i, st, wr in zip(idx[~small].tolist(), starts.tolist(), kinds):
+        for i, st, wr in zip(hidx.tolist(), starts.tolist(), kinds):
             if st in seen:
                 continue
             seen.add(st)
@@ -482,7 +494,7 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, mmu_seq: int) -> bool:
     kvm = mmu.kvm
     span = _span(idx)
     if span is not None:
-        levels = tdp_mmu.max_mapping_levels(kvm, slot, span[0], span[1], mmu.max_level)
+        levels = huge_leaves.max_mapping_levels_span(kvm, slot, span[0], span[1], mmu.max_level)
     elif len(idx) > 64:
         lo0 = int(idx.min())
         levels = tdp_mmu.max_mapping_levels(kvm, slot, lo0, int(idx.max()) + 1, mmu.max_level)[idx - lo0]
@@ -491,6 +503,9 @@ def _slow_faults(mmu, vcpu, slot, t, idx, pfn, mmu_seq: int) -> bool:
                           dtype=np.uint8)
     if levels.max() <= 1:                                            # 4 KiB leaves: one fault per page
         fidx, fpfn, flvl, fstart = idx, pfn, levels, idx
+    elif span is not None and (leaves := huge_leaves.uniform_leaves(slot, span, levels)) is not None:
+        first, fstart = leaves                                       # one huge level: no per-page starts
+        fidx, fpfn, flvl = idx[first], pfn[first], levels[first]
     else:
         size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[levels]
         starts = (slot.base_gfn + idx) // size * size - slot.base_gfn
@@ -563,6 +578,8 @@ def _install_huge(kvm, slot, t, starts, base_pfns, levels, bits: int, caller: st
     cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1
     for st, bp, sz, lv in zip(np.split(starts, cuts), np.split(base_pfns, cuts), np.split(size, cuts),
                               np.split(levels, cuts)):
+        if huge_leaves.install_leaves(kvm, slot, t, st, bp, lv, bits, caller):
+            continue                                                 # consecutive leaves over empty entries
         lo, hi = int(st[0]), int(st[-1] + sz[-1])
         total = int(sz.sum())
         within = np.arange(total) - np.repeat(np.cumsum(sz) - sz, sz)

@@ -13,8 +13,9 @@ import numpy as np
 
 from kvmsim.kvm.dirty import KVM_DIRTY_LOG_INITIALLY_SET
 from kvmsim.kvm.memslot import KvmMrChange
-from kvmsim.types import LEVEL_PAGES, PAGES_PER_PMD
-from kvmsim.x86 import tdp_mmu
+from kvmsim.types import PAGES_PER_PMD
+from kvmsim.x86 import huge_leaves, tdp_mmu
+from kvmsim.x86.spte import LEAF_PAGES
 
 
 def manual_protect_and_init_set(kvm) -> bool:
@@ -100,38 +101,58 @@ def _protect_huge_words(mmu, slot, t, lo: int, m) -> None:
     one piece): split (eager) or write-protect at 2M the huge leaves under each word's first and
     last set gfn.  A huge leaf spans >= 512 gfns, so one that meets ``[first, last]`` of a 64-gfn
     word covers ``first`` or ``last``; a word cut by the piece boundary therefore selects the same
-    leaves from its two halves as from the whole."""
+    leaves from its two halves as from the whole.  Those are the huge leaves that hold a set gfn,
+    found per 2 MiB block when ``m`` is made of whole blocks (the flow's CLEAR of a whole slot)."""
     kvm = mmu.kvm
     hi = lo + len(m)
-    if not (t.level[lo:hi] > 1).any():
-        return                                           # 4 KiB leaves only: nothing to protect
-    w0 = lo // 64
-    nw = -(-hi // 64) - w0
-    pad = np.zeros(nw * 64, dtype=bool)
-    pad[lo - w0 * 64:hi - w0 * 64] = m
-    rows = pad.reshape(nw, 64)
-    w = np.flatnonzero(rows.any(axis=1))
-    sel = rows[w]
-    start = (w0 + w) * 64 + sel.argmax(axis=1)
-    end = (w0 + w) * 64 + 63 - sel[:, ::-1].argmax(axis=1)
-    del pad, rows, sel
-    pos = np.concatenate((start, end))
+    if (slot.base_gfn + lo) % PAGES_PER_PMD == 0 and len(m) % PAGES_PER_PMD == 0:
+        # whole 2 MiB blocks: a huge leaf covers whole blocks, so the leaves that hold a set gfn
+        # are those of the blocks that hold one, read at each block's first entry
+        huge = t.level[lo:hi:PAGES_PER_PMD] > 1
+        if not huge.any():
+            return                                       # 4 KiB leaves only: nothing to protect
+        huge &= m.reshape(-1, PAGES_PER_PMD).any(axis=1)
+        pos = lo + np.flatnonzero(huge) * PAGES_PER_PMD
+    else:
+        if not (t.level[lo:hi] > 1).any():
+            return
+        w0 = lo // 64
+        nw = -(-hi // 64) - w0
+        pad = np.zeros(nw * 64, dtype=bool)
+        pad[lo - w0 * 64:hi - w0 * 64] = m
+        rows = pad.reshape(nw, 64)
+        w = np.flatnonzero(rows.any(axis=1))
+        sel = rows[w]
+        start = (w0 + w) * 64 + sel.argmax(axis=1)
+        end = (w0 + w) * 64 + 63 - sel[:, ::-1].argmax(axis=1)
+        del pad, rows, sel
+        pos = np.stack((start, end), axis=1).ravel()   # ascending: first <= last in a word, words in order
     lvl = t.level[pos]
     pos, lvl = pos[lvl > 1], lvl[lvl > 1]
     if not len(pos):
         return
-    size = np.array([1, 1, LEVEL_PAGES[2], LEVEL_PAGES[3]], dtype=np.int64)[lvl]
-    leaf = np.unique(np.stack(((slot.base_gfn + pos) // size * size - slot.base_gfn, size)), axis=1)
-    if mmu.eager_split:
-        ends = leaf[0] + leaf[1]
-        brk = np.flatnonzero(leaf[0][1:] != ends[:-1]) + 1          # runs of adjacent leaves
-        for a, b in zip(np.split(leaf[0], brk), np.split(ends, brk)):
+    size = LEAF_PAGES[lvl]
+    starts = (slot.base_gfn + pos) // size * size - slot.base_gfn     # ascending too: leaves are disjoint
+    first = np.ones(len(starts), dtype=bool)
+    first[1:] = starts[1:] != starts[:-1]
+    leaf = (starts[first], size[first])
+    ends = leaf[0] + leaf[1]
+    brk = np.flatnonzero(leaf[0][1:] != ends[:-1]) + 1              # runs of adjacent leaves
+    for a, b in zip(np.split(leaf[0], brk), np.split(ends, brk)):
+        if mmu.eager_split:
             for plo, phi in gfn_aligned_pieces(slot, int(a[0]), int(b[-1])):
-                tdp_mmu.split_range(kvm, slot, plo, phi)
-        return
-    for g in leaf[0].tolist():                      # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M)
-        # write_protect_gfn() clears MMU-writable too: only the slow path makes it writable again
-        tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect", mmu_writable=True)
+                if not huge_leaves.split_run(kvm, slot, t, plo, phi):
+                    tdp_mmu.split_range(kvm, slot, plo, phi)
+            continue
+        # kvm_mmu_slot_gfn_write_protect(.., PG_LEVEL_2M) per leaf; write_protect_gfn() clears
+        # MMU-writable too: only the slow path makes it writable again.  One write for the run
+        # (the same entries, reports and counts) unless a broken SPTE would be reported differently
+        if huge_leaves.inv11_clean(t.bits[int(a[0]):int(b[-1])]):
+            tdp_mmu.wrprot_range(kvm, slot, int(a[0]), int(b[-1]), 2, "kvm_mmu_slot_gfn_write_protect",
+                                 mmu_writable=True)
+            continue
+        for g in a.tolist():
+            tdp_mmu.wrprot_range(kvm, slot, g, g + 1, 2, "kvm_mmu_slot_gfn_write_protect", mmu_writable=True)
 
 
 __all__ = ["kvm_mmu_slot_apply_flags", "kvm_arch_mmu_enable_log_dirty_pt_masked", "PAGES_PER_PMD"]

@@ -11,6 +11,7 @@ import numpy as np
 
 from kvmsim.mm.vma import Pte
 from kvmsim.types import LEVEL_PAGES, PAGE_SHIFT
+from kvmsim.x86 import huge_leaves
 from kvmsim.x86.spte import (ADX, AT, MW, P, SW, W, A, D, MMIO, is_accessed_spte, nbits, spte_write,
                              tables, LEAF_PAGES)
 
@@ -288,6 +289,8 @@ def _zap_regions(kvm, slot, starts: np.ndarray, n: int, caller: str) -> None:
     cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1
     for st in np.split(starts, cuts):
         lo, hi = int(st[0]), int(st[-1]) + n
+        if hi - lo == len(st) * n and huge_leaves.zap_small_span(kvm, slot, t, lo, hi, caller):
+            continue                                 # regions side by side, 4 KiB leaves only: slices
         at = (np.repeat(st - lo, n) + np.tile(np.arange(n), len(st)))
         nb = t.bits[lo:hi].copy()
         npf = t.pfn[lo:hi].copy()
@@ -330,6 +333,10 @@ def recover_huge_pages(kvm, slot) -> int:
         piece = (slot.base_gfn + starts) >> 18
         cuts = np.flatnonzero(piece[1:] != piece[:-1]) + 1
         for st in np.split(starts, cuts):
+            done = huge_leaves.recover_span(kvm, slot, t, st, level)
+            if done is not None:                     # side by side, every child present: slices
+                recovered += done
+                continue
             rows = st[:, None] + np.arange(n)
             child = st + ((t.bits[rows] & P) != 0).argmax(axis=1)
             del rows

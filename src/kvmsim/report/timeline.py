@@ -27,6 +27,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import IntFlag
+from typing import NamedTuple
 
 import numpy as np
 
@@ -85,6 +86,17 @@ class _Snap:
     far_spte: np.ndarray           # ... and their SPTE code
 
 
+class _Layout(NamedTuple):
+    """Which lane each pfn of the universe (the pfns drawn, sorted) falls in."""
+
+    universe: np.ndarray           # pfns, sorted
+    gfn: np.ndarray                # the smallest gfn each backs (_BIG: none)
+    order: np.ndarray              # universe indices in lane order (gfn, then pfn)
+    lane_of: np.ndarray            # lane of each universe index
+    per: int                       # pages per lane
+    nlanes: int
+
+
 @dataclass
 class Timeline:
     """Collects one run's observations; :meth:`data` turns them into the JSON the page draws.
@@ -98,6 +110,12 @@ class Timeline:
     gfn_of: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     far_gfn: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    #: Fold mode (bench scale): each observation becomes lane sums as it is taken, so memory holds one
+    #: observation's per-pfn arrays at a time, not one per step (:meth:`_fold`).
+    fold: bool = False
+    layout: _Layout | None = None
+    rows: list[np.ndarray] = field(default_factory=list)
+    late_pages: int = 0
 
     def observe(self, env, i: int) -> None:
         """The runner's ``observe`` hook: snapshot the model after set-up (0) and after step ``i``.
@@ -118,7 +136,7 @@ class Timeline:
         kvm = env.kvm
         phys = kvm.phys
         n = phys.nr
-        if len(self.seen) < n:
+        if len(self.seen) < n and self.layout is None:
             self.seen = np.concatenate([self.seen, np.zeros(n - len(self.seen), bool)])
             self.gfn_of = np.concatenate([self.gfn_of, np.full(n - len(self.gfn_of), _BIG, np.int64)])
         head = phys.head[:n]
@@ -136,12 +154,21 @@ class Timeline:
         far = pfn >= n
         for p, g in zip(pfn[far].tolist(), gfn[far].tolist()):
             self.far_gfn[p] = min(g, self.far_gfn.get(p, g))
-        self._note(pfn[near], gfn[near])
-        del gfn, bits, level
-        hp, hg = _host_map(kvm)
-        ok = hp < n
-        self._note(hp[ok], hg[ok])
+        if self.layout is None:
+            self._note(pfn[near], gfn[near])
+            del gfn, bits, level
+            hp, hg = _host_map(kvm)
+            ok = hp < n
+            self._note(hp[ok], hg[ok])
+            del hp, hg, ok
+        else:                                                # lanes fixed (fold mode): count newcomers
+            p = pfn[near]
+            inside = p < len(self.seen)                      # ``seen`` is the lanes' pfns, as fixed
+            self.late_pages = max(self.late_pages, int((~inside).sum() + (~self.seen[p[inside]]).sum()))
+            del gfn, bits, level, p, inside
         self.snaps.append(_Snap(ref, pin, flags, spte, pfn[far], code[far]))
+        if self.fold:
+            self._fold()
 
     def _note(self, pfns: np.ndarray, gfns: np.ndarray) -> None:
         if len(pfns):
@@ -149,15 +176,9 @@ class Timeline:
             np.minimum.at(self.gfn_of, pfns, gfns)
 
     # ---- turning observations into lanes -------------------------------------------------------------
-    def data(self, rr) -> dict:
-        """The JSON-ready timeline of run ``rr`` (a :class:`RunResult`) from the observations."""
+    def _layout(self, named: np.ndarray) -> _Layout:
+        """The lanes over the pfns seen so far plus ``named`` (pfns a fact or violation names)."""
         n = len(self.seen)
-        fact_pfns = [np.fromiter((-1 if f.pfn is None else f.pfn for f in s.facts), np.int64, len(s.facts))
-                     for s in rr.steps]
-        viol_pfns = np.fromiter((-1 if v.pfn is None else v.pfn for v in rr.violations), np.int64,
-                                len(rr.violations))
-        named = np.concatenate(fact_pfns + [viol_pfns])
-        named = named[named > 0]
         seen = self.seen.copy()
         seen[named[named < n]] = True
         if n:
@@ -173,16 +194,48 @@ class Timeline:
         nlanes = -(-npages // per) if npages else 0
         lane_of = np.empty(npages, np.int64)                 # by pfn-sorted index
         lane_of[order] = np.arange(npages) // per
+        return _Layout(universe, gfn, order, lane_of, per, nlanes)
+
+    def _aggregate(self, s: _Snap, lay: _Layout) -> np.ndarray:
+        """Observation ``s`` as lane sums (``nlanes`` x :data:`STATE_FIELDS`; ``level`` the max)."""
+        row = np.zeros((lay.nlanes, len(STATE_FIELDS)), np.int64)
+        for c, col in enumerate(self._columns(s, lay.universe)):
+            if STATE_FIELDS[c] == "level":
+                np.maximum.at(row[:, c], lay.lane_of, col)
+            elif lay.nlanes == len(lay.universe):
+                row[lay.lane_of, c] = col
+            else:
+                row[:, c] = np.bincount(lay.lane_of, weights=col, minlength=lay.nlanes).astype(np.int64)
+        return row
+
+    def _fold(self) -> None:
+        """Fold mode: turn the observations held so far into lane sums and drop their per-pfn arrays.
+
+        The lanes are fixed by the first observation that sees a page; a page first seen later (no
+        such page in the dirty-log flow, whose populate touches all guest memory) is counted in
+        ``late_pages`` and named in ``notes``, not drawn."""
+        if self.layout is None:
+            if not self.seen.any() and not self.far_gfn:
+                return                                       # nothing seen yet: keep the observation
+            self.layout = self._layout(np.zeros(0, np.int64))
+        self.rows.extend(self._aggregate(s, self.layout) for s in self.snaps)
+        self.snaps.clear()
+
+    def data(self, rr) -> dict:
+        """The JSON-ready timeline of run ``rr`` (a :class:`RunResult`) from the observations."""
+        n = len(self.seen)
+        fact_pfns = [np.fromiter((-1 if f.pfn is None else f.pfn for f in s.facts), np.int64, len(s.facts))
+                     for s in rr.steps]
+        viol_pfns = np.fromiter((-1 if v.pfn is None else v.pfn for v in rr.violations), np.int64,
+                                len(rr.violations))
+        named = np.concatenate(fact_pfns + [viol_pfns])
+        named = named[named > 0]
+        lay = self._layout(named)
+        universe, gfn, order, lane_of, per, nlanes = lay
+        npages = len(universe)
         nsteps = len(self.snaps)
-        agg = np.zeros((nsteps, nlanes, len(STATE_FIELDS)), np.int64)
-        for t, s in enumerate(self.snaps):
-            for c, col in enumerate(self._columns(s, universe)):
-                if STATE_FIELDS[c] == "level":
-                    np.maximum.at(agg[t, :, c], lane_of, col)
-                elif nlanes == npages:
-                    agg[t, lane_of, c] = col
-                else:
-                    agg[t, :, c] = np.bincount(lane_of, weights=col, minlength=nlanes).astype(np.int64)
+        agg = np.stack([self._aggregate(s, lay) for s in self.snaps]) if nsteps else \
+            np.zeros((0, nlanes, len(STATE_FIELDS)), np.int64)
 
         def lane_idx(pfns: np.ndarray) -> np.ndarray:
             k = np.searchsorted(universe, pfns)
@@ -192,15 +245,8 @@ class Timeline:
             out[ok] = lane_of[kk[ok]]
             return out
 
-        lanes = []
-        su, sg = universe[order], gfn[order]
-        for li in range(nlanes):
-            lo, hi = li * per, min(npages, (li + 1) * per)
-            g = sg[lo:hi]
-            g = g[g != _BIG]
-            lanes.append({"pfn": [int(su[lo:hi].min()), int(su[lo:hi].max())], "n": hi - lo,
-                          "gfn": [int(g.min()), int(g.max())] if len(g) else None, "s": _deltas(agg[:, li, :])})
-        del su, sg, order, gfn
+        lanes = _lane_rows(lay, agg)
+        del order, gfn
         # operations and violations per (step, lane)
         ops_cells: Counter = Counter()
         steps = []
@@ -256,6 +302,20 @@ class Timeline:
         for bit in (_P_L, _W_L, _A_L, _D_L):
             yield (code & bit) != 0
         yield code >> _LEVEL_SHIFT
+
+
+def _lane_rows(lay: _Layout, agg: np.ndarray) -> list[dict]:
+    """One dict per lane: its pfn and gfn range, page count and state changes (``agg``: steps x lanes x fields)."""
+    lanes = []
+    su, sg = lay.universe[lay.order], lay.gfn[lay.order]
+    npages, per = len(lay.universe), lay.per
+    for li in range(lay.nlanes):
+        lo, hi = li * per, min(npages, (li + 1) * per)
+        g = sg[lo:hi]
+        g = g[g != _BIG]
+        lanes.append({"pfn": [int(su[lo:hi].min()), int(su[lo:hi].max())], "n": hi - lo,
+                      "gfn": [int(g.min()), int(g.max())] if len(g) else None, "s": _deltas(agg[:, li, :])})
+    return lanes
 
 
 def _deltas(m: np.ndarray) -> list:
@@ -314,9 +374,12 @@ def _leaves(kvm):
         return e, e, e, e
     pfn, gfn, bits, level = (np.concatenate(c) for c in zip(*parts))
     span = np.where(level > 1, np.left_shift(1, 9 * np.maximum(level - 1, 0)), 1)
-    base = gfn & ~(span - 1)
-    _, inv, cnt = np.unique(np.stack([base, level]), axis=1, return_inverse=True, return_counts=True)
-    lone = (span > 1) & (cnt[inv.ravel()] == 1)          # a huge leaf listed by one representative
+    huge = np.nonzero(span > 1)[0]                       # 4 KiB leaves are one entry each: skip them
+    lone = np.zeros(len(pfn), bool)
+    if len(huge):
+        base = gfn[huge] & ~(span[huge] - 1)
+        _, inv, cnt = np.unique(np.stack([base, level[huge]]), axis=1, return_inverse=True, return_counts=True)
+        lone[huge] = cnt[inv.ravel()] == 1               # a huge leaf listed by one representative
     if lone.any():
         reps = np.nonzero(lone)[0]
         n = span[reps]
@@ -354,3 +417,52 @@ def run_with_timeline(sc, policy: str, *, progress=None):
     tl = Timeline()
     rr = run(sc, policy, progress=progress, observe=tl.observe)
     return rr, tl.data(rr)
+
+
+class BenchTimeline:
+    """``kvmsim bench dirty-log --html``: a :class:`Timeline` in fold mode, observed as phases end.
+
+    ``on_phase`` is :func:`kvmsim.bench.dirty_log_perf.run_model`'s hook, which the bench calls outside
+    its timed region: the model is observed once before the first phase (column 0, set-up) and after
+    each phase, then folded into lane sums at once, so the worker holds one observation's per-pfn
+    arrays at a time and the data sent back is lanes x phases, whatever the guest size."""
+
+    def __init__(self) -> None:
+        self.tl = Timeline(fold=True)
+        self.seconds = 0.0                 # spent observing (not in any phase's time)
+
+    def on_phase(self, kvm, name: str, iteration: int | None, ended: bool) -> None:
+        import time
+        if ended or not self.tl.rows and not self.tl.snaps:
+            t0 = time.perf_counter()
+            self.tl.observe(kvm, len(self.tl.rows) + len(self.tl.snaps))
+            self.seconds += time.perf_counter() - t0
+
+    def data(self, res, title: str) -> dict:
+        """The JSON-ready timeline of bench result ``res`` (a ``dirty_log_perf.RunResult``)."""
+        from kvmsim.bench.report import phase_label
+        tl = self.tl
+        if tl.snaps:                                   # never saw a page: one lane-less layout
+            tl.layout = tl._layout(np.zeros(0, np.int64))
+            tl.rows.extend(tl._aggregate(s, tl.layout) for s in tl.snaps)
+            tl.snaps.clear()
+        lay = tl.layout
+        agg = np.stack(tl.rows) if tl.rows else np.zeros((0, lay.nlanes, len(STATE_FIELDS)), np.int64)
+        notes = list(tl.notes)
+        if tl.late_pages:
+            notes.append(f"{tl.late_pages} page(s) first mapped after the lanes were fixed are not drawn")
+        steps = []
+        for i, ph in enumerate(res.phases, 1):
+            summary = {k: int(v) for k, v in ph.summary().items() if v}
+            steps.append({"i": i, "op": ph.name + (f" {ph.iteration}" if ph.iteration is not None else ""), "text": phase_label(ph.name, ph.iteration),
+                          "result": f"{ph.seconds:.3f} s", "errno": "", "violations": {}, "seconds": ph.seconds,
+                          "cpu_seconds": ph.cpu_seconds, "summary": summary,
+                          "counters": {k: int(v) for k, v in sorted(ph.counters.items()) if v},
+                          "peak_rss_bytes": ph.peak_rss_bytes})
+        return {"scenario": title, "policy": res.policy, "verdict": "bench", "error": "", "expected_match": True,
+                "stated": False, "mismatches": [], "by_invariant": {}, "nsteps": len(agg),
+                "fields": list(STATE_FIELDS), "pages": int(len(lay.universe)), "pages_per_lane": lay.per,
+                "lanes": _lane_rows(lay, agg), "steps": steps, "violations": [], "nviolations": 0,
+                "ops_cells": [], "viol_cells": [], "counters": {}, "notes": notes, "stats": dict(res.stats),
+                "wall_seconds": res.wall_seconds, "observe_seconds": self.seconds,
+                "peak_rss_bytes": res.peak_rss_bytes, "bench": True}

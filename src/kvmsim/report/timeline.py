@@ -118,22 +118,28 @@ class Timeline:
     late_pages: int = 0
 
     def observe(self, env, i: int) -> None:
-        """The runner's ``observe`` hook: snapshot the model after set-up (0) and after step ``i``.
+        """The runner's ``observe`` hook: snapshot the model after set-up (0) and after step ``i``."""
+        self.observe_vm(env.kvm, i)
+
+    def observe_vm(self, kvm, i: int) -> None:
+        """Snapshot VM ``kvm`` (its host's ``mem_map`` and its stage-2 leaves) as column ``i``.
 
         The model state is read, never changed; should reading it fail (a model broken by the step,
         which the runner reports as the run's error), the column repeats the previous one and the
         page says so (``notes``)."""
         try:
-            self._observe(env)
+            self._observe(kvm)
         except Exception as e:  # noqa: BLE001 -- shown on the page, never a traceback
             self.notes.append(f"state after step {i} could not be read ({type(e).__name__}: {e}); "
                               "its column repeats the previous one")
+            if self.rows and not self.snaps:                 # fold mode, lanes fixed
+                self.rows.append(self.rows[-1])
+                return
             prev = self.snaps[-1] if self.snaps else _Snap(*(np.zeros(0, t) for t in (np.int32, np.int32, np.uint8,
                                                                                           np.uint8, np.int64, np.uint8)))
             self.snaps.append(prev)
 
-    def _observe(self, env) -> None:
-        kvm = env.kvm
+    def _observe(self, kvm) -> None:
         phys = kvm.phys
         n = phys.nr
         if len(self.seen) < n and self.layout is None:
@@ -435,7 +441,7 @@ class BenchTimeline:
         import time
         if ended or not self.tl.rows and not self.tl.snaps:
             t0 = time.perf_counter()
-            self.tl.observe(kvm, len(self.tl.rows) + len(self.tl.snaps))
+            self.tl.observe_vm(kvm, len(self.tl.rows) + len(self.tl.snaps))
             self.seconds += time.perf_counter() - t0
 
     def data(self, res, title: str) -> dict:

@@ -115,6 +115,7 @@ class Timeline:
     fold: bool = False
     layout: _Layout | None = None
     rows: list[np.ndarray] = field(default_factory=list)
+    lane_meta: list[dict] = field(default_factory=list)
     late_pages: int = 0
 
     def observe(self, env, i: int) -> None:
@@ -223,9 +224,17 @@ class Timeline:
         if self.layout is None:
             if not self.seen.any() and not self.far_gfn:
                 return                                       # nothing seen yet: keep the observation
-            self.layout = self._layout(np.zeros(0, np.int64))
+            self._freeze()
         self.rows.extend(self._aggregate(s, self.layout) for s in self.snaps)
         self.snaps.clear()
+
+    def _freeze(self) -> None:
+        """Fix the lanes (fold mode); keep only what aggregating needs (pfns and their lane)."""
+        lay = self._layout(np.zeros(0, np.int64))
+        self.lane_meta = _lane_meta(lay)
+        e = np.zeros(0, np.int64)
+        self.layout = _Layout(lay.universe, e, e, lay.lane_of.astype(np.int32), lay.per, lay.nlanes)
+        self.gfn_of = e
 
     def data(self, rr) -> dict:
         """The JSON-ready timeline of run ``rr`` (a :class:`RunResult`) from the observations."""
@@ -251,7 +260,7 @@ class Timeline:
             out[ok] = lane_of[kk[ok]]
             return out
 
-        lanes = _lane_rows(lay, agg)
+        lanes = _lane_rows(_lane_meta(lay), agg)
         del order, gfn
         # operations and violations per (step, lane)
         ops_cells: Counter = Counter()
@@ -310,8 +319,8 @@ class Timeline:
         yield code >> _LEVEL_SHIFT
 
 
-def _lane_rows(lay: _Layout, agg: np.ndarray) -> list[dict]:
-    """One dict per lane: its pfn and gfn range, page count and state changes (``agg``: steps x lanes x fields)."""
+def _lane_meta(lay: _Layout) -> list[dict]:
+    """One dict per lane: its pfn and gfn range and page count."""
     lanes = []
     su, sg = lay.universe[lay.order], lay.gfn[lay.order]
     npages, per = len(lay.universe), lay.per
@@ -320,8 +329,13 @@ def _lane_rows(lay: _Layout, agg: np.ndarray) -> list[dict]:
         g = sg[lo:hi]
         g = g[g != _BIG]
         lanes.append({"pfn": [int(su[lo:hi].min()), int(su[lo:hi].max())], "n": hi - lo,
-                      "gfn": [int(g.min()), int(g.max())] if len(g) else None, "s": _deltas(agg[:, li, :])})
+                      "gfn": [int(g.min()), int(g.max())] if len(g) else None})
     return lanes
+
+
+def _lane_rows(meta: list[dict], agg: np.ndarray) -> list[dict]:
+    """The lanes of ``meta`` with their state changes (``agg``: steps x lanes x fields)."""
+    return [dict(m, s=_deltas(agg[:, li, :])) for li, m in enumerate(meta)]
 
 
 def _deltas(m: np.ndarray) -> list:
@@ -449,7 +463,7 @@ class BenchTimeline:
         from kvmsim.bench.report import phase_label
         tl = self.tl
         if tl.snaps:                                   # never saw a page: one lane-less layout
-            tl.layout = tl._layout(np.zeros(0, np.int64))
+            tl._freeze()
             tl.rows.extend(tl._aggregate(s, tl.layout) for s in tl.snaps)
             tl.snaps.clear()
         lay = tl.layout
@@ -468,7 +482,7 @@ class BenchTimeline:
         return {"scenario": title, "policy": res.policy, "verdict": "bench", "error": "", "expected_match": True,
                 "stated": False, "mismatches": [], "by_invariant": {}, "nsteps": len(agg),
                 "fields": list(STATE_FIELDS), "pages": int(len(lay.universe)), "pages_per_lane": lay.per,
-                "lanes": _lane_rows(lay, agg), "steps": steps, "violations": [], "nviolations": 0,
+                "lanes": _lane_rows(tl.lane_meta, agg), "steps": steps, "violations": [], "nviolations": 0,
                 "ops_cells": [], "viol_cells": [], "counters": {}, "notes": notes, "stats": dict(res.stats),
                 "wall_seconds": res.wall_seconds, "observe_seconds": self.seconds,
                 "peak_rss_bytes": res.peak_rss_bytes, "bench": True}

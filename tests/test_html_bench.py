@@ -166,3 +166,25 @@ def test_bench_page_in_chromium(tmp_path, small):
     res = _chromium(tmp_path, f"--screenshot={png}", "--window-size=1600,1100", page.resolve().as_uri())
     assert res.returncode == 0 and png.exists(), res.stderr[-2000:]
     _assert_not_blank(_pixels(png))
+
+
+def test_folded_pieces_equal_the_whole_observation(monkeypatch):
+    """Fold mode (lane sums per observation, read a piece of ``mem_map`` at a time) gives the same
+    lanes as holding every observation whole and folding at the end, as ``run --html`` does."""
+    import numpy as np
+
+    from kvmsim.bench.dirty_log_perf import run_model
+    from kvmsim.report import timeline as tl
+    monkeypatch.setattr(tl, "PIECE_PFNS", 1000)              # many pieces, cut mid-lane
+    folded, whole = tl.Timeline(fold=True), tl.Timeline()
+
+    def on_phase(kvm, name, iteration, ended):
+        if ended or name == "populate":
+            folded.observe_vm(kvm, 0)
+            whole.observe_vm(kvm, 0)
+    run_model(Options(16 * MIB, floor=False), "series", on_phase=on_phase)
+    lay = whole._layout(np.zeros(0, np.int64))
+    expect = np.stack([whole._aggregate(s, lay) for s in whole.snaps])
+    assert folded.layout.nlanes == lay.nlanes and folded.late_pages == 0
+    assert np.array_equal(np.stack(folded.rows), expect)
+    assert expect[-1, :, tl.STATE_FIELDS.index("present")].sum() == (16 * MIB) >> 12

@@ -178,9 +178,9 @@ class Timeline:
         if self.layout is None:
             self.snaps.append(_Snap(*_page_state(phys, 0, n), spte, far_pfn, far_code))
         else:
-            self.rows.append(self._aggregate_pieces(phys, n, spte, far_pfn, far_code))
+            self.rows.append(self._aggregate_pieces(lambda a, b: _page_state(phys, a, b), n, spte, far_pfn, far_code))
 
-    def _aggregate_pieces(self, phys, n: int, spte, far_pfn, far_code) -> np.ndarray:
+    def _aggregate_pieces(self, page_state, n: int, spte, far_pfn, far_code) -> np.ndarray:
         """Fold mode: the lane sums of one observation, read :data:`PIECE_PFNS` pfns of ``mem_map`` at a
         time, so no temporary is larger than a piece (glibc keeps freed blocks of up to 32 MiB for
         reuse: larger ones are fresh mappings faulted in page by page on every observation)."""
@@ -193,7 +193,7 @@ class Timeline:
         for a, b in zip(cuts[:-1], cuts[1:]):
             lo, hi = np.searchsorted(u, [a, b])
             if lo < hi:
-                s = _Snap(*_page_state(phys, a, b), spte[a:b], e, e.astype(np.uint8))
+                s = _Snap(*page_state(a, b), spte[a:b], e, e.astype(np.uint8))
                 part = self._aggregate(s, _Layout(u[lo:hi] - a, e, e, lay.lane_of[lo:hi], lay.per, lay.nlanes))
                 row[:, :lv] += part[:, :lv]
                 row[:, lv] = np.maximum(row[:, lv], part[:, lv])
@@ -255,7 +255,9 @@ class Timeline:
             if not self.seen.any() and not self.far_gfn:
                 return                                       # nothing seen yet: keep the observation
             self._freeze()
-        self.rows.extend(self._aggregate(s, self.layout) for s in self.snaps)
+        for s in self.snaps:
+            self.rows.append(self._aggregate_pieces(lambda a, b, s=s: (s.ref[a:b], s.pin[a:b], s.flags[a:b]),
+                                                    len(s.ref), s.spte, s.far_pfn, s.far_spte))
         self.snaps.clear()
 
     def _freeze(self) -> None:
@@ -337,7 +339,7 @@ class Timeline:
             p = np.where(inside, pfns, 0)
 
             def at(a):
-                return np.where(inside, a[p], 0)
+                return np.where(inside, a[p], 0) if len(a) else np.zeros(len(pfns), a.dtype)
         yield at(s.ref)
         yield at(s.pin)
         fl = at(s.flags)

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -22,7 +20,7 @@ from click.testing import CliRunner
 from kvmsim.bench.dirty_log_perf import Options, run_with_timeline
 from kvmsim.bench.report import phase_label
 from kvmsim.cli import cli
-from kvmsim.report.html import render_bench_html, write_bench_html
+from kvmsim.report.html import write_bench_html
 from kvmsim.report.timeline import MAX_LANES
 
 MIB = 1 << 20
@@ -85,7 +83,7 @@ def test_pg_dirty_column_matches_mem_map_after_each_phase(policy):
 
     from kvmsim.bench.dirty_log_perf import run_model
     from kvmsim.mm.page import PG
-    from kvmsim.report.timeline import BenchTimeline
+    from kvmsim.report.bench import BenchTimeline
     bt, direct = BenchTimeline(), []
 
     def on_phase(kvm, name, iteration, ended):

@@ -144,7 +144,7 @@ class RunResult:
     copy_bandwidth: float = 0.0        # bytes read + written per second, numpy copy of 1 GiB (Options.floor)
     copy_bandwidth_cpu: float = 0.0    # the same per second of CPU time
     state_bytes: dict = field(default_factory=dict)   # per-page state: bytes per guest page of each array
-    timeline: dict | None = None       # --html: lanes x phases (kvmsim.report.timeline.BenchTimeline)
+    timeline: dict | None = None       # --html: lanes x phases (kvmsim.report.bench.BenchTimeline)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -431,9 +431,9 @@ def keep_freed_memory() -> bool:
 def run_with_timeline(opts: Options, policy: str, progress: Progress | None = None, *, warm: bool = False,
                       bandwidth=None) -> RunResult:
     """:func:`run_model` observed after each phase (outside the timed region) for ``--html``: the
-    result's ``timeline`` holds the lane sums per phase (:class:`kvmsim.report.timeline.BenchTimeline`)."""
+    result's ``timeline`` holds the lane sums per phase (:class:`kvmsim.report.bench.BenchTimeline`)."""
     from kvmsim.bench.report import size_name
-    from kvmsim.report.timeline import BenchTimeline
+    from kvmsim.report.bench import BenchTimeline
     bt = BenchTimeline()
     res = run_model(opts, policy, progress, bandwidth=bandwidth, on_phase=bt.on_phase)
     res.timeline = bt.data(res, f"dirty_log_perf_test -b {size_name(opts.vcpu_memory)} -v {opts.vcpus} "

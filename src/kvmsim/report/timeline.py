@@ -20,6 +20,10 @@ At most :data:`MAX_OPS_PER_STEP` operations of a step are listed one by one; eve
 still counted, per lane and step and in a per-step summary grouped by (kind, caller, source,
 mmu_lock).  At most :data:`MAX_VIOLATIONS` violations are listed (all are counted).  So a file's
 size grows with steps x lanes, never with pages or operations.
+
+Fold mode (:class:`kvmsim.report.bench.BenchTimeline`, ``kvmsim bench dirty-log --html``): the lanes are fixed by the
+first observation that sees a page and every observation becomes lane sums at once, read a piece
+(:data:`PIECE_PFNS`) at a time, so memory holds lane sums per step, not per-pfn arrays per step.
 """
 
 from __future__ import annotations
@@ -270,7 +274,6 @@ class Timeline:
 
     def data(self, rr) -> dict:
         """The JSON-ready timeline of run ``rr`` (a :class:`RunResult`) from the observations."""
-        n = len(self.seen)
         fact_pfns = [np.fromiter((-1 if f.pfn is None else f.pfn for f in s.facts), np.int64, len(s.facts))
                      for s in rr.steps]
         viol_pfns = np.fromiter((-1 if v.pfn is None else v.pfn for v in rr.violations), np.int64,
@@ -490,51 +493,3 @@ def run_with_timeline(sc, policy: str, *, progress=None):
     rr = run(sc, policy, progress=progress, observe=tl.observe)
     return rr, tl.data(rr)
 
-
-class BenchTimeline:
-    """``kvmsim bench dirty-log --html``: a :class:`Timeline` in fold mode, observed as phases end.
-
-    ``on_phase`` is :func:`kvmsim.bench.dirty_log_perf.run_model`'s hook, which the bench calls outside
-    its timed region: the model is observed once before the first phase (column 0, set-up) and after
-    each phase, then folded into lane sums at once, so the worker holds one observation's per-pfn
-    arrays at a time and the data sent back is lanes x phases, whatever the guest size."""
-
-    def __init__(self) -> None:
-        self.tl = Timeline(fold=True)
-        self.seconds = 0.0                 # spent observing (not in any phase's time)
-
-    def on_phase(self, kvm, name: str, iteration: int | None, ended: bool) -> None:
-        import time
-        if ended or not self.tl.rows and not self.tl.snaps:
-            t0 = time.perf_counter()
-            self.tl.observe_vm(kvm, len(self.tl.rows) + len(self.tl.snaps))
-            self.seconds += time.perf_counter() - t0
-
-    def data(self, res, title: str) -> dict:
-        """The JSON-ready timeline of bench result ``res`` (a ``dirty_log_perf.RunResult``)."""
-        from kvmsim.bench.report import phase_label
-        tl = self.tl
-        if tl.snaps:                                   # never saw a page: one lane-less layout
-            tl._freeze()
-            tl.rows.extend(tl._aggregate(s, tl.layout) for s in tl.snaps)
-            tl.snaps.clear()
-        lay = tl.layout
-        agg = np.stack(tl.rows) if tl.rows else np.zeros((0, lay.nlanes, len(STATE_FIELDS)), np.int64)
-        notes = list(tl.notes)
-        if tl.late_pages:
-            notes.append(f"{tl.late_pages} page(s) first mapped after the lanes were fixed are not drawn")
-        steps = []
-        for i, ph in enumerate(res.phases, 1):
-            summary = {k: int(v) for k, v in ph.summary().items() if v}
-            steps.append({"i": i, "op": ph.name + (f" {ph.iteration}" if ph.iteration is not None else ""), "text": phase_label(ph.name, ph.iteration),
-                          "result": f"{ph.seconds:.3f} s", "errno": "", "violations": {}, "seconds": ph.seconds,
-                          "cpu_seconds": ph.cpu_seconds, "summary": summary,
-                          "counters": {k: int(v) for k, v in sorted(ph.counters.items()) if v},
-                          "peak_rss_bytes": ph.peak_rss_bytes})
-        return {"scenario": title, "policy": res.policy, "verdict": "bench", "error": "", "expected_match": True,
-                "stated": False, "mismatches": [], "by_invariant": {}, "nsteps": len(agg),
-                "fields": list(STATE_FIELDS), "pages": int(len(lay.universe)), "pages_per_lane": lay.per,
-                "lanes": _lane_rows(tl.lane_meta, agg), "steps": steps, "violations": [], "nviolations": 0,
-                "ops_cells": [], "viol_cells": [], "counters": {}, "notes": notes, "stats": dict(res.stats),
-                "wall_seconds": res.wall_seconds, "observe_seconds": self.seconds,
-                "peak_rss_bytes": res.peak_rss_bytes, "bench": True}

@@ -233,7 +233,7 @@ def test_state_that_cannot_be_read_is_said_not_a_traceback(dirty_after_writeback
     """A failing read of the model (here: the stage-2 leaves after the fault step) repeats the previous
     column and is named on the page."""
     sc, _ = dirty_after_writeback
-    real = tl._leaves
+    real = tl._leaf_pieces
     calls = []
 
     def leaves(kvm):
@@ -241,7 +241,7 @@ def test_state_that_cannot_be_read_is_said_not_a_traceback(dirty_after_writeback
         if len(calls) == 3:                                  # after step 2 (set-up is call 1)
             raise RuntimeError("leaf table in a state the reader does not know")
         return real(kvm)
-    monkeypatch.setattr(tl, "_leaves", leaves)
+    monkeypatch.setattr(tl, "_leaf_pieces", leaves)
     rr, d = run_with_timeline(sc, "series")
     assert rr.verdict == "clean" and d["nsteps"] == len(rr.steps) + 1
     assert _state(d, 0, 2) == _state(d, 0, 1)                # repeated, not made up

@@ -72,12 +72,15 @@ def bench() -> None:
               help="Write a plot of phase times and counters; the extension picks the format (.png, .svg, .pdf).")
 @click.option("--progress/--no-progress", default=None,
               help="Per-phase progress on stderr (default: when stderr is a terminal and not --json).")
+@click.option("--html", "html_file", type=click.Path(), default=None,
+              help="Also write the model runs as one self-contained HTML page: range lanes per phase, "
+                   "per-phase counters, policies side by side (docs/html.md).")
 @click.option("--no-isolate", is_flag=True, help="Run model runs in this process (peak RSS is then shared).")
 @click.option("--no-warmup", is_flag=True,
               help="Skip writing the run's memory once before it (on a VM host, first touches then count).")
 def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
                   run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,
-                  no_isolate, no_warmup, kernels) -> None:
+                  no_isolate, no_warmup, kernels, html_file) -> None:
     """dirty_log_perf_test on the model: phase times plus struct-page, SPTE, TLB and fault counts."""
     if backend == "oracle":
         from kvmsim.bench.oracle import oracle_main
@@ -85,7 +88,7 @@ def dirty_log_cmd(vcpu_memory, vcpus, iterations, backing, write_percent, slots,
     try:
         _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
                    run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,
-                   no_isolate, no_warmup)
+                   no_isolate, no_warmup, html_file)
     except KeyboardInterrupt:
         click.echo("\nkvmsim bench dirty-log: interrupted; the worker was stopped", err=True)
         sys.exit(130)
@@ -120,9 +123,9 @@ class PhaseProgress:
 
 def _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no_manual_protect,
                run_while_disabling, seed, policy, v613_other, backend, as_json, plot_path, progress,
-               no_isolate, no_warmup) -> None:
+               no_isolate, no_warmup, html_file=None) -> None:
     from kvmsim.bench.dirty_log_perf import (BASE_BYTES, Options, check_memory, estimate_bytes, run_model,
-                                             run_model_isolated)
+                                             run_model_isolated, run_with_timeline)
     from kvmsim.bench.real import check_real, real_estimate_bytes, run_real
     from kvmsim.bench.report import (check_plot_path, compare_table, cost_table, floor_line, plot,
                                      scaling_table, selftest_lines, size_name)
@@ -140,6 +143,8 @@ def _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no
     try:
         if plot_path:
             check_plot_path(plot_path)
+        if html_file:
+            check_html_path(html_file, backend)
         for opts in all_opts:                          # everything is checked before the first run
             opts.check()
             what = f"-b {size_name(opts.vcpu_memory)} -v {opts.vcpus}"
@@ -164,8 +169,11 @@ def _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no
                 for p in policies:
                     t0 = time.perf_counter()
                     report = shown and shown.run(f"model {p}{sz}")
-                    results.append(run_model(opts, p, report) if no_isolate
-                                   else run_model_isolated(opts, p, warm=not no_warmup, progress=report))
+                    if no_isolate:
+                        results.append(run_with_timeline(opts, p, report) if html_file else run_model(opts, p, report))
+                    else:
+                        results.append(run_model_isolated(opts, p, warm=not no_warmup, progress=report,
+                                                          html=bool(html_file)))
                     if shown:
                         shown.note(f"model {p}{sz}: done in {time.perf_counter() - t0:.2f} s")
     except KvmsimError as e:
@@ -209,12 +217,40 @@ def _dirty_log(vcpu_memory, vcpus, iterations, backing, write_percent, slots, no
                               f"{real_errors[b]}[/yellow]")
         if len(sizes) > 1 and results:
             console.print(scaling_table(results))
+    if html_file:
+        _write_bench_html(html_file, results)
     if plot_path:
         try:
             plot(everything, plot_path)
         except (UsageError, OSError, ValueError) as e:
             click.echo(f"kvmsim bench dirty-log: --plot {plot_path}: {e}", err=True)
             sys.exit(2)
+
+
+def check_html_path(path: str, backend: str) -> None:
+    """Refuse a ``--html`` path before the run: a file name in an existing, writable directory."""
+    import os
+    if backend not in ("model", "both"):
+        raise UsageError(f"--html {path}: the page draws model runs; use --backend model or both")
+    d = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"--html {path}: is a directory; name a file")
+    if not os.path.isdir(d):
+        raise UsageError(f"--html {path}: directory {d} does not exist")
+    if not os.access(d, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UsageError(f"--html {path}: not writable")
+
+
+def _write_bench_html(path: str, results) -> None:
+    from kvmsim.report.html import write_bench_html
+    runs = [r.timeline for r in results if r.timeline is not None]
+    title = runs[0]["scenario"] if len({d["scenario"] for d in runs}) == 1 else "dirty_log_perf_test"
+    try:
+        size = write_bench_html(path, title, runs)
+    except OSError as e:
+        click.echo(f"kvmsim bench dirty-log: --html {path}: cannot write: {e.strerror or e}", err=True)
+        sys.exit(2)
+    click.echo(f"kvmsim bench dirty-log: wrote {path} ({size} bytes)", err=True)
 
 
 def _real_ok(check_real, opts, real_errors) -> bool:

@@ -144,9 +144,11 @@ class RunResult:
     copy_bandwidth: float = 0.0        # bytes read + written per second, numpy copy of 1 GiB (Options.floor)
     copy_bandwidth_cpu: float = 0.0    # the same per second of CPU time
     state_bytes: dict = field(default_factory=dict)   # per-page state: bytes per guest page of each array
+    timeline: dict | None = None       # --html: lanes x phases (kvmsim.report.bench.BenchTimeline)
 
     def to_json(self) -> dict:
         d = asdict(self)
+        d.pop("timeline")
         for p, ph in zip(d["phases"], self.phases):
             p["summary"] = ph.summary()
             p["floor_multiple"] = ph.floor_multiple
@@ -426,7 +428,21 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def _run_warm(opts: Options, policy: str, warm: bool, progress: Progress | None = None) -> RunResult:
+def run_with_timeline(opts: Options, policy: str, progress: Progress | None = None, *, warm: bool = False,
+                      bandwidth=None) -> RunResult:
+    """:func:`run_model` observed after each phase (outside the timed region) for ``--html``: the
+    result's ``timeline`` holds the lane sums per phase (:class:`kvmsim.report.bench.BenchTimeline`)."""
+    from kvmsim.bench.report import size_name
+    from kvmsim.report.bench import BenchTimeline
+    bt = BenchTimeline()
+    res = run_model(opts, policy, progress, bandwidth=bandwidth, on_phase=bt.on_phase)
+    res.timeline = bt.data(res, f"dirty_log_perf_test -b {size_name(opts.vcpu_memory)} -v {opts.vcpus} "
+                                f"-i {opts.iterations}")
+    return res
+
+
+def _run_warm(opts: Options, policy: str, warm: bool, progress: Progress | None = None,
+              html: bool = False) -> RunResult:
     if warm:
         keep_freed_memory()
         if os.access("/proc/self/clear_refs", os.W_OK):  # else the warm-up would count as the run's peak
@@ -439,6 +455,8 @@ def _run_warm(opts: Options, policy: str, warm: bool, progress: Progress | None 
         bandwidth = copy_bandwidths()
     if warm or opts.floor:
         reset_peak_rss()
+    if html:
+        return run_with_timeline(opts, policy, progress, bandwidth=bandwidth)
     return run_model(opts, policy, progress, bandwidth=bandwidth)
 
 
@@ -461,14 +479,14 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _worker(conn, parent: int, opts: Options, policy: str, warm: bool) -> None:
+def _worker(conn, parent: int, opts: Options, policy: str, warm: bool, html: bool = False) -> None:
     """The forked child: run, send ``("phase", ...)`` as phases go and ``("result", r)`` or an error."""
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)      # the parent decides; it stops us with SIGTERM
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)   # blocked by the parent around fork
     try:
-        res = _run_warm(opts, policy, warm, lambda *a: conn.send(("phase", a)))
+        res = _run_warm(opts, policy, warm, lambda *a: conn.send(("phase", a)), html)
         conn.send(("result", res))
     except UsageError as e:
         conn.send(("usage", str(e)))
@@ -493,21 +511,23 @@ def _on_sigterm(signum, frame):
 
 
 def run_model_isolated(opts: Options, policy: str, *, warm: bool = True,
-                       progress: Progress | None = None) -> RunResult:
+                       progress: Progress | None = None, html: bool = False) -> RunResult:
     """:func:`run_model` in a forked child, so its peak RSS is its own (in-process without fork).
 
     ``warm``: the child first makes malloc keep freed temporaries (:func:`keep_freed_memory`), writes
     and frees as much memory as the run will use (:func:`warm_memory`) and resets its peak RSS,
     all outside the timed flow.  ``progress`` is called in this process as the child's phases start
     and end.  SIGTERM to this process (turned into ``SystemExit(143)`` while the child runs) and
-    SIGINT (``KeyboardInterrupt``) terminate the child before they propagate."""
+    SIGINT (``KeyboardInterrupt``) terminate the child before they propagate.  ``html``: observe the
+    model after each phase (:func:`run_with_timeline`); the child folds each observation into lane
+    sums as it is taken and sends back only those (bounded by lanes x phases), through the same pipe."""
     import multiprocessing as mp
     try:
         ctx = mp.get_context("fork")
     except ValueError:
-        return run_model(opts, policy, progress)
+        return run_with_timeline(opts, policy, progress) if html else run_model(opts, policy, progress)
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(send, os.getpid(), opts, policy, warm), daemon=True)
+    proc = ctx.Process(target=_worker, args=(send, os.getpid(), opts, policy, warm, html), daemon=True)
     old_term = None
     try:
         old_term = signal.signal(signal.SIGTERM, _on_sigterm)

@@ -155,6 +155,64 @@ def write_html(path: str | Path, scenario, runs: list[dict]) -> int:
     return len(data)
 
 
+def _bench_section(k: int, d: dict) -> str:
+    """One bench run: its lanes (drawn by the script), leaf stats and the per-phase counters."""
+    out = [f'<section class="run bench" id="run-{k}" data-policy="{_e(d["policy"])}" data-verdict="bench">',
+           f'<h2><span class="pol">{_e(d["policy"])}</span> <span class="invs">{_e(d["scenario"])}</span></h2>']
+    for m in d.get("notes", ()):
+        out.append(f'<p class="err">timeline: {_e(m)}</p>')
+    per = d["pages_per_lane"]
+    lanes = f'{d["pages"]} page(s)' + (f' in {len(d["lanes"])} lanes of {per} pages' if per > 1 else "")
+    stats = " ".join(f"{k}={v}" for k, v in d["stats"].items())
+    out.append(f'<p class="meta">{_e(lanes)} · flow {d["wall_seconds"]:.3f} s wall of which '
+               f'{d["observe_seconds"]:.3f} s observing for this page (outside every phase\'s time) · '
+               f'peak RSS {d["peak_rss_bytes"] / 2**30:.2f} GiB · leaves at the end: <span class="stats">'
+               f'{_e(stats)}</span></p>')
+    out.append(f'<div class="tl" data-run="{k}"><div class="tl-nav"></div><div class="tl-scroll"></div></div>')
+    # phases with their counters (the bench runs with the journal off: counters stand in for facts)
+    kinds = sorted({c for s in d["steps"] for c in s["summary"]})
+    out.append('<details open class="steps ops"><summary>Phases and their counters <span class="filter"></span>'
+               '</summary><table class="steps phases"><tr><th>#</th><th>phase</th><th>seconds</th><th>CPU s</th>'
+               + "".join(f"<th>{_e(c)}</th>" for c in kinds) + "</tr>")
+    for s in d["steps"]:
+        out.append(f'<tr class="op" data-step="{s["i"]}" data-lane="-1"><td>{s["i"]}</td><td class="txt">'
+                   f'{_e(s["text"])}</td><td>{s["seconds"]:.3f}</td><td>{s["cpu_seconds"]:.3f}</td>'
+                   + "".join(f'<td data-counter="{_e(c)}">{s["summary"].get(c, 0)}</td>' for c in kinds) + "</tr>")
+    out.append("</table></details>")
+    out.append('<details class="counters"><summary>Every counter per phase (by caller)</summary>')
+    for s in d["steps"]:
+        out.append(f'<p class="meta"><b>{_e(s["text"])}</b>: '
+                   + _e(" ".join(f"{k}={v}" for k, v in s["counters"].items()) or "none") + "</p>")
+    out.append("</details></section>")
+    return "\n".join(out)
+
+
+def render_bench_html(title: str, runs: list[dict]) -> str:
+    """``kvmsim bench dirty-log --html``: the runs' lanes per phase (policies side by side)."""
+    pols = " vs ".join(f'{d["policy"]} ({d["scenario"].split(" -v")[0].split("-b ")[-1]})' for d in runs)
+    head = (f'<h1>{_e(title)} <small>{_e(pols)}</small></h1>'
+            '<p class="desc">kvmsim bench dirty-log: one column per phase of the dirty_log_perf_test flow '
+            '(column 0 is the VM before populate). The benchmark runs with the journal off, so there are no '
+            'struct-page operations to list; each phase\'s cost counters are in the table below its lanes.</p>')
+    legend = ('<p class="legend"><b>Ranges</b> of guest pages (in gfn order) are heat strips, top to bottom: share '
+              'of pages with a stage-2 leaf present, W, D; with PG_dirty, PG_referenced. Hover a cell for its sums '
+              '(refcount, pins, largest level); click a range to zoom in (the bar above the lanes zooms out).</p>')
+    body = "\n".join(_bench_section(k, d) for k, d in enumerate(runs))
+    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e('kvmsim: ' + title)}</title><style>{CSS}</style></head><body>\n"
+            + head + "\n" + legend + "\n"
+            + f'<div class="runs" style="--n:{max(1, len(runs))}">\n{body}\n</div>\n'
+            + f'<script type="application/json" id="kvmsim-data">{_json_block(runs)}</script>\n'
+            + f"<script>{JS}</script>\n</body></html>\n")
+
+
+def write_bench_html(path: str | Path, title: str, runs: list[dict]) -> int:
+    """Write the bench page of ``runs`` to ``path``; returns its size in bytes."""
+    data = render_bench_html(title, runs).encode("utf-8")
+    Path(path).write_bytes(data)
+    return len(data)
+
+
 def render_index(entries: list[tuple[str, str, list[dict]]]) -> str:
     """``compare --html``'s index: one row per scenario (file name, description, runs)."""
     rows = []

@@ -493,14 +493,26 @@ class X86Mmu:
         """Present leaves per slot as arrays (the checker's vectorised view of :meth:`leaves`)."""
         for slots in self.kvm.memslots:
             for slot in slots:
-                t = slot.arch.get("x86")
-                if t is None:
-                    continue
-                i = t.representatives(slot, 0, slot.npages)
-                b = t.bits[i].astype(np.int64)
-                yield slot, {"idx": i, "pfn": t.pfn[i], "level": t.level[i], "w": (b & W) != 0,
-                             "hw": (b & HW) != 0, "mw": (b & MW) != 0, "held": (b & HELD) != 0,
-                             "a": is_accessed_spte(b), "d": is_dirty_spte(b)}
+                if "x86" in slot.arch:
+                    yield slot, self._leaf_arrays(slot, 0, slot.npages)
+
+    def leaf_pieces(self):
+        """:meth:`leaf_arrays` one 1 GiB-aligned piece of a slot at a time (no leaf crosses a cut), so
+        a reader of a 64 GiB guest holds one piece's arrays, not the slot's."""
+        from kvmsim.x86.dirty_log import gfn_aligned_pieces
+        for slots in self.kvm.memslots:
+            for slot in slots:
+                if "x86" in slot.arch:
+                    for lo, hi in gfn_aligned_pieces(slot, 0, slot.npages):
+                        yield slot, self._leaf_arrays(slot, lo, hi)
+
+    @staticmethod
+    def _leaf_arrays(slot, lo: int, hi: int) -> dict:
+        t = slot.arch["x86"]
+        i = t.representatives(slot, lo, hi)
+        b = t.bits[i].astype(np.int64)
+        return {"idx": i, "pfn": t.pfn[i], "level": t.level[i], "w": (b & W) != 0, "hw": (b & HW) != 0,
+                "mw": (b & MW) != 0, "held": (b & HELD) != 0, "a": is_accessed_spte(b), "d": is_dirty_spte(b)}
 
     def leaves(self) -> Iterator[Leaf]:
         for slots in self.kvm.memslots:
